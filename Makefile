@@ -1,0 +1,32 @@
+# The newcomer's entry point: `make demo`, `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,parity,lint,plots]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/meshllm demo
+
+bench: install
+	$(BIN)/meshllm bench runtime --json
+	$(BIN)/meshllm bench planner --json
+
+lint: install
+	$(BIN)/ruff check meshllm tests tools
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info
