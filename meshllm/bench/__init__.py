@@ -1,0 +1,1 @@
+"""Benchmarks behind `meshllm bench`; each prints JSON."""

@@ -1,0 +1,47 @@
+"""The ``meshllm`` command. Each subcommand lives in ``meshllm/commands/<name>.py`` with a
+``register(subparsers)`` function; its handler returns an exit code. Any ``MeshError`` becomes a
+one-line message on stderr and its exit code, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from meshllm.errors import MeshError
+
+COMMANDS = ["export", "generate", "plan", "simulate", "bench", "node", "status", "replan", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshllm", description=__doc__.split(".")[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"meshllm.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"meshllm.commands.{name}":
+                continue  # not built yet
+            raise
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except MeshError as e:
+        print(f"meshllm {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Control plane: membership, election, plan epochs as sans-IO state machines. Pure."""

@@ -1,0 +1,1 @@
+"""Model description, ONNX block building, checkpoint import, tokenizer, numpy reference."""

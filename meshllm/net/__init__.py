@@ -1,0 +1,1 @@
+"""Network shell: aiohttp links, zeroconf discovery, static peers."""

@@ -1,0 +1,1 @@
+"""onnxruntime block runner, KV cache slots, sampling. No asyncio."""

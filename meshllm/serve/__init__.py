@@ -1,0 +1,1 @@
+"""Serving: router, prefill and decode workers, OpenAI-compatible API."""

@@ -1,0 +1,1 @@
+"""Discrete-event serving simulator. Pure."""

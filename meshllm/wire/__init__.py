@@ -1,0 +1,1 @@
+"""Wire: message types, msgpack codec, auth. Pure."""
