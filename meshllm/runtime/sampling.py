@@ -1,0 +1,177 @@
+"""Token sampling: greedy, temperature, top-k, top-p — pure numpy, no global state.
+
+Per-request state is explicit: a request carries its frozen ``SamplingParams`` and its own
+``numpy.random.Generator`` (``make_rng(params)``), so a batch may mix requests with different
+parameters and a seeded request draws the same tokens whichever batch it shares a step with.
+Each sampled (non-greedy) token consumes exactly one uniform draw from its request's generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from meshllm.errors import SamplingError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick the next tokens of one request, and when to stop.
+
+    ``temperature == 0`` means greedy (argmax; top-k/top-p then have no effect). ``top_k == 0``
+    and ``top_p == 1`` disable those filters. ``max_tokens`` counts generated tokens (EOS
+    included). ``stop`` strings end generation; the stop text itself is not returned.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept a list (JSON) or a single string for `stop`, store a tuple so the object hashes.
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (tuple, list)):
+            raise SamplingError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        object.__setattr__(self, "stop", tuple(stop))
+        problems = _problems(self)
+        if problems:
+            raise SamplingError("invalid sampling parameters: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
+        """From a request body (unknown keys are an error, so typos do not pass silently)."""
+        if not isinstance(d, dict):
+            raise SamplingError("sampling parameters must be an object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise SamplingError(f"unknown sampling parameters: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "seed": self.seed, "max_tokens": self.max_tokens, "stop": list(self.stop),
+                "ignore_eos": self.ignore_eos}
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _problems(p: SamplingParams) -> list[str]:
+    out = []
+    if not _is_real(p.temperature) or not math.isfinite(p.temperature) or p.temperature < 0:
+        out.append(f"temperature must be a finite number >= 0, got {p.temperature!r}")
+    if not _is_int(p.top_k) or p.top_k < 0:
+        out.append(f"top_k must be an integer >= 0 (0 disables it), got {p.top_k!r}")
+    if not _is_real(p.top_p) or not (0.0 < p.top_p <= 1.0):
+        out.append(f"top_p must be in (0, 1], got {p.top_p!r}")
+    if p.seed is not None and (not _is_int(p.seed) or not 0 <= p.seed < 2**64):
+        out.append(f"seed must be an integer in [0, 2**64) or null, got {p.seed!r}")
+    if not _is_int(p.max_tokens) or p.max_tokens < 1:
+        out.append(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
+    if not isinstance(p.ignore_eos, bool):
+        out.append(f"ignore_eos must be true or false, got {p.ignore_eos!r}")
+    if len(p.stop) > MAX_STOP_STRINGS:
+        out.append(f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
+    for s in p.stop:
+        if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+            out.append(f"each stop string must be a non-empty string of at most {MAX_STOP_CHARS} "
+                       f"characters, got {s!r}")
+            break
+    return out
+
+
+def make_rng(params: SamplingParams) -> np.random.Generator:
+    """The generator of one request: seeded when the request gives a seed, fresh entropy otherwise."""
+    return np.random.default_rng(params.seed)
+
+
+def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution a non-greedy ``params`` samples from, for one row of logits.
+
+    logits: (V,) -> (V,) float64 probabilities summing to 1, zero outside the top-k / top-p set.
+    """
+    if params.temperature <= 0:
+        raise SamplingError("filtered_probs is for temperature > 0")
+    z = logits.astype(np.float64) / params.temperature  # (V,)
+    v = z.shape[0]
+    if params.top_k and params.top_k < v:
+        # Keep exactly k entries; among ties at the k-th value argpartition decides, as torch.topk does.
+        kth = np.argpartition(-z, params.top_k - 1)[: params.top_k]
+        keep = np.zeros(v, dtype=bool)
+        keep[kth] = True
+        z = np.where(keep, z, -np.inf)
+    z = z - np.max(z)
+    p = np.exp(z)  # (V,)
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")  # (V,) most probable first
+        cum = np.cumsum(p[order])
+        # Smallest prefix whose mass reaches top_p; the token that crosses the line stays in.
+        n_keep = int(np.searchsorted(cum, params.top_p, side="left")) + 1
+        n_keep = min(max(n_keep, 1), v)
+        mask = np.zeros(v, dtype=bool)
+        mask[order[:n_keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def sample_one(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """logits: (V,) -> one token id."""
+    if logits.ndim != 1:
+        raise SamplingError(f"sample_one wants logits of shape (V,), got {logits.shape}")
+    if params.greedy:
+        return int(np.argmax(logits))
+    p = filtered_probs(logits, params)  # (V,)
+    u = rng.random()
+    cdf = np.cumsum(p)
+    # cdf[-1] may be 1 - eps: clamp so u never falls past the last kept token.
+    idx = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+    idx = min(idx, p.shape[0] - 1)
+    while p[idx] == 0.0 and idx > 0:  # a zero-mass token can only be hit through rounding
+        idx -= 1
+    return idx
+
+
+def sample(logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams],
+           rng: np.random.Generator | Sequence[np.random.Generator]) -> np.ndarray:
+    """logits: (B, V) -> (B,) int64 token ids.
+
+    ``params`` and ``rng`` are either one for the whole batch or one per row (requests sharing
+    a decode step). Row b draws only from its own generator.
+    """
+    if logits.ndim != 2:
+        raise SamplingError(f"sample wants logits of shape (B, V), got {logits.shape}")
+    b = logits.shape[0]
+    ps = [params] * b if isinstance(params, SamplingParams) else list(params)
+    rs = [rng] * b if isinstance(rng, np.random.Generator) else list(rng)
+    if len(ps) != b or len(rs) != b:
+        raise SamplingError(f"batch of {b} rows needs {b} params and generators, "
+                            f"got {len(ps)} and {len(rs)}")
+    out = np.empty(b, dtype=np.int64)  # (B,)
+    for i in range(b):
+        out[i] = sample_one(logits[i], ps[i], rs[i])
+    return out
