@@ -1,0 +1,90 @@
+"""The simulator's view of a plan: replicas, their stages, and a timing oracle.
+
+The simulator never computes a service time itself: every compute and transfer duration comes
+from a ``Timing`` object. ``meshllm.sim.adapter`` builds one from the planner's cost model; tests
+build synthetic ones (a constant service time for the M/D/1 check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshllm.sim.engine import SimError
+
+ROLES = ("prefill", "decoder", "both")
+
+
+@dataclass(frozen=True, slots=True)
+class SimStage:
+    node: str
+    first: int  # first block index (0 = embed)
+    end: int  # one past the last block index
+
+
+@dataclass(frozen=True, slots=True)
+class SimReplica:
+    id: int
+    role: str  # "prefill" | "decoder" | "both"
+    stages: tuple[SimStage, ...]
+    kv_capacity_tokens: int  # KV tokens every stage can hold at once (the tightest stage)
+    max_batch: int  # sequences decoded at once (KV slots)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise SimError(f"replica {self.id}: unknown role {self.role!r}")
+        if not self.stages:
+            raise SimError(f"replica {self.id} has no stages")
+
+
+class Timing(Protocol):
+    """Service times in seconds. Implementations must be pure functions of their arguments."""
+
+    def prefill_s(self, replica: SimReplica, stage: int, tokens: int, ctx_before: int) -> float:
+        """Compute time of ``tokens`` prompt tokens through one stage, after ``ctx_before``."""
+        ...
+
+    def decode_s(self, replica: SimReplica, stage: int, batch: int, ctx: float) -> float:
+        """Compute time of one decode step of ``batch`` sequences of mean context ``ctx``."""
+        ...
+
+    def transfer_s(self, src: str, dst: str, nbytes: float) -> float:
+        """Time to move ``nbytes`` from ``src`` to ``dst`` (bandwidth plus latency); 0 if same."""
+        ...
+
+    def act_bytes_per_token(self, block: int) -> int:
+        """Bytes per token of the output of ``block`` (what crosses a stage boundary)."""
+        ...
+
+    def kv_bytes_per_token(self, first: int, end: int) -> int:
+        """KV bytes per token held by blocks ``[first, end)``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SimModel:
+    replicas: tuple[SimReplica, ...]
+    timing: Timing
+    entry: str | None = None  # node where prompts enter and tokens leave; None: each replica's stage 0
+
+    def __post_init__(self) -> None:
+        roles = {r.role for r in self.replicas}
+        if not self.replicas:
+            raise SimError("the plan has no replicas")
+        if "prefill" in roles and "decoder" not in roles:
+            raise SimError("the plan has prefill replicas but no decoder replica")
+        if "decoder" in roles and not roles & {"prefill", "both"}:
+            raise SimError("the plan has decoder replicas but nothing that runs prefill")
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    pipeline: str = "no-bubbles"  # "no-bubbles" | "bubbles" (EdgeShard Fig. 5)
+    prefill_chunk_tokens: int = 512  # prompt micro-batch size through the prefill pipeline
+    max_groups: int = 0  # decode micro-batches in flight per replica; 0 = number of stages
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in ("no-bubbles", "bubbles"):
+            raise SimError(f"unknown pipeline mode {self.pipeline!r}")
+        if self.prefill_chunk_tokens <= 0:
+            raise SimError("prefill_chunk_tokens must be positive")

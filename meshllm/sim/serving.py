@@ -1,0 +1,474 @@
+"""Discrete-event simulation of a plan serving a request stream.
+
+What is modelled (DESIGN §3, EdgeShard Fig. 5):
+
+* **Routing.** At arrival the entry picks the prefill-capable replica with the least predicted
+  completion (``meshllm.sim.routing``). The decoder is bound when the prefill is admitted: the
+  least-predicted-completion decoder that has KV room for the whole request (prompt plus output,
+  preallocated as EdgeShard does). No room anywhere: the prompt waits at the head of its
+  prefill queue — so a plan short of decode memory shows up as waiting time, not as a free lunch.
+* **Prefill** runs as a pipeline over the replica's stages: each stage is a server, prompts are
+  cut into micro-batches of ``prefill_chunk_tokens``; stage ``s`` works on one micro-batch while
+  stage ``s+1`` works on the previous one. Activations cross stage boundaries over the network.
+* **KV hand-off** (prefill replica → decoder replica) is layer-wise and overlapped: as soon as a
+  stage finishes a micro-batch, the KV of its layers goes to whichever decoder node owns those
+  layers (the partitions may differ). Decoding starts when every KV piece and the first token
+  have arrived.
+* **Decode** uses continuous batching: sequences join and leave between iterations. A batch is
+  split into up to S micro-batches (S = stages) that circulate the stage ring. "No-Bubbles": a
+  micro-batch starts its next token as soon as it is back at stage 0. "Bubbles": an iteration
+  barrier — no micro-batch starts token k+1 until all have finished token k.
+* **BOTH** replicas run prefill micro-batches and decode micro-batches on the same stage servers,
+  interleaved first-come first-served.
+* **Links** are per directed node pair, first-come first-served: a transfer occupies the link for
+  bytes/bandwidth and arrives one latency later.
+
+Every duration comes from the ``Timing`` object; nothing here knows FLOPs or bandwidths.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meshllm.sim.engine import EventQueue, SimError
+from meshllm.sim.metrics import RequestRecord, Summary, summarise
+from meshllm.sim.model import SimConfig, SimModel, SimReplica
+from meshllm.sim.routing import Candidate, choose
+from meshllm.sim.workload import Request
+
+TOKEN_BYTES = 8  # a sampled token id on the wire
+
+
+class _Req:
+    __slots__ = ("chunks", "ctx", "d", "entry", "finish", "first_token", "generated", "p",
+                 "pending", "prefill_done", "prefill_start", "r", "seq")
+
+    def __init__(self, r: Request, seq: int, chunk: int) -> None:
+        self.r = r
+        self.seq = seq  # FIFO priority at stage 0
+        self.p = -1
+        self.d = -1
+        self.entry = ""  # node the prompt came in at and the tokens go back to
+        self.chunks = max(1, math.ceil(r.input_tokens / chunk))
+        self.prefill_start = -1.0
+        self.first_token = -1.0
+        self.finish = -1.0
+        self.generated = 0
+        self.ctx = r.input_tokens
+        self.pending = 0
+        self.prefill_done = False
+
+
+class _Group:
+    __slots__ = ("id", "seqs")
+
+    def __init__(self, gid: int, seqs: list[_Req]) -> None:
+        self.id = gid
+        self.seqs = seqs
+
+
+@dataclass(slots=True)
+class _Stage:
+    node: str
+    queue: list[tuple[int, int, tuple]] = field(default_factory=list)  # heap (prio, tie, job)
+    busy: bool = False
+
+
+class _Rep:
+    __slots__ = ("backlog_s", "groups", "joiners", "kv_used", "pending", "returned", "seqs",
+                 "spec", "stages")
+
+    def __init__(self, spec: SimReplica) -> None:
+        self.spec = spec
+        self.stages = [_Stage(s.node) for s in spec.stages]
+        self.pending: list[tuple[int, _Req]] = []  # heap of prompts not yet admitted (seq, req)
+        self.backlog_s = 0.0  # predicted bottleneck work of the prompts in ``pending``
+        self.kv_used = 0  # KV tokens reserved by sequences bound to this decoder
+        self.seqs = 0  # sequences bound to this decoder
+        self.groups: list[_Group] = []
+        self.joiners: list[_Req] = []
+        self.returned: set[int] = set()  # group ids waiting at the Bubbles barrier
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    records: tuple[RequestRecord, ...]
+    busy_s: dict[str, float]
+    events: int
+    summary: Summary
+
+
+class _Sim:
+    def __init__(self, model: SimModel, config: SimConfig, trace: list | None) -> None:
+        self.m = model
+        self.t = model.timing
+        self.cfg = config
+        self.q = EventQueue()
+        self.reps = {r.id: _Rep(r) for r in model.replicas}
+        if len(self.reps) != len(model.replicas):
+            raise SimError("replica ids must be unique")
+        self.front = [r for r in self.reps.values() if r.spec.role in ("prefill", "both")]
+        self.decoders = [r for r in self.reps.values() if r.spec.role == "decoder"]
+        self.busy: dict[str, float] = {}
+        for r in self.reps.values():
+            for st in r.spec.stages:
+                if st.node in self.busy:
+                    raise SimError(f"node {st.node} appears in two stages")
+                self.busy[st.node] = 0.0
+        self.link_free: dict[tuple[str, str], float] = {}
+        self.trace = trace
+        self.tie = 0
+        self.gid = 0
+        self.finished: list[RequestRecord] = []
+        self._est_cache: dict[tuple, float] = {}
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _log(self, kind: str, rid: int) -> None:
+        if self.trace is not None:
+            self.trace.append((self.q.now, kind, rid))
+
+    def _send(self, src: str, dst: str, nbytes: float) -> float:
+        """Arrival time at ``dst`` of ``nbytes`` sent now over the (src, dst) link."""
+        now = self.q.now
+        if src == dst:
+            return now
+        lat = self.t.transfer_s(src, dst, 0)
+        total = self.t.transfer_s(src, dst, nbytes)
+        key = (src, dst)
+        start = max(now, self.link_free.get(key, 0.0))
+        self.link_free[key] = start + (total - lat)
+        return start + total
+
+    def _hop(self, src: str, dst: str, nbytes: float = TOKEN_BYTES) -> float:
+        """A small control message: latency only, no link queueing."""
+        return 0.0 if src == dst else self.t.transfer_s(src, dst, nbytes)
+
+    def _entry(self, rep: _Rep) -> str:
+        return self.m.entry if self.m.entry is not None else rep.spec.stages[0].node
+
+    def _enqueue(self, rep: _Rep, s: int, prio: int, job: tuple) -> None:
+        self.tie += 1
+        heapq.heappush(rep.stages[s].queue, (prio, self.tie, job))
+        self._try_start(rep, s)
+
+    # --- predictions for routing (pure functions of the timing oracle, cached) ---------------
+    def _prefill_est(self, rep: _Rep, tokens: int) -> tuple[float, float]:
+        """(latency, bottleneck stage time) of a prompt alone on ``rep``."""
+        key = ("p", rep.spec.id, tokens)
+        if key not in self._est_cache:
+            spec = rep.spec
+            lat = 0.0
+            worst = 0.0
+            for s, st in enumerate(spec.stages):
+                c = self.t.prefill_s(spec, s, tokens, 0)
+                lat += c
+                worst = max(worst, c)
+                if s + 1 < len(spec.stages):
+                    lat += self.t.transfer_s(st.node, spec.stages[s + 1].node,
+                                             tokens * self.t.act_bytes_per_token(st.end - 1))
+            self._est_cache[key] = lat
+            self._est_cache[("b", *key[1:])] = worst
+        return self._est_cache[key], self._est_cache[("b", *key[1:])]
+
+    def _step_est(self, rep: _Rep, batch: int, ctx: int) -> float:
+        """Predicted time per token of a sequence in a batch of ``batch`` on ``rep``."""
+        ctx_b = 1 << max(0, int(ctx).bit_length() - 1)  # bucket contexts: cache stays small
+        key = ("d", rep.spec.id, batch, ctx_b)
+        if key not in self._est_cache:
+            spec = rep.spec
+            n = len(spec.stages)
+            g = max(1, min(batch, self._max_groups(rep)))
+            mb = math.ceil(batch / g)
+            ring = 0.0
+            worst = 0.0
+            for s, st in enumerate(spec.stages):
+                c = self.t.decode_s(spec, s, mb, ctx_b)
+                ring += c + self.t.transfer_s(st.node, spec.stages[(s + 1) % n].node,
+                                              mb * self.t.act_bytes_per_token(st.end - 1))
+                worst = max(worst, c)
+            self._est_cache[key] = max(ring, g * worst)
+        return self._est_cache[key]
+
+    def _max_groups(self, rep: _Rep) -> int:
+        return self.cfg.max_groups or len(rep.spec.stages)
+
+    def _decode_candidate(self, rep: _Rep, rq: _Req, prefill_rep: _Rep | None) -> Candidate:
+        r = rq.r
+        need = r.input_tokens + r.output_tokens
+        room = rep.kv_used + need <= rep.spec.kv_capacity_tokens and rep.seqs < rep.spec.max_batch
+        dec = self._step_est(rep, rep.seqs + 1, r.input_tokens + r.output_tokens // 2) * (
+            r.output_tokens - 1)
+        handoff = 0.0
+        if prefill_rep is not None and prefill_rep is not rep:
+            # the last stage's KV cannot overlap anything: it is the hand-off the request waits for
+            last = prefill_rep.spec.stages[-1]
+            kvb = r.input_tokens * self.t.kv_bytes_per_token(last.first, last.end)
+            handoff = self.t.transfer_s(last.node, rep.spec.stages[0].node, kvb)
+        return Candidate(rep.spec.id, 0.0, 0.0, dec, handoff, room)
+
+    # --- arrivals and admission -------------------------------------------------------------
+    def arrive(self, rq: _Req) -> None:
+        r = rq.r
+        self._log("arrive", r.id)
+        cands = []
+        best_dec = 0.0
+        if any(f.spec.role == "prefill" for f in self.front) and self.decoders:
+            best_dec = min(self._decode_candidate(d, rq, None).decode_s for d in self.decoders)
+        for f in self.front:
+            lat, _ = self._prefill_est(f, r.input_tokens)
+            if f.spec.role == "both":
+                dec = self._decode_candidate(f, rq, f).decode_s
+            else:
+                dec = best_dec
+            cands.append(Candidate(f.spec.id, f.backlog_s, lat, dec))
+        pid = choose(cands)
+        assert pid is not None
+        rep = self.reps[pid]
+        rq.p = pid
+        entry = rq.entry = self._entry(rep)
+        t = self.q.now + self._hop(entry, rep.spec.stages[0].node, r.input_tokens * TOKEN_BYTES)
+        self.q.push(t, "at_prefill", rq)
+
+    def at_prefill(self, rq: _Req) -> None:
+        rep = self.reps[rq.p]
+        _, worst = self._prefill_est(rep, rq.r.input_tokens)
+        rep.backlog_s += worst
+        heapq.heappush(rep.pending, (rq.seq, rq))
+        self._try_start(rep, 0)
+
+    def _admit(self, rep: _Rep, rq: _Req) -> bool:
+        r = rq.r
+        need = r.input_tokens + r.output_tokens
+        if rep.spec.role == "both":
+            d = rep if (rep.kv_used + need <= rep.spec.kv_capacity_tokens
+                        and rep.seqs < rep.spec.max_batch) else None
+        else:
+            did = choose((self._decode_candidate(x, rq, rep) for x in self.decoders), need_room=True)
+            d = None if did is None else self.reps[did]
+        if d is None:
+            return False
+        d.kv_used += need
+        d.seqs += 1
+        rq.d = d.spec.id
+        return True
+
+    # --- stage servers ----------------------------------------------------------------------
+    def _try_start(self, rep: _Rep, s: int) -> None:
+        st = rep.stages[s]
+        if st.busy:
+            return
+        job = None
+        if s == 0 and rep.pending and (not st.queue or rep.pending[0][0] < st.queue[0][0]):
+            rq = rep.pending[0][1]
+            if self._admit(rep, rq):
+                heapq.heappop(rep.pending)
+                _, worst = self._prefill_est(rep, rq.r.input_tokens)
+                rep.backlog_s = max(0.0, rep.backlog_s - worst)
+                rq.prefill_start = self.q.now
+                self._log("prefill_start", rq.r.id)
+                job = ("prefill", rq, 0)
+        if job is None and st.queue:
+            job = heapq.heappop(st.queue)[2]
+        if job is None:
+            return
+        spec = rep.spec
+        if job[0] == "prefill":
+            rq, k = job[1], job[2]
+            c = self.cfg.prefill_chunk_tokens
+            tokens = min(c, rq.r.input_tokens - k * c)
+            dur = self.t.prefill_s(spec, s, tokens, k * c)
+        else:
+            grp: _Group = job[1]
+            ctx = sum(x.ctx for x in grp.seqs) / len(grp.seqs)
+            dur = self.t.decode_s(spec, s, len(grp.seqs), ctx)
+        st.busy = True
+        self.busy[st.node] += dur
+        self.q.push(self.q.now + dur, "done", (rep, s, job))
+
+    def done(self, rep: _Rep, s: int, job: tuple) -> None:
+        rep.stages[s].busy = False
+        if job[0] == "prefill":
+            self._prefill_done(rep, s, job[1], job[2])
+        else:
+            self._decode_done(rep, s, job[1])
+        self._try_start(rep, s)
+
+    def _prefill_done(self, rep: _Rep, s: int, rq: _Req, k: int) -> None:
+        spec = rep.spec
+        st = spec.stages[s]
+        c = self.cfg.prefill_chunk_tokens
+        tokens = min(c, rq.r.input_tokens - k * c)
+        if s == 0 and k + 1 < rq.chunks:
+            # the rest of this prompt goes straight after it: same priority as the prompt
+            self.tie += 1
+            heapq.heappush(rep.stages[0].queue, (rq.seq, self.tie, ("prefill", rq, k + 1)))
+        d = self.reps[rq.d]
+        if d is not rep and rq.r.output_tokens > 1:
+            for dst in d.spec.stages:  # layer-wise KV to whichever node owns each layer
+                lo, hi = max(st.first, dst.first), min(st.end, dst.end)
+                if lo >= hi:
+                    continue
+                nbytes = tokens * self.t.kv_bytes_per_token(lo, hi)
+                if nbytes <= 0:
+                    continue
+                rq.pending += 1
+                self.q.push(self._send(st.node, dst.node, nbytes), "piece", rq)
+        if s + 1 < len(spec.stages):
+            t = self._send(st.node, spec.stages[s + 1].node,
+                           tokens * self.t.act_bytes_per_token(st.end - 1))
+            self.q.push(t, "ready", (rep, s + 1, rq.seq, ("prefill", rq, k)))
+            return
+        if k + 1 < rq.chunks:
+            return
+        # the last stage produced the first token
+        rq.generated = 1
+        rq.ctx = rq.r.input_tokens + 1
+        rq.first_token = self.q.now + self._hop(st.node, rq.entry)
+        if rq.r.output_tokens == 1:
+            self._finish(d, rq, rq.first_token)
+            return
+        rq.prefill_done = True
+        rq.pending += 1
+        self.q.push(self.q.now + self._hop(st.node, d.spec.stages[0].node), "piece", rq)
+
+    def piece(self, rq: _Req) -> None:
+        rq.pending -= 1
+        if rq.pending == 0 and rq.prefill_done:
+            self._join(self.reps[rq.d], rq)
+
+    # --- decode -----------------------------------------------------------------------------
+    def _new_group(self, rep: _Rep, seqs: list[_Req]) -> _Group:
+        self.gid += 1
+        g = _Group(self.gid, seqs)
+        rep.groups.append(g)
+        return g
+
+    def _join(self, rep: _Rep, rq: _Req) -> None:
+        if self.cfg.pipeline == "no-bubbles":
+            if len(rep.groups) < self._max_groups(rep):
+                g = self._new_group(rep, [rq])
+                self._enqueue(rep, 0, self._prio(), ("decode", g))
+            else:
+                rep.joiners.append(rq)
+        elif not rep.groups:
+            g = self._new_group(rep, [rq])
+            self._enqueue(rep, 0, self._prio(), ("decode", g))
+        else:
+            rep.joiners.append(rq)
+
+    def _prio(self) -> int:
+        # decode micro-batches queue behind prompts that arrived before them (FIFO by time):
+        # request seqs are arrival ranks, so take the rank of the next unseen arrival
+        return self.next_seq
+
+    def _decode_done(self, rep: _Rep, s: int, g: _Group) -> None:
+        spec = rep.spec
+        st = spec.stages[s]
+        n = len(spec.stages)
+        if s + 1 < n:
+            t = self._send(st.node, spec.stages[s + 1].node,
+                           len(g.seqs) * self.t.act_bytes_per_token(st.end - 1))
+            self.q.push(t, "ready", (rep, s + 1, self._prio(), ("decode", g)))
+            return
+        keep = []
+        for rq in g.seqs:
+            rq.generated += 1
+            rq.ctx += 1
+            if rq.generated >= rq.r.output_tokens:
+                self._finish(rep, rq, self.q.now + self._hop(st.node, rq.entry))
+            else:
+                keep.append(rq)
+        g.seqs = keep
+        back = self.q.now + self._hop(st.node, spec.stages[0].node, TOKEN_BYTES * max(1, len(keep)))
+        self.q.push(back, "back", (rep, g))
+
+    def back(self, rep: _Rep, g: _Group) -> None:
+        if self.cfg.pipeline == "no-bubbles":
+            g.seqs.extend(rep.joiners)
+            rep.joiners = []
+            if g.seqs:
+                self._enqueue(rep, 0, self._prio(), ("decode", g))
+            else:
+                rep.groups.remove(g)
+            return
+        rep.returned.add(g.id)
+        if len(rep.returned) < len(rep.groups):
+            return
+        # Bubbles barrier: every micro-batch is back; form the next iteration
+        rep.returned.clear()
+        rep.groups = [x for x in rep.groups if x.seqs]
+        for rq in rep.joiners:
+            if len(rep.groups) < self._max_groups(rep):
+                self._new_group(rep, [rq])
+            else:
+                min(rep.groups, key=lambda x: (len(x.seqs), x.id)).seqs.append(rq)
+        rep.joiners = []
+        for x in rep.groups:
+            self._enqueue(rep, 0, self._prio(), ("decode", x))
+
+    def _finish(self, d: _Rep, rq: _Req, at: float) -> None:
+        r = rq.r
+        rq.finish = at
+        d.kv_used -= r.input_tokens + r.output_tokens
+        d.seqs -= 1
+        self.finished.append(RequestRecord(r.id, r.arrival, r.input_tokens, r.output_tokens, rq.p,
+                                       rq.d, rq.prefill_start, rq.first_token, at))
+        self._log("finish", r.id)
+        # freed KV room may unblock prompts waiting for admission anywhere
+        for f in self.front:
+            if f.pending:
+                self._try_start(f, 0)
+
+    def ready(self, rep: _Rep, s: int, prio: int, job: tuple) -> None:
+        self._enqueue(rep, s, prio, job)
+
+    # --- main loop ----------------------------------------------------------------------------
+    def run(self, requests: Sequence[Request]) -> SimResult:
+        order = sorted(requests, key=lambda r: (r.arrival, r.id))
+        ids = [r.id for r in order]
+        if len(set(ids)) != len(ids):
+            raise SimError("request ids must be unique")
+        caps = [r.spec.kv_capacity_tokens for r in (self.decoders or self.front)]
+        bats = [r.spec.max_batch for r in (self.decoders or self.front)]
+        if max(bats, default=0) < 1:
+            raise SimError("no decoder can hold a single sequence")
+        for r in order:
+            if r.input_tokens + r.output_tokens > max(caps):
+                raise SimError(f"request {r.id} needs {r.input_tokens + r.output_tokens} KV tokens;"
+                               f" the largest decoder holds {max(caps)}")
+        self.next_seq = 0
+        c = self.cfg.prefill_chunk_tokens
+        pending = [_Req(r, i, c) for i, r in enumerate(order)]
+        for rq in pending:
+            self.q.push(rq.r.arrival, "arrive", rq)
+        handlers = {
+            "arrive": lambda p: (setattr(self, "next_seq", p.seq + 1), self.arrive(p)),
+            "at_prefill": self.at_prefill,
+            "done": lambda p: self.done(*p),
+            "ready": lambda p: self.ready(*p),
+            "piece": self.piece,
+            "back": lambda p: self.back(*p),
+        }
+        while len(self.q):
+            _, kind, payload = self.q.pop()
+            handlers[kind](payload)
+        if len(self.finished) != len(order):
+            raise SimError(f"{len(order) - len(self.finished)} requests never finished "
+                           "(the plan cannot admit them)")
+        recs = tuple(sorted(self.finished, key=lambda x: x.id))
+        return SimResult(recs, dict(self.busy), self.q.popped, summarise(list(recs), self.busy))
+
+
+def simulate(model: SimModel, requests: Sequence[Request], config: SimConfig | None = None, *,
+             trace: list | None = None, warmup: int = 0) -> SimResult:
+    """Run ``requests`` through ``model``; pure and deterministic. ``trace``, if given, receives
+    ``(time, kind, request_id)`` for every arrival, prefill start and finish, in event order."""
+    sim = _Sim(model, config or SimConfig(), trace)
+    res = sim.run(requests)
+    if warmup:
+        res = SimResult(res.records, res.busy_s, res.events,
+                        summarise(list(res.records), res.busy_s, warmup=warmup))
+    return res

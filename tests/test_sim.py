@@ -1,0 +1,232 @@
+"""The serving simulator's core against closed forms and invariants (synthetic timings)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from meshllm.errors import UserError
+from meshllm.sim.engine import EventQueue, SimError
+from meshllm.sim.model import SimConfig, SimModel, SimReplica, SimStage
+from meshllm.sim.routing import Candidate, choose, predicted_completion
+from meshllm.sim.serving import simulate
+from meshllm.sim.workload import Fixed, bursty, closed_batch, parse_trace, poisson
+
+
+class ConstTiming:
+    """Service times that do not depend on context: prefill ``p`` s per token per replica,
+    decode ``d`` s per step at any batch (split evenly over stages), links ``lat`` + bytes/bw."""
+
+    def __init__(self, p: float = 1 / 32, d: float = 0.1, lat: float = 0.0, bw: float = 1e9,
+                 act: int = 100, kv: int = 10, d_per_seq: float = 0.0) -> None:
+        self.p, self.d, self.lat, self.bw, self.act, self.kv = p, d, lat, bw, act, kv
+        self.d_per_seq = d_per_seq
+
+    def prefill_s(self, rep, stage, tokens, ctx_before):
+        return self.p * tokens / len(rep.stages)
+
+    def decode_s(self, rep, stage, batch, ctx):
+        return (self.d + self.d_per_seq * batch) / len(rep.stages)
+
+    def transfer_s(self, src, dst, nbytes):
+        return 0.0 if src == dst else self.lat + nbytes / self.bw
+
+    def act_bytes_per_token(self, block):
+        return self.act
+
+    def kv_bytes_per_token(self, first, end):
+        return self.kv * (end - first)
+
+
+def _both(nstages: int = 1, cap: int = 10**9, batch: int = 10**6, rid: int = 0,
+          prefix: str = "n") -> SimReplica:
+    stages = tuple(SimStage(f"{prefix}{rid}.{i}", 2 * i, 2 * i + 2) for i in range(nstages))
+    return SimReplica(rid, "both", stages, cap, batch)
+
+
+def _split_model(timing, dec_batch: int = 16, dec_cap: int = 10**9) -> SimModel:
+    p = SimReplica(0, "prefill", (SimStage("a", 0, 2), SimStage("b", 2, 4)), 10**9, 10**6)
+    d = SimReplica(1, "decoder", (SimStage("c", 0, 1), SimStage("d", 1, 4)), dec_cap, dec_batch)
+    return SimModel((p, d), timing)
+
+
+def _md1_wait(rho: float, service: float) -> float:
+    return rho * service / (2 * (1 - rho))
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.8])
+def test_md1_prefill_only(rho: float) -> None:
+    # one replica, one stage, fixed prompts, a single output token (made by prefill): M/D/1
+    timing = ConstTiming(p=1 / 32)
+    service = 1.0  # 32 tokens * 1/32 s
+    n = 60000 if rho > 0.6 else 30000
+    reqs = poisson(rho / service, n, Fixed(32), Fixed(1), np.random.default_rng(7))
+    res = simulate(SimModel((_both(),), timing), reqs, warmup=1000)
+    want = _md1_wait(rho, service)
+    assert res.summary.waiting_s.mean == pytest.approx(want, rel=0.05)
+    assert res.summary.utilisation["n0.0"] == pytest.approx(rho, rel=0.03)
+
+
+def test_md1_whole_request_with_batch_of_one() -> None:
+    # batch limit 1: the next prompt cannot start until the previous request has finished, so
+    # the service time is deterministic: prefill + (out - 1) decode steps
+    timing = ConstTiming(p=0.5 / 32, d=0.05)
+    service = 0.5 + 9 * 0.05
+    rho = 0.6
+    reqs = poisson(rho / service, 40000, Fixed(32), Fixed(10), np.random.default_rng(3))
+    res = simulate(SimModel((_both(batch=1),), timing), reqs, warmup=1000)
+    assert res.summary.waiting_s.mean == pytest.approx(_md1_wait(rho, service), rel=0.05)
+    assert res.summary.e2e_s.p50 >= service - 1e-9
+
+
+def test_zero_load_latency_is_the_timing_sum() -> None:
+    timing = ConstTiming(p=0.2 / 32, d=0.08, lat=0.003, bw=1e6, act=1000, kv=500)
+    model = _split_model(timing)
+    # one request alone, far apart from any other
+    reqs = [poisson(1.0, 1, Fixed(32), Fixed(5), np.random.default_rng(0))[0]]
+    res = simulate(model, reqs)
+    r = res.records[0]
+    assert r.waiting_s == 0.0
+    # prefill: two stages of 0.1 s, activations 32*1000 B over 1 MB/s + 3 ms
+    hop_act = 0.003 + 32 * 1000 / 1e6
+    t_prefill = 0.1 + hop_act + 0.1
+    token_hop = 0.003 + 8 / 1e6
+    # the first token is made on the last prefill stage and delivered to the entry (stage 0)
+    assert r.ttft_s == pytest.approx(t_prefill + token_hop, abs=1e-12)
+    # hand-off: last prefill stage (blocks 2..4) -> decoder stage 1 (blocks 1..4): 2 blocks of KV;
+    # first stage (0..2) -> decoder stage 0 (0..1) and stage 1 (1..2); the last stage's KV is
+    # what the decode start waits for (the first stage's overlaps the second stage's compute)
+    kv_last = 0.003 + 32 * 500 * 2 / 1e6
+    start_decode = max(t_prefill + kv_last, t_prefill + token_hop)
+    # 4 decode steps: each is two stages (0.04 each) + hop c->d (1 seq * 1000 B) + token back d->c
+    step = 0.08 + (0.003 + 1000 / 1e6) + (0.003 + 8 / 1e6)
+    # the last token leaves the last decoder stage for the entry (node "a"), not for stage 0
+    want = start_decode + 4 * step - (0.003 + 8 / 1e6) + (0.003 + 8 / 1e6)
+    assert r.e2e_s == pytest.approx(want, abs=1e-9)
+
+
+def test_conservation_and_monotone_time() -> None:
+    timing = ConstTiming(p=0.3 / 32, d=0.05, lat=0.001, bw=1e7, d_per_seq=0.002)
+    model = SimModel((_both(2, rid=0), _both(1, rid=1, batch=3)), timing)
+    reqs = poisson(4.0, 800, Fixed(40), Fixed(12), np.random.default_rng(11))
+    trace: list = []
+    res = simulate(model, reqs, trace=trace)
+    times = [t for t, _, _ in trace]
+    assert all(b >= a for a, b in itertools.pairwise(times))
+    for kind in ("arrive", "prefill_start", "finish"):
+        ids = sorted(i for _, k, i in trace if k == kind)
+        assert ids == list(range(len(reqs))), kind
+    for r in res.records:
+        assert r.arrival <= r.prefill_start <= r.first_token <= r.finish
+    assert sum(r.output_tokens for r in res.records) == 800 * 12
+    assert {r.prefill_replica for r in res.records} == {0, 1}  # routing uses both
+
+
+def test_kv_limit_holds_and_blocks_admission() -> None:
+    timing = ConstTiming(p=0.01 / 32, d=0.1)
+    model = _split_model(timing, dec_batch=100, dec_cap=3 * (32 + 20))  # room for 3 sequences
+    res = simulate(model, closed_batch(10, 32, 20))
+    starts = sorted(r.prefill_start for r in res.records)
+    finishes = sorted(r.finish for r in res.records)
+    # the 4th prompt cannot start before the 1st request has finished
+    assert starts[3] >= finishes[0] - 1e-6  # finish includes the 8-byte hop to the entry
+    assert res.summary.waiting_s.mean > 0
+
+
+def test_same_seed_same_numbers() -> None:
+    timing = ConstTiming(p=0.3 / 32, d=0.05, lat=0.001, bw=1e7, d_per_seq=0.002)
+    model = _split_model(timing)
+    a = simulate(model, poisson(2.0, 300, Fixed(64), Fixed(30), np.random.default_rng(5)))
+    b = simulate(model, poisson(2.0, 300, Fixed(64), Fixed(30), np.random.default_rng(5)))
+    c = simulate(model, poisson(2.0, 300, Fixed(64), Fixed(30), np.random.default_rng(6)))
+    assert a.records == b.records and a.summary == b.summary
+    assert a.records != c.records
+
+
+def test_no_bubbles_beats_bubbles_on_a_pipeline() -> None:
+    # a 4-stage decoder: with a barrier each iteration drains the pipeline
+    timing = ConstTiming(p=0.01 / 32, d=0.4, lat=0.01, bw=1e9)
+    model = SimModel((_both(4, batch=8),), timing)
+    reqs = closed_batch(8, 32, 50)
+    nb = simulate(model, reqs, SimConfig(pipeline="no-bubbles")).summary.throughput_tok_s
+    bb = simulate(model, reqs, SimConfig(pipeline="bubbles")).summary.throughput_tok_s
+    assert nb > 1.5 * bb
+    # a stage serves one micro-batch (2 sequences) per 0.1 s: 20 tokens/s is the ceiling
+    assert nb <= 20.0
+
+
+def test_bubbles_single_micro_batch_token_time() -> None:
+    # one sequence alone: both modes give the same ring time per token
+    timing = ConstTiming(p=0.01 / 32, d=0.4, lat=0.01, bw=1e9)
+    model = SimModel((_both(4),), timing)
+    for mode in ("bubbles", "no-bubbles"):
+        r = simulate(model, closed_batch(1, 32, 11), SimConfig(pipeline=mode)).records[0]
+        # 4 stages of 0.1 s, 3 activation hops, the token back from the last stage to stage 0
+        assert r.tpot_s == pytest.approx(0.4 + 3 * (0.01 + 100 / 1e9) + (0.01 + 8 / 1e9), rel=1e-9)
+
+
+def test_chunked_prefill_pipelines_long_prompts() -> None:
+    timing = ConstTiming(p=1 / 1024, d=0.01, act=0)
+    model = SimModel((_both(4),), timing)
+    whole = simulate(model, closed_batch(1, 1024, 1), SimConfig(prefill_chunk_tokens=1024))
+    chunked = simulate(model, closed_batch(1, 1024, 1), SimConfig(prefill_chunk_tokens=128))
+    assert whole.records[0].ttft_s == pytest.approx(1.0)
+    # 8 chunks through 4 stages of 1/32 s each: (8 + 3) * 1/32
+    assert chunked.records[0].ttft_s == pytest.approx(11 / 32)
+
+
+def test_request_too_big_for_every_decoder_is_a_clear_error() -> None:
+    model = SimModel((_both(cap=100),), ConstTiming())
+    with pytest.raises(SimError, match="needs 130 KV tokens"):
+        simulate(model, closed_batch(1, 100, 30))
+
+
+def test_plan_without_decoder_is_rejected() -> None:
+    p = SimReplica(0, "prefill", (SimStage("a", 0, 4),), 10**9, 8)
+    with pytest.raises(SimError, match="no decoder"):
+        SimModel((p,), ConstTiming())
+
+
+def test_event_queue_tie_break_and_no_time_travel() -> None:
+    q = EventQueue()
+    q.push(1.0, "b")
+    q.push(1.0, "a")
+    q.push(0.5, "c")
+    assert [q.pop()[1] for _ in range(3)] == ["c", "b", "a"]
+    with pytest.raises(SimError):
+        q.push(0.2, "late")
+
+
+def test_routing_least_predicted_completion() -> None:
+    c = [Candidate(2, 1.0, 0.5, 3.0), Candidate(1, 0.0, 0.5, 4.5), Candidate(3, 0.0, 0.2, 1.0,
+                                                                             has_room=False)]
+    assert predicted_completion(c[0]) == 4.5
+    assert choose(c) == 3
+    assert choose(c, need_room=True) == 2  # 4.5 beats 5.0
+    assert choose([Candidate(5, 0, 1, 0), Candidate(4, 1, 0, 0)]) == 4  # a tie goes to the lower id
+    assert choose([]) is None
+
+
+def test_bursty_keeps_mean_rate_and_is_burstier() -> None:
+    rng = np.random.default_rng(2)
+    b = bursty(2.0, 20000, Fixed(8), Fixed(8), rng, mean_on_s=5, mean_off_s=5)
+    p = poisson(2.0, 20000, Fixed(8), Fixed(8), np.random.default_rng(2))
+    rate = len(b) / b[-1].arrival
+    assert rate == pytest.approx(2.0, rel=0.08)
+    gaps_b = np.diff([r.arrival for r in b])
+    gaps_p = np.diff([r.arrival for r in p])
+    assert np.std(gaps_b) / np.mean(gaps_b) > 1.3 * np.std(gaps_p) / np.mean(gaps_p)
+
+
+def test_trace_parsing() -> None:
+    reqs = parse_trace("arrival_s,input_tokens,output_tokens\n# comment\n2.5,10,3\n0.5,7,1\n")
+    assert [(r.id, r.arrival, r.input_tokens, r.output_tokens) for r in reqs] == [
+        (0, 0.5, 7, 1), (1, 2.5, 10, 3)]
+    with pytest.raises(UserError, match="line 2"):
+        parse_trace("1,2,3\n1,x,3\n")
+    with pytest.raises(UserError, match="no requests"):
+        parse_trace("# nothing\n")
+    assert math.isfinite(reqs[1].arrival)
