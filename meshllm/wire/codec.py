@@ -1,0 +1,251 @@
+"""msgpack codec: envelope, ext registry, field validation, size cap.
+
+A frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type tag>, "b": {<fields>}}``. Tensors
+travel as msgpack ext type ``TENSOR_EXT`` whose payload is the msgpack map
+``{"dtype", "shape", "data"}``. Decoding checks everything a peer could get wrong — size, version,
+type, missing/unknown fields, field types, tensor sizes — and raises ``RemoteProtocolError`` with a
+one-line reason; encoding our own bad message raises ``LocalProtocolError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from meshllm.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from meshllm.wire.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
+from meshllm.wire.tensor import Tensor
+
+# Default cap: one frame holds at most this many bytes. KV is sent per block and chunked by the
+# sender to stay under it (a 7B layer's KV for 4k tokens is 4 MiB in float16).
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+TENSOR_EXT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ExtType:
+    code: int
+    cls: type
+    pack: Callable[[Any], bytes]
+    unpack: Callable[[bytes], Any]
+
+
+class ExtRegistry:
+    """msgpack ext codes, each registered once: a second registration of a code or a class is an error
+    (two meanings for one code would silently corrupt frames)."""
+
+    def __init__(self) -> None:
+        self._by_code: dict[int, ExtType] = {}
+        self._by_cls: dict[type, ExtType] = {}
+
+    def register(self, code: int, cls: type, pack: Callable[[Any], bytes],
+                 unpack: Callable[[bytes], Any]) -> None:
+        if not 0 <= code <= 127:
+            raise LocalProtocolError(f"msgpack ext code {code} outside 0..127")
+        if code in self._by_code:
+            raise LocalProtocolError(f"msgpack ext code {code} already registered "
+                                     f"for {self._by_code[code].cls.__name__}")
+        if cls in self._by_cls:
+            raise LocalProtocolError(f"{cls.__name__} already has msgpack ext code {self._by_cls[cls].code}")
+        ext = ExtType(code, cls, pack, unpack)
+        self._by_code[code] = ext
+        self._by_cls[cls] = ext
+
+    def default(self, obj: Any) -> msgpack.ExtType:
+        ext = self._by_cls.get(type(obj))
+        if ext is None:
+            raise LocalProtocolError(f"cannot encode a {type(obj).__name__} on the wire")
+        return msgpack.ExtType(ext.code, ext.pack(obj))
+
+    def ext_hook(self, code: int, payload: bytes) -> Any:
+        ext = self._by_code.get(code)
+        if ext is None:
+            raise RemoteProtocolError(f"unknown msgpack ext code {code}")
+        return ext.unpack(payload)
+
+
+def _pack_tensor(t: Tensor) -> bytes:
+    return msgpack.packb(t.to_map(), use_bin_type=True)
+
+
+def _unpack_tensor(payload: bytes) -> Tensor:
+    try:
+        m = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise RemoteProtocolError(f"malformed tensor payload: {type(e).__name__}") from None
+    return Tensor.from_map(m)
+
+
+EXT = ExtRegistry()
+EXT.register(TENSOR_EXT, Tensor, _pack_tensor, _unpack_tensor)
+
+
+# --- field validation ----------------------------------------------------------------------------
+
+_NATIVE = (str, bytes, bool, int, float, type(None))
+
+
+def _check_opaque(value: Any, path: str, depth: int = 0) -> None:
+    """Opaque maps (plans, profiles) may hold only msgpack-native values, no tensors/exts."""
+    if depth > 32:
+        raise RemoteProtocolError(f"{path}: nested too deeply")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise RemoteProtocolError(f"{path}: map keys must be strings")
+            _check_opaque(v, f"{path}.{k}", depth + 1)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_opaque(v, f"{path}[{i}]", depth + 1)
+    elif not isinstance(value, _NATIVE):
+        raise RemoteProtocolError(f"{path}: a {type(value).__name__} is not allowed here")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` (as msgpack decoded it) against the annotation ``tp``; lists become tuples."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        _check_opaque(value, path)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for alt in typing.get_args(tp):
+            try:
+                return _convert(value, alt, path)
+            except RemoteProtocolError:
+                continue
+        raise RemoteProtocolError(f"{path}: {type(value).__name__} does not match {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int or getattr(tp, "__supertype__", None) is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str or getattr(tp, "__supertype__", None) is str:
+        if isinstance(value, str):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is bytes:
+        if isinstance(value, bytes):
+            return value
+    elif tp is Tensor:
+        if isinstance(value, Tensor):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, list | tuple) and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+    elif origin is dict:
+        if isinstance(value, dict):
+            _check_opaque(value, path)
+            return value
+    else:  # pragma: no cover - a message class with an unsupported annotation
+        raise LocalProtocolError(f"{path}: unsupported field type {tp}")
+    raise RemoteProtocolError(f"{path}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    tp: Any
+    required: bool
+
+
+def _field_specs(cls: type) -> tuple[_Field, ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        _Field(f.name, hints[f.name],
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in dataclasses.fields(cls)
+    )
+
+
+_SPECS: dict[type, tuple[_Field, ...]] = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
+
+
+# --- the codec -------------------------------------------------------------------------------------
+
+
+class Codec:
+    """Encodes and decodes whole frames; one instance per link is fine (it holds no stream state)."""
+
+    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 ext: ExtRegistry = EXT) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._ext = ext
+
+    def encode(self, msg: Message) -> bytes:
+        spec = _SPECS.get(type(msg))
+        if spec is None:
+            raise LocalProtocolError(f"{type(msg).__name__} is not a wire message")
+        body = {f.name: getattr(msg, f.name) for f in spec}
+        try:
+            data = msgpack.packb({"v": PROTOCOL_VERSION, "t": msg.TYPE, "b": body},
+                                 use_bin_type=True, default=self._ext.default)
+        except ProtocolError:
+            raise
+        except (TypeError, ValueError, OverflowError) as e:
+            raise LocalProtocolError(f"cannot encode {msg.TYPE}: {e}") from None
+        if len(data) > self.max_message_bytes:
+            raise LocalProtocolError(f"{msg.TYPE} is {len(data)} bytes, over the "
+                                     f"{self.max_message_bytes}-byte cap; send it in chunks")
+        return data
+
+    def decode(self, data: bytes) -> Message:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise RemoteProtocolError("a frame must be binary")
+        if len(data) > self.max_message_bytes:
+            raise RemoteProtocolError(f"frame of {len(data)} bytes is over the "
+                                      f"{self.max_message_bytes}-byte cap")
+        try:
+            frame = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
+                                    ext_hook=self._ext.ext_hook)
+        except ProtocolError:
+            raise
+        except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError, ...
+            raise RemoteProtocolError(f"malformed frame: {type(e).__name__}") from None
+        if not isinstance(frame, dict) or not {"v", "t", "b"} <= set(frame):
+            raise RemoteProtocolError("malformed frame: not a map with v, t and b")
+        version, tag, body = frame["v"], frame["t"], frame["b"]
+        if version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(f"protocol version {version!r} not supported "
+                                      f"(this node speaks {PROTOCOL_VERSION})")
+        cls = MESSAGE_TYPES.get(tag) if isinstance(tag, str) else None
+        if cls is None:
+            raise RemoteProtocolError(f"unknown message type {tag!r}")
+        if not isinstance(body, dict):
+            raise RemoteProtocolError(f"{tag}: body must be a map")
+        spec = _SPECS[cls]
+        unknown = set(body) - {f.name for f in spec}
+        if unknown:
+            raise RemoteProtocolError(f"{tag}: unknown fields {sorted(map(str, unknown))}")
+        kwargs = {}
+        for f in spec:
+            if f.name in body:
+                kwargs[f.name] = _convert(body[f.name], f.tp, f"{tag}.{f.name}")
+            elif f.required:
+                raise RemoteProtocolError(f"{tag}: missing field {f.name!r}")
+        return cls(**kwargs)
+
+
+_DEFAULT = Codec()
+
+
+def encode(msg: Message) -> bytes:
+    """Encode with the default cap (``DEFAULT_MAX_MESSAGE_BYTES``)."""
+    return _DEFAULT.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Decode with the default cap (``DEFAULT_MAX_MESSAGE_BYTES``)."""
+    return _DEFAULT.decode(data)
