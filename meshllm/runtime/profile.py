@@ -1,0 +1,177 @@
+"""Self-profiling: how fast this node runs each block of the mesh's model, measured, not guessed.
+
+For every block the node runs it alone in a ``StageRunner`` with the node's own onnxruntime thread
+count and ``--slowdown`` (so a slowed node's profile shows it), and measures
+
+- prefill: seconds per prompt token (a ``prompt_tokens`` prompt, best of ``repeats``);
+- decode: seconds per step at batch 1 with a short context (median of ``decode_steps``).
+
+From those it derives the effective TFLOPS and memory bandwidth the planner's spec fields need
+(the measured per-block times are what the cost model uses). Results are cached on disk keyed by
+(model id, machine, threads, slowdown), because measuring costs seconds that a restart should not
+pay again. The memory budget is applied on top and is not part of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from meshllm.model.manifest import Manifest
+from meshllm.runtime.runner import StageRunner
+
+log = logging.getLogger("meshllm.runtime.profile")
+
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NodeProfile:
+    """What a node tells the leader about itself."""
+
+    model_id: str
+    threads: int
+    slowdown: float
+    memory_bytes: int
+    prefill_s_per_token: tuple[float, ...]  # per block index
+    decode_s_per_step: tuple[float, ...]  # per block index, batch 1
+    tflops: float  # effective, derived from the prefill measurement
+    mem_bw_gbs: float  # effective, derived from the decode measurement
+    machine: str
+    measured_at: float  # unix time of the measurement (informational)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PROFILE_VERSION, "model_id": self.model_id, "threads": self.threads,
+                "slowdown": self.slowdown, "memory_bytes": self.memory_bytes,
+                "prefill_s_per_token": list(self.prefill_s_per_token),
+                "decode_s_per_step": list(self.decode_s_per_step), "tflops": self.tflops,
+                "mem_bw_gbs": self.mem_bw_gbs, "machine": self.machine, "measured_at": self.measured_at}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NodeProfile:
+        return cls(str(d["model_id"]), int(d["threads"]), float(d["slowdown"]), int(d["memory_bytes"]),
+                   tuple(float(x) for x in d["prefill_s_per_token"]),
+                   tuple(float(x) for x in d["decode_s_per_step"]), float(d["tflops"]),
+                   float(d["mem_bw_gbs"]), str(d.get("machine", "")), float(d.get("measured_at", 0.0)))
+
+    def with_memory(self, memory_bytes: int) -> NodeProfile:
+        return NodeProfile(self.model_id, self.threads, self.slowdown, memory_bytes,
+                           self.prefill_s_per_token, self.decode_s_per_step, self.tflops,
+                           self.mem_bw_gbs, self.machine, self.measured_at)
+
+    @property
+    def decode_s_per_token(self) -> float:
+        """The whole model on this node, one token at batch 1."""
+        return float(sum(self.decode_s_per_step))
+
+
+def machine_fingerprint() -> str:
+    """Identifies the hardware and runtime a measurement is valid for."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}|{platform.machine()}|{cpu}|{os.cpu_count()}|ort {ort.__version__}"
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else physical memory; 80% of it, leaving headroom."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(int(line.split()[1]) * 1024 * 0.8)
+    except (OSError, ValueError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def cache_path(state_dir: Path, model_id: str, threads: int, slowdown: float) -> Path:
+    key = hashlib.sha256(f"{model_id}|{machine_fingerprint()}|{threads}|{slowdown:.6g}".encode())
+    return state_dir / "profiles" / f"{model_id[:16]}-{key.hexdigest()[:16]}.json"
+
+
+def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_bytes: int,
+            prompt_tokens: int = 32, decode_steps: int = 8, repeats: int = 2,
+            progress: Callable[[int, int, str], None] | None = None) -> NodeProfile:
+    """Measure every block of ``manifest`` on this machine (blocking; run it in an executor)."""
+    cfg = manifest.config
+    n = cfg.num_blocks
+    rng = np.random.default_rng(0)
+    prompt_tokens = max(1, min(prompt_tokens, cfg.max_position - decode_steps - 1))
+    prefill: list[float] = []
+    decode: list[float] = []
+    for b in range(n):
+        if progress is not None:
+            progress(b, n, cfg.block_name(b))
+        runner = StageRunner(manifest, b, b + 1, threads=threads, max_seqs=2, slowdown=slowdown)
+        if b == 0:
+            x_prompt = rng.integers(0, cfg.vocab_size, size=prompt_tokens, dtype=np.int64)  # (T,)
+            x_step = rng.integers(0, cfg.vocab_size, size=1, dtype=np.int64)  # (1,)
+        else:
+            x_prompt = rng.standard_normal((prompt_tokens, cfg.hidden_size)).astype(np.float32)  # (T, H)
+            x_step = rng.standard_normal((1, cfg.hidden_size)).astype(np.float32)  # (1, H)
+        best = float("inf")
+        steps: list[float] = []
+        for r in range(repeats):
+            sid = ("profile", r)
+            runner.alloc(sid, prompt_tokens + decode_steps + 1)
+            t0 = time.perf_counter()
+            runner.prefill(sid, x_prompt)
+            best = min(best, time.perf_counter() - t0)
+            for _ in range(decode_steps):
+                t0 = time.perf_counter()
+                runner.decode([sid], x_step)
+                steps.append(time.perf_counter() - t0)
+            runner.free(sid)
+        prefill.append(best / prompt_tokens)
+        decode.append(float(np.median(steps)))
+        del runner
+    if progress is not None:
+        progress(n, n, "done")
+    costs = manifest.costs
+    flops = sum(c.flops_per_token for c in costs)
+    weight_bytes = sum(c.param_bytes for c in costs)
+    tflops = flops / max(sum(prefill), 1e-12) / 1e12
+    mem_bw_gbs = weight_bytes / max(sum(decode), 1e-12) / 1e9
+    return NodeProfile(manifest.model_id, threads, slowdown, memory_bytes, tuple(prefill), tuple(decode),
+                       tflops, mem_bw_gbs, machine_fingerprint(), time.time())
+
+
+def load_or_measure(manifest: Manifest, state_dir: Path, *, threads: int, slowdown: float,
+                    memory_bytes: int, progress: Callable[[int, int, str], None] | None = None,
+                    **kw: Any) -> tuple[NodeProfile, bool]:
+    """The cached profile when there is one for this (model, machine, threads, slowdown), else a
+    fresh measurement (written to the cache). Returns (profile, from_cache)."""
+    path = cache_path(state_dir, manifest.model_id, threads, slowdown)
+    if path.is_file():
+        try:
+            prof = NodeProfile.from_dict(json.loads(path.read_text()))
+            if prof.model_id == manifest.model_id and len(prof.prefill_s_per_token) == manifest.config.num_blocks:
+                return prof.with_memory(memory_bytes), True
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable profile cache %s: %s", path, e)
+    prof = measure(manifest, threads=threads, slowdown=slowdown, memory_bytes=memory_bytes,
+                   progress=progress, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(prof.to_dict(), indent=1))
+    tmp.replace(path)
+    return prof, False

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Network-namespace lab: a LAN of meshllm nodes on one Linux machine (root only).
+
+Each node gets its own network namespace with a veth pair plugged into one bridge, an address
+10.<net>.0.<i+1>/24, and optionally a ``tc tbf`` rate limit on its side of the link (there is no
+``netem`` here; add delay in the application's test link layer if a test needs it). mDNS floods
+across the bridge (multicast snooping off), so nodes find each other as on a real LAN. The bridge
+gets 10.<net>.0.254 so the host can reach every node's HTTP API.
+
+    sudo tools/netlab.py up --nodes 3 [--rate-mbit 50] [--prefix mlab]
+    sudo tools/netlab.py exec 0 -- .venv/bin/meshllm node --host 10.77.0.1 --interface 10.77.0.1
+    sudo tools/netlab.py down [--prefix mlab]
+
+Also importable (``Lab``) by tests: ``with Lab("mlt", 3) as lab: lab.popen(0, argv)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+
+
+def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = ["ip", "netns", "exec", ns, "ip", *args] if ns else ["ip", *args]
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def why_unavailable() -> str | None:
+    """None when namespaces can be made here, else the reason (for a test skip)."""
+    if os.geteuid() != 0:
+        return "the network lab needs root (network namespaces, veth, bridge)"
+    if shutil.which("ip") is None:
+        return "the `ip` tool (iproute2) is not installed"
+    probe = f"mlprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot create a network namespace: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+class Lab:
+    def __init__(self, prefix: str, nodes: int, *, net: int = 77, rate_mbit: float | None = None) -> None:
+        if len(prefix) > 6:
+            raise ValueError("prefix must be at most 6 characters (interface names are limited to 15)")
+        self.prefix, self.n, self.net, self.rate = prefix, nodes, net, rate_mbit
+        self.bridge = f"{prefix}br"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def ns(self, i: int) -> str:
+        return f"{self.prefix}ns{i}"
+
+    def addr(self, i: int) -> str:
+        return f"10.{self.net}.0.{i + 1}"
+
+    @property
+    def host_addr(self) -> str:
+        return f"10.{self.net}.0.254"
+
+    def up(self) -> Lab:
+        self.down()
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge", "mcast_snooping", "0")
+            _ip("addr", "add", f"{self.host_addr}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+            for i in range(self.n):
+                ns, host_end, ns_end = self.ns(i), f"{self.prefix}h{i}", f"{self.prefix}n{i}"
+                subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+                _ip("link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+                _ip("link", "set", ns_end, "netns", ns)
+                _ip("link", "set", host_end, "master", self.bridge)
+                _ip("link", "set", host_end, "up")
+                _ip("link", "set", "lo", "up", ns=ns)
+                _ip("addr", "add", f"{self.addr(i)}/24", "dev", ns_end, ns=ns)
+                _ip("link", "set", ns_end, "up", ns=ns)
+                # Multicast needs a route out of the namespace; the bridge is the whole world.
+                _ip("route", "add", "224.0.0.0/4", "dev", ns_end, ns=ns)
+                if self.rate:
+                    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ns_end, "root",
+                                    "tbf", "rate", f"{self.rate}mbit", "burst", "32kbit", "latency", "400ms"],
+                                   check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as e:
+            self.down()
+            raise RuntimeError(f"netlab: {' '.join(e.cmd)} failed: {(e.stderr or '').strip()}") from None
+        return self
+
+    def popen(self, i: int, argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns(i), *argv], **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def down(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        self.procs.clear()
+        for i in range(max(self.n, 1) + 8):  # also leftovers of a larger lab with this prefix
+            subprocess.run(["ip", "netns", "del", self.ns(i)], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"{self.prefix}h{i}"], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="netlab", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("up")
+    u.add_argument("--nodes", type=int, default=3)
+    u.add_argument("--rate-mbit", type=float, default=None)
+    for q in (u, sub.add_parser("down"), sub.add_parser("exec")):
+        q.add_argument("--prefix", default="mlab")
+        q.add_argument("--net", type=int, default=77)
+    e = sub._name_parser_map["exec"]  # type: ignore[attr-defined]
+    e.add_argument("index", type=int)
+    e.add_argument("argv", nargs=argparse.REMAINDER)
+    a = p.parse_args(argv)
+    why = why_unavailable()
+    if why:
+        print(f"netlab: {why}", file=sys.stderr)
+        return 2
+    if a.cmd == "up":
+        lab = Lab(a.prefix, a.nodes, net=a.net, rate_mbit=a.rate_mbit).up()
+        for i in range(a.nodes):
+            print(f"{lab.ns(i)} {lab.addr(i)}")
+        print(f"host (bridge {lab.bridge}) {lab.host_addr}")
+    elif a.cmd == "down":
+        Lab(a.prefix, 0, net=a.net).down()
+    else:
+        cmd = [x for x in a.argv if x != "--"] if a.argv[:1] == ["--"] else a.argv
+        return subprocess.call(["ip", "netns", "exec", f"{a.prefix}ns{a.index}", *cmd])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
