@@ -1,0 +1,114 @@
+"""Write a model directory: one ONNX file per block plus ``manifest.json``.
+
+``random_weights`` makes a Llama-shaped model for tests and benchmarks; ``export_model`` turns any
+weight dict (Hugging Face names without the ``model.`` prefix) into blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from meshllm.errors import ModelError
+from meshllm.model.blocks import build_block, check_supported
+from meshllm.model.config import ModelConfig, block_costs
+from meshllm.model.manifest import Manifest, load_manifest, write_manifest
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight the config implies, with its HF shape (out_features, in_features)."""
+    H, inter, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, H), "norm.weight": (H,)}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
+            p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
+            p + "mlp.gate_proj.weight": (inter, H), p + "mlp.up_proj.weight": (inter, H),
+            p + "mlp.down_proj.weight": (H, inter),
+        })
+        if cfg.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, H)
+    return shapes
+
+
+def random_weights(cfg: ModelConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """float32 weights scaled so activations stay O(1) through every layer.
+
+    Projections ~ N(0, 1/fan_in) and unit-variance embeddings make attention and logits far from
+    uniform, so a wrong rotation, mask or head grouping moves the logits well beyond the tests'
+    tolerances (small "initialiser" scales would hide such bugs under 1e-4).
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, shape in weight_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            w = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith(".bias"):
+            w = 0.1 * rng.standard_normal(shape)
+        elif name == "embed_tokens.weight":
+            w = rng.standard_normal(shape)
+        else:
+            w = rng.standard_normal(shape) / np.sqrt(shape[1])
+        out[name] = w.astype(np.float32)
+    return out
+
+
+def check_weights(weights: dict[str, np.ndarray], cfg: ModelConfig) -> None:
+    """Every expected weight present with the right shape; nothing unexpected."""
+    want = weight_shapes(cfg)
+    missing = [k for k in want if k not in weights]
+    if missing:
+        raise ModelError(f"weights missing for this config: {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    for k, shape in want.items():
+        if tuple(weights[k].shape) != shape:
+            raise ModelError(f"weight {k} has shape {tuple(weights[k].shape)}, config implies {shape}")
+    extra = sorted(set(weights) - set(want))
+    if extra:
+        raise ModelError(f"unexpected weights for this config: {', '.join(extra[:5])}")
+
+
+def block_file(cfg: ModelConfig, index: int) -> str:
+    return f"{cfg.block_name(index)}.onnx"
+
+
+def export_model(weights: dict[str, np.ndarray], cfg: ModelConfig, out_dir: str | Path, *, name: str,
+                 tokenizer_file: str | Path | None = None, chat_template: str | None = None,
+                 weight_dtype: str = "float32", progress: bool = True) -> Manifest:
+    """Build every block, write them and ``manifest.json`` under ``out_dir``; return the manifest.
+
+    The manifest's config records ``weight_dtype`` (so ``param_bytes`` are the stored bytes).
+    """
+    if weight_dtype not in ("float32", "float16"):
+        raise ModelError(f"weight_dtype must be float32 or float16, not {weight_dtype!r}")
+    cfg = dataclasses.replace(cfg, weight_dtype=weight_dtype)
+    check_supported(cfg)
+    check_weights(weights, cfg)
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index in tqdm(range(cfg.num_blocks), desc=f"export {name}", unit="block", disable=not progress):
+        model = build_block(weights, cfg, index, weight_dtype)
+        f = block_file(cfg, index)
+        onnx.save_model(model, str(root / f))
+        files.append(f)
+    tok_name = None
+    if tokenizer_file is not None:
+        src = Path(tokenizer_file)
+        if not src.is_file():
+            raise ModelError(f"tokenizer file not found: {src}")
+        tok_name = "tokenizer.json"
+        if src.resolve() != (root / tok_name).resolve():
+            shutil.copyfile(src, root / tok_name)
+    write_manifest(root, name, cfg, files, block_costs(cfg), tokenizer_file=tok_name,
+                   chat_template=chat_template)
+    return load_manifest(root)

@@ -1,0 +1,247 @@
+"""``StageRunner``: run a contiguous range of blocks ``[first, end)`` on onnxruntime.
+
+One onnxruntime session per block, each with an explicit intra-op thread count and spinning off
+(several nodes may share a machine's cores). The decoder layers' KV cache lives in preallocated
+slots (``kv.KVCache``); each layer session reads its past from the slot buffer and writes only the
+new positions into it, in place, through IOBinding (``present_*`` bound to the ``past_*`` memory),
+so a decode step costs the weights plus the attention over the context, never a cache copy.
+
+Interface (the one the rest of meshllm codes against):
+
+* ``alloc(seq_id, max_len)`` / ``free(seq_id)`` / ``seq_len(seq_id)``
+* ``prefill(seq_id, x, last_only=True)``: x (T,) int64 ids when the range starts at the embedding,
+  else (T, H) float32 hidden; appends to the sequence (chunked prefill works). Returns (T, H)
+  hidden, or, if the range ends with the head, logits (V,) for the last position or (T, V).
+* ``decode(seq_ids, x)``: one token per sequence, sequences of any lengths: x (B,) int64 or
+  (B, H) float32 -> (B, H) hidden or (B, V) logits.
+* ``kv_export(seq_id, block)`` -> (k, v), each (len, kv_heads, head_dim); ``kv_import`` the
+  reverse (``start=`` appends a later chunk), which is how a prefill node hands a sequence to a
+  decode node.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from meshllm.errors import CapacityError, ConfigError, ModelError
+from meshllm.model.manifest import Manifest
+from meshllm.runtime.kv import KVCache, SeqState
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads burn the cores other node processes on the same machine need.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def load_session(path: Path, threads: int) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+        raise ModelError(f"cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> None:
+    """Bind a C-contiguous float32 numpy array's memory (no copy) as an input or output."""
+    if output:
+        io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+    else:
+        io.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+
+
+class StageRunner:
+    def __init__(self, manifest: Manifest, first: int, end: int, *, threads: int | None = None,
+                 kv_budget_bytes: int | None = None, max_seqs: int = 64, slowdown: float = 1.0) -> None:
+        cfg = manifest.config
+        if not 0 <= first < end <= cfg.num_blocks:
+            raise ModelError(f"block range [{first}, {end}) is not inside [0, {cfg.num_blocks})")
+        if not slowdown >= 1.0:
+            raise ConfigError(f"slowdown must be >= 1, got {slowdown}")
+        if threads is not None and threads <= 0:
+            raise ConfigError(f"threads must be positive, got {threads}")
+        if kv_budget_bytes is not None and kv_budget_bytes < 0:
+            raise ConfigError(f"kv_budget_bytes must be >= 0, got {kv_budget_bytes}")
+        self.manifest = manifest
+        self.config = cfg
+        self.first, self.end = first, end
+        self.threads = threads or os.cpu_count() or 1
+        self.slowdown = float(slowdown)
+        self.has_embed = first == 0
+        self.has_head = end == cfg.num_blocks
+        self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
+        self.sessions = {b: load_session(manifest.block_path(b), self.threads) for b in range(first, end)}
+        self.kv = KVCache(self.layer_blocks, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                          slot_len=cfg.max_position, max_seqs=max_seqs, budget_bytes=kv_budget_bytes)
+        self.last_compute_s = 0.0  # compute time of the last prefill/decode, before any slowdown
+
+    # --- sequences --------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv.bytes_per_token
+
+    def alloc(self, seq_id: Hashable, max_len: int) -> None:
+        self.kv.alloc(seq_id, max_len)
+
+    def free(self, seq_id: Hashable) -> None:
+        self.kv.free(seq_id)
+
+    def seq_len(self, seq_id: Hashable) -> int:
+        return self._ready(seq_id).length
+
+    def has_seq(self, seq_id: Hashable) -> bool:
+        return seq_id in self.kv.seqs
+
+    def _ready(self, seq_id: Hashable) -> SeqState:
+        st = self.kv.get(seq_id)
+        if any(n != st.length for n in st.layer_len.values()):
+            raise ModelError(f"sequence {seq_id!r}: KV of its layers is incomplete "
+                             f"({st.layer_len}); import every layer in range to the same length")
+        return st
+
+    # --- input checks -----------------------------------------------------------------------
+    def _check_input(self, x: np.ndarray, rows: int | None, what: str) -> np.ndarray:
+        x = np.asarray(x)
+        if self.has_embed:
+            if x.ndim != 1 or x.dtype.kind not in "iu":
+                raise ModelError(f"{what}: expected a 1-D array of token ids, got {x.dtype} {x.shape}")
+            if x.size and (x.min() < 0 or x.max() >= self.config.vocab_size):
+                raise ModelError(f"{what}: token id out of range [0, {self.config.vocab_size})")
+            x = x.astype(np.int64, copy=False)
+        else:
+            if x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.dtype.kind != "f":
+                raise ModelError(f"{what}: expected float hidden states (n, {self.config.hidden_size}), "
+                                 f"got {x.dtype} {x.shape}")
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        if rows is not None and x.shape[0] != rows:
+            raise ModelError(f"{what}: {x.shape[0]} rows for {rows} sequences")
+        if x.shape[0] == 0:
+            raise ModelError(f"{what}: empty input")
+        return x
+
+    # --- compute ----------------------------------------------------------------------------
+    def prefill(self, seq_id: Hashable, x: np.ndarray, *, last_only: bool = True) -> np.ndarray:
+        t0 = time.perf_counter()
+        st = self._ready(seq_id)
+        x = self._check_input(x, None, "prefill")
+        T = x.shape[0]
+        if st.length + T > st.max_len:
+            raise CapacityError(f"sequence {seq_id!r}: {st.length} + {T} positions exceed its "
+                                f"reserved {st.max_len}")
+        seqlens = np.array([st.length + T - 1], np.int32)  # (1,): total length - 1
+        h = self._run(x[None], st.slot, seqlens, st.length + T, last_only)  # (1, T|1, H|V)
+        self._advance([st], T)
+        self._pace(t0)
+        if self.has_head and last_only:
+            return h[0, -1]  # (V,)
+        return h[0]  # (T, H) or (T, V)
+
+    def decode(self, seq_ids: Sequence[Hashable], x: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        seq_ids = list(seq_ids)
+        if not seq_ids:
+            raise ModelError("decode: empty batch")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ModelError("decode: a sequence appears twice in one batch")
+        x = self._check_input(x, len(seq_ids), "decode")
+        states = [self._ready(s) for s in seq_ids]
+        for s, st in zip(seq_ids, states, strict=True):
+            if st.length + 1 > st.max_len:
+                raise CapacityError(f"sequence {s!r} is full: {st.length} of {st.max_len} reserved positions")
+        s0 = self.kv.arrange(seq_ids) if self.layer_blocks else 0
+        # row j of the batch runs on slot s0 + j
+        order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
+        lens = np.array([states[i].length for i in order], np.int32)  # (B,)
+        h = self._run(x[order][:, None], s0, lens, int(lens.max()) + 1, False)  # (B, 1, H|V)
+        out = np.empty((len(seq_ids), h.shape[-1]), np.float32)
+        out[order] = h[:, 0]
+        self._advance(states, 1)
+        self._pace(t0)
+        return out
+
+    def _advance(self, states: list[SeqState], n: int) -> None:
+        for st in states:
+            st.length += n
+            for b in st.layer_len:
+                st.layer_len[b] = st.length
+
+    def _pace(self, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        self.last_compute_s = dt
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * dt)
+
+    def _run(self, x: np.ndarray, s0: int, seqlens: np.ndarray, total: int, last_only: bool) -> np.ndarray:
+        """x: (B, S) ids or (B, S, H) hidden for slots [s0, s0 + B); returns the range's output."""
+        B = x.shape[0]
+        h = x
+        total_arr = np.array(total, np.int32)
+        for b in range(self.first, self.end):
+            sess = self.sessions[b]
+            io = sess.io_binding()
+            if b == 0:
+                io.bind_cpu_input("input_ids", h)
+                out = np.empty((*h.shape, self.config.hidden_size), np.float32)  # (B, S, H)
+                bind_buffer(io, "hidden_out", out, output=True)
+            elif b == self.config.num_layers + 1:
+                if last_only:
+                    h = np.ascontiguousarray(h[:, -1:])  # (B, 1, H): only the last position's logits
+                bind_buffer(io, "hidden", h, output=False)
+                out = np.empty((*h.shape[:2], self.config.vocab_size), np.float32)  # (B, S, V)
+                bind_buffer(io, "logits", out, output=True)
+            else:
+                bind_buffer(io, "hidden", h, output=False)
+                k = self.kv.k[b][s0:s0 + B]  # (B, kvh, slot_len, d): a view, no copy
+                v = self.kv.v[b][s0:s0 + B]
+                bind_buffer(io, "past_key", k, output=False)
+                bind_buffer(io, "past_value", v, output=False)
+                io.bind_cpu_input("seqlens_k", seqlens)
+                io.bind_cpu_input("total_sequence_length", total_arr)
+                out = np.empty(h.shape, np.float32)  # (B, S, H)
+                bind_buffer(io, "hidden_out", out, output=True)
+                # same memory as the past: the kernel writes only the new positions, in place
+                bind_buffer(io, "present_key", k, output=True)
+                bind_buffer(io, "present_value", v, output=True)
+            sess.run_with_iobinding(io)
+            h = out
+        return h
+
+    # --- KV hand-off ------------------------------------------------------------------------
+    def _check_block(self, block: int) -> None:
+        if block not in self.kv.k:
+            raise ModelError(f"block {block} is not a decoder layer of this runner's range "
+                             f"[{self.first}, {self.end})")
+
+    def kv_export(self, seq_id: Hashable, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of one layer for a sequence, each (len, kv_heads, head_dim) float32."""
+        self._check_block(block)
+        return self.kv.export(seq_id, block)
+
+    def kv_import(self, seq_id: Hashable, block: int, k: np.ndarray, v: np.ndarray, *, start: int = 0) -> None:
+        """Write positions [start, start + len) of one layer's KV (e.g. received from a prefill
+        node). The sequence can decode once every layer in range holds the same length."""
+        self._check_block(block)
+        cfg = self.config
+        want = (cfg.num_kv_heads, cfg.head_dim)
+        k, v = np.asarray(k), np.asarray(v)
+        if k.ndim != 3 or k.shape[1:] != want or v.shape != k.shape:
+            raise ModelError(f"kv_import: expected k and v of shape (len, {want[0]}, {want[1]}), "
+                             f"got {k.shape} and {v.shape}")
+        st = self.kv.get(seq_id)
+        if not 0 <= start <= st.layer_len[block]:
+            raise ModelError(f"kv_import: start {start} leaves a gap after the {st.layer_len[block]} "
+                             f"positions block {block} holds")
+        self.kv.import_(seq_id, block, k.astype(np.float32, copy=False), v.astype(np.float32, copy=False),
+                        start)

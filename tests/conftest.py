@@ -1,0 +1,50 @@
+"""Shared fixtures: a small random model exported once per test session.
+
+``tiny_config`` / ``tiny_weights`` / ``tiny_model_dir`` / ``tiny_manifest`` are used across the
+suite; keep their names stable. The config is deliberately small (fast to export and run) but
+keeps every feature the runtime must get right: grouped KV heads (4 query heads share 2 KV
+heads), untied lm_head, a context long enough for chunked prefill and ragged batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshllm.model.config import ModelConfig
+from meshllm.model.export import export_model, random_weights
+from meshllm.model.manifest import Manifest
+
+TINY_CONFIG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3,
+                          num_heads=4, num_kv_heads=2, max_position=64, rope_theta=10000.0,
+                          rms_norm_eps=1e-5, bos_token_id=1, eos_token_ids=(2,))
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    return TINY_CONFIG
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_config: ModelConfig) -> dict[str, np.ndarray]:
+    w = random_weights(tiny_config, np.random.default_rng(1234))
+    for a in w.values():
+        a.flags.writeable = False  # shared across tests: nobody may change it
+    return w
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_weights: dict[str, np.ndarray],
+                   tiny_config: ModelConfig) -> Path:
+    out = tmp_path_factory.mktemp("tiny_model")
+    export_model(tiny_weights, tiny_config, out, name="tiny-random", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tiny_model_dir: Path) -> Manifest:
+    from meshllm.model.manifest import load_manifest
+
+    return load_manifest(tiny_model_dir)

@@ -1,0 +1,192 @@
+"""ONNX blocks compute what the numpy reference computes (atol 1e-4 on float32 logits)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from meshllm.errors import ModelError
+from meshllm.model import reference
+from meshllm.model.blocks import build_block, build_monolithic
+from meshllm.model.config import ModelConfig, block_costs
+from meshllm.model.export import export_model, random_weights
+from meshllm.model.manifest import Manifest, load_manifest
+from meshllm.runtime.runner import StageRunner, bind_buffer, session_options
+
+ATOL = 1e-4
+
+
+def _ids(cfg: ModelConfig, n: int, seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, n)
+
+
+def _full_logits(manifest: Manifest, ids: np.ndarray) -> np.ndarray:
+    r = StageRunner(manifest, 0, manifest.config.num_blocks, threads=1, max_seqs=1)
+    r.alloc("s", len(ids))
+    return r.prefill("s", ids, last_only=False)  # (T, V)
+
+
+def test_chained_blocks_match_reference(tiny_manifest: Manifest, tiny_weights: dict[str, np.ndarray]) -> None:
+    cfg = tiny_manifest.config
+    ids = _ids(cfg, 24)
+    want = reference.forward(ids, tiny_weights, cfg)  # (T, V) float64
+    got = _full_logits(tiny_manifest, ids)
+    assert got.shape == want.shape
+    # the model is far from uniform: errors of the size a wrong rotation makes would show
+    assert np.abs(want).max() > 1.0
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_each_block_matches_reference(tiny_manifest: Manifest, tiny_weights: dict[str, np.ndarray]) -> None:
+    """Every block alone, fed the reference's input, gives the reference's output."""
+    cfg = tiny_manifest.config
+    ids = _ids(cfg, 10, seed=3)
+    hs = reference.hidden_states(ids, tiny_weights, cfg)  # [embed, layer 0, ...], each (T, H)
+    for b in range(cfg.num_blocks):
+        r = StageRunner(tiny_manifest, b, b + 1, threads=1, max_seqs=1)
+        r.alloc(0, len(ids))
+        x = ids if b == 0 else hs[b - 1].astype(np.float32)
+        got = r.prefill(0, x, last_only=False)
+        want = hs[b] if b <= cfg.num_layers else reference.head(hs[-1], tiny_weights, cfg)
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=f"block {b}")
+
+
+def test_reference_is_sensitive_to_rope(tiny_manifest: Manifest, tiny_weights: dict[str, np.ndarray]) -> None:
+    """The comparison above can fail: a different RoPE base moves the logits far beyond atol."""
+    cfg = tiny_manifest.config
+    ids = _ids(cfg, 24)
+    other = reference.forward(ids, tiny_weights, dataclasses.replace(cfg, rope_theta=500.0))
+    assert np.abs(_full_logits(tiny_manifest, ids) - other).max() > 100 * ATOL
+
+
+@pytest.mark.parametrize(("tied", "bias"), [(True, False), (False, True), (True, True)])
+def test_variants_match_reference(tmp_path: Path, tied: bool, bias: bool) -> None:
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2,
+                      num_kv_heads=1, max_position=32, tie_word_embeddings=tied, qkv_bias=bias,
+                      rope_theta=1e6, rms_norm_eps=1e-6)
+    w = random_weights(cfg, np.random.default_rng(5))
+    assert ("lm_head.weight" in w) == (not tied)
+    assert ("layers.0.self_attn.q_proj.bias" in w) == bias
+    m = export_model(w, cfg, tmp_path, name="v", progress=False)
+    ids = _ids(cfg, 12)
+    np.testing.assert_allclose(_full_logits(m, ids), reference.forward(ids, w, cfg), atol=ATOL, rtol=0)
+
+
+def test_float16_weights_match_reference_on_rounded_weights(tmp_path: Path, tiny_config: ModelConfig,
+                                                             tiny_weights: dict[str, np.ndarray]) -> None:
+    m = export_model(tiny_weights, tiny_config, tmp_path, name="h", weight_dtype="float16", progress=False)
+    assert m.config.weight_dtype == "float16"
+    f32_bytes = sum((Path(m.root) / b.file).stat().st_size for b in m.blocks)
+    assert m.costs[1].param_bytes == block_costs(tiny_config)[1].param_bytes // 2
+    rounded = {k: v.astype(np.float16).astype(np.float32) for k, v in tiny_weights.items()}
+    ids = _ids(tiny_config, 16)
+    got = _full_logits(m, ids)
+    np.testing.assert_allclose(got, reference.forward(ids, rounded, tiny_config), atol=ATOL, rtol=0)
+    # and the rounding is visible: fp16 weights are not the fp32 model
+    assert np.abs(got - reference.forward(ids, tiny_weights, tiny_config)).max() > ATOL
+    assert f32_bytes > 0
+
+
+def test_float16_files_are_about_half(tmp_path: Path, tiny_config: ModelConfig,
+                                      tiny_weights: dict[str, np.ndarray]) -> None:
+    a = export_model(tiny_weights, tiny_config, tmp_path / "a", name="a", progress=False)
+    b = export_model(tiny_weights, tiny_config, tmp_path / "b", name="b", weight_dtype="float16", progress=False)
+    size = [sum((m.root / blk.file).stat().st_size for blk in m.blocks) for m in (a, b)]
+    assert 0.45 < size[1] / size[0] < 0.6
+
+
+def test_monolithic_graph_matches_reference(tiny_config: ModelConfig, tiny_weights: dict[str, np.ndarray]) -> None:
+    cfg = tiny_config
+    model = build_monolithic(tiny_weights, cfg)
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    ids = _ids(cfg, 9)
+    T = len(ids)
+    io = sess.io_binding()
+    io.bind_cpu_input("input_ids", ids[None].astype(np.int64))
+    io.bind_cpu_input("seqlens_k", np.array([T - 1], np.int32))
+    io.bind_cpu_input("total_sequence_length", np.array(T, np.int32))
+    io.bind_output("logits", "cpu")  # first bound output is get_outputs()[0]
+    caches = []
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            buf = np.zeros((1, cfg.num_kv_heads, cfg.max_position, cfg.head_dim), np.float32)
+            caches.append(buf)
+            bind_buffer(io, f"past_{kind}.{i}", buf, output=False)
+            bind_buffer(io, f"present_{kind}.{i}", buf, output=True)
+    sess.run_with_iobinding(io)
+    logits = io.get_outputs()[0].numpy()[0]
+    np.testing.assert_allclose(logits, reference.forward(ids, tiny_weights, cfg), atol=ATOL, rtol=0)
+    assert np.abs(caches[0][0, :, :T]).max() > 0 and not caches[0][0, :, T:].any()
+
+
+def test_manifest_records_costs_and_tokenizer(tmp_path: Path, tiny_config: ModelConfig,
+                                              tiny_weights: dict[str, np.ndarray]) -> None:
+    tok = tmp_path / "tok.json"
+    tok.write_text('{"model": "stub"}')
+    m = export_model(tiny_weights, tiny_config, tmp_path / "m", name="named", tokenizer_file=tok,
+                     chat_template="{{ x }}", progress=False)
+    assert m.name == "named"
+    assert m.costs == block_costs(tiny_config)
+    assert [b.file for b in m.blocks] == ["embed.onnx", "layer.0.onnx", "layer.1.onnx", "layer.2.onnx",
+                                         "head.onnx"]
+    assert m.tokenizer_path is not None and m.tokenizer_path.read_text() == tok.read_text()
+    assert m.tokenizer_path.name == "tokenizer.json"
+    assert m.chat_template == "{{ x }}"
+
+
+def test_tampered_block_is_refused(tmp_path: Path, tiny_config: ModelConfig,
+                                   tiny_weights: dict[str, np.ndarray]) -> None:
+    export_model(tiny_weights, tiny_config, tmp_path, name="t", progress=False)
+    f = tmp_path / "layer.1.onnx"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        load_manifest(tmp_path)
+
+
+def test_block_path_outside_model_dir_is_refused(tmp_path: Path, tiny_config: ModelConfig,
+                                                 tiny_weights: dict[str, np.ndarray]) -> None:
+    d = tmp_path / "m"
+    export_model(tiny_weights, tiny_config, d, name="t", progress=False)
+    (tmp_path / "evil.onnx").write_bytes((d / "head.onnx").read_bytes())
+    doc = json.loads((d / "manifest.json").read_text())
+    doc["blocks"][-1]["file"] = "../evil.onnx"
+    (d / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="outside the model directory"):
+        load_manifest(d)
+
+
+def test_corrupt_block_file_is_a_model_error(tmp_path: Path, tiny_config: ModelConfig,
+                                             tiny_weights: dict[str, np.ndarray]) -> None:
+    export_model(tiny_weights, tiny_config, tmp_path, name="t", progress=False)
+    (tmp_path / "head.onnx").write_bytes(b"not an onnx model")
+    m = load_manifest(tmp_path, verify=False)
+    with pytest.raises(ModelError, match="cannot load"):
+        StageRunner(m, 0, m.config.num_blocks, threads=1)
+
+
+def test_export_checks_weights(tmp_path: Path, tiny_config: ModelConfig,
+                               tiny_weights: dict[str, np.ndarray]) -> None:
+    w = dict(tiny_weights)
+    del w["layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ModelError, match="missing"):
+        export_model(w, tiny_config, tmp_path, name="x", progress=False)
+    w = dict(tiny_weights)
+    w["norm.weight"] = np.ones(3, np.float32)
+    with pytest.raises(ModelError, match="shape"):
+        export_model(w, tiny_config, tmp_path, name="x", progress=False)
+    with pytest.raises(ModelError, match="weight_dtype"):
+        export_model(tiny_weights, tiny_config, tmp_path, name="x", weight_dtype="int8", progress=False)
+
+
+def test_unsupported_head_dim_is_a_model_error(tiny_weights: dict[str, np.ndarray]) -> None:
+    cfg = ModelConfig(vocab_size=10, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=3,
+                      num_kv_heads=1, max_position=8)
+    with pytest.raises(ModelError, match="head_dim"):
+        build_block(random_weights(cfg, np.random.default_rng(0)), cfg, 1)
