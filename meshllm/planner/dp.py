@@ -97,7 +97,6 @@ def _latency_from(comp, out_bytes, bw, rtt, mem, req, first, ret_bytes) -> Parti
     d = np.full((n + 1, m), INF)  # d[e, j]: blocks [0, e) placed, last run on j ends at e
     prev_e = np.full((n + 1, m), -1, dtype=np.int64)
     prev_k = np.full((n + 1, m), -1, dtype=np.int64)
-    ends = np.arange(n + 1)
     # first run on the first device: blocks [0, e)
     fits = pr[1:] - pr[0] <= mem[first]
     d[1:, first] = np.where(fits, pc[first, 1:], INF)
@@ -122,7 +121,6 @@ def _latency_from(comp, out_bytes, bw, rtt, mem, req, first, ret_bytes) -> Parti
             d[e + 1 + ee, jj] = val[jj, ee]
             prev_e[e + 1 + ee, jj] = e
             prev_k[e + 1 + ee, jj] = k_best[jj]
-    del ends
     ret = _link(float(ret_bytes), bw[:, first], rtt[:, first])  # (M,) last device -> first
     total = d[n] + ret
     j = int(np.argmin(total))
