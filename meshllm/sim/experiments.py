@@ -285,3 +285,28 @@ def reductions(rows: Sequence[Mapping[str, object]]) -> list[dict[str, object]]:
             out.append({"testbed": tbn, "mix": mix, "load_fraction": frac,
                         "e2llm_wait_s": e, "splitwise_wait_s": s, "reduction": red})
     return out
+
+
+# testbed file stem -> the model served on it
+E2LLM_TESTBEDS: dict[str, str] = {"edgeshard": "llama2-7b", "home": "llama2-7b"}
+
+
+def e2llm_vs_splitwise(plan_fn: PlanFn, testbeds: Sequence[Testbed], *, seed: int = 0,
+                       quick: bool = False, mixes: Sequence[str] = tuple(MIXES),
+                       n_requests: int | None = None) -> tuple[list[dict[str, object]],
+                                                                list[dict[str, object]]]:
+    """Every testbed × mix arm. Returns (rows, saturation rows)."""
+    rows: list[dict[str, object]] = []
+    sats: list[dict[str, object]] = []
+    loads = (0.4, 0.8, 1.0) if quick else LOADS
+    n = n_requests or (120 if quick else 300)
+    for tb in testbeds:
+        model_name = E2LLM_TESTBEDS.get(tb.name, "llama2-7b")
+        for mix in mixes:
+            arm = e2llm_vs_splitwise_arm(plan_fn, tb, model_name, mix, loads=loads, n_requests=n,
+                                         seed=seed)
+            rows.extend(arm.rows)
+            sats.append({"testbed": tb.name, "mix": mix, "model": model_name,
+                         "saturation_rps": arm.saturation_rps,
+                         "plans": {k: v.to_dict() for k, v in arm.plans.items()}})
+    return rows, sats
