@@ -400,9 +400,12 @@ class Predicted:
     - ``throughput_tps``: generated tokens per second with every decoding replica at its batch
     - ``prefill_capacity_rps`` / ``decode_capacity_rps``: requests per second each phase can
       sustain at the workload's mean lengths
-    - ``mean_wait_s``: predicted mean time from a request's arrival to its last token under the
-      workload (the queueing estimate of :mod:`meshllm.planner.queueing`); inf when overloaded
+    - ``mean_wait_s``: predicted mean time from a request's arrival until its prefill starts
+      (queueing for a prefill pipeline and for a decoder's KV room) under the workload — the
+      queueing estimate of :mod:`meshllm.planner.queueing`; inf when overloaded
     - ``mean_ttft_s``: the same estimate up to the first token
+    - ``mean_e2e_s``: the same estimate up to the last token
+    - ``saturation_rps``: the arrival rate at which the estimate says the plan saturates
     """
 
     latency_ms_per_token: float | None = None
@@ -411,6 +414,8 @@ class Predicted:
     decode_capacity_rps: float | None = None
     mean_wait_s: float | None = None
     mean_ttft_s: float | None = None
+    mean_e2e_s: float | None = None
+    saturation_rps: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # JSON has no inf: an overloaded plan's waiting time is written as null plus a flag
@@ -426,7 +431,8 @@ class Predicted:
         """Inverse of :meth:`to_dict` (an overloaded plan's waiting time comes back as inf)."""
         kw = {k: (None if d.get(k) is None else float(d[k])) for k in cls.__slots__}  # type: ignore[attr-defined]
         if d.get("overloaded"):
-            kw["mean_wait_s"] = math.inf
+            for k in ("mean_wait_s", "mean_ttft_s", "mean_e2e_s"):
+                kw[k] = math.inf
         return cls(**kw)
 
 

@@ -1,0 +1,388 @@
+"""E2LLM's genetic algorithm: group devices into full-model replicas with roles.
+
+Encoding (one individual, M devices, up to K = M replica slots):
+
+- ``assign`` (M,) int: 0 = device left out, k >= 1 = device in replica slot k
+- ``roles`` (K,) int: role of slot k+1 (0 PREFILL, 1 DECODER, 2 BOTH); unused slots ignored
+
+Inside a replica the devices run in a canonical order (the source first, then testbed order) and
+the bottleneck DP splits the blocks (:meth:`Problem.split`). Fitness is the queueing estimate of
+:mod:`meshllm.planner.queueing` (lower is better): predicted mean waiting time, penalised when a
+replica does not fit or the plan saturates. Individuals are normalised (slots relabelled in order
+of first appearance) so equal groupings compare equal.
+
+Operators respect the encoding: group-preserving crossover (a child keeps whole replicas of one
+parent, the rest of its devices grouped as in the other), and mutations that move a device,
+swap two devices, flip a role, merge two replicas or split one. Selection is by tournament with
+elitism. The island model (:func:`evolve`, :func:`merge`) is pure: same island and generator
+state, same result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshllm.planner.problem import Problem
+from meshllm.planner.queueing import INFEASIBLE, Estimate, ReplicaPerf, estimate
+from meshllm.planner.types import Role
+
+ROLES = (Role.PREFILL, Role.DECODER, Role.BOTH)
+
+
+@dataclass(frozen=True, slots=True)
+class GAConfig:
+    """GA knobs (defaults tuned for <= 16 devices within the planner benchmark's budget)."""
+
+    population: int = 40
+    elite: int = 4
+    tournament: int = 3
+    crossover: float = 0.7
+    mutation: float = 0.9
+    migrants: int = 2
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Island:
+    """A population: ``assign`` (P, M), ``roles`` (P, M), ``fitness`` (P,), best first."""
+
+    problem: Problem
+    assign: np.ndarray
+    roles: np.ndarray
+    fitness: np.ndarray
+    config: GAConfig = GAConfig()
+    generation: int = 0
+
+    @property
+    def best(self) -> tuple[np.ndarray, np.ndarray, float]:
+        return self.assign[0], self.roles[0], float(self.fitness[0])
+
+
+# --- decoding an individual ------------------------------------------------------------------
+
+def groups_of(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> list[tuple[Role, tuple[int, ...]]]:
+    """The replicas an individual encodes: (role, members in canonical order), sorted."""
+    src = problem.source
+    out: dict[int, list[int]] = {}
+    for j, k in enumerate(assign.tolist()):
+        if k > 0:
+            out.setdefault(k, []).append(j)
+    reps = []
+    for k, members in out.items():
+        members.sort(key=lambda j: (j != src, j))
+        reps.append((ROLES[int(roles[k - 1])], tuple(members)))
+    reps.sort(key=lambda r: (r[1], r[0].value))
+    return reps
+
+
+def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Estimate, list[tuple[Role, tuple]]]:
+    """Estimate of an individual and its replicas as (role, stages by device index).
+    Infeasible replicas are reported with empty stages."""
+    reps = groups_of(problem, assign, roles)
+    key = ("ind", tuple(reps))
+    hit = problem._cache.get(key)
+    if hit is not None:
+        return hit
+    perfs: list[ReplicaPerf] = []
+    stages: list[tuple[Role, tuple]] = []
+    bad = 0
+    for role, members in reps:
+        r = problem.replica_perf(members, role)
+        if r is None:
+            bad += 1
+            stages.append((role, ()))
+        else:
+            perfs.append(r[0])
+            stages.append((role, r[1]))
+    if bad or not reps:
+        # graded: fewer unfit replicas is better, so the search can climb out
+        est = Estimate(INFEASIBLE * (1 + bad + (not reps)), estimate([], problem.workload, np.zeros((0, 0))).predicted,
+                       math.inf)
+    else:
+        est = estimate(perfs, problem.workload, problem.kv_seconds([st for _, st in stages]))
+    problem._cache[key] = (est, stages)
+    return est, stages
+
+
+def fitness(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> float:
+    """Lower is better; see :func:`meshllm.planner.queueing.estimate`."""
+    return decode(problem, assign, roles)[0].fitness
+
+
+def normalise(assign: np.ndarray, roles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel replica slots in order of first appearance (roles follow their slots)."""
+    m = len(assign)
+    new_a = np.zeros(m, dtype=np.int64)
+    new_r = np.zeros(m, dtype=np.int64)
+    mapping: dict[int, int] = {}
+    for j, k in enumerate(assign.tolist()):
+        if k > 0:
+            if k not in mapping:
+                mapping[k] = len(mapping) + 1
+                new_r[mapping[k] - 1] = roles[k - 1]
+            new_a[j] = mapping[k]
+    return new_a, new_r
+
+
+# --- initial population -------------------------------------------------------------------
+
+def _seeds(problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Deterministic starting points: everything in one BOTH replica; memory-filled replicas
+    (fastest-compute groups prefill, highest-bandwidth groups decode)."""
+    m = len(problem.devices)
+    out = []
+    # each device alone as a BOTH replica where it could hold the model by itself
+    for j in range(m):
+        if problem.mem[j] >= problem.profile.total_weight_bytes:
+            a = np.zeros(m, dtype=np.int64)
+            a[j] = 1
+            rr = np.zeros(m, dtype=np.int64)
+            rr[0] = 2
+            out.append((a, rr))
+    one = np.ones(m, dtype=np.int64)
+    r = np.zeros(m, dtype=np.int64)
+    r[0] = 2
+    out.append((one, r))
+    need = problem.profile.total_weight_bytes * 1.15
+    order = sorted(range(m), key=lambda j: -problem.mem[j])
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    acc = 0.0
+    for j in order:
+        cur.append(j)
+        acc += problem.mem[j]
+        if acc >= need:
+            groups.append(cur)
+            cur, acc = [], 0.0
+    if groups:
+        if cur:
+            groups[-1].extend(cur)
+        flops = [sum(problem.devices[j].flops for j in g) / max(
+            sum(problem.devices[j].mem_bw for j in g), 1.0) for g in groups]
+        rank = np.argsort(-np.array(flops), kind="stable")
+        for both in (False, True):
+            a = np.zeros(m, dtype=np.int64)
+            rr = np.zeros(m, dtype=np.int64)
+            for slot, gi in enumerate(rank):
+                for j in groups[gi]:
+                    a[j] = slot + 1
+                if both or len(groups) == 1:
+                    rr[slot] = 2
+                else:
+                    # the most compute-heavy third prefills, the rest decode
+                    rr[slot] = 0 if slot < max(1, len(groups) // 3) else 1
+            out.append(normalise(a, rr))
+    return out
+
+
+def _random_individual(m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    k = int(rng.integers(1, max(1, m // 2) + 1))
+    a = rng.integers(1, k + 1, size=m)
+    drop = rng.random(m) < 0.1
+    a[drop] = 0
+    r = rng.integers(0, 3, size=m)
+    return normalise(a, r)
+
+
+def initial_island(problem: Problem, rng: np.random.Generator, config: GAConfig = GAConfig()) -> Island:
+    """A population of seeds plus random individuals, evaluated and sorted best first."""
+    m = len(problem.devices)
+    inds = _seeds(problem)
+    while len(inds) < config.population:
+        inds.append(_random_individual(m, rng))
+    inds = inds[:config.population]
+    return _make_island(problem, inds, config, 0)
+
+
+def _make_island(problem: Problem, inds: Sequence[tuple[np.ndarray, np.ndarray]], config: GAConfig,
+                 generation: int) -> Island:
+    fit = np.array([fitness(problem, a, r) for a, r in inds])
+    order = np.argsort(fit, kind="stable")
+    return Island(problem, np.stack([inds[i][0] for i in order]), np.stack([inds[i][1] for i in order]),
+                  fit[order], config, generation)
+
+
+# --- operators -----------------------------------------------------------------------------
+
+def crossover(pa: tuple[np.ndarray, np.ndarray], pb: tuple[np.ndarray, np.ndarray],
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Group-preserving: keep a random subset of A's replicas whole, group the other devices as
+    B does (B's replicas restricted to those devices, with B's roles)."""
+    a, ra = pa
+    b, rb = pb
+    m = len(a)
+    slots_a = sorted(set(a.tolist()) - {0})
+    keep = {k for k in slots_a if rng.random() < 0.5}
+    child = np.zeros(m, dtype=np.int64)
+    roles = np.zeros(m, dtype=np.int64)
+    nxt = 1
+    for k in sorted(keep):
+        child[a == k] = nxt
+        roles[nxt - 1] = ra[k - 1]
+        nxt += 1
+    free = ~np.isin(a, list(keep)) if keep else np.ones(m, dtype=bool)
+    relabel: dict[int, int] = {}
+    for j in np.nonzero(free)[0]:
+        kb = int(b[j])
+        if kb == 0:
+            continue
+        if kb not in relabel:
+            relabel[kb] = nxt
+            roles[nxt - 1] = rb[kb - 1]
+            nxt += 1
+        child[j] = relabel[kb]
+    return normalise(child, roles)
+
+
+def mutate(ind: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One of: move a device (to another replica, a new one, or out), swap two devices'
+    replicas, flip a replica's role, merge two replicas, retire a replica (its devices left
+    out), split a replica in two."""
+    a, r = ind[0].copy(), ind[1].copy()
+    m = len(a)
+    used = sorted(set(a.tolist()) - {0})
+    nxt = (max(used) if used else 0) + 1
+    op = int(rng.integers(0, 6))
+    if op == 0 or not used:
+        j = int(rng.integers(0, m))
+        choice = int(rng.integers(0, len(used) + 2))
+        if choice < len(used):
+            a[j] = used[choice]
+        elif choice == len(used) and nxt <= m:
+            a[j] = nxt
+            r[nxt - 1] = int(rng.integers(0, 3))
+        else:
+            a[j] = 0
+    elif op == 1:
+        i, j = rng.integers(0, m, size=2)
+        a[i], a[j] = a[j], a[i]
+    elif op == 2:
+        k = used[int(rng.integers(0, len(used)))]
+        r[k - 1] = (r[k - 1] + int(rng.integers(1, 3))) % 3
+    elif op == 3 and len(used) >= 2:
+        k1, k2 = rng.choice(used, size=2, replace=False)
+        a[a == k2] = k1
+    elif op == 4 and len(used) >= 2:
+        a[a == used[int(rng.integers(0, len(used)))]] = 0  # retire a whole replica
+    else:
+        k = used[int(rng.integers(0, len(used)))]
+        members = np.nonzero(a == k)[0]
+        if len(members) >= 2 and nxt <= m:
+            moved = members[rng.random(len(members)) < 0.5]
+            if 0 < len(moved) < len(members):
+                a[moved] = nxt
+                r[nxt - 1] = int(rng.integers(0, 3))
+    return normalise(a, r)
+
+
+def _tournament(island: Island, rng: np.random.Generator) -> int:
+    idx = rng.integers(0, len(island.fitness), size=island.config.tournament)
+    return int(idx.min())  # the population is sorted best first
+
+
+def evolve(island: Island, generations: int, rng: np.random.Generator) -> Island:
+    """Run ``generations`` generations of elitism + tournament + crossover + mutation.
+    Pure: the result depends only on the island and the generator's state."""
+    cfg = island.config
+    problem = island.problem
+    for _ in range(generations):
+        inds = [(island.assign[i], island.roles[i]) for i in range(min(cfg.elite, len(island.fitness)))]
+        seen = {(a.tobytes(), r[: a.max()].tobytes()) for a, r in inds}
+        tries = 0
+        while len(inds) < cfg.population and tries < cfg.population * 20:
+            tries += 1
+            pa = _tournament(island, rng)
+            child = (island.assign[pa], island.roles[pa])
+            if rng.random() < cfg.crossover:
+                pb = _tournament(island, rng)
+                child = crossover(child, (island.assign[pb], island.roles[pb]), rng)
+            if rng.random() < cfg.mutation:
+                child = mutate(child, rng)
+            key = (child[0].tobytes(), child[1][: child[0].max()].tobytes())
+            if key in seen:
+                continue  # keep the population diverse: no duplicate groupings
+            seen.add(key)
+            inds.append(child)
+        island = _make_island(problem, inds, cfg, island.generation + 1)
+    return island
+
+
+def merge(islands: Sequence[Island]) -> list[Island]:
+    """Ring migration: each island's worst ``migrants`` are replaced by the previous island's
+    best. With one island this returns it unchanged. Pure."""
+    if len(islands) <= 1:
+        return list(islands)
+    out = []
+    for i, isl in enumerate(islands):
+        prev = islands[i - 1]
+        k = min(isl.config.migrants, len(prev.fitness), len(isl.fitness))
+        a = np.concatenate([isl.assign[: len(isl.fitness) - k], prev.assign[:k]])
+        r = np.concatenate([isl.roles[: len(isl.fitness) - k], prev.roles[:k]])
+        f = np.concatenate([isl.fitness[: len(isl.fitness) - k], prev.fitness[:k]])
+        order = np.argsort(f, kind="stable")
+        out.append(Island(isl.problem, a[order], r[order], f[order], isl.config, isl.generation))
+    return out
+
+
+def run(problem: Problem, rng: np.random.Generator, generations: int = 60, islands: int = 1,
+        epoch_len: int = 10, patience: int = 25, config: GAConfig = GAConfig()) -> Island:
+    """The GA end to end: ``islands`` islands evolving ``epoch_len`` generations between
+    migrations, stopping after ``generations`` or when the best has not improved for
+    ``patience`` generations. Returns the island holding the overall best, best first."""
+    isl = [initial_island(problem, rng, config) for _ in range(islands)]
+    best, stale, done = math.inf, 0, 0
+    while done < generations and stale < patience:
+        step = min(epoch_len, generations - done)
+        isl = [evolve(x, step, rng) for x in isl]
+        isl = merge(isl)
+        done += step
+        cur = min(float(x.fitness[0]) for x in isl)
+        if cur < best * (1 - 1e-9):
+            best, stale = cur, 0
+        else:
+            stale += step
+    return min(isl, key=lambda x: float(x.fitness[0]))
+
+
+def _set_partitions(m: int):
+    """Restricted growth strings: every partition of range(m) once, labels 0..k-1."""
+    a = [0] * m
+
+    def rec(i: int, k: int):
+        if i == m:
+            yield list(a), k
+            return
+        for lab in range(k + 1):
+            a[i] = lab
+            yield from rec(i + 1, max(k, lab + 1))
+
+    if m == 0:
+        return
+    yield from rec(0, 0)
+
+
+def exhaustive(problem: Problem) -> tuple[float, np.ndarray, np.ndarray]:
+    """The exact optimum of the GA's fitness by enumeration: every grouping of the devices
+    (one group may be left out) and every role per replica. Feasible up to ~6 devices."""
+    import itertools
+
+    m = len(problem.devices)
+    best = (math.inf, np.zeros(m, dtype=np.int64), np.zeros(m, dtype=np.int64))
+    for labels, k in _set_partitions(m):
+        lab = np.array(labels)
+        for out in [None, *range(k)]:
+            live = [g for g in range(k) if g != out]
+            if not live:
+                continue
+            slot = {g: i + 1 for i, g in enumerate(live)}
+            a = np.array([0 if g == out else slot[g] for g in lab.tolist()], dtype=np.int64)
+            for rs in itertools.product(range(3), repeat=len(live)):
+                r = np.zeros(m, dtype=np.int64)
+                r[: len(live)] = rs
+                f = fitness(problem, a, r)
+                if f < best[0]:
+                    best = (f, a, r)
+    return best

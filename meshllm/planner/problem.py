@@ -1,0 +1,277 @@
+"""A planning problem with its cost tables computed once: model profile x devices x network x
+workload. Strategies, the GA and ``meshllm plan --json`` all read the same tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshllm.errors import DoesNotFit, PlanError
+from meshllm.planner import cost
+from meshllm.planner.cost import EFFICIENCY, TOKEN_BYTES, Efficiency, ModelProfile
+from meshllm.planner.dp import Partition, bottleneck_split
+from meshllm.planner.queueing import Estimate, ReplicaPerf, estimate, saturation_rate
+from meshllm.planner.types import Device, Network, Predicted, Replica, Role, Stage, Workload
+
+N_QUANT = 16  # representative prompt lengths for the prefill moments
+
+
+@dataclass(eq=False)
+class Problem:
+    """Inputs plus precomputed tables (index j = position in ``devices``):
+
+    - ``pre[k]`` (K, M, N): prefill seconds per block for the k-th representative prompt length
+      ``t_in[k]``; ``pre_mean`` (M, N) at the mean prompt length
+    - ``dec[b]`` (B+1, M, N): one decode step of ``b`` sequences at the mean context
+    - ``bw``, ``rtt`` (M, M)
+    - memoised replica evaluations (pure: same inputs, same answer)
+    """
+
+    profile: ModelProfile
+    devices: tuple[Device, ...]
+    network: Network
+    workload: Workload
+    eff: Efficiency = EFFICIENCY
+    t_in: np.ndarray = field(init=False)
+    pre: np.ndarray = field(init=False)
+    pre_mean: np.ndarray = field(init=False)
+    dec: np.ndarray = field(init=False)
+    bw: np.ndarray = field(init=False)
+    rtt: np.ndarray = field(init=False)
+    mem: np.ndarray = field(init=False)
+    ctx: float = field(init=False)
+    _cache: dict = field(init=False, default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            raise PlanError("no devices to plan over")
+        names = [d.name for d in self.devices]
+        if len(set(names)) != len(names):
+            raise PlanError("device names must be unique")
+        p, w = self.profile, self.workload
+        q = w.input_len.quantiles(N_QUANT)
+        self.t_in = q
+        self.pre = np.stack([cost.prefill_table(p, self.devices, float(t), self.eff) for t in q])
+        self.pre_mean = cost.prefill_table(p, self.devices, w.input_len.mean, self.eff)
+        self.ctx = w.input_len.mean + w.output_len.mean / 2
+        self.dec = np.stack([np.zeros((len(self.devices), p.n_blocks))] + [
+            cost.decode_table(p, self.devices, b, self.ctx, self.eff)
+            for b in range(1, w.max_batch + 1)])
+        self.bw, self.rtt = self.network.matrices(names)
+        self.mem = np.array([float(d.memory_bytes) for d in self.devices])
+        self._pre_prefix = np.concatenate([np.zeros((*self.pre.shape[:-1], 1)),
+                                           np.cumsum(self.pre, axis=-1)], axis=-1)
+        self._dec_prefix = np.concatenate([np.zeros((*self.dec.shape[:-1], 1)),
+                                           np.cumsum(self.dec, axis=-1)], axis=-1)
+        self.index = {n: j for j, n in enumerate(names)}
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.devices]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.profile.n_blocks
+
+    @property
+    def source(self) -> int | None:
+        """Index of the first device flagged as the source, or None."""
+        return next((j for j, d in enumerate(self.devices) if d.source), None)
+
+    def link(self, nbytes: np.ndarray | float, a: int, b: int) -> np.ndarray | float:
+        """Transfer seconds of ``nbytes`` from device a to device b (cost.transfer_time)."""
+        if a == b:
+            return np.zeros_like(nbytes) if isinstance(nbytes, np.ndarray) else 0.0
+        return self.rtt[a, b] / 2 + nbytes / self.bw[a, b]
+
+    # --- memory -------------------------------------------------------------------------
+    def req(self, kv_tokens: float) -> np.ndarray:
+        """(N,) bytes per block: weights + KV for ``kv_tokens`` tokens of context."""
+        return self.profile.param_bytes + self.profile.kv * kv_tokens
+
+    def decode_batch(self, stages: Sequence[tuple[int, int, int]]) -> int:
+        """KV slots the stages can hold at the workload's target length (<= max_batch)."""
+        p, w = self.profile, self.workload
+        best = w.max_batch
+        per_dev: dict[int, tuple[float, float]] = {}
+        for j, a, b in stages:
+            wb, kv = per_dev.get(j, (0.0, 0.0))
+            per_dev[j] = (wb + p.weight_bytes(a, b), kv + p.kv_bytes_per_token(a, b))
+        for j, (wb, kv) in per_dev.items():
+            free = self.mem[j] - wb
+            if free < 0:
+                return 0
+            if kv > 0:
+                best = min(best, int(free // (kv * w.target_len)))
+        return max(best, 0)
+
+    def prefill_fits(self, stages: Sequence[tuple[int, int, int]]) -> bool:
+        """Weights + KV of one in-flight prompt per stage (at the prompt percentile) fit."""
+        p, w = self.profile, self.workload
+        tokens = w.input_len.percentile(w.kv_percentile) * len(stages)
+        per_dev: dict[int, float] = {}
+        for j, a, b in stages:
+            per_dev[j] = per_dev.get(j, 0.0) + p.weight_bytes(a, b) + p.kv_bytes_per_token(a, b) * tokens
+        return all(v <= self.mem[j] for j, v in per_dev.items())
+
+    # --- a replica's performance --------------------------------------------------------
+    def perf(self, stages: Sequence[tuple[int, int, int]], role: Role) -> ReplicaPerf:
+        """Prefill and decode figures of a replica given as ``(device index, first, end)``."""
+        p = self.profile
+        s_n = len(stages)
+        dev = np.array([j for j, _, _ in stages])
+        a_ = np.array([a for _, a, _ in stages])
+        b_ = np.array([b for _, _, b in stages])
+        # prefill, per representative prompt length
+        comp = self._pre_prefix[:, dev, b_] - self._pre_prefix[:, dev, a_]  # (K, S)
+        comm = np.zeros_like(comp)
+        for s in range(1, s_n):
+            comm[:, s] = self.link(p.act[a_[s] - 1] * self.t_in, dev[s - 1], dev[s])
+        ret = float(self.link(float(TOKEN_BYTES), dev[-1], dev[0]))
+        busy = np.maximum(np.maximum(comp.max(axis=1), comm.max(axis=1)), ret)
+        lat = comp.sum(axis=1) + comm.sum(axis=1) + ret
+        feasible = True
+        batch = 0
+        tau = np.full(1, math.inf)
+        if role in (Role.DECODER, Role.BOTH):
+            batch = self.decode_batch(stages)
+            feasible = batch >= 1
+        if role in (Role.PREFILL, Role.BOTH):
+            feasible = feasible and self.prefill_fits(stages)
+        if batch >= 1:
+            n = np.arange(1, batch + 1)
+            g = np.minimum(n, s_n)  # micro-batches in flight
+            x = np.ceil(n / g).astype(int)  # sequences per micro-batch
+            dcomp = self._dec_prefix[x[:, None], dev[None, :], b_[None, :]] \
+                - self._dec_prefix[x[:, None], dev[None, :], a_[None, :]]  # (B, S)
+            dcomm = np.zeros_like(dcomp)
+            for s in range(1, s_n):
+                dcomm[:, s] = self.link(p.act[a_[s] - 1] * x, dev[s - 1], dev[s])
+            dret = self.link(TOKEN_BYTES * x.astype(float), dev[-1], dev[0])
+            one_pass = dcomp.sum(axis=1) + dcomm.sum(axis=1) + dret
+            slow = np.maximum(np.maximum(dcomp.max(axis=1), dcomm.max(axis=1)), dret)
+            tau = np.concatenate([[math.inf], np.maximum(one_pass, g * slow)])
+        return ReplicaPerf(role, feasible, batch, busy, lat, tau)
+
+    def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]]) -> np.ndarray:
+        """(R, R) KV hand-off seconds of a mean-length prompt between replicas: each block's
+        KV goes from the device holding it to the device holding it on the other side; distinct
+        device pairs transfer in parallel (as :func:`meshllm.planner.cost.kv_transfer_time`)."""
+        r = len(reps)
+        out = np.zeros((r, r))
+        keys = [tuple(st) for st in reps]
+        for i in range(r):
+            for j in range(r):
+                if i != j:
+                    out[i, j] = self._kv_pair(keys[i], keys[j])
+        return out
+
+    def _kv_pair(self, src: tuple, dst: tuple) -> float:
+        key = ("kv", src, dst)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        tokens = self.workload.input_len.mean
+        per_pair: dict[tuple[int, int], float] = {}
+        for sj, sa, sb in src:
+            for dj, da, db in dst:
+                lo, hi = max(sa, da), min(sb, db)
+                if lo < hi:
+                    per_pair[(sj, dj)] = per_pair.get((sj, dj), 0.0) + \
+                        self.profile.kv_bytes_per_token(lo, hi) * tokens
+        val = max((float(self.link(v, a, b)) for (a, b), v in per_pair.items()), default=0.0)
+        self._cache[key] = val
+        return val
+
+    # --- DP inside a replica --------------------------------------------------------------
+    def split(self, members: Sequence[int], role: Role) -> Partition:
+        """Bottleneck DP over ``members`` in that order, with the role's unit of work:
+        PREFILL a mean prompt; DECODER one decode step of a micro-batch at full batch; BOTH a
+        whole mean request (prompt + mean output). Memory: full target batch of KV, falling
+        back to one sequence when that does not fit (the batch is then sized to what fits)."""
+        key = ("split", tuple(members), role)
+        hit = self._cache.get(key)
+        if hit is not None:
+            if isinstance(hit, DoesNotFit):
+                raise hit
+            return hit
+        p, w = self.profile, self.workload
+        s_n = len(members)
+        micro = max(1, math.ceil(w.max_batch / s_n))
+        t_mean = w.input_len.mean
+        eo1 = max(w.output_len.mean - 1, 0.0)
+        if role == Role.PREFILL:
+            comp, tokens = self.pre_mean, t_mean
+            kv_tokens = [w.input_len.percentile(w.kv_percentile) * s_n]
+        elif role == Role.DECODER:
+            comp, tokens = self.dec[micro], float(micro)
+            kv_tokens = [w.max_batch * w.target_len, w.target_len]
+        else:
+            comp = self.pre_mean + eo1 * self.dec[micro] / micro
+            tokens = t_mean + eo1
+            kv_tokens = [w.max_batch * w.target_len, w.target_len]
+        result: Partition | DoesNotFit = DoesNotFit("no split")
+        for kvt in kv_tokens:
+            try:
+                result = bottleneck_split(comp, p.act * tokens, self.bw, self.rtt, self.mem,
+                                          self.req(kvt), list(members), ret_bytes=TOKEN_BYTES * tokens)
+                break
+            except DoesNotFit as e:
+                result = e
+        self._cache[key] = result
+        if isinstance(result, DoesNotFit):
+            raise result
+        return result
+
+    def replica_perf(self, members: Sequence[int], role: Role) -> tuple[ReplicaPerf, tuple] | None:
+        """DP split + performance of a replica of ``members`` (ordered); None if it cannot fit."""
+        key = ("perf", tuple(members), role)
+        if key in self._cache:
+            return self._cache[key]
+        try:
+            part = self.split(members, role)
+            out: tuple[ReplicaPerf, tuple] | None = (self.perf(part.stages, role), part.stages)
+            if not out[0].feasible:
+                out = None
+        except DoesNotFit:
+            out = None
+        self._cache[key] = out
+        return out
+
+    # --- whole plans ----------------------------------------------------------------------
+    def estimate_stages(self, reps: Sequence[tuple[Role, Sequence[tuple[int, int, int]]]],
+                        with_saturation: bool = False) -> Estimate:
+        """Queueing estimate for replicas given as (role, stages)."""
+        perfs = [self.perf(st, role) for role, st in reps]
+        kv = self.kv_seconds([st for _, st in reps])
+        est = estimate(perfs, self.workload, kv)
+        if with_saturation and est.predicted.prefill_capacity_rps is not None:
+            sat = saturation_rate(perfs, self.workload, kv)
+            pr = est.predicted
+            est = Estimate(est.fitness, Predicted(
+                pr.latency_ms_per_token, pr.throughput_tps, pr.prefill_capacity_rps,
+                pr.decode_capacity_rps, pr.mean_wait_s, pr.mean_ttft_s, pr.mean_e2e_s, sat),
+                est.max_util)
+        return est
+
+    def to_replicas(self, reps: Sequence[tuple[Role, Sequence[tuple[int, int, int]]]]) -> tuple[Replica, ...]:
+        """(role, stages by device index) -> Replica values with device names."""
+        names = self.names
+        return tuple(Replica(i, role, tuple(Stage(names[j], (a, b)) for j, a, b in st))
+                     for i, (role, st) in enumerate(reps))
+
+    def from_replicas(self, replicas: Sequence[Replica]) -> list[tuple[Role, list[tuple[int, int, int]]]]:
+        """Inverse of :meth:`to_replicas` (unknown node names raise PlanError)."""
+        out = []
+        for r in replicas:
+            st = []
+            for s in r.stages:
+                if s.node not in self.index:
+                    raise PlanError(f"replica {r.id}: unknown node {s.node!r}")
+                st.append((self.index[s.node], s.first, s.end))
+            out.append((r.role, st))
+        return out
