@@ -14,7 +14,7 @@ CORPUS = [
     "Streaming detokenisation never splits a character. STOP here. ",
 ]
 SPECIALS = ["<s>", "</s>", "<pad>"]
-BOS_ID, EOS_ID = 0, 1
+BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 
 
 def make_tokenizer(vocab_size: int = 300, add_bos: bool = True) -> Tokenizer:
