@@ -51,6 +51,7 @@ class Election:
         self.denied: set[NodeId] = set()
         self.campaign_deadline = 0.0
         self.quiet_until = start + config.discovery_grace
+        self.outranked = False  # a leader heard a live member at a higher term: re-win above it
 
     @property
     def ballot(self) -> Ballot:
@@ -75,6 +76,11 @@ class Election:
         return self._set(term, leader, Role.FOLLOWER)
 
     def on_heartbeat(self, hb: Heartbeat) -> list[Output]:
+        if hb.term > self.term and self.role is Role.LEADER:
+            # The member voted in a term above ours for a candidate that did not win (say across a
+            # partition); it cannot follow our lower ballot, so win a term above its vote (raft's
+            # step-down-and-re-elect, without the step-down gap when nobody better is alive).
+            self.outranked = True
         return self.adopt(hb.term, hb.leader)
 
     def on_announce(self, src: NodeId, msg: LeaderAnnounce) -> list[Output]:
@@ -101,8 +107,10 @@ class Election:
                                    f"({len(self.granted)}/{len(self.electorate)} votes)"))
             self.role = Role.FOLLOWER
             self.quiet_until = now + self.config.election_backoff
-        if now >= self.quiet_until and self._should_campaign():
+        rewin = self.role is Role.LEADER and self.outranked and self.members.best_alive() == self.self_id
+        if rewin or (now >= self.quiet_until and self._should_campaign()):
             out += self._campaign(now)
+        self.outranked = False
         return out
 
     def _campaign(self, now: float) -> list[Output]:

@@ -158,6 +158,7 @@ class ControlNode:
         self.round_members: tuple[NodeId, ...] = ()
         self.coordinator: IslandCoordinator | None = None
         self.proposal: _Proposal | None = None
+        self._planning_for: NodeId | None = None  # the leader the planning state below belongs to
         self.excluded: set[NodeId] = set()  # nacked the last epoch: left out until they rejoin
         # node side
         self.plans: dict[int, tuple[tuple[int, str], dict[str, Any]]] = {}  # epoch -> (ballot, plan)
@@ -317,7 +318,7 @@ class ControlNode:
         return self._consider_plan(msg.term, msg.leader, msg.epoch, msg.plan)
 
     def _on_plan_ack(self, src: NodeId, msg: PlanAck) -> list[Output]:
-        if not self.is_leader or msg.term != self.term:
+        if not self.is_leader:
             return []
         return self._got_ack(src, msg.epoch, msg.ok, msg.error)
 
@@ -566,8 +567,10 @@ class ControlNode:
     def _after_election(self, events: list[Output]) -> list[Output]:
         out = list(events)
         for ev in events:
-            if isinstance(ev, LeaderChanged):
-                # New ballot: whatever planning the previous leadership had in flight is void.
+            if isinstance(ev, LeaderChanged) and ev.leader is not None and ev.leader != self._planning_for:
+                # A different leader: whatever planning the previous one had in flight is void. (A
+                # leader that re-wins a higher term keeps its round going.)
+                self._planning_for = ev.leader
                 self.phase, self.coordinator, self.proposal = None, None, None
                 self.replan_reason = None
                 self.remote_work.clear()
