@@ -80,6 +80,17 @@ def test_generate_stop_string_and_default_model_env(model_dir: Path, capsys, mon
     assert cut["finish_reason"] == "stop"
 
 
+def test_chat_flag_renders_the_template(model_dir: Path, capsys) -> None:
+    from meshllm.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_manifest(load_manifest(model_dir))
+    rc, out, _ = _run(capsys, "generate", "--model", str(model_dir), "--chat", "--json", "--max-tokens", "2",
+                      "hi there")
+    assert rc == 0
+    want = tok.encode("<s>user: hi there\nassistant:", add_special_tokens=False)
+    assert json.loads(out)["prompt_token_ids"] == want and want[0] == BOS_ID
+
+
 def test_export_random_preset(tmp_path: Path, capsys) -> None:
     out = tmp_path / "tiny"
     rc, stdout, _ = _run(capsys, "export", "--random", "--preset", "tiny", "--seed", "3", "--out", str(out),

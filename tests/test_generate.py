@@ -203,11 +203,25 @@ def test_kv_is_freed_when_the_consumer_stops_early_or_the_runner_fails() -> None
     with pytest.raises(RuntimeError):
         generate_batch(bad, [[1], [2]], SamplingParams(temperature=0, max_tokens=20))
     assert bad.lens == {}
-    full = FakeRunner()
-    full.max_seqs = 1
+    none = FakeRunner()
+    none.max_seqs = 0
     with pytest.raises(CapacityError):
-        generate_batch(full, [[1], [2]], GREEDY)
-    assert full.lens == {}
+        generate_batch(none, [[1], [2]], GREEDY)
+
+
+def test_prompts_wait_for_room_and_the_result_does_not_change() -> None:
+    prompts = [[1, 2], [3], [4, 5, 6], [7], [8, 9]]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (3, 9, 5, 2, 7)]
+    want = generate_batch(FakeRunner(), prompts, params)
+    one_slot = FakeRunner()
+    one_slot.max_seqs = 1  # alloc raises CapacityError until the running sequence ends
+    assert generate_batch(one_slot, prompts, params) == want
+    assert set(one_slot.batch_sizes) == {1} and one_slot.lens == {}
+    capped = FakeRunner()
+    assert generate_batch(capped, prompts, params, max_batch=2) == want
+    assert max(capped.batch_sizes) == 2 and capped.lens == {}
+    with pytest.raises(UserError):
+        generate_batch(capped, prompts, params, max_batch=0)
 
 
 # --- the real runner ---------------------------------------------------------------------------

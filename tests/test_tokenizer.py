@@ -131,7 +131,8 @@ def test_chat_template_matches_transformers(tok: Tokenizer, tmp_path: Path) -> N
 
 
 def test_default_and_broken_templates(tok: Tokenizer) -> None:
-    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<s>user: hi\nassistant:"
+    assert tok.encode_chat([{"role": "user", "content": "hi"}])[0] == BOS_ID
     broken = Tokenizer(tok.inner, chat_template="{% for %}")
     with pytest.raises(ModelError, match="does not compile"):
         broken.render_chat([{"role": "user", "content": "hi"}])

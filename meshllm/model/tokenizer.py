@@ -26,9 +26,9 @@ from meshllm.errors import ModelError, UserError
 if TYPE_CHECKING:
     from meshllm.model.manifest import Manifest
 
-# Used when a model ships no chat template: plain "role: content" turns.
+# Used when a model ships no chat template: BOS, then plain "role: content" turns.
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 

@@ -13,13 +13,14 @@ moment it ends, and on any error.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from meshllm.errors import ContextLengthError, MeshError, ModelError, SamplingError, UserError
+from meshllm.errors import CapacityError, ContextLengthError, MeshError, ModelError, SamplingError, UserError
 from meshllm.model.config import ModelConfig
 from meshllm.model.tokenizer import StreamDecoder, Tokenizer
 from meshllm.runtime.sampling import SamplingParams, make_rng, sample_one
@@ -125,7 +126,8 @@ def iter_batch(runner: Runner, prompts: Sequence[Sequence[int]],
                tokenizer: Tokenizer | None = None,
                rngs: Sequence[np.random.Generator] | None = None,
                eos_token_ids: Sequence[int] | None = None,
-               config: ModelConfig | None = None) -> Iterator[tuple[int, StreamEvent]]:
+               config: ModelConfig | None = None,
+               max_batch: int | None = None) -> Iterator[tuple[int, StreamEvent]]:
     """Generate for several prompts at once; yields ``(prompt index, event)`` as tokens appear.
 
     ``params``: one for all prompts or one per prompt. ``rngs``: one generator per prompt
@@ -133,7 +135,12 @@ def iter_batch(runner: Runner, prompts: Sequence[Sequence[int]],
     batch). EOS ids default to the tokenizer's, else the model config's. Every KV slot this
     allocates is freed when its sequence ends, when the caller stops iterating, or on error.
     Bad input (prompt, context length, parameters) raises here, before anything is allocated.
+
+    Prompts are admitted as room allows (continuous batching): at most ``max_batch`` decode
+    together, and a prompt that finds no free KV slot waits until a running sequence ends.
     """
+    if max_batch is not None and max_batch < 1:
+        raise UserError(f"max_batch must be at least 1, got {max_batch}")
     cfg = config if config is not None else _model_config(runner)
     n = len(prompts)
     plist = [params] * n if isinstance(params, SamplingParams) else list(params)
@@ -154,26 +161,41 @@ def iter_batch(runner: Runner, prompts: Sequence[Sequence[int]],
         rng = rngs[i] if rngs is not None else make_rng(p)
         seqs.append(_Seq(i, ("gen", id(seqs), i), prompt, p, rng, decoder, eos))
 
-    return _run(runner, seqs)
+    return _run(runner, seqs, max_batch)
 
 
-def _run(runner: Runner, seqs: list[_Seq]) -> Iterator[tuple[int, StreamEvent]]:
+def _run(runner: Runner, seqs: list[_Seq], max_batch: int | None) -> Iterator[tuple[int, StreamEvent]]:
+    pending = deque(seqs)
     live: list[_Seq] = []
     allocated: list[_Seq] = []
+
+    def finish(s: _Seq) -> None:
+        runner.free(s.seq_id)
+        allocated.remove(s)
+
     try:
-        for s in seqs:
-            runner.alloc(s.seq_id, len(s.prompt) + s.params.max_tokens)
-            allocated.append(s)
-        for s in seqs:
-            logits = runner.prefill(s.seq_id, np.asarray(s.prompt, dtype=np.int64))  # (V,)
-            ev = s.accept(sample_one(np.asarray(logits).reshape(-1), s.params, s.rng))
-            if s.done:
-                runner.free(s.seq_id)
-                allocated.remove(s)
-            else:
-                live.append(s)
-            yield s.index, ev
-        while live:
+        while pending or live:
+            # Admit waiting prompts while there is room: a KV slot (the runner says when there
+            # is none) and, if given, a batch limit. A finished sequence frees room for the next.
+            while pending and (max_batch is None or len(live) < max_batch):
+                s = pending[0]
+                try:
+                    runner.alloc(s.seq_id, len(s.prompt) + s.params.max_tokens)
+                except CapacityError:
+                    if not live:
+                        raise  # nothing will ever free room for it
+                    break
+                pending.popleft()
+                allocated.append(s)
+                logits = runner.prefill(s.seq_id, np.asarray(s.prompt, dtype=np.int64))  # (V,)
+                ev = s.accept(sample_one(np.asarray(logits).reshape(-1), s.params, s.rng))
+                if s.done:
+                    finish(s)
+                else:
+                    live.append(s)
+                yield s.index, ev
+            if not live:
+                continue
             last = np.asarray([s.tokens[-1] for s in live], dtype=np.int64)  # (B,)
             logits = np.asarray(runner.decode([s.seq_id for s in live], last))  # (B, V)
             still = []
@@ -182,8 +204,7 @@ def _run(runner: Runner, seqs: list[_Seq]) -> Iterator[tuple[int, StreamEvent]]:
                 ev = s.accept(sample_one(logits[row], s.params, s.rng))
                 events.append((s.index, ev))
                 if s.done:
-                    runner.free(s.seq_id)
-                    allocated.remove(s)
+                    finish(s)
                 else:
                     still.append(s)
             live = still
@@ -210,13 +231,14 @@ def generate_batch(runner: Runner, prompts: Sequence[Sequence[int]],
                    tokenizer: Tokenizer | None = None,
                    rngs: Sequence[np.random.Generator] | None = None,
                    eos_token_ids: Sequence[int] | None = None,
-                   config: ModelConfig | None = None) -> list[GenerationResult]:
+                   config: ModelConfig | None = None,
+                   max_batch: int | None = None) -> list[GenerationResult]:
     """Several prompts decoded together; results in prompt order."""
     tokens: list[list[int]] = [[] for _ in prompts]
     texts: list[list[str]] = [[] for _ in prompts]
     reasons: list[str] = [FINISH_LENGTH] * len(prompts)
     for i, ev in iter_batch(runner, prompts, params, tokenizer=tokenizer, rngs=rngs,
-                            eos_token_ids=eos_token_ids, config=config):
+                            eos_token_ids=eos_token_ids, config=config, max_batch=max_batch):
         tokens[i].append(ev.token_id)
         texts[i].append(ev.text)
         if ev.finish_reason is not None:
