@@ -194,6 +194,7 @@ def _read_safetensors(path: Path, names: list[str] | None = None) -> dict[str, n
         raise ModelError(f"{path} is not a valid safetensors file: bad header")
     header.pop("__metadata__", None)
     wanted = list(header) if names is None else names
+    data: np.ndarray
     try:
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
     except ValueError:  # nothing after the header
