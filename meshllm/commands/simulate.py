@@ -82,8 +82,8 @@ def load_testbed(path: str | Path):
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"testbed file not found: {p}")
-    devices, network = tbmod.load_testbed(p)
-    return Testbed(p.stem, tuple(devices), network)
+    tb = tbmod.load_testbed(p)
+    return Testbed(p.stem, tuple(tb.devices), tb.network)
 
 
 def _plan_fn():
