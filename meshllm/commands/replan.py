@@ -9,14 +9,7 @@ from pathlib import Path
 from meshllm.commands.status import DEFAULT_NODE, fetch_json, node_url
 from meshllm.errors import UserError
 from meshllm.net.server import REPLAN_TOKEN_HEADER
-
-
-def operator_token(key: bytes) -> str:
-    """What a non-loopback client shows to ``POST /v1/replan``: derived from the mesh key."""
-    import hashlib
-    import hmac
-
-    return hmac.new(key, b"meshllm operator replan", hashlib.sha256).hexdigest()
+from meshllm.node import mesh_token
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
             key = Path(args.mesh_key_file).read_bytes().strip()
         except OSError as e:
             raise UserError(f"cannot read --mesh-key-file {args.mesh_key_file}: {e.strerror}") from None
-        headers[REPLAN_TOKEN_HEADER] = operator_token(key)
+        headers[REPLAN_TOKEN_HEADER] = mesh_token(key, "operator replan")
     out = fetch_json(node_url(args.node) + "/v1/replan", method="POST", headers=headers)
     print(json.dumps(out))
     return 0 if out.get("accepted") else 1

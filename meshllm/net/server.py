@@ -5,6 +5,7 @@ Routes (more are added by the serving layer, e.g. ``POST /v1/chat/completions``)
 - ``GET  /v1/mesh``     the mesh as this node sees it (members, leader, term, plan, readiness)
 - ``GET  /v1/profile``  this node's advert and measured profile (fetched by peers on discovery)
 - ``POST /v1/replan``   ask the leader for a new plan (loopback clients, or the mesh key)
+- ``GET  /v1/probe``    ``?bytes=N`` (at most 1 MiB) for link measurements (members only: mesh key)
 - ``GET  /v1/link``     WebSocket upgrade for an authenticated node link
 - ``GET  /healthz``     liveness
 """
@@ -25,6 +26,8 @@ from meshllm.net.links import LINK_PATH
 log = logging.getLogger("meshllm.net.server")
 
 REPLAN_TOKEN_HEADER = "X-Meshllm-Token"
+PROBE_TOKEN_HEADER = "X-Meshllm-Probe"
+PROBE_MAX = 1 << 20
 
 
 class NodeApi(Protocol):
@@ -32,6 +35,7 @@ class NodeApi(Protocol):
     def profile_view(self) -> dict[str, Any]: ...
     def request_replan(self, reason: str) -> dict[str, Any]: ...
     def operator_token(self) -> str: ...
+    def probe_token(self) -> str: ...
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -58,6 +62,18 @@ def make_app(api: NodeApi, link_handler: Handler) -> web.Application:
                                                "(meshllm replan --mesh-key-file)"}, status=403)
         return web.json_response(api.request_replan("operator request"))
 
+    async def probe(request: web.Request) -> web.Response:
+        token = request.headers.get(PROBE_TOKEN_HEADER, "")
+        if not hmac.compare_digest(token.encode(), api.probe_token().encode()):
+            return web.json_response({"error": "members only"}, status=403)
+        try:
+            n = int(request.query.get("bytes", "0"))
+        except ValueError:
+            n = -1
+        if not 0 <= n <= PROBE_MAX:
+            return web.json_response({"error": f"bytes must be in [0, {PROBE_MAX}]"}, status=400)
+        return web.Response(body=bytes(n), content_type="application/octet-stream")
+
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
@@ -65,6 +81,7 @@ def make_app(api: NodeApi, link_handler: Handler) -> web.Application:
     app.router.add_get("/v1/profile", profile)
     app.router.add_post("/v1/replan", replan)
     app.router.add_get(LINK_PATH, link_handler)
+    app.router.add_get("/v1/probe", probe)
     app.router.add_get("/healthz", healthz)
     return app
 
