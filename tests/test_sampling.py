@@ -28,6 +28,7 @@ def test_params_are_frozen_hashable_and_round_trip() -> None:
     assert p.stop == ("\n\n",)
     assert hash(p) == hash(SamplingParams.from_dict(p.to_dict()))
     assert SamplingParams(stop="END").stop == ("END",)
+    assert SamplingParams.from_dict({"stop": None}).stop == ()
     with pytest.raises(AttributeError):
         p.temperature = 1.0  # type: ignore[misc]
     with pytest.raises(SamplingError, match="unknown sampling parameters"):

@@ -23,18 +23,18 @@ RANDOM_PRESETS = ["tiny", "small", "bench"]
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a model directory of ONNX blocks",
-                       description=__doc__.strip().splitlines()[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Write a model directory (ONNX blocks + manifest.json) from random "
+                                   "weights of a preset shape or from a local Hugging Face checkpoint.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--random", action="store_true", help="random weights of a preset shape")
     src.add_argument("--hf-dir", type=Path, help="a local Hugging Face checkpoint directory")
-    p.add_argument("--preset", choices=RANDOM_PRESETS, default="tiny", help="shape for --random")
-    p.add_argument("--seed", type=int, default=0, help="weight seed for --random")
+    p.add_argument("--preset", choices=RANDOM_PRESETS, default="tiny", help="shape for --random (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed for --random (default %(default)s)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.json to ship with a --random model")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                   help="storage dtype of the weights (compute is float32)")
+                   help="storage dtype of the weights; compute is float32 (default %(default)s)")
     p.add_argument("--context", type=int, default=None,
                    help="cap the context length (tokens) below the checkpoint's")
     p.add_argument("--name", default=None, help="model name in the manifest")

@@ -15,14 +15,14 @@ from meshllm.errors import UserError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete a prompt on this machine (streams text)",
-                       description=__doc__.strip().splitlines()[0])
+                       description="Complete a prompt with one model on this machine, streaming the text.")
     p.add_argument("prompt", metavar="PROMPT", help="the text to complete")
     p.add_argument("--model", default=None,
                    help="model directory (default: $MESHLLM_MODEL, else the bundled models/tiny)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 disables)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 disables)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 disables (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest, 0 disables (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop when this text appears (repeatable; not included in the output)")

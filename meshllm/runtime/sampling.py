@@ -41,6 +41,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         # Accept a list (JSON) or a single string for `stop`, store a tuple so the object hashes.
         stop = self.stop
+        if stop is None:  # JSON requests send null for "no stop strings"
+            stop = ()
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, (tuple, list)):
