@@ -161,6 +161,9 @@ def test_mistral_sliding_window_is_refused_inside_the_context_and_accepted_outsi
     ({"hidden_size": "64"}, "hidden_size must be a positive integer"),
     ({"num_hidden_layers": None}, "lacks 'num_hidden_layers'"),
     ({"eos_token_id": "x"}, "token id"),
+    ({"head_dim": "16"}, "head_dim must be a positive integer"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"num_attention_heads": 5}, "multiple of num_kv_heads"),
 ])
 def test_bad_configs_are_refused_with_a_clear_message(change: dict, message: str) -> None:
     raw = {**SHAPE, "architectures": ["LlamaForCausalLM"], "model_type": "llama", **change}
@@ -173,3 +176,6 @@ def test_eos_from_generation_config_and_theta_from_old_style_config(tmp_path: Pa
     cfg = config_from_hf(raw, extra_eos=[7, EOS_ID])
     assert cfg.rope_theta == 500000.0 and cfg.eos_token_ids == (EOS_ID, 7)
     assert config_from_hf({**raw, "eos_token_id": [1, 2]}).eos_token_ids == (1, 2)
+    # null means "the default": Llama without GQA, head_dim from the hidden size
+    cfg = config_from_hf({**raw, "num_key_value_heads": None, "head_dim": None})
+    assert cfg.num_kv_heads == 4 and cfg.head_dim == 16

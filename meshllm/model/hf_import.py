@@ -49,7 +49,9 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _int(raw: dict[str, Any], key: str, *, default: int | None = None) -> int:
-    v = raw.get(key, default)
+    v = raw.get(key)
+    if v is None:  # absent or null: the architecture's default, if it has one
+        v = default
     if v is None:
         raise ModelError(f"config.json lacks {key!r}")
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -135,7 +137,10 @@ def config_from_hf(raw: Any, *, max_position: int | None = None,
                              f"max_position_embeddings)")
         ctx = max_position
     _check_sliding_window(raw, arch, ctx)
-    head_dim = raw.get("head_dim") or hidden // heads
+    head_dim = _int(raw, "head_dim", default=hidden // heads)
+    tied = raw.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise ModelError(f"config.json: tie_word_embeddings must be true or false, got {tied!r}")
     eos = _ids(raw.get("eos_token_id"))
     for i in extra_eos or []:
         if i not in eos:
@@ -146,9 +151,9 @@ def config_from_hf(raw: Any, *, max_position: int | None = None,
         intermediate_size=_int(raw, "intermediate_size"),
         num_layers=_int(raw, "num_hidden_layers"), num_heads=heads,
         num_kv_heads=_int(raw, "num_key_value_heads", default=heads),
-        max_position=ctx, head_dim=int(head_dim), rope_theta=_rope_theta(raw),
+        max_position=ctx, head_dim=head_dim, rope_theta=_rope_theta(raw),
         rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        tie_word_embeddings=tied,
         qkv_bias=arch == "qwen2", bos_token_id=bos[0] if bos else None,
         eos_token_ids=tuple(eos), architecture=arch,
     )
