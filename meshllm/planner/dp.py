@@ -66,7 +66,7 @@ def _check(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, rtt: np.ndar
 
 def edgeshard_latency(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, rtt: np.ndarray,
                       mem: np.ndarray, req: np.ndarray, source: int | None = 0,
-                      ret_bytes: float = 8.0) -> Partition:
+                      ret_bytes: float = 8.0, no_revisit: bool = False) -> Partition:
     """EdgeShard Algorithm 1: place every block on some device minimising the sum of compute
     and transfer times of one pass plus the token's return to the source (Eq. 2, 7, 9).
 
@@ -76,13 +76,20 @@ def edgeshard_latency(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, r
     token returns to whichever device runs block 0 (the DP is solved once per first device).
     O(N^2 M^2) with the run unrolling, vectorised over devices and run ends.
 
+    The recurrence may come back to a device after another one, with each run checked against
+    the device's memory on its own. ``no_revisit=True`` carries the set of devices on each
+    state's best chain and forbids going back to one of them, so a device holds one run and
+    Eq. 5 holds in total. That variant is a heuristic (the best chain to a state may be the one
+    that blocks the best continuation); the planner uses it only when the exact recurrence's
+    answer overfills a revisited device.
+
     Raises :class:`DoesNotFit` when no placement fits.
     """
     m, _n = _check(comp, out_bytes, bw, rtt, mem, req)
     firsts = [source] if source is not None else list(range(m))
     best: Partition | None = None
     for f in firsts:
-        p = _latency_from(comp, out_bytes, bw, rtt, mem, req, f, ret_bytes)
+        p = _latency_from(comp, out_bytes, bw, rtt, mem, req, f, ret_bytes, no_revisit)
         if p is not None and (best is None or p.value < best.value):
             best = p
     if best is None:
@@ -90,8 +97,13 @@ def edgeshard_latency(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, r
     return best
 
 
-def _latency_from(comp, out_bytes, bw, rtt, mem, req, first, ret_bytes) -> Partition | None:
+def _latency_from(comp, out_bytes, bw, rtt, mem, req, first, ret_bytes, no_revisit) -> Partition | None:
     m, n = comp.shape
+    if no_revisit and m > 62:
+        raise ValueError("no_revisit supports at most 62 devices")
+    used = np.zeros((n + 1, m), dtype=np.int64)  # bit set of devices on the state's best chain
+    used[:, first] = 1 << first
+    bits = np.left_shift(1, np.arange(m, dtype=np.int64))
     pc = _prefix(comp)  # (M, N+1)
     pr = _prefix(req)  # (N+1,)
     d = np.full((n + 1, m), INF)  # d[e, j]: blocks [0, e) placed, last run on j ends at e
@@ -108,6 +120,8 @@ def _latency_from(comp, out_bytes, bw, rtt, mem, req, first, ret_bytes) -> Parti
         comm = _link(out_bytes[e - 1], bw, rtt)  # (M_k, M_j)
         cand = row[:, None] + comm  # (M_k, M_j)
         cand[eye] = INF  # a run ends only where the device changes
+        if no_revisit:
+            cand[(used[e][:, None] & bits[None, :]) != 0] = INF
         k_best = cand.argmin(axis=0)  # (M_j,)
         into = cand[k_best, np.arange(m)]  # (M_j,)
         # runs [e, e2) on device j for every e2 > e
@@ -121,6 +135,7 @@ def _latency_from(comp, out_bytes, bw, rtt, mem, req, first, ret_bytes) -> Parti
             d[e + 1 + ee, jj] = val[jj, ee]
             prev_e[e + 1 + ee, jj] = e
             prev_k[e + 1 + ee, jj] = k_best[jj]
+            used[e + 1 + ee, jj] = used[e, k_best[jj]] | bits[jj]
     ret = _link(float(ret_bytes), bw[:, first], rtt[:, first])  # (M,) last device -> first
     total = d[n] + ret
     j = int(np.argmin(total))

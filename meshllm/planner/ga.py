@@ -129,25 +129,8 @@ def normalise(assign: np.ndarray, roles: np.ndarray) -> tuple[np.ndarray, np.nda
 
 # --- initial population -------------------------------------------------------------------
 
-def _seeds(problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Deterministic starting points: everything in one BOTH replica; memory-filled replicas
-    (fastest-compute groups prefill, highest-bandwidth groups decode)."""
-    m = len(problem.devices)
-    out = []
-    # each device alone as a BOTH replica where it could hold the model by itself
-    for j in range(m):
-        if problem.mem[j] >= problem.profile.total_weight_bytes:
-            a = np.zeros(m, dtype=np.int64)
-            a[j] = 1
-            rr = np.zeros(m, dtype=np.int64)
-            rr[0] = 2
-            out.append((a, rr))
-    one = np.ones(m, dtype=np.int64)
-    r = np.zeros(m, dtype=np.int64)
-    r[0] = 2
-    out.append((one, r))
-    need = problem.profile.total_weight_bytes * 1.15
-    order = sorted(range(m), key=lambda j: -problem.mem[j])
+def _fill(problem: Problem, order: Sequence[int], need: float) -> list[list[int]]:
+    """Greedy groups in ``order`` whose memory reaches ``need``; leftovers join the last."""
     groups: list[list[int]] = []
     cur: list[int] = []
     acc = 0.0
@@ -157,24 +140,43 @@ def _seeds(problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
         if acc >= need:
             groups.append(cur)
             cur, acc = [], 0.0
+    if groups and cur:
+        groups[-1].extend(cur)
+    return groups
+
+
+def _encode(m: int, groups: Sequence[Sequence[int]], roles: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.zeros(m, dtype=np.int64)
+    r = np.zeros(m, dtype=np.int64)
+    for slot, (g, role) in enumerate(zip(groups, roles, strict=True)):
+        a[list(g)] = slot + 1
+        r[slot] = role
+    return normalise(a, r)
+
+
+def _seeds(problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Deterministic starting points: everything in one BOTH replica; memory-filled replicas
+    (all BOTH, or compute-rich groups prefilling and the others decoding); devices that hold
+    the model alone as their own replicas with the rest memory-filled."""
+    m = len(problem.devices)
+    out = [_encode(m, [list(range(m))], [2])]
+    need = problem.profile.total_weight_bytes * 1.15
+    by_mem = sorted(range(m), key=lambda j: -problem.mem[j])
+    groups = _fill(problem, by_mem, need)
     if groups:
-        if cur:
-            groups[-1].extend(cur)
-        flops = [sum(problem.devices[j].flops for j in g) / max(
-            sum(problem.devices[j].mem_bw for j in g), 1.0) for g in groups]
-        rank = np.argsort(-np.array(flops), kind="stable")
-        for both in (False, True):
-            a = np.zeros(m, dtype=np.int64)
-            rr = np.zeros(m, dtype=np.int64)
-            for slot, gi in enumerate(rank):
-                for j in groups[gi]:
-                    a[j] = slot + 1
-                if both or len(groups) == 1:
-                    rr[slot] = 2
-                else:
-                    # the most compute-heavy third prefills, the rest decode
-                    rr[slot] = 0 if slot < max(1, len(groups) // 3) else 1
-            out.append(normalise(a, rr))
+        ratio = [sum(problem.devices[j].flops for j in g) / sum(problem.devices[j].mem_bw for j in g)
+                 for g in groups]
+        groups = [groups[i] for i in np.argsort(-np.array(ratio), kind="stable")]
+        out.append(_encode(m, groups, [2] * len(groups)))
+        if len(groups) > 1:
+            n_p = max(1, len(groups) // 3)
+            out.append(_encode(m, groups, [0] * n_p + [1] * (len(groups) - n_p)))
+    singles = [[j] for j in range(m) if problem.mem[j] >= need]
+    if singles:
+        rest = _fill(problem, [j for j in by_mem if problem.mem[j] < need], need)
+        out.append(_encode(m, singles + rest, [2] * (len(singles) + len(rest))))
+        if rest:
+            out.append(_encode(m, singles + rest, [1] * len(singles) + [2] * len(rest)))
     return out
 
 

@@ -68,6 +68,10 @@ class Problem:
         self._dec_prefix = np.concatenate([np.zeros((*self.dec.shape[:-1], 1)),
                                            np.cumsum(self.dec, axis=-1)], axis=-1)
         self.index = {n: j for j, n in enumerate(names)}
+        self.t_mean = w.input_len.mean
+        self._kv_prefix = np.concatenate([[0.0], np.cumsum(p.kv)])
+        self.in_pct = w.input_len.percentile(w.kv_percentile)
+        self.target_len = w.target_len
 
     @property
     def names(self) -> list[str]:
@@ -106,13 +110,13 @@ class Problem:
             if free < 0:
                 return 0
             if kv > 0:
-                best = min(best, int(free // (kv * w.target_len)))
+                best = min(best, int(free // (kv * self.target_len)))
         return max(best, 0)
 
     def prefill_fits(self, stages: Sequence[tuple[int, int, int]]) -> bool:
         """Weights + KV of one in-flight prompt per stage (at the prompt percentile) fit."""
-        p, w = self.profile, self.workload
-        tokens = w.input_len.percentile(w.kv_percentile) * len(stages)
+        p = self.profile
+        tokens = self.in_pct * len(stages)
         per_dev: dict[int, float] = {}
         for j, a, b in stages:
             per_dev[j] = per_dev.get(j, 0.0) + p.weight_bytes(a, b) + p.kv_bytes_per_token(a, b) * tokens
@@ -160,32 +164,28 @@ class Problem:
     def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]]) -> np.ndarray:
         """(R, R) KV hand-off seconds of a mean-length prompt between replicas: each block's
         KV goes from the device holding it to the device holding it on the other side; distinct
-        device pairs transfer in parallel (as :func:`meshllm.planner.cost.kv_transfer_time`)."""
+        device pairs transfer in parallel (as :func:`meshllm.planner.cost.kv_transfer_time`).
+        A device holding several stages of one replica is counted per stage."""
         r = len(reps)
         out = np.zeros((r, r))
-        keys = [tuple(st) for st in reps]
-        for i in range(r):
-            for j in range(r):
-                if i != j:
-                    out[i, j] = self._kv_pair(keys[i], keys[j])
+        flat = [(i, j, a, b) for i, st in enumerate(reps) for j, a, b in st]
+        if r < 2 or not flat:
+            return out
+        rep = np.array([f[0] for f in flat])
+        dev = np.array([f[1] for f in flat])
+        a = np.array([f[2] for f in flat])
+        b = np.array([f[3] for f in flat])
+        lo = np.maximum(a[:, None], a[None, :])  # (T, T) overlap of stage s's and stage d's blocks
+        hi = np.minimum(b[:, None], b[None, :])
+        nbytes = np.where(hi > lo, (self._kv_prefix[np.maximum(hi, lo)] - self._kv_prefix[lo]), 0.0) \
+            * self.t_mean
+        bw = self.bw[dev[:, None], dev[None, :]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = self.rtt[dev[:, None], dev[None, :]] / 2 + nbytes / bw
+        t = np.where((nbytes > 0) & np.isfinite(bw), t, 0.0)
+        np.maximum.at(out, (rep[:, None].repeat(len(flat), 1), rep[None, :].repeat(len(flat), 0)), t)
+        np.fill_diagonal(out, 0.0)
         return out
-
-    def _kv_pair(self, src: tuple, dst: tuple) -> float:
-        key = ("kv", src, dst)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        tokens = self.workload.input_len.mean
-        per_pair: dict[tuple[int, int], float] = {}
-        for sj, sa, sb in src:
-            for dj, da, db in dst:
-                lo, hi = max(sa, da), min(sb, db)
-                if lo < hi:
-                    per_pair[(sj, dj)] = per_pair.get((sj, dj), 0.0) + \
-                        self.profile.kv_bytes_per_token(lo, hi) * tokens
-        val = max((float(self.link(v, a, b)) for (a, b), v in per_pair.items()), default=0.0)
-        self._cache[key] = val
-        return val
 
     # --- DP inside a replica --------------------------------------------------------------
     def split(self, members: Sequence[int], role: Role) -> Partition:
@@ -202,18 +202,18 @@ class Problem:
         p, w = self.profile, self.workload
         s_n = len(members)
         micro = max(1, math.ceil(w.max_batch / s_n))
-        t_mean = w.input_len.mean
+        t_mean = self.t_mean
         eo1 = max(w.output_len.mean - 1, 0.0)
         if role == Role.PREFILL:
             comp, tokens = self.pre_mean, t_mean
-            kv_tokens = [w.input_len.percentile(w.kv_percentile) * s_n]
+            kv_tokens = [self.in_pct * s_n]
         elif role == Role.DECODER:
             comp, tokens = self.dec[micro], float(micro)
-            kv_tokens = [w.max_batch * w.target_len, w.target_len]
+            kv_tokens = [w.max_batch * self.target_len, self.target_len]
         else:
             comp = self.pre_mean + eo1 * self.dec[micro] / micro
             tokens = t_mean + eo1
-            kv_tokens = [w.max_batch * w.target_len, w.target_len]
+            kv_tokens = [w.max_batch * self.target_len, self.target_len]
         result: Partition | DoesNotFit = DoesNotFit("no split")
         for kvt in kv_tokens:
             try:

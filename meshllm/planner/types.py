@@ -14,6 +14,7 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Any
 
@@ -246,18 +247,7 @@ class LengthDist:
 
     def quantiles(self, n: int = _GRID) -> np.ndarray:
         """``n`` equally weighted representative lengths (float array, mid-point quantiles)."""
-        p = (np.arange(n) + 0.5) / n
-        if self.kind == "fixed":
-            return np.full(n, float(self.value))
-        if self.kind == "uniform":
-            return np.floor(self.low + p * (self.high - self.low + 1))
-        if self.kind == "empirical":
-            v = np.sort(np.asarray(self.values, dtype=float))
-            return v[np.minimum((p * len(v)).astype(int), len(v) - 1)]
-        mu = math.log(self.mean_) - self.sigma ** 2 / 2
-        nd = NormalDist(mu, self.sigma) if self.sigma > 0 else None
-        x = np.array([math.exp(nd.inv_cdf(float(q))) if nd else math.exp(mu) for q in p])
-        return self._clip(np.rint(x)).astype(float)
+        return np.array(_quantiles(self, n))
 
     @property
     def mean(self) -> float:
@@ -358,6 +348,23 @@ class Workload:
                    LengthDist.from_dict(d.get("input_len", 32)),
                    LengthDist.from_dict(d.get("output_len", 96)),
                    int(d.get("max_batch", 8)), float(d.get("kv_percentile", 99.0)))
+
+
+@lru_cache(maxsize=256)
+def _quantiles(dist: LengthDist, n: int) -> tuple[float, ...]:
+    # memoised: a pure function of a frozen value, and the lognormal's inverse CDF is scalar
+    p = (np.arange(n) + 0.5) / n
+    if dist.kind == "fixed":
+        return tuple(np.full(n, float(dist.value)).tolist())
+    if dist.kind == "uniform":
+        return tuple(np.floor(dist.low + p * (dist.high - dist.low + 1)).tolist())
+    if dist.kind == "empirical":
+        v = np.sort(np.asarray(dist.values, dtype=float))
+        return tuple(v[np.minimum((p * len(v)).astype(int), len(v) - 1)].tolist())
+    mu = math.log(dist.mean_) - dist.sigma ** 2 / 2
+    nd = NormalDist(mu, dist.sigma) if dist.sigma > 0 else None
+    x = np.array([math.exp(nd.inv_cdf(float(q))) if nd else math.exp(mu) for q in p])
+    return tuple(dist._clip(np.rint(x)).astype(float).tolist())
 
 
 # --- the plan -----------------------------------------------------------------------------

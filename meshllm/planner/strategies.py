@@ -1,0 +1,313 @@
+"""Every placement strategy under one interface, and the registry ``make_plan`` dispatches on.
+
+=====================  ==============================================================
+``edge-solo``          the whole model on the source device (EdgeShard baseline)
+``cloud-edge-even``    source + the fastest other device ("cloud"), blocks split in half
+``cloud-edge-opt``     source + cloud, split by Algorithm 1 (latency) or 2 (throughput)
+``edgeshard-latency``  Algorithm 1 over all devices, source constraint
+``edgeshard-throughput``  Algorithm 2 over all devices (heuristic beyond 12), batch sized
+``edgeshard-even``     the devices Algorithm 2 selects, blocks split evenly (EdgeShard-Even)
+``splitwise``          phase-split pools assuming identical machines (see :func:`splitwise`)
+``ring``               all devices in testbed order, blocks proportional to memory (exo)
+``e2llm``              the GA: replicas, roles and DP splits (:mod:`meshllm.planner.ga`)
+=====================  ==============================================================
+
+Every strategy returns a :class:`Plan` whose predicted figures come from the same queueing
+estimate, so plans compare on equal terms; a model that fits nowhere raises
+:class:`DoesNotFit` (Table IV's OOM cells).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from meshllm.errors import DoesNotFit, PlanError
+from meshllm.planner import cost, ga
+from meshllm.planner.cost import TOKEN_BYTES, ModelProfile
+from meshllm.planner.dp import (
+    Partition,
+    edgeshard_latency,
+    edgeshard_throughput,
+    even_split,
+    proportional_split,
+)
+from meshllm.planner.problem import Problem
+from meshllm.planner.types import Device, Network, Plan, Role, Workload
+from meshllm.planner.validate import validate_plan
+
+OBJECTIVES = ("latency", "throughput", "waiting")
+Stages = list[tuple[int, int, int]]
+StrategyFn = Callable[[Problem, str, np.random.Generator], list[tuple[Role, Stages]]]
+
+
+# --- EdgeShard inputs ---------------------------------------------------------------------
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.1f} GiB"
+
+
+def _latency_inputs(pb: Problem):
+    """Alg. 1's unit of work: one generated token, its share of the prompt included."""
+    w = pb.workload
+    t_in, t_out = w.input_len.mean, max(w.output_len.mean, 1.0)
+    comp = cost.per_token_table(pb.profile, pb.devices, w, 1, pb.eff)
+    out = pb.profile.act * (t_in + t_out - 1) / t_out
+    return comp, out, pb.req(w.target_len)
+
+
+def _throughput_inputs(pb: Problem, batch: int):
+    """Alg. 2's unit of work: one step of a ``batch``-sequence batch, prompts amortised."""
+    w = pb.workload
+    t_in, t_out = w.input_len.mean, max(w.output_len.mean, 1.0)
+    comp = (batch * pb.pre_mean + (t_out - 1) * pb.dec[batch]) / t_out
+    out = pb.profile.act * batch * (t_in + t_out - 1) / t_out
+    return comp, out, pb.req(batch * w.target_len)
+
+
+def _source(pb: Problem) -> int:
+    s = pb.source
+    return 0 if s is None else s
+
+
+def _cloud(pb: Problem) -> int:
+    src = _source(pb)
+    others = [j for j in range(len(pb.devices)) if j != src]
+    if not others:
+        raise DoesNotFit("cloud-edge needs a second device besides the source")
+    return max(others, key=lambda j: (pb.devices[j].flops, pb.devices[j].mem_bw, -j))
+
+
+def _sub(pb: Problem, idx: Sequence[int]):
+    ix = np.array(idx)
+    return ix, pb.bw[np.ix_(ix, ix)], pb.rtt[np.ix_(ix, ix)], pb.mem[ix]
+
+
+def _alg1(pb: Problem, idx: Sequence[int], source_pos: int | None) -> Partition:
+    """Algorithm 1 on the devices ``idx``. Its state cannot see a device's earlier runs, so when
+    the exact recurrence's chain comes back to a device and overfills it, the no-revisit
+    variant answers instead (see :func:`edgeshard_latency`)."""
+    comp, out, req = _latency_inputs(pb)
+    ix, bw, rtt, mem = _sub(pb, idx)
+    p = edgeshard_latency(comp[ix], out, bw, rtt, mem, req, source_pos, TOKEN_BYTES)
+    total: dict[int, float] = {}
+    for j, a, b in p.stages:
+        total[j] = total.get(j, 0.0) + float(req[a:b].sum())
+    if any(v > mem[j] for j, v in total.items()):
+        p = edgeshard_latency(comp[ix], out, bw, rtt, mem, req, source_pos, TOKEN_BYTES, no_revisit=True)
+    return Partition(p.value, tuple((int(ix[j]), a, b) for j, a, b in p.stages))
+
+
+def _alg2(pb: Problem, idx: Sequence[int], source_pos: int | None) -> tuple[Partition, int]:
+    """Algorithm 2 at the largest batch <= max_batch (halving) whose KV fits."""
+    ix, bw, rtt, mem = _sub(pb, idx)
+    batch = pb.workload.max_batch
+    while True:
+        comp, out, req = _throughput_inputs(pb, batch)
+        try:
+            p = edgeshard_throughput(comp[ix], out, bw, rtt, mem, req, source_pos, TOKEN_BYTES * batch)
+            return Partition(p.value, tuple((int(ix[j]), a, b) for j, a, b in p.stages)), batch
+        except DoesNotFit:
+            if batch == 1:
+                raise
+            batch = max(1, batch // 2)
+
+
+def _merge_runs(stages) -> Stages:
+    """Adjacent runs on one device become one stage."""
+    out: Stages = []
+    for j, a, b in stages:
+        if out and out[-1][0] == j and out[-1][2] == a:
+            out[-1] = (j, out[-1][1], b)
+        else:
+            out.append((j, a, b))
+    return out
+
+
+def _fits_one(pb: Problem, stages: Stages, what: str) -> Stages:
+    need: dict[int, float] = {}
+    seq = pb.workload.target_len
+    for j, a, b in stages:
+        need[j] = need.get(j, 0.0) + pb.profile.weight_bytes(a, b) + pb.profile.kv_bytes_per_token(a, b) * seq
+    for j, nb in need.items():
+        if nb > pb.mem[j]:
+            raise DoesNotFit(f"{what}: {pb.devices[j].name} would need {_gib(nb)} but has "
+                             f"{_gib(pb.mem[j])}")
+    return stages
+
+
+# --- strategies -----------------------------------------------------------------------------
+
+def edge_solo(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    s = _source(pb)
+    return [(Role.BOTH, _fits_one(pb, [(s, 0, pb.n_blocks)], "edge-solo"))]
+
+
+def cloud_edge_even(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    s, c = _source(pb), _cloud(pb)
+    (a0, a1), (b0, b1) = even_split(pb.n_blocks, 2)
+    return [(Role.BOTH, _fits_one(pb, [(s, a0, a1), (c, b0, b1)], "cloud-edge-even"))]
+
+
+def cloud_edge_opt(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    s, c = _source(pb), _cloud(pb)
+    try:
+        if objective == "throughput":
+            p, _ = _alg2(pb, [s, c], 0)
+        else:
+            p = _alg1(pb, [s, c], 0)
+    except DoesNotFit:
+        raise DoesNotFit("cloud-edge-opt: the model does not fit on the source and the cloud") from None
+    return [(Role.BOTH, _merge_runs(p.stages))]
+
+
+def edgeshard_latency_plan(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    try:
+        p = _alg1(pb, range(len(pb.devices)), pb.source)
+    except DoesNotFit:
+        raise DoesNotFit("edgeshard-latency: the model does not fit on these devices") from None
+    return [(Role.BOTH, _merge_runs(p.stages))]
+
+
+def edgeshard_throughput_plan(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    try:
+        p, _ = _alg2(pb, range(len(pb.devices)), pb.source)
+    except DoesNotFit:
+        raise DoesNotFit("edgeshard-throughput: the model does not fit on these devices") from None
+    return [(Role.BOTH, list(p.stages))]
+
+
+def edgeshard_even(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    try:
+        p, _ = _alg2(pb, range(len(pb.devices)), pb.source)
+    except DoesNotFit:
+        raise DoesNotFit("edgeshard-even: the model does not fit on these devices") from None
+    devs = [j for j, _, _ in p.stages]
+    parts = even_split(pb.n_blocks, len(devs))
+    return [(Role.BOTH, _fits_one(pb, [(j, a, b) for j, (a, b) in zip(devs, parts, strict=True)],
+                                  "edgeshard-even"))]
+
+
+def ring(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    m = len(pb.devices)
+    src = pb.source
+    order = sorted(range(m), key=lambda j: (j != src, j))[: pb.n_blocks]
+    parts = proportional_split(pb.n_blocks, [pb.mem[j] for j in order])
+    return [(Role.BOTH, _fits_one(pb, [(j, a, b) for j, (a, b) in zip(order, parts, strict=True)], "ring"))]
+
+
+def splitwise(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    """Splitwise (Patel et al., ISCA 2024) transplanted to a mesh, as faithfully as its
+    assumptions allow: machines are taken as identical, so
+
+    1. replica size n = the fewest devices of the mesh's *mean* memory that hold the weights
+       plus one batch of KV; replicas are consecutive groups of n devices in testbed order
+       (leftovers idle), each split evenly by blocks; if an even split does not fit some group,
+       n grows by one and grouping starts over;
+    2. pool sizes by Splitwise's provisioning rule: with R identical replicas of prompt capacity
+       μ_p and token capacity μ_d (requests/s; the mean over the groups), choose the number of
+       prompt replicas n_p in [1, R-1] maximising the load both pools sustain,
+       min(n_p μ_p, (R - n_p) μ_d); one replica serves both phases (BOTH).
+    """
+    m, nb, w = len(pb.devices), pb.n_blocks, pb.workload
+    src = pb.source
+    order = sorted(range(m), key=lambda j: (j != src, j))
+    need = pb.profile.total_weight_bytes + pb.profile.kv_bytes_per_token(0, nb) * w.max_batch * w.target_len
+    n = max(1, math.ceil(need / float(pb.mem.mean())))
+    groups: list[Stages] = []
+    while n <= min(m, nb):
+        groups = []
+        for g in range(m // n):
+            members = order[g * n:(g + 1) * n]
+            groups.append([(j, a, b) for j, (a, b) in zip(members, even_split(nb, n), strict=True)])
+        if groups and all(pb.decode_batch(st) >= 1 for st in groups):
+            break
+        n += 1
+        groups = []
+    if not groups:
+        raise DoesNotFit("splitwise: no grouping of identical-size replicas holds the model")
+    r = len(groups)
+    if r == 1:
+        return [(Role.BOTH, groups[0])]
+    pre = [pb.perf(st, Role.PREFILL) for st in groups]
+    dec = [pb.perf(st, Role.DECODER) for st in groups]
+    eo1 = max(w.output_len.mean - 1, 1e-9)
+    mu_p = float(np.mean([1 / p.busy_mean for p in pre]))
+    mu_d = float(np.mean([d.batch / (eo1 * float(d.tau[d.batch])) for d in dec]))
+    n_p = max(range(1, r), key=lambda k: (min(k * mu_p, (r - k) * mu_d), -k))
+    return [(Role.PREFILL if i < n_p else Role.DECODER, st) for i, st in enumerate(groups)]
+
+
+def e2llm(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    best = ga.run(pb, rng)
+    a, r, f = best.best
+    if f >= ga.INFEASIBLE:
+        raise DoesNotFit("e2llm: no grouping of these devices holds a full replica")
+    _, reps = ga.decode(pb, a, r)
+    return [(role, list(st)) for role, st in reps]
+
+
+STRATEGIES: dict[str, StrategyFn] = {
+    "edge-solo": edge_solo,
+    "cloud-edge-even": cloud_edge_even,
+    "cloud-edge-opt": cloud_edge_opt,
+    "edgeshard-latency": edgeshard_latency_plan,
+    "edgeshard-throughput": edgeshard_throughput_plan,
+    "edgeshard-even": edgeshard_even,
+    "splitwise": splitwise,
+    "ring": ring,
+    "e2llm": e2llm,
+}
+
+
+def make_plan(strategy: str, model_profile: ModelProfile, devices: Sequence[Device], network: Network,
+              workload: Workload, objective: str = "waiting", rng: np.random.Generator | None = None,
+              *, epoch: int = 0) -> Plan:
+    """Plan with the named strategy. ``objective`` (latency | throughput | waiting) matters to
+    ``cloud-edge-opt``; the other strategies have their own. ``rng`` drives the GA (default:
+    ``default_rng(0)``). The plan passes :func:`validate_plan` and carries predicted figures.
+    Raises :class:`DoesNotFit` when the model fits nowhere, :class:`PlanError` for bad input."""
+    if strategy not in STRATEGIES:
+        raise PlanError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if objective not in OBJECTIVES:
+        raise PlanError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    pb = Problem(model_profile, tuple(devices), network, workload)
+    return plan_problem(strategy, pb, objective, rng if rng is not None else np.random.default_rng(0), epoch)
+
+
+def plan_problem(strategy: str, pb: Problem, objective: str, rng: np.random.Generator, epoch: int = 0) -> Plan:
+    """:func:`make_plan` on a prepared :class:`Problem` (its tables reused)."""
+    reps = STRATEGIES[strategy](pb, objective, rng)
+    est = pb.estimate_stages(reps, with_saturation=True)
+    plan = Plan(epoch, pb.to_replicas(reps), est.predicted, strategy)
+    validate_plan(plan, pb.profile, pb.devices, pb.workload)
+    return plan
+
+
+def cost_inputs(pb: Problem) -> dict:
+    """The cost tables behind a plan, in human units, for checking a result by hand:
+    per-device per-block prefill ms per prompt token (at the mean prompt) and decode ms per step
+    (batch 1, mean context), per-device memory, per-pair ms to send one token's activations."""
+    p, w = pb.profile, pb.workload
+    names = pb.names
+    act = float(p.act[1]) if p.n_blocks > 2 else float(p.act[0])
+    return {
+        "model": {"name": p.name, "blocks": p.n_blocks,
+                  "block_weight_bytes": [int(x) for x in p.param_bytes],
+                  "kv_bytes_per_token": [int(x) for x in p.kv],
+                  "activation_bytes_per_token": [int(x) for x in p.act]},
+        "workload": w.to_dict(),
+        "efficiency": {"compute": pb.eff.compute, "memory": pb.eff.memory,
+                       "block_overhead_s": pb.eff.block_overhead_s},
+        "devices": {d.name: {"memory_bytes": d.memory_bytes, "tflops": d.tflops, "mem_bw_gbs": d.mem_bw_gbs,
+                             "source": d.source,
+                             "prefill_ms_per_token": [round(float(x) * 1e3 / max(w.input_len.mean, 1), 6)
+                                                      for x in pb.pre_mean[j]],
+                             "decode_ms_per_step": [round(float(x) * 1e3, 6) for x in pb.dec[1][j]]}
+                    for j, d in enumerate(pb.devices)},
+        "activation_ms_per_token": {a: {b: round(float(pb.link(act, i, k)) * 1e3, 6)
+                                        for k, b in enumerate(names) if k != i}
+                                    for i, a in enumerate(names)},
+    }
