@@ -110,35 +110,49 @@ def make_rng(params: SamplingParams) -> np.random.Generator:
     return np.random.default_rng(params.seed)
 
 
-def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """The distribution a non-greedy ``params`` samples from, for one row of logits.
+def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens a non-greedy ``params`` may draw from one row of logits, with their probabilities.
 
-    logits: (V,) -> (V,) float64 probabilities summing to 1, zero outside the top-k / top-p set.
+    logits: (V,) -> (ids (n,), probs (n,) float64 summing to 1). Temperature, then top-k, then
+    top-p, in transformers' order. Top-p sorts only as many of the likeliest tokens as it needs
+    (a full sort of a 32k vocabulary costs more than a small model's decode step).
     """
     if params.temperature <= 0:
-        raise SamplingError("filtered_probs is for temperature > 0")
+        raise SamplingError("candidates() is for temperature > 0")
     z = logits.astype(np.float64) / params.temperature  # (V,)
     v = z.shape[0]
+    ids: np.ndarray | None = None
     if params.top_k and params.top_k < v:
-        # Keep exactly k entries; among ties at the k-th value argpartition decides, as torch.topk does.
-        kth = np.argpartition(-z, params.top_k - 1)[: params.top_k]
-        keep = np.zeros(v, dtype=bool)
-        keep[kth] = True
-        z = np.where(keep, z, -np.inf)
-    z = z - np.max(z)
-    p = np.exp(z)  # (V,)
-    p /= p.sum()
-    if params.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")  # (V,) most probable first
-        cum = np.cumsum(p[order])
-        # Smallest prefix whose mass reaches top_p; the token that crosses the line stays in.
-        n_keep = int(np.searchsorted(cum, params.top_p, side="left")) + 1
-        n_keep = min(max(n_keep, 1), v)
-        mask = np.zeros(v, dtype=bool)
-        mask[order[:n_keep]] = True
-        p = np.where(mask, p, 0.0)
-        p /= p.sum()
-    return p
+        # Exactly k survive; among ties at the k-th value argpartition decides, as torch.topk does.
+        ids = np.argpartition(-z, params.top_k - 1)[: params.top_k]  # (k,)
+        z = z[ids]
+    e = np.exp(z - np.max(z))  # (n,) unnormalised probabilities
+    total = float(e.sum())
+    if params.top_p >= 1.0:
+        return (np.arange(v) if ids is None else ids), e / total
+    # Smallest most-probable-first prefix whose mass reaches top_p; the token that crosses the
+    # line stays in. Look at the top m first and widen only if they do not reach it.
+    n = e.shape[0]
+    want = params.top_p * total
+    m = min(n, 64)
+    while True:
+        part = np.argpartition(-e, m - 1)[:m] if m < n else np.arange(n)
+        order = part[np.argsort(-e[part], kind="stable")]  # (m,) most probable first
+        cum = np.cumsum(e[order])
+        if cum[-1] >= want or m >= n:
+            keep = order[: min(int(np.searchsorted(cum, want, side="left")) + 1, m)]
+            break
+        m = min(n, m * 8)
+    probs = e[keep] / e[keep].sum()
+    return (keep if ids is None else ids[keep]), probs
+
+
+def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """``candidates`` as a dense (V,) distribution, zero outside the kept set."""
+    ids, probs = candidates(logits, params)
+    out = np.zeros(logits.shape[0], dtype=np.float64)
+    out[ids] = probs
+    return out
 
 
 def sample_one(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -147,15 +161,12 @@ def sample_one(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
         raise SamplingError(f"sample_one wants logits of shape (V,), got {logits.shape}")
     if params.greedy:
         return int(np.argmax(logits))
-    p = filtered_probs(logits, params)  # (V,)
-    u = rng.random()
-    cdf = np.cumsum(p)
-    # cdf[-1] may be 1 - eps: clamp so u never falls past the last kept token.
-    idx = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
-    idx = min(idx, p.shape[0] - 1)
-    while p[idx] == 0.0 and idx > 0:  # a zero-mass token can only be hit through rounding
-        idx -= 1
-    return idx
+    ids, probs = candidates(logits, params)  # (n,), (n,)
+    cdf = np.cumsum(probs)
+    # Scale u by cdf[-1] (1 +- rounding) so it never falls past the last kept token; side="right"
+    # never lands on a zero-probability entry (cdf is flat there).
+    idx = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return int(ids[min(idx, ids.shape[0] - 1)])
 
 
 def sample(logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams],
