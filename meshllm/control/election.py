@@ -67,8 +67,8 @@ class Election:
     def adopt(self, term: int, leader: NodeId | None) -> list[Output]:
         """A ballot someone won (announced or gossiped): follow it if it is higher than ours."""
         self.max_term_seen = max(self.max_term_seen, term)
-        if leader is None or (term, leader) <= self.ballot:
-            return []
+        if leader is None or term < 1 or (term, leader) <= self.ballot:
+            return []  # term 0 is never won: nobody has campaigned yet
         if leader == self.self_id:
             # A claim that we lead a term we did not win (we restarted and lost state): never follow
             # ourselves blindly; the term bump above makes our next campaign outrank it.

@@ -156,6 +156,7 @@ class ControlNode:
         self.round_reason = ""
         self.round_started = 0.0
         self.round_members: tuple[NodeId, ...] = ()
+        self.profile_retry_at = now
         self.coordinator: IslandCoordinator | None = None
         self.proposal: _Proposal | None = None
         self._planning_for: NodeId | None = None  # the leader the planning state below belongs to
@@ -294,7 +295,7 @@ class ControlNode:
             self._after_election(self.election.adopt(msg.term, msg.leader))
         if (msg.term, msg.leader) != self.election.ballot:
             return [Log("warning", f"stale {msg.TYPE} from {src} (term {msg.term}; we follow "
-                                   f"{self.leader} in term {self.term}); dropped")]
+                                   f"{self.leader or 'nobody'} in term {self.term}); dropped")]
         return None
 
     def _on_profile_request(self, src: NodeId, msg: ProfileRequest) -> list[Output]:
@@ -419,11 +420,12 @@ class ControlNode:
         if ev.epoch not in self.loading:
             return [Log("info", f"epoch {ev.epoch} loaded but no longer wanted")]
         self.loading.discard(ev.epoch)
+        ballot = self.plans[ev.epoch][0]
         if ev.ok:
             self.loaded.add(ev.epoch)
         else:
             self.plans.pop(ev.epoch, None)
-        return self._ack(ev.epoch, ev.ok, ev.error)
+        return self._ack(ev.epoch, ev.ok, ev.error, ballot)
 
     def _on_epoch_idle(self, ev: EpochIdle) -> list[Output]:
         return self._unload(ev.epoch) if ev.epoch in self.draining else []
@@ -474,7 +476,7 @@ class ControlNode:
         problem = self._plan_problem(plan)
         if problem:
             return [Log("warning", f"rejected plan for epoch {epoch} from {leader}: {problem}"),
-                    *self._ack(epoch, False, problem)]
+                    *self._ack(epoch, False, problem, ballot)]
         out: list[Output] = []
         for old in sorted(e for e in self.plans if e not in self.draining and e != self.active_epoch):
             if old <= epoch:  # superseded before activation (or the same epoch from a newer leader)
@@ -489,7 +491,12 @@ class ControlNode:
         self.loaded.discard(epoch)
         return [UnloadEpoch(epoch)]
 
-    def _ack(self, epoch: int, ok: bool, error: str) -> list[Output]:
+    def _ack(self, epoch: int, ok: bool, error: str, ballot: tuple[int, str] | None = None) -> list[Output]:
+        if ballot is None:
+            entry = self.plans.get(epoch)
+            ballot = entry[0] if entry else None
+        if ballot != self.election.ballot:
+            return []  # proposed under a leadership that has ended; the new leader will re-plan
         if self.is_leader:
             return self._got_ack(self.id, epoch, ok, error)
         if self.leader is None:
@@ -592,6 +599,13 @@ class ControlNode:
                 out.append(Send(n, PlanPropose(self.term, self.id, p.epoch, p.plan)))
         if self.coordinator is not None:
             out += self.coordinator.tick(now)
+        if now >= self.profile_retry_at:
+            # Profile requests and answers can be lost: keep asking live members we have none for
+            # (an answer outside a round triggers a re-plan that includes the member).
+            self.profile_retry_at = now + self.config.heartbeat_interval
+            out += [Send(n, ProfileRequest(self.term, self.id, self.round)) for n in self.membership.alive()
+                    if n != self.id and n not in self.profiles and n not in self.excluded
+                    and (self.phase is not None or self.round > 0)]
         if self.phase == "profiles" and now >= self.round_started + self.config.profile_timeout:
             out += self._start_planning()
         if self.phase is None and self.replan_reason is not None and now >= self.replan_at:
@@ -602,6 +616,7 @@ class ControlNode:
         self.round += 1
         self.round_reason, self.replan_reason = self.replan_reason or "", None
         self.round_started = now
+        self.profile_retry_at = now + self.config.heartbeat_interval
         self.round_members = tuple(n for n in self.membership.alive() if n not in self.excluded)
         self.phase = "profiles"
         out: list[Output] = [Send(n, ProfileRequest(self.term, self.id, self.round))
@@ -638,7 +653,8 @@ class ControlNode:
         self.proposal, self.phase = None, None
         out: list[Output] = [Log("warning", f"epoch {p.epoch} aborted: {reason}"),
                              Broadcast(PlanAbort(self.term, self.id, p.epoch, reason))]
-        out += self._abort_local(p.epoch, reason)
+        if p.epoch in self.plans and p.epoch != self.active_epoch:
+            out += self._drop_pending(p.epoch)
         return out + self._request_replan("previous epoch aborted", delay=self.config.replan_backoff)
 
     _EVENTS: ClassVar[dict[type, Callable[[ControlNode, Any], list[Output]]]] = {}

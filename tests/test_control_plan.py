@@ -1,0 +1,255 @@
+"""Control plane beyond the election: membership timings, plan epochs over a simulated mesh,
+GA islands with fallback, drift, draining, bad plans. All pure: logical time, seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meshllm.control.config import ControlConfig
+from meshllm.control.drift import DriftDetector
+from meshllm.control.events import (
+    EvolveIsland,
+    Log,
+    MemberDied,
+    MemberJoined,
+    MemberLeft,
+    MemberRecovered,
+    MemberSuspected,
+    ObservedRequest,
+    OperatorReplan,
+    PlanLoaded,
+    Send,
+)
+from meshllm.control.islands import IslandCoordinator, default_merge
+from meshllm.control.membership import Liveness, Membership
+from meshllm.control.node import ControlNode
+from meshllm.control.simnet import SimCluster, toy_evolve
+from meshllm.errors import ConfigError, PlanError
+from meshllm.wire.messages import IslandResult, IslandWork, PlanPropose
+
+FIVE = {"a": 0, "b": 0, "c": 0, "d": 1, "e": 0}  # d leads (priority), then e, c, b, a
+
+
+def plan_nodes(c: SimCluster, node: str) -> set[str]:
+    plan = c.nodes[node].active_plan
+    return {s["node"] for r in plan["replicas"] for s in r["stages"]} if plan else set()
+
+
+def converged(c: SimCluster, members: set[str]) -> bool:
+    """One leader (the best), one active epoch everywhere, covering exactly ``members``."""
+    live = c.alive()
+    epochs = {c.nodes[n].active_epoch for n in live}
+    return (c.agreed_leader() == c.best_alive() and len(epochs) == 1 and 0 not in epochs
+            and all(plan_nodes(c, n) == members for n in live))
+
+
+# --- membership ------------------------------------------------------------------------------------
+
+
+def test_membership_table() -> None:
+    m = Membership("me", 0, ControlConfig(heartbeat_interval=1.0, suspect_after=3, dead_after=6))
+    assert m.heard("x", 0.0, priority=2) == [MemberJoined("x")]
+    assert m.heard("x", 1.0) == [] and m.tick(3.9) == []
+    assert m.tick(4.0) == [MemberSuspected("x")] and m.state("x") is Liveness.SUSPECT
+    assert m.alive() == ["me"]
+    assert m.heard("x", 4.5) == [MemberRecovered("x")] and m.alive() == ["me", "x"]
+    assert m.tick(10.5) == [MemberSuspected("x"), MemberDied("x")]  # 6 beats silent: both at once
+    assert m.heard("x", 11.0) == [MemberJoined("x")]  # a rejoin
+    assert m.left("x") == [MemberLeft("x")] and m.left("x") == [] and m.alive() == ["me"]
+    assert m.heard("me", 12.0) == []  # our own frames never make us a member
+    assert m.best_alive() == "me"
+    m.heard("x", 12.0)
+    assert m.best_alive() == "x" and m.rank("x") == (2, "x")
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match="suspect_after < dead_after"):
+        ControlConfig(suspect_after=5, dead_after=5)
+    with pytest.raises(ConfigError, match="heartbeat_interval must be positive"):
+        ControlConfig(heartbeat_interval=0)
+
+
+def test_node_survives_odd_driving() -> None:
+    n = ControlNode("a", rng=np.random.default_rng(0), now=5.0)
+    assert isinstance(n.tick(4.0)[0], Log)  # clock backwards: refused, logged
+    assert isinstance(n.step(object())[0], Log)  # type: ignore[arg-type]
+    assert isinstance(n.receive_bytes("b", b"\x00\x01garbage")[0], Log)
+    assert n.step(PlanLoaded(7)) == [Log("info", "epoch 7 loaded but no longer wanted")]
+    assert n.tick(6.0)  # still heartbeating
+
+
+# --- plan epochs over the simulated mesh ---------------------------------------------------------
+
+
+def test_five_nodes_converge_then_survive_leader_death_and_a_join() -> None:
+    c = SimCluster(FIVE, seed=3, delay=(0.0, 0.2))
+    assert c.run_until(30, lambda: converged(c, set(FIVE))), "no single leader and plan in 30 s"
+    assert c.agreed_leader() == "d"
+    first = c.nodes["a"].active_epoch
+
+    c.crash("d")
+    t0 = c.now
+    assert c.run_until(t0 + 30, lambda: converged(c, {"a", "b", "c", "e"}))
+    assert c.agreed_leader() == "e" and c.nodes["a"].active_epoch > first
+    # the new leader was elected within a few heartbeat intervals of the death
+    elected = min(t for t, node, term, leader in c.record.leader_changes if leader == "e" and t > t0)
+    assert elected - t0 <= c.config.suspect_time + 2 * c.config.heartbeat_interval
+    # every survivor drained, then unloaded, the first epoch
+    assert c.run_until(c.now + 5, lambda: {n for _, n, e in c.record.unloads if e == first} >= set(c.alive()))
+
+    before = c.nodes["a"].active_epoch
+    c.add("f", 0)
+    assert c.run_until(c.now + 30, lambda: converged(c, {"a", "b", "c", "e", "f"}))
+    assert c.nodes["a"].active_epoch > before and c.agreed_leader() == "f"  # f outranks e by id
+
+
+def test_converges_over_a_lossy_network() -> None:
+    c = SimCluster(FIVE, seed=11, drop=0.2, delay=(0.0, 0.4))
+    assert c.run_until(90, lambda: converged(c, set(FIVE))), [
+        (n, c.nodes[n].election.ballot, c.nodes[n].active_epoch) for n in c.alive()]
+
+
+def test_epoch_drains_before_unload_and_requests_carry_it() -> None:
+    c = SimCluster(FIVE, seed=5, drain_time=3.0)
+    assert c.run_until(30, lambda: converged(c, set(FIVE)))
+    old = c.nodes["a"].active_epoch
+    assert c.nodes["a"].accepts_epoch(old) and not c.nodes["a"].accepts_epoch(old + 1)
+    c.step("b", OperatorReplan())
+    assert c.run_until(c.now + 10, lambda: c.nodes["a"].active_epoch > old)
+    new = c.nodes["a"].active_epoch
+    assert c.nodes["a"].accepts_epoch(old) and c.nodes["a"].accepts_epoch(new)  # old still draining
+    activated = max(t for t, n, e in c.record.activations if n == "a" and e == new)
+    assert c.run_until(c.now + 10, lambda: not c.nodes["a"].accepts_epoch(old))
+    unloaded = min(t for t, n, e in c.record.unloads if n == "a" and e == old)
+    assert unloaded - activated >= 3.0  # not before the data plane said it was idle
+    assert not c.nodes["a"].accepts_epoch(0)
+
+
+def test_drain_timeout_forces_the_unload() -> None:
+    cfg = ControlConfig(drain_timeout=4.0)
+    c = SimCluster(FIVE, seed=5, config=cfg, drain_time=1e9)  # the data plane never says idle
+    assert c.run_until(30, lambda: converged(c, set(FIVE)))
+    old = c.nodes["a"].active_epoch
+    c.step("d", OperatorReplan())
+    assert c.run_until(c.now + 30, lambda: any(n == "a" and e == old for _, n, e in c.record.unloads))
+    assert any("drain_timeout" in m for _, n, _, m in c.record.logs if n == "a")
+
+
+def test_a_node_that_refuses_plans_is_left_out_and_the_mesh_keeps_running() -> None:
+    def refuse_if_e_is_in(node):
+        def validate(plan):
+            if node == "e" and any(s["node"] == "e" for r in plan["replicas"] for s in r["stages"]):
+                raise PlanError("over the memory budget of e")
+        return {"validate_plan": validate}
+
+    c = SimCluster(FIVE, seed=2, node_kwargs=refuse_if_e_is_in)
+    assert c.run_until(60, lambda: converged(c, {"a", "b", "c", "d"}))
+    assert any("rejected plan" in m and "memory budget of e" in m for _, n, _, m in c.record.logs if n == "e")
+    assert any("aborted" in m for _, n, _, m in c.record.logs if n == "d")
+
+
+def test_a_participant_that_never_loads_times_out_and_is_replanned_around() -> None:
+    cfg = ControlConfig(plan_ack_timeout=5.0, replan_backoff=1.0)
+    c = SimCluster({"a": 0, "b": 1}, seed=1, config=cfg)
+    real = c._perform
+
+    def never_load_on_a(node, outputs):
+        real(node, [o for o in outputs if not (node == "a" and type(o).__name__ == "LoadPlan")])
+
+    c._perform = never_load_on_a
+    assert c.run_until(40, lambda: any("no plan_ack from a" in m for *_, m in c.record.logs))
+    assert c.nodes["a"].active_epoch == 0 and c.agreed_leader() == "b"
+
+
+def test_workload_drift_triggers_a_replan() -> None:
+    cfg = ControlConfig(drift_window=40, drift_min_samples=20, drift_ratio=2.0)
+    c = SimCluster(FIVE, seed=4, config=cfg)
+    assert c.run_until(30, lambda: converged(c, set(FIVE)))
+    epoch = c.nodes["a"].active_epoch
+    for _ in range(40):  # as planned (toy plan: 100 in, 50 out): no drift
+        c.step("a", ObservedRequest(110, 45))
+    c.run_until(c.now + 5)
+    assert c.nodes["a"].active_epoch == epoch
+    for _ in range(40):  # four times longer prompts
+        c.step("a", ObservedRequest(400, 45))
+    assert c.run_until(c.now + 10, lambda: c.nodes["a"].active_epoch > epoch)
+    assert any("drift (from a)" in m for _, n, _, m in c.record.logs if n == "d")
+
+
+def test_drift_detector_thresholds() -> None:
+    d = DriftDetector(100, 50, window=10, min_samples=5, ratio=2.0)
+    assert all(d.observe(199, 26) is None for _ in range(10))  # just inside 2x either way
+    r = None
+    for _ in range(10):
+        r = d.observe(201, 50) or r
+    assert r is not None and r.input_mean == pytest.approx(201) and r.samples == 10
+    d2 = DriftDetector(100, 50, window=10, min_samples=5, ratio=2.0)
+    assert [d2.observe(1000, 50) for _ in range(4)] == [None] * 4  # too few samples yet
+    assert d2.observe(1000, 50) is not None
+    d3 = DriftDetector(100, 50, window=10, min_samples=5, ratio=2.0)
+    assert [d3.observe(100, 20) for _ in range(5)][-1] is not None  # outputs 2.5x shorter
+
+
+# --- GA islands ----------------------------------------------------------------------------------------
+
+
+def _islands_run(unreachable: set[str]):
+    cfg = ControlConfig(island_deadline=3.0)
+    c = SimCluster({"a": 0, "b": 0, "c": 1}, seed=9, config=cfg, islands=3, unreachable_islands=unreachable)
+    assert c.run_until(40, lambda: converged(c, {"a", "b", "c"}) and c.record.islands_done)
+    return c, c.record.islands_done[0]
+
+
+def test_islands_merge_and_fall_back_to_the_same_result() -> None:
+    _, done_all = _islands_run(set())
+    c_fb, done_fb = _islands_run({"a"})
+    assert done_all.fallbacks == () and len(done_fb.fallbacks) == 1
+    # a's island was evolved by the leader with the seed a would have used: same merged population
+    assert done_fb.individuals == done_all.individuals and done_fb.fitness == done_all.fitness
+    assert list(done_all.fitness) == sorted(done_all.fitness)
+    assert any("evolving it locally" in m for *_, m in c_fb.record.logs)
+
+
+def test_island_coordinator_by_hand() -> None:
+    rng = np.random.default_rng(0)
+    islands = [((1, 2), (3, 4)), ((5, 6),)]
+    co = IslandCoordinator(self_id="L", term=4, round=2, islands=islands, workers=["L", "m"], problem={"p": 1},
+                           generations=3, rng=rng, now=10.0, deadline=5.0)
+    out = co.start()
+    local, remote = out
+    assert isinstance(local, EvolveIsland) and local.island == 0
+    assert isinstance(remote, Send) and remote.to == "m" and isinstance(remote.msg, IslandWork)
+    seed1 = remote.msg.seed
+    # a result from someone not asked, or for another round, is ignored
+    assert isinstance(co.on_result("x", IslandResult(4, 2, 1, "x", ((0, 0),), (0.0,)))[0], Log)
+    assert isinstance(co.on_result("m", IslandResult(4, 3, 1, "m", ((0, 0),), (0.0,)))[0], Log)
+    # a malformed one (lengths differ) is refused
+    assert isinstance(co.on_result("m", IslandResult(4, 2, 1, "m", ((0, 0),), (0.0, 1.0)))[0], Log)
+    inds, fit = toy_evolve(islands[0], 3, local.seed)
+    from meshllm.control.events import IslandEvolved
+
+    assert co.on_local(IslandEvolved(2, 0, inds, fit)) == []
+    assert co.tick(14.9) == []
+    fb = co.tick(15.0)
+    assert [type(o).__name__ for o in fb] == ["Log", "EvolveIsland"] and fb[1].seed == seed1
+    inds1, fit1 = toy_evolve(islands[1], 3, seed1)
+    (done,) = co.on_local(IslandEvolved(2, 1, inds1, fit1))
+    assert done.fallbacks == (1,) and (done.individuals, done.fitness) == default_merge([(inds, fit), (inds1, fit1)])
+    assert co.on_result("m", IslandResult(4, 2, 1, "m", inds1, fit1)) == []  # late: ignored quietly
+
+
+def test_default_merge_dedupes_and_sorts() -> None:
+    inds, fit = default_merge([(((1,), (2,)), (3.0, 1.0)), (((1,), (3,)), (0.5, 2.0))])
+    assert inds == ((1,), (2,), (3,)) and fit == (0.5, 1.0, 2.0)
+
+
+def test_stale_plan_from_an_old_leader_is_refused() -> None:
+    c = SimCluster(FIVE, seed=3)
+    assert c.run_until(30, lambda: converged(c, set(FIVE)))
+    a = c.nodes["a"]
+    epoch = a.active_epoch
+    out = a.receive_bytes("b", c.net.codec.encode(
+        PlanPropose(a.term - 1 if a.term > 1 else 0, "b", epoch + 5, {"replicas": []})))
+    assert isinstance(out[0], Log) and "stale plan_propose" in out[0].message
+    assert a.active_epoch == epoch and not a.loading
