@@ -253,3 +253,28 @@ def test_stale_plan_from_an_old_leader_is_refused() -> None:
         PlanPropose(a.term - 1 if a.term > 1 else 0, "b", epoch + 5, {"replicas": []})))
     assert isinstance(out[0], Log) and "stale plan_propose" in out[0].message
     assert a.active_epoch == epoch and not a.loading
+
+
+def test_planner_plan_dicts_work_end_to_end() -> None:
+    """The planner's Plan.to_dict() form goes through propose/activate and back through Plan.from_dict,
+    stamped with the epoch the leader chose; its Workload.to_dict() feeds the drift detector."""
+    from meshllm.control.events import ActivatePlan, ProfileReady, ProposePlan, StartPlanning
+    from meshllm.control.node import default_planned_lengths
+    from meshllm.planner.types import LengthDist, Plan, Workload
+
+    wl = Workload(2.0, LengthDist.fixed(300), LengthDist.uniform(10, 30))
+    assert default_planned_lengths({"workload": wl.to_dict()}) == (300.0, 20.0)
+    assert default_planned_lengths({"workload": {"input_len": {"kind": "nope"}, "output_len": 3}}) is None
+    n = ControlNode("solo", rng=np.random.default_rng(0), config=ControlConfig(discovery_grace=0.0),
+                    validate_plan=Plan.from_dict)
+    n.step(ProfileReady({"m": 1}))
+    outs = n.tick(0.0) + n.tick(1.0)
+    (start,) = [o for o in outs if isinstance(o, StartPlanning)]
+    plan = {"epoch": 0, "strategy": "e2llm", "predicted": {},
+            "replicas": [{"id": 0, "role": "both", "stages": [{"node": "solo", "layers": [0, 4]}]}],
+            "workload": wl.to_dict()}
+    n.step(ProposePlan(start.round, plan))
+    (act,) = [o for o in n.step(PlanLoaded(1)) if isinstance(o, ActivatePlan)]
+    assert act.epoch == 1 and Plan.from_dict(act.plan).epoch == 1 and Plan.from_dict(act.plan).nodes == ("solo",)
+    assert n.drift is not None and n.drift.planned == (300.0, 20.0)
+    assert n.status()["ready"] and n.status()["active_epoch"] == 1 and n.status()["leader"] == "solo"

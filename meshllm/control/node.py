@@ -98,15 +98,22 @@ def default_plan_nodes(plan: dict[str, Any]) -> set[NodeId]:
 
 
 def default_planned_lengths(plan: dict[str, Any]) -> tuple[float, float] | None:
-    """(mean input length, mean output length) the plan was made for, if it says."""
+    """(mean input length, mean output length) the plan was made for, when the proposed dict carries
+    ``workload``: the planner's ``Workload.to_dict()`` (length distributions) or plain means
+    (``mean_input_len``/``mean_output_len``)."""
     w = plan.get("workload")
     if not isinstance(w, dict):
         return None
-    for i_key, o_key in (("mean_input_len", "mean_output_len"), ("input_len", "output_len"),
-                         ("input_len_mean", "output_len_mean")):
-        i, o = w.get(i_key), w.get(o_key)
-        if isinstance(i, int | float) and isinstance(o, int | float):
-            return float(i), float(o)
+    i, o = w.get("mean_input_len"), w.get("mean_output_len")
+    if isinstance(i, int | float) and isinstance(o, int | float):
+        return float(i), float(o)
+    if "input_len" in w and "output_len" in w:
+        from meshllm.planner.types import LengthDist  # the planner's own reading of its dict
+
+        try:
+            return LengthDist.from_dict(w["input_len"]).mean, LengthDist.from_dict(w["output_len"]).mean
+        except MeshError:
+            return None
     return None
 
 
@@ -402,12 +409,13 @@ class ControlNode:
             return [Log("warning", f"planner produced an invalid plan: {problem}; not proposed")]
         epoch = max(self.max_epoch_seen, self.active_epoch, *self.plans.keys(),
                     *(m.epoch for m in self.membership.members.values())) + 1
-        participants = frozenset(self.plan_nodes(ev.plan))
-        self.proposal = _Proposal(epoch, ev.plan, participants, self.now + self.config.plan_ack_timeout,
+        plan = {**ev.plan, "epoch": epoch}  # the planner's Plan.from_dict reads the epoch from the dict
+        participants = frozenset(self.plan_nodes(plan))
+        self.proposal = _Proposal(epoch, plan, participants, self.now + self.config.plan_ack_timeout,
                                   self.now + self.config.heartbeat_interval)
         self.phase = "proposed"
-        out: list[Output] = [Broadcast(PlanPropose(self.term, self.id, epoch, ev.plan))]
-        return out + self._consider_plan(self.term, self.id, epoch, ev.plan)
+        out: list[Output] = [Broadcast(PlanPropose(self.term, self.id, epoch, plan))]
+        return out + self._consider_plan(self.term, self.id, epoch, plan)
 
     def _on_planning_failed(self, ev: PlanningFailed) -> list[Output]:
         if not self.is_leader or ev.round != self.round:
