@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from textutil import BOS_ID, EOS_ID, write_tokenizer
+from textutil import BOS_ID, EOS_ID, make_tokenizer, write_tokenizer
 
 from meshllm.cli import main
 from meshllm.model.config import ModelConfig
@@ -89,6 +89,26 @@ def test_chat_flag_renders_the_template(model_dir: Path, capsys) -> None:
     assert rc == 0
     want = tok.encode("<s>user: hi there\nassistant:", add_special_tokens=False)
     assert json.loads(out)["prompt_token_ids"] == want and want[0] == BOS_ID
+
+
+def test_special_tokens_fall_back_to_the_tokenizer_names(tmp_path: Path, capsys) -> None:
+    from meshllm.model.tokenizer import Tokenizer
+
+    tok_file = write_tokenizer(tmp_path / "tok.json")
+    out = tmp_path / "small"
+    rc, _, _ = _run(capsys, "export", "--random", "--preset", "tiny", "--context", "32", "--tokenizer",
+                    str(tok_file), "--out", str(out), "--quiet")
+    assert rc == 0
+    m = load_manifest(out)
+    assert m.config.eos_token_ids == () and m.config.bos_token_id is None
+    tok = Tokenizer.from_manifest(m)
+    assert tok.eos_token_ids == (EOS_ID,) and tok.bos_token_id == BOS_ID
+    big = tmp_path / "big.json"
+    inner = make_tokenizer()
+    inner.add_tokens([f"<extra_{i}>" for i in range(4000)])  # 4300 tokens
+    inner.save(str(big))
+    _fails_cleanly(capsys, "export", "--random", "--preset", "tiny", "--tokenizer", str(big), "--out",
+                   str(tmp_path / "x"), "--quiet", match="more than the preset's vocabulary of 4096")
 
 
 def test_export_random_preset(tmp_path: Path, capsys) -> None:

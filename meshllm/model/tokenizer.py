@@ -33,6 +33,19 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# Conventional names, used only when the model config gives no id.
+BOS_NAMES = ("<s>", "<|bos|>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+EOS_NAMES = ("</s>", "<|eos|>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|eot_id|>")
+
+
+def _first_special(inner: tokenizers.Tokenizer, names: Sequence[str]) -> int | None:
+    specials = {t.content: i for i, t in inner.get_added_tokens_decoder().items() if t.special}
+    for n in names:
+        if n in specials:
+            return int(specials[n])
+    return None
+
+
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` plus the model's special tokens and chat template."""
 
@@ -66,8 +79,16 @@ class Tokenizer:
             raise ModelError(f"model {manifest.name!r} in {manifest.root} has no tokenizer "
                              f"(export it with a tokenizer.json to generate text)")
         cfg = manifest.config
-        return cls.from_file(path, bos_token_id=cfg.bos_token_id, eos_token_ids=cfg.eos_token_ids,
-                             chat_template=manifest.chat_template)
+        tok = cls.from_file(path, bos_token_id=cfg.bos_token_id, eos_token_ids=cfg.eos_token_ids,
+                            chat_template=manifest.chat_template)
+        # A model exported without special-token ids (random weights plus a tokenizer file)
+        # still stops at its tokenizer's conventional end-of-text token.
+        if tok.bos_token_id is None:
+            tok.bos_token_id = _first_special(tok.inner, BOS_NAMES)
+        if not tok.eos_token_ids:
+            eos = _first_special(tok.inner, EOS_NAMES)
+            tok.eos_token_ids = (eos,) if eos is not None else ()
+        return tok
 
     # --- basics ---------------------------------------------------------------------------
     @property
