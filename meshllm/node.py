@@ -830,6 +830,8 @@ class Node:
         names = self._names()
         members = []
         plan = c.active_plan
+        if plan is not None:
+            plan = {**plan, "epoch": st["active_epoch"]}  # the planner leaves numbering to the leader
         plan_ranges: dict[str, list[int]] = {}
         if plan:
             with contextlib.suppress(PlanError):

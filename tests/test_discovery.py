@@ -4,32 +4,14 @@ node that leaves is reported lost (goodbye packets)."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 import uuid
 
 import pytest
 
 from meshllm.net.base import Advert
-from meshllm.net.discovery import ZeroconfDiscovery, interface_addresses
+from meshllm.net.discovery import ZeroconfDiscovery, interface_addresses, multicast_unavailable
 
-
-def _multicast_on_loopback() -> str | None:
-    """None when a multicast group can be joined on 127.0.0.1, else why not."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        mreq = struct.pack("4s4s", socket.inet_aton("224.0.0.251"), socket.inet_aton("127.0.0.1"))
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-    except OSError as e:
-        return f"cannot join an mDNS multicast group on 127.0.0.1: {e}"
-    finally:
-        s.close()
-    return None
-
-
-pytestmark = pytest.mark.skipif(_multicast_on_loopback() is not None,
-                                reason=str(_multicast_on_loopback()))
+pytestmark = pytest.mark.skipif(multicast_unavailable() is not None, reason=str(multicast_unavailable()))
 
 
 class Seen:

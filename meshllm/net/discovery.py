@@ -45,6 +45,22 @@ def interface_addresses(names: list[str]) -> list[str]:
     return out
 
 
+def multicast_unavailable(address: str = "127.0.0.1") -> str | None:
+    """None when this host can join the mDNS multicast group on ``address``, else why not."""
+    import struct
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        mreq = struct.pack("4s4s", socket.inet_aton("224.0.0.251"), socket.inet_aton(address))
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address))
+    except OSError as e:
+        return f"cannot join the mDNS multicast group on {address}: {e}"
+    finally:
+        s.close()
+    return None
+
+
 def advert_to_txt(ad: Advert) -> dict[str, str]:
     return {"id": ad.node_id, "v": str(ad.proto), "port": str(ad.port), "mesh": ad.mesh_id}
 

@@ -1,0 +1,183 @@
+"""``meshllm node``: run this device as a member of the mesh (discovery, election, planning).
+
+Options come from the command line, then ``--config FILE`` (TOML or JSON with the same names, plus
+``control`` and ``workload`` tables), then defaults. SIGINT/SIGTERM leave gracefully: the node
+announces it is leaving, withdraws its mDNS advert and closes its links.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from meshllm.errors import ConfigError, UserError
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+         "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``1073741824``, ``8GB`` (10^9), ``8GiB`` / ``8G`` (2^30), ``512MB``..."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in UNITS:
+        raise UserError(f"--memory-budget: cannot read {text!r} (use bytes or e.g. 8GB, 512MiB)")
+    n = int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise UserError("--memory-budget must be positive")
+    return n
+
+
+def parse_peer(text: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--peer {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("node", help="run a mesh node (discovery, election, planning, HTTP API)")
+    p.add_argument("--model", default=None, help="model directory (default: $MESHLLM_MODEL or the bundled one)")
+    p.add_argument("--name", default=None, help="a human name for this node (default: its id)")
+    p.add_argument("--host", default=None, help="address to listen on and advertise (default: the first "
+                                                "--interface address, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port for API and links (default 7070; 0: any)")
+    p.add_argument("--interface", action="append", default=None, metavar="IFACE",
+                   help="interface name or IPv4 address for mDNS (repeatable; default: the --host address)")
+    p.add_argument("--peer", action="append", default=None, metavar="HOST:PORT",
+                   help="a static peer to connect to (repeatable; for networks without multicast)")
+    p.add_argument("--no-mdns", action="store_true", help="do not use mDNS (static peers only)")
+    p.add_argument("--mesh-key-file", default=None, help="file holding the shared mesh key")
+    p.add_argument("--memory-budget", default=None, metavar="BYTES|GB", help="memory this node may use")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default 1)")
+    p.add_argument("--slowdown", type=float, default=None, metavar="F",
+                   help="make compute F times slower (F >= 1), to try heterogeneous meshes on one machine")
+    p.add_argument("--priority", type=int, default=None, help="leader preference (higher wins)")
+    p.add_argument("--config", default=None, metavar="FILE", help="TOML or JSON file with these options")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where the node id and profile cache live (default ~/.local/state/meshllm/node-PORT)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    p.set_defaults(func=run)
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a table of options")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_options(args: argparse.Namespace) -> Any:
+    from meshllm.control.config import ControlConfig
+    from meshllm.model.paths import resolve_model_dir
+    from meshllm.net.discovery import interface_addresses
+    from meshllm.node import DEFAULT_PORT, NodeOptions, default_state_dir
+    from meshllm.planner.types import Workload
+
+    cfg = load_config(args.config)
+    known = {"model", "name", "host", "port", "interface", "peer", "mesh_key_file", "memory_budget", "threads",
+             "slowdown", "priority", "state_dir", "control", "workload", "no_mdns", "islands"}
+    unknown = set(cfg) - known
+    if unknown:
+        raise ConfigError(f"--config: unknown options {sorted(unknown)}")
+
+    def opt(name: str, default: Any = None) -> Any:
+        v = getattr(args, name, None)
+        return v if v not in (None, False) else cfg.get(name, default)
+
+    model_dir = resolve_model_dir(opt("model"))
+    interfaces = opt("interface", [])
+    interfaces = [interfaces] if isinstance(interfaces, str) else list(interfaces)
+    addrs = interface_addresses(interfaces) if interfaces else []
+    host = opt("host") or (addrs[0] if addrs else "127.0.0.1")
+    if not addrs:
+        addrs = [host] if host != "0.0.0.0" else []
+    port = int(opt("port", DEFAULT_PORT))
+    if not 0 <= port < 65536:
+        raise UserError(f"--port {port} out of range")
+    peers = opt("peer", [])
+    peers = [peers] if isinstance(peers, str) else list(peers)
+    threads = int(opt("threads", 1))
+    if threads < 1:
+        raise UserError("--threads must be >= 1")
+    slowdown = float(opt("slowdown", 1.0))
+    if not slowdown >= 1.0:
+        raise UserError("--slowdown must be >= 1")
+    key = b"meshllm-default-mesh-key"
+    key_file = opt("mesh_key_file")
+    if key_file:
+        try:
+            key = Path(key_file).read_bytes().strip()
+        except OSError as e:
+            raise UserError(f"cannot read --mesh-key-file {key_file}: {e.strerror}") from None
+        if len(key) < 8:
+            raise UserError("the mesh key must be at least 8 bytes")
+    mem = opt("memory_budget")
+    try:
+        control = ControlConfig(**cfg.get("control", {}))
+        workload = Workload.from_dict(cfg["workload"]) if "workload" in cfg else Workload()
+    except TypeError as e:
+        raise ConfigError(f"--config: {e}") from None
+    advertise = host if host != "0.0.0.0" else (addrs[0] if addrs else "127.0.0.1")
+    state_dir = Path(opt("state_dir") or default_state_dir(port))
+    return NodeOptions(
+        model_dir=model_dir, state_dir=state_dir, mesh_key=key, name=opt("name") or "", host=host,
+        advertise_host=advertise, port=port, interfaces=tuple(addrs), peers=tuple(parse_peer(x) for x in peers),
+        memory_budget=parse_bytes(mem) if mem is not None else None, threads=threads, slowdown=slowdown,
+        priority=int(opt("priority", 0)), control=control, workload=workload,
+        islands=int(cfg.get("islands", 0)), mdns=not (args.no_mdns or cfg.get("no_mdns", False)))
+
+
+async def serve(opts: Any) -> int:
+    from meshllm.node import Node
+
+    node = Node.real(opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    logging.getLogger("meshllm.node").info(
+        "listening on http://%s:%d (GET /v1/mesh; `meshllm status --node %s:%d`)",
+        opts.advertise_host, node.port, opts.advertise_host, node.port)
+    try:
+        await stop.wait()
+    finally:
+        logging.getLogger("meshllm.node").info("leaving the mesh")
+        await node.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    # zeroconf and aiohttp are chatty at info level
+    for noisy in ("zeroconf", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    opts = build_options(args)
+    try:
+        import uvloop
+
+        return uvloop.run(serve(opts))
+    except ImportError:
+        return asyncio.run(serve(opts))

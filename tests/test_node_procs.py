@@ -1,0 +1,145 @@
+"""Three real ``meshllm node`` processes on loopback find each other by mDNS, agree on a leader and
+a plan, recover when the leader is killed, and see a SIGTERM'd node leave at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from meshllm.net.discovery import multicast_unavailable
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(multicast_unavailable() is not None, reason=str(multicast_unavailable()))]
+
+MESHLLM = [sys.executable, "-m", "meshllm.cli"]
+CONFIG = """
+[control]
+heartbeat_interval = 0.3
+suspect_after = 3
+dead_after = 6
+election_timeout = 1.0
+election_backoff = 0.3
+discovery_grace = 1.0
+replan_debounce = 0.5
+profile_timeout = 10.0
+island_deadline = 3.0
+island_generations = 5
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mesh_view(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/mesh", timeout=2) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def wait_for(cond, what: str, deadline_s: float, procs) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if cond():
+            return
+        for name, p in procs.items():
+            if p.poll() is not None and name not in wait_for.expected_dead:
+                raise AssertionError(f"node {name} exited with {p.returncode} while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+
+
+wait_for.expected_dead = set()
+
+
+def agreed(ports: list[int], n_members: int) -> tuple[int, str, int] | None:
+    views = [mesh_view(p) for p in ports]
+    if any(v is None or not v.get("ready") for v in views):
+        return None
+    keys = {(v["term"], v["leader"], v["epoch"]) for v in views}
+    if len(keys) != 1:
+        return None
+    if any(sum(m["state"] == "alive" for m in v["members"]) != n_members for v in views):
+        return None
+    return next(iter(keys))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, tiny_model_dir: Path):
+    key = tmp_path / "mesh.key"
+    key.write_text(uuid.uuid4().hex)  # a mesh of its own: other meshes on this host are ignored
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(CONFIG)
+    procs: dict[str, subprocess.Popen] = {}
+    ports: dict[str, int] = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def start(name: str) -> None:
+        ports[name] = free_port()
+        with open(tmp_path / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            procs[name] = subprocess.Popen(
+                [*MESHLLM, "node", "--model", str(tiny_model_dir), "--name", name, "--host", "127.0.0.1",
+                 "--port", str(ports[name]), "--state-dir", str(tmp_path / name), "--mesh-key-file", str(key),
+                 "--threads", "1", "--config", str(cfg)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
+
+    wait_for.expected_dead = set()
+    yield start, procs, ports, tmp_path
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+
+
+def test_three_processes_find_each_other_agree_and_recover(cluster) -> None:
+    start, procs, ports, tmp = cluster
+    for name in ("a", "b", "c"):
+        start(name)
+    try:
+        wait_for(lambda: agreed(list(ports.values()), 3) is not None,
+                 "three nodes to agree on a leader and an active plan", 90, procs)
+        term, leader, epoch = agreed(list(ports.values()), 3)
+        view = mesh_view(ports["a"])
+        by_id = {m["id"]: m for m in view["members"]}
+        assert len(by_id) == 3 and by_id[leader]["leader"]
+        assert all(m["profile"] and m["profile"]["threads"] == 1 for m in view["members"])
+        assert view["plan"]["epoch"] == epoch and view["plan"]["replicas"]
+
+        # Kill the leader outright: the other two elect a new one and run a new epoch.
+        dead = next(n for n in ports if mesh_view(ports[n])["node"]["id"] == leader)
+        procs[dead].kill()
+        wait_for.expected_dead.add(dead)
+        rest = [ports[n] for n in ports if n != dead]
+        wait_for(lambda: (a := agreed(rest, 2)) is not None and a[1] != leader and a[2] > epoch,
+                 "a new leader and epoch after the leader was killed", 60, procs)
+        term2, leader2, _ = agreed(rest, 2)
+        assert term2 > term
+
+        # SIGTERM a node: it says goodbye, so the last one sees it leave (not merely go silent).
+        left = next(n for n in ports if n != dead and mesh_view(ports[n])["node"]["id"] != leader2)
+        left_id = mesh_view(ports[left])["node"]["id"]
+        procs[left].send_signal(signal.SIGTERM)
+        assert procs[left].wait(timeout=20) == 0
+        wait_for.expected_dead.add(left)
+        last = next(ports[n] for n in ports if n not in (dead, left))
+        wait_for(lambda: any(m["id"] == left_id and m["state"] == "left" for m in mesh_view(last)["members"]),
+                 "the SIGTERM'd node to be seen leaving", 20, procs)
+    except AssertionError:
+        for name in ports:
+            print(f"--- {name} log ---\n" + (tmp / f"{name}.log").read_text()[-4000:])
+        raise
