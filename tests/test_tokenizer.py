@@ -148,3 +148,23 @@ def test_missing_or_corrupt_tokenizer_file_is_a_model_error(tmp_path: Path) -> N
     assert "\n" not in str(e.value)
     with pytest.raises(UserError):
         _TOK.encode(b"bytes")  # type: ignore[arg-type]
+
+
+def test_stream_keeps_the_leading_space_of_a_sentencepiece_continuation() -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    inner = HFTokenizer(models.BPE(byte_fallback=True))
+    inner.pre_tokenizer = pre_tokenizers.Metaspace()
+    # Llama-2 style decoder: its Strip removes the space of the first token of a decode call.
+    inner.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)])
+    inner.train_from_iterator(["hello world how are you"] * 20, trainer)
+    t = Tokenizer(inner)
+    ids = t.encode("hello world how are you", add_special_tokens=False)
+    dec = t.stream(prompt_ids=ids[:1])
+    out = "".join(dec.push(i) for i in ids[1:]) + dec.finish()
+    assert t.decode(ids[1:]) == "world how are you"  # decoding alone loses the space...
+    assert out == " world how are you"  # ...the stream, with the prompt as context, keeps it

@@ -51,7 +51,9 @@ class StreamEvent:
 class GenerationResult:
     prompt_token_ids: tuple[int, ...]
     token_ids: tuple[int, ...]  # every generated token, EOS and stop-string tokens included
-    text: str  # detokenised output, cut before the first stop string ("" without a tokenizer)
+    # The text that continues the prompt (decoded with the prompt as left context, so a
+    # SentencePiece leading space survives), cut before the first stop string; "" without a tokenizer.
+    text: str
     finish_reason: str
 
     def to_json(self) -> dict[str, Any]:
