@@ -13,6 +13,8 @@ Script commands (one per block, the expected output follows ``----``):
     propose N ROUND node ...      the shell's planner answers: one replica over these nodes
     badplan N ROUND               the shell's planner answers with a plan the validator refuses
     observe N IN OUT COUNT        COUNT finished requests with these lengths
+    islands N ROUND K             the shell answers StartPlanning with K toy GA islands
+    evolve N                      the shell finishes every EvolveIsland N was asked for
     inject DST SRC TYPE k=v ...   a hand-made message from SRC (v: int, '-' for None, else str)
     raw DST SRC HEX               a raw frame
 """
@@ -32,6 +34,9 @@ from meshllm.control.config import ControlConfig
 from meshllm.control.events import (
     Broadcast,
     EpochIdle,
+    EvolveIsland,
+    IslandEvolved,
+    Islands,
     ObservedRequest,
     OperatorReplan,
     Output,
@@ -42,7 +47,7 @@ from meshllm.control.events import (
     Shutdown,
 )
 from meshllm.control.node import ControlNode
-from meshllm.control.simnet import toy_plan
+from meshllm.control.simnet import toy_evolve, toy_plan
 from meshllm.errors import PlanError
 from meshllm.wire.codec import Codec
 from meshllm.wire.messages import MESSAGE_TYPES, Message
@@ -94,6 +99,7 @@ class Transcript:
         self.crashed: set[str] = set()
         self.groups: list[set[str]] | None = None
         self.time = 0.0
+        self.evolving: dict[str, list[EvolveIsland]] = {}
 
     def link(self, a: str, b: str) -> bool:
         if a in self.crashed or b in self.crashed:
@@ -109,6 +115,8 @@ class Transcript:
                 data = self.codec.encode(o.msg)
                 self.queue += [(node, t, data) for t in targets]
             else:
+                if isinstance(o, EvolveIsland):
+                    self.evolving.setdefault(node, []).append(o)
                 lines.append(f"{node}: {type(o).__name__} {fmt_fields(o)}".rstrip())
 
     def deliver(self, lines: list[str]) -> None:
@@ -159,6 +167,15 @@ class Transcript:
                     kwargs[k] = None if v == "-" else int(v) if v.lstrip("-").isdigit() else v
             msg: Message = MESSAGE_TYPES[tag](**kwargs)
             self.perform(dst, self.nodes[dst].receive_bytes(src, self.codec.encode(msg)), lines)
+        elif cmd == "islands":
+            node, rnd, k = args[0], int(args[1]), int(args[2])
+            isl = tuple(((i, i), (i + 1, i)) for i in range(k))
+            self.perform(node, self.nodes[node].step(Islands(rnd, isl, {"toy": 1}, 2)), lines)
+        elif cmd == "evolve":
+            for work in self.evolving.pop(args[0], []):
+                inds, fit = toy_evolve(work.individuals, work.generations, work.seed)
+                self.perform(args[0], self.nodes[args[0]].step(
+                    IslandEvolved(work.round, work.island, inds, fit)), lines)
         elif cmd == "raw":
             dst, src, hexdata = args
             data = bytes.fromhex(hexdata) if hexdata != "big" else msgpack.packb(

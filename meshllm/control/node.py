@@ -236,7 +236,9 @@ class ControlNode:
         out += self._after_election(self.election.tick(now))
         if now >= self.next_heartbeat:
             self.seq += 1
-            self.next_heartbeat = max(self.next_heartbeat + self.config.heartbeat_interval, now)
+            step = self.config.heartbeat_interval
+            # keep the cadence, but after a stall (a late tick) restart it rather than burst
+            self.next_heartbeat = self.next_heartbeat + step if now < self.next_heartbeat + step else now + step
             out.append(Broadcast(Heartbeat(self.id, self.term, self.leader, self.membership.priority,
                                            self.seq, self.active_epoch, self.name)))
         for epoch, deadline in sorted(self.draining.items()):
