@@ -295,26 +295,27 @@ class ControlNode:
     def _on_announce(self, src: NodeId, msg: LeaderAnnounce) -> list[Output]:
         return self._after_election(self.election.on_announce(src, msg))
 
-    def _check_leader(self, src: NodeId, msg: Any) -> list[Output] | None:
-        """None if ``msg`` comes from the leader we follow (adopting a higher won ballot first),
-        else the log lines for dropping it."""
+    def _from_leader(self, src: NodeId, msg: Any) -> tuple[bool, list[Output]]:
+        """Whether ``msg`` comes from the leader we follow (after adopting a higher won ballot it
+        names), and the outputs so far (the adoption's, or the log line for dropping it)."""
         if msg.leader != src:
-            return [Log("warning", f"{msg.TYPE} from {src} names leader {msg.leader}; dropped")]
+            return False, [Log("warning", f"{msg.TYPE} from {src} names leader {msg.leader}; dropped")]
+        out: list[Output] = []
         if (msg.term, msg.leader) > self.election.ballot and msg.leader != self.id:
-            self._after_election(self.election.adopt(msg.term, msg.leader))
+            out = self._after_election(self.election.adopt(msg.term, msg.leader))
         if (msg.term, msg.leader) != self.election.ballot:
-            return [Log("warning", f"stale {msg.TYPE} from {src} (term {msg.term}; we follow "
-                                   f"{self.leader or 'nobody'} in term {self.term}); dropped")]
-        return None
+            return False, [*out, Log("warning", f"stale {msg.TYPE} from {src} (term {msg.term}; we follow "
+                                                f"{self.leader or 'nobody'} in term {self.term}); dropped")]
+        return True, out
 
     def _on_profile_request(self, src: NodeId, msg: ProfileRequest) -> list[Output]:
-        bad = self._check_leader(src, msg)
-        if bad is not None:
-            return bad
+        ok, out = self._from_leader(src, msg)
+        if not ok:
+            return out
         if self.profile is None:
             self._profile_wanted = (src, msg.term, msg.round)
-            return []
-        return [Send(src, Profile(self.id, msg.term, msg.round, self.profile))]
+            return out
+        return [*out, Send(src, Profile(self.id, msg.term, msg.round, self.profile))]
 
     def _on_profile(self, src: NodeId, msg: Profile) -> list[Output]:
         if not self.is_leader:
@@ -322,10 +323,8 @@ class ControlNode:
         return self._got_profile(src, msg.profile)
 
     def _on_plan_propose(self, src: NodeId, msg: PlanPropose) -> list[Output]:
-        bad = self._check_leader(src, msg)
-        if bad is not None:
-            return bad
-        return self._consider_plan(msg.term, msg.leader, msg.epoch, msg.plan)
+        ok, out = self._from_leader(src, msg)
+        return out + self._consider_plan(msg.term, msg.leader, msg.epoch, msg.plan) if ok else out
 
     def _on_plan_ack(self, src: NodeId, msg: PlanAck) -> list[Output]:
         if not self.is_leader:
@@ -333,27 +332,26 @@ class ControlNode:
         return self._got_ack(src, msg.epoch, msg.ok, msg.error)
 
     def _on_plan_activate(self, src: NodeId, msg: PlanActivate) -> list[Output]:
-        bad = self._check_leader(src, msg)
-        if bad is not None:
-            return bad
+        ok, out = self._from_leader(src, msg)
+        if not ok:
+            return out
         if msg.epoch not in self.plans:
-            return [Log("warning", f"plan_activate for unknown epoch {msg.epoch} from {src}; dropped")]
+            return [*out, Log("warning", f"plan_activate for unknown epoch {msg.epoch} from {src}; dropped")]
         if msg.epoch <= self.active_epoch:
-            return []
-        return self._activate(msg.epoch)
+            return out
+        return out + self._activate(msg.epoch)
 
     def _on_plan_abort(self, src: NodeId, msg: PlanAbort) -> list[Output]:
-        bad = self._check_leader(src, msg)
-        if bad is not None:
-            return bad
-        return self._abort_local(msg.epoch, msg.reason)
+        ok, out = self._from_leader(src, msg)
+        return out + self._abort_local(msg.epoch, msg.reason) if ok else out
 
     def _on_island_work(self, src: NodeId, msg: IslandWork) -> list[Output]:
-        bad = self._check_leader(src, msg)
-        if bad is not None:
-            return bad
+        ok, out = self._from_leader(src, msg)
+        if not ok:
+            return out
         self.remote_work[(msg.round, msg.island)] = (src, msg.term)
-        return [EvolveIsland(msg.round, msg.island, msg.individuals, msg.generations, msg.seed, msg.problem)]
+        return [*out, EvolveIsland(msg.round, msg.island, msg.individuals, msg.generations, msg.seed,
+                                   msg.problem)]
 
     def _on_island_result(self, src: NodeId, msg: IslandResult) -> list[Output]:
         if not self.is_leader or self.coordinator is None or msg.term != self.term:
