@@ -210,3 +210,14 @@ def test_island_work_round_trips_any_individuals(inds, seed) -> None:
     msg = IslandWork(1, "a", 1, 0, tuple(tuple(i) for i in inds), 3, seed, {"k": [1, 2]})
     assert decode(encode(msg)) == msg
 
+
+
+@pytest.mark.parametrize(("depth", "match"), [(100_000, "malformed frame: StackError"), (100, "nested too deeply")])
+def test_deep_nesting_is_refused_without_recursion_errors(depth: int, match: str) -> None:
+    deep = b"\x91" * depth + b"\x00"  # [[[...0...]]]
+    body = (b"\x84" + msgpack.packb("term") + b"\x01" + msgpack.packb("leader") + msgpack.packb("a")
+            + msgpack.packb("epoch") + b"\x01" + msgpack.packb("plan") + b"\x81" + msgpack.packb("x") + deep)
+    data = (b"\x83" + msgpack.packb("v") + b"\x01" + msgpack.packb("t") + msgpack.packb("plan_propose")
+            + msgpack.packb("b") + body)
+    with pytest.raises(RemoteProtocolError, match=match):
+        decode(data)
