@@ -113,3 +113,60 @@ def run_seed(seed: int) -> float:
 def test_election_random(chunk: int) -> None:
     for seed in range(chunk, SEEDS, 5):
         run_seed(seed)
+
+
+PLAN_SEEDS = 100
+PLAN_BOUND = 30.0  # after the heal: re-election, debounce, profiles, propose, load 0.5 s, activate
+
+
+def run_plan_seed(seed: int) -> float:
+    """Planning under faults: after the heal, one active epoch everywhere, placing exactly the live
+    nodes, within PLAN_BOUND; and every epoch number a leader proposed names one plan unless two
+    sides of a partition proposed it."""
+    rng = np.random.default_rng(20_000 + seed)
+    n = int(rng.integers(3, 6))
+    names = [f"n{i}" for i in range(n)]
+    prios = {name: int(rng.integers(0, 2)) for name in names}
+    clean = seed % 3 == 0
+    c = SimCluster(prios, seed=seed, drop=0.0 if clean else float(rng.uniform(0, 0.15)),
+                   delay=(0.0, float(rng.uniform(0, 0.3))), dt=0.25, wire=False,
+                   islands=int(rng.integers(0, 3)), load_time=float(rng.uniform(0.1, 2.0)))
+    c.run_until(float(rng.uniform(2, 15)))
+    if not clean:
+        order = [str(x) for x in rng.permutation(names)]
+        k = int(rng.integers(1, n))
+        c.net.partition(order[:k], order[k:])
+    if rng.random() < 0.5:
+        c.run_until(c.now + float(rng.uniform(0, 5)))
+        c.crash(c.leaders()[0] if c.leaders() else str(rng.choice(names)))
+    c.run_until(c.now + float(rng.uniform(3, 15)))
+    c.net.heal()
+    c.net.drop = 0.0
+    healed = c.now
+
+    def settled() -> bool:
+        live = set(c.alive())
+        epochs = {c.nodes[x].active_epoch for x in live}
+        if c.agreed_leader() != c.best_alive() or len(epochs) != 1 or 0 in epochs:
+            return False
+        plan = c.nodes[min(live)].active_plan
+        return {s["node"] for r in plan["replicas"] for s in r["stages"]} == live
+
+    assert c.run_until(healed + PLAN_BOUND, settled), (
+        f"seed {seed}: no single active plan over the live nodes {PLAN_BOUND}s after the heal: "
+        f"{[(x, c.nodes[x].election.ballot, c.nodes[x].active_epoch) for x in c.alive()]}")
+    # every node activated epochs in increasing order, and unloaded only epochs it had left behind
+    for x in c.nodes:
+        acts = [e for _, node, e in c.record.activations if node == x]
+        assert acts == sorted(set(acts)), f"seed {seed}: {x} activated {acts}"
+    if clean:  # one view: an epoch number means one plan
+        for x in c.alive():
+            e = c.nodes[x].active_epoch
+            assert c.nodes[x].active_plan == c.nodes[c.best_alive()].active_plan, f"seed {seed}: epoch {e}"
+    return c.now - healed
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_planning_random(chunk: int) -> None:
+    for seed in range(chunk, PLAN_SEEDS, 2):
+        run_plan_seed(seed)

@@ -46,6 +46,7 @@ from meshllm.control.events import (
     MemberDied,
     MemberJoined,
     MemberLeft,
+    MemberRecovered,
     ObservedRequest,
     OperatorReplan,
     Output,
@@ -163,6 +164,7 @@ class ControlNode:
         self.round_reason = ""
         self.round_started = 0.0
         self.round_members: tuple[NodeId, ...] = ()
+        self.planned_members: frozenset[NodeId] = frozenset()  # offered to the last StartPlanning
         self.profile_retry_at = now
         self.coordinator: IslandCoordinator | None = None
         self.proposal: _Proposal | None = None
@@ -411,6 +413,12 @@ class ControlNode:
                     *(m.epoch for m in self.membership.members.values())) + 1
         plan = {**ev.plan, "epoch": epoch}  # the planner's Plan.from_dict reads the epoch from the dict
         participants = frozenset(self.plan_nodes(plan))
+        gone = sorted(n for n in participants if self.membership.state(n) is not Liveness.ALIVE)
+        if gone:  # the mesh changed while planning: their acks would never come
+            self.phase = None
+            return [Log("info", f"plan for round {ev.round} places blocks on {', '.join(gone)}, "
+                                f"not alive now; not proposed"),
+                    *self._request_replan(f"{', '.join(gone)} gone while planning", delay=0.0)]
         self.proposal = _Proposal(epoch, plan, participants, self.now + self.config.plan_ack_timeout,
                                   self.now + self.config.heartbeat_interval)
         self.phase = "proposed"
@@ -574,17 +582,27 @@ class ControlNode:
             if isinstance(ev, MemberJoined):
                 self.excluded.discard(ev.node)
                 out += self._request_replan(f"{ev.node} joined")
+            elif isinstance(ev, MemberRecovered) and self.is_leader and ev.node not in self.planned_members:
+                # suspected when the last plan was made, so the planner never saw it
+                out += self._request_replan(f"{ev.node} is back")
             elif isinstance(ev, MemberDied | MemberLeft):
                 self.profiles.pop(ev.node, None)
-                out += self._request_replan(f"{ev.node} {'died' if isinstance(ev, MemberDied) else 'left'}")
+                gone = f"{ev.node} {'died' if isinstance(ev, MemberDied) else 'left'}"
+                if self.is_leader and self.proposal is not None and ev.node in self.proposal.participants:
+                    out += self._abort_proposal(gone)  # its ack will never come
+                out += self._request_replan(gone)
+                if self.is_leader and self.phase == "profiles":
+                    out += self._maybe_start_planning()
         return out
 
     def _after_election(self, events: list[Output]) -> list[Output]:
         out = list(events)
         for ev in events:
-            if isinstance(ev, LeaderChanged) and ev.leader is not None and ev.leader != self._planning_for:
-                # A different leader: whatever planning the previous one had in flight is void. (A
-                # leader that re-wins a higher term keeps its round going.)
+            if isinstance(ev, LeaderChanged) and ev.leader is not None and (
+                    ev.leader != self._planning_for or ev.leader == self.id):
+                # A new leadership (another leader, or this node winning a term, again or not): what
+                # planning was in flight is void; members drop its pending epoch when the next one
+                # comes, and acks to a ballot that has ended are not sent.
                 self._planning_for = ev.leader
                 self.phase, self.coordinator, self.proposal = None, None, None
                 self.replan_reason = None
@@ -632,7 +650,8 @@ class ControlNode:
         return out + self._maybe_start_planning()
 
     def _maybe_start_planning(self) -> list[Output]:
-        if all(n in self.profiles for n in self.round_members):
+        if all(n in self.profiles for n in self.round_members
+               if self.membership.state(n) is Liveness.ALIVE):
             return self._start_planning()
         return []
 
@@ -640,6 +659,7 @@ class ControlNode:
         members = tuple(n for n in self.round_members
                         if n in self.profiles and self.membership.state(n) is Liveness.ALIVE)
         self.phase = "planning"
+        self.planned_members = frozenset(members)
         return [StartPlanning(self.round, members, {n: self.profiles[n] for n in members}, self.round_reason)]
 
     def _got_ack(self, node: NodeId, epoch: int, ok: bool, error: str) -> list[Output]:
