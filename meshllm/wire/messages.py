@@ -260,6 +260,33 @@ class Activations(Message):
     hidden: Tensor
     positions: tuple[int, ...]
     decode: bool = False
+    first_block: int = -1  # the first block the receiver must run (-1: unchecked); a stage holding
+    # another range under this epoch refuses, which catches a sender routing by a stale plan
+
+
+@data("decode_batch")
+@dataclass(frozen=True, slots=True)
+class DecodeBatch(Message):
+    """One decode step of a micro-batch between the stages of a decoder replica: one new token per
+    request. hidden: (B, H); reqs and positions: B entries."""
+
+    epoch: int
+    micro: int
+    reqs: tuple[RequestId, ...]
+    positions: tuple[int, ...]
+    hidden: Tensor
+    first_block: int = -1
+
+
+@data("token_batch")
+@dataclass(frozen=True, slots=True)
+class TokenBatch(Message):
+    """The last stage of a decoder ring back to its first: the tokens sampled for a micro-batch."""
+
+    epoch: int
+    micro: int
+    reqs: tuple[RequestId, ...]
+    tokens: tuple[int, ...]
 
 
 @data("kv_chunk")
@@ -302,6 +329,17 @@ class Token(Message):
 @dataclass(frozen=True, slots=True)
 class Free(Message):
     req: RequestId
+
+
+@data("load_report")
+@dataclass(frozen=True, slots=True)
+class LoadReport(Message):
+    """A replica's load for the routers of entry nodes (queue length, active sequences, free KV...)."""
+
+    node_id: NodeId
+    epoch: int
+    replica: int
+    load: dict[str, Any]
 
 
 @data("error")
