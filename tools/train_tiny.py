@@ -201,18 +201,26 @@ def train(model, train_ids, val_ids, args, work: Path) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    start_step = 0
+    if args.resume:
+        ck = torch.load(work / "ckpt.pt", map_location="cpu")
+        model.load_state_dict(ck["model"])
+        if "optim" in ck:
+            opt.load_state_dict(ck["optim"])
+        start_step = ck["step"]
+        log(f"resumed from step {ck['step']} (val {ck['val']:.3f}); new budget {args.minutes} min")
     budget = args.minutes * 60.0
     t0 = time.monotonic()
     last_ckpt = t0
-    step, ema, history = 0, None, []
+    step, ema, history = start_step, None, []
     model.train()
     while True:
         elapsed = time.monotonic() - t0
         frac = min(elapsed / budget, 1.0)
-        if frac >= 1.0 or (args.max_steps and step >= args.max_steps):
+        if frac >= 1.0 or (args.max_steps and step - start_step >= args.max_steps):
             break
         # Warm-up in steps, then cosine over the wall-clock budget down to 10% of the peak.
-        warm = min(1.0, (step + 1) / args.warmup)
+        warm = min(1.0, (step - start_step + 1) / args.warmup)
         lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -230,25 +238,26 @@ def train(model, train_ids, val_ids, args, work: Path) -> dict:
         if step % args.log_every == 0:
             log(f"step {step} loss {loss:.3f} ema {ema:.3f} lr {lr:.2e} "
                 f"elapsed {elapsed / 60:.1f}/{args.minutes:.0f} min "
-                f"({step / max(elapsed, 1e-9):.2f} steps/s)")
+                f"({(step - start_step) / max(elapsed, 1e-9):.2f} steps/s)")
         if time.monotonic() - last_ckpt > args.ckpt_minutes * 60:
             val = evaluate(model, val_ids, args.seq)
             history.append({"step": step, "train_ema": ema, "val": val})
             log(f"checkpoint step {step}: val loss {val:.3f}")
-            save_checkpoint(model, step, ema, val, work)
+            save_checkpoint(model, opt, step, ema, val, work)
             last_ckpt = time.monotonic()
     val = evaluate(model, val_ids, args.seq)
-    save_checkpoint(model, step, ema, val, work)
+    save_checkpoint(model, opt, step, ema, val, work)
     log(f"done: {step} steps, train ema {ema:.3f}, val {val:.3f}")
     return {"steps": step, "train_loss_ema": ema, "val_loss": val,
             "minutes": (time.monotonic() - t0) / 60, "history": history}
 
 
-def save_checkpoint(model, step, ema, val, work: Path) -> None:
+def save_checkpoint(model, opt, step, ema, val, work: Path) -> None:
     import torch
 
     tmp = work / "ckpt.pt.tmp"
-    torch.save({"model": model.state_dict(), "step": step, "train_loss_ema": ema, "val": val}, tmp)
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step,
+                "train_loss_ema": ema, "val": val}, tmp)
     os.replace(tmp, work / "ckpt.pt")  # atomic: a crash never leaves half a checkpoint
 
 
@@ -289,9 +298,8 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def blocks_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
-    from meshllm.runtime.runner import StageRunner
-
     from meshllm.model.manifest import load_manifest
+    from meshllm.runtime.runner import StageRunner
 
     man = load_manifest(model_dir)
     runner = StageRunner(man, 0, man.config.num_blocks, threads=1)
@@ -341,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: none)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-minutes", type=float, default=5.0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --work (fresh warm-up and cosine budget)")
     p.add_argument("--export-only", action="store_true",
                    help="skip training; export the latest checkpoint in --work")
     p.add_argument("--no-check", action="store_true", help="skip the greedy parity check")
