@@ -278,3 +278,71 @@ def test_planner_plan_dicts_work_end_to_end() -> None:
     assert act.epoch == 1 and Plan.from_dict(act.plan).epoch == 1 and Plan.from_dict(act.plan).nodes == ("solo",)
     assert n.drift is not None and n.drift.planned == (300.0, 20.0)
     assert n.status()["ready"] and n.status()["active_epoch"] == 1 and n.status()["leader"] == "solo"
+
+
+def _random_value(tp, rng: np.random.Generator, names: list[str]):
+    import types
+    import typing
+
+    from meshllm.wire.tensor import Tensor
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        return _random_value(args[int(rng.integers(len(args)))], rng, names)
+    if tp is type(None):
+        return None
+    if tp is bool:
+        return bool(rng.integers(2))
+    if tp is int or getattr(tp, "__supertype__", None) is int:
+        return int(rng.integers(-2, 6))
+    if tp is float:
+        return float(rng.normal())
+    if tp is str or getattr(tp, "__supertype__", None) is str:
+        return str(rng.choice(names))
+    if tp is bytes:
+        return bytes(rng.integers(0, 256, 16, dtype=np.uint8))
+    if tp is Tensor:
+        return Tensor.from_array(np.zeros(2, np.float32))
+    if origin is tuple:
+        return tuple(_random_value(typing.get_args(tp)[0], rng, names) for _ in range(int(rng.integers(0, 3))))
+    if origin is dict:
+        return [{}, {"replicas": []}, {"replicas": [{"stages": [{"node": str(rng.choice(names))}]}]},
+                {"replicas": 3}, {"workload": {"input_len": "x"}}][int(rng.integers(5))]
+    raise AssertionError(tp)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_control_traffic_never_breaks_a_node(seed: int) -> None:
+    """Well-typed but arbitrary control messages from peers, interleaved with ticks and local events:
+    no exception escapes, and the node keeps heartbeating and can still lead."""
+    import dataclasses
+    import typing
+
+    from meshllm.control.events import EpochIdle, IslandEvolved, Received
+    from meshllm.wire.messages import MESSAGE_TYPES
+
+    rng = np.random.default_rng(seed)
+    names = ["a", "b", "c", "z"]
+    node = ControlNode("a", rng=np.random.default_rng(seed), priority=int(rng.integers(0, 3)),
+                       validate_plan=lambda p: None)
+    kinds = [cls for cls in MESSAGE_TYPES.values()]
+    t = 0.0
+    for _ in range(400):
+        r = rng.random()
+        if r < 0.1:
+            t += float(rng.uniform(0, 2))
+            node.tick(t)
+        elif r < 0.15:
+            ev = [PlanLoaded(int(rng.integers(0, 4)), bool(rng.integers(2))), EpochIdle(int(rng.integers(0, 4))),
+                  ObservedRequest(int(rng.integers(0, 999)), int(rng.integers(0, 99))), OperatorReplan(),
+                  IslandEvolved(int(rng.integers(0, 3)), int(rng.integers(0, 3)), ((1,),), (1.0,))]
+            node.step(ev[int(rng.integers(len(ev)))])
+        else:
+            cls = kinds[int(rng.integers(len(kinds)))]
+            hints = typing.get_type_hints(cls)
+            msg = cls(**{f.name: _random_value(hints[f.name], rng, names) for f in dataclasses.fields(cls)})
+            node.step(Received(str(rng.choice(names[1:])), msg))
+    outs = node.tick(t + 100.0) + node.tick(t + 101.0)
+    assert any(type(o).__name__ == "Broadcast" for o in outs)
+    assert node.is_leader  # everyone else went silent: it leads itself
