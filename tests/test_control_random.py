@@ -12,6 +12,10 @@ leader or another node), then the network heals. Checked on every seed:
   shared voter;
 - after the heal, within HEAL_BOUND seconds (heartbeat 1 s), every live node follows one leader,
   the best live member, and that stays so to the end.
+
+``run_plan_seed`` does the same with planning switched on (toy planner, GA islands, slow loads) and
+checks that within PLAN_BOUND after the heal every live node runs one active epoch placing exactly
+the live nodes, and that each node's epochs only ever go up.
 """
 
 from __future__ import annotations
