@@ -23,11 +23,17 @@ def _runner(m: Manifest, first: int = 0, end: int | None = None, **kw: object) -
     return StageRunner(m, first, m.config.num_blocks if end is None else end, threads=1, **kw)  # type: ignore[arg-type]
 
 
-def test_incremental_decode_equals_full_forward(tiny_manifest: Manifest, tiny_weights) -> None:
+# every compute test runs both ways a stage can run its range: one fused session for the blocks
+# before the head (the default) and one session per block
+both = pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per_block"])
+
+
+@both
+def test_incremental_decode_equals_full_forward(tiny_manifest: Manifest, tiny_weights, fuse: bool) -> None:
     cfg = tiny_manifest.config
     ids = _ids(tiny_manifest, 20, 1)
     want = reference.forward(ids, tiny_weights, cfg)  # (T, V)
-    r = _runner(tiny_manifest)
+    r = _runner(tiny_manifest, fuse=fuse)
     r.alloc("a", 32)
     np.testing.assert_allclose(r.prefill("a", ids[:5]), want[4], atol=ATOL, rtol=0)
     assert r.seq_len("a") == 5
@@ -37,31 +43,33 @@ def test_incremental_decode_equals_full_forward(tiny_manifest: Manifest, tiny_we
     assert r.seq_len("a") == 20
 
 
-def test_chunked_prefill_equals_one_prefill(tiny_manifest: Manifest, tiny_weights) -> None:
+@both
+def test_chunked_prefill_equals_one_prefill(tiny_manifest: Manifest, tiny_weights, fuse: bool) -> None:
     cfg = tiny_manifest.config
     ids = _ids(tiny_manifest, 23, 2)
     want = reference.forward(ids, tiny_weights, cfg)
-    r = _runner(tiny_manifest)
+    r = _runner(tiny_manifest, fuse=fuse)
     r.alloc(0, 23)
     parts = [r.prefill(0, ids[a:b], last_only=False) for a, b in ((0, 7), (7, 8), (8, 20), (20, 23))]
     np.testing.assert_allclose(np.concatenate(parts), want, atol=ATOL, rtol=0)
 
 
-def test_batched_ragged_decode_equals_one_at_a_time(tiny_manifest: Manifest, tiny_weights) -> None:
+@both
+def test_batched_ragged_decode_equals_one_at_a_time(tiny_manifest: Manifest, tiny_weights, fuse: bool) -> None:
     cfg = tiny_manifest.config
     prompts = {f"s{i}": _ids(tiny_manifest, n, 10 + i) for i, n in enumerate((3, 11, 1, 7))}
     steps = 6
     nxt = {s: _ids(tiny_manifest, steps, 50 + i) for i, s in enumerate(prompts)}
     # one sequence at a time
     single = {}
-    r1 = _runner(tiny_manifest, max_seqs=1)
+    r1 = _runner(tiny_manifest, max_seqs=1, fuse=fuse)
     for s, p in prompts.items():
         r1.alloc(s, 32)
         r1.prefill(s, p)
         single[s] = np.stack([r1.decode([s], nxt[s][t:t + 1])[0] for t in range(steps)])
         r1.free(s)
     # all together, in a scrambled order, with a freed slot in between so slots are not consecutive
-    rb = _runner(tiny_manifest, max_seqs=8)
+    rb = _runner(tiny_manifest, max_seqs=8, fuse=fuse)
     rb.alloc("gap", 4)
     for s, p in prompts.items():
         rb.alloc(s, 32)
@@ -83,10 +91,11 @@ def test_batched_ragged_decode_equals_one_at_a_time(tiny_manifest: Manifest, tin
         np.testing.assert_allclose(single[s], full[len(prompts[s]):], atol=ATOL, rtol=0, err_msg=s)
 
 
-def test_decode_of_a_subset_leaves_other_sequences_intact(tiny_manifest: Manifest, tiny_weights) -> None:
+@both
+def test_decode_of_a_subset_leaves_other_sequences_intact(tiny_manifest: Manifest, tiny_weights, fuse: bool) -> None:
     """Moving sequences into consecutive slots for a batch must carry their caches along."""
     cfg = tiny_manifest.config
-    r = _runner(tiny_manifest, max_seqs=6)
+    r = _runner(tiny_manifest, max_seqs=6, fuse=fuse)
     seqs = {i: _ids(tiny_manifest, 4 + i, 70 + i) for i in range(5)}
     for i, p in seqs.items():
         r.alloc(i, 16)
@@ -102,13 +111,15 @@ def test_decode_of_a_subset_leaves_other_sequences_intact(tiny_manifest: Manifes
             np.testing.assert_allclose(out[j], want, atol=ATOL, rtol=0, err_msg=f"seq {i} batch {batch}")
 
 
-def test_split_ranges_chained_equal_one_runner(tiny_manifest: Manifest, tiny_weights) -> None:
+@both
+def test_split_ranges_chained_equal_one_runner(tiny_manifest: Manifest, tiny_weights, fuse: bool) -> None:
     cfg = tiny_manifest.config
     L = cfg.num_layers
     ids = _ids(tiny_manifest, 9, 4)
     more = _ids(tiny_manifest, 4, 5)
-    whole = _runner(tiny_manifest)
-    stages = [_runner(tiny_manifest, 0, 2), _runner(tiny_manifest, 2, L + 1), _runner(tiny_manifest, L + 1)]
+    whole = _runner(tiny_manifest, fuse=fuse)
+    stages = [_runner(tiny_manifest, 0, 2, fuse=fuse), _runner(tiny_manifest, 2, L + 1, fuse=fuse),
+              _runner(tiny_manifest, L + 1, fuse=fuse)]
     whole.alloc("q", 16)
     for s in stages:
         s.alloc("q", 16)
@@ -128,16 +139,17 @@ def test_split_ranges_chained_equal_one_runner(tiny_manifest: Manifest, tiny_wei
     assert stages[0].decode(["q"], np.array([1])).shape == (1, cfg.hidden_size)
 
 
-def test_kv_export_import_hands_a_sequence_to_another_runner(tiny_manifest: Manifest, tiny_weights) -> None:
+@both
+def test_kv_export_import_hands_a_sequence_to_another_runner(tiny_manifest: Manifest, tiny_weights, fuse: bool) -> None:
     cfg = tiny_manifest.config
     ids = _ids(tiny_manifest, 13, 6)
     cont = _ids(tiny_manifest, 5, 7)
     want = reference.forward(np.concatenate([ids, cont]), tiny_weights, cfg)
-    prefill_node = _runner(tiny_manifest)
+    prefill_node = _runner(tiny_manifest, fuse=fuse)
     prefill_node.alloc("r", 13)
     first_logits = prefill_node.prefill("r", ids)
     np.testing.assert_allclose(first_logits, want[12], atol=ATOL, rtol=0)
-    decode_node = _runner(tiny_manifest, max_seqs=3)
+    decode_node = _runner(tiny_manifest, max_seqs=3, fuse=fuse)
     decode_node.alloc("other", 8)
     decode_node.alloc("r", 32)
     for b in range(1, cfg.num_layers + 1):
@@ -243,3 +255,11 @@ def test_sessions_use_given_threads_and_no_spinning() -> None:
     so = session_options(3)
     assert so.intra_op_num_threads == 3
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_fused_range_is_one_session_plus_head(tiny_manifest: Manifest) -> None:
+    cfg = tiny_manifest.config
+    assert [u.blocks for u in _runner(tiny_manifest, fuse=True).units] == [list(range(cfg.num_layers + 1)),
+                                                                            [cfg.num_layers + 1]]
+    assert len(_runner(tiny_manifest, fuse=False).units) == cfg.num_blocks
+    assert len(_runner(tiny_manifest, 1, 3, fuse=True).units) == 1

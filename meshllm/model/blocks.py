@@ -238,3 +238,76 @@ def build_monolithic(weights: dict[str, np.ndarray], cfg: ModelConfig,
                     _vi(f"present_value.{i}", F, _kv_shape(cfg, "present"))]
     _emit_head(g, cfg, weights, f"h{cfg.num_layers}", "logits")
     return _model(g, "model", inputs, outputs)
+
+
+# Interface tensors of a layer block that stay shared (or get a per-layer name) when blocks are
+# fused into one graph; every other tensor gets a per-block prefix.
+_SHARED = {"seqlens_k", "total_sequence_length", "cos_cache", "sin_cache", ""}
+
+
+def fuse_blocks(models: list[onnx.ModelProto], indices: list[int]) -> onnx.ModelProto:
+    """Chain consecutive block models into one graph (a stage's range as one session).
+
+    Inputs: the first block's (``input_ids`` or ``hidden``), then for each layer block ``b``
+    ``past_key.{b}``/``past_value.{b}``, plus ``seqlens_k``/``total_sequence_length`` once.
+    Outputs: the last block's (``hidden_out`` or ``logits``) and ``present_key.{b}``/
+    ``present_value.{b}`` per layer block.
+    """
+    if len(models) != len(indices) or not models:
+        raise ModelError("fuse_blocks: one model per block index, at least one")
+    nodes: list[onnx.NodeProto] = []
+    inits: dict[str, onnx.TensorProto] = {}
+    inputs: dict[str, onnx.ValueInfoProto] = {}
+    outputs: list[onnx.ValueInfoProto] = []
+    prev_out: str | None = None
+    for pos, (model, b) in enumerate(zip(models, indices, strict=True)):
+        g = model.graph
+        last = pos == len(models) - 1
+        ren: dict[str, str] = {n: n for n in _SHARED}
+        for vi in g.input:
+            n = vi.name
+            if n in ("past_key", "past_value"):
+                ren[n] = f"{n}.{b}"
+            elif n in ("hidden", "input_ids") and prev_out is not None:
+                ren[n] = prev_out
+            else:
+                ren[n] = n
+            if ren[n] not in inputs and (prev_out is None or n not in ("hidden", "input_ids")):
+                nv = onnx.ValueInfoProto()
+                nv.CopyFrom(vi)
+                nv.name = ren[n]
+                inputs[ren[n]] = nv
+        for vi in g.output:
+            n = vi.name
+            if n in ("present_key", "present_value"):
+                ren[n] = f"{n}.{b}"
+            elif last:
+                ren[n] = n
+            else:
+                ren[n] = f"{n}.{b}"
+            if n.startswith("present_") or last:
+                nv = onnx.ValueInfoProto()
+                nv.CopyFrom(vi)
+                nv.name = ren[n]
+                outputs.append(nv)
+        prev_out = ren[g.output[0].name]
+
+        def name(n: str, b: int = b, ren: dict[str, str] = ren) -> str:
+            return ren.get(n, f"b{b}/{n}")
+
+        for t in g.initializer:
+            nt = onnx.TensorProto()
+            nt.CopyFrom(t)
+            nt.name = name(t.name)
+            inits.setdefault(nt.name, nt)
+        for node in g.node:
+            nn = onnx.NodeProto()
+            nn.CopyFrom(node)
+            nn.name = f"b{b}/{node.name}"
+            nn.input[:] = [name(x) for x in node.input]
+            nn.output[:] = [name(x) for x in node.output]
+            nodes.append(nn)
+    graph = helper.make_graph(nodes, "fused", list(inputs.values()), outputs, initializer=list(inits.values()))
+    fused = helper.make_model(graph, opset_imports=list(models[0].opset_import), producer_name="meshllm")
+    fused.ir_version = models[0].ir_version
+    return fused

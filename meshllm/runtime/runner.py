@@ -24,14 +24,27 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from meshllm.errors import CapacityError, ConfigError, ModelError
+from meshllm.model.blocks import fuse_blocks
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.kv import KVCache, SeqState
+
+# Fusing a stage's blocks into one session: see the runtime benchmark for the measurement.
+FUSE_DEFAULT = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    blocks: list[int]  # consecutive block indices this session runs
+    session: ort.InferenceSession
+    fused: bool  # KV tensors are named per layer (past_key.{b}) in a fused graph
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -47,11 +60,14 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def load_session(path: Path, threads: int) -> ort.InferenceSession:
+def load_session(model: Path | bytes, threads: int) -> ort.InferenceSession:
+    """A CPU session for a model file (or serialized model bytes)."""
+    src = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-        raise ModelError(f"cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+        what = "the fused blocks" if isinstance(model, bytes) else str(model)
+        raise ModelError(f"cannot load {what}: {str(e).splitlines()[0][:200]}") from None
 
 
 def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> None:
@@ -64,7 +80,8 @@ def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> 
 
 class StageRunner:
     def __init__(self, manifest: Manifest, first: int, end: int, *, threads: int | None = None,
-                 kv_budget_bytes: int | None = None, max_seqs: int = 64, slowdown: float = 1.0) -> None:
+                 kv_budget_bytes: int | None = None, max_seqs: int = 64, slowdown: float = 1.0,
+                 fuse: bool = FUSE_DEFAULT) -> None:
         cfg = manifest.config
         if not 0 <= first < end <= cfg.num_blocks:
             raise ModelError(f"block range [{first}, {end}) is not inside [0, {cfg.num_blocks})")
@@ -82,7 +99,8 @@ class StageRunner:
         self.has_embed = first == 0
         self.has_head = end == cfg.num_blocks
         self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
-        self.sessions = {b: load_session(manifest.block_path(b), self.threads) for b in range(first, end)}
+        self.fused = fuse
+        self.units = self._load_units(fuse)
         self.kv = KVCache(self.layer_blocks, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                           slot_len=cfg.max_position, max_seqs=max_seqs, budget_bytes=kv_budget_bytes)
         self.last_compute_s = 0.0  # compute time of the last prefill/decode, before any slowdown
@@ -183,38 +201,59 @@ class StageRunner:
         if self.slowdown > 1.0:
             time.sleep((self.slowdown - 1.0) * dt)
 
+    def _load_units(self, fuse: bool) -> list[_Unit]:
+        """Sessions for the range: one per block, or (fused) one for every block before the head
+        plus the head on its own (so prefill can ask for the last position's logits only)."""
+        head = self.config.num_layers + 1
+        body = list(range(self.first, min(self.end, head)))
+        if not fuse or len(body) < 2:
+            return [_Unit([b], load_session(self.manifest.block_path(b), self.threads), False)
+                    for b in range(self.first, self.end)]
+        try:
+            models = [onnx.load(str(self.manifest.block_path(b))) for b in body]
+        except Exception as e:  # onnx raises protobuf errors for unreadable files
+            raise ModelError(f"cannot load the blocks of [{self.first}, {self.end}): {e}") from None
+        fused = fuse_blocks(models, body)
+        del models
+        units = [_Unit(body, load_session(fused.SerializeToString(), self.threads), True)]
+        if self.has_head:
+            units.append(_Unit([head], load_session(self.manifest.block_path(head), self.threads), False))
+        return units
+
     def _run(self, x: np.ndarray, s0: int, seqlens: np.ndarray, total: int, last_only: bool) -> np.ndarray:
         """x: (B, S) ids or (B, S, H) hidden for slots [s0, s0 + B); returns the range's output."""
         B = x.shape[0]
         h = x
         total_arr = np.array(total, np.int32)
-        for b in range(self.first, self.end):
-            sess = self.sessions[b]
-            io = sess.io_binding()
-            if b == 0:
+        L = self.config.num_layers
+        for unit in self.units:
+            io = unit.session.io_binding()
+            if unit.blocks[0] == 0:
                 io.bind_cpu_input("input_ids", h)
-                out = np.empty((*h.shape, self.config.hidden_size), np.float32)  # (B, S, H)
-                bind_buffer(io, "hidden_out", out, output=True)
-            elif b == self.config.num_layers + 1:
-                if last_only:
+            else:
+                if unit.blocks[0] == L + 1 and last_only:
                     h = np.ascontiguousarray(h[:, -1:])  # (B, 1, H): only the last position's logits
                 bind_buffer(io, "hidden", h, output=False)
-                out = np.empty((*h.shape[:2], self.config.vocab_size), np.float32)  # (B, S, V)
+            if unit.blocks[-1] == L + 1:
+                out = np.empty((B, h.shape[1], self.config.vocab_size), np.float32)  # (B, S, V)
                 bind_buffer(io, "logits", out, output=True)
             else:
-                bind_buffer(io, "hidden", h, output=False)
-                k = self.kv.k[b][s0:s0 + B]  # (B, kvh, slot_len, d): a view, no copy
-                v = self.kv.v[b][s0:s0 + B]
-                bind_buffer(io, "past_key", k, output=False)
-                bind_buffer(io, "past_value", v, output=False)
+                out = np.empty((B, h.shape[1], self.config.hidden_size), np.float32)  # (B, S, H)
+                bind_buffer(io, "hidden_out", out, output=True)
+            layers = [b for b in unit.blocks if 1 <= b <= L]
+            if layers:
                 io.bind_cpu_input("seqlens_k", seqlens)
                 io.bind_cpu_input("total_sequence_length", total_arr)
-                out = np.empty(h.shape, np.float32)  # (B, S, H)
-                bind_buffer(io, "hidden_out", out, output=True)
+            for b in layers:
+                sfx = f".{b}" if unit.fused else ""
+                k = self.kv.k[b][s0:s0 + B]  # (B, kvh, slot_len, d): a view, no copy
+                v = self.kv.v[b][s0:s0 + B]
+                bind_buffer(io, "past_key" + sfx, k, output=False)
+                bind_buffer(io, "past_value" + sfx, v, output=False)
                 # same memory as the past: the kernel writes only the new positions, in place
-                bind_buffer(io, "present_key", k, output=True)
-                bind_buffer(io, "present_value", v, output=True)
-            sess.run_with_iobinding(io)
+                bind_buffer(io, "present_key" + sfx, k, output=True)
+                bind_buffer(io, "present_value" + sfx, v, output=True)
+            unit.session.run_with_iobinding(io)
             h = out
         return h
 
