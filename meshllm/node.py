@@ -375,6 +375,7 @@ class Node:
         self.active_epoch = 0
         self.bad_frames = 0
         self.links_dropped = 0
+        self.planned_over: dict[int, tuple[str, ...]] = {}  # leader: epoch -> members planned over
         self.rejected_plans = 0
         self.closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -754,6 +755,10 @@ class Node:
             self.step(PlanningFailed(done.round, str(e)))
             return
         self.step(ProposePlan(done.round, plan_document(plan, problem.workload)))
+        c = self.control
+        if c is not None and c.proposal is not None:
+            # Which members a proposed epoch was planned over (for /v1/mesh and tests).
+            self.planned_over[c.proposal.epoch] = tuple(problem.names)
 
     # --- plans (every node) -----------------------------------------------------------------------
     def _validate_plan(self, doc: dict[str, Any]) -> None:
