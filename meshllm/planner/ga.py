@@ -42,6 +42,8 @@ class GAConfig:
     tournament: int = 3
     crossover: float = 0.7
     mutation: float = 0.9
+    extra_mutation: float = 0.0
+    immigrants: int = 0
     migrants: int = 2
 
 
@@ -285,16 +287,30 @@ def _tournament(island: Island, rng: np.random.Generator) -> int:
     return int(idx.min())  # the population is sorted best first
 
 
+def _key(a: np.ndarray, r: np.ndarray) -> tuple[bytes, bytes]:
+    return a.tobytes(), r[: int(a.max())].tobytes()
+
+
 def evolve(island: Island, generations: int, rng: np.random.Generator) -> Island:
-    """Run ``generations`` generations of elitism + tournament + crossover + mutation.
-    Pure: the result depends only on the island and the generator's state."""
+    """Run ``generations`` generations: ``population - elite`` children by tournament,
+    crossover and mutation, then the best ``population`` distinct individuals of parents and
+    children survive ((mu + lambda) selection: elitist, and a good individual stays until better
+    ones displace it). Pure: the result depends only on the island and the generator's state."""
     cfg = island.config
     problem = island.problem
+    m = island.assign.shape[1]
     for _ in range(generations):
-        inds = [(island.assign[i], island.roles[i]) for i in range(min(cfg.elite, len(island.fitness)))]
-        seen = {(a.tobytes(), r[: a.max()].tobytes()) for a, r in inds}
+        parents = [(island.assign[i], island.roles[i]) for i in range(len(island.fitness))]
+        seen = {_key(a, r) for a, r in parents}
+        children: list[tuple[np.ndarray, np.ndarray]] = []
+        for _ in range(cfg.immigrants):  # fresh random blood
+            child = _random_individual(m, rng)
+            if _key(*child) not in seen:
+                seen.add(_key(*child))
+                children.append(child)
+        want = max(cfg.population - cfg.elite, 1)
         tries = 0
-        while len(inds) < cfg.population and tries < cfg.population * 20:
+        while len(children) < want and tries < want * 20:
             tries += 1
             pa = _tournament(island, rng)
             child = (island.assign[pa], island.roles[pa])
@@ -303,12 +319,16 @@ def evolve(island: Island, generations: int, rng: np.random.Generator) -> Island
                 child = crossover(child, (island.assign[pb], island.roles[pb]), rng)
             if rng.random() < cfg.mutation:
                 child = mutate(child, rng)
-            key = (child[0].tobytes(), child[1][: child[0].max()].tobytes())
-            if key in seen:
+                while rng.random() < cfg.extra_mutation:  # occasional bigger jumps
+                    child = mutate(child, rng)
+            k = _key(*child)
+            if k in seen:
                 continue  # keep the population diverse: no duplicate groupings
-            seen.add(key)
-            inds.append(child)
-        island = _make_island(problem, inds, cfg, island.generation + 1)
+            seen.add(k)
+            children.append(child)
+        pool = _make_island(problem, parents + children, cfg, island.generation + 1)
+        n = min(cfg.population, len(pool.fitness))
+        island = Island(problem, pool.assign[:n], pool.roles[:n], pool.fitness[:n], cfg, pool.generation)
     return island
 
 
@@ -329,11 +349,51 @@ def merge(islands: Sequence[Island]) -> list[Island]:
     return out
 
 
-def run(problem: Problem, rng: np.random.Generator, generations: int = 60, islands: int = 1,
-        epoch_len: int = 10, patience: int = 25, config: GAConfig = GAConfig()) -> Island:
+def polish(problem: Problem, assign: np.ndarray, roles: np.ndarray,
+           max_sweeps: int = 20) -> tuple[np.ndarray, np.ndarray, float]:
+    """Deterministic hill climbing from an individual: repeatedly take the best of all single
+    moves (a device to another replica, to a new replica or out; a replica to another role)
+    while it improves the fitness."""
+    m = len(assign)
+    a, r = normalise(assign, roles)
+    f = fitness(problem, a, r)
+    for _ in range(max_sweeps):
+        best = (f, a, r)
+        used = sorted(set(a.tolist()) - {0})
+        nxt = (max(used) if used else 0) + 1
+        for j in range(m):
+            targets = [k for k in [0, *used] if k != a[j]] + ([nxt] if nxt <= m else [])
+            for k in targets:
+                for role in ((0, 1, 2) if k == nxt else (None,)):
+                    b, s = a.copy(), r.copy()
+                    b[j] = k
+                    if role is not None:
+                        s[k - 1] = role
+                    b, s = normalise(b, s)
+                    g = fitness(problem, b, s)
+                    if g < best[0]:
+                        best = (g, b, s)
+        for k in used:
+            for role in range(3):
+                if role != r[k - 1]:
+                    s = r.copy()
+                    s[k - 1] = role
+                    g = fitness(problem, a, s)
+                    if g < best[0]:
+                        best = (g, a, s)
+        if best[0] >= f:
+            break
+        f, a, r = best
+    return a, r, f
+
+
+def run(problem: Problem, rng: np.random.Generator, generations: int = 100, islands: int = 1,
+        epoch_len: int = 10, patience: int = 40, config: GAConfig = GAConfig(),
+        polish_top: int = 5) -> Island:
     """The GA end to end: ``islands`` islands evolving ``epoch_len`` generations between
     migrations, stopping after ``generations`` or when the best has not improved for
-    ``patience`` generations. Returns the island holding the overall best, best first."""
+    ``patience`` generations; the ``polish_top`` best are then polished by :func:`polish`.
+    Returns the island holding the overall best, best first."""
     isl = [initial_island(problem, rng, config) for _ in range(islands)]
     best, stale, done = math.inf, 0, 0
     while done < generations and stale < patience:
@@ -346,7 +406,17 @@ def run(problem: Problem, rng: np.random.Generator, generations: int = 60, islan
             best, stale = cur, 0
         else:
             stale += step
-    return min(isl, key=lambda x: float(x.fitness[0]))
+    top = min(isl, key=lambda x: float(x.fitness[0]))
+    a, r, f = top.assign[0], top.roles[0], float(top.fitness[0])
+    for i in range(min(polish_top, len(top.fitness))):
+        pa, pr, pf = polish(problem, top.assign[i], top.roles[i])
+        if pf < f:
+            a, r, f = pa, pr, pf
+    if f < top.fitness[0]:
+        top = Island(problem, np.concatenate([a[None], top.assign[:-1]]),
+                     np.concatenate([r[None], top.roles[:-1]]),
+                     np.concatenate([[f], top.fitness[:-1]]), top.config, top.generation)
+    return top
 
 
 def _set_partitions(m: int):
