@@ -1,0 +1,84 @@
+"""Network-namespace lab (root only): ``meshllm node`` processes in separate namespaces on one
+bridge find each other by real mDNS across veth links and agree on a leader and a plan."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("netlab", ROOT / "tools" / "netlab.py")
+assert _spec is not None and _spec.loader is not None
+netlab = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(netlab)
+
+_WHY = netlab.why_unavailable()
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.skipif(_WHY is not None, reason=str(_WHY))]
+
+CONFIG = """
+[control]
+heartbeat_interval = 0.3
+suspect_after = 3
+dead_after = 8
+election_timeout = 1.0
+election_backoff = 0.3
+discovery_grace = 1.0
+replan_debounce = 0.5
+island_deadline = 3.0
+island_generations = 5
+"""
+
+
+def view(addr: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://{addr}:7070/v1/mesh", timeout=2) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def test_nodes_in_namespaces_find_each_other_by_mdns(tmp_path: Path, tiny_model_dir: Path) -> None:
+    key = tmp_path / "mesh.key"
+    key.write_text(uuid.uuid4().hex)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(CONFIG)
+    prefix = f"mt{os.getpid() % 10000}"
+    with netlab.Lab(prefix, 3, net=90 + os.getpid() % 60, rate_mbit=100) as lab:
+        addrs = [lab.addr(i) for i in range(3)]
+        for i, a in enumerate(addrs):
+            with open(tmp_path / f"n{i}.log", "wb") as log:
+                lab.popen(i, [sys.executable, "-m", "meshllm.cli", "node", "--model", str(tiny_model_dir),
+                              "--name", f"n{i}", "--host", a, "--interface", a, "--port", "7070",
+                              "--state-dir", str(tmp_path / f"n{i}"), "--mesh-key-file", str(key),
+                              "--threads", "1", "--config", str(cfg)],
+                          stdout=log, stderr=log, cwd=ROOT)
+        deadline = time.monotonic() + 90
+        agreed = None
+        while time.monotonic() < deadline:
+            vs = [view(a) for a in addrs]
+            if all(v and v["ready"] and sum(m["state"] == "alive" for m in v["members"]) == 3 for v in vs):
+                keys = {(v["term"], v["leader"], v["epoch"]) for v in vs}
+                if len(keys) == 1:
+                    agreed = vs
+                    break
+            for p in lab.procs:
+                assert p.poll() is None, "a node exited: " + "".join(
+                    (tmp_path / f"n{i}.log").read_text()[-2000:] for i in range(3))
+            time.sleep(0.3)
+        if agreed is None:
+            for i in range(3):
+                print(f"--- n{i} ---\n" + (tmp_path / f"n{i}.log").read_text()[-3000:])
+        assert agreed is not None, "the namespaced nodes did not agree in 90 s"
+        # Each node reached the others at their namespace addresses (found by mDNS, not seeds).
+        for v in agreed:
+            others = {m["addr"] for m in v["members"] if not m["self"]}
+            assert others == {f"{a}:7070" for a in addrs} - {v["node"]["addr"]}
