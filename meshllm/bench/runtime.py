@@ -266,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
         log(f"exporting a random {args.preset} model ({param_count(cfg) / 1e6:.1f}M parameters)")
         export_model(weights, cfg, tmp / "model", name=f"bench-{args.preset}", progress=not args.json)
         runner = RunnerEngine(tmp / "model", threads, max_len)
-        engines: list[Any] = [runner, MonolithicEngine(weights, cfg, threads, max_len, tmp)]
+        engines: list[Any] = [runner, MonolithicEngine(weights, cfg, threads, max_len, tmp),
+                              RunnerEngine(tmp / "model", threads, max_len, fuse=False)]
         hf_note = None
         if not args.no_transformers:
             # onnxruntime runs with spinning off; let torch's OpenMP pool wait passively too, so
@@ -342,7 +343,8 @@ def run(args: argparse.Namespace) -> int:
         "context": args.context, "timed_steps": n, "reps": args.reps,
         "statistic": "fastest of the timed steps (least disturbed by other processes), engines "
                      "taking turns step by step; 'medians' holds the same figures from median times",
-        "runner": run_b, "monolithic": mono, "transformers": best.get("transformers"),
+        "runner": run_b, "runner_per_block": best["runner_per_block"], "monolithic": mono,
+        "transformers": best.get("transformers"),
         "max_abs_logit_diff": agree,
         "read_bandwidth_gb_s": {k: v / 1e9 for k, v in bw.items()},
         "bytes_per_token_b1": bytes_per_token,
@@ -373,7 +375,7 @@ def _print_table(r: dict[str, Any]) -> None:
     print(f"model {r['preset']} ({r['parameters'] / 1e6:.1f}M params), {r['threads']} threads")
     keys = ["decode_tok_s_b1", f"decode_tok_s_b{BATCH}", "prefill_tok_s"]
     print(f"{'':14}" + "".join(f"{k:>20}" for k in keys))
-    for name in ("runner", "monolithic", "transformers"):
+    for name in ("runner", "runner_per_block", "monolithic", "transformers"):
         if r.get(name):
             print(f"{name:14}" + "".join(f"{r[name][k]:20.1f}" for k in keys))
     print(f"read bandwidth {max(r['read_bandwidth_gb_s'].values()):.1f} GB/s, batch-1 roofline "

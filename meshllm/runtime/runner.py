@@ -47,6 +47,18 @@ class _Unit:
     fused: bool  # KV tensors are named per layer (past_key.{b}) in a fused graph
 
 
+@dataclass(slots=True)
+class _Step:
+    """Reusable bindings of a decode step on one slot range: inputs are copied into x/seqlens/
+    total, each unit's output buffer is the next unit's bound input."""
+
+    x: np.ndarray  # (B, 1) ids or (B, 1, H) hidden
+    seqlens: np.ndarray  # (B,) int32
+    total: np.ndarray  # () int32
+    ios: list[ort.IOBinding]
+    outs: list[np.ndarray]
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -71,11 +83,15 @@ def load_session(model: Path | bytes, threads: int) -> ort.InferenceSession:
 
 
 def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> None:
-    """Bind a C-contiguous float32 numpy array's memory (no copy) as an input or output."""
+    """Bind a C-contiguous numpy array's memory (no copy) as an input or output; the array must
+    outlive the runs that use the binding."""
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: binding needs a C-contiguous array")
+    ptr = arr.__array_interface__["data"][0]
     if output:
-        io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        io.bind_output(name, "cpu", 0, arr.dtype.type, list(arr.shape), ptr)
     else:
-        io.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        io.bind_input(name, "cpu", 0, arr.dtype.type, list(arr.shape), ptr)
 
 
 class StageRunner:
@@ -101,6 +117,7 @@ class StageRunner:
         self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
         self.fused = fuse
         self.units = self._load_units(fuse)
+        self._steps: dict[tuple[int, int], _Step] = {}
         self.kv = KVCache(self.layer_blocks, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                           slot_len=cfg.max_position, max_seqs=max_seqs, budget_bytes=kv_budget_bytes)
         self.last_compute_s = 0.0  # compute time of the last prefill/decode, before any slowdown
@@ -182,7 +199,7 @@ class StageRunner:
         # row j of the batch runs on slot s0 + j
         order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
         lens = np.array([states[i].length for i in order], np.int32)  # (B,)
-        h = self._run(x[order][:, None], s0, lens, int(lens.max()) + 1, False)  # (B, 1, H|V)
+        h = self._run_step(x[order][:, None], s0, lens, int(lens.max()) + 1)  # (B, 1, H|V)
         out = np.empty((len(seq_ids), h.shape[-1]), np.float32)
         out[order] = h[:, 0]
         self._advance(states, 1)
@@ -220,42 +237,71 @@ class StageRunner:
             units.append(_Unit([head], load_session(self.manifest.block_path(head), self.threads), False))
         return units
 
-    def _run(self, x: np.ndarray, s0: int, seqlens: np.ndarray, total: int, last_only: bool) -> np.ndarray:
-        """x: (B, S) ids or (B, S, H) hidden for slots [s0, s0 + B); returns the range's output."""
-        B = x.shape[0]
-        h = x
-        total_arr = np.array(total, np.int32)
+    def _out_shape(self, unit: _Unit, B: int, S: int) -> tuple[int, int, int]:
+        last = unit.blocks[-1]
+        width = self.config.vocab_size if last == self.config.num_layers + 1 else self.config.hidden_size
+        return (B, S, width)  # (B, S, V) logits or (B, S, H) hidden
+
+    def _bind_unit(self, io: ort.IOBinding, unit: _Unit, h: np.ndarray, out: np.ndarray, s0: int,
+                   seqlens: np.ndarray, total: np.ndarray) -> None:
         L = self.config.num_layers
+        B = h.shape[0]
+        bind_buffer(io, "input_ids" if unit.blocks[0] == 0 else "hidden", h, output=False)
+        bind_buffer(io, "logits" if unit.blocks[-1] == L + 1 else "hidden_out", out, output=True)
+        layers = [b for b in unit.blocks if 1 <= b <= L]
+        if layers:
+            bind_buffer(io, "seqlens_k", seqlens, output=False)
+            bind_buffer(io, "total_sequence_length", total, output=False)
+        for b in layers:
+            sfx = f".{b}" if unit.fused else ""
+            k = self.kv.k[b][s0:s0 + B]  # (B, kvh, slot_len, d): a view, no copy
+            v = self.kv.v[b][s0:s0 + B]
+            bind_buffer(io, "past_key" + sfx, k, output=False)
+            bind_buffer(io, "past_value" + sfx, v, output=False)
+            # same memory as the past: the kernel writes only the new positions, in place
+            bind_buffer(io, "present_key" + sfx, k, output=True)
+            bind_buffer(io, "present_value" + sfx, v, output=True)
+
+    def _run(self, x: np.ndarray, s0: int, seqlens: np.ndarray, total: int, last_only: bool) -> np.ndarray:
+        """x: (B, S) ids or (B, S, H) hidden for slots [s0, s0 + B); returns the range's output
+        (a fresh array)."""
+        h = np.ascontiguousarray(x)
+        total_arr = np.array(total, np.int32)
         for unit in self.units:
+            if unit.blocks[0] == self.config.num_layers + 1 and last_only:
+                h = np.ascontiguousarray(h[:, -1:])  # (B, 1, H): only the last position's logits
+            out = np.empty(self._out_shape(unit, h.shape[0], h.shape[1]), np.float32)
             io = unit.session.io_binding()
-            if unit.blocks[0] == 0:
-                io.bind_cpu_input("input_ids", h)
-            else:
-                if unit.blocks[0] == L + 1 and last_only:
-                    h = np.ascontiguousarray(h[:, -1:])  # (B, 1, H): only the last position's logits
-                bind_buffer(io, "hidden", h, output=False)
-            if unit.blocks[-1] == L + 1:
-                out = np.empty((B, h.shape[1], self.config.vocab_size), np.float32)  # (B, S, V)
-                bind_buffer(io, "logits", out, output=True)
-            else:
-                out = np.empty((B, h.shape[1], self.config.hidden_size), np.float32)  # (B, S, H)
-                bind_buffer(io, "hidden_out", out, output=True)
-            layers = [b for b in unit.blocks if 1 <= b <= L]
-            if layers:
-                io.bind_cpu_input("seqlens_k", seqlens)
-                io.bind_cpu_input("total_sequence_length", total_arr)
-            for b in layers:
-                sfx = f".{b}" if unit.fused else ""
-                k = self.kv.k[b][s0:s0 + B]  # (B, kvh, slot_len, d): a view, no copy
-                v = self.kv.v[b][s0:s0 + B]
-                bind_buffer(io, "past_key" + sfx, k, output=False)
-                bind_buffer(io, "past_value" + sfx, v, output=False)
-                # same memory as the past: the kernel writes only the new positions, in place
-                bind_buffer(io, "present_key" + sfx, k, output=True)
-                bind_buffer(io, "present_value" + sfx, v, output=True)
+            self._bind_unit(io, unit, h, out, s0, seqlens, total_arr)
             unit.session.run_with_iobinding(io)
             h = out
         return h
+
+    def _run_step(self, x: np.ndarray, s0: int, seqlens: np.ndarray, total: int) -> np.ndarray:
+        """One decode step, x (B, 1[, H]) on slots [s0, s0 + B). The bindings for a slot range are
+        made once and reused (the slot buffers never move), so a step only copies its inputs in.
+        Returns the range's output in a buffer the next step overwrites."""
+        B = x.shape[0]
+        step = self._steps.get((s0, B))
+        if step is None:
+            if len(self._steps) >= 64:  # batch shapes come and go; keep the table small
+                self._steps.clear()
+            step = _Step(np.empty(x.shape, x.dtype), np.empty(B, np.int32), np.empty((), np.int32), [], [])
+            h = step.x
+            for unit in self.units:
+                out = np.empty(self._out_shape(unit, B, 1), np.float32)
+                io = unit.session.io_binding()
+                self._bind_unit(io, unit, h, out, s0, step.seqlens, step.total)
+                step.ios.append(io)
+                step.outs.append(out)
+                h = out
+            self._steps[(s0, B)] = step
+        step.x[...] = x
+        step.seqlens[...] = seqlens
+        step.total[...] = total
+        for unit, io in zip(self.units, step.ios, strict=True):
+            unit.session.run_with_iobinding(io)
+        return step.outs[-1]
 
     # --- KV hand-off ------------------------------------------------------------------------
     def _check_block(self, block: int) -> None:
