@@ -1,0 +1,42 @@
+"""Self-profiling: every block measured with the node's threads; --slowdown shows in the numbers;
+the cache is keyed by (model, machine, threads, slowdown) and the memory budget is applied on top."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshllm.model.manifest import Manifest
+from meshllm.runtime.profile import NodeProfile, cache_path, load_or_measure, measure
+
+
+def test_slowdown_is_visible_in_the_measured_profile(tiny_manifest: Manifest) -> None:
+    seen: list[tuple[int, int, str]] = []
+    fast = measure(tiny_manifest, threads=1, memory_bytes=1 << 30, decode_steps=4,
+                   progress=lambda i, n, what: seen.append((i, n, what)))
+    slow = measure(tiny_manifest, threads=1, slowdown=3.0, memory_bytes=1 << 30, decode_steps=4)
+    n = tiny_manifest.config.num_blocks
+    assert len(fast.prefill_s_per_token) == len(fast.decode_s_per_step) == n
+    assert all(t > 0 for t in fast.prefill_s_per_token + fast.decode_s_per_step)
+    assert [s[0] for s in seen] == list(range(n + 1)) and seen[-1][2] == "done"
+    # The runner sleeps (F - 1) x its own compute time, so a 3x node measures about 3x slower;
+    # 2x leaves room for timer noise on a loaded machine, and still fails if slowdown is ignored.
+    assert slow.decode_s_per_token > 2.0 * fast.decode_s_per_token
+    assert sum(slow.prefill_s_per_token) > 2.0 * sum(fast.prefill_s_per_token)
+    assert slow.tflops < fast.tflops / 2 and slow.mem_bw_gbs < fast.mem_bw_gbs / 2
+    assert NodeProfile.from_dict(slow.to_dict()) == slow
+
+
+def test_profile_cache_is_keyed_and_budget_applied_on_top(tiny_manifest: Manifest, tmp_path: Path) -> None:
+    p1, cached1 = load_or_measure(tiny_manifest, tmp_path, threads=1, slowdown=1.0, memory_bytes=1 << 30,
+                                  decode_steps=2, repeats=1)
+    p2, cached2 = load_or_measure(tiny_manifest, tmp_path, threads=1, slowdown=1.0, memory_bytes=1 << 20,
+                                  decode_steps=2, repeats=1)
+    assert (cached1, cached2) == (False, True)
+    assert p2.decode_s_per_step == p1.decode_s_per_step and p2.memory_bytes == 1 << 20
+    assert cache_path(tmp_path, tiny_manifest.model_id, 1, 1.0) != cache_path(tmp_path, tiny_manifest.model_id, 1, 2.0)
+    assert cache_path(tmp_path, tiny_manifest.model_id, 1, 1.0) != cache_path(tmp_path, tiny_manifest.model_id, 2, 1.0)
+    # A corrupt cache file is re-measured, not trusted.
+    cache_path(tmp_path, tiny_manifest.model_id, 1, 1.0).write_text("{not json")
+    _, cached3 = load_or_measure(tiny_manifest, tmp_path, threads=1, slowdown=1.0, memory_bytes=1 << 30,
+                                 decode_steps=2, repeats=1)
+    assert cached3 is False
