@@ -120,6 +120,18 @@ def test_three_processes_find_each_other_agree_and_recover(cluster) -> None:
         assert all(m["profile"] and m["profile"]["threads"] == 1 for m in view["members"])
         assert view["plan"]["epoch"] == epoch and view["plan"]["replicas"]
 
+        # The operator's view and a re-plan through the CLI, against a follower.
+        follower = next(n for n in ports if mesh_view(ports[n])["node"]["id"] != leader)
+        st = subprocess.run([*MESHLLM, "status", "--node", f"127.0.0.1:{ports[follower]}", "--wait-ready", "30"],
+                            capture_output=True, text=True, timeout=60)
+        assert st.returncode == 0 and "READY" in st.stdout and "replica 0" in st.stdout, st.stdout + st.stderr
+        rp = subprocess.run([*MESHLLM, "replan", "--node", f"127.0.0.1:{ports[follower]}"],
+                            capture_output=True, text=True, timeout=60)
+        assert rp.returncode == 0 and json.loads(rp.stdout)["leader"] == leader, rp.stdout + rp.stderr
+        wait_for(lambda: (a := agreed(list(ports.values()), 3)) is not None and a[2] > epoch,
+                 "a new epoch after `meshllm replan`", 60, procs)
+        term, leader, epoch = agreed(list(ports.values()), 3)
+
         # Kill the leader outright: the other two elect a new one and run a new epoch.
         dead = next(n for n in ports if mesh_view(ports[n])["node"]["id"] == leader)
         procs[dead].kill()
