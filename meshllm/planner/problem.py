@@ -114,9 +114,9 @@ class Problem:
         return max(best, 0)
 
     def prefill_fits(self, stages: Sequence[tuple[int, int, int]]) -> bool:
-        """Weights + KV of one in-flight prompt per stage (at the prompt percentile) fit."""
+        """Weights + KV of one prompt (at the prompt percentile) fit."""
         p = self.profile
-        tokens = self.in_pct * len(stages)
+        tokens = self.in_pct
         per_dev: dict[int, float] = {}
         for j, a, b in stages:
             per_dev[j] = per_dev.get(j, 0.0) + p.weight_bytes(a, b) + p.kv_bytes_per_token(a, b) * tokens
@@ -144,8 +144,8 @@ class Problem:
         if role in (Role.DECODER, Role.BOTH):
             batch = self.decode_batch(stages)
             feasible = batch >= 1
-        if role in (Role.PREFILL, Role.BOTH):
-            feasible = feasible and self.prefill_fits(stages)
+        if role == Role.PREFILL:
+            feasible = self.prefill_fits(stages)
         if batch >= 1:
             n = np.arange(1, batch + 1)
             g = np.minimum(n, s_n)  # micro-batches in flight
@@ -206,7 +206,7 @@ class Problem:
         eo1 = max(w.output_len.mean - 1, 0.0)
         if role == Role.PREFILL:
             comp, tokens = self.pre_mean, t_mean
-            kv_tokens = [self.in_pct * s_n]
+            kv_tokens = [self.in_pct * s_n, self.in_pct]
         elif role == Role.DECODER:
             comp, tokens = self.dec[micro], float(micro)
             kv_tokens = [w.max_batch * self.target_len, self.target_len]
