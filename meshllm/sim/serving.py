@@ -29,6 +29,7 @@ Every duration comes from the ``Timing`` object; nothing here knows FLOPs or ban
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,7 +75,8 @@ class _Group:
 class _Stage:
     node: str
     queue: list[tuple[int, int, tuple]] = field(default_factory=list)  # heap (prio, tie, job)
-    busy: bool = False
+    busy: bool = False  # stage 0: serving a job now
+    free_at: float = 0.0  # stages 1..S-1: when the last job reserved on it ends
 
 
 class _Rep:
@@ -123,16 +125,21 @@ class _Sim:
         self.tie = 0
         self.gid = 0
         self.finished: list[RequestRecord] = []
-        self._est_cache: dict[tuple, float] = {}
+        self._pcache: dict[tuple[int, int], tuple[float, float]] = {}
+        self._scache: dict[tuple[int, int, int], float] = {}
+        self._lcache: dict[int, list[tuple[str, str, float, float, int]]] = {}
+        self._dcache: dict[tuple[int, int, float], tuple[float, ...]] = {}
 
     # --- helpers ----------------------------------------------------------------------------
     def _log(self, kind: str, rid: int) -> None:
         if self.trace is not None:
             self.trace.append((self.q.now, kind, rid))
 
-    def _send(self, src: str, dst: str, nbytes: float) -> float:
-        """Arrival time at ``dst`` of ``nbytes`` sent now over the (src, dst) link."""
-        now = self.q.now
+    def _send(self, src: str, dst: str, nbytes: float, at: float | None = None) -> float:
+        """Arrival time at ``dst`` of ``nbytes`` sent at ``at`` (default now) over the (src, dst)
+        link. Each directed link is used by one replica's pipeline (or one prefill stage's KV),
+        in the order its sends are computed, so reserving it ahead of time is FIFO."""
+        now = self.q.now if at is None else at
         if src == dst:
             return now
         lat = self.t.transfer_s(src, dst, 0)
@@ -157,8 +164,9 @@ class _Sim:
     # --- predictions for routing (pure functions of the timing oracle, cached) ---------------
     def _prefill_est(self, rep: _Rep, tokens: int) -> tuple[float, float]:
         """(latency, bottleneck stage time) of a prompt alone on ``rep``."""
-        key = ("p", rep.spec.id, tokens)
-        if key not in self._est_cache:
+        key = (rep.spec.id, tokens)
+        got = self._pcache.get(key)
+        if got is None:
             spec = rep.spec
             lat = 0.0
             worst = 0.0
@@ -169,15 +177,15 @@ class _Sim:
                 if s + 1 < len(spec.stages):
                     lat += self.t.transfer_s(st.node, spec.stages[s + 1].node,
                                              tokens * self.t.act_bytes_per_token(st.end - 1))
-            self._est_cache[key] = lat
-            self._est_cache[("b", *key[1:])] = worst
-        return self._est_cache[key], self._est_cache[("b", *key[1:])]
+            got = self._pcache[key] = (lat, worst)
+        return got
 
     def _step_est(self, rep: _Rep, batch: int, ctx: int) -> float:
         """Predicted time per token of a sequence in a batch of ``batch`` on ``rep``."""
         ctx_b = 1 << max(0, int(ctx).bit_length() - 1)  # bucket contexts: cache stays small
-        key = ("d", rep.spec.id, batch, ctx_b)
-        if key not in self._est_cache:
+        key = (rep.spec.id, batch, ctx_b)
+        got = self._scache.get(key)
+        if got is None:
             spec = rep.spec
             n = len(spec.stages)
             g = max(1, min(batch, self._max_groups(rep)))
@@ -186,11 +194,12 @@ class _Sim:
             worst = 0.0
             for s, st in enumerate(spec.stages):
                 c = self.t.decode_s(spec, s, mb, ctx_b)
-                ring += c + self.t.transfer_s(st.node, spec.stages[(s + 1) % n].node,
-                                              mb * self.t.act_bytes_per_token(st.end - 1))
+                # activations to the next stage; from the last stage only token ids go back
+                per_seq = self.t.act_bytes_per_token(st.end - 1) if s + 1 < n else TOKEN_BYTES
+                ring += c + self.t.transfer_s(st.node, spec.stages[(s + 1) % n].node, mb * per_seq)
                 worst = max(worst, c)
-            self._est_cache[key] = max(ring, g * worst)
-        return self._est_cache[key]
+            got = self._scache[key] = max(ring, g * worst)
+        return got
 
     def _max_groups(self, rep: _Rep) -> int:
         return self.cfg.max_groups or len(rep.spec.stages)
@@ -209,21 +218,42 @@ class _Sim:
             handoff = self.t.transfer_s(last.node, rep.spec.stages[0].node, kvb)
         return Candidate(rep.spec.id, 0.0, 0.0, dec, handoff, room)
 
+    def _slot_wait(self, reps: Sequence[_Rep], waiting: int) -> float:
+        """Predicted wait for a decode slot among ``reps`` when ``waiting`` prompts are already
+        queued for them: slots free at the rate the pool finishes sequences (batch / time per
+        sequence, at the mean output length seen so far)."""
+        busy = sum(r.seqs for r in reps) + waiting
+        slots = sum(r.spec.max_batch for r in reps)
+        if busy < slots or not reps:
+            return 0.0
+        mean_out = self.out_sum / max(self.out_n, 1)
+        ctx = int(mean_out)
+        rate = sum(r.spec.max_batch / (self._step_est(r, r.spec.max_batch, ctx) * mean_out)
+                   for r in reps)
+        return (busy - slots + 1) / rate
+
     # --- arrivals and admission -------------------------------------------------------------
     def arrive(self, rq: _Req) -> None:
         r = rq.r
         self._log("arrive", r.id)
+        self.out_sum += r.output_tokens
+        self.out_n += 1
         cands = []
-        best_dec = 0.0
-        if any(f.spec.role == "prefill" for f in self.front) and self.decoders:
-            best_dec = min(self._decode_candidate(d, rq, None).decode_s for d in self.decoders)
+        pool_wait = self._slot_wait(self.decoders, sum(len(f.pending) for f in self.front
+                                                       if f.spec.role == "prefill"))
         for f in self.front:
             lat, _ = self._prefill_est(f, r.input_tokens)
             if f.spec.role == "both":
-                dec = self._decode_candidate(f, rq, f).decode_s
+                dec, handoff = self._decode_candidate(f, rq, f).decode_s, 0.0
+                queue = f.backlog_s + self._slot_wait([f], len(f.pending))
             else:
-                dec = best_dec
-            cands.append(Candidate(f.spec.id, f.backlog_s, lat, dec))
+                queue = f.backlog_s + pool_wait
+                # the decoder is bound later; predict with the best one for this prefill replica,
+                # hand-off included (over a slow link it can dwarf the prefill itself)
+                dec, handoff = min(((c.decode_s, c.handoff_s) for c in
+                                    (self._decode_candidate(d, rq, f) for d in self.decoders)),
+                                   key=lambda x: x[0] + x[1])
+            cands.append(Candidate(f.spec.id, queue, lat, dec, handoff))
         pid = choose(cands)
         assert pid is not None
         rep = self.reps[pid]
@@ -237,7 +267,7 @@ class _Sim:
         _, worst = self._prefill_est(rep, rq.r.input_tokens)
         rep.backlog_s += worst
         heapq.heappush(rep.pending, (rq.seq, rq))
-        self._try_start(rep, 0)
+        self._try_start(rep)
 
     def _admit(self, rep: _Rep, rq: _Req) -> bool:
         r = rq.r
@@ -256,12 +286,25 @@ class _Sim:
         return True
 
     # --- stage servers ----------------------------------------------------------------------
-    def _try_start(self, rep: _Rep, s: int) -> None:
-        st = rep.stages[s]
+    # Stage 0 of a replica is an event-driven server: it chooses among prompts waiting for
+    # admission and decode micro-batches coming back. Stages 1..S-1 only ever receive jobs from
+    # the stage before, FIFO, over FIFO links — a tandem line that preserves order — so a job's
+    # passage through them is computed in one step when it leaves stage 0 (exactly what
+    # stage-by-stage events would give, with two events per job instead of two per stage).
+    def _dur(self, rep: _Rep, s: int, job: tuple) -> float:
+        if job[0] == "prefill":
+            rq, k = job[1], job[2]
+            c = self.cfg.prefill_chunk_tokens
+            tokens = min(c, rq.r.input_tokens - k * c)
+            return self.t.prefill_s(rep.spec, s, tokens, k * c)
+        return self._decode_durs(rep, job[1])[s]
+
+    def _try_start(self, rep: _Rep, s: int = 0) -> None:
+        st = rep.stages[0]
         if st.busy:
             return
         job = None
-        if s == 0 and rep.pending and (not st.queue or rep.pending[0][0] < st.queue[0][0]):
+        if rep.pending and (not st.queue or rep.pending[0][0] < st.queue[0][0]):
             rq = rep.pending[0][1]
             if self._admit(rep, rq):
                 heapq.heappop(rep.pending)
@@ -274,65 +317,116 @@ class _Sim:
             job = heapq.heappop(st.queue)[2]
         if job is None:
             return
-        spec = rep.spec
+        dur = self._dur(rep, 0, job)
+        st.busy = True
+        self.busy[st.node] += dur
+        self.q.push(self.q.now + dur, "done", (rep, job))
+
+    def done(self, rep: _Rep, job: tuple) -> None:
+        rep.stages[0].busy = False
         if job[0] == "prefill":
+            rq, k = job[1], job[2]
+            if k + 1 < rq.chunks:
+                # the rest of this prompt goes straight after it: same priority as the prompt
+                self.tie += 1
+                heapq.heappush(rep.stages[0].queue, (rq.seq, self.tie, ("prefill", rq, k + 1)))
+        self._passage(rep, job)
+        self._try_start(rep)
+
+    def _links(self, rep: _Rep) -> list[tuple[str, str, float, float, int]]:
+        """Per stage boundary s -> s+1: (src, dst, latency, seconds per byte, act bytes/token).
+        ``Timing.transfer_s`` is affine in bytes (latency + bytes / bandwidth)."""
+        links = self._lcache.get(rep.spec.id)
+        if links is None:
+            links = []
+            stages = rep.spec.stages
+            for a, b in itertools.pairwise(stages):
+                lat = self.t.transfer_s(a.node, b.node, 0)
+                per_byte = (self.t.transfer_s(a.node, b.node, 1 << 20) - lat) / (1 << 20)
+                links.append((a.node, b.node, lat, per_byte, self.t.act_bytes_per_token(a.end - 1)))
+            self._lcache[rep.spec.id] = links
+        return links
+
+    def _decode_durs(self, rep: _Rep, g: _Group) -> tuple[float, ...]:
+        batch = len(g.seqs)
+        ctx = sum(x.ctx for x in g.seqs) / batch
+        key = (rep.spec.id, batch, ctx)
+        durs = self._dcache.get(key)
+        if durs is None:
+            durs = self._dcache[key] = tuple(self.t.decode_s(rep.spec, s, batch, ctx)
+                                             for s in range(len(rep.spec.stages)))
+        return durs
+
+    def _passage(self, rep: _Rep, job: tuple) -> None:
+        """Carry ``job`` (just finished on stage 0) through the remaining stages."""
+        t = self.q.now
+        stages = rep.stages
+        n = len(stages)
+        is_prefill = job[0] == "prefill"
+        if is_prefill:
             rq, k = job[1], job[2]
             c = self.cfg.prefill_chunk_tokens
             tokens = min(c, rq.r.input_tokens - k * c)
-            dur = self.t.prefill_s(spec, s, tokens, k * c)
+            self._send_kv(rep, 0, rq, k, t)
         else:
-            grp: _Group = job[1]
-            ctx = sum(x.ctx for x in grp.seqs) / len(grp.seqs)
-            dur = self.t.decode_s(spec, s, len(grp.seqs), ctx)
-        st.busy = True
-        self.busy[st.node] += dur
-        self.q.push(self.q.now + dur, "done", (rep, s, job))
-
-    def done(self, rep: _Rep, s: int, job: tuple) -> None:
-        rep.stages[s].busy = False
-        if job[0] == "prefill":
-            self._prefill_done(rep, s, job[1], job[2])
+            tokens = len(job[1].seqs)
+            durs = self._decode_durs(rep, job[1]) if n > 1 else ()
+        if n > 1:
+            links = self._links(rep)
+            link_free = self.link_free
+            busy = self.busy
+            for s in range(1, n):
+                src, dst, lat, per_byte, act = links[s - 1]
+                occ = tokens * act * per_byte
+                lk = (src, dst)
+                start = max(t, link_free.get(lk, 0.0))
+                link_free[lk] = start + occ
+                arrive = start + occ + lat
+                st = stages[s]
+                dur = self._dur(rep, s, job) if is_prefill else durs[s]
+                t = (arrive if arrive > st.free_at else st.free_at) + dur
+                st.free_at = t
+                busy[st.node] += dur
+                if is_prefill:
+                    self._send_kv(rep, s, rq, k, t)
+        if is_prefill:
+            if k + 1 == rq.chunks:
+                self.q.push(t, "prefilled", (rep, rq))
         else:
-            self._decode_done(rep, s, job[1])
-        self._try_start(rep, s)
+            self.q.push(t, "decoded", (rep, job[1]))
 
-    def _prefill_done(self, rep: _Rep, s: int, rq: _Req, k: int) -> None:
-        spec = rep.spec
-        st = spec.stages[s]
+    def _send_kv(self, rep: _Rep, s: int, rq: _Req, k: int, t: float) -> None:
+        """Layer-wise KV of micro-batch ``k`` from prefill stage ``s`` (done at ``t``) to the
+        decoder nodes that own those layers."""
+        d = self.reps[rq.d]
+        if d is rep or rq.r.output_tokens < 2:
+            return
+        st = rep.spec.stages[s]
         c = self.cfg.prefill_chunk_tokens
         tokens = min(c, rq.r.input_tokens - k * c)
-        if s == 0 and k + 1 < rq.chunks:
-            # the rest of this prompt goes straight after it: same priority as the prompt
-            self.tie += 1
-            heapq.heappush(rep.stages[0].queue, (rq.seq, self.tie, ("prefill", rq, k + 1)))
+        for dst in d.spec.stages:
+            lo, hi = max(st.first, dst.first), min(st.end, dst.end)
+            if lo >= hi:
+                continue
+            nbytes = tokens * self.t.kv_bytes_per_token(lo, hi)
+            if nbytes <= 0:
+                continue
+            rq.pending += 1
+            self.q.push(self._send(st.node, dst.node, nbytes, at=t), "piece", rq)
+
+    def prefilled(self, rep: _Rep, rq: _Req) -> None:
+        """The last stage produced the first token."""
+        last = rep.spec.stages[-1].node
         d = self.reps[rq.d]
-        if d is not rep and rq.r.output_tokens > 1:
-            for dst in d.spec.stages:  # layer-wise KV to whichever node owns each layer
-                lo, hi = max(st.first, dst.first), min(st.end, dst.end)
-                if lo >= hi:
-                    continue
-                nbytes = tokens * self.t.kv_bytes_per_token(lo, hi)
-                if nbytes <= 0:
-                    continue
-                rq.pending += 1
-                self.q.push(self._send(st.node, dst.node, nbytes), "piece", rq)
-        if s + 1 < len(spec.stages):
-            t = self._send(st.node, spec.stages[s + 1].node,
-                           tokens * self.t.act_bytes_per_token(st.end - 1))
-            self.q.push(t, "ready", (rep, s + 1, rq.seq, ("prefill", rq, k)))
-            return
-        if k + 1 < rq.chunks:
-            return
-        # the last stage produced the first token
         rq.generated = 1
         rq.ctx = rq.r.input_tokens + 1
-        rq.first_token = self.q.now + self._hop(st.node, rq.entry)
+        rq.first_token = self.q.now + self._hop(last, rq.entry)
         if rq.r.output_tokens == 1:
             self._finish(d, rq, rq.first_token)
             return
         rq.prefill_done = True
         rq.pending += 1
-        self.q.push(self.q.now + self._hop(st.node, d.spec.stages[0].node), "piece", rq)
+        self.q.push(self.q.now + self._hop(last, d.spec.stages[0].node), "piece", rq)
 
     def piece(self, rq: _Req) -> None:
         rq.pending -= 1
@@ -364,25 +458,20 @@ class _Sim:
         # request seqs are arrival ranks, so take the rank of the next unseen arrival
         return self.next_seq
 
-    def _decode_done(self, rep: _Rep, s: int, g: _Group) -> None:
+    def decoded(self, rep: _Rep, g: _Group) -> None:
+        """Micro-batch ``g`` left the last stage: one token for each of its sequences."""
         spec = rep.spec
-        st = spec.stages[s]
-        n = len(spec.stages)
-        if s + 1 < n:
-            t = self._send(st.node, spec.stages[s + 1].node,
-                           len(g.seqs) * self.t.act_bytes_per_token(st.end - 1))
-            self.q.push(t, "ready", (rep, s + 1, self._prio(), ("decode", g)))
-            return
+        last = spec.stages[-1].node
         keep = []
         for rq in g.seqs:
             rq.generated += 1
             rq.ctx += 1
             if rq.generated >= rq.r.output_tokens:
-                self._finish(rep, rq, self.q.now + self._hop(st.node, rq.entry))
+                self._finish(rep, rq, self.q.now + self._hop(last, rq.entry))
             else:
                 keep.append(rq)
         g.seqs = keep
-        back = self.q.now + self._hop(st.node, spec.stages[0].node, TOKEN_BYTES * max(1, len(keep)))
+        back = self.q.now + self._hop(last, spec.stages[0].node, TOKEN_BYTES * max(1, len(keep)))
         self.q.push(back, "back", (rep, g))
 
     def back(self, rep: _Rep, g: _Group) -> None:
@@ -420,10 +509,7 @@ class _Sim:
         # freed KV room may unblock prompts waiting for admission anywhere
         for f in self.front:
             if f.pending:
-                self._try_start(f, 0)
-
-    def ready(self, rep: _Rep, s: int, prio: int, job: tuple) -> None:
-        self._enqueue(rep, s, prio, job)
+                self._try_start(f)
 
     # --- main loop ----------------------------------------------------------------------------
     def run(self, requests: Sequence[Request]) -> SimResult:
@@ -440,21 +526,32 @@ class _Sim:
                 raise SimError(f"request {r.id} needs {r.input_tokens + r.output_tokens} KV tokens;"
                                f" the largest decoder holds {max(caps)}")
         self.next_seq = 0
+        self.out_sum = 0
+        self.out_n = 0
         c = self.cfg.prefill_chunk_tokens
         pending = [_Req(r, i, c) for i, r in enumerate(order)]
         for rq in pending:
             self.q.push(rq.r.arrival, "arrive", rq)
-        handlers = {
-            "arrive": lambda p: (setattr(self, "next_seq", p.seq + 1), self.arrive(p)),
-            "at_prefill": self.at_prefill,
-            "done": lambda p: self.done(*p),
-            "ready": lambda p: self.ready(*p),
-            "piece": self.piece,
-            "back": lambda p: self.back(*p),
-        }
-        while len(self.q):
-            _, kind, payload = self.q.pop()
-            handlers[kind](payload)
+        q = self.q
+        while len(q):
+            _, kind, p = q.pop()
+            if kind == "done":
+                self.done(*p)
+            elif kind == "decoded":
+                self.decoded(*p)
+            elif kind == "back":
+                self.back(*p)
+            elif kind == "piece":
+                self.piece(p)
+            elif kind == "prefilled":
+                self.prefilled(*p)
+            elif kind == "arrive":
+                self.next_seq = p.seq + 1
+                self.arrive(p)
+            elif kind == "at_prefill":
+                self.at_prefill(p)
+            else:  # pragma: no cover - every push above uses one of these kinds
+                raise SimError(f"unknown event {kind!r}")
         if len(self.finished) != len(order):
             raise SimError(f"{len(order) - len(self.finished)} requests never finished "
                            "(the plan cannot admit them)")
