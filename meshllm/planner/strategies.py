@@ -76,7 +76,7 @@ def _cloud(pb: Problem) -> int:
     src = _source(pb)
     others = [j for j in range(len(pb.devices)) if j != src]
     if not others:
-        raise DoesNotFit("cloud-edge needs a second device besides the source")
+        raise DoesNotFit("cloud-edge: does not fit: it needs a second device besides the source")
     return max(others, key=lambda j: (pb.devices[j].flops, pb.devices[j].mem_bw, -j))
 
 
@@ -133,7 +133,7 @@ def _fits_one(pb: Problem, stages: Stages, what: str) -> Stages:
         need[j] = need.get(j, 0.0) + pb.profile.weight_bytes(a, b) + pb.profile.kv_bytes_per_token(a, b) * seq
     for j, nb in need.items():
         if nb > pb.mem[j]:
-            raise DoesNotFit(f"{what}: {pb.devices[j].name} would need {_gib(nb)} but has "
+            raise DoesNotFit(f"{what}: does not fit: {pb.devices[j].name} would need {_gib(nb)} but has "
                              f"{_gib(pb.mem[j])}")
     return stages
 
@@ -227,7 +227,7 @@ def splitwise(pb: Problem, objective: str, rng: np.random.Generator) -> list[tup
         n += 1
         groups = []
     if not groups:
-        raise DoesNotFit("splitwise: no grouping of identical-size replicas holds the model")
+        raise DoesNotFit("splitwise: does not fit: no grouping of identical-size replicas holds the model")
     r = len(groups)
     if r == 1:
         return [(Role.BOTH, groups[0])]
@@ -244,7 +244,7 @@ def e2llm(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[R
     best = ga.run(pb, rng)
     a, r, f = best.best
     if f >= ga.INFEASIBLE:
-        raise DoesNotFit("e2llm: no grouping of these devices holds a full replica")
+        raise DoesNotFit("e2llm: does not fit: no grouping of these devices holds a full replica")
     _, reps = ga.decode(pb, a, r)
     return [(role, list(st)) for role, st in reps]
 
