@@ -238,6 +238,12 @@ def test_bad_use_gets_clear_errors(tiny_manifest: Manifest) -> None:
         StageRunner(tiny_manifest, 2, 2)
     with pytest.raises(ConfigError, match="slowdown"):
         StageRunner(tiny_manifest, 0, 1, slowdown=0.5)
+    with pytest.raises(ConfigError, match="slot_len"):
+        StageRunner(tiny_manifest, 0, 1, slot_len=cfg.max_position + 1)
+    short = _runner(tiny_manifest, slot_len=8)
+    with pytest.raises(ContextLengthError):
+        short.alloc("x", 9)
+    short.alloc("x", 8)
 
 
 def test_slowdown_really_slows(tiny_manifest: Manifest) -> None:

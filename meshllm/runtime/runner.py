@@ -1,10 +1,17 @@
 """``StageRunner``: run a contiguous range of blocks ``[first, end)`` on onnxruntime.
 
-One onnxruntime session per block, each with an explicit intra-op thread count and spinning off
-(several nodes may share a machine's cores). The decoder layers' KV cache lives in preallocated
-slots (``kv.KVCache``); each layer session reads its past from the slot buffer and writes only the
-new positions into it, in place, through IOBinding (``present_*`` bound to the ``past_*`` memory),
-so a decode step costs the weights plus the attention over the context, never a cache copy.
+Sessions have an explicit intra-op thread count and spinning off (several nodes may share a
+machine's cores). By default the blocks before the head are fused into one session (the head
+keeps its own, so prefill computes logits for the last position only); ``fuse=False`` runs a
+session per block. The runtime benchmark measures both: fused removes a session run per block.
+
+The decoder layers' KV cache lives in preallocated slots (``kv.KVCache``); attention reads the
+past from the slot buffer and writes only the new positions into it, in place, through IOBinding
+(``present_*`` bound to the ``past_*`` memory), so a decode step costs the weights plus the
+attention over the context, never a cache copy. A decode step's bindings are made once per slot
+range and reused.
+
+A runner is not thread-safe: call it from one thread at a time.
 
 Interface (the one the rest of meshllm codes against):
 
@@ -17,6 +24,9 @@ Interface (the one the rest of meshllm codes against):
 * ``kv_export(seq_id, block)`` -> (k, v), each (len, kv_heads, head_dim); ``kv_import`` the
   reverse (``start=`` appends a later chunk), which is how a prefill node hands a sequence to a
   decode node.
+
+Beyond the shared contract (all keyword-only, with defaults): ``fuse``, ``slot_len`` (positions
+per slot; default the model's context), ``has_seq``, ``kv_bytes_per_token``, ``last_compute_s``.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from meshllm.runtime.kv import KVCache, SeqState
 
 # Fusing a stage's blocks into one session: see the runtime benchmark for the measurement.
 FUSE_DEFAULT = True
+FUSE_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +108,7 @@ def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> 
 class StageRunner:
     def __init__(self, manifest: Manifest, first: int, end: int, *, threads: int | None = None,
                  kv_budget_bytes: int | None = None, max_seqs: int = 64, slowdown: float = 1.0,
-                 fuse: bool = FUSE_DEFAULT) -> None:
+                 fuse: bool = FUSE_DEFAULT, slot_len: int | None = None) -> None:
         cfg = manifest.config
         if not 0 <= first < end <= cfg.num_blocks:
             raise ModelError(f"block range [{first}, {end}) is not inside [0, {cfg.num_blocks})")
@@ -105,6 +116,9 @@ class StageRunner:
             raise ConfigError(f"slowdown must be >= 1, got {slowdown}")
         if threads is not None and threads <= 0:
             raise ConfigError(f"threads must be positive, got {threads}")
+        slot_len = cfg.max_position if slot_len is None else slot_len
+        if not 0 < slot_len <= cfg.max_position:
+            raise ConfigError(f"slot_len must be in [1, {cfg.max_position}], got {slot_len}")
         if kv_budget_bytes is not None and kv_budget_bytes < 0:
             raise ConfigError(f"kv_budget_bytes must be >= 0, got {kv_budget_bytes}")
         self.manifest = manifest
@@ -115,11 +129,11 @@ class StageRunner:
         self.has_embed = first == 0
         self.has_head = end == cfg.num_blocks
         self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
-        self.fused = fuse
         self.units = self._load_units(fuse)
+        self.fused = any(u.fused for u in self.units)
         self._steps: dict[tuple[int, int], _Step] = {}
         self.kv = KVCache(self.layer_blocks, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                          slot_len=cfg.max_position, max_seqs=max_seqs, budget_bytes=kv_budget_bytes)
+                          slot_len=slot_len, max_seqs=max_seqs, budget_bytes=kv_budget_bytes)
         self.last_compute_s = 0.0  # compute time of the last prefill/decode, before any slowdown
 
     # --- sequences --------------------------------------------------------------------------
@@ -223,7 +237,10 @@ class StageRunner:
         plus the head on its own (so prefill can ask for the last position's logits only)."""
         head = self.config.num_layers + 1
         body = list(range(self.first, min(self.end, head)))
-        if not fuse or len(body) < 2:
+        size = sum(self.manifest.block_path(b).stat().st_size for b in body)
+        # a fused graph is handed to onnxruntime as one serialized protobuf, which cannot exceed
+        # 2 GiB: bigger ranges run a session per block (measured within noise of fused there)
+        if not fuse or len(body) < 2 or size > FUSE_MAX_BYTES:
             return [_Unit([b], load_session(self.manifest.block_path(b), self.threads), False)
                     for b in range(self.first, self.end)]
         try:
