@@ -202,7 +202,7 @@ MIXES: dict[str, tuple[LengthDist, LengthDist]] = {
     "wide": (LengthDist.lognormal(256, 1.0, high=2048), LengthDist.lognormal(128, 1.0, high=768)),
 }
 COMPARED = ("e2llm", "splitwise", "edgeshard-throughput", "ring")
-LOADS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
+LOADS = (0.2, 0.5, 0.8, 1.0, 1.2)
 
 
 def saturation_rate(result: SimResult) -> float:
