@@ -72,6 +72,7 @@ class Problem:
         self._kv_prefix = np.concatenate([[0.0], np.cumsum(p.kv)])
         self.in_pct = w.input_len.percentile(w.kv_percentile)
         self.target_len = w.target_len
+        self.mean_len = max(w.input_len.mean + w.output_len.mean, 1.0)
 
     @property
     def names(self) -> list[str]:
@@ -98,7 +99,10 @@ class Problem:
         return self.profile.param_bytes + self.profile.kv * kv_tokens
 
     def decode_batch(self, stages: Sequence[tuple[int, int, int]]) -> int:
-        """KV slots the stages can hold at the workload's target length (<= max_batch)."""
+        """Sequences the stages decode at once: KV room for sequences of the workload's *mean*
+        total length (what the serving side reserves on average), capped by ``max_batch``; 0
+        when not even one sequence of the *target* length (percentile) fits next to the
+        weights."""
         p, w = self.profile, self.workload
         best = w.max_batch
         per_dev: dict[int, tuple[float, float]] = {}
@@ -110,8 +114,10 @@ class Problem:
             if free < 0:
                 return 0
             if kv > 0:
-                best = min(best, int(free // (kv * self.target_len)))
-        return max(best, 0)
+                if free < kv * self.target_len:
+                    return 0
+                best = min(best, int(free // (kv * self.mean_len)))
+        return max(best, 1)
 
     def prefill_fits(self, stages: Sequence[tuple[int, int, int]]) -> bool:
         """Weights + KV of one prompt (at the prompt percentile) fit."""

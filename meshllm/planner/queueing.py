@@ -9,12 +9,13 @@ Model (stated in full in ``docs/planner.md``):
 - A replica's prefill pipeline is an M/G/1 server whose service time is the pipeline's slowest
   resource for that prompt (``busy``); the rest of the pass (``lat - busy``) is a pure delay.
   Pollaczek–Khinchine: Wq = λ_i E[busy²] / (2 (1 - ρ_i)).
-- A decoding replica has ``B`` KV slots (memory-sized). A sequence holds a slot for
-  (O - 1) x τ(n) seconds, τ(n) being the time per token when n sequences are active
-  (micro-batched over the stages, "No-Bubbles"). The occupancy n solves Little's law
-  n = λ_j E[O-1] τ(n); the wait for a slot is Erlang C with B servers, corrected for the
-  variability of O by Allen–Cunneen ((1 + cv²) / 2). A prompt waits for both: the simulator and
-  the serving router admit a prompt only when a decoder has room for it.
+- A decoding replica has ``B`` KV slots (memory-sized). A sequence holds a slot from the
+  admission of its prompt (the decoder is bound then) through the prefill pass, the KV
+  hand-off and (O - 1) x τ(n) seconds of decoding, τ(n) being the time per token when n
+  sequences are active (micro-batched over the stages, "No-Bubbles"). The occupancy n solves
+  Little's law n = λ_j E[hold(n)]; the wait for a slot is Erlang C with B servers, corrected for
+  the variability of O by Allen–Cunneen ((1 + cv²) / 2). A prompt waits for both: the simulator
+  and the serving router admit a prompt only when a decoder has room for it.
 - A BOTH replica gives prefill priority; decoding gets the remaining fraction (1 - ρ_prefill) of
   its time, so its τ stretches by 1 / (1 - ρ_prefill).
 
@@ -81,14 +82,12 @@ class Estimate:
     max_util: float
 
 
-def _decode_occupancy(lam_tok: float, tau: np.ndarray, batch: int, stretch: float) -> float:
-    """Fixed point of n = lam_tok * tau(n) * stretch on [1, batch] (tau linearly interpolated)."""
+def _decode_occupancy(lam: float, pre: float, steps: float, tau: np.ndarray, batch: int) -> float:
+    """Fixed point of Little's law n = lam * (pre + steps * tau(n)) on [1, batch] (tau linearly
+    interpolated): ``pre`` is the time a slot is held before decoding starts."""
     n = 1.0
     for _ in range(30):
-        lo = int(min(max(math.floor(n), 1), batch))
-        hi = min(lo + 1, batch)
-        t = tau[lo] + (tau[hi] - tau[lo]) * (n - lo)
-        new = min(max(lam_tok * t * stretch, 1.0), float(batch))
+        new = min(max(lam * (pre + steps * _tau_at(tau, n)), 1.0), float(batch))
         if abs(new - n) < 1e-6:
             break
         n = new
@@ -140,11 +139,17 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         if r < 1:
             wq_p[q] = lam * x[q] * perfs[i].busy_m2 / (2 * (1 - r))
 
-    # decode capacity (requests/s at full batch), after the prefill share of BOTH replicas
+    # A decoder's KV room is reserved when the prompt is admitted (the simulator and the router
+    # bind the decoder then), so a slot is held for the prefill pass and the hand-off too.
+    hold0 = np.zeros(len(dec))
+    for r, j in enumerate(dec):
+        hold0[r] = sum(x[q] * (lat_p[q] + (0.0 if i == j else float(kv_s[i, j])))
+                       for q, i in enumerate(pre))
     stretch = {j: 1 / (1 - rho_p[j]) if perfs[j].role == Role.BOTH and rho_p[j] < 1 else
                (math.inf if perfs[j].role == Role.BOTH else 1.0) for j in dec}
-    cap = np.array([perfs[j].batch / (max(eo1, 1e-12) * float(perfs[j].tau[perfs[j].batch])
-                                      * stretch[j]) for j in dec])
+    # decode capacity (requests/s with every slot busy), after the prefill share of BOTH replicas
+    cap = np.array([perfs[j].batch / (hold0[r] + eo1 * float(perfs[j].tau[perfs[j].batch]) * stretch[j])
+                    for r, j in enumerate(dec)])
     y = cap / cap.sum() if cap.sum() > 0 and np.isfinite(cap.sum()) else np.full(len(dec), 1 / len(dec))
     wq_d = np.zeros(len(dec))
     s_d = np.zeros(len(dec))
@@ -154,13 +159,15 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
             utils.append(math.inf)
             continue
         lam_j = lam * y[q]
-        n = _decode_occupancy(lam_j * eo1, p.tau, p.batch, stretch[j])
-        s = eo1 * _tau_at(p.tau, n) * stretch[j]
-        s_d[q] = s
-        a = lam_j * s
+        n = _decode_occupancy(lam_j, hold0[q], eo1 * stretch[j], p.tau, p.batch)
+        s_d[q] = eo1 * _tau_at(p.tau, n) * stretch[j]
+        hold = hold0[q] + s_d[q]
+        a = lam_j * hold
         utils.append(a / p.batch)
-        if a < p.batch and eo1 > 0:
-            wq_d[q] = erlang_c(p.batch, a) * s / (p.batch - a) * (1 + cv2) / 2
+        if a < p.batch and hold > 0:
+            # Allen-Cunneen: only the decode part varies with the output length
+            cv2_hold = cv2 * (s_d[q] / hold) ** 2
+            wq_d[q] = erlang_c(p.batch, a) * hold / (p.batch - a) * (1 + cv2_hold) / 2
     max_util = max(utils)
 
     # KV hand-off: BOTH replicas keep their own prompts' KV (no transfer)
@@ -174,8 +181,8 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     e2e = ttft + kv + float(y @ s_d)
     pre_cap = float(mu.sum())
     tau_full = [float(perfs[j].tau[perfs[j].batch]) for j in dec]
-    dec_cap = float(sum(perfs[j].batch / (eo1 * t) for j, t in zip(dec, tau_full, strict=True))) \
-        if eo1 > 0 else None
+    dec_cap = float(sum(perfs[j].batch / (hold0[r] + eo1 * t)
+                        for r, (j, t) in enumerate(zip(dec, tau_full, strict=True))))
     thr = float(sum(perfs[j].batch / t for j, t in zip(dec, tau_full, strict=True)))
     lat_tok = min(
         (perfs[i].lat_mean + (0.0 if i == j else float(kv_s[i, j]))
