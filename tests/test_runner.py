@@ -6,10 +6,13 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshllm.errors import CapacityError, ConfigError, ContextLengthError, ModelError
 from meshllm.model import reference
 from meshllm.model.manifest import Manifest
+from meshllm.runtime.kv import KVCache
 from meshllm.runtime.runner import StageRunner, session_options
 
 ATOL = 1e-4
@@ -269,3 +272,37 @@ def test_fused_range_is_one_session_plus_head(tiny_manifest: Manifest) -> None:
                                                                             [cfg.num_layers + 1]]
     assert len(_runner(tiny_manifest, fuse=False).units) == cfg.num_blocks
     assert len(_runner(tiny_manifest, 1, 3, fuse=True).units) == 1
+
+
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "batch"]), st.integers(0, 9),
+                          st.sets(st.integers(0, 9), min_size=1, max_size=6)), max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_kv_arrange_keeps_every_sequence_with_its_cache(ops: list[tuple[str, int, set[int]]]) -> None:
+    """Any mix of alloc/free/batches: a batch ends up in consecutive slots and every sequence's
+    cache contents travel with it."""
+    kv = KVCache([1, 2], kv_heads=2, head_dim=4, slot_len=8, max_seqs=8, budget_bytes=None)
+
+    def fill(seq: int) -> None:
+        st_ = kv.seqs[seq]
+        st_.length = 3
+        st_.layer_len = dict.fromkeys(st_.layer_len, 3)
+        for b in kv.blocks:
+            kv.k[b][st_.slot, :, :3] = seq + 100 * b
+            kv.v[b][st_.slot, :, :3] = -(seq + 100 * b)
+
+    for op, seq, batch in ops:
+        if op == "alloc" and seq not in kv.seqs and len(kv.seqs) < kv.max_seqs:
+            kv.alloc(seq, 8)
+            fill(seq)
+        elif op == "free" and seq in kv.seqs:
+            kv.free(seq)
+        elif op == "batch":
+            members = [s for s in batch if s in kv.seqs]
+            if members:
+                s0 = kv.arrange(members)
+                assert sorted(kv.seqs[s].slot for s in members) == list(range(s0, s0 + len(members)))
+        for s, state in kv.seqs.items():
+            assert kv.owner[state.slot] == s
+            for b in kv.blocks:
+                assert (kv.k[b][state.slot, :, :3] == s + 100 * b).all()
+                assert (kv.v[b][state.slot, :, :3] == -(s + 100 * b)).all()

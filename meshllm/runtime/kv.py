@@ -95,12 +95,14 @@ class KVCache:
         if slots[-1] - slots[0] + 1 == B:
             return slots[0]
         members = set(slots)
-        # the window of B slots that already holds the most members: fewest moves
-        best, best_hits = 0, -1
+        # the window of B slots that already holds the most members (fewest moves) and, among
+        # those, the most free slots (displaces the fewest sequences of other batches)
+        best, best_key = 0, (-1, -1)
         for w in range(self.max_seqs - B + 1):
-            hits = sum(1 for s in range(w, w + B) if s in members)
-            if hits > best_hits:
-                best, best_hits = w, hits
+            window = range(w, w + B)
+            key = (sum(1 for s in window if s in members), sum(1 for s in window if self.owner[s] is None))
+            if key > best_key:
+                best, best_key = w, key
         outside = [st for st in states if not best <= st.slot < best + B]
         for target in range(best, best + B):
             if target in members:
