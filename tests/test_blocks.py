@@ -190,3 +190,23 @@ def test_unsupported_head_dim_is_a_model_error(tiny_weights: dict[str, np.ndarra
                       num_kv_heads=1, max_position=8)
     with pytest.raises(ModelError, match="head_dim"):
         build_block(random_weights(cfg, np.random.default_rng(0)), cfg, 1)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_external_weight_files_match_reference_and_are_verified(tmp_path: Path, tiny_config: ModelConfig,
+                                                                tiny_weights: dict[str, np.ndarray],
+                                                                fuse: bool) -> None:
+    m = export_model(tiny_weights, tiny_config, tmp_path, name="x", external_data=True, progress=False)
+    assert sorted(f for f, _ in m.extra_files) == sorted(b.file + ".data" for b in m.blocks)
+    assert all((tmp_path / b.file).stat().st_size < 4096 for b in m.blocks)  # weights are outside
+    ids = _ids(tiny_config, 11)
+    r = StageRunner(m, 0, tiny_config.num_blocks, threads=1, max_seqs=1, fuse=fuse)
+    r.alloc(0, 11)
+    np.testing.assert_allclose(r.prefill(0, ids, last_only=False), reference.forward(ids, tiny_weights, tiny_config),
+                               atol=ATOL, rtol=0)
+    data = tmp_path / "layer.0.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[5000] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        load_manifest(tmp_path)

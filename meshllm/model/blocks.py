@@ -28,6 +28,7 @@ runtime benchmark compares the per-block runner against).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,14 +46,55 @@ HEAD_DIM_MULTIPLE = 16
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 
+class ExternalData:
+    """Tensor bytes written to a side file (``location``, relative to the model file) instead of
+    the protobuf, whose messages cannot exceed 2 GiB. Offsets are page-aligned so onnxruntime may
+    map them."""
+
+    ALIGN = 4096
+    MIN_BYTES = 1024  # smaller tensors stay inline
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.location = self.path.name
+        self._f = open(self.path, "wb")  # noqa: SIM115 -- closed by close(), after every block tensor
+        self._offset = 0
+
+    def add(self, tensor: onnx.TensorProto, data: bytes) -> None:
+        pad = -self._offset % self.ALIGN
+        self._f.write(b"\0" * pad)
+        self._offset += pad
+        self._f.write(data)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self._offset)),
+                           ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self._offset += len(data)
+
+    def close(self) -> None:
+        self._f.close()
+
+
 @dataclass
 class _Graph:
     """Nodes and initializers collected while emitting one or more blocks into a graph."""
 
     weight_dtype: np.dtype
+    external: ExternalData | None = None
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[onnx.TensorProto] = field(default_factory=list)
     _n: int = 0
+
+    def tensor(self, name: str, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        elem = _NP_TO_ONNX.get(arr.dtype, TensorProto.INT64)
+        if self.external is not None and arr.nbytes >= ExternalData.MIN_BYTES:
+            t = TensorProto(name=name, data_type=elem, dims=arr.shape)
+            self.external.add(t, arr.tobytes())
+        else:
+            t = helper.make_tensor(name, elem, arr.shape, arr.tobytes(), raw=True)
+        self.inits.append(t)
 
     def name(self, base: str) -> str:
         self._n += 1
@@ -69,16 +111,14 @@ class _Graph:
         arr = np.ascontiguousarray(arr)
         if arr.dtype.kind == "f":
             arr = arr.astype(self.weight_dtype)
-        self.inits.append(helper.make_tensor(name, _NP_TO_ONNX.get(arr.dtype, TensorProto.INT64),
-                                             arr.shape, arr.tobytes(), raw=True))
+        self.tensor(name, arr)
         if arr.dtype == np.float16 and compute_f32:
             return self.node("Cast", [name], [name + ".f32"], to=TensorProto.FLOAT)[0]
         return name
 
     def f32_init(self, name: str, arr: np.ndarray) -> str:
         """A float32 initializer regardless of the weight dtype (rotary tables)."""
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        self.inits.append(helper.make_tensor(name, TensorProto.FLOAT, arr.shape, arr.tobytes(), raw=True))
+        self.tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
         return name
 
 
@@ -187,10 +227,11 @@ def _dtype(weight_dtype: str) -> np.dtype:
 
 
 def build_block(weights: dict[str, np.ndarray], cfg: ModelConfig, index: int,
-                weight_dtype: str = "float32") -> onnx.ModelProto:
-    """The ONNX model of block ``index`` (0 = embed, 1..L = layers, L+1 = head)."""
+                weight_dtype: str = "float32", external: ExternalData | None = None) -> onnx.ModelProto:
+    """The ONNX model of block ``index`` (0 = embed, 1..L = layers, L+1 = head); with
+    ``external`` its weights go to that side file."""
     check_supported(cfg)
-    g = _Graph(_dtype(weight_dtype))
+    g = _Graph(_dtype(weight_dtype), external)
     F, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     hidden: list[str | int | None] = ["batch", "seq", cfg.hidden_size]
     if index == 0:

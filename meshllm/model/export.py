@@ -15,7 +15,7 @@ import onnx
 from tqdm import tqdm
 
 from meshllm.errors import ModelError
-from meshllm.model.blocks import build_block, check_supported
+from meshllm.model.blocks import ExternalData, build_block, check_supported
 from meshllm.model.config import ModelConfig, block_costs
 from meshllm.model.manifest import Manifest, load_manifest, write_manifest
 
@@ -81,12 +81,20 @@ def block_file(cfg: ModelConfig, index: int) -> str:
     return f"{cfg.block_name(index)}.onnx"
 
 
+# Blocks with more weight bytes than this keep them in a side file ``<block>.onnx.data`` (listed
+# in the manifest's extra_files, so verified like the blocks): a protobuf cannot exceed 2 GiB.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
 def export_model(weights: dict[str, np.ndarray], cfg: ModelConfig, out_dir: str | Path, *, name: str,
                  tokenizer_file: str | Path | None = None, chat_template: str | None = None,
-                 weight_dtype: str = "float32", progress: bool = True) -> Manifest:
+                 weight_dtype: str = "float32", progress: bool = True,
+                 external_data: bool | None = None) -> Manifest:
     """Build every block, write them and ``manifest.json`` under ``out_dir``; return the manifest.
 
     The manifest's config records ``weight_dtype`` (so ``param_bytes`` are the stored bytes).
+    ``external_data``: weights in side files for every block (True), none (False), or only for
+    blocks over ``EXTERNAL_DATA_BYTES`` (None, the default).
     """
     if weight_dtype not in ("float32", "float16"):
         raise ModelError(f"weight_dtype must be float32 or float16, not {weight_dtype!r}")
@@ -95,12 +103,22 @@ def export_model(weights: dict[str, np.ndarray], cfg: ModelConfig, out_dir: str 
     check_weights(weights, cfg)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    files = []
+    files, extra = [], []
+    costs = block_costs(cfg)
     for index in tqdm(range(cfg.num_blocks), desc=f"export {name}", unit="block", disable=not progress):
-        model = build_block(weights, cfg, index, weight_dtype)
         f = block_file(cfg, index)
+        side = None
+        if external_data or (external_data is None and costs[index].param_bytes > EXTERNAL_DATA_BYTES):
+            side = ExternalData(root / (f + ".data"))
+            extra.append(side.location)
+        try:
+            model = build_block(weights, cfg, index, weight_dtype, external=side)
+        finally:
+            if side is not None:
+                side.close()
         onnx.save_model(model, str(root / f))
         files.append(f)
+        del model
     tok_name = None
     if tokenizer_file is not None:
         src = Path(tokenizer_file)
@@ -109,6 +127,6 @@ def export_model(weights: dict[str, np.ndarray], cfg: ModelConfig, out_dir: str 
         tok_name = "tokenizer.json"
         if src.resolve() != (root / tok_name).resolve():
             shutil.copyfile(src, root / tok_name)
-    write_manifest(root, name, cfg, files, block_costs(cfg), tokenizer_file=tok_name,
-                   chat_template=chat_template)
+    write_manifest(root, name, cfg, files, costs, tokenizer_file=tok_name, chat_template=chat_template,
+                   extra_files=extra)
     return load_manifest(root)

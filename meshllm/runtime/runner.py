@@ -237,7 +237,9 @@ class StageRunner:
         plus the head on its own (so prefill can ask for the last position's logits only)."""
         head = self.config.num_layers + 1
         body = list(range(self.first, min(self.end, head)))
-        size = sum(self.manifest.block_path(b).stat().st_size for b in body)
+        size = sum(p.stat().st_size for b in body
+                   for p in (self.manifest.block_path(b), Path(f"{self.manifest.block_path(b)}.data"))
+                   if p.exists())
         # a fused graph is handed to onnxruntime as one serialized protobuf, which cannot exceed
         # 2 GiB: bigger ranges run a session per block (measured within noise of fused there)
         if not fuse or len(body) < 2 or size > FUSE_MAX_BYTES:
