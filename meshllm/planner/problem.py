@@ -17,7 +17,7 @@ from meshllm.planner.dp import Partition, bottleneck_split
 from meshllm.planner.queueing import Estimate, ReplicaPerf, estimate, saturation_rate
 from meshllm.planner.types import Device, Network, Predicted, Replica, Role, Stage, Workload
 
-N_QUANT = 16  # representative prompt lengths for the prefill moments
+N_QUANT = 32  # representative prompt lengths for the prefill moments
 
 
 @dataclass(eq=False)
@@ -72,7 +72,6 @@ class Problem:
         self._kv_prefix = np.concatenate([[0.0], np.cumsum(p.kv)])
         self.in_pct = w.input_len.percentile(w.kv_percentile)
         self.target_len = w.target_len
-        self.mean_len = max(w.input_len.mean + w.output_len.mean, 1.0)
 
     @property
     def names(self) -> list[str]:
@@ -99,10 +98,12 @@ class Problem:
         return self.profile.param_bytes + self.profile.kv * kv_tokens
 
     def decode_batch(self, stages: Sequence[tuple[int, int, int]]) -> int:
-        """Sequences the stages decode at once: KV room for sequences of the workload's *mean*
-        total length (what the serving side reserves on average), capped by ``max_batch``; 0
-        when not even one sequence of the *target* length (percentile) fits next to the
-        weights."""
+        """Sequences the stages decode at once: KV room for sequences of the workload's target
+        length (prompt and output percentiles), capped by ``max_batch``; 0 when not even one
+        fits next to the weights. Counting at the percentile, not the mean, is deliberate: KV
+        room is reserved per request at its real length, first come first served, so a long
+        request at the head of the queue blocks the ones behind it; a replica whose room holds
+        only a few long requests really does serve like a replica with few slots."""
         p, w = self.profile, self.workload
         best = w.max_batch
         per_dev: dict[int, tuple[float, float]] = {}
@@ -114,10 +115,8 @@ class Problem:
             if free < 0:
                 return 0
             if kv > 0:
-                if free < kv * self.target_len:
-                    return 0
-                best = min(best, int(free // (kv * self.mean_len)))
-        return max(best, 1)
+                best = min(best, int(free // (kv * self.target_len)))
+        return max(best, 0)
 
     def prefill_fits(self, stages: Sequence[tuple[int, int, int]]) -> bool:
         """Weights + KV of one prompt (at the prompt percentile) fit."""
@@ -147,6 +146,7 @@ class Problem:
         feasible = True
         batch = 0
         tau = np.full(1, math.inf)
+        stage_busy = np.zeros(1)
         if role in (Role.DECODER, Role.BOTH):
             batch = self.decode_batch(stages)
             feasible = batch >= 1
@@ -165,7 +165,9 @@ class Problem:
             one_pass = dcomp.sum(axis=1) + dcomm.sum(axis=1) + dret
             slow = np.maximum(np.maximum(dcomp.max(axis=1), dcomm.max(axis=1)), dret)
             tau = np.concatenate([[math.inf], np.maximum(one_pass, g * slow)])
-        return ReplicaPerf(role, feasible, batch, busy, lat, tau)
+            # work a prompt finds ahead of it at the bottleneck stage: half the micro-batches
+            stage_busy = np.concatenate([[0.0], 0.5 * g * slow])
+        return ReplicaPerf(role, feasible, batch, busy, lat, tau, stage_busy)
 
     def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]]) -> np.ndarray:
         """(R, R) KV hand-off seconds of a mean-length prompt between replicas: each block's

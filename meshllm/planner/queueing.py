@@ -16,8 +16,13 @@ Model (stated in full in ``docs/planner.md``):
   Little's law n = λ_j E[hold(n)]; the wait for a slot is Erlang C with B servers, corrected for
   the variability of O by Allen–Cunneen ((1 + cv²) / 2). A prompt waits for both: the simulator
   and the serving router admit a prompt only when a decoder has room for it.
-- A BOTH replica gives prefill priority; decoding gets the remaining fraction (1 - ρ_prefill) of
-  its time, so its τ stretches by 1 / (1 - ρ_prefill).
+- A prompt's KV goes from its prefill replica to its decoder over the links between them;
+  each (prefill, decoder) pair is an M/G/1 queue of hand-offs (links are first come first
+  served), and the hand-off and its queueing hold the decoder's slot too.
+- A BOTH replica serves prompts and decode micro-batches first come first served: decoding
+  gets the fraction (1 - ρ_prefill) of its time, so its τ stretches by 1 / (1 - ρ_prefill), and
+  a prompt also waits for the decode micro-batches queued ahead of it at the bottleneck stage
+  (half of those in flight, when the replica is decoding).
 
 ``mean_wait_s`` = prefill queueing + decode slot queueing (arrival to prefill start);
 ``mean_ttft_s`` adds the prefill pass; ``mean_e2e_s`` adds the KV hand-off and decoding.
@@ -44,7 +49,10 @@ class ReplicaPerf:
 
     ``busy[k]`` / ``lat[k]``: prefill bottleneck and end-to-end pass time for the k-th of the
     workload's representative prompt lengths; ``tau[n]``: seconds per generated token with n
-    sequences active (``tau[0]`` unused); ``batch``: KV slots (0 when it cannot decode).
+    sequences active (``tau[0]`` unused); ``batch``: KV slots (0 when it cannot decode);
+    ``ahead[n]``: decode work a new prompt finds queued before it at the bottleneck stage of a
+    BOTH replica with n sequences active (stages serve prefill and decode first come first
+    served).
     """
 
     role: Role
@@ -53,6 +61,7 @@ class ReplicaPerf:
     busy: np.ndarray  # (K,)
     lat: np.ndarray  # (K,)
     tau: np.ndarray  # (batch + 1,)
+    ahead: np.ndarray = field(default_factory=lambda: np.zeros(1))  # (batch + 1,)
     busy_mean: float = field(init=False)
     busy_m2: float = field(init=False)
     lat_mean: float = field(init=False)
@@ -109,8 +118,16 @@ def _decode_steps(dist: LengthDist) -> tuple[float, float]:
     return eo1, ((eo1_2 - eo1 ** 2) / eo1 ** 2 if eo1 > 0 else 0.0)
 
 
+@lru_cache(maxsize=64)
+def _cv2(dist: LengthDist) -> float:
+    """Squared coefficient of variation of a length distribution (memoised)."""
+    q = dist.quantiles(64)
+    m = float(q.mean())
+    return float(q.var()) / (m * m) if m > 0 else 0.0
+
+
 def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
-             tie_break: float = 0.01) -> Estimate:
+             tie_break: float = 1e-3) -> Estimate:
     """Predicted figures and the GA fitness for ``perfs`` under ``workload``.
 
     ``kv_s[i, j]``: KV hand-off seconds for a mean-length prompt from replica i to replica j.
@@ -120,6 +137,7 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     """
     lam = workload.arrival_rate
     eo1, cv2 = _decode_steps(workload.output_len)
+    cv2_in = _cv2(workload.input_len)
     n_bad = sum(not p.feasible for p in perfs)
     pre = [i for i, p in enumerate(perfs) if p.role in (Role.PREFILL, Role.BOTH)]
     dec = [i for i, p in enumerate(perfs) if p.role in (Role.DECODER, Role.BOTH)]
@@ -141,16 +159,32 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
 
     # A decoder's KV room is reserved when the prompt is admitted (the simulator and the router
     # bind the decoder then), so a slot is held for the prefill pass and the hand-off too.
-    hold0 = np.zeros(len(dec))
-    for r, j in enumerate(dec):
-        hold0[r] = sum(x[q] * (lat_p[q] + (0.0 if i == j else float(kv_s[i, j])))
-                       for q, i in enumerate(pre))
+    kv = np.array([[0.0 if i == j else float(kv_s[i, j]) for j in dec] for i in pre])  # (P, D)
     stretch = {j: 1 / (1 - rho_p[j]) if perfs[j].role == Role.BOTH and rho_p[j] < 1 else
                (math.inf if perfs[j].role == Role.BOTH else 1.0) for j in dec}
-    # decode capacity (requests/s with every slot busy), after the prefill share of BOTH replicas
-    cap = np.array([perfs[j].batch / (hold0[r] + eo1 * float(perfs[j].tau[perfs[j].batch]) * stretch[j])
-                    for r, j in enumerate(dec)])
-    y = cap / cap.sum() if cap.sum() > 0 and np.isfinite(cap.sum()) else np.full(len(dec), 1 / len(dec))
+
+    def decode_shares(hold0: np.ndarray) -> np.ndarray:
+        # decode capacity (requests/s with every slot busy), after BOTH replicas' prefill share
+        cap = np.array([perfs[j].batch / (hold0[r] + eo1 * float(perfs[j].tau[perfs[j].batch]) * stretch[j])
+                        for r, j in enumerate(dec)])
+        tot = cap.sum()
+        return cap / tot if tot > 0 and np.isfinite(tot) else np.full(len(dec), 1 / len(dec))
+
+    def link_wait(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # each (prefill, decoder) pair's hand-offs queue first come first served on the links
+        # between them: M/G/1 per pair, the transfer time varying with the prompt length
+        rho = lam * x[:, None] * y[None, :] * kv
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = np.where(rho < 1, rho * kv * (1 + cv2_in) / (2 * (1 - rho)), 0.0)
+        return rho, w
+
+    y = decode_shares(x @ (lat_p[:, None] + kv))
+    rho_kv, w_kv = link_wait(y)
+    hold0 = x @ (lat_p[:, None] + kv + w_kv)  # (D,)
+    y = decode_shares(hold0)
+    rho_kv, w_kv = link_wait(y)
+    hold0 = x @ (lat_p[:, None] + kv + w_kv)
+    utils.extend(rho_kv.ravel().tolist())
     wq_d = np.zeros(len(dec))
     s_d = np.zeros(len(dec))
     for q, j in enumerate(dec):
@@ -163,6 +197,10 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         s_d[q] = eo1 * _tau_at(p.tau, n) * stretch[j]
         hold = hold0[q] + s_d[q]
         a = lam_j * hold
+        if p.role == Role.BOTH and len(p.ahead) > 1:
+            # a prompt queues behind the decode micro-batches at the stage (busy with
+            # probability ~ the mean occupancy while below one sequence)
+            wq_p[pre.index(j)] += _tau_at(p.ahead, n) * min(1.0, a)
         utils.append(a / p.batch)
         if a < p.batch and hold > 0:
             # Allen-Cunneen: only the decode part varies with the output length
@@ -170,18 +208,15 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
             wq_d[q] = erlang_c(p.batch, a) * hold / (p.batch - a) * (1 + cv2_hold) / 2
     max_util = max(utils)
 
-    # KV hand-off: BOTH replicas keep their own prompts' KV (no transfer)
-    kv = 0.0
-    for q, i in enumerate(pre):
-        for r, j in enumerate(dec):
-            kv += x[q] * y[r] * (0.0 if i == j else float(kv_s[i, j]))
+    # KV hand-off (BOTH replicas keep their own prompts' KV: no transfer) and its link queueing
+    handoff = float(x @ (kv + w_kv) @ y)
 
     wait = float(x @ wq_p + y @ wq_d)
     ttft = wait + float(x @ lat_p)
-    e2e = ttft + kv + float(y @ s_d)
+    e2e = ttft + handoff + float(y @ s_d)
     pre_cap = float(mu.sum())
     tau_full = [float(perfs[j].tau[perfs[j].batch]) for j in dec]
-    dec_cap = float(sum(perfs[j].batch / (hold0[r] + eo1 * t)
+    dec_cap = float(sum(perfs[j].batch / (float(hold0[r]) + eo1 * t)
                         for r, (j, t) in enumerate(zip(dec, tau_full, strict=True))))
     thr = float(sum(perfs[j].batch / t for j, t in zip(dec, tau_full, strict=True)))
     lat_tok = min(
