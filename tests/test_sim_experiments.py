@@ -111,3 +111,20 @@ def test_simulate_command_bad_input_is_one_line(argv, msg, capsys) -> None:
     err = capsys.readouterr().err
     assert rc != 0
     assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_strategy_that_cannot_plan_is_a_row_not_a_crash() -> None:
+    from meshllm.errors import PlanError
+
+    def plan_fn(strategy, *args):
+        if strategy == "ring":
+            raise PlanError("node x needs 13 GiB but has 12 GiB")
+        return make_plan(strategy, *args)
+
+    tb = load_testbed(TESTBEDS / "home.toml")
+    arm = ex.e2llm_vs_splitwise_arm(plan_fn, tb, "llama2-7b", "short-in/long-out", loads=(0.8,),
+                                    n_requests=30, strategies=("splitwise", "ring"))
+    ring = [r for r in arm.rows if r["strategy"] == "ring"]
+    assert ring and ring[0]["mean_wait_s"] is None and "13 GiB" in ring[0]["error"]
+    assert next(r for r in arm.rows if r["strategy"] == "splitwise")["mean_wait_s"] is not None
+    assert ex.reductions(arm.rows) == []  # no e2llm row, nothing to compare

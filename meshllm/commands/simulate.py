@@ -140,6 +140,9 @@ def print_e2llm(rows: list[dict], reds: list[dict], sats: list[dict]) -> None:
     body = [[r["testbed"], r["mix"], _fmt(r["load_fraction"]), r["strategy"],
              _fmt(r["mean_wait_s"], 3), _fmt(r["p99_wait_s"], 3), _fmt(r["throughput_tok_s"], 1)]
             for r in rows]
+    for msg in dict.fromkeys(f"{r['testbed']} / {r['mix']}: {r['strategy']} could not plan: {r['error']}"
+                             for r in rows if r.get("error")):
+        print(f"# {msg}")
     print(_table(["testbed", "mix", "load", "strategy", "mean wait s", "p99 wait s", "tok/s"], body))
     print()
     body = [[r["testbed"], r["mix"], _fmt(r["load_fraction"]), _fmt(r["e2llm_wait_s"], 3),
@@ -234,7 +237,8 @@ def plot_e2llm(rows: list[dict], out: Path) -> list[Path]:
             ax = axes[i][j]
             for strat in dict.fromkeys(r["strategy"] for r in rows):
                 pts = [(r["load_fraction"], r["mean_wait_s"]) for r in rows
-                       if r["testbed"] == tb and r["mix"] == mix and r["strategy"] == strat]
+                       if r["testbed"] == tb and r["mix"] == mix and r["strategy"] == strat
+                       and r["mean_wait_s"] is not None]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=strat)
             ax.set_yscale("symlog", linthresh=0.1)
