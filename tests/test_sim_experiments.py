@@ -41,6 +41,17 @@ def test_table4_edgeshard_no_worse_than_any_baseline(table4) -> None:
             assert es["throughput_tok_s"] >= b["throughput_tok_s"] * (1 - 1e-9), (model, method)
 
 
+def test_table4_no_bubbles_never_below_bubbles(table4) -> None:
+    for key, r in table4.items():
+        if r["oom"]:
+            continue
+        assert r["throughput_tok_s"] >= r["throughput_bubbles_tok_s"] * (1 - 1e-9), key
+    es = table4[("llama2-7b", "EdgeShard")]
+    assert es["throughput_tok_s"] > 1.2 * es["throughput_bubbles_tok_s"]  # a 4-stage pipeline
+    solo = table4[("llama2-7b", "Edge-Solo")]
+    assert solo["throughput_tok_s"] == pytest.approx(solo["throughput_bubbles_tok_s"])
+
+
 def test_table4_edge_solo_7b_is_memory_bound(table4) -> None:
     # 26.4 GB of weights / 204.8 GB/s = 129 ms per token at full bandwidth; the paper: 140.34
     r = table4[("llama2-7b", "Edge-Solo")]

@@ -121,9 +121,10 @@ def print_table4(rows: list[dict]) -> None:
         ours_t = "OOM" if r["oom"] else _fmt(r["throughput_tok_s"])
         pap_l = "OOM" if r["paper_latency_ms"] is None else _fmt(r["paper_latency_ms"])
         pap_t = "OOM" if r["paper_throughput_tok_s"] is None else _fmt(r["paper_throughput_tok_s"])
-        body.append([r["model"], r["method"], ours_l, pap_l, ours_t, pap_t, _fmt(r.get("batch"))])
+        bub = "OOM" if r["oom"] else _fmt(r.get("throughput_bubbles_tok_s"))
+        body.append([r["model"], r["method"], ours_l, pap_l, ours_t, pap_t, _fmt(r.get("batch")), bub])
     print(_table(["model", "method", "latency ms/tok", "paper", "throughput tok/s", "paper",
-                  "batch"], body))
+                  "batch", "Bubbles tok/s"], body))
 
 
 def print_sweep(rows: list[dict]) -> None:

@@ -101,6 +101,7 @@ class Cell:
     throughput_tok_s: float | None
     batch: int | None = None
     nodes: int | None = None  # devices the latency plan uses
+    throughput_bubbles_tok_s: float | None = None  # the same batch with EdgeShard-Bubbles
 
 
 def _plan(plan_fn: PlanFn, strategy: str, profile: ModelProfile, tb: Testbed, wl: Workload,
@@ -145,7 +146,8 @@ def table4_cell(plan_fn: PlanFn, model_name: str, method: str, tb: Testbed,
         return Cell(True, None, None)
     lat = latency_of(lat_plan, profile, tb, wl, config)
     thr, batch = throughput_of(thr_plan, profile, tb, wl, config)
-    return Cell(False, lat, thr, batch, len(set(lat_plan.nodes)))
+    bub, _ = throughput_of(thr_plan, profile, tb, wl, SimConfig(pipeline="bubbles"))
+    return Cell(False, lat, thr, batch, len(set(lat_plan.nodes)), bub)
 
 
 def edgeshard_table4(plan_fn: PlanFn, tb: Testbed, seed: int = 0) -> list[dict[str, object]]:
@@ -157,7 +159,7 @@ def edgeshard_table4(plan_fn: PlanFn, tb: Testbed, seed: int = 0) -> list[dict[s
             rows.append({
                 "model": model_name, "method": method, "oom": cell.oom,
                 "latency_ms": cell.latency_ms, "throughput_tok_s": cell.throughput_tok_s,
-                "batch": cell.batch,
+                "batch": cell.batch, "throughput_bubbles_tok_s": cell.throughput_bubbles_tok_s,
                 "paper_oom": paper is None,
                 "paper_latency_ms": None if paper is None else paper[0],
                 "paper_throughput_tok_s": None if paper is None else paper[1],
