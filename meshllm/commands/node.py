@@ -102,7 +102,8 @@ def build_options(args: argparse.Namespace) -> Any:
 
     def opt(name: str, default: Any = None) -> Any:
         v = getattr(args, name, None)
-        return v if v not in (None, False) else cfg.get(name, default)
+        # `is`, not `in`: 0 == False, and `--threads 0` must reach the range check
+        return v if v is not None and v is not False else cfg.get(name, default)
 
     model_dir = resolve_model_dir(opt("model"))
     interfaces = opt("interface", [])
