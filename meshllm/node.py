@@ -74,6 +74,7 @@ from meshllm.planner.cost import ModelProfile
 from meshllm.planner.problem import Problem
 from meshllm.planner.queueing import INFEASIBLE
 from meshllm.planner.types import Device, Link, Network, Plan, Predicted, Workload
+from meshllm.planner.validate import validate_plan
 from meshllm.runtime.profile import NodeProfile, available_memory_bytes, load_or_measure
 from meshllm.runtime.runner import StageRunner
 from meshllm.wire.auth import mesh_id as make_mesh_id
@@ -311,37 +312,6 @@ def plan_document(plan: Plan, workload: Workload) -> dict[str, Any]:
     d = plan.to_dict()
     d["workload"] = {"mean_input_len": workload.input_len.mean, "mean_output_len": workload.output_len.mean}
     return d
-
-
-def check_plan(doc: dict[str, Any], manifest: Manifest, known: set[str] | None = None,
-               budgets: dict[str, int] | None = None) -> Plan:
-    """Structural validation every node applies before loading: each replica covers every block
-    exactly once, in order, on known nodes, and (where a budget is known) within memory."""
-    plan = Plan.from_dict(doc)
-    n = manifest.config.num_blocks
-    if not plan.replicas:
-        raise PlanError("plan has no replicas")
-    costs = manifest.costs
-    for r in plan.replicas:
-        at = 0
-        if not r.stages:
-            raise PlanError(f"replica {r.id} has no stages")
-        for s in r.stages:
-            if s.first != at:
-                raise PlanError(f"replica {r.id}: {'gap' if s.first > at else 'overlap'} at block {at}")
-            if s.end <= s.first:
-                raise PlanError(f"replica {r.id}: empty stage on {s.node}")
-            if known is not None and s.node not in known:
-                raise PlanError(f"replica {r.id}: unknown node {s.node}")
-            if budgets and s.node in budgets:
-                need = sum(c.param_bytes for c in costs[s.first:s.end])
-                if need > budgets[s.node]:
-                    raise PlanError(f"replica {r.id}: blocks [{s.first},{s.end}) need {need} bytes, "
-                                    f"{s.node} has {budgets[s.node]}")
-            at = s.end
-        if at != n:
-            raise PlanError(f"replica {r.id} ends at block {at}, the model has {n}")
-    return plan
 
 
 # --- the node -----------------------------------------------------------------------------------
@@ -762,10 +732,20 @@ class Node:
 
     # --- plans (every node) -----------------------------------------------------------------------
     def _validate_plan(self, doc: dict[str, Any]) -> None:
+        """The planner's ``validate_plan`` over the devices this node knows: its own exact budget,
+        fetched profiles of peers, and members whose budget it has not seen yet (memory unchecked).
+        Nodes that are not members are unknown devices, so a plan naming them fails."""
         assert self.control is not None
-        known = {self.node_id, *self.control.membership.members}
-        budgets = {self.node_id: self.profile.memory_bytes} if self.profile is not None else {}
-        check_plan(doc, self.manifest, known, budgets)
+        devices = []
+        if self.profile is not None:
+            devices.append(device_from_profile(self.node_id, self.profile.to_dict()))
+        else:
+            devices.append(Device(self.node_id, self._budget(), 1.0, 1.0))
+        for nid in self.control.membership.members:
+            prof = (self.peers[nid].profile or {}).get("profile") if nid in self.peers else None
+            prof = prof or self.control.profiles.get(nid)
+            devices.append(device_from_profile(nid, prof) if prof else Device(nid, 1 << 62, 1.0, 1.0))
+        validate_plan(Plan.from_dict(doc), self.model_profile, devices)
 
     def _my_ranges(self, doc: dict[str, Any]) -> list[tuple[int, int]]:
         plan = Plan.from_dict(doc)
@@ -905,4 +885,4 @@ def with_control(opts: NodeOptions, **kw: Any) -> NodeOptions:
     return replace(opts, control=replace(opts.control, **kw))
 
 
-__all__ = ["Node", "NodeOptions", "Predicted", "check_plan", "mesh_token", "stable_node_id"]
+__all__ = ["Node", "NodeOptions", "Predicted", "mesh_token", "stable_node_id"]
