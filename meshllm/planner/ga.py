@@ -178,7 +178,7 @@ def _seeds(problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
         rest = _fill(problem, [j for j in by_mem if problem.mem[j] < need], need)
         out.append(_encode(m, singles + rest, [2] * (len(singles) + len(rest))))
         if rest:
-            out.append(_encode(m, singles + rest, [1] * len(singles) + [2] * len(rest)))
+            out.append(_encode(m, singles + rest, [1] * len(singles) + [0] * len(rest)))
     return out
 
 

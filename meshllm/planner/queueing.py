@@ -1,24 +1,28 @@
 """The queueing estimate: predicted waiting time of a set of replicas under a workload.
 
-Model (stated in full in ``docs/planner.md``):
+Model (stated in full in ``docs/planner.md``), following how requests are served:
 
-- Requests arrive as a Poisson stream of rate λ. Prompts are split over prefill-capable
-  replicas (PREFILL and BOTH) in proportion to their prefill capacity, and decoding over
-  decode-capable replicas (DECODER and BOTH) in proportion to their decode capacity, so every
-  replica of a pool runs at the same utilisation.
+- Requests arrive as a Poisson stream of rate λ. A BOTH replica serves its own requests from
+  prompt to last token; a PREFILL replica hands each prompt's KV cache to a DECODER replica.
+  Arrivals split over the BOTH replicas and the prefill/decoder pool in proportion to their
+  capacities; inside the pool, prompts split over the PREFILL replicas in proportion to their
+  prefill capacity and hand-offs over the DECODER replicas in proportion to their decode
+  capacity, so replicas of a kind run at about the same utilisation.
 - A replica's prefill pipeline is an M/G/1 server whose service time is the pipeline's slowest
   resource for that prompt (``busy``); the rest of the pass (``lat - busy``) is a pure delay.
   Pollaczek–Khinchine: Wq = λ_i E[busy²] / (2 (1 - ρ_i)).
-- A decoding replica has ``B`` KV slots (memory-sized). A sequence holds a slot from the
-  admission of its prompt (the decoder is bound then) through the prefill pass, the KV
-  hand-off and (O - 1) x τ(n) seconds of decoding, τ(n) being the time per token when n
-  sequences are active (micro-batched over the stages, "No-Bubbles"). The occupancy n solves
-  Little's law n = λ_j E[hold(n)]; the wait for a slot is Erlang C with B servers, corrected for
-  the variability of O by Allen–Cunneen ((1 + cv²) / 2). A prompt waits for both: the simulator
-  and the serving router admit a prompt only when a decoder has room for it.
 - A prompt's KV goes from its prefill replica to its decoder over the links between them;
   each (prefill, decoder) pair is an M/G/1 queue of hand-offs (links are first come first
-  served), and the hand-off and its queueing hold the decoder's slot too.
+  served).
+- A decoding replica has ``B`` KV slots (memory-sized). A sequence holds a slot from the
+  admission of its prompt (the decoder is bound then) through the prefill pass, the KV
+  hand-off and its queueing, and (O - 1) x τ(n) seconds of decoding, τ(n) being the time per
+  token when n sequences are active (micro-batched over the stages, "No-Bubbles"). The
+  occupancy n solves Little's law n = λ_j E[hold(n)]. The router takes any decoder with room,
+  so the decoders' slots form one pool (a BOTH replica's slots are its own): the wait for a
+  slot is Erlang C with c = the pool's slots, corrected for the variability of O by
+  Allen–Cunneen ((1 + cv²) / 2). A prompt waits for both: the simulator and the serving router
+  admit a prompt only when a decoder has room for it.
 - A BOTH replica serves prompts and decode micro-batches first come first served: decoding
   gets the fraction (1 - ρ_prefill) of its time, so its τ stretches by 1 / (1 - ρ_prefill), and
   a prompt also waits for the decode micro-batches queued ahead of it at the bottleneck stage
@@ -126,11 +130,24 @@ def _cv2(dist: LengthDist) -> float:
     return float(q.var()) / (m * m) if m > 0 else 0.0
 
 
+def _slot_wait(slots: int, load: float, lam: float, dec_work: float, cv2: float) -> float:
+    """M/G/c wait for one of ``slots`` KV slots at offered load ``load`` (Erlang C with an
+    Allen-Cunneen correction for the part of the holding time that varies with the output)."""
+    if lam <= 0 or load <= 0 or load >= slots:
+        return 0.0
+    hold_mean = load / lam
+    cv2_hold = cv2 * (dec_work / load) ** 2
+    return erlang_c(slots, load) * hold_mean / (slots - load) * (1 + cv2_hold) / 2
+
+
 def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
              tie_break: float = 1e-3) -> Estimate:
     """Predicted figures and the GA fitness for ``perfs`` under ``workload``.
 
     ``kv_s[i, j]``: KV hand-off seconds for a mean-length prompt from replica i to replica j.
+    A BOTH replica serves its own requests start to end; a PREFILL replica hands its prompts
+    to the DECODER replicas. Arrivals split over the BOTH replicas and the prefill/decoder pool
+    in proportion to their capacities.
     Fitness = mean_wait_s + ``tie_break`` * mean_e2e_s when every server is below saturation
     (the small end-to-end term orders plans that all wait ~0 at light load), else
     OVERLOAD * (1 + worst utilisation); INFEASIBLE-scaled when memory or a phase is missing.
@@ -139,95 +156,121 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     eo1, cv2 = _decode_steps(workload.output_len)
     cv2_in = _cv2(workload.input_len)
     n_bad = sum(not p.feasible for p in perfs)
-    pre = [i for i, p in enumerate(perfs) if p.role in (Role.PREFILL, Role.BOTH)]
-    dec = [i for i, p in enumerate(perfs) if p.role in (Role.DECODER, Role.BOTH)]
-    has_p = any(p.role == Role.PREFILL for p in perfs)
-    has_d = any(p.role == Role.DECODER for p in perfs)
-    if not perfs or n_bad or not pre or (has_p and not has_d) or (has_d and not pre):
+    pre = [i for i, p in enumerate(perfs) if p.role == Role.PREFILL]
+    dec = [i for i, p in enumerate(perfs) if p.role == Role.DECODER]
+    both = [i for i, p in enumerate(perfs) if p.role == Role.BOTH]
+    if not perfs or n_bad or (pre and not dec) or (dec and not pre):
         return Estimate(INFEASIBLE * (1 + n_bad + (not perfs)), Predicted(), math.inf)
 
-    mu = np.array([1 / perfs[i].busy_mean for i in pre])
-    x = mu / mu.sum()  # prefill shares
-    rho_p = {i: lam * x[q] * perfs[i].busy_mean for q, i in enumerate(pre)}
-    wq_p = np.zeros(len(pre))
-    lat_p = np.array([perfs[i].lat_mean for i in pre])
-    utils = list(rho_p.values())
-    for q, i in enumerate(pre):
-        r = rho_p[i]
-        if r < 1:
-            wq_p[q] = lam * x[q] * perfs[i].busy_m2 / (2 * (1 - r))
+    # --- capacities at zero load, to split the arrivals ----------------------------------
+    def both_cap(b: int) -> float:
+        p = perfs[b]
+        return min(1 / p.busy_mean, p.batch / (p.lat_mean + eo1 * float(p.tau[p.batch])))
 
-    # A decoder's KV room is reserved when the prompt is admitted (the simulator and the router
-    # bind the decoder then), so a slot is held for the prefill pass and the hand-off too.
-    kv = np.array([[0.0 if i == j else float(kv_s[i, j]) for j in dec] for i in pre])  # (P, D)
-    stretch = {j: 1 / (1 - rho_p[j]) if perfs[j].role == Role.BOTH and rho_p[j] < 1 else
-               (math.inf if perfs[j].role == Role.BOTH else 1.0) for j in dec}
+    if pre:
+        mu = np.array([1 / perfs[i].busy_mean for i in pre])
+        x = mu / mu.sum()  # prefill shares inside the pool
+        lat_p = np.array([perfs[i].lat_mean for i in pre])
+        kv = np.array([[float(kv_s[i, j]) for j in dec] for i in pre])  # (P, D)
 
-    def decode_shares(hold0: np.ndarray) -> np.ndarray:
-        # decode capacity (requests/s with every slot busy), after BOTH replicas' prefill share
-        cap = np.array([perfs[j].batch / (hold0[r] + eo1 * float(perfs[j].tau[perfs[j].batch]) * stretch[j])
-                        for r, j in enumerate(dec)])
-        tot = cap.sum()
-        return cap / tot if tot > 0 and np.isfinite(tot) else np.full(len(dec), 1 / len(dec))
+        def decode_shares(hold0: np.ndarray) -> tuple[np.ndarray, float]:
+            cap = np.array([perfs[j].batch / (hold0[r] + eo1 * float(perfs[j].tau[perfs[j].batch]))
+                            for r, j in enumerate(dec)])
+            tot = float(cap.sum())
+            return (cap / tot if tot > 0 and np.isfinite(tot) else np.full(len(dec), 1 / len(dec))), tot
 
-    def link_wait(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # each (prefill, decoder) pair's hand-offs queue first come first served on the links
-        # between them: M/G/1 per pair, the transfer time varying with the prompt length
-        rho = lam * x[:, None] * y[None, :] * kv
-        with np.errstate(divide="ignore", invalid="ignore"):
-            w = np.where(rho < 1, rho * kv * (1 + cv2_in) / (2 * (1 - rho)), 0.0)
-        return rho, w
+        y, dec_cap_pool = decode_shares(x @ (lat_p[:, None] + kv))
+        pool_cap = min(float(mu.sum()), dec_cap_pool)
+    else:
+        pool_cap = 0.0
+    caps = np.array([both_cap(b) for b in both] + ([pool_cap] if pre else []))
+    share = caps / caps.sum() if caps.sum() > 0 else np.full(len(caps), 1 / len(caps))
 
-    y = decode_shares(x @ (lat_p[:, None] + kv))
-    rho_kv, w_kv = link_wait(y)
-    hold0 = x @ (lat_p[:, None] + kv + w_kv)  # (D,)
-    y = decode_shares(hold0)
-    rho_kv, w_kv = link_wait(y)
-    hold0 = x @ (lat_p[:, None] + kv + w_kv)
-    utils.extend(rho_kv.ravel().tolist())
-    wq_d = np.zeros(len(dec))
-    s_d = np.zeros(len(dec))
-    for q, j in enumerate(dec):
-        p = perfs[j]
-        if not math.isfinite(stretch[j]):
-            utils.append(math.inf)
+    utils: list[float] = []
+    wait = ttft = e2e = 0.0
+
+    # --- BOTH replicas: their own prompts, their own slots ----------------------------------
+    for k, b in enumerate(both):
+        p = perfs[b]
+        lam_b = lam * share[k]
+        rho = lam_b * p.busy_mean
+        utils.append(rho)
+        if rho >= 1:
             continue
-        lam_j = lam * y[q]
-        n = _decode_occupancy(lam_j, hold0[q], eo1 * stretch[j], p.tau, p.batch)
-        s_d[q] = eo1 * _tau_at(p.tau, n) * stretch[j]
-        hold = hold0[q] + s_d[q]
-        a = lam_j * hold
-        if p.role == Role.BOTH and len(p.ahead) > 1:
-            # a prompt queues behind the decode micro-batches at the stage (busy with
-            # probability ~ the mean occupancy while below one sequence)
-            wq_p[pre.index(j)] += _tau_at(p.ahead, n) * min(1.0, a)
+        stretch = 1 / (1 - rho)  # decoding gets the time prompts leave
+        n = _decode_occupancy(lam_b, p.lat_mean, eo1 * stretch, p.tau, p.batch)
+        s_dec = eo1 * _tau_at(p.tau, n) * stretch
+        hold = p.lat_mean + s_dec
+        a = lam_b * hold
         utils.append(a / p.batch)
-        if a < p.batch and hold > 0:
-            # Allen-Cunneen: only the decode part varies with the output length
-            cv2_hold = cv2 * (s_d[q] / hold) ** 2
-            wq_d[q] = erlang_c(p.batch, a) * hold / (p.batch - a) * (1 + cv2_hold) / 2
-    max_util = max(utils)
+        wq = lam_b * p.busy_m2 / (2 * (1 - rho))
+        if len(p.ahead) > 1:
+            # a prompt queues behind the decode micro-batches at the bottleneck stage
+            wq += _tau_at(p.ahead, n) * min(1.0, a)
+        wq += _slot_wait(p.batch, a, lam_b, lam_b * s_dec, cv2)
+        wait += share[k] * wq
+        ttft += share[k] * (wq + p.lat_mean)
+        e2e += share[k] * (wq + p.lat_mean + s_dec)
 
-    # KV hand-off (BOTH replicas keep their own prompts' KV: no transfer) and its link queueing
-    handoff = float(x @ (kv + w_kv) @ y)
+    # --- the prefill/decoder pool -------------------------------------------------------------
+    handoff = 0.0
+    if pre:
+        lam_pd = lam * share[-1]
+        rho_p = lam_pd * x * np.array([perfs[i].busy_mean for i in pre])
+        utils.extend(rho_p.tolist())
+        wq_p = np.array([lam_pd * x[q] * perfs[i].busy_m2 / (2 * (1 - rho_p[q])) if rho_p[q] < 1 else 0.0
+                         for q, i in enumerate(pre)])
 
-    wait = float(x @ wq_p + y @ wq_d)
-    ttft = wait + float(x @ lat_p)
-    e2e = ttft + handoff + float(y @ s_d)
-    pre_cap = float(mu.sum())
-    tau_full = [float(perfs[j].tau[perfs[j].batch]) for j in dec]
-    dec_cap = float(sum(perfs[j].batch / (float(hold0[r]) + eo1 * t)
-                        for r, (j, t) in enumerate(zip(dec, tau_full, strict=True))))
-    thr = float(sum(perfs[j].batch / t for j, t in zip(dec, tau_full, strict=True)))
-    lat_tok = min(
-        (perfs[i].lat_mean + (0.0 if i == j else float(kv_s[i, j]))
-         + eo1 * float(perfs[j].tau[1])) / (eo1 + 1)
-        for i in pre for j in dec)
+        def link_wait(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # each (prefill, decoder) pair's hand-offs queue first come first served on the
+            # links between them: M/G/1 per pair, the transfer varying with the prompt length
+            rho = lam_pd * x[:, None] * y[None, :] * kv
+            with np.errstate(divide="ignore", invalid="ignore"):
+                w = np.where(rho < 1, rho * kv * (1 + cv2_in) / (2 * (1 - rho)), 0.0)
+            return rho, w
+
+        # a decoder's KV room is reserved when the prompt is admitted (the simulator and the
+        # router bind the decoder then): a slot is held for the prefill pass and the hand-off
+        rho_kv, w_kv = link_wait(y)
+        hold0 = x @ (lat_p[:, None] + kv + w_kv)  # (D,)
+        y, _ = decode_shares(hold0)
+        rho_kv, w_kv = link_wait(y)
+        hold0 = x @ (lat_p[:, None] + kv + w_kv)
+        utils.extend(rho_kv.ravel().tolist())
+        s_d = np.zeros(len(dec))
+        slots, load, dec_work = 0, 0.0, 0.0
+        for q, j in enumerate(dec):
+            p = perfs[j]
+            lam_j = lam_pd * y[q]
+            n = _decode_occupancy(lam_j, float(hold0[q]), eo1, p.tau, p.batch)
+            s_d[q] = eo1 * _tau_at(p.tau, n)
+            a = lam_j * (hold0[q] + s_d[q])
+            utils.append(a / p.batch)
+            slots += p.batch
+            load += a
+            dec_work += lam_j * s_d[q]
+        # the router takes any decoder with room: the decoders' slots form one pool
+        wq = float(x @ wq_p) + _slot_wait(slots, load, lam_pd, dec_work, cv2)
+        handoff = float(x @ (kv + w_kv) @ y)
+        wait += share[-1] * wq
+        ttft += share[-1] * (wq + float(x @ lat_p))
+        e2e += share[-1] * (wq + float(x @ lat_p) + handoff + float(y @ s_d))
+    max_util = max(utils) if utils else 0.0
+
+    # --- headline figures ------------------------------------------------------------------
+    fronts = pre + both
+    pre_cap = float(sum(1 / perfs[i].busy_mean for i in fronts))
+    decs = dec + both
+    dec_cap = float(sum(both_cap(b) for b in both)) + (dec_cap_pool if pre else 0.0)
+    thr = float(sum(perfs[j].batch / float(perfs[j].tau[perfs[j].batch]) for j in decs))
+    paths = [(perfs[b].lat_mean + eo1 * float(perfs[b].tau[1])) / (eo1 + 1) for b in both]
+    paths += [(perfs[i].lat_mean + float(kv_s[i, j]) + eo1 * float(perfs[j].tau[1])) / (eo1 + 1)
+              for i in pre for j in dec]
     overloaded = max_util >= 1
-    pred = Predicted(latency_ms_per_token=lat_tok * 1000, throughput_tps=thr,
+    pred = Predicted(latency_ms_per_token=min(paths) * 1000, throughput_tps=thr,
                      prefill_capacity_rps=pre_cap, decode_capacity_rps=dec_cap,
-                     mean_wait_s=math.inf if overloaded else wait,
-                     mean_ttft_s=math.inf if overloaded else ttft,
+                     mean_wait_s=math.inf if overloaded else float(wait),
+                     mean_ttft_s=math.inf if overloaded else float(ttft),
                      mean_e2e_s=math.inf if overloaded else float(e2e))
     fitness = OVERLOAD * (1 + max_util) if overloaded else wait + tie_break * e2e
     return Estimate(float(fitness), pred, float(max_util))

@@ -18,7 +18,8 @@ def validate_plan(plan: Plan, profile: ModelProfile, devices: Sequence[Device],
       no empty or out-of-range stage
     - every node is a known device, and no node serves two replicas
     - memory: on every node, the weights of all its blocks plus the KV cache of one sequence of
-      ``workload.target_len`` tokens (weights alone without a workload) fit its budget
+      ``workload.target_len`` tokens (one prompt at the prompt percentile on a PREFILL replica;
+      weights alone without a workload) fit its budget
     - roles: PREFILL replicas need a DECODER replica; DECODER replicas need something that
       prefills (PREFILL or BOTH)
     """
@@ -31,8 +32,14 @@ def validate_plan(plan: Plan, profile: ModelProfile, devices: Sequence[Device],
         raise PlanError(f"plan has duplicate replica ids {sorted({i for i in ids if ids.count(i) > 1})}")
     owner: dict[str, int] = {}
     need: dict[str, float] = {}
-    seq = workload.target_len if workload is not None else 0
     for r in plan.replicas:
+        # a prefill replica holds prompts only; decoding replicas whole sequences
+        if workload is None:
+            seq = 0
+        elif r.role == Role.PREFILL:
+            seq = workload.input_len.percentile(workload.kv_percentile)
+        else:
+            seq = workload.target_len
         if not r.stages:
             raise PlanError(f"replica {r.id} has no stages")
         expect = 0
