@@ -66,13 +66,14 @@ from meshllm.control.events import (
     UnloadEpoch,
 )
 from meshllm.control.node import ControlNode
-from meshllm.errors import MeshError, PlanError, ProtocolError, UserError
+from meshllm.errors import DoesNotFit, MeshError, PlanError, ProtocolError, UserError
 from meshllm.model.manifest import Manifest, load_manifest
 from meshllm.net.base import PROTOCOL_VERSION, Advert, Discovery, LinkIdentity, Transport
 from meshllm.planner import ga
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.problem import Problem
 from meshllm.planner.queueing import INFEASIBLE
+from meshllm.planner.strategies import plan_problem
 from meshllm.planner.types import Device, Link, Network, Plan, Predicted, Workload
 from meshllm.planner.validate import validate_plan
 from meshllm.runtime.profile import NodeProfile, available_memory_bytes, load_or_measure
@@ -134,6 +135,8 @@ class NodeOptions:
     priority: int = 0
     control: ControlConfig = field(default_factory=ControlConfig)
     workload: Workload = field(default_factory=Workload)
+    strategy: str = "e2llm"  # e2llm: the GA as islands on the members; else a planner strategy, run on the leader
+    objective: str = "waiting"
     islands: int = 0  # GA islands per round (0: one per member, at most 4)
     mdns: bool = True
     mdns_hint_after: float = 15.0
@@ -298,13 +301,18 @@ def island_from_individuals(problem: Problem, inds: tuple[tuple[int, ...], ...])
                      fit[order])
 
 
-def plan_from_individual(problem: Problem, ind: tuple[int, ...], strategy: str = "e2llm-ga") -> Plan:
+def plan_from_individual(problem: Problem, ind: tuple[int, ...], strategy: str = "e2llm") -> Plan:
+    """Decode a GA individual (``assign + roles``) into a validated plan with predicted figures."""
     m = len(problem.devices)
     a, r = ga.normalise(np.asarray(ind[:m], dtype=np.int64), np.asarray(ind[m:], dtype=np.int64))
     est, stages = ga.decode(problem, a, r)
     if est.fitness >= INFEASIBLE or any(not st for _, st in stages):
-        raise PlanError("no feasible plan: the model does not fit the members' memory")
-    return Plan(0, problem.to_replicas(stages), est.predicted, strategy)
+        raise DoesNotFit("no feasible plan: no grouping of the members holds a full replica")
+    reps = [(role, list(st)) for role, st in stages]
+    plan = Plan(0, problem.to_replicas(reps), problem.estimate_stages(reps, with_saturation=True).predicted,
+                strategy)
+    validate_plan(plan, problem.profile, problem.devices, problem.workload)
+    return plan
 
 
 def plan_document(plan: Plan, workload: Workload) -> dict[str, Any]:
@@ -679,6 +687,15 @@ class Node:
             members = [m for m in sp.members if m in sp.profiles]
             devices = tuple(device_from_profile(m, sp.profiles[m]) for m in members)
             problem = Problem(self.model_profile, devices, network_from_links(members, links), self.opts.workload)
+            if self.opts.strategy != "e2llm":
+                rng = np.random.default_rng(sp.round)
+                plan = await loop.run_in_executor(self._pool, lambda: plan_problem(
+                    self.opts.strategy, problem, self.opts.objective, rng))
+                log.info("planning round %d (%s): %s over %d members", sp.round, sp.reason,
+                         self.opts.strategy, len(members))
+                self.step(ProposePlan(sp.round, plan_document(plan, problem.workload)))
+                self._note_planned(problem)
+                return
             k = self.opts.islands or min(max(len(members), 1), 4)
             rng = np.random.default_rng(sp.round)
             islands = await loop.run_in_executor(
@@ -725,6 +742,9 @@ class Node:
             self.step(PlanningFailed(done.round, str(e)))
             return
         self.step(ProposePlan(done.round, plan_document(plan, problem.workload)))
+        self._note_planned(problem)
+
+    def _note_planned(self, problem: Problem) -> None:
         c = self.control
         if c is not None and c.proposal is not None:
             # Which members a proposed epoch was planned over (for /v1/mesh and tests).

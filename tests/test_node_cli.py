@@ -34,6 +34,7 @@ def _args(**kw):
 
     base = dict(model=None, name=None, host=None, port=None, interface=None, peer=None, no_mdns=False,
                 mesh_key_file=None, memory_budget=None, threads=None, slowdown=None, priority=None,
+                strategy=None, objective=None,
                 config=None, state_dir=None, log_level="info")
     base.update(kw)
     return argparse.Namespace(**base)
@@ -60,6 +61,7 @@ def test_bad_node_options_are_one_line_errors(tmp_path: Path, tiny_model_dir: Pa
     for extra, msg in ((["--slowdown", "0.5"], "--slowdown must be >= 1"),
                        (["--threads", "0"], "--threads must be >= 1"),
                        (["--memory-budget", "lots"], "--memory-budget"),
+                       (["--strategy", "guesswork"], "known strategies are"),
                        (["--interface", "nope0"], "no network interface"),
                        (["--mesh-key-file", str(tmp_path / "missing")], "cannot read --mesh-key-file")):
         assert main(base + extra) == 2

@@ -48,10 +48,10 @@ class Mesh:
         self.registry: dict = {}
         self.nodes: list[Node] = []
 
-    async def add(self, i: int) -> Node:
+    async def add(self, i: int, **kw) -> Node:
         opts = NodeOptions(model_dir=self.model_dir, state_dir=self.root / f"n{i}", name=f"n{i}",
                            advertise_host=f"10.0.0.{i + 1}", port=7070, memory_budget=1 << 30, threads=1,
-                           control=FAST, verify_model=False, seed=i)
+                           control=FAST, verify_model=False, seed=i, **kw)
         node = Node.in_memory(opts, self.net, self.hub, self.registry, profile_fn=fake_profile(1.0 + i / 4))
         await node.start()
         self.nodes.append(node)
@@ -197,3 +197,12 @@ async def test_bad_input_is_dropped_and_the_node_keeps_running(mesh: Mesh) -> No
     # Still the same mesh, still serving its plan.
     await mesh.until(lambda: mesh.agreed() is not None, "agreement still holds")
     assert mesh.agreed()[1] == leader and victim.mesh_view()["ready"]
+
+
+async def test_a_leader_can_plan_with_another_strategy(mesh: Mesh) -> None:
+    for i in range(3):
+        await mesh.add(i, strategy="edgeshard-latency")
+    await mesh.until(lambda: mesh.agreed() is not None, "agreement on an EdgeShard plan")
+    plan = mesh.nodes[0].control.active_plan
+    assert plan["strategy"] == "edgeshard-latency" and len(plan["replicas"]) == 1
+    assert plan["predicted"]["latency_ms_per_token"] is not None

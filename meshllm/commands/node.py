@@ -61,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default 1)")
     p.add_argument("--slowdown", type=float, default=None, metavar="F",
                    help="make compute F times slower (F >= 1), to try heterogeneous meshes on one machine")
+    p.add_argument("--strategy", default=None,
+                   help="placement strategy the leader uses (default e2llm: the GA as islands on the members; "
+                        "see `meshllm plan --help` for the others)")
+    p.add_argument("--objective", default=None, help="latency | throughput | waiting (default waiting)")
     p.add_argument("--priority", type=int, default=None, help="leader preference (higher wins)")
     p.add_argument("--config", default=None, metavar="FILE", help="TOML or JSON file with these options")
     p.add_argument("--state-dir", default=None, metavar="DIR",
@@ -95,7 +99,8 @@ def build_options(args: argparse.Namespace) -> Any:
 
     cfg = load_config(args.config)
     known = {"model", "name", "host", "port", "interface", "peer", "mesh_key_file", "memory_budget", "threads",
-             "slowdown", "priority", "state_dir", "control", "workload", "no_mdns", "islands"}
+             "slowdown", "priority", "state_dir", "control", "workload", "no_mdns", "islands", "strategy",
+             "objective"}
     unknown = set(cfg) - known
     if unknown:
         raise ConfigError(f"--config: unknown options {sorted(unknown)}")
@@ -133,6 +138,13 @@ def build_options(args: argparse.Namespace) -> Any:
         if len(key) < 8:
             raise UserError("the mesh key must be at least 8 bytes")
     mem = opt("memory_budget")
+    from meshllm.planner.strategies import OBJECTIVES, STRATEGIES
+
+    strategy, objective = str(opt("strategy", "e2llm")), str(opt("objective", "waiting"))
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy!r}: known strategies are {', '.join(STRATEGIES)}")
+    if objective not in OBJECTIVES:
+        raise UserError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     try:
         control = ControlConfig(**cfg.get("control", {}))
         workload = Workload.from_dict(cfg["workload"]) if "workload" in cfg else Workload()
@@ -145,7 +157,7 @@ def build_options(args: argparse.Namespace) -> Any:
         advertise_host=advertise, port=port, interfaces=tuple(addrs), peers=tuple(parse_peer(x) for x in peers),
         memory_budget=parse_bytes(mem) if mem is not None else None, threads=threads, slowdown=slowdown,
         priority=int(opt("priority", 0)), control=control, workload=workload,
-        islands=int(cfg.get("islands", 0)), mdns=not (args.no_mdns or cfg.get("no_mdns", False)))
+        islands=int(cfg.get("islands", 0)), strategy=strategy, objective=objective, mdns=not (args.no_mdns or cfg.get("no_mdns", False)))
 
 
 async def serve(opts: Any) -> int:
