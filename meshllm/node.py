@@ -28,7 +28,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -242,7 +242,7 @@ def device_from_profile(node_id: str, prof: dict[str, Any]) -> Device:
                   decode_s_per_step=p.decode_s_per_step, measured=True)
 
 
-def network_from_links(members: list[str], links: dict[str, dict[str, Any]]) -> Network:
+def network_from_links(members: Sequence[str], links: dict[str, dict[str, Any]]) -> Network:
     """Pairwise links from each member's measurements of its peers (mean of both directions);
     pairs nobody measured get the median of the measured ones (or the planner's default)."""
     pairs: dict[frozenset[str], list[tuple[float, float]]] = {}
@@ -798,7 +798,7 @@ class Node:
 
     # --- views ------------------------------------------------------------------------------------
     def _names(self) -> dict[str, str]:
-        names = {self.node_id: self.name}
+        names: dict[str, str] = {self.node_id: self.name}
         if self.control is not None:
             for nid, m in self.control.membership.members.items():
                 if m.name:
@@ -846,6 +846,7 @@ class Node:
         for m in st["members"]:
             nid = m["node"]
             info = self.peers.get(nid)
+            addr: str | None
             if nid == self.node_id:
                 prof = self.profile.to_dict() if self.profile else None
                 addr = f"{self.opts.advertise_host}:{self.port}"
