@@ -206,3 +206,23 @@ async def test_a_leader_can_plan_with_another_strategy(mesh: Mesh) -> None:
     plan = mesh.nodes[0].control.active_plan
     assert plan["strategy"] == "edgeshard-latency" and len(plan["replicas"]) == 1
     assert plan["predicted"]["latency_ms_per_token"] is not None
+
+
+async def test_partition_then_heal_leaves_one_leader(mesh: Mesh) -> None:
+    for i in range(5):
+        await mesh.add(i)
+    await mesh.until(lambda: mesh.agreed() is not None, "agreement on five nodes")
+    term, leader, epoch = mesh.agreed()
+    # Cut the leader and one follower off from the other three: links across the cut drop.
+    minority = [leader, next(n.node_id for n in mesh.nodes if n.node_id != leader)]
+    majority = [n for n in mesh.nodes if n.node_id not in minority]
+    mesh.net.partition(minority, [n.node_id for n in majority])
+
+    def majority_moved_on() -> bool:
+        views = {(n.control.term, n.control.leader) for n in majority}
+        return len(views) == 1 and next(iter(views))[1] not in (None, leader) and next(iter(views))[0] > term
+
+    await mesh.until(majority_moved_on, "the majority side to elect its own leader")
+    mesh.net.heal()
+    await mesh.until(lambda: (a := mesh.agreed()) is not None and a[0] > term and a[2] > epoch,
+                     "one leader and one plan for all five after the partition heals", 45)
