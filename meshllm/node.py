@@ -53,6 +53,7 @@ from meshllm.control.events import (
     MemberLeft,
     MemberRecovered,
     MemberSuspected,
+    ObservedRequest,
     OperatorReplan,
     Output,
     PlanLoaded,
@@ -353,6 +354,7 @@ class Node:
         self.active_epoch = 0
         self.bad_frames = 0
         self.links_dropped = 0
+        self.islands_evolved = 0
         self.planned_over: dict[int, tuple[str, ...]] = {}  # leader: epoch -> members planned over
         self.rejected_plans = 0
         self.closed = False
@@ -721,11 +723,15 @@ class Node:
             isl = ga.evolve(isl, ev.generations, np.random.default_rng(ev.seed))
             return island_to_individuals(isl)
 
+        t0 = loop.time()
         try:
             inds, fit = await loop.run_in_executor(self._pool, work)
         except (MeshError, KeyError, TypeError, ValueError) as e:
             log.warning("island %d of round %d: %s", ev.island, ev.round, e)
             return
+        self.islands_evolved += 1
+        log.info("%s evolved GA island %d of round %d: %d generations in %.2f s, best fitness %.4g",
+                 self.name, ev.island, ev.round, ev.generations, loop.time() - t0, fit[0] if fit else float("nan"))
         self.step(IslandEvolved(ev.round, ev.island, inds, fit))
 
     def _finish_planning(self, done: IslandsDone) -> None:
@@ -795,6 +801,18 @@ class Node:
         self.ranges[epoch] = ranges
         log.info("loaded blocks %s for epoch %d", ranges or "(none)", epoch)
         self.step(PlanLoaded(epoch, True))
+
+    # --- for the data plane -------------------------------------------------------------------------
+    def runners_for(self, epoch: int) -> list[StageRunner]:
+        """This node's loaded stages for ``epoch`` (empty when it holds none of that plan)."""
+        return self.runners.get(epoch, [])
+
+    def accepts_epoch(self, epoch: int) -> bool:
+        return self.control is not None and self.control.accepts_epoch(epoch)
+
+    def observe_request(self, input_len: int, output_len: int) -> None:
+        """A finished request's lengths: the control plane re-plans when they drift from the plan's."""
+        self.step(ObservedRequest(input_len, output_len))
 
     # --- views ------------------------------------------------------------------------------------
     def _names(self) -> dict[str, str]:

@@ -119,6 +119,8 @@ async def test_five_nodes_agree_then_survive_the_leader_and_replan_on_a_join(mes
                 if s["node"] == n.node_id]
         assert n.ranges[epoch] == mine
         assert [(r.first, r.end) for r in n.runners[epoch]] == mine
+    # The GA ran as islands on several members, not only on the leader.
+    assert sum(n.islands_evolved > 0 for n in mesh.nodes) >= 2
     # Every replica covers the whole model.
     nb = mesh.nodes[0].manifest.config.num_blocks
     for r in mesh.nodes[0].control.active_plan["replicas"]:
