@@ -26,7 +26,7 @@ from meshllm.planner.dp import edgeshard_latency, edgeshard_throughput
 from meshllm.planner.problem import Problem
 from meshllm.planner.strategies import _latency_inputs, _throughput_inputs, plan_problem
 from meshllm.planner.testbed import parse_testbed
-from meshllm.planner.types import Device, LengthDist, Workload
+from meshllm.planner.types import Device, LengthDist, Network, Workload
 
 TARGETS = {"alg1_ms": "< 50", "ga_s": "< 2"}
 TESTBED = Path(__file__).resolve().parents[2] / "tools" / "testbeds" / "edgeshard.toml"
@@ -53,7 +53,7 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(cpu), statistics.median(wall)
 
 
-def _devices() -> tuple[list[Device], object]:
+def _devices() -> tuple[list[Device], Network]:
     tb = parse_testbed(TESTBED.read_text(encoding="utf-8"), str(TESTBED))
     gpu = tb.devices[-1]
     devs = [*tb.devices, Device(gpu.name + "-2", gpu.memory_bytes, gpu.tflops, gpu.mem_bw_gbs)]
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     for name, (inp, outp) in MIXES.items():
         base = Workload(1.0, inp, outp, 8)
         sw = plan_problem("splitwise", Problem(p7, tuple(devs), net, base), "waiting", np.random.default_rng(0))
-        rate = 0.8 * float(sw.predicted.saturation_rps)
+        rate = 0.8 * float(sw.predicted.saturation_rps or 0.0)
         pbm = Problem(p7, tuple(devs), net, base.with_rate(rate))
         res = ga_convergence(pbm, np.random.default_rng(args.seed))
         res["rate_rps"] = round(rate, 4)

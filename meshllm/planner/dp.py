@@ -222,18 +222,19 @@ def edgeshard_throughput(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray
         final = np.maximum(final, ret[None, :])
     idx = int(np.argmin(final))
     sset, j = divmod(idx, m)
+    sset, j = int(sset), int(j)
     if not np.isfinite(final[sset, j]):
         raise DoesNotFit("the model fits on no chain of these devices")
     value = float(final[sset, j])
     stages: list[tuple[int, int, int]] = []
     e = n
     while True:
-        pe = int(prev_e[e, sset, j])
-        stages.append((j, max(pe, 0), e))
-        if pe < 0:
+        back = int(prev_e[e, sset, j])
+        stages.append((j, back if back > 0 else 0, e))
+        if back < 0:
             break
         k = int(prev_k[e, sset, j])
-        sset, j, e = sset & ~(1 << j), k, pe
+        sset, j, e = sset & ~(1 << j), k, back
     return Partition(value, tuple(reversed(stages)))
 
 

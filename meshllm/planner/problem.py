@@ -242,9 +242,8 @@ class Problem:
             return self._cache[key]
         try:
             part = self.split(members, role)
-            out: tuple[ReplicaPerf, tuple] | None = (self.perf(part.stages, role), part.stages)
-            if not out[0].feasible:
-                out = None
+            perf = self.perf(part.stages, role)
+            out: tuple[ReplicaPerf, tuple] | None = (perf, part.stages) if perf.feasible else None
         except DoesNotFit:
             out = None
         self._cache[key] = out

@@ -427,7 +427,7 @@ class Predicted:
     def to_dict(self) -> dict[str, Any]:
         # JSON has no inf: an overloaded plan's waiting time is written as null plus a flag
         out: dict[str, Any] = {}
-        for name in self.__slots__:  # type: ignore[attr-defined]
+        for name in self.__slots__:
             v = getattr(self, name)
             out[name] = None if v is None or not math.isfinite(v) else float(v)
         out["overloaded"] = self.mean_wait_s is not None and not math.isfinite(self.mean_wait_s)
@@ -436,7 +436,7 @@ class Predicted:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Predicted:
         """Inverse of :meth:`to_dict` (an overloaded plan's waiting time comes back as inf)."""
-        kw = {k: (None if d.get(k) is None else float(d[k])) for k in cls.__slots__}  # type: ignore[attr-defined]
+        kw = {k: (None if d.get(k) is None else float(d[k])) for k in cls.__slots__}
         if d.get("overloaded"):
             for k in ("mean_wait_s", "mean_ttft_s", "mean_e2e_s"):
                 kw[k] = math.inf
