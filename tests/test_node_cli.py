@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshllm.cli import main
-from meshllm.commands.node import build_options, parse_bytes, parse_peer
+from meshllm.commands.node import build_options, parse_bytes, parse_peer, primary_ipv4
 from meshllm.commands.status import format_table
 from meshllm.errors import UserError
 from meshllm.node import stable_node_id
@@ -50,7 +50,13 @@ def test_config_file_then_flags(tmp_path: Path, tiny_model_dir: Path) -> None:
                             state_dir=str(tmp_path / "s"), mesh_key_file=str(key)))
     assert (o.name, o.threads, o.memory_budget, o.peers) == ("from-file", 3, 2 << 30, (("10.0.0.9", 7071),))
     assert o.control.heartbeat_interval == 0.5 and o.workload.arrival_rate == 3.0
-    assert o.mesh_key == b"a-long-enough-mesh-key" and o.host == o.advertise_host == "127.0.0.1"
+    assert o.mesh_key == b"a-long-enough-mesh-key"
+    # No --host or --interface: listen on all addresses, announce the default route's.
+    assert o.host == "0.0.0.0" and o.advertise_host == primary_ipv4()
+    o = build_options(_args(model=str(tiny_model_dir), host="127.0.0.1", state_dir=str(tmp_path / "s")))
+    assert o.host == o.advertise_host == "127.0.0.1" and o.interfaces == ("127.0.0.1",)
+    o = build_options(_args(model=str(tiny_model_dir), interface=["lo"], state_dir=str(tmp_path / "s")))
+    assert o.host == o.advertise_host == "127.0.0.1" and o.interfaces == ("127.0.0.1",)
     cfg.write_text("colour = 'blue'\n")
     with pytest.raises(UserError, match="unknown options"):
         build_options(_args(model=str(tiny_model_dir), config=str(cfg)))

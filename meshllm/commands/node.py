@@ -44,12 +44,26 @@ def parse_peer(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def primary_ipv4() -> str:
+    """The IPv4 address of the interface holding the default route (127.0.0.1 without one).
+    A UDP connect sends nothing; it only asks the kernel which source address it would use."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("203.0.113.1", 9))  # TEST-NET-3: routed like any remote address
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run a mesh node (discovery, election, planning, HTTP API)")
     p.add_argument("--model", default=None, help="model directory (default: $MESHLLM_MODEL or the bundled one)")
     p.add_argument("--name", default=None, help="a human name for this node (default: its id)")
     p.add_argument("--host", default=None, help="address to listen on and advertise (default: the first "
-                                                "--interface address, else 127.0.0.1)")
+                                                "--interface address, else listen on all and advertise the "
+                                                "default route's address)")
     p.add_argument("--port", type=int, default=None, help="HTTP port for API and links (default 7070; 0: any)")
     p.add_argument("--interface", action="append", default=None, metavar="IFACE",
                    help="interface name or IPv4 address for mDNS (repeatable; default: the --host address)")
@@ -114,9 +128,12 @@ def build_options(args: argparse.Namespace) -> Any:
     interfaces = opt("interface", [])
     interfaces = [interfaces] if isinstance(interfaces, str) else list(interfaces)
     addrs = interface_addresses(interfaces) if interfaces else []
-    host = opt("host") or (addrs[0] if addrs else "127.0.0.1")
+    # Nothing said: listen everywhere and announce the address of the default route, so that
+    # `meshllm node` alone joins the LAN's mesh.
+    host = opt("host") or (addrs[0] if addrs else "0.0.0.0")
     if not addrs:
-        addrs = [host] if host != "0.0.0.0" else []
+        primary = primary_ipv4()
+        addrs = [host] if host != "0.0.0.0" else ([primary] if primary != "127.0.0.1" else [])
     port = int(opt("port", DEFAULT_PORT))
     if not 0 <= port < 65536:
         raise UserError(f"--port {port} out of range")
@@ -150,7 +167,7 @@ def build_options(args: argparse.Namespace) -> Any:
         workload = Workload.from_dict(cfg["workload"]) if "workload" in cfg else Workload()
     except TypeError as e:
         raise ConfigError(f"--config: {e}") from None
-    advertise = host if host != "0.0.0.0" else (addrs[0] if addrs else "127.0.0.1")
+    advertise = host if host != "0.0.0.0" else (addrs[0] if addrs else primary_ipv4())
     state_dir = Path(opt("state_dir") or default_state_dir(port))
     return NodeOptions(
         model_dir=model_dir, state_dir=state_dir, mesh_key=key, name=opt("name") or "", host=host,
