@@ -322,3 +322,37 @@ def test_cost_inputs_are_checkable_by_hand():
     assert d["decode_ms_per_step"][3] == pytest.approx(1e3 * read / (0.92 * gpu.mem_bw), rel=1e-5)
     assert inp["activation_ms_per_token"]["mini-pc"]["rtx4090"] == pytest.approx(
         0.15 + 4096 * 4 / (940e6 / 8) * 1e3, rel=1e-3)
+
+
+# --- queueing estimate ----------------------------------------------------------------------
+
+def test_estimate_reduces_to_pollaczek_khinchine_without_decoding():
+    # one-token outputs: a BOTH replica is a plain M/G/1 prefill server
+    from meshllm.planner.types import LengthDist as L
+
+    devs = (Device.from_spec("g", 40, 20, 500),)
+    w = Workload(0.5, L.uniform(100, 900), L.fixed(1), 64)
+    pb = Problem(P7, devs, Network(), w)
+    stages = [(0, 0, P7.n_blocks)]
+    perf = pb.perf(stages, Role.BOTH)
+    est = pb.estimate_stages([(Role.BOTH, stages)])
+    lam = 0.5
+    busy = perf.busy
+    rho = lam * busy.mean()
+    pk = lam * (busy ** 2).mean() / (2 * (1 - rho))
+    assert 0.05 < rho < 0.9
+    assert est.predicted.mean_wait_s == pytest.approx(pk, rel=1e-3)
+    assert est.predicted.mean_ttft_s == pytest.approx(pk + perf.lat.mean(), rel=1e-3)
+
+
+def test_saturation_rate_is_where_utilisation_reaches_one():
+    tb = EDGESHARD
+    plan = make_plan("splitwise", P7, tb.devices, tb.network, tb.workload)
+    sat = plan.predicted.saturation_rps
+    pb = Problem(P7, tb.devices, tb.network, tb.workload.with_rate(0.99 * sat))
+    reps = pb.from_replicas(plan.replicas)
+    below = pb.estimate_stages(reps)
+    assert below.max_util < 1 and math.isfinite(below.predicted.mean_wait_s)
+    above = Problem(P7, tb.devices, tb.network, tb.workload.with_rate(1.02 * sat)).estimate_stages(reps)
+    assert above.max_util >= 1 and above.predicted.mean_wait_s == math.inf
+    assert above.fitness > 1e3 > below.fitness

@@ -96,3 +96,12 @@ def test_operators_keep_the_encoding_normalised():
             seen = list(dict.fromkeys(labels))
             assert seen == list(range(1, len(seen) + 1))  # slots numbered by first appearance
             assert c.min() >= 0 and c.max() <= m
+
+
+def test_island_model_run_is_deterministic_and_reaches_the_optimum():
+    pb = instance(1003, 4)
+    opt = ga.exhaustive(pb)[0]
+    a = ga.run(pb, np.random.default_rng(8), islands=2, generations=30)
+    b = ga.run(instance(1003, 4), np.random.default_rng(8), islands=2, generations=30)
+    assert np.array_equal(a.assign, b.assign) and np.array_equal(a.fitness, b.fitness)
+    assert a.fitness[0] <= opt * 1.02

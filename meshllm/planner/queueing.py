@@ -204,7 +204,7 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         a = lam_b * hold
         utils.append(a / p.batch)
         wq = lam_b * p.busy_m2 / (2 * (1 - rho))
-        if len(p.ahead) > 1:
+        if len(p.ahead) > 1 and eo1 > 0:
             # a prompt queues behind the decode micro-batches at the bottleneck stage
             wq += _tau_at(p.ahead, n) * min(1.0, a)
         wq += _slot_wait(p.batch, a, lam_b, lam_b * s_dec, cv2)
