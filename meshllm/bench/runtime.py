@@ -1,12 +1,12 @@
 """Runtime speed: the per-layer runner vs one monolithic ONNX graph vs transformers, and the roofline.
 
 Everything is measured in one process, side by side, because the machines are shared and noisy:
-the engines take turns step by step (one decode step of each, then again), so a burst of load
-from other processes falls on all of them alike, and the 10th-percentile step time counts
-(medians are reported too). Memory read
-bandwidth is sampled in the same turns as batch-1 decode (numpy matrix-vector product, sum, and a
-dot product of an array with itself, each over 256 MiB of float32; the highest counts),
-and batch-1 decode is compared with the roofline it implies: bytes read per token / bandwidth.
+the engines take turns step by step (one decode step of each, in a shuffled order, then again),
+so a burst of load from other processes falls on all of them alike, and the 10th-percentile step
+time counts (medians are reported too). Memory read bandwidth is sampled before, during (taking
+turns with batch-1 decode) and after the engines: numpy matrix-vector product, sum, and a dot
+product of an array with itself, each over 256 MiB of float32; the highest counts. Batch-1 decode
+is compared with the roofline it implies: bytes read per token / bandwidth.
 The model is a random one of the chosen preset, exported to a temporary directory.
 """
 
@@ -214,43 +214,39 @@ def stat(xs: list[float]) -> float:
     return float(np.percentile(np.asarray(xs), 10))
 
 
-class _EngineTurn:
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    def __call__(self, tokens: np.ndarray) -> float:
-        t0 = time.perf_counter()
-        self.engine.step(tokens)
-        return time.perf_counter() - t0
-
-
-class _SamplerTurn:
-    def __init__(self, sampler: Callable[[], float]) -> None:
-        self.sampler = sampler
-
-    def __call__(self, tokens: np.ndarray) -> float:
-        return self.sampler()
-
-
-def interleaved_decode(engines: list[Any], prompts: np.ndarray, tokens: np.ndarray,
-                       extra: dict[str, Callable[[], float]] | None = None) -> dict[str, list[float]]:
+def interleaved_decode(engines: list[Any], prompts: np.ndarray, tokens: np.ndarray, rng: np.random.Generator,
+                       samplers: dict[str, Callable[[], float]] | None = None,
+                       into: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Per-step seconds of every engine, the engines taking turns step by step so that load from
-    other processes falls on all of them alike; the order rotates every step so that no engine
-    always runs right after another one's threads (BLAS and OpenMP pools linger after work).
-    ``extra`` samplers take turns too."""
-    turns: list[tuple[str, _EngineTurn | _SamplerTurn]] = []
+    other processes falls on all of them alike. The order is shuffled every step: thread pools
+    that linger after work (OpenMP, BLAS) must not always hit the same engine. ``samplers``
+    (bandwidth reads) take the same shuffled turns; their seconds go to ``into``."""
     for e in engines:
         e.start(prompts)
         e.step(tokens[0])  # warm
-        turns.append((e.name, _EngineTurn(e)))
-    for name, f in (extra or {}).items():
-        turns.append((name, _SamplerTurn(f)))
-    times: dict[str, list[float]] = {name: [] for name, _ in turns}
-    for i, t in enumerate(tokens[1:]):
-        for j in range(len(turns)):
-            name, turn = turns[(i + j) % len(turns)]
-            times[name].append(turn(t))
+    times: dict[str, list[float]] = {e.name: [] for e in engines}
+    turns: list[Any] = list(engines) + list((samplers or {}).items())
+    for t in tokens[1:]:
+        for j in rng.permutation(len(turns)):
+            turn = turns[j]
+            if isinstance(turn, tuple):
+                name, sampler = turn
+                (into if into is not None else times).setdefault(name, []).append(sampler())
+                continue
+            t0 = time.perf_counter()
+            turn.step(t)
+            times[turn.name].append(time.perf_counter() - t0)
     return times
+
+
+def sample_bandwidth(samplers: dict[str, Callable[[], float]], n: int, rng: np.random.Generator,
+                     into: dict[str, list[float]]) -> None:
+    """n timed reads by every sampler, in shuffled turns. Kept apart from the engines' turns:
+    OpenBLAS threads spin for a while after a call and would slow whatever runs next."""
+    names = list(samplers)
+    for _ in range(n):
+        for j in rng.permutation(len(names)):
+            into.setdefault(names[j], []).append(samplers[names[j]]())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -286,19 +282,22 @@ def run(args: argparse.Namespace) -> int:
         ref_logits = engines[0].prefill_logits(probe)
         agree = {e.name: float(np.abs(e.prefill_logits(probe) - ref_logits).max()) for e in engines[1:]}
 
-        log("decode, batch 1 (with read-bandwidth samples in the same turns)")
-        bw_samples = bandwidth_samplers()
+        log("read bandwidth")
+        samplers = bandwidth_samplers()
+        tbw: dict[str, list[float]] = {}
+        sample_bandwidth(samplers, args.steps, rng, tbw)
+        log("decode, batch 1 (bandwidth reads take turns too)")
         t1 = interleaved_decode(engines, rng.integers(0, cfg.vocab_size, (1, args.context)),
-                                rng.integers(0, cfg.vocab_size, (n + 1, 1)), bw_samples)
+                                rng.integers(0, cfg.vocab_size, (n + 1, 1)), rng, samplers, tbw)
         log(f"decode, batch {BATCH}")
         tB = interleaved_decode(engines, rng.integers(0, cfg.vocab_size, (BATCH, args.context)),
-                                rng.integers(0, cfg.vocab_size, (n + 1, BATCH)))
+                                rng.integers(0, cfg.vocab_size, (n + 1, BATCH)), rng)
         log("prefill")
         pre = rng.integers(0, cfg.vocab_size, args.prefill)
         tp: dict[str, list[float]] = {e.name: [] for e in engines}
         for _ in range(max(6, 2 * args.reps)):
-            for eng in engines:
-                tp[eng.name].append(_timed(functools.partial(eng.prefill_logits, pre)))
+            for j in rng.permutation(len(engines)):
+                tp[engines[j].name].append(_timed(functools.partial(engines[j].prefill_logits, pre)))
         log(f"context growth: decode at context {args.context} and {long_ctx}, taking turns")
         r = runner.runner
         for s in runner.seqs:
@@ -311,10 +310,12 @@ def run(args: argparse.Namespace) -> int:
             r.decode([name], np.array([1]))  # warm
         tc: dict[str, list[float]] = {"short": [], "long": []}
         for _ in range(n):
-            for name in ctx_ids:
-                tc[name].append(_timed(functools.partial(r.decode, [name], np.array([1]))))
+            for name in rng.permutation(list(ctx_ids)):
+                tc[str(name)].append(_timed(functools.partial(r.decode, [str(name)], np.array([1]))))
+        log("read bandwidth, again")
+        sample_bandwidth(samplers, args.steps, rng, tbw)
 
-    bw = {k.removeprefix("bw:"): (1 << 28) / stat(v) for k, v in t1.items() if k.startswith("bw:")}
+    bw = {k.removeprefix("bw:"): (1 << 28) / stat(v) for k, v in tbw.items()}
     bandwidth = max(bw.values())
     # batch-1 decode reads every weight matrix once (fp32 in memory: float16 files are cast at
     # load), one embedding row, and the KV of the context
@@ -337,14 +338,15 @@ def run(args: argparse.Namespace) -> int:
     medians["runner"]["decode_ms_ctx_short"] = 1e3 * _median(tc["short"])
     medians["runner"]["decode_ms_ctx_long"] = 1e3 * _median(tc["long"])
     medians["read_bandwidth_gb_s"] = {k.removeprefix("bw:"): (1 << 28) / _median(v) / 1e9
-                                      for k, v in t1.items() if k.startswith("bw:")}
+                                      for k, v in tbw.items()}
     mono = best["monolithic"]
     ratios_mono = {k: run_b[k] / mono[k] for k in mono}
     result: dict[str, Any] = {
         "preset": args.preset, "parameters": param_count(cfg), "threads": threads,
         "context": args.context, "timed_steps": n, "reps": args.reps,
         "statistic": "10th-percentile step time (the least disturbed by other processes), engines "
-                     "taking turns step by step; 'medians' holds the same figures from median times",
+                     "taking turns step by step in shuffled order; 'medians' holds the same figures "
+                     "from median times",
         "runner": run_b, "runner_per_block": best["runner_per_block"], "monolithic": mono,
         "transformers": best.get("transformers"),
         "max_abs_logit_diff": agree,
