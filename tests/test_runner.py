@@ -58,6 +58,25 @@ def test_chunked_prefill_equals_one_prefill(tiny_manifest: Manifest, tiny_weight
 
 
 @both
+@pytest.mark.parametrize("last_only", [True, False])
+def test_long_prompts_run_in_chunks(tiny_manifest: Manifest, tiny_weights, fuse: bool, last_only: bool) -> None:
+    cfg = tiny_manifest.config
+    ids = _ids(tiny_manifest, 23, 12)
+    want = reference.forward(ids, tiny_weights, cfg)
+    r = StageRunner(tiny_manifest, 0, cfg.num_blocks, threads=1, fuse=fuse, prefill_chunk=5)
+    r.alloc(0, 30)
+    got = r.prefill(0, ids, last_only=last_only)
+    np.testing.assert_allclose(got, want[-1] if last_only else want, atol=ATOL, rtol=0)
+    assert r.seq_len(0) == 23
+    np.testing.assert_allclose(r.decode([0], np.array([3]))[0],
+                               reference.forward(np.append(ids, 3), tiny_weights, cfg)[-1], atol=ATOL, rtol=0)
+    mid = StageRunner(tiny_manifest, 1, 3, threads=1, fuse=fuse, prefill_chunk=4)
+    mid.alloc(0, 30)
+    hs = reference.hidden_states(ids, tiny_weights, cfg)
+    np.testing.assert_allclose(mid.prefill(0, hs[0].astype(np.float32)), hs[2], atol=ATOL, rtol=0)
+
+
+@both
 def test_batched_ragged_decode_equals_one_at_a_time(tiny_manifest: Manifest, tiny_weights, fuse: bool) -> None:
     cfg = tiny_manifest.config
     prompts = {f"s{i}": _ids(tiny_manifest, n, 10 + i) for i, n in enumerate((3, 11, 1, 7))}

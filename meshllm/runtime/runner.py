@@ -108,7 +108,7 @@ def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> 
 class StageRunner:
     def __init__(self, manifest: Manifest, first: int, end: int, *, threads: int | None = None,
                  kv_budget_bytes: int | None = None, max_seqs: int = 64, slowdown: float = 1.0,
-                 fuse: bool = FUSE_DEFAULT, slot_len: int | None = None) -> None:
+                 fuse: bool = FUSE_DEFAULT, slot_len: int | None = None, prefill_chunk: int = 512) -> None:
         cfg = manifest.config
         if not 0 <= first < end <= cfg.num_blocks:
             raise ModelError(f"block range [{first}, {end}) is not inside [0, {cfg.num_blocks})")
@@ -121,6 +121,11 @@ class StageRunner:
             raise ConfigError(f"slot_len must be in [1, {cfg.max_position}], got {slot_len}")
         if kv_budget_bytes is not None and kv_budget_bytes < 0:
             raise ConfigError(f"kv_budget_bytes must be >= 0, got {kv_budget_bytes}")
+        if prefill_chunk <= 0:
+            raise ConfigError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        # the attention kernel's scratch is heads x chunk x slot_len floats: long prompts run in
+        # chunks of this many tokens to bound it
+        self.prefill_chunk = prefill_chunk
         self.manifest = manifest
         self.config = cfg
         self.first, self.end = first, end
@@ -189,13 +194,21 @@ class StageRunner:
         if st.length + T > st.max_len:
             raise CapacityError(f"sequence {seq_id!r}: {st.length} + {T} positions exceed its "
                                 f"reserved {st.max_len}")
-        seqlens = np.array([st.length + T - 1], np.int32)  # (1,): total length - 1
-        h = self._run(x[None], st.slot, seqlens, st.length + T, last_only)  # (1, T|1, H|V)
-        self._advance([st], T)
+        outs = []
+        for a in range(0, T, self.prefill_chunk):
+            c = x[a:a + self.prefill_chunk]
+            n = c.shape[0]
+            seqlens = np.array([st.length + n - 1], np.int32)  # (1,): total length - 1
+            final = a + n == T
+            # with last_only the head runs once, on the last position of the last chunk
+            h = self._run(c[None], st.slot, seqlens, st.length + n, last_only,
+                          head=final or not last_only)  # (1, n|1, H|V)
+            self._advance([st], n)
+            outs.append(h[0])
         self._pace(t0)
         if self.has_head and last_only:
-            return h[0, -1]  # (V,)
-        return h[0]  # (T, H) or (T, V)
+            return outs[-1][-1]  # (V,)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)  # (T, H) or (T, V)
 
     def decode(self, seq_ids: Sequence[Hashable], x: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -281,12 +294,15 @@ class StageRunner:
             bind_buffer(io, "present_key" + sfx, k, output=True)
             bind_buffer(io, "present_value" + sfx, v, output=True)
 
-    def _run(self, x: np.ndarray, s0: int, seqlens: np.ndarray, total: int, last_only: bool) -> np.ndarray:
+    def _run(self, x: np.ndarray, s0: int, seqlens: np.ndarray, total: int, last_only: bool,
+             head: bool = True) -> np.ndarray:
         """x: (B, S) ids or (B, S, H) hidden for slots [s0, s0 + B); returns the range's output
-        (a fresh array)."""
+        (a fresh array), or the hidden states before the head when ``head`` is false."""
         h = np.ascontiguousarray(x)
         total_arr = np.array(total, np.int32)
         for unit in self.units:
+            if unit.blocks[0] == self.config.num_layers + 1 and not head:
+                break
             if unit.blocks[0] == self.config.num_layers + 1 and last_only:
                 h = np.ascontiguousarray(h[:, -1:])  # (B, 1, H): only the last position's logits
             out = np.empty(self._out_shape(unit, h.shape[0], h.shape[1]), np.float32)
