@@ -5,8 +5,8 @@ Encoding (one individual, M devices, up to K = M replica slots):
 - ``assign`` (M,) int: 0 = device left out, k >= 1 = device in replica slot k
 - ``roles`` (K,) int: role of slot k+1 (0 PREFILL, 1 DECODER, 2 BOTH); unused slots ignored
 
-Inside a replica the devices run in a canonical order (the source first, then testbed order) and
-the bottleneck DP splits the blocks (:meth:`Problem.split`). Fitness is the queueing estimate of
+Inside a replica the devices run in a canonical order (:func:`chain_order`: the source first,
+then along the fastest links) and the bottleneck DP splits the blocks (:meth:`Problem.split`). Fitness is the queueing estimate of
 :mod:`meshllm.planner.queueing` (lower is better): predicted mean waiting time, penalised when a
 replica does not fit or the plan saturates. Individuals are normalised (slots relabelled in order
 of first appearance) so equal groupings compare equal.
@@ -65,6 +65,24 @@ class Island:
 
 # --- decoding an individual ------------------------------------------------------------------
 
+def chain_order(problem: Problem, members: Sequence[int], source: int | None) -> tuple[int, ...]:
+    """The canonical pipeline order of a replica's devices: the source (else the lowest index)
+    first, then repeatedly the remaining device with the fastest link from the last one (ties
+    by index). On a uniform network this is testbed order; on a mixed one it keeps the
+    activations on the fast links. A pure function of the set, so equal groupings decode
+    equally."""
+    rest = sorted(members)
+    first = source if source in rest else rest[0]
+    order = [first]
+    rest.remove(first)
+    while rest:
+        last = order[-1]
+        nxt = min(rest, key=lambda j: (-problem.bw[last, j], j))
+        order.append(nxt)
+        rest.remove(nxt)
+    return tuple(order)
+
+
 def groups_of(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> list[tuple[Role, tuple[int, ...]]]:
     """The replicas an individual encodes: (role, members in canonical order), sorted."""
     src = problem.source
@@ -74,8 +92,7 @@ def groups_of(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> list[t
             out.setdefault(k, []).append(j)
     reps = []
     for k, members in out.items():
-        members.sort(key=lambda j: (j != src, j))
-        reps.append((ROLES[int(roles[k - 1])], tuple(members)))
+        reps.append((ROLES[int(roles[k - 1])], chain_order(problem, members, src)))
     reps.sort(key=lambda r: (r[1], r[0].value))
     return reps
 
