@@ -627,6 +627,10 @@ class Node:
 
     def _on_link_up(self, peer: str) -> None:
         log.info("link up: %s", peer[:12])
+        info = self.peers.setdefault(peer, PeerInfo())
+        if info.addr is None and self.transport is not None:
+            # A peer that dialled us (a --peer seed elsewhere) told us its HTTP port on the link.
+            info.addr = self.transport.peer_addr(peer)
         self._wake.set()
 
     def _on_link_down(self, peer: str) -> None:

@@ -155,3 +155,42 @@ def test_three_processes_find_each_other_agree_and_recover(cluster) -> None:
         for name in ports:
             print(f"--- {name} log ---\n" + (tmp / f"{name}.log").read_text()[-4000:])
         raise
+
+
+async def test_static_peers_work_without_mdns(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Where multicast does not pass (Docker bridges, some Wi-Fi), --peer seeds are enough: two real
+    nodes (aiohttp links, HTTP profile fetch and probes) in this process, mDNS off."""
+    import asyncio
+
+    from meshllm.control.config import ControlConfig
+    from meshllm.node import Node, NodeOptions
+
+    fast = ControlConfig(heartbeat_interval=0.2, suspect_after=3, dead_after=8, election_timeout=0.6,
+                         election_backoff=0.2, discovery_grace=0.4, replan_debounce=0.2, island_generations=3)
+    ports = [free_port(), free_port()]
+    key = uuid.uuid4().bytes
+    nodes = [Node.real(NodeOptions(model_dir=tiny_model_dir, state_dir=tmp_path / f"s{i}", mesh_key=key,
+                                   name=f"p{i}", host="127.0.0.1", advertise_host="127.0.0.1", port=ports[i],
+                                   peers=(("127.0.0.1", ports[1 - i]),) if i == 0 else (), mdns=False,
+                                   control=fast, memory_budget=1 << 30, verify_model=False))
+             for i in range(2)]
+    try:
+        for n in nodes:
+            await n.start()
+        async with asyncio.timeout(60):
+            while True:
+                vs = [n.mesh_view() for n in nodes]
+                if all(v["ready"] for v in vs) and len({(v["term"], v["leader"], v["epoch"]) for v in vs}) == 1:
+                    break
+                await asyncio.sleep(0.1)
+        # The seeded side dialled; the other learned the seed's address from the link itself and
+        # both fetched each other's profile and measured the link over HTTP.
+        async with asyncio.timeout(20):
+            while not all(n.link_stats for n in nodes):  # noqa: ASYNC110 - polling another object's state
+                await asyncio.sleep(0.1)
+        for n, other in ((nodes[0], nodes[1]), (nodes[1], nodes[0])):
+            m = next(m for m in n.mesh_view()["members"] if m["id"] == other.node_id)
+            assert m["profile"] is not None and m["link"]["mbps"] > 0 and m["link"]["rtt_ms"] >= 0
+    finally:
+        for n in nodes:
+            await n.stop()

@@ -72,6 +72,10 @@ class Transport(abc.ABC):
     def peers(self) -> list[str]:
         """Node ids with an authenticated link up."""
 
+    def peer_addr(self, peer: str) -> tuple[str, int] | None:
+        """Where ``peer``'s HTTP port is, as learned from the link (None if unknown)."""
+        return None
+
     @abc.abstractmethod
     async def disconnect(self, peer: str) -> None: ...
 

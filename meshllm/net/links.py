@@ -37,8 +37,9 @@ _HANDSHAKE_MAX = 4096
 
 class _Link:
     def __init__(self, peer: str, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                 dialer: str) -> None:
+                 dialer: str, addr: tuple[str, int] | None = None) -> None:
         self.peer = peer
+        self.addr = addr  # the peer's HTTP address
         self.ws = ws
         self.dialer = dialer  # node id of the end that opened the connection
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -67,6 +68,10 @@ class WsTransport(Transport):
     def peers(self) -> list[str]:
         return sorted(self._links)
 
+    def peer_addr(self, peer: str) -> tuple[str, int] | None:
+        link = self._links.get(peer)
+        return link.addr if link is not None else None
+
     def dialer_of(self, peer: str) -> str | None:
         """Which end opened the current link to ``peer`` (None: no link)."""
         link = self._links.get(peer)
@@ -93,7 +98,7 @@ class WsTransport(Transport):
         except (TimeoutError, ProtocolError, aiohttp.ClientError):
             await ws.close()
             raise
-        link = _Link(peer, ws, dialer=self.ident.node_id)
+        link = _Link(peer, ws, dialer=self.ident.node_id, addr=(host, port))
         if not self._register(link):
             await ws.close()
             return peer
@@ -108,13 +113,14 @@ class WsTransport(Transport):
             await ws.close()
             return ws
         try:
-            peer = await asyncio.wait_for(self._server_handshake(ws), HANDSHAKE_TIMEOUT)
+            peer, peer_port = await asyncio.wait_for(self._server_handshake(ws), HANDSHAKE_TIMEOUT)
         except (TimeoutError, ProtocolError) as e:
             self.rejected += 1
             log.warning("refused link from %s: %s", request.remote, e)
             await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION)
             return ws
-        link = _Link(peer, ws, dialer=peer)
+        addr = (request.remote, peer_port) if request.remote and 0 < peer_port < 65536 else None
+        link = _Link(peer, ws, dialer=peer, addr=addr)
         if self._register(link):
             await self._read_loop(link)
         else:
@@ -154,13 +160,13 @@ class WsTransport(Transport):
             raise RemoteProtocolError(f"handshake frame of {len(data)} bytes")
         return self._codec.decode(data)
 
-    async def _server_handshake(self, ws: web.WebSocketResponse) -> str:
+    async def _server_handshake(self, ws: web.WebSocketResponse) -> tuple[str, int]:
         hs = self._handshake(initiator=False)
         for m in hs.receive(await self._recv(ws)):
             await ws.send_bytes(self._codec.encode(m))
         hs.receive(await self._recv(ws))
         assert hs.done and hs.peer is not None
-        return hs.peer
+        return hs.peer, int(hs.peer_port)
 
     async def _client_handshake(self, ws: aiohttp.ClientWebSocketResponse) -> str:
         hs = self._handshake(initiator=True)

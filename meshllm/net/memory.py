@@ -95,6 +95,13 @@ class MemoryTransport(Transport):
             other._on_up(me)
         return peer
 
+    def peer_addr(self, peer: str) -> tuple[str, int] | None:
+        other = self._links.get(peer)
+        if other is None:
+            return None
+        host, _, port = other.addr.rpartition(":")
+        return host, int(port)
+
     def send(self, peer: str, data: bytes) -> bool:
         other = self._links.get(peer)
         if other is None:
