@@ -428,7 +428,12 @@ class Node:
         self._spawn(self._measure_profile())
         if self.discovery is not None:
             ad = Advert(self.node_id, self.opts.advertise_host, self.port, self.mesh_id, PROTOCOL_VERSION)
-            await self.discovery.start(ad, self._on_found, self._on_lost)
+            try:
+                await self.discovery.start(ad, self._on_found, self._on_lost)
+            except OSError as e:
+                # A host without multicast still works with static peers.
+                log.warning("mDNS unavailable (%s); only --peer seeds will be contacted", e)
+                self.discovery = None
 
     async def stop(self) -> None:
         """Graceful leave: announce it, unregister from mDNS, close the links."""

@@ -228,3 +228,12 @@ async def test_partition_then_heal_leaves_one_leader(mesh: Mesh) -> None:
     mesh.net.heal()
     await mesh.until(lambda: (a := mesh.agreed()) is not None and a[0] > term and a[2] > epoch,
                      "one leader and one plan for all five after the partition heals", 45)
+
+
+async def test_lossy_slow_network_still_converges(mesh: Mesh) -> None:
+    """5% of frames dropped and 20 ms added to every frame: retries and heartbeat catch-up
+    still bring four nodes to one leader and one loaded plan."""
+    mesh.net.drop, mesh.net.delay = 0.05, 0.02
+    for i in range(4):
+        await mesh.add(i)
+    await mesh.until(lambda: mesh.agreed() is not None, "agreement over a lossy network", 45)
