@@ -81,7 +81,6 @@ def test_float16_weights_match_reference_on_rounded_weights(tmp_path: Path, tiny
                                                              tiny_weights: dict[str, np.ndarray]) -> None:
     m = export_model(tiny_weights, tiny_config, tmp_path, name="h", weight_dtype="float16", progress=False)
     assert m.config.weight_dtype == "float16"
-    f32_bytes = sum((Path(m.root) / b.file).stat().st_size for b in m.blocks)
     assert m.costs[1].param_bytes == block_costs(tiny_config)[1].param_bytes // 2
     rounded = {k: v.astype(np.float16).astype(np.float32) for k, v in tiny_weights.items()}
     ids = _ids(tiny_config, 16)
@@ -89,7 +88,6 @@ def test_float16_weights_match_reference_on_rounded_weights(tmp_path: Path, tiny
     np.testing.assert_allclose(got, reference.forward(ids, rounded, tiny_config), atol=ATOL, rtol=0)
     # and the rounding is visible: fp16 weights are not the fp32 model
     assert np.abs(got - reference.forward(ids, tiny_weights, tiny_config)).max() > ATOL
-    assert f32_bytes > 0
 
 
 def test_float16_files_are_about_half(tmp_path: Path, tiny_config: ModelConfig,
