@@ -89,13 +89,13 @@ def cluster(tmp_path: Path, tiny_model_dir: Path):
     ports: dict[str, int] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    def start(name: str) -> None:
+    def start(name: str, *extra: str) -> None:
         ports[name] = free_port()
         with open(tmp_path / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
             procs[name] = subprocess.Popen(
                 [*MESHLLM, "node", "--model", str(tiny_model_dir), "--name", name, "--host", "127.0.0.1",
                  "--port", str(ports[name]), "--state-dir", str(tmp_path / name), "--mesh-key-file", str(key),
-                 "--threads", "1", "--config", str(cfg)],
+                 "--threads", "1", "--config", str(cfg), *extra],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
 
     wait_for.expected_dead = set()
@@ -108,8 +108,9 @@ def cluster(tmp_path: Path, tiny_model_dir: Path):
 
 def test_three_processes_find_each_other_agree_and_recover(cluster) -> None:
     start, procs, ports, tmp = cluster
-    for name in ("a", "b", "c"):
-        start(name)
+    start("a")
+    start("b")
+    start("c", "--slowdown", "4")  # a slower machine, as the mesh will measure it
     try:
         wait_for(lambda: agreed(list(ports.values()), 3) is not None,
                  "three nodes to agree on a leader and an active plan", 90, procs)
@@ -118,6 +119,8 @@ def test_three_processes_find_each_other_agree_and_recover(cluster) -> None:
         by_id = {m["id"]: m for m in view["members"]}
         assert len(by_id) == 3 and by_id[leader]["leader"]
         assert all(m["profile"] and m["profile"]["threads"] == 1 for m in view["members"])
+        decode = {m["name"]: m["profile"]["decode_s_per_token"] for m in view["members"]}
+        assert decode["c"] > 2 * min(decode["a"], decode["b"]), decode  # --slowdown is measured, not assumed
         assert view["plan"]["epoch"] == epoch and view["plan"]["replicas"]
 
         # The operator's view and a re-plan through the CLI, against a follower.
