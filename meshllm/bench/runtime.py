@@ -378,10 +378,10 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(r: dict[str, Any]) -> None:
     print(f"model {r['preset']} ({r['parameters'] / 1e6:.1f}M params), {r['threads']} threads")
     keys = ["decode_tok_s_b1", f"decode_tok_s_b{BATCH}", "prefill_tok_s"]
-    print(f"{'':14}" + "".join(f"{k:>20}" for k in keys))
+    print(f"{'':18}" + "".join(f"{k:>20}" for k in keys))
     for name in ("runner", "runner_per_block", "monolithic", "transformers"):
         if r.get(name):
-            print(f"{name:14}" + "".join(f"{r[name][k]:20.1f}" for k in keys))
+            print(f"{name:18}" + "".join(f"{r[name][k]:20.1f}" for k in keys))
     print(f"read bandwidth {max(r['read_bandwidth_gb_s'].values()):.1f} GB/s, batch-1 roofline "
           f"{r['roofline_tok_s_b1']:.1f} tok/s")
     for k, target in TARGETS.items():
