@@ -3,6 +3,19 @@
 Options come from the command line, then ``--config FILE`` (TOML or JSON with the same names, plus
 ``control`` and ``workload`` tables), then defaults. SIGINT/SIGTERM leave gracefully: the node
 announces it is leaving, withdraws its mDNS advert and closes its links.
+
+A mesh by hand on one machine (three shells; the same key file everywhere)::
+
+    head -c 32 /dev/urandom | base64 > /tmp/mesh.key
+    meshllm node --name a --host 127.0.0.1 --port 7101 --state-dir /tmp/a --mesh-key-file /tmp/mesh.key
+    meshllm node --name b --host 127.0.0.1 --port 7102 --state-dir /tmp/b --mesh-key-file /tmp/mesh.key
+    meshllm node --name c --host 127.0.0.1 --port 7103 --state-dir /tmp/c --mesh-key-file /tmp/mesh.key \
+        --slowdown 3 --memory-budget 64MiB
+    meshllm status --node 127.0.0.1:7101 --wait-ready 60
+    meshllm replan --node 127.0.0.1:7102
+
+On a LAN, ``meshllm node --mesh-key-file KEY`` on each device is enough; add ``--peer HOST:PORT``
+where multicast does not pass.
 """
 
 from __future__ import annotations
