@@ -379,7 +379,10 @@ class Node:
             return WsTransport(ident, name=holder["node"].name, port=port)
 
         disc = (ZeroconfDiscovery(list(opts.interfaces), hint_after=opts.mdns_hint_after,
-                                  instance_name=opts.name or None) if opts.mdns else None)
+                                  instance_name=opts.name or None,
+                                  has_peers=lambda: bool(holder["node"].transport
+                                                         and holder["node"].transport.peers()))
+                if opts.mdns else None)
         node = cls(opts, transport_factory=make_transport, discovery=disc,
                    peer_http=AiohttpPeerHttp(mesh_token(opts.mesh_key, "probe")))
         holder["node"] = node

@@ -66,3 +66,16 @@ def test_interface_names_resolve_to_ipv4() -> None:
     from meshllm.errors import UserError
     with pytest.raises(UserError, match="no network interface"):
         interface_addresses(["nope0"])
+
+
+async def test_a_lonely_node_is_told_to_try_peer(caplog: pytest.LogCaptureFixture) -> None:
+    ad = Advert(f"lonely-{uuid.uuid4().hex[:6]}", "127.0.0.1", 41010, "m-" + uuid.uuid4().hex[:8])
+    d = ZeroconfDiscovery(["127.0.0.1"], hint_after=0.3)
+    with caplog.at_level("WARNING", logger="meshllm.net.discovery"):
+        await d.start(ad, lambda a: None, lambda n: None)
+        try:
+            async with asyncio.timeout(10):
+                while not any("--peer" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        finally:
+            await d.close()

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import ifaddr
@@ -91,9 +92,10 @@ class ZeroconfDiscovery(Discovery):
     """Announce and browse on the given IPv4 addresses (all interfaces when empty)."""
 
     def __init__(self, addresses: list[str], *, hint_after: float = 15.0, request_timeout_ms: int = 3000,
-                 instance_name: str | None = None) -> None:
+                 instance_name: str | None = None, has_peers: Callable[[], bool] | None = None) -> None:
         self.addresses = addresses
         self.hint_after = hint_after
+        self.has_peers = has_peers  # no hint when peers came some other way (--peer seeds)
         self.request_timeout_ms = request_timeout_ms
         self.instance_name = instance_name
         self._azc: AsyncZeroconf | None = None
@@ -154,6 +156,8 @@ class ZeroconfDiscovery(Discovery):
         try:
             await asyncio.wait_for(self._found_any.wait(), self.hint_after)
         except TimeoutError:
+            if self.has_peers is not None and self.has_peers():
+                return
             log.warning("mDNS found no other meshllm node in %.0f s; if multicast does not cross this "
                         "network (Docker bridge, some Wi-Fi), name a peer with --peer HOST:PORT",
                         self.hint_after)
