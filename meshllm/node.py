@@ -799,9 +799,15 @@ class Node:
         # Reuse the runners of an epoch that holds the same ranges (re-plans often keep them).
         reuse = next((e for e, rg in self.ranges.items() if rg == ranges and e in self.runners), None)
 
+        # --memory-budget bounds what this node holds: the weights of its ranges, and the KV cache
+        # gets what is left (split between its ranges).
+        costs = self.manifest.costs
+        weights = sum(c.param_bytes for a, b in ranges for c in costs[a:b])
+        kv_budget = max(0, self._budget() - weights) // max(len(ranges), 1)
+
         def work() -> list[StageRunner]:
-            return [StageRunner(self.manifest, a, b, threads=self.opts.threads, slowdown=self.opts.slowdown)
-                    for a, b in ranges]
+            return [StageRunner(self.manifest, a, b, threads=self.opts.threads, slowdown=self.opts.slowdown,
+                                kv_budget_bytes=kv_budget) for a, b in ranges]
 
         try:
             runners = self.runners[reuse] if reuse is not None else await loop.run_in_executor(self._pool, work)
