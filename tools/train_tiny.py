@@ -41,6 +41,7 @@ import numpy as np
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
+PAD_ID = SPECIAL_TOKENS.index(PAD)
 
 # Hugging Face style chat template: every turn is <|role|>content<|end|>; generation continues
 # after <|assistant|> and stops at <|end|> (one of the model's eos ids).
@@ -84,6 +85,11 @@ def read_text(f: Path) -> str | None:
         return None
 
 
+def is_table(f: Path, text: str) -> bool:
+    """Generated charmap codecs (encodings/cp*.py etc.): 16% of the tokens, all lookup tables."""
+    return f.parent.name == "encodings" and "decoding_table" in text
+
+
 def chat_examples(source: str, max_body_chars: int = 1500) -> list[str]:
     """Functions with a docstring, as chat turns: request = the docstring's first line."""
     try:
@@ -111,7 +117,7 @@ def build_corpus() -> tuple[list[str], list[str]]:
     train, val = [], []
     for i, f in enumerate(corpus_files()):
         text = read_text(f)
-        if not text or not text.strip():
+        if not text or not text.strip() or is_table(f, text):
             continue
         docs = [f"{BOS}{text}{EOS}", *chat_examples(text)]
         (val if i % VAL_EVERY == 0 else train).extend(docs)
@@ -214,37 +220,40 @@ def train(model, train_ids, val_ids, args, work: Path) -> dict:
     last_ckpt = t0
     step, ema, history = start_step, None, []
     model.train()
-    while True:
-        elapsed = time.monotonic() - t0
-        frac = min(elapsed / budget, 1.0)
-        if frac >= 1.0 or (args.max_steps and step - start_step >= args.max_steps):
-            break
-        # Warm-up in steps, then cosine over the wall-clock budget down to 10% of the peak.
-        warm = min(1.0, (step - start_step + 1) / args.warmup)
-        lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = batch(train_ids, rng, args.batch, args.seq)  # (B, T)
-        # bfloat16 autocast: fp32 master weights, bf16 matmuls (~1.6x faster on AVX512-BF16)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            out = model(input_ids=x, labels=x)  # transformers shifts the labels itself
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        loss = float(out.loss.detach())
-        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
-        if step % args.log_every == 0:
-            log(f"step {step} loss {loss:.3f} ema {ema:.3f} lr {lr:.2e} "
-                f"elapsed {elapsed / 60:.1f}/{args.minutes:.0f} min "
-                f"({(step - start_step) / max(elapsed, 1e-9):.2f} steps/s)")
-        if time.monotonic() - last_ckpt > args.ckpt_minutes * 60:
-            val = evaluate(model, val_ids, args.seq)
-            history.append({"step": step, "train_ema": ema, "val": val})
-            log(f"checkpoint step {step}: val loss {val:.3f}")
-            save_checkpoint(model, opt, step, ema, val, work)
-            last_ckpt = time.monotonic()
+    try:
+        while True:
+            elapsed = time.monotonic() - t0
+            frac = min(elapsed / budget, 1.0)
+            if frac >= 1.0 or (args.max_steps and step - start_step >= args.max_steps):
+                break
+            # Warm-up in steps, then cosine over the wall-clock budget down to 10% of the peak.
+            warm = min(1.0, (step - start_step + 1) / args.warmup)
+            lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = batch(train_ids, rng, args.batch, args.seq)  # (B, T)
+            # bfloat16 autocast: fp32 master weights, bf16 matmuls (~1.6x faster on AVX512-BF16)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                out = model(input_ids=x, labels=x)  # transformers shifts the labels itself
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            loss = float(out.loss.detach())
+            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+            if step % args.log_every == 0:
+                log(f"step {step} loss {loss:.3f} ema {ema:.3f} lr {lr:.2e} "
+                    f"elapsed {elapsed / 60:.1f}/{args.minutes:.0f} min "
+                    f"({(step - start_step) / max(elapsed, 1e-9):.2f} steps/s)")
+            if time.monotonic() - last_ckpt > args.ckpt_minutes * 60:
+                val = evaluate(model, val_ids, args.seq)
+                history.append({"step": step, "train_ema": ema, "val": val})
+                log(f"checkpoint step {step}: val loss {val:.3f}")
+                save_checkpoint(model, opt, step, ema, val, work)
+                last_ckpt = time.monotonic()
+    except KeyboardInterrupt:  # kill -INT: stop early, keep what was learnt
+        log(f"interrupted at step {step}")
     val = evaluate(model, val_ids, args.seq)
     save_checkpoint(model, opt, step, ema, val, work)
     log(f"done: {step} steps, train ema {ema:.3f}, val {val:.3f}")
@@ -282,7 +291,7 @@ def save_hf(model, tok_path: Path, hf_dir: Path) -> None:
 # --- 5. export and check --------------------------------------------------------------------
 def export(hf_dir: Path, out: Path) -> None:
     cmd = [sys.executable, "-m", "meshllm.cli", "export", "--hf-dir", str(hf_dir),
-           "--out", str(out), "--dtype", "float16"]
+           "--out", str(out), "--dtype", "float16", "--name", "tiny"]
     log("exporting: " + " ".join(cmd))
     subprocess.run(cmd, check=True)
 
@@ -292,8 +301,10 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
     model.eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
+        x = torch.tensor([ids])  # (1, T)
+        # An explicit mask: otherwise generate() masks every token equal to the pad id.
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=PAD_ID)
     return out[0, len(ids):].tolist()
 
 
@@ -364,12 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     tok_path = work / "tokenizer.json"
     ids_path = work / "ids.npz"
-    if not ids_path.exists() or not tok_path.exists():
+    if not ids_path.exists():
         t = time.monotonic()
         train_docs, val_docs = build_corpus()
         log(f"corpus: {len(train_docs)} train docs, {len(val_docs)} val docs, "
             f"{sum(map(len, train_docs)) / 1e6:.1f}M train chars")
-        tok = train_tokenizer(train_docs, TINY["vocab_size"], tok_path)
+        if tok_path.exists():  # keep the vocabulary a checkpoint was trained with
+            tok = Tokenizer.from_file(str(tok_path))
+        else:
+            tok = train_tokenizer(train_docs, TINY["vocab_size"], tok_path)
         train_ids, val_ids = encode_docs(tok, train_docs), encode_docs(tok, val_docs)
         np.savez(ids_path, train=train_ids, val=val_ids)
         log(f"tokenizer + encoding took {time.monotonic() - t:.0f}s")
@@ -399,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     for prompt in CHECK_PROMPTS:
         ids = tok.encode(prompt).ids
         with torch.no_grad():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=True,
-                                 temperature=0.8, top_k=40, pad_token_id=0)
+            x = torch.tensor([ids])  # (1, T)
+            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=60,
+                                 do_sample=True, temperature=0.8, top_k=40, pad_token_id=PAD_ID)
         log(f"sample {prompt!r} -> {tok.decode(gen[0].tolist())!r}")
     (work / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     if args.out is not None:
