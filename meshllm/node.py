@@ -360,10 +360,10 @@ class Node:
         self.closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dialing: set[tuple[str, int]] = set()
+        self._warned: set[tuple[str, int]] = set()  # seeds already reported as refusing us
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshllm-work")
         self._problems: dict[str, Problem] = {}
         self._islands_problem: dict[int, Problem] = {}  # round -> problem (leader)
-        self._started_at = 0.0
         self._wake = asyncio.Event()
 
     # --- construction ---------------------------------------------------------------------------
@@ -414,7 +414,6 @@ class Node:
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._started_at = loop.time()
         if self.server is not None:
             self.port = await self.server.start()
         ident = LinkIdentity(self.node_id, self.mesh_id, self.opts.mesh_key)
@@ -496,7 +495,10 @@ class Node:
         period = self.opts.control.heartbeat_interval / 4
         while True:
             assert self.control is not None
-            self._perform(self.control.tick(loop.time()))
+            try:
+                self._perform(self.control.tick(loop.time()))
+            except Exception:  # a bug must not stop the heartbeat: log it and keep ticking
+                log.exception("control tick failed")
             await asyncio.sleep(period)
 
     def _on_frame(self, peer: str, data: bytes) -> None:
@@ -512,7 +514,11 @@ class Node:
             # The data plane (serving requests through the plan) plugs in here.
             log.debug("%s from %s: no data plane on this node yet", msg.TYPE, peer[:12])
             return
-        self._perform(self.control.step(Received(NodeId(peer), msg)))
+        try:
+            self._perform(self.control.step(Received(NodeId(peer), msg)))
+        except Exception:  # whatever a peer sends, the node keeps running
+            self.bad_frames += 1
+            log.exception("handling %s from %s failed", msg.TYPE, peer[:12])
 
     def _perform(self, outputs: list[Output]) -> None:
         for out in outputs:
@@ -575,9 +581,15 @@ class Node:
                 if i < n:
                     log.info("profiling %s: block %d/%d (%s)", self.manifest.name, i + 1, n, what)
 
-            prof, cached = await loop.run_in_executor(self._pool, lambda: load_or_measure(
-                self.manifest, self.opts.state_dir, threads=self.opts.threads, slowdown=self.opts.slowdown,
-                memory_bytes=self._budget(), progress=progress))
+            try:
+                prof, cached = await loop.run_in_executor(self._pool, lambda: load_or_measure(
+                    self.manifest, self.opts.state_dir, threads=self.opts.threads, slowdown=self.opts.slowdown,
+                    memory_bytes=self._budget(), progress=progress))
+            except (MeshError, OSError, RuntimeError) as e:
+                # Without a profile the node stays a member but is never planned onto.
+                self.profile_progress = f"failed: {e}"
+                log.error("profiling failed: %s; this node will not be given blocks", e)
+                return
             log.info("profile %s: decode %.2f ms/token, prefill %.3f ms/token, budget %.2f GiB",
                      "from cache" if cached else "measured", 1000 * prof.decode_s_per_token,
                      1000 * sum(prof.prefill_s_per_token), prof.memory_bytes / (1 << 30))
@@ -626,7 +638,12 @@ class Node:
             if (host, port) in self.seed_peers:
                 self.seed_peers[(host, port)] = peer
             self.peers.setdefault(peer, PeerInfo()).addr = (host, port)
-        except (OSError, ProtocolError, TimeoutError) as e:
+        except ProtocolError as e:
+            # Refused by the handshake: worth saying for a seed the operator named.
+            warn = (host, port) in self.seed_peers and (host, port) not in self._warned
+            self._warned.add((host, port))
+            log.log(logging.WARNING if warn else logging.DEBUG, "link to %s:%d refused: %s", host, port, e)
+        except (OSError, TimeoutError) as e:
             log.debug("dial %s:%d failed: %s", host, port, e)
         except Exception as e:  # aiohttp raises its own ClientError family here
             log.debug("dial %s:%d failed: %r", host, port, e)
