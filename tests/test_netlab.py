@@ -82,3 +82,14 @@ def test_nodes_in_namespaces_find_each_other_by_mdns(tmp_path: Path, tiny_model_
         for v in agreed:
             others = {m["addr"] for m in v["members"] if not m["self"]}
             assert others == {f"{a}:7070" for a in addrs} - {v["node"]["addr"]}
+        # The links are shaped to 100 Mb/s by tbf, and the nodes' own probes see it (loopback
+        # without shaping measures thousands of Mb/s here).
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            links = [m["link"] for a in addrs for m in (view(a) or {}).get("members", []) if not m["self"]]
+            if len(links) == 6 and all(links):
+                break
+            time.sleep(0.3)
+        print("measured links:", links)
+        # (400: room for timing noise; unshaped, these veths measure from several hundred to thousands.)
+        assert len(links) == 6 and all(ln and 1 < ln["mbps"] < 400 for ln in links), links
