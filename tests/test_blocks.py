@@ -64,16 +64,18 @@ def test_reference_is_sensitive_to_rope(tiny_manifest: Manifest, tiny_weights: d
     assert np.abs(_full_logits(tiny_manifest, ids) - other).max() > 100 * ATOL
 
 
-@pytest.mark.parametrize(("tied", "bias"), [(True, False), (False, True), (True, True)])
-def test_variants_match_reference(tmp_path: Path, tied: bool, bias: bool) -> None:
+@pytest.mark.parametrize(("tied", "bias", "dtype"), [(True, False, "float32"), (False, True, "float32"),
+                                                    (True, True, "float32"), (True, False, "float16")])
+def test_variants_match_reference(tmp_path: Path, tied: bool, bias: bool, dtype: str) -> None:
     cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2,
                       num_kv_heads=1, max_position=32, tie_word_embeddings=tied, qkv_bias=bias,
                       rope_theta=1e6, rms_norm_eps=1e-6)
     w = random_weights(cfg, np.random.default_rng(5))
     assert ("lm_head.weight" in w) == (not tied)
     assert ("layers.0.self_attn.q_proj.bias" in w) == bias
-    m = export_model(w, cfg, tmp_path, name="v", progress=False)
+    m = export_model(w, cfg, tmp_path, name="v", weight_dtype=dtype, progress=False)
     ids = _ids(cfg, 12)
+    w = {k: v.astype(dtype).astype(np.float32) for k, v in w.items()}  # what the files hold
     np.testing.assert_allclose(_full_logits(m, ids), reference.forward(ids, w, cfg), atol=ATOL, rtol=0)
 
 
