@@ -30,7 +30,7 @@ import onnxruntime as ort
 from meshllm.model.blocks import build_monolithic
 from meshllm.model.config import PRESETS, ModelConfig, param_count
 from meshllm.model.export import export_model, random_weights
-from meshllm.runtime.runner import StageRunner, bind_buffer, session_options
+from meshllm.runtime.runner import StageRunner, bind_buffer, default_threads, session_options
 
 TARGETS = {"ratio_vs_monolithic": ">= 0.9", "ratio_vs_transformers": ">= 1.0",
            "roofline_fraction": ">= 0.6", "ctx_growth": "<= 1.5"}
@@ -251,7 +251,7 @@ def sample_bandwidth(samplers: dict[str, Callable[[], float]], n: int, rng: np.r
 
 def run(args: argparse.Namespace) -> int:
     cfg = PRESETS[args.preset]
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads or default_threads()
     rng = np.random.default_rng(args.seed)
     n = args.steps * args.reps  # timed decode steps per engine and scenario
     long_ctx = min(args.long_context, cfg.max_position - n - 2)

@@ -70,6 +70,14 @@ class _Step:
     outs: list[np.ndarray]
 
 
+def default_threads() -> int:
+    """The cores this process may run on (affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -129,7 +137,7 @@ class StageRunner:
         self.manifest = manifest
         self.config = cfg
         self.first, self.end = first, end
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or default_threads()
         self.slowdown = float(slowdown)
         self.has_embed = first == 0
         self.has_head = end == cfg.num_blocks
