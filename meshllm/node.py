@@ -701,17 +701,18 @@ class Node:
 
     # --- planning (leader) ------------------------------------------------------------------------
     async def _gather_links(self, members: tuple[NodeId, ...]) -> dict[str, dict[str, Any]]:
+        """Every member's own link measurements (from its /v1/profile), ours included."""
         links: dict[str, dict[str, Any]] = {self.node_id: dict(self.link_stats)}
-        fetches = []
-        for n in members:
-            info = self.peers.get(n)
-            if n != self.node_id and info is not None and info.addr is not None:
-                fetches.append((n, self.peer_http.fetch_profile(*info.addr)))
-        for n, f in fetches:
-            with contextlib.suppress(Exception):
-                doc = await asyncio.wait_for(f, 3.0)
-                if doc and isinstance(doc.get("links"), dict):
-                    links[n] = doc["links"]
+        asked = [(n, info.addr) for n in members if n != self.node_id
+                 and (info := self.peers.get(n)) is not None and info.addr is not None]
+
+        async def one(addr: tuple[str, int]) -> dict[str, Any] | None:
+            return await asyncio.wait_for(self.peer_http.fetch_profile(*addr), 3.0)
+
+        docs = await asyncio.gather(*(one(a) for _, a in asked), return_exceptions=True)
+        for (n, _), doc in zip(asked, docs, strict=True):
+            if isinstance(doc, dict) and isinstance(doc.get("links"), dict):
+                links[n] = doc["links"]
         return links
 
     async def _plan(self, sp: StartPlanning) -> None:
