@@ -325,3 +325,23 @@ def test_kv_arrange_keeps_every_sequence_with_its_cache(ops: list[tuple[str, int
             for b in kv.blocks:
                 assert (kv.k[b][state.slot, :, :3] == s + 100 * b).all()
                 assert (kv.v[b][state.slot, :, :3] == -(s + 100 * b)).all()
+
+
+@both
+def test_decode_writes_only_the_new_position_in_place(tiny_manifest: Manifest, fuse: bool) -> None:
+    """The attention kernel shares the slot buffer as past and present: it appends in place. Had
+    it run in copy mode (present != past), it would have cleared and rewritten the whole buffer,
+    erasing the sentinel past the sequence's end."""
+    r = _runner(tiny_manifest, max_seqs=2, fuse=fuse)
+    r.alloc("a", 20)
+    r.prefill("a", _ids(tiny_manifest, 5, 3))
+    slot = r.kv.seqs["a"].slot
+    bufs = [r.kv.k[b] for b in r.layer_blocks] + [r.kv.v[b] for b in r.layer_blocks]
+    before = [buf[slot, :, :5].copy() for buf in bufs]
+    for buf in bufs:
+        buf[slot, :, 6:] = 7.0
+    r.decode(["a"], np.array([1]))
+    for buf, old in zip(bufs, before, strict=True):
+        np.testing.assert_array_equal(buf[slot, :, :5], old)  # the past is untouched
+        assert np.abs(buf[slot, :, 5]).max() > 0  # the new position was written
+        assert (buf[slot, :, 6:] == 7.0).all()  # nothing beyond it
