@@ -237,3 +237,19 @@ async def test_lossy_slow_network_still_converges(mesh: Mesh) -> None:
     for i in range(4):
         await mesh.add(i)
     await mesh.until(lambda: mesh.agreed() is not None, "agreement over a lossy network", 45)
+
+
+async def test_a_leader_that_leaves_gracefully_is_replaced_before_it_could_be_declared_dead(mesh: Mesh) -> None:
+    for i in range(3):
+        await mesh.add(i)
+    await mesh.until(lambda: mesh.agreed() is not None, "agreement on three nodes")
+    _, leader, epoch = mesh.agreed()
+    old = next(n for n in mesh.nodes if n.node_id == leader)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await old.stop()  # announces Leave
+    await mesh.until(lambda: all(n.control.leader not in (None, leader) for n in mesh.live),
+                     "a new leader after a graceful leave", FAST.dead_time)
+    assert loop.time() - t0 < FAST.dead_time
+    assert all(n.control.membership.state(leader).value == "left" for n in mesh.live)
+    await mesh.until(lambda: (a := mesh.agreed()) is not None and a[2] > epoch, "a new epoch without it")
