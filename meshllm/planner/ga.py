@@ -72,6 +72,10 @@ def chain_order(problem: Problem, members: Sequence[int], source: int | None) ->
     activations on the fast links. A pure function of the set, so equal groupings decode
     equally."""
     rest = sorted(members)
+    key = ("chain", tuple(rest))
+    hit = problem._cache.get(key)
+    if hit is not None:
+        return hit
     first = source if source in rest else rest[0]
     order = [first]
     rest.remove(first)
@@ -80,6 +84,7 @@ def chain_order(problem: Problem, members: Sequence[int], source: int | None) ->
         nxt = min(rest, key=lambda j: (-problem.bw[last, j], j))
         order.append(nxt)
         rest.remove(nxt)
+    problem._cache[key] = tuple(order)
     return tuple(order)
 
 
@@ -100,10 +105,15 @@ def groups_of(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> list[t
 def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Estimate, list[tuple[Role, tuple]]]:
     """Estimate of an individual and its replicas as (role, stages by device index).
     Infeasible replicas are reported with empty stages."""
+    raw = ("raw", assign.tobytes(), roles[: int(assign.max())].tobytes())
+    hit = problem._cache.get(raw)
+    if hit is not None:
+        return hit
     reps = groups_of(problem, assign, roles)
     key = ("ind", tuple(reps))
     hit = problem._cache.get(key)
     if hit is not None:
+        problem._cache[raw] = hit
         return hit
     perfs: list[ReplicaPerf] = []
     stages: list[tuple[Role, tuple]] = []
@@ -122,7 +132,7 @@ def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Est
                        math.inf)
     else:
         est = estimate(perfs, problem.workload, problem.kv_seconds([st for _, st in stages]))
-    problem._cache[key] = (est, stages)
+    problem._cache[key] = problem._cache[raw] = (est, stages)
     return est, stages
 
 
@@ -175,8 +185,9 @@ def _encode(m: int, groups: Sequence[Sequence[int]], roles: Sequence[int]) -> tu
 
 def _seeds(problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
     """Deterministic starting points: everything in one BOTH replica; memory-filled replicas
-    (all BOTH, or compute-rich groups prefilling and the others decoding); devices that hold
-    the model alone as their own replicas with the rest memory-filled."""
+    (all BOTH, or compute-rich groups prefilling and the others decoding); the
+    highest-bandwidth devices as one decoder with the rest prefilling; devices that hold the
+    model alone as their own replicas with the rest memory-filled."""
     m = len(problem.devices)
     out = [_encode(m, [list(range(m))], [2])]
     need = problem.profile.total_weight_bytes * 1.15
@@ -190,6 +201,15 @@ def _seeds(problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
         if len(groups) > 1:
             n_p = max(1, len(groups) // 3)
             out.append(_encode(m, groups, [0] * n_p + [1] * (len(groups) - n_p)))
+    # the highest-bandwidth devices as one decoder, the rest as prefill (or BOTH) replicas
+    by_bw = sorted(range(m), key=lambda j: (-problem.devices[j].mem_bw, j))
+    dec = _fill(problem, by_bw, need)
+    if dec:
+        d0 = dec[0]
+        rest = _fill(problem, [j for j in by_mem if j not in d0], need)
+        if rest:
+            out.append(_encode(m, [d0, *rest], [1] + [0] * len(rest)))
+            out.append(_encode(m, [d0, *rest], [2] * (len(rest) + 1)))
     singles = [[j] for j in range(m) if problem.mem[j] >= need]
     if singles:
         rest = _fill(problem, [j for j in by_mem if problem.mem[j] < need], need)
@@ -260,14 +280,19 @@ def crossover(pa: tuple[np.ndarray, np.ndarray], pb: tuple[np.ndarray, np.ndarra
 
 def mutate(ind: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One of: move a device (to another replica, a new one, or out), swap two devices'
-    replicas, flip a replica's role, merge two replicas, retire a replica (its devices left
-    out), split a replica in two."""
+    replicas, flip a replica's role, make two replicas a prefill/decoder pair, merge two
+    replicas, retire a replica (its devices left out), split a replica in two."""
     a, r = ind[0].copy(), ind[1].copy()
     m = len(a)
     used = sorted(set(a.tolist()) - {0})
     nxt = (max(used) if used else 0) + 1
-    op = int(rng.integers(0, 6))
-    if op == 0 or not used:
+    op = int(rng.integers(0, 7))
+    if op == 6 and len(used) >= 2:
+        # a prefill/decoder pair in one step: either role alone is infeasible, so single role
+        # flips cannot cross from all-BOTH plans to phase-split ones
+        k1, k2 = rng.choice(used, size=2, replace=False)
+        r[k1 - 1], r[k2 - 1] = 0, 1
+    elif op == 0 or op == 6 or not used:
         j = int(rng.integers(0, m))
         choice = int(rng.integers(0, len(used) + 2))
         if choice < len(used):
@@ -369,8 +394,8 @@ def merge(islands: Sequence[Island]) -> list[Island]:
 def polish(problem: Problem, assign: np.ndarray, roles: np.ndarray,
            max_sweeps: int = 20) -> tuple[np.ndarray, np.ndarray, float]:
     """Deterministic hill climbing from an individual: repeatedly take the best of all single
-    moves (a device to another replica, to a new replica or out; a replica to another role)
-    while it improves the fitness."""
+    moves (a device to another replica, to a new replica or out; a replica to another role; two
+    replicas to a prefill/decoder pair) while it improves the fitness."""
     m = len(assign)
     a, r = normalise(assign, roles)
     f = fitness(problem, a, r)
@@ -395,6 +420,14 @@ def polish(problem: Problem, assign: np.ndarray, roles: np.ndarray,
                 if role != r[k - 1]:
                     s = r.copy()
                     s[k - 1] = role
+                    g = fitness(problem, a, s)
+                    if g < best[0]:
+                        best = (g, a, s)
+        for k1 in used:  # prefill/decoder pairs (one flip alone cannot split the phases)
+            for k2 in used:
+                if k1 != k2 and (r[k1 - 1], r[k2 - 1]) != (0, 1):
+                    s = r.copy()
+                    s[k1 - 1], s[k2 - 1] = 0, 1
                     g = fitness(problem, a, s)
                     if g < best[0]:
                         best = (g, a, s)
