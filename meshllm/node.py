@@ -842,6 +842,12 @@ class Node:
         self.step(PlanLoaded(epoch, True))
 
     # --- for the data plane -------------------------------------------------------------------------
+    @property
+    def app(self) -> Any:
+        """The aiohttp application of a real node (None in memory): the serving layer adds its
+        routes (``POST /v1/chat/completions``) here before ``start()``."""
+        return getattr(self.server, "app", None)
+
     def runners_for(self, epoch: int) -> list[StageRunner]:
         """This node's loaded stages for ``epoch`` (empty when it holds none of that plan)."""
         return self.runners.get(epoch, [])
