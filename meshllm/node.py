@@ -890,6 +890,19 @@ class Node:
                 "profile_progress": self.profile_progress, "links": dict(self.link_stats)}
 
     def mesh_view(self) -> dict[str, Any]:
+        """``GET /v1/mesh``::
+
+            {"node": {id, name, addr, model, model_id, mesh_id, proto, role},
+             "term", "leader", "leader_name", "epoch",            # epoch: the active plan's (0: none)
+             "plan": Plan.to_dict() + {"workload"} | null,        # replicas, roles, [first, end), predicted
+             "members": [{id, name, addr, state (alive|suspect|dead|left), priority, epoch, self, leader,
+                          linked, loaded: [first, end] | null, link: {mbps, rtt_ms} | null,
+                          profile: {threads, slowdown, memory_bytes, tflops, mem_bw_gbs,
+                                    prefill_s_per_token[], decode_s_per_step[], decode_s_per_token} | null}],
+             "pending_epoch", "planning", "loaded_epochs", "draining",
+             "ready", "why_not_ready",                            # ready: a leader, an active plan, its nodes alive
+             "stats": {bad_frames, rejected_plans, links, refused_links}}
+        """
         c = self.control
         if c is None:
             return {"node": {"id": self.node_id, "name": self.name}, "ready": False,
