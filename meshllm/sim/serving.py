@@ -64,11 +64,12 @@ class _Req:
 
 
 class _Group:
-    __slots__ = ("id", "seqs")
+    __slots__ = ("id", "last", "seqs")
 
     def __init__(self, gid: int, seqs: list[_Req]) -> None:
         self.id = gid
         self.seqs = seqs
+        self.last = -1.0  # when its previous token came out of the last stage
 
 
 @dataclass(slots=True)
@@ -81,7 +82,7 @@ class _Stage:
 
 class _Rep:
     __slots__ = ("backlog_s", "groups", "joiners", "kv_used", "pending", "returned", "seqs",
-                 "spec", "stages")
+                 "spec", "stages", "tpot_obs")
 
     def __init__(self, spec: SimReplica) -> None:
         self.spec = spec
@@ -93,6 +94,7 @@ class _Rep:
         self.groups: list[_Group] = []
         self.joiners: list[_Req] = []
         self.returned: set[int] = set()  # group ids waiting at the Bubbles barrier
+        self.tpot_obs = 0.0  # observed seconds per token of its sequences (moving average)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,12 @@ class _Sim:
             got = self._scache[key] = max(ring, g * worst)
         return got
 
+    def _tpot(self, rep: _Rep, batch: int, ctx: int) -> float:
+        """Predicted time per token: the cost model's, or what the replica has been doing lately
+        if that is slower (an idle replica's old figure no longer applies)."""
+        est = self._step_est(rep, batch, ctx)
+        return max(est, rep.tpot_obs) if rep.seqs else est
+
     def _max_groups(self, rep: _Rep) -> int:
         return self.cfg.max_groups or len(rep.spec.stages)
 
@@ -208,7 +216,7 @@ class _Sim:
         r = rq.r
         need = r.input_tokens + r.output_tokens
         room = rep.kv_used + need <= rep.spec.kv_capacity_tokens and rep.seqs < rep.spec.max_batch
-        dec = self._step_est(rep, rep.seqs + 1, r.input_tokens + r.output_tokens // 2) * (
+        dec = self._tpot(rep, rep.seqs + 1, r.input_tokens + r.output_tokens // 2) * (
             r.output_tokens - 1)
         handoff = 0.0
         if prefill_rep is not None and prefill_rep is not rep:
@@ -228,7 +236,7 @@ class _Sim:
             return 0.0
         mean_out = self.out_sum / max(self.out_n, 1)
         ctx = int(mean_out)
-        rate = sum(r.spec.max_batch / (self._step_est(r, r.spec.max_batch, ctx) * mean_out)
+        rate = sum(r.spec.max_batch / (self._tpot(r, r.spec.max_batch, ctx) * mean_out)
                    for r in reps)
         return (busy - slots + 1) / rate
 
@@ -462,6 +470,12 @@ class _Sim:
         """Micro-batch ``g`` left the last stage: one token for each of its sequences."""
         spec = rep.spec
         last = spec.stages[-1].node
+        if g.last >= 0:
+            # what a replica reports to the router: its recent time per token, queueing at its
+            # stages (prompts first on BOTH replicas) included
+            dt = self.q.now - g.last
+            rep.tpot_obs = dt if rep.tpot_obs == 0 else 0.8 * rep.tpot_obs + 0.2 * dt
+        g.last = self.q.now
         keep = []
         for rq in g.seqs:
             rq.generated += 1
