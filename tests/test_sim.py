@@ -13,7 +13,7 @@ from meshllm.sim.engine import EventQueue, SimError
 from meshllm.sim.model import SimConfig, SimModel, SimReplica, SimStage
 from meshllm.sim.routing import Candidate, choose, predicted_completion
 from meshllm.sim.serving import simulate
-from meshllm.sim.workload import Fixed, bursty, closed_batch, parse_trace, poisson
+from meshllm.sim.workload import Fixed, Request, bursty, closed_batch, parse_trace, poisson
 
 
 class ConstTiming:
@@ -230,3 +230,28 @@ def test_trace_parsing() -> None:
     with pytest.raises(UserError, match="no requests"):
         parse_trace("# nothing\n")
     assert math.isfinite(reqs[1].arrival)
+
+
+class TwoSpeedTiming(ConstTiming):
+    """Replica 0 decodes at ``fast`` s per token, replica 1 at ``slow``."""
+
+    def __init__(self, fast: float, slow: float) -> None:
+        super().__init__(p=0.001 / 32, d=0.0)
+        self.speeds = (fast, slow)
+
+    def decode_s(self, rep, stage, batch, ctx):
+        return self.speeds[rep.id] / len(rep.stages)
+
+
+@pytest.mark.parametrize("slow, second_goes_to", [(0.15, 1), (0.3, 0)])
+def test_router_weighs_the_wait_for_a_slot_against_a_slower_replica(slow, second_goes_to) -> None:
+    # one slot each; the first request takes the fast replica (10 tokens: ~0.9 s there). The
+    # second, right after, either waits ~0.9 s for that slot and decodes in 0.9 s (~1.8 s), or
+    # starts at once on the slow one: 9 * 0.15 = 1.35 s (goes there) or 9 * 0.3 = 2.7 s (waits)
+    model = SimModel((_both(batch=1, rid=0), _both(batch=1, rid=1)), TwoSpeedTiming(0.1, slow))
+    reqs = [Request(0, 0.0, 32, 10), Request(1, 0.01, 32, 10)]
+    res = simulate(model, reqs)
+    assert res.records[0].prefill_replica == 0
+    assert res.records[1].prefill_replica == second_goes_to
+    if second_goes_to == 0:
+        assert res.records[1].waiting_s > 0.8  # it chose to wait for the fast replica's slot
