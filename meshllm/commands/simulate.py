@@ -106,11 +106,20 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell.rstrip("%"))
+    except ValueError:
+        return cell in ("-", "OOM", "inf")
+    return True
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w[i]) for i, h in enumerate(headers))
     out = [line, "  ".join("-" * x for x in w)]
-    out += ["  ".join(c.rjust(w[i]) if i > 1 else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    out += ["  ".join(c.rjust(w[i]) if i and _numeric(c) else c.ljust(w[i]) for i, c in enumerate(r))
+            for r in rows]
     return "\n".join(out)
 
 
@@ -309,8 +318,8 @@ def run_single(args: argparse.Namespace) -> int:
     if Path(args.model).is_dir():
         from meshllm.model.manifest import load_manifest
 
-        m = load_manifest(Path(args.model), verify=False) if _accepts_verify() else \
-            load_manifest(Path(args.model))
+        # the profile needs the costs only; checking every block's sha256 is the loader's job
+        m = load_manifest(Path(args.model), verify=False)
         profile = ModelProfile.from_costs(m.costs, name=m.name)
     else:
         profile = ModelProfile.from_preset(args.model)
@@ -360,14 +369,6 @@ def run_single(args: argparse.Namespace) -> int:
     print(f"throughput {s.throughput_tok_s:.1f} tokens/s, {s.throughput_req_s:.3f} requests/s")
     print("utilisation: " + ", ".join(f"{n} {100 * u:.0f}%" for n, u in s.utilisation.items()))
     return 0
-
-
-def _accepts_verify() -> bool:
-    import inspect
-
-    from meshllm.model.manifest import load_manifest
-
-    return "verify" in inspect.signature(load_manifest).parameters
 
 
 def run(args: argparse.Namespace) -> int:
