@@ -356,3 +356,37 @@ def test_saturation_rate_is_where_utilisation_reaches_one():
     above = Problem(P7, tb.devices, tb.network, tb.workload.with_rate(1.02 * sat)).estimate_stages(reps)
     assert above.max_util >= 1 and above.predicted.mean_wait_s == math.inf
     assert above.fitness > 1e3 > below.fitness
+
+
+def test_cloud_edge_even_keeps_the_head_on_the_source_when_the_cloud_cannot_hold_it():
+    tb = EDGESHARD
+    src = next(d.name for d in tb.devices if d.source)
+    # 7B: 16 layers + head fit the RTX 3090, one crossing of the 1 Mb/s link per token
+    p7 = make_plan("cloud-edge-even", P7, tb.devices, tb.network, tb.workload)
+    assert [(s.node, s.layers) for s in p7.replicas[0].stages] == [(src, (0, 17)), ("rtx3090", (17, 34))]
+    # 13B: 20 layers + head = 26.05 GB > 24 GiB, so the head returns to the source
+    p13 = make_plan("cloud-edge-even", P13, tb.devices, tb.network, tb.workload)
+    assert [(s.node, s.layers) for s in p13.replicas[0].stages] == [
+        (src, (0, 21)), ("rtx3090", (21, 41)), (src, (41, 42))]
+    validate_plan(p13, P13, tb.devices, tb.workload)
+    pb = Problem(P13, tb.devices, tb.network, tb.workload)
+    st = pb.from_replicas(p13.replicas)[0][1]
+    perf = pb.perf(st, Role.BOTH)
+    # the source is one server for its two stages: its prefill time is theirs added up
+    j = pb.index[src]
+    both = pb.pre[:, j, 0:21].sum(axis=1) + pb.pre[:, j, 41:42].sum(axis=1)
+    assert np.all(perf.busy >= both - 1e-12)
+    # memory is counted once per node, over both of its stages
+    assert cost.replica_memory(P13, p13.replicas[0], 1, 128)[src] == pytest.approx(
+        P13.weight_bytes(0, 21) + P13.weight_bytes(41, 42)
+        + (P13.kv_bytes_per_token(0, 21) + P13.kv_bytes_per_token(41, 42)) * 128)
+
+
+def test_validate_sums_a_node_over_its_stages():
+    tb = EDGESHARD
+    src = next(d.name for d in tb.devices if d.source)
+    # each of the source's two stages fits alone; together (31.5 GiB of 13B + KV) they do not
+    bad = Plan(0, (Replica(0, Role.BOTH, (Stage(src, (0, 27)), Stage("rtx3090", (27, 35)),
+                                          Stage(src, (35, 42)))),))
+    with pytest.raises(PlanError, match=f"node {src} needs"):
+        validate_plan(bad, P13, tb.devices, tb.workload)

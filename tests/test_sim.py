@@ -255,3 +255,26 @@ def test_router_weighs_the_wait_for_a_slot_against_a_slower_replica(slow, second
     assert res.records[1].prefill_replica == second_goes_to
     if second_goes_to == 0:
         assert res.records[1].waiting_s > 0.8  # it chose to wait for the fast replica's slot
+
+
+def test_a_node_holding_two_stages_is_one_server() -> None:
+    # stages a, b, a (the source with embedding and head): 0.1 s of decode each, so node a
+    # works 0.2 s per micro-batch; three micro-batches circulate, so a, not the 0.1 s stages,
+    # sets the pace: 3 tokens per 0.6 s
+    timing = ConstTiming(p=1e-6, d=0.3)
+    stages = (SimStage("a", 0, 2), SimStage("b", 2, 4), SimStage("a", 4, 6))
+    model = SimModel((SimReplica(0, "both", stages, 10**9, 3),), timing)
+    res = simulate(model, closed_batch(3, 4, 201))
+    assert res.summary.throughput_tok_s == pytest.approx(5.0, rel=0.03)
+    assert res.busy_s["a"] == pytest.approx(2 * res.busy_s["b"], rel=1e-6)
+    assert res.summary.utilisation["a"] == pytest.approx(1.0, rel=0.03)
+    # one request alone: the three stages in turn, nothing overlaps
+    alone = simulate(model, closed_batch(1, 4, 11)).records[0]
+    assert alone.e2e_s == pytest.approx(10 * 0.3 + 4e-6, rel=1e-6)
+
+
+def test_two_replicas_sharing_a_node_are_rejected() -> None:
+    r0 = SimReplica(0, "both", (SimStage("a", 0, 2), SimStage("b", 2, 4)), 10**9, 4)
+    r1 = SimReplica(1, "both", (SimStage("b", 0, 4),), 10**9, 4)
+    with pytest.raises(SimError, match="two replicas"):
+        simulate(SimModel((r0, r1), ConstTiming()), closed_batch(1, 4, 2))

@@ -22,11 +22,14 @@ def table4() -> dict[tuple[str, str], dict]:
     return {(r["model"], r["method"]): r for r in rows}
 
 
-def test_table4_oom_cells_match_the_paper_but_one(table4) -> None:
+def test_table4_oom_cells_match_the_paper(table4) -> None:
     differ = sorted(k for k, r in table4.items() if r["oom"] != r["paper_oom"])
-    # Llama2-13B fp32 split in two halves puts 26.0 GB on the 24 GiB (25.8 GB) RTX 3090: it cannot
-    # fit in our memory model; the paper ran it (docs/simulator.md says why that must have spilled)
-    assert differ == [("llama2-13b", "Cloud-Edge-Even")]
+    assert differ == []
+    # 13B Cloud-Edge-Even runs because its head stays on the source: 20 layers (23.6 GiB) on the
+    # RTX 3090's 24 GiB; with the head as well (26.05 GB > 25.77 GB) it could not
+    r = table4[("llama2-13b", "Cloud-Edge-Even")]
+    assert r["latency_ms"] > table4[("llama2-13b", "EdgeShard")]["latency_ms"]
+    assert 1 <= r["batch"] < 8  # little KV room is left next to 23.6 GiB of weights
 
 
 def test_table4_edgeshard_no_worse_than_any_baseline(table4) -> None:

@@ -141,7 +141,11 @@ class Problem:
         for s in range(1, s_n):
             comm[:, s] = self.link(p.act[a_[s] - 1] * self.t_in, dev[s - 1], dev[s])
         ret = float(self.link(float(TOKEN_BYTES), dev[-1], dev[0]))
-        busy = np.maximum(np.maximum(comp.max(axis=1), comm.max(axis=1)), ret)
+        # a device holding several stages (the source with embedding and head) is one server:
+        # its stages' compute adds up before the slowest resource is taken
+        owners = [dev == j for j in dict.fromkeys(dev.tolist())]
+        node = np.stack([comp[:, o].sum(axis=1) for o in owners], axis=1)  # (K, devices)
+        busy = np.maximum(np.maximum(node.max(axis=1), comm.max(axis=1)), ret)
         lat = comp.sum(axis=1) + comm.sum(axis=1) + ret
         feasible = True
         batch = 0
@@ -163,7 +167,8 @@ class Problem:
                 dcomm[:, s] = self.link(p.act[a_[s] - 1] * x, dev[s - 1], dev[s])
             dret = self.link(TOKEN_BYTES * x.astype(float), dev[-1], dev[0])
             one_pass = dcomp.sum(axis=1) + dcomm.sum(axis=1) + dret
-            slow = np.maximum(np.maximum(dcomp.max(axis=1), dcomm.max(axis=1)), dret)
+            dnode = np.stack([dcomp[:, o].sum(axis=1) for o in owners], axis=1)  # (B, devices)
+            slow = np.maximum(np.maximum(dnode.max(axis=1), dcomm.max(axis=1)), dret)
             tau = np.concatenate([[math.inf], np.maximum(one_pass, g * slow)])
             # work a prompt finds ahead of it at the bottleneck stage: half the micro-batches
             stage_busy = np.concatenate([[0.0], 0.5 * g * slow])

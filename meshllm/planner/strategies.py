@@ -2,7 +2,7 @@
 
 =====================  ==============================================================
 ``edge-solo``          the whole model on the source device (EdgeShard baseline)
-``cloud-edge-even``    source + the fastest other device ("cloud"), blocks split in half
+``cloud-edge-even``    source + the fastest other device ("cloud"), decoder layers split in half
 ``cloud-edge-opt``     source + cloud, split by Algorithm 1 (latency) or 2 (throughput)
 ``edgeshard-latency``  Algorithm 1 over all devices, source constraint
 ``edgeshard-throughput``  Algorithm 2 over all devices (heuristic beyond 12), batch sized
@@ -146,9 +146,24 @@ def edge_solo(pb: Problem, objective: str, rng: np.random.Generator) -> list[tup
 
 
 def cloud_edge_even(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+    """EdgeShard's Cloud-Edge-Even: the decoder layers split evenly between the source and the
+    cloud (the source takes the odd one), the embedding on the source where the prompt enters.
+    The head follows the last decoder layer onto the cloud when it fits there (source
+    [0, 1+L/2), cloud [1+L/2, L+2): one crossing of the source-cloud link per token);
+    otherwise it stays on the source, where the generated token is wanted anyway (source
+    [0, 1+L/2), cloud [1+L/2, 1+L), source [1+L, L+2): one replica in which the source holds
+    two stages, at the price of a second crossing). Llama2-13B in fp32 is the second case."""
     s, c = _source(pb), _cloud(pb)
-    (a0, a1), (b0, b1) = even_split(pb.n_blocks, 2)
-    return [(Role.BOTH, _fits_one(pb, [(s, a0, a1), (c, b0, b1)], "cloud-edge-even"))]
+    n_layers = pb.n_blocks - 2
+    if n_layers < 2:
+        raise DoesNotFit("cloud-edge-even: does not fit: the model has fewer than two decoder layers")
+    mid = 1 + (n_layers + 1) // 2
+    two = [(s, 0, mid), (c, mid, pb.n_blocks)]
+    try:
+        return [(Role.BOTH, _fits_one(pb, two, "cloud-edge-even"))]
+    except DoesNotFit:
+        three = [(s, 0, mid), (c, mid, 1 + n_layers), (s, 1 + n_layers, pb.n_blocks)]
+        return [(Role.BOTH, _fits_one(pb, three, "cloud-edge-even"))]
 
 
 def cloud_edge_opt(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:

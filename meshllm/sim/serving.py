@@ -77,7 +77,6 @@ class _Stage:
     node: str
     queue: list[tuple[int, int, tuple]] = field(default_factory=list)  # heap (prio, tie, job)
     busy: bool = False  # stage 0: serving a job now
-    free_at: float = 0.0  # stages 1..S-1: when the last job reserved on it ends
 
 
 class _Rep:
@@ -117,11 +116,25 @@ class _Sim:
         self.front = [r for r in self.reps.values() if r.spec.role in ("prefill", "both")]
         self.decoders = [r for r in self.reps.values() if r.spec.role == "decoder"]
         self.busy: dict[str, float] = {}
+        owner: dict[str, int] = {}
         for r in self.reps.values():
             for st in r.spec.stages:
-                if st.node in self.busy:
-                    raise SimError(f"node {st.node} appears in two stages")
+                # a node may hold several stages of one replica (e.g. embedding and head on the
+                # source): it is one server for all of them; two replicas never share a node
+                if owner.setdefault(st.node, r.spec.id) != r.spec.id:
+                    raise SimError(f"node {st.node} serves two replicas")
                 self.busy[st.node] = 0.0
+        # when the work last reserved on each node ends (a node's stages share its compute)
+        self.node_free: dict[str, float] = {}
+        # nodes holding several stages of their replica keep their reserved intervals instead:
+        # work is reserved ahead (a job's whole passage is computed when it leaves stage 0), and
+        # a node must still take stage-0 work that fits before a later stage's reservation
+        self.node_iv: dict[str, list[tuple[float, float]]] = {}
+        for r in self.reps.values():
+            names = [st.node for st in r.spec.stages]
+            for node in names:
+                if names.count(node) > 1:
+                    self.node_iv[node] = []
         self.link_free: dict[tuple[str, str], float] = {}
         self.trace = trace
         self.tie = 0
@@ -150,6 +163,33 @@ class _Sim:
         start = max(now, self.link_free.get(key, 0.0))
         self.link_free[key] = start + (total - lat)
         return start + total
+
+    def _book(self, node: str, ready: float, dur: float) -> float:
+        """Reserve ``dur`` seconds of ``node`` from ``ready`` on; returns when that work ends.
+        A node with one stage serves in reservation order; a node with several takes the first
+        gap long enough among its reservations (work-conserving, never overlapping)."""
+        iv = self.node_iv.get(node)
+        if iv is None:
+            nf = self.node_free.get(node, 0.0)
+            end = (ready if ready > nf else nf) + dur
+            self.node_free[node] = end
+            return end
+        now = self.q.now
+        while iv and iv[0][1] <= now:  # past reservations cannot hold anything up any more
+            iv.pop(0)
+        t = ready
+        k = 0
+        while k < len(iv):
+            a, b = iv[k]
+            if b <= t:
+                k += 1
+                continue
+            if a >= t + dur:
+                break
+            t = b
+            k += 1
+        iv.insert(k, (t, t + dur))
+        return t + dur
 
     def _hop(self, src: str, dst: str, nbytes: float = TOKEN_BYTES) -> float:
         """A small control message: latency only, no link queueing."""
@@ -193,14 +233,14 @@ class _Sim:
             g = max(1, min(batch, self._max_groups(rep)))
             mb = math.ceil(batch / g)
             ring = 0.0
-            worst = 0.0
+            per_node: dict[str, float] = {}
             for s, st in enumerate(spec.stages):
                 c = self.t.decode_s(spec, s, mb, ctx_b)
                 # activations to the next stage; from the last stage only token ids go back
                 per_seq = self.t.act_bytes_per_token(st.end - 1) if s + 1 < n else TOKEN_BYTES
                 ring += c + self.t.transfer_s(st.node, spec.stages[(s + 1) % n].node, mb * per_seq)
-                worst = max(worst, c)
-            got = self._scache[key] = max(ring, g * worst)
+                per_node[st.node] = per_node.get(st.node, 0.0) + c  # a node's stages add up
+            got = self._scache[key] = max(ring, g * max(per_node.values()))
         return got
 
     def _tpot(self, rep: _Rep, batch: int, ctx: int) -> float:
@@ -328,7 +368,8 @@ class _Sim:
         dur = self._dur(rep, 0, job)
         st.busy = True
         self.busy[st.node] += dur
-        self.q.push(self.q.now + dur, "done", (rep, job))
+        # the node may be working on a later stage of this replica reserved earlier
+        self.q.push(self._book(st.node, self.q.now, dur), "done", (rep, job))
 
     def done(self, rep: _Rep, job: tuple) -> None:
         rep.stages[0].busy = False
@@ -392,8 +433,7 @@ class _Sim:
                 arrive = start + occ + lat
                 st = stages[s]
                 dur = self._dur(rep, s, job) if is_prefill else durs[s]
-                t = (arrive if arrive > st.free_at else st.free_at) + dur
-                st.free_at = t
+                t = self._book(st.node, arrive, dur)
                 busy[st.node] += dur
                 if is_prefill:
                     self._send_kv(rep, s, rq, k, t)
