@@ -390,3 +390,26 @@ def test_validate_sums_a_node_over_its_stages():
                                           Stage(src, (35, 42)))),))
     with pytest.raises(PlanError, match=f"node {src} needs"):
         validate_plan(bad, P13, tb.devices, tb.workload)
+
+
+def test_both_replica_tokens_wait_behind_prompts_on_every_resource():
+    # a BOTH replica whose prompts hold a link for 2 s: the estimate's decode time grows with the
+    # prompt load there (tokens queue behind prompts first come first served); without that
+    # resource it does not
+    from meshllm.planner.queueing import ReplicaPerf, estimate
+    w = Workload(arrival_rate=0.2, input_len=LengthDist.fixed(768), output_len=LengthDist.fixed(20),
+                 max_batch=8)
+    tau = np.concatenate([[math.inf], np.full(8, 0.15)])
+    busy, lat = np.array([2.0]), np.array([8.0])
+    bare = ReplicaPerf(Role.BOTH, True, 8, busy, lat, tau)
+    link = ReplicaPerf(Role.BOTH, True, 8, busy, lat, tau, res_m1=np.array([0.5, 2.0]),
+                       res_m2=np.array([0.25, 4.0]))
+    kv = np.zeros((1, 1))
+    e_bare = estimate([bare], w, kv).predicted
+    e_link = estimate([link], w, kv).predicted
+    # per token: 0.2 * (0.25 / (2 * 0.9) + 4 / (2 * 0.6)) = 0.6944 s more, over 19 steps
+    extra = 19 * 0.2 * (0.25 / (2 * 0.9) + 4.0 / (2 * 0.6))
+    dec_link = e_link.mean_e2e_s - e_link.mean_ttft_s
+    dec_bare = e_bare.mean_e2e_s - e_bare.mean_ttft_s
+    assert dec_bare == pytest.approx(19 * 0.15, rel=1e-9)
+    assert dec_link - dec_bare == pytest.approx(extra, rel=1e-6)

@@ -278,3 +278,34 @@ def test_two_replicas_sharing_a_node_are_rejected() -> None:
     r1 = SimReplica(1, "both", (SimStage("b", 0, 4),), 10**9, 4)
     with pytest.raises(SimError, match="two replicas"):
         simulate(SimModel((r0, r1), ConstTiming()), closed_batch(1, 4, 2))
+
+
+def test_start_policy_prefers_a_replica_that_can_start_now() -> None:
+    c = [Candidate(0, 0.9, 0.1, 1.0), Candidate(1, 0.0, 0.1, 2.0), Candidate(2, 0.0, 0.1, 2.5, busy_s=0.2),
+         Candidate(3, 0.0, 0.1, 2.0, reach_s=0.05)]
+    assert choose(c) == 0  # least completion: 2.0 s, after waiting 0.9 s
+    assert choose(c, policy="start") == 1  # starts now; 3 starts after 0.05 s, 2 after 0.2 s
+    assert choose(c[2:], policy="start") == 3
+    # equal starts: the least completion decides, then the lowest id
+    assert choose([Candidate(4, 0.0, 0.1, 3.0), Candidate(5, 0.0, 0.1, 2.0)], policy="start") == 5
+    assert choose([Candidate(5, 0.0, 0.1, 2.0), Candidate(4, 0.0, 0.1, 2.0)], policy="start") == 4
+    with pytest.raises(UserError, match="unknown routing policy"):
+        choose(c, policy="fastest")
+    with pytest.raises(SimError, match="unknown routing policy"):
+        SimConfig(routing="fastest")
+
+
+def test_start_policy_never_waits_for_a_fast_replica_while_another_is_free() -> None:
+    # the case where "completion" waits ~0.9 s for the fast replica's slot (test above): under
+    # "start" the second request starts at once on the slow replica
+    model = SimModel((_both(batch=1, rid=0), _both(batch=1, rid=1)), TwoSpeedTiming(0.1, 0.3))
+    reqs = [Request(0, 0.0, 32, 10), Request(1, 0.01, 32, 10)]
+    res = simulate(model, reqs, SimConfig(routing="start"))
+    assert [r.prefill_replica for r in res.records] == [0, 1]
+    assert res.records[1].waiting_s == 0.0
+    # many requests over unequal replicas: no prompt waits while a replica has a free slot
+    model = SimModel((_both(batch=2, rid=0), _both(batch=2, rid=1)), TwoSpeedTiming(0.05, 0.2))
+    reqs = poisson(1.0, 400, Fixed(32), Fixed(10), np.random.default_rng(5))
+    start = simulate(model, reqs, SimConfig(routing="start")).summary
+    compl = simulate(model, reqs, SimConfig(routing="completion")).summary
+    assert start.waiting_s.mean < compl.waiting_s.mean

@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-len", default="96", help="same forms as --input-len")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded at once per replica")
     p.add_argument("--pipeline", default="no-bubbles", choices=("no-bubbles", "bubbles"))
+    p.add_argument("--routing", default="completion", choices=("completion", "start"),
+                   help="routing policy: least predicted completion, or earliest start (the "
+                        "waiting-time objective; the e2llm-vs-splitwise experiment uses it)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -351,7 +354,7 @@ def run_single(args: argparse.Namespace) -> int:
     plan = _plan_fn()(args.strategy, profile, tb.devices, tb.network, wl, args.objective,
                       np.random.default_rng(args.seed))
     model = to_sim_model(plan, profile, tb.by_name, tb.network, wl, entry=tb.source)
-    res = simulate(model, reqs, SimConfig(pipeline=args.pipeline), warmup=len(reqs) // 10)
+    res = simulate(model, reqs, SimConfig(pipeline=args.pipeline, routing=args.routing), warmup=len(reqs) // 10)
     s = res.summary
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "summary": s.to_dict(), "events": res.events},

@@ -146,6 +146,9 @@ class Problem:
         owners = [dev == j for j in dict.fromkeys(dev.tolist())]
         node = np.stack([comp[:, o].sum(axis=1) for o in owners], axis=1)  # (K, devices)
         busy = np.maximum(np.maximum(node.max(axis=1), comm.max(axis=1)), ret)
+        # every resource a prompt occupies (each device's compute, each link into a stage),
+        # first come first served: a BOTH replica's decode micro-batches queue behind it there
+        res = np.concatenate([node, comm[:, 1:]], axis=1)  # (K, resources)
         lat = comp.sum(axis=1) + comm.sum(axis=1) + ret
         feasible = True
         batch = 0
@@ -172,7 +175,8 @@ class Problem:
             tau = np.concatenate([[math.inf], np.maximum(one_pass, g * slow)])
             # work a prompt finds ahead of it at the bottleneck stage: half the micro-batches
             stage_busy = np.concatenate([[0.0], 0.5 * g * slow])
-        return ReplicaPerf(role, feasible, batch, busy, lat, tau, stage_busy)
+        return ReplicaPerf(role, feasible, batch, busy, lat, tau, stage_busy,
+                           res.mean(axis=0), (res * res).mean(axis=0))
 
     def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]]) -> np.ndarray:
         """(R, R) KV hand-off seconds of a mean-length prompt between replicas: each block's

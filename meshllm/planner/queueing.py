@@ -23,8 +23,10 @@ Model (stated in full in ``docs/planner.md``), following how requests are served
   slot is Erlang C with c = the pool's slots, corrected for the variability of O by
   Allen–Cunneen ((1 + cv²) / 2). A prompt waits for both: the simulator and the serving router
   admit a prompt only when a decoder has room for it.
-- A BOTH replica serves prompts and decode micro-batches first come first served: decoding
-  gets the fraction (1 - ρ_prefill) of its time, so its τ stretches by 1 / (1 - ρ_prefill), and
+- A BOTH replica serves prompts and decode micro-batches first come first served on every
+  resource (each device's compute, each link between stages): each token's micro-batch waits,
+  at every resource, for the prompt work queued there — the M/G/1 wait λ E[S_r²] / (2 (1 - ρ_r))
+  of resource r under the prompt load alone, summed over the resources and added to τ — and
   a prompt also waits for the decode micro-batches queued ahead of it at the bottleneck stage
   (half of those in flight, when the replica is decoding).
 
@@ -56,7 +58,8 @@ class ReplicaPerf:
     sequences active (``tau[0]`` unused); ``batch``: KV slots (0 when it cannot decode);
     ``ahead[n]``: decode work a new prompt finds queued before it at the bottleneck stage of a
     BOTH replica with n sequences active (stages serve prefill and decode first come first
-    served).
+    served); ``res_m1`` / ``res_m2``: mean and second moment of the time a prompt occupies each
+    resource of the replica (each device's compute, each link between stages).
     """
 
     role: Role
@@ -66,6 +69,8 @@ class ReplicaPerf:
     lat: np.ndarray  # (K,)
     tau: np.ndarray  # (batch + 1,)
     ahead: np.ndarray = field(default_factory=lambda: np.zeros(1))  # (batch + 1,)
+    res_m1: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) prompt time per resource
+    res_m2: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) its second moment
     busy_mean: float = field(init=False)
     busy_m2: float = field(init=False)
     lat_mean: float = field(init=False)
@@ -197,9 +202,14 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         utils.append(rho)
         if rho >= 1:
             continue
-        stretch = 1 / (1 - rho)  # decoding gets the time prompts leave
-        n = _decode_occupancy(lam_b, p.lat_mean, eo1 * stretch, p.tau, p.batch)
-        s_dec = eo1 * _tau_at(p.tau, n) * stretch
+        # every token's micro-batch meets the prompts at each resource (device compute, link)
+        # first come first served: it waits for the prompt work queued there, the M/G/1 wait of
+        # that resource under the prompt load alone (a 12 MB activation over 50 Mb/s holds a
+        # link for 2 s, and every token behind it waits)
+        rho_r = lam_b * p.res_m1
+        hol = float(np.sum(lam_b * p.res_m2 / (2 * (1 - rho_r)))) if len(rho_r) else 0.0
+        n = _decode_occupancy(lam_b, p.lat_mean + eo1 * hol, eo1, p.tau, p.batch)
+        s_dec = eo1 * (_tau_at(p.tau, n) + hol)
         hold = p.lat_mean + s_dec
         a = lam_b * hold
         utils.append(a / p.batch)

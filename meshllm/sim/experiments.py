@@ -203,6 +203,7 @@ MIXES: dict[str, tuple[LengthDist, LengthDist]] = {
     "long-in/short-out": (LengthDist.lognormal(768, 0.4, high=2048), LengthDist.uniform(8, 32)),
     "wide": (LengthDist.lognormal(256, 1.0, high=2048), LengthDist.lognormal(128, 1.0, high=768)),
 }
+WAITING_CONFIG = SimConfig(routing="start")
 COMPARED = ("e2llm", "splitwise", "edgeshard-throughput", "ring")
 LOADS = (0.2, 0.5, 0.8, 1.0, 1.2)
 
@@ -239,6 +240,9 @@ def e2llm_vs_splitwise_arm(plan_fn: PlanFn, tb: Testbed, model_name: str, mix: s
                            strategies: Sequence[str] = COMPARED, seed: int = 0,
                            max_batch: int = 16, config: SimConfig | None = None) -> Arm:
     profile = ModelProfile.from_preset(model_name)
+    # the compared figure is waiting time, so the router runs the waiting objective's policy
+    # ("start"), the same for every strategy and for the saturation measurement
+    config = config if config is not None else WAITING_CONFIG
     inp, out = MIXES[mix]
     base = Workload(arrival_rate=1.0, input_len=inp, output_len=out, max_batch=max_batch)
     # the splitwise saturation rate sets the load scale for every strategy (the issue's axis)
@@ -311,8 +315,8 @@ E2LLM_TESTBEDS: dict[str, str] = {"edgeshard": "llama2-7b", "home": "llama2-7b"}
 
 def e2llm_vs_splitwise(plan_fn: PlanFn, testbeds: Sequence[Testbed], *, seed: int = 0,
                        quick: bool = False, mixes: Sequence[str] = tuple(MIXES),
-                       n_requests: int | None = None) -> tuple[list[dict[str, object]],
-                                                                list[dict[str, object]]]:
+                       n_requests: int | None = None, config: SimConfig | None = None,
+                       ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     """Every testbed × mix arm. Returns (rows, saturation rows)."""
     rows: list[dict[str, object]] = []
     sats: list[dict[str, object]] = []
@@ -322,7 +326,7 @@ def e2llm_vs_splitwise(plan_fn: PlanFn, testbeds: Sequence[Testbed], *, seed: in
         model_name = E2LLM_TESTBEDS.get(tb.name, "llama2-7b")
         for mix in mixes:
             arm = e2llm_vs_splitwise_arm(plan_fn, tb, model_name, mix, loads=loads, n_requests=n,
-                                         seed=seed)
+                                         seed=seed, config=config)
             rows.extend(arm.rows)
             sats.append({"testbed": tb.name, "mix": mix, "model": model_name,
                          "saturation_rps": arm.saturation_rps,

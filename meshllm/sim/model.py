@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from meshllm.sim.engine import SimError
+from meshllm.sim.routing import POLICIES
 
 ROLES = ("prefill", "decoder", "both")
 
@@ -82,9 +83,12 @@ class SimConfig:
     pipeline: str = "no-bubbles"  # "no-bubbles" | "bubbles" (EdgeShard Fig. 5)
     prefill_chunk_tokens: int = 512  # prompt micro-batch size through the prefill pipeline
     max_groups: int = 0  # decode micro-batches in flight per replica; 0 = number of stages
+    routing: str = "completion"  # routing policy (meshllm.sim.routing.POLICIES)
 
     def __post_init__(self) -> None:
         if self.pipeline not in ("no-bubbles", "bubbles"):
             raise SimError(f"unknown pipeline mode {self.pipeline!r}")
+        if self.routing not in POLICIES:
+            raise SimError(f"unknown routing policy {self.routing!r}; known: {', '.join(POLICIES)}")
         if self.prefill_chunk_tokens <= 0:
             raise SimError("prefill_chunk_tokens must be positive")

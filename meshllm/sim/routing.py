@@ -1,10 +1,25 @@
-"""Routing by least predicted completion time: the pure scoring both the simulator and the
-serving router use.
+"""Routing of requests to replicas: the pure scoring both the simulator and the serving router
+use, under one of two policies.
 
-A router knows, per replica, how much queued work is ahead of a new request (``queue_s``), what
-the request itself will cost there (``prefill_s``, ``decode_s``) and, for decoders, whether KV
-room is free. It sends the request where it is predicted to finish first; ties go to the lowest
-replica id so the choice is deterministic.
+A router knows, per replica, how much queued work is ahead of a new request (``queue_s``: its
+pending prompts, plus the predicted wait for a decode slot when every slot is taken), how long
+the work already running at its first stage has left (``busy_s``), how long the prompt takes to
+get there from where it entered (``reach_s``), what the request itself will
+cost there (``prefill_s``, ``decode_s``, ``handoff_s``) and, for decoders, whether KV room is
+free. Ties always go to the lowest replica id, so every choice is deterministic.
+
+Policies (:data:`POLICIES`), one router for every plan; which one to run follows the mesh's
+objective:
+
+- ``"completion"`` (default; objectives latency and throughput): the least predicted
+  completion, ``reach_s + queue_s + prefill_s + handoff_s + decode_s``. A request may queue for a fast
+  replica when that still finishes sooner than starting at once on a slow one.
+- ``"start"`` (objective waiting time): the earliest predicted start,
+  ``max(reach_s, busy_s) + queue_s``; among replicas that can start equally soon, the least
+  predicted completion. A request never waits for a fast replica
+  while another one could take it at once, so load spreads over every replica that has room;
+  that is what the planner's queueing estimate assumes (load shared in proportion to capacity,
+  every replica below saturation), and what minimises time-to-start.
 """
 
 from __future__ import annotations
@@ -12,29 +27,44 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshllm.errors import ConfigError
+
+POLICIES = ("completion", "start")
+START_TOLERANCE_S = 1e-9  # float noise: starts this close are equal and completion decides
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
     replica_id: int
-    queue_s: float  # predicted time until this replica can start the request
+    queue_s: float  # predicted time until this replica can start the request (queued work)
     prefill_s: float  # predicted prefill latency of the request there (0 for a pure decoder)
     decode_s: float  # predicted decode time of the request's remaining tokens there
     handoff_s: float = 0.0  # KV hand-off not hidden behind prefill
     has_room: bool = True  # KV slots and bytes free for the request now
+    busy_s: float = 0.0  # what is left of the work its first stage is running now
+    reach_s: float = 0.0  # the prompt's trip from the entry to the replica's first stage
 
 
 def predicted_completion(c: Candidate) -> float:
-    return c.queue_s + c.prefill_s + c.handoff_s + c.decode_s
+    return c.reach_s + c.queue_s + c.prefill_s + c.handoff_s + c.decode_s
 
 
-def choose(candidates: Iterable[Candidate], *, need_room: bool = False) -> int | None:
-    """The replica id with the least predicted completion, or None if there is none (or, with
+def predicted_start(c: Candidate) -> float:
+    """When the request's prefill would start: once the prompt is there and the first stage
+    has finished what it is running (both at once), after the queued work."""
+    return max(c.reach_s, c.busy_s) + c.queue_s
+
+
+def choose(candidates: Iterable[Candidate], *, need_room: bool = False,
+           policy: str = "completion") -> int | None:
+    """The chosen replica id under ``policy``, or None if there is none (or, with
     ``need_room``, none with room)."""
-    best: tuple[float, int] | None = None
-    for c in candidates:
-        if need_room and not c.has_room:
-            continue
-        key = (predicted_completion(c), c.replica_id)
-        if best is None or key < best:
-            best = key
-    return None if best is None else best[1]
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown routing policy {policy!r}; known: {', '.join(POLICIES)}")
+    pool = [c for c in candidates if c.has_room or not need_room]
+    if not pool:
+        return None
+    if policy == "start":
+        soonest = min(predicted_start(c) for c in pool)
+        pool = [c for c in pool if predicted_start(c) <= soonest + START_TOLERANCE_S]
+    return min(pool, key=lambda c: (predicted_completion(c), c.replica_id)).replica_id

@@ -2,8 +2,9 @@
 
 What is modelled (DESIGN §3, EdgeShard Fig. 5):
 
-* **Routing.** At arrival the entry picks the prefill-capable replica with the least predicted
-  completion (``meshllm.sim.routing``). The decoder is bound when the prefill is admitted: the
+* **Routing.** At arrival the entry picks a prefill-capable replica under the configured
+  policy (``SimConfig.routing``, see ``meshllm.sim.routing``): least predicted completion, or
+  earliest predicted start when the objective is waiting time. The decoder is bound when the prefill is admitted: the
   least-predicted-completion decoder that has KV room for the whole request (prompt plus output,
   preallocated as EdgeShard does). No room anywhere: the prompt waits at the head of its
   prefill queue — so a plan short of decode memory shows up as waiting time, not as a free lunch.
@@ -20,6 +21,8 @@ What is modelled (DESIGN §3, EdgeShard Fig. 5):
   barrier — no micro-batch starts token k+1 until all have finished token k.
 * **BOTH** replicas run prefill micro-batches and decode micro-batches on the same stage servers,
   interleaved first-come first-served.
+* **A node holding several stages** of its replica (the source with the embedding and the head)
+  is one server for all of them: work on it is reserved in non-overlapping intervals.
 * **Links** are per directed node pair, first-come first-served: a transfer occupies the link for
   bytes/bandwidth and arrives one latency later.
 
@@ -80,8 +83,8 @@ class _Stage:
 
 
 class _Rep:
-    __slots__ = ("backlog_s", "groups", "joiners", "kv_used", "pending", "returned", "seqs",
-                 "spec", "stages", "tpot_obs")
+    __slots__ = ("backlog_s", "groups", "joiners", "kv_used", "pending", "returned", "s0_end",
+                 "seqs", "spec", "stages", "tpot_obs")
 
     def __init__(self, spec: SimReplica) -> None:
         self.spec = spec
@@ -94,6 +97,7 @@ class _Rep:
         self.joiners: list[_Req] = []
         self.returned: set[int] = set()  # group ids waiting at the Bubbles barrier
         self.tpot_obs = 0.0  # observed seconds per token of its sequences (moving average)
+        self.s0_end = 0.0  # when the job its first stage is running ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,8 +305,10 @@ class _Sim:
                 dec, handoff = min(((c.decode_s, c.handoff_s) for c in
                                     (self._decode_candidate(d, rq, f) for d in self.decoders)),
                                    key=lambda x: x[0] + x[1])
-            cands.append(Candidate(f.spec.id, queue, lat, dec, handoff))
-        pid = choose(cands)
+            reach = self._hop(self._entry(f), f.spec.stages[0].node, r.input_tokens * TOKEN_BYTES)
+            cands.append(Candidate(f.spec.id, queue, lat, dec, handoff,
+                                   busy_s=max(0.0, f.s0_end - self.q.now), reach_s=reach))
+        pid = choose(cands, policy=self.cfg.routing)
         assert pid is not None
         rep = self.reps[pid]
         rq.p = pid
@@ -324,7 +330,8 @@ class _Sim:
             d = rep if (rep.kv_used + need <= rep.spec.kv_capacity_tokens
                         and rep.seqs < rep.spec.max_batch) else None
         else:
-            did = choose((self._decode_candidate(x, rq, rep) for x in self.decoders), need_room=True)
+            did = choose((self._decode_candidate(x, rq, rep) for x in self.decoders), need_room=True,
+                         policy=self.cfg.routing)
             d = None if did is None else self.reps[did]
         if d is None:
             return False
@@ -369,7 +376,8 @@ class _Sim:
         st.busy = True
         self.busy[st.node] += dur
         # the node may be working on a later stage of this replica reserved earlier
-        self.q.push(self._book(st.node, self.q.now, dur), "done", (rep, job))
+        rep.s0_end = self._book(st.node, self.q.now, dur)
+        self.q.push(rep.s0_end, "done", (rep, job))
 
     def done(self, rep: _Rep, job: tuple) -> None:
         rep.stages[0].busy = False
