@@ -351,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-dir", type=Path, default=Path("/tmp/tiny-hf"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bfloat16 autocast for the training forward/backward")
