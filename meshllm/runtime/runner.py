@@ -51,6 +51,9 @@ FUSE_DEFAULT = True
 FUSE_MAX_BYTES = 1 << 30
 
 
+_SPIN_S = 3e-4  # the last part of a slowdown wait is spun, not slept (see _pace)
+
+
 @dataclass(frozen=True, slots=True)
 class _Unit:
     blocks: list[int]  # consecutive block indices this session runs
@@ -248,10 +251,19 @@ class StageRunner:
                 st.layer_len[b] = st.length
 
     def _pace(self, t0: float) -> None:
-        dt = time.perf_counter() - t0
+        now = time.perf_counter()
+        dt = now - t0
         self.last_compute_s = dt
         if self.slowdown > 1.0:
-            time.sleep((self.slowdown - 1.0) * dt)
+            until = now + (self.slowdown - 1.0) * dt
+            # time.sleep overshoots by tens of microseconds (timer slack); on small blocks that
+            # would make a slowed node far slower than asked, so sleep short of the deadline
+            # and spin the rest.
+            rest = until - time.perf_counter() - _SPIN_S
+            if rest > 0:
+                time.sleep(rest)
+            while time.perf_counter() < until:
+                pass
 
     def _load_units(self, fuse: bool) -> list[_Unit]:
         """Sessions for the range: one per block, or (fused) one for every block before the head
