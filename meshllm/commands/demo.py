@@ -20,17 +20,21 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from meshllm.errors import MeshError, UserError
 
-DEMO_PROMPT = "def fibonacci(n):\n"
+DEMO_PROMPT = "class Stack:\n    def __init__(self"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job on the bundled model (generate, then a local mesh)")
     p.add_argument("--model", default=None, help="model directory (default: the bundled models/tiny)")
     p.add_argument("--prompt", default=DEMO_PROMPT, help="prompt to complete")
-    p.add_argument("--max-tokens", type=int, default=80)
+    p.add_argument("--max-tokens", type=int, default=60)
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature; a 5M-parameter model repeats itself when greedy")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed (the demo is reproducible)")
     p.add_argument("--nodes", type=int, default=3, help="mesh nodes to start on loopback (default %(default)s)")
     p.add_argument("--no-mesh", action="store_true", help="only generate; start no mesh")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the mesh to be ready")
@@ -54,8 +58,10 @@ def _get_json(url: str) -> dict | None:
 def _generate(args: argparse.Namespace) -> None:
     from meshllm.cli import main as cli_main
 
-    print(f"== meshllm generate (bundled model, greedy) ==\n{args.prompt}", end="", flush=True)
-    argv = ["generate", "--temperature", "0", "--max-tokens", str(args.max_tokens), args.prompt]
+    print(f"== meshllm generate (temperature {args.temperature}, seed {args.seed}) ==\n{args.prompt}",
+          end="", flush=True)
+    argv = ["generate", "--temperature", str(args.temperature), "--seed", str(args.seed),
+            "--max-tokens", str(args.max_tokens), args.prompt]
     if args.model:
         argv[1:1] = ["--model", args.model]
     rc = cli_main(argv)
@@ -70,6 +76,7 @@ def _mesh(args: argparse.Namespace) -> None:
           flush=True)
     ports = [_free_port() for _ in range(args.nodes)]
     procs: list[subprocess.Popen[bytes]] = []
+    logs: list[IO[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="meshllm-demo-") as tmp:
         key = Path(tmp) / "mesh.key"
         key.write_text(os.urandom(16).hex())
@@ -83,8 +90,8 @@ def _mesh(args: argparse.Namespace) -> None:
                 if args.model:
                     cmd += ["--model", args.model]
                 cmd += [a for p in ports if p != port for a in ("--peer", f"127.0.0.1:{p}")]
-                log = open(Path(tmp) / f"n{i}.log", "wb")  # noqa: SIM115 - closed with the process
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+                logs.append(open(Path(tmp) / f"n{i}.log", "wb"))  # noqa: SIM115 - closed in finally
+                procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT))
             url = f"http://127.0.0.1:{ports[0]}"
             deadline = time.monotonic() + args.timeout
             mesh = None
@@ -112,6 +119,8 @@ def _mesh(args: argparse.Namespace) -> None:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            for f in logs:
+                f.close()
 
 
 def run(args: argparse.Namespace) -> int:
