@@ -1,1 +1,0 @@
-"""Serving: router, prefill and decode workers, OpenAI-compatible API."""
