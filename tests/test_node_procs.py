@@ -188,11 +188,17 @@ async def test_static_peers_work_without_mdns(tmp_path: Path, tiny_model_dir: Pa
                 await asyncio.sleep(0.1)
         # The seeded side dialled; the other learned the seed's address from the link itself and
         # both fetched each other's profile and measured the link over HTTP.
+        # A peer fetched while still measuring itself answers without a profile; the maintenance
+        # loop fetches again, so wait for both views to be complete.
+        def seen(n: Node, other: Node) -> dict:
+            return next(m for m in n.mesh_view()["members"] if m["id"] == other.node_id)
+
+        pairs = ((nodes[0], nodes[1]), (nodes[1], nodes[0]))
         async with asyncio.timeout(20):
-            while not all(n.link_stats for n in nodes):  # noqa: ASYNC110 - polling another object's state
+            while not all(seen(n, o)["profile"] is not None and seen(n, o)["link"] for n, o in pairs):  # noqa: ASYNC110 - polling another object's state
                 await asyncio.sleep(0.1)
-        for n, other in ((nodes[0], nodes[1]), (nodes[1], nodes[0])):
-            m = next(m for m in n.mesh_view()["members"] if m["id"] == other.node_id)
+        for n, other in pairs:
+            m = seen(n, other)
             assert m["profile"] is not None and m["link"]["mbps"] > 0 and m["link"]["rtt_ms"] >= 0
     finally:
         for n in nodes:
