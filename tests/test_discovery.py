@@ -7,6 +7,7 @@ import asyncio
 import uuid
 
 import pytest
+from waiting import async_wait_until
 
 from meshllm.net.base import Advert
 from meshllm.net.discovery import ZeroconfDiscovery, interface_addresses, multicast_unavailable
@@ -74,8 +75,7 @@ async def test_a_lonely_node_is_told_to_try_peer(caplog: pytest.LogCaptureFixtur
     with caplog.at_level("WARNING", logger="meshllm.net.discovery"):
         await d.start(ad, lambda a: None, lambda n: None)
         try:
-            async with asyncio.timeout(10):
-                while not any("--peer" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
+            await async_wait_until(lambda: any("--peer" in r.getMessage() for r in caplog.records),
+                                   "the --peer hint in the log", 10)
         finally:
             await d.close()

@@ -7,13 +7,13 @@ import importlib.util
 import json
 import os
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("netlab", ROOT / "tools" / "netlab.py")
@@ -61,35 +61,32 @@ def test_nodes_in_namespaces_find_each_other_by_mdns(tmp_path: Path, tiny_model_
                               "--state-dir", str(tmp_path / f"n{i}"), "--mesh-key-file", str(key),
                               "--threads", "1", "--config", str(cfg)],
                           stdout=log, stderr=log, cwd=ROOT)
-        deadline = time.monotonic() + 90
-        agreed = None
-        while time.monotonic() < deadline:
+        def logs() -> str:
+            return "".join(f"--- n{i} ---\n" + (tmp_path / f"n{i}.log").read_text()[-3000:] for i in range(3))
+
+        def nodes_alive() -> None:
+            if any(p.poll() is not None for p in lab.procs):
+                raise AssertionError("a node exited:\n" + logs())
+
+        def agreement() -> list[dict] | None:
             vs = [view(a) for a in addrs]
-            if all(v and v["ready"] and sum(m["state"] == "alive" for m in v["members"]) == 3 for v in vs):
-                keys = {(v["term"], v["leader"], v["epoch"]) for v in vs}
-                if len(keys) == 1:
-                    agreed = vs
-                    break
-            for p in lab.procs:
-                assert p.poll() is None, "a node exited: " + "".join(
-                    (tmp_path / f"n{i}.log").read_text()[-2000:] for i in range(3))
-            time.sleep(0.3)
-        if agreed is None:
-            for i in range(3):
-                print(f"--- n{i} ---\n" + (tmp_path / f"n{i}.log").read_text()[-3000:])
-        assert agreed is not None, "the namespaced nodes did not agree in 90 s"
+            if all(v and v["ready"] and sum(m["state"] == "alive" for m in v["members"]) == 3 for v in vs) \
+                    and len({(v["term"], v["leader"], v["epoch"]) for v in vs}) == 1:
+                return vs  # type: ignore[return-value]
+            return None
+
+        agreed = wait_until(agreement, "the namespaced nodes to agree", 90, check=nodes_alive, describe=logs)
         # Each node reached the others at their namespace addresses (found by mDNS, not seeds).
         for v in agreed:
             others = {m["addr"] for m in v["members"] if not m["self"]}
             assert others == {f"{a}:7070" for a in addrs} - {v["node"]["addr"]}
         # The links are shaped to 100 Mb/s by tbf, and the nodes' own probes see it (loopback
         # without shaping measures thousands of Mb/s here).
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            links = [m["link"] for a in addrs for m in (view(a) or {}).get("members", []) if not m["self"]]
-            if len(links) == 6 and all(links):
-                break
-            time.sleep(0.3)
+        def measured() -> list | None:
+            found = [m["link"] for a in addrs for m in (view(a) or {}).get("members", []) if not m["self"]]
+            return found if len(found) == 6 and all(found) else None
+
+        links = wait_until(measured, "every node to measure its links to the other two", 30)
         print("measured links:", links)
         # (400: room for timing noise; unshaped, these veths measure from several hundred to thousands.)
         assert len(links) == 6 and all(ln and 1 < ln["mbps"] < 400 for ln in links), links

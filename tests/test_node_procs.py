@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from waiting import async_wait_until, wait_until
 
 from meshllm.net.discovery import multicast_unavailable
 
@@ -53,15 +53,12 @@ def mesh_view(port: int) -> dict | None:
 
 
 def wait_for(cond, what: str, deadline_s: float, procs) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if cond():
-            return
+    def check() -> None:
         for name, p in procs.items():
             if p.poll() is not None and name not in wait_for.expected_dead:
                 raise AssertionError(f"node {name} exited with {p.returncode} while waiting for {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
+
+    wait_until(cond, what, deadline_s, check=check)
 
 
 wait_for.expected_dead = set()
@@ -163,7 +160,6 @@ def test_three_processes_find_each_other_agree_and_recover(cluster) -> None:
 async def test_static_peers_work_without_mdns(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Where multicast does not pass (Docker bridges, some Wi-Fi), --peer seeds are enough: two real
     nodes (aiohttp links, HTTP profile fetch and probes) in this process, mDNS off."""
-    import asyncio
 
     from meshllm.control.config import ControlConfig
     from meshllm.node import Node, NodeOptions
@@ -180,12 +176,11 @@ async def test_static_peers_work_without_mdns(tmp_path: Path, tiny_model_dir: Pa
     try:
         for n in nodes:
             await n.start()
-        async with asyncio.timeout(60):
-            while True:
-                vs = [n.mesh_view() for n in nodes]
-                if all(v["ready"] for v in vs) and len({(v["term"], v["leader"], v["epoch"]) for v in vs}) == 1:
-                    break
-                await asyncio.sleep(0.1)
+        def agree() -> bool:
+            vs = [n.mesh_view() for n in nodes]
+            return all(v["ready"] for v in vs) and len({(v["term"], v["leader"], v["epoch"]) for v in vs}) == 1
+
+        await async_wait_until(agree, "both nodes ready on one (term, leader, epoch)", 60)
         # The seeded side dialled; the other learned the seed's address from the link itself and
         # both fetched each other's profile and measured the link over HTTP.
         # A peer fetched while still measuring itself answers without a profile; the maintenance
@@ -194,9 +189,9 @@ async def test_static_peers_work_without_mdns(tmp_path: Path, tiny_model_dir: Pa
             return next(m for m in n.mesh_view()["members"] if m["id"] == other.node_id)
 
         pairs = ((nodes[0], nodes[1]), (nodes[1], nodes[0]))
-        async with asyncio.timeout(20):
-            while not all(seen(n, o)["profile"] is not None and seen(n, o)["link"] for n, o in pairs):  # noqa: ASYNC110 - polling another object's state
-                await asyncio.sleep(0.1)
+        await async_wait_until(
+            lambda: all(seen(n, o)["profile"] is not None and seen(n, o)["link"] for n, o in pairs),
+            "each node to hold the other's profile and link measurement", 20)
         for n, other in pairs:
             m = seen(n, other)
             assert m["profile"] is not None and m["link"]["mbps"] > 0 and m["link"]["rtt_ms"] >= 0

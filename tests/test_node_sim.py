@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from waiting import async_wait_until
 
 from meshllm.control.config import ControlConfig
 from meshllm.model.manifest import Manifest
@@ -62,17 +63,15 @@ class Mesh:
         return [n for n in self.nodes if not n.closed]
 
     async def until(self, cond: Callable[[], bool], what: str, deadline_s: float = 30.0) -> None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + deadline_s
-        while not cond():
-            if loop.time() > end:
-                views = [(n.name, n.control.term, n.control.leader, n.control.active_epoch)
-                         for n in self.live if n.control]
-                leaders = [(n.name, n.control.phase, n.control.replan_reason, n.control.round,
-                            n.control.round_members, n.planned_over) for n in self.live if n.control.is_leader]
-                raise AssertionError(f"timed out waiting for {what}; nodes (name, term, leader, epoch): {views}; "
-                                     f"leader (phase, replan, round, members, planned): {leaders}")
-            await asyncio.sleep(0.02)
+        def describe() -> str:
+            views = [(n.name, n.control.term, n.control.leader, n.control.active_epoch)
+                     for n in self.live if n.control]
+            leaders = [(n.name, n.control.phase, n.control.replan_reason, n.control.round,
+                        n.control.round_members, n.planned_over) for n in self.live if n.control.is_leader]
+            return (f"nodes (name, term, leader, epoch): {views}; "
+                    f"leader (phase, replan, round, members, planned): {leaders}")
+
+        await async_wait_until(cond, what, deadline_s, describe=describe)
 
     def agreed(self) -> tuple[int, str, int] | None:
         """(term, leader, epoch) when every live node holds the same, with the plan loaded everywhere."""
