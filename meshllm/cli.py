@@ -18,13 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"meshllm.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"meshllm.commands.{name}":
-                continue  # not built yet
-            raise
-        mod.register(sub)
+        # imported by name so that each command's heavy imports wait until it runs
+        importlib.import_module(f"meshllm.commands.{name}").register(sub)
     return p
 
 

@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # name -> module under meshllm/bench with register(parser) and run(args) -> int
-BENCHES = ["runtime", "planner", "sim", "mesh"]
+BENCHES = ["runtime", "planner", "sim"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,12 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")
     bsub.required = True
     for name in BENCHES:
-        try:
-            mod = importlib.import_module(f"meshllm.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"meshllm.bench.{name}":
-                continue
-            raise
+        mod = importlib.import_module(f"meshllm.bench.{name}")
         bp = bsub.add_parser(name, help=(mod.__doc__ or "").strip().split("\n")[0])
         mod.register(bp)
         bp.set_defaults(func=mod.run)
