@@ -74,6 +74,9 @@ from meshllm.planner.validate import validate_plan
 from meshllm.planning_service import PlanningService
 from meshllm.runtime.profile import NodeProfile, available_memory_bytes, load_or_measure
 from meshllm.runtime.runner import StageRunner
+from meshllm.serve.api import OpenAIApi
+from meshllm.serve.config import ServeConfig
+from meshllm.serve.service import Serving
 from meshllm.serve.stages import StageHost
 from meshllm.views import member_names, mesh_view, profile_view
 from meshllm.wire.auth import mesh_id as make_mesh_id
@@ -137,6 +140,7 @@ class NodeOptions:
     mdns_hint_after: float = 15.0
     verify_model: bool = True
     seed: int | None = None  # the control plane's generator (None: from the node id)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # the data plane's limits and timeouts
 
 
 class Node:
@@ -185,6 +189,8 @@ class Node:
             self.model_profile, name=self.name, workload=opts.workload, strategy=opts.strategy,
             objective=opts.objective, islands=opts.islands, step=self.step,
             gather_links=self.dialer.gather_links, proposed_epoch=self._proposed_epoch)
+        # the data plane: registers its frame handler and hooks on this node
+        self.serving = Serving(self, opts.serve, policy="start" if opts.objective == "waiting" else "completion")
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -207,6 +213,7 @@ class Node:
                    peer_http=AiohttpPeerHttp(mesh_token(opts.mesh_key, "probe")))
         holder["node"] = node
         node.server = HttpServer(make_app(node, node._handle_link), opts.host, opts.port)
+        OpenAIApi(node.serving, node.manifest.name, node.manifest.model_id).mount(node.server.app)
         return node
 
     async def _handle_link(self, request: Any) -> Any:
@@ -240,6 +247,7 @@ class Node:
         self.transport = self._transport_factory(ident, self.port)
         self.transport.set_handlers(self._on_frame, self._on_link_up, self._on_link_down)
         self.dialer.transport = self.transport
+        self.serving.start()
         seed = self.opts.seed if self.opts.seed is not None else int(self.node_id[:12], 16)
         self.control = ControlNode(self.node_id, rng=np.random.default_rng(seed), config=self.opts.control,
                                    priority=self.opts.priority, now=loop.time(), name=self.name,
@@ -279,6 +287,7 @@ class Node:
         await self.peer_http.close()
         if self.server is not None:
             await self.server.close()
+        await self.serving.close()
         self.planning.close()
         await self.stages.close()
 
@@ -292,6 +301,7 @@ class Node:
         if self.discovery is not None and hasattr(self.discovery, "hub"):
             with contextlib.suppress(ValueError):
                 self.discovery.hub.members.remove(self.discovery)
+        await self.serving.close()
         self.planning.close()
         await self.stages.close()
 
