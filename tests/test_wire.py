@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshllm.errors import LocalProtocolError, RemoteProtocolError
-from meshllm.wire.codec import EXT, TENSOR_EXT, Codec, ExtRegistry, decode, encode
+from meshllm.wire.codec import ALIGN, EXT, TENSOR_EXT, Codec, ExtRegistry, decode, encode
+from meshllm.wire.limits import DATA_CHUNK_BYTES, HEADER_HEADROOM, MAX_MESSAGE_BYTES, chunk_tokens
 from meshllm.wire.messages import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -61,7 +62,7 @@ def test_every_message_round_trips(tag: str) -> None:
     data = encode(msg)
     back = decode(data)
     assert back == msg and type(back) is cls
-    frame = msgpack.unpackb(data, raw=False, ext_hook=lambda c, d: c)
+    frame = _header(data)
     assert frame["v"] == PROTOCOL_VERSION and frame["t"] == tag
     assert dataclasses.is_dataclass(msg) and msg.__dataclass_params__.frozen
     assert not hasattr(msg, "__dict__")  # slotted
@@ -84,6 +85,7 @@ def test_tensor_big_endian_input_is_sent_little_endian() -> None:
     t = Tensor.from_array(a)
     np.testing.assert_array_equal(t.to_array(), a)
     assert t.data == np.arange(5, dtype="<f4").tobytes()
+    np.testing.assert_array_equal(decode(encode(Activations("r", 1, t, (0,)))).hidden.array(), a)
 
 
 @pytest.mark.parametrize("bad", [np.array([object(), 1], dtype=object), np.zeros(2, dtype=np.complex64),
@@ -93,12 +95,32 @@ def test_tensor_refuses_dtypes_outside_the_allow_list(bad: np.ndarray) -> None:
         Tensor.from_array(bad)
 
 
-def _frame(tag: str, body: dict, version: int = PROTOCOL_VERSION) -> bytes:
-    return msgpack.packb({"v": version, "t": tag, "b": body}, use_bin_type=True)
+# Frames built by hand, as docs/control.md describes them, independently of the codec:
+# u32le header length | msgpack header | per tensor: zero padding to ALIGN, raw bytes.
 
 
-def _tensor_ext(dtype, shape, data) -> msgpack.ExtType:
-    return msgpack.ExtType(TENSOR_EXT, msgpack.packb({"dtype": dtype, "shape": shape, "data": data}))
+def _raw(header: bytes, *buffers: bytes) -> bytes:
+    out = bytearray(len(header).to_bytes(4, "little") + header)
+    for b in buffers:
+        out += bytes(-len(out) % ALIGN) + b
+    return bytes(out)
+
+
+def _frame(tag: str, body: dict, *buffers: bytes, version: int = PROTOCOL_VERSION) -> bytes:
+    return _raw(msgpack.packb({"v": version, "t": tag, "b": body}, use_bin_type=True), *buffers)
+
+
+def _header(frame: bytes) -> dict:
+    n = int.from_bytes(frame[:4], "little")
+    return msgpack.unpackb(frame[4:4 + n], raw=False, ext_hook=lambda c, d: (c, msgpack.unpackb(d)))
+
+
+def _tensor_ext(dtype, shape) -> msgpack.ExtType:
+    return msgpack.ExtType(TENSOR_EXT, msgpack.packb([dtype, shape]))
+
+
+def _act(hidden) -> dict:
+    return {"req": "r", "epoch": 1, "positions": [0], "hidden": hidden}
 
 
 HB = {"node_id": "a", "term": 1, "leader": None, "priority": 0, "seq": 1}
@@ -107,10 +129,14 @@ HB = {"node_id": "a", "term": 1, "leader": None, "priority": 0, "seq": 1}
 @pytest.mark.parametrize(("data", "match"), [
     (b"\xc1", "malformed frame"),
     (b"", "malformed frame"),
-    (msgpack.packb([1, 2, 3]), "not a map"),
-    (msgpack.packb({"v": 1, "t": "heartbeat"}), "not a map with v, t and b"),
-    (_frame("heartbeat", HB) + b"\x00", "malformed frame"),
-    (_frame("heartbeat", HB, version=2), "protocol version 2 not supported"),
+    (_raw(b"\xc1"), "malformed frame"),
+    (b"\xff\xff\x00\x00" + msgpack.packb({}), "a header of 65535 bytes in a frame of 5"),
+    (msgpack.packb({"v": 1, "t": "heartbeat", "b": HB}), "malformed frame"),  # a version-1 frame
+    (_raw(msgpack.packb([1, 2, 3])), "not a map"),
+    (_raw(msgpack.packb({"v": 2, "t": "heartbeat"})), "not a map with v, t and b"),
+    (_frame("heartbeat", HB) + b"\x00", "1 bytes after the last tensor"),
+    (_raw(msgpack.packb({"v": 2, "t": "heartbeat", "b": HB}) + b"\x00"), "malformed frame: ExtraData"),
+    (_frame("heartbeat", HB, version=1), "protocol version 1 not supported"),
     (_frame("no_such_type", {}), "unknown message type 'no_such_type'"),
     (_frame("heartbeat", []), "body must be a map"),
     (_frame("heartbeat", {**HB, "evil": 1}), "unknown fields"),
@@ -118,27 +144,119 @@ HB = {"node_id": "a", "term": 1, "leader": None, "priority": 0, "seq": 1}
     (_frame("heartbeat", {**HB, "term": "1"}), "heartbeat.term: expected int"),
     (_frame("heartbeat", {**HB, "term": True}), "heartbeat.term"),
     (_frame("heartbeat", {**HB, "leader": 5}), "heartbeat.leader"),
-    (msgpack.packb({1: 2}), "malformed frame"),  # non-string map keys
+    (_raw(msgpack.packb({1: 2})), "malformed frame"),  # non-string map keys
     (_frame("plan_propose", {"term": 1, "leader": "a", "epoch": 1,
-                             "plan": {"t": _tensor_ext("float32", [1], b"\0" * 4)}}), "is not allowed here"),
-    (_frame("activations", {"req": "r", "epoch": 1, "positions": [0],
-                            "hidden": _tensor_ext("float32", [2, 2], b"\0" * 15)}), "needs 16 bytes, got 15"),
-    (_frame("activations", {"req": "r", "epoch": 1, "positions": [0],
-                            "hidden": _tensor_ext("object", [1], b"\0" * 8)}), "dtype 'object'"),
-    (_frame("activations", {"req": "r", "epoch": 1, "positions": [0],
-                            "hidden": _tensor_ext("float32", [-1], b"")}), "non-negative"),
-    (_frame("activations", {"req": "r", "epoch": 1, "positions": [0],
-                            "hidden": msgpack.ExtType(99, b"x")}), "unknown msgpack ext code 99"),
-    (_frame("activations", {"req": "r", "epoch": 1, "positions": [0],
-                            "hidden": msgpack.ExtType(TENSOR_EXT, b"\xc1")}), "malformed tensor payload"),
-    (_frame("activations", {"req": "r", "epoch": 1, "positions": [0],
-                            "hidden": {"dtype": "float32", "shape": [1], "data": b"\0" * 4}}), "hidden"),
+                             "plan": {"t": _tensor_ext("float32", [1])}}, b"\0" * 4), "is not allowed here"),
+    # lying shapes and truncated buffers: the bytes after the header must be exactly the tensors'
+    (_frame("activations", _act(_tensor_ext("float32", [2, 2])), b"\0" * 15),
+     r"float32 tensor of shape \[2, 2\] needs bytes up to \d+, the frame has \d+"),
+    (_frame("activations", _act(_tensor_ext("float32", [2, 2])), b"\0" * 17), "1 bytes after the last tensor"),
+    (_frame("activations", _act(_tensor_ext("float32", [1 << 40, 1 << 40]))), "truncated frame"),
+    (_frame("activations", _act(_tensor_ext("float32", [2, 2]))), "truncated frame"),
+    (_frame("activations", _act(_tensor_ext("object", [1])), b"\0" * 8), "dtype 'object'"),
+    (_frame("activations", _act(_tensor_ext("<f4", [1])), b"\0" * 4), "dtype '<f4'"),
+    (_frame("activations", _act(_tensor_ext("float32", [-1]))), "non-negative"),
+    (_frame("activations", _act(_tensor_ext("float32", [1.5]))), "non-negative ints"),
+    (_frame("activations", _act(_tensor_ext("float32", [1] * 9)), b"\0" * 4), "at most 8 ints"),
+    (_frame("activations", _act(msgpack.ExtType(TENSOR_EXT, msgpack.packb({"dtype": "float32"})))),
+     r"descriptor must be \[dtype, shape\]"),
+    (_frame("activations", _act(msgpack.ExtType(99, b"x"))), "unknown msgpack ext code 99"),
+    (_frame("activations", _act(msgpack.ExtType(TENSOR_EXT, b"\xc1"))), "malformed tensor descriptor"),
+    (_frame("activations", _act({"dtype": "float32", "shape": [1], "data": b"\0" * 4})), "hidden"),
     (_frame("island_work", {"term": 1, "leader": "a", "round": 1, "island": 0, "generations": 1, "seed": 1,
                             "problem": {}, "individuals": [[1, "x"]]}), r"individuals\[0\]\[1\]"),
 ])
 def test_bad_frames_are_remote_protocol_errors(data: bytes, match: str) -> None:
     with pytest.raises(RemoteProtocolError, match=match):
         decode(data)
+
+
+def test_tensors_decode_as_views_of_the_frame() -> None:
+    k = (np.arange(3 * 2 * 4, dtype=np.float32) - 7).reshape(3, 2, 4)  # (T, kv_heads, head_dim)
+    v = np.arange(3 * 2 * 4, dtype=np.int64).reshape(3, 2, 4)
+    frame = encode(KVChunk("r", 1, 2, Tensor.from_array(k), Tensor.from_array(v), 0, True))
+    raw = np.frombuffer(frame, np.uint8)
+    for buf in (frame, bytearray(frame), memoryview(frame), memoryview(bytearray(frame))):
+        msg = decode(buf)
+        assert isinstance(msg, KVChunk)
+        got_k, got_v = msg.k.array(), msg.v.array()
+        np.testing.assert_array_equal(got_k, k)
+        np.testing.assert_array_equal(got_v, v)
+        src = np.frombuffer(buf, np.uint8)
+        assert np.shares_memory(got_k, src) and np.shares_memory(got_v, src)  # no copy
+        assert not got_k.flags.writeable and not got_v.flags.writeable
+        assert got_k.flags.c_contiguous and got_v.dtype == np.int64
+    # The frame is header then buffers: the tensor bytes sit in it verbatim, aligned.
+    start = frame.find(k.tobytes())
+    assert start % ALIGN == 0 and frame[start:start + k.nbytes] == k.tobytes()
+    assert np.shares_memory(decode(frame).k.array(), raw[start:start + k.nbytes])
+
+
+def test_from_array_wraps_without_copying_and_copies_only_when_it_must() -> None:
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    t = Tensor.from_array(a)
+    assert np.shares_memory(t.array(), a) and not t.array().flags.writeable
+    assert a.flags.writeable  # the caller's array is untouched
+    strided = a[:, ::2]  # not contiguous: one copy into wire layout
+    ts = Tensor.from_array(strided)
+    assert not np.shares_memory(ts.array(), a)
+    np.testing.assert_array_equal(ts.array(), strided)
+    assert ts.shape == (3, 2) and ts.dtype == "float32" and ts.nbytes == 24
+
+
+def test_tensor_equality_and_raw_constructor() -> None:
+    a = np.arange(4, dtype=np.int32)
+    t = Tensor("int32", (4,), a.tobytes())
+    assert t == Tensor.from_array(a) and hash(t) == hash(Tensor.from_array(a))
+    assert t != Tensor.from_array(a + 1) and t != Tensor.from_array(a.astype(np.int64))
+    assert t != Tensor.from_array(a.reshape(2, 2))
+    assert Tensor("int32", [4], memoryview(bytearray(a.tobytes()))) == t
+    with pytest.raises(LocalProtocolError, match="needs 16 bytes, got 15"):
+        Tensor("int32", (4,), b"\0" * 15)
+    with pytest.raises(AttributeError):
+        t.dtype = "int64"  # type: ignore[misc]
+    empty = Tensor.from_array(np.zeros((0, 3), np.float16))
+    back = decode(encode(Activations("r", 1, empty, ())))
+    assert back.hidden == empty and back.hidden.shape == (0, 3)
+
+
+def test_one_cap_everywhere() -> None:
+    assert Codec().max_message_bytes == MAX_MESSAGE_BYTES == 16 * 1024 * 1024
+    assert DATA_CHUNK_BYTES + HEADER_HEADROOM < MAX_MESSAGE_BYTES
+
+
+def test_a_frame_exactly_at_the_cap_passes_and_one_byte_more_does_not() -> None:
+    msg = Activations("r", 1, Tensor.from_array(np.zeros(1000, np.uint8)), (0,))
+    size = len(encode(msg))
+    assert Codec(max_message_bytes=size).decode(Codec(max_message_bytes=size).encode(msg)) == msg
+    with pytest.raises(LocalProtocolError, match="over the"):
+        Codec(max_message_bytes=size - 1).encode(msg)
+    with pytest.raises(RemoteProtocolError, match="over the"):
+        Codec(max_message_bytes=size - 1).decode(encode(msg))
+
+
+@pytest.mark.parametrize(("per_token", "want"), [
+    (1, DATA_CHUNK_BYTES - HEADER_HEADROOM),
+    (2 * 12 * 64 * 4, (DATA_CHUNK_BYTES - HEADER_HEADROOM) // (2 * 12 * 64 * 4)),  # K and V, fp32
+    (DATA_CHUNK_BYTES, 1),  # wider than a chunk: one per frame
+])
+def test_chunk_tokens_fill_a_chunk_under_the_cap(per_token: int, want: int) -> None:
+    n = chunk_tokens(per_token)
+    assert n == want and n >= 1
+    # A KV chunk of that many tokens really encodes within the chunk (or alone, for wide tokens).
+    if per_token % 8 == 0 and per_token <= 8192:
+        kv = np.zeros((n, per_token // 8), np.float32)  # k and v each half of a token's bytes
+        frame = encode(KVChunk("r" * 36, 1 << 30, 999, Tensor.from_array(kv), Tensor.from_array(kv), 1 << 40))
+        assert len(frame) <= DATA_CHUNK_BYTES
+
+
+def test_chunk_tokens_refuses_nonsense() -> None:
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(LocalProtocolError, match="positive int"):
+            chunk_tokens(bad)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="does not fit"):
+        chunk_tokens(MAX_MESSAGE_BYTES)
+    assert chunk_tokens(100, cap=1 << 30) == (MAX_MESSAGE_BYTES - HEADER_HEADROOM) // 100
 
 
 def test_size_cap_both_ways() -> None:
@@ -189,7 +307,8 @@ def test_defaults_fill_missing_optional_fields() -> None:
 _VALID = [encode(Heartbeat("a", 3, "b", 1, 9, 2, "n")),
           encode(PlanPropose(1, "a", 2, {"replicas": [{"stages": [{"node": "a"}]}]})),
           encode(KVChunk("r", 1, 2, Tensor.from_array(np.ones((2, 2), np.float16)),
-                         Tensor.from_array(np.ones((2, 2), np.float16)), 0))]
+                         Tensor.from_array(np.ones((2, 2), np.float16)), 0)),
+          encode(Activations("r", 1, Tensor.from_array(np.ones((3, 5), np.float32)), (1, 2, 3)))]
 
 
 @settings(max_examples=400, deadline=None)
@@ -217,7 +336,7 @@ def test_deep_nesting_is_refused_without_recursion_errors(depth: int, match: str
     deep = b"\x91" * depth + b"\x00"  # [[[...0...]]]
     body = (b"\x84" + msgpack.packb("term") + b"\x01" + msgpack.packb("leader") + msgpack.packb("a")
             + msgpack.packb("epoch") + b"\x01" + msgpack.packb("plan") + b"\x81" + msgpack.packb("x") + deep)
-    data = (b"\x83" + msgpack.packb("v") + b"\x01" + msgpack.packb("t") + msgpack.packb("plan_propose")
-            + msgpack.packb("b") + body)
+    data = (b"\x83" + msgpack.packb("v") + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb("t")
+            + msgpack.packb("plan_propose") + msgpack.packb("b") + body)
     with pytest.raises(RemoteProtocolError, match=match):
-        decode(data)
+        decode(_raw(data))

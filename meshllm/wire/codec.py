@@ -1,10 +1,19 @@
-"""msgpack codec: envelope, ext registry, field validation, size cap.
+"""msgpack codec: envelope, ext registry, field validation, size cap, zero-copy tensors.
 
-A frame is a msgpack map ``{"v": PROTOCOL_VERSION, "t": <type tag>, "b": {<fields>}}``. Tensors
-travel as msgpack ext type ``TENSOR_EXT`` whose payload is the msgpack map
-``{"dtype", "shape", "data"}``. Decoding checks everything a peer could get wrong — size, version,
-type, missing/unknown fields, field types, tensor sizes — and raises ``RemoteProtocolError`` with a
-one-line reason; encoding our own bad message raises ``LocalProtocolError``.
+A frame is::
+
+    u32 little-endian H | header: H bytes of msgpack | for each tensor: zero padding to a multiple
+                                                        of ALIGN, then its raw little-endian bytes
+
+The header is the msgpack map ``{"v": PROTOCOL_VERSION, "t": <type tag>, "b": {<fields>}}``. A
+tensor field is msgpack ext type ``TENSOR_EXT`` whose payload is only its descriptor
+``[dtype, shape]``; its bytes follow the header, in the order the tensors appear in it. So
+encoding copies each tensor once, into the frame, and decoding copies nothing: a decoded tensor is
+a read-only numpy view of the received frame (keep the frame unchanged while it is in use).
+Decoding checks everything a peer could get wrong (size, framing, version, type,
+missing/unknown fields, field types, tensor dtype, shape and length, trailing bytes) and raises
+``RemoteProtocolError`` with a one-line reason; encoding our own bad message raises
+``LocalProtocolError``.
 """
 
 from __future__ import annotations
@@ -17,15 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from meshllm.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from meshllm.wire.limits import MAX_MESSAGE_BYTES
 from meshllm.wire.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
-from meshllm.wire.tensor import Tensor
+from meshllm.wire.tensor import DTYPES, Tensor, nbytes_of, shape_problem
 
-# Default cap: one frame holds at most this many bytes. KV is sent per block and chunked by the
-# sender to stay under it (a 7B layer's KV for 4k tokens is 4 MiB in float16).
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES  # the name earlier code imported
 TENSOR_EXT = 1
+ALIGN = 64  # tensor buffers start at multiples of this (from the frame start): aligned views
+_PREFIX = 4  # the u32 header length
+_ZEROS = bytes(ALIGN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,20 +82,30 @@ class ExtRegistry:
         return ext.unpack(payload)
 
 
-def _pack_tensor(t: Tensor) -> bytes:
-    return msgpack.packb(t.to_map(), use_bin_type=True)
+def _pack_descriptor(t: Tensor) -> bytes:
+    return msgpack.packb([t.dtype, t.shape], use_bin_type=True)
 
 
-def _unpack_tensor(payload: bytes) -> Tensor:
+def _unpack_descriptor(payload: bytes) -> tuple[str, list[int]]:
     try:
-        m = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        d = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types for garbage
-        raise RemoteProtocolError(f"malformed tensor payload: {type(e).__name__}") from None
-    return Tensor.from_map(m)
+        raise RemoteProtocolError(f"malformed tensor descriptor: {type(e).__name__}") from None
+    if not isinstance(d, list) or len(d) != 2:
+        raise RemoteProtocolError("tensor descriptor must be [dtype, shape]")
+    dtype, shape = d
+    problem = shape_problem(dtype, shape)
+    if problem:
+        raise RemoteProtocolError(problem)
+    return dtype, shape
+
+
+def _no_frame(payload: bytes) -> Any:
+    raise RemoteProtocolError("a tensor outside a frame")  # pragma: no cover - the codec intercepts
 
 
 EXT = ExtRegistry()
-EXT.register(TENSOR_EXT, Tensor, _pack_tensor, _unpack_tensor)
+EXT.register(TENSOR_EXT, Tensor, _pack_descriptor, _no_frame)
 
 
 # --- field validation ----------------------------------------------------------------------------
@@ -179,41 +201,94 @@ _SPECS: dict[type, tuple[_Field, ...]] = {cls: _field_specs(cls) for cls in MESS
 class Codec:
     """Encodes and decodes whole frames; one instance per link is fine (it holds no stream state)."""
 
-    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    def __init__(self, *, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  ext: ExtRegistry = EXT) -> None:
         self.max_message_bytes = max_message_bytes
         self._ext = ext
 
     def encode(self, msg: Message) -> bytes:
+        """One frame: the header, then each tensor's bytes (copied once, into the frame)."""
         spec = _SPECS.get(type(msg))
         if spec is None:
             raise LocalProtocolError(f"{type(msg).__name__} is not a wire message")
         body = {f.name: getattr(msg, f.name) for f in spec}
+        arrays: list[np.ndarray] = []
+        ext_default = self._ext.default
+
+        def default(obj: Any) -> Any:
+            if type(obj) is Tensor:
+                arrays.append(obj.array())
+            return ext_default(obj)
+
         try:
-            data = msgpack.packb({"v": PROTOCOL_VERSION, "t": msg.TYPE, "b": body},
-                                 use_bin_type=True, default=self._ext.default)
+            header = msgpack.packb({"v": PROTOCOL_VERSION, "t": msg.TYPE, "b": body},
+                                   use_bin_type=True, default=default)
         except ProtocolError:
             raise
         except (TypeError, ValueError, OverflowError) as e:
             raise LocalProtocolError(f"cannot encode {msg.TYPE}: {e}") from None
-        if len(data) > self.max_message_bytes:
-            raise LocalProtocolError(f"{msg.TYPE} is {len(data)} bytes, over the "
+        parts: list[Any] = [len(header).to_bytes(_PREFIX, "little"), header]
+        size = _PREFIX + len(header)
+        for a in arrays:
+            pad = -size % ALIGN
+            if pad:
+                parts.append(_ZEROS[:pad])
+            parts.append(a)  # C-contiguous: joined straight from the array's memory
+            size += pad + a.nbytes
+        if size > self.max_message_bytes:
+            raise LocalProtocolError(f"{msg.TYPE} is {size} bytes, over the "
                                      f"{self.max_message_bytes}-byte cap; send it in chunks")
-        return data
+        return b"".join(parts)
 
-    def decode(self, data: bytes) -> Message:
+    def decode(self, data: bytes | bytearray | memoryview) -> Message:
+        """Decode one frame. Tensors in the message are read-only views of ``data``."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise RemoteProtocolError("a frame must be binary")
-        if len(data) > self.max_message_bytes:
-            raise RemoteProtocolError(f"frame of {len(data)} bytes is over the "
+        frame = memoryview(data)
+        if frame.ndim != 1 or frame.itemsize != 1:
+            try:
+                frame = frame.cast("B")
+            except TypeError:
+                raise RemoteProtocolError("a frame must be a contiguous byte buffer") from None
+        n = frame.nbytes
+        if n > self.max_message_bytes:
+            raise RemoteProtocolError(f"frame of {n} bytes is over the "
                                       f"{self.max_message_bytes}-byte cap")
+        if n < _PREFIX:
+            raise RemoteProtocolError(f"malformed frame: {n} bytes, shorter than its header length")
+        hlen = int.from_bytes(frame[:_PREFIX], "little")
+        if hlen > n - _PREFIX:
+            raise RemoteProtocolError(f"malformed frame: a header of {hlen} bytes in a frame of {n}")
+        end = _PREFIX + hlen  # where the next tensor's bytes may start (before its padding)
+        ext_hook = self._ext.ext_hook
+
+        def hook(code: int, payload: bytes) -> Any:
+            nonlocal end
+            if code != TENSOR_EXT:
+                return ext_hook(code, payload)
+            dtype, shape = _unpack_descriptor(payload)
+            start = end + (-end % ALIGN)
+            stop = start + nbytes_of(dtype, shape)
+            if stop > n:
+                raise RemoteProtocolError(f"truncated frame: a {dtype} tensor of shape {shape} needs "
+                                          f"bytes up to {stop}, the frame has {n}")
+            end = stop
+            a = np.frombuffer(frame, DTYPES[dtype], count=(stop - start) // DTYPES[dtype].itemsize,
+                              offset=start)
+            return Tensor._trusted(a.reshape(shape))
+
         try:
-            frame = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
-                                    ext_hook=self._ext.ext_hook)
+            msg = msgpack.unpackb(frame[_PREFIX:_PREFIX + hlen], raw=False, strict_map_key=True,
+                                  use_list=True, ext_hook=hook)
         except ProtocolError:
             raise
         except Exception as e:  # msgpack raises ExtraData, FormatError, StackError, ValueError, ...
             raise RemoteProtocolError(f"malformed frame: {type(e).__name__}") from None
+        if end != n:
+            raise RemoteProtocolError(f"malformed frame: {n - end} bytes after the last tensor")
+        return self._message(msg)
+
+    def _message(self, frame: Any) -> Message:
         if not isinstance(frame, dict) or not {"v", "t", "b"} <= set(frame):
             raise RemoteProtocolError("malformed frame: not a map with v, t and b")
         version, tag, body = frame["v"], frame["t"], frame["b"]
@@ -242,10 +317,10 @@ _DEFAULT = Codec()
 
 
 def encode(msg: Message) -> bytes:
-    """Encode with the default cap (``DEFAULT_MAX_MESSAGE_BYTES``)."""
+    """Encode with the default cap (``MAX_MESSAGE_BYTES``)."""
     return _DEFAULT.encode(msg)
 
 
-def decode(data: bytes) -> Message:
-    """Decode with the default cap (``DEFAULT_MAX_MESSAGE_BYTES``)."""
+def decode(data: bytes | bytearray | memoryview) -> Message:
+    """Decode with the default cap (``MAX_MESSAGE_BYTES``)."""
     return _DEFAULT.decode(data)

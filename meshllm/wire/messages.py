@@ -18,7 +18,8 @@ from meshllm.errors import LocalProtocolError
 from meshllm.wire.ids import NodeId, RequestId
 from meshllm.wire.tensor import Tensor
 
-PROTOCOL_VERSION = 1
+# 2: tensors travel as raw buffers after the msgpack header (zero-copy); links have two lanes.
+PROTOCOL_VERSION = 2
 
 
 class Message:
@@ -58,13 +59,17 @@ def data(tag: str):
 @control("hello")
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """Initiator -> responder: who I am, which mesh, and a fresh challenge nonce."""
+    """Initiator -> responder: who I am, which mesh, and a fresh challenge nonce. ``lane`` says
+    which connection of a link this is ("control" or "data"); a data connection names in ``pair``
+    the nonce of the control connection it belongs to. Both are covered by the proofs."""
 
     node_id: NodeId
     mesh_id: str
     nonce: bytes
     name: str = ""
     port: int = 0
+    lane: str = "control"
+    pair: bytes = b""
 
 
 @control("hello_reply")
