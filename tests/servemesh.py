@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +65,13 @@ class DataNode:
     def _on_down(self, peer: str) -> None:
         for h in self.on_link_down_hooks:
             h(peer)
+
+    def hold_inference(self) -> threading.Event:
+        """Occupy this node's inference thread until the returned event is set: every runner call
+        waits behind it (a deterministic way to keep requests in flight)."""
+        gate = threading.Event()
+        self._held = asyncio.ensure_future(self.stages.call(gate.wait))
+        return gate
 
     def kv_in_use(self) -> int:
         return sum(len(r.kv.seqs) for e in self.stages.epochs() for r in self.stages.runners(e))

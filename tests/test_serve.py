@@ -146,7 +146,7 @@ async def test_eos_ends_the_answer_like_one_process(make_mesh, tiny_manifest: Ma
 async def test_cancel_frees_every_node(make_mesh) -> None:
     mesh = await make_mesh(PLANS["split-differently"])
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    gen = mesh.node("a").serving.entry.generate(prompts(1)[0], params)
+    gen = mesh.node("a").serving.entry.generate([3, 4, 5], params)
     n = 0
     async for _ in gen:
         n += 1
@@ -166,12 +166,15 @@ async def test_limits_at_the_entry(make_mesh) -> None:
         await anext(entry.generate([], GREEDY))
     with pytest.raises(UserError):
         await anext(entry.generate([500], GREEDY))
-    long = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
-    g1, g2 = entry.generate([3], long), entry.generate([4], long)
-    await anext(g1)
-    await anext(g2)
+    gate = mesh.node("a").hold_inference()  # the two requests stay in flight
+    g1, g2 = entry.generate([3], GREEDY), entry.generate([4], GREEDY)
+    t1, t2 = asyncio.ensure_future(anext(g1)), asyncio.ensure_future(anext(g2))
+    await async_wait_until(lambda: len(entry.requests) == 2, "two requests in flight", 5.0)
     with pytest.raises(QueueFull):
         await anext(entry.generate([5], GREEDY))
+    gate.set()
+    await t1
+    await t2
     await g1.aclose()
     await g2.aclose()
     await settled(mesh)
@@ -187,8 +190,10 @@ async def test_no_room_on_the_decoder_waits_then_503(make_mesh, tiny_manifest: M
     long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     g = entry.generate([3, 4], long)
     await anext(g)
+    gate = mesh.node("b").hold_inference()  # the first request keeps the decoder's only place
     tokens, _, error = await answer(entry, [5], GREEDY)
     assert error is not None and "no decoder replica has room" in error
+    gate.set()
     await g.aclose()
     # room again: served, and the tokens are right
     tokens, _, error = await answer(entry, [5], GREEDY)
@@ -201,7 +206,7 @@ async def test_a_stage_dying_mid_request_is_an_explicit_error(make_mesh, victim:
     mesh = await make_mesh(PLANS["split-differently"])
     entry = mesh.node("a").serving.entry
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
-    gen = entry.generate(prompts(1)[0], params)
+    gen = entry.generate([3, 4, 5], params)
     first = await anext(gen)
     assert first.error is None
     await mesh.kill(victim)

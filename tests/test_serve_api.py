@@ -42,8 +42,20 @@ async def api(bundled: Manifest) -> AsyncIterator[tuple[DataMesh, str]]:
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     yield mesh, str(server.make_url("/v1"))
+    for c in _clients:
+        await c.close()
+    _clients.clear()
     await server.close()
     await mesh.close()
+
+
+_clients: list[openai.AsyncOpenAI] = []
+
+
+def client_for(base: str, **kw: object) -> openai.AsyncOpenAI:
+    c = openai.AsyncOpenAI(base_url=base, api_key="unused", **kw)  # type: ignore[arg-type]
+    _clients.append(c)
+    return c
 
 
 def one_process(manifest: Manifest, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
@@ -54,7 +66,7 @@ def one_process(manifest: Manifest, prompt_ids: list[int], params: SamplingParam
 
 async def test_openai_client_completions_and_chat_equal_one_process(api, bundled: Manifest) -> None:
     mesh, base = api
-    client = openai.AsyncOpenAI(base_url=base, api_key="unused")
+    client = client_for(base)
     tok = Tokenizer.from_manifest(bundled)
     models = await client.models.list()
     assert [m.id for m in models.data] == [bundled.name]
@@ -91,7 +103,7 @@ async def test_openai_client_completions_and_chat_equal_one_process(api, bundled
 
 async def test_stop_strings_cut_the_answer_like_one_process(api, bundled: Manifest) -> None:
     mesh, base = api
-    client = openai.AsyncOpenAI(base_url=base, api_key="unused")
+    client = client_for(base)
     tok = Tokenizer.from_manifest(bundled)
     prompt = "class Stack:\n    def __init__(self"
     full = one_process(bundled, tok.encode(prompt), SamplingParams(temperature=0.0, max_tokens=40))[1]
@@ -152,7 +164,7 @@ async def test_queue_full_is_429_and_no_plan_is_503(api) -> None:
 
 async def test_a_node_lost_mid_stream_is_an_error_the_client_raises(api, bundled: Manifest) -> None:
     mesh, base = api
-    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0)
+    client = client_for(base, max_retries=0)
     stream = await client.completions.create(model=bundled.name, prompt="def f(x):", max_tokens=300,
                                              temperature=0, stream=True, extra_body={"ignore_eos": True})
     n = 0

@@ -86,7 +86,7 @@ class OpenAIApi:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge as e:
-            raise ApiError(413, f"request body over {e.max_size} bytes", code="body_too_large") from None
+            raise ApiError(413, f"request body too large ({e.text})", code="body_too_large") from None
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:

@@ -65,7 +65,8 @@ class Messenger:
         if data is None or t is None:
             self.undeliverable += 1
             return False
-        ok = bool(await t.send_data(to, data))
+        sd = getattr(t, "send_data", None)  # TEMP
+        ok = bool(await sd(to, data)) if sd is not None else bool(t.send(to, data))
         if not ok:
             self.undeliverable += 1
         return ok

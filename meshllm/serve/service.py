@@ -39,7 +39,7 @@ class Serving:
         self.node = node
         self.config = config or ServeConfig()
         cfg = node.manifest.config
-        self.tokenizer = Tokenizer.from_manifest(node.manifest) if node.manifest.tokenizer_path() else None
+        self.tokenizer = Tokenizer.from_manifest(node.manifest) if node.manifest.tokenizer_path else None
         self.eos = eos_ids(node.manifest, self.tokenizer)
         self._routes: dict[int, Routes] = {}
         self.messenger = Messenger(node.node_id, node.codec, lambda: node.transport, self._deliver)
