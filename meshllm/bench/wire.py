@@ -35,6 +35,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def _frames(args: argparse.Namespace) -> dict[str, object]:
+    from meshllm.wire.ids import RequestId
     from meshllm.wire.limits import chunk_tokens
     from meshllm.wire.messages import Activations, KVChunk
     from meshllm.wire.tensor import Tensor
@@ -43,12 +44,12 @@ def _frames(args: argparse.Namespace) -> dict[str, object]:
 
     def act(t: int) -> Activations:
         h = rng.standard_normal((t, args.hidden), dtype=np.float32)  # (T, H)
-        return Activations("req-0", 1, Tensor.from_array(h), tuple(range(t)), first_block=3)
+        return Activations(RequestId("req-0"), 1, Tensor.from_array(h), tuple(range(t)), first_block=3)
 
     def kv(t: int) -> KVChunk:
         k = rng.standard_normal((t, args.kv_heads, args.head_dim), dtype=np.float32)  # (T, kv, hd)
         v = rng.standard_normal((t, args.kv_heads, args.head_dim), dtype=np.float32)
-        return KVChunk("req-0", 1, 5, Tensor.from_array(k), Tensor.from_array(v), 0, last=True)
+        return KVChunk(RequestId("req-0"), 1, 5, Tensor.from_array(k), Tensor.from_array(v), 0, last=True)
 
     per_token = 2 * args.kv_heads * args.head_dim * 4
     chunk = chunk_tokens(per_token)
