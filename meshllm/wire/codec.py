@@ -31,7 +31,7 @@ import numpy as np
 from meshllm.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from meshllm.wire.limits import MAX_MESSAGE_BYTES
 from meshllm.wire.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
-from meshllm.wire.tensor import DTYPES, Tensor, nbytes_of, shape_problem
+from meshllm.wire.tensor import DTYPES, Tensor, dtype_name, nbytes_of, shape_problem
 
 DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES  # the name earlier code imported
 TENSOR_EXT = 1
@@ -86,18 +86,53 @@ def _pack_descriptor(t: Tensor) -> bytes:
     return msgpack.packb([t.dtype, t.shape], use_bin_type=True)
 
 
-def _unpack_descriptor(payload: bytes) -> tuple[str, list[int]]:
+@dataclass(frozen=True, slots=True)
+class _Descriptor:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    count: int  # elements
+    nbytes: int
+
+
+# Descriptors repeat from frame to frame (the same hidden and KV shapes), so their parsing and
+# checks are remembered, in both directions. Bounded: a peer sending ever new shapes only costs
+# a re-parse once the table is full and emptied.
+_CACHE_MAX = 1024
+_DECODED: dict[bytes, _Descriptor] = {}
+_ENCODED: dict[tuple[int, tuple[int, ...]], bytes] = {}
+
+
+def _unpack_descriptor(payload: bytes) -> _Descriptor:
+    d = _DECODED.get(payload)
+    if d is not None:
+        return d
     try:
-        d = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types for garbage
         raise RemoteProtocolError(f"malformed tensor descriptor: {type(e).__name__}") from None
-    if not isinstance(d, list) or len(d) != 2:
+    if not isinstance(raw, list) or len(raw) != 2:
         raise RemoteProtocolError("tensor descriptor must be [dtype, shape]")
-    dtype, shape = d
+    dtype, shape = raw
     problem = shape_problem(dtype, shape)
     if problem:
         raise RemoteProtocolError(problem)
-    return dtype, shape
+    nbytes = nbytes_of(dtype, shape)
+    d = _Descriptor(DTYPES[dtype], tuple(shape), nbytes // DTYPES[dtype].itemsize, nbytes)
+    if len(_DECODED) >= _CACHE_MAX:
+        _DECODED.clear()
+    _DECODED[payload] = d
+    return d
+
+
+def _descriptor_bytes(a: np.ndarray) -> bytes:
+    key = (a.dtype.num, a.shape)
+    b = _ENCODED.get(key)
+    if b is None:
+        b = msgpack.packb([dtype_name(a.dtype), a.shape], use_bin_type=True)
+        if len(_ENCODED) >= _CACHE_MAX:
+            _ENCODED.clear()
+        _ENCODED[key] = b
+    return b
 
 
 def _no_frame(payload: bytes) -> Any:
@@ -129,51 +164,106 @@ def _check_opaque(value: Any, path: str, depth: int = 0) -> None:
         raise RemoteProtocolError(f"{path}: a {type(value).__name__} is not allowed here")
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` (as msgpack decoded it) against the annotation ``tp``; lists become tuples."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        _check_opaque(value, path)
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for alt in typing.get_args(tp):
-            try:
-                return _convert(value, alt, path)
-            except RemoteProtocolError:
-                continue
-        raise RemoteProtocolError(f"{path}: {type(value).__name__} does not match {tp}")
+Convert = Callable[[Any, str], Any]  # (value as msgpack decoded it, field path) -> field value
+
+
+def _simple_types(tp: Any) -> tuple[type, ...] | None:
+    """The exact Python types msgpack decodes a scalar annotation to (None: not a scalar)."""
     if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int or getattr(tp, "__supertype__", None) is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is str or getattr(tp, "__supertype__", None) is str:
-        if isinstance(value, str):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is bytes:
-        if isinstance(value, bytes):
-            return value
-    elif tp is Tensor:
-        if isinstance(value, Tensor):
-            return value
-    elif origin is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, list | tuple) and len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
-    elif origin is dict:
-        if isinstance(value, dict):
+        return (type(None),)
+    if tp is bool:
+        return (bool,)
+    if tp is int or getattr(tp, "__supertype__", None) is int:
+        return (int,)  # exact type: a bool is not an int here
+    if tp is str or getattr(tp, "__supertype__", None) is str:
+        return (str,)
+    if tp is float:
+        return (float, int)
+    if tp is bytes:
+        return (bytes,)
+    if tp is Tensor:
+        return (Tensor,)
+    return None
+
+
+def _name(tp: Any) -> str:
+    return str(getattr(tp, "__name__", tp))
+
+
+def _compile(tp: Any) -> Convert:
+    """A checker for annotation ``tp``, built once per field: decoding is on the hot path, so the
+    annotation is not re-read for every value. Lists become tuples, ints become floats where a
+    float is declared; anything else that does not match raises ``RemoteProtocolError``."""
+    origin = typing.get_origin(tp)
+    if tp is Any or origin is dict:
+        want_map = origin is dict
+
+        def opaque(value: Any, path: str) -> Any:
+            if want_map and not isinstance(value, dict):
+                raise RemoteProtocolError(f"{path}: expected dict, got {type(value).__name__}")
             _check_opaque(value, path)
             return value
-    else:  # pragma: no cover - a message class with an unsupported annotation
-        raise LocalProtocolError(f"{path}: unsupported field type {tp}")
-    raise RemoteProtocolError(f"{path}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+
+        return opaque
+    simple = _simple_types(tp)
+    if simple is not None:
+        name, to_float = _name(tp), tp is float
+
+        def scalar(value: Any, path: str) -> Any:
+            if type(value) not in simple:
+                raise RemoteProtocolError(f"{path}: expected {name}, got {type(value).__name__}")
+            return float(value) if to_float else value
+
+        return scalar
+    if origin in (typing.Union, types.UnionType):
+        alts = typing.get_args(tp)
+        parts = [_simple_types(a) for a in alts]
+        if all(p is not None for p in parts) and float not in alts:
+            allowed = frozenset(t for p in parts if p is not None for t in p)
+
+            def simple_union(value: Any, path: str) -> Any:
+                if type(value) not in allowed:
+                    raise RemoteProtocolError(f"{path}: {type(value).__name__} does not match {tp}")
+                return value
+
+            return simple_union
+        convs = [_compile(a) for a in alts]
+
+        def union(value: Any, path: str) -> Any:
+            for conv in convs:
+                try:
+                    return conv(value, path)
+                except RemoteProtocolError:
+                    continue
+            raise RemoteProtocolError(f"{path}: {type(value).__name__} does not match {tp}")
+
+        return union
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:  # pragma: no cover - a bad message class
+            raise LocalProtocolError(f"unsupported field type {tp}")
+        inner, inner_simple = _compile(args[0]), _simple_types(args[0])
+        name = _name(tp)
+
+        def seq(value: Any, path: str) -> Any:
+            if type(value) not in (list, tuple):
+                raise RemoteProtocolError(f"{path}: expected {name}, got {type(value).__name__}")
+            if inner_simple is not None and args[0] is not float:
+                # Fast path for the long id/position lists of the data plane: one pass of type checks.
+                for v in value:
+                    if type(v) not in inner_simple:
+                        break
+                else:
+                    return tuple(value)
+            return tuple(inner(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+        return seq
+    raise LocalProtocolError(f"unsupported field type {tp}")  # pragma: no cover - a bad message class
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` (as msgpack decoded it) against the annotation ``tp`` (uncompiled: tests)."""
+    return _compile(tp)(value, path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,18 +271,28 @@ class _Field:
     name: str
     tp: Any
     required: bool
+    convert: Convert
+    path: str
 
 
-def _field_specs(cls: type) -> tuple[_Field, ...]:
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    fields: tuple[_Field, ...]
+    names: frozenset[str]
+
+
+def _field_specs(cls: type) -> _Spec:
     hints = typing.get_type_hints(cls)
-    return tuple(
+    fields = tuple(
         _Field(f.name, hints[f.name],
-               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+               _compile(hints[f.name]), f"{getattr(cls, 'TYPE', cls.__name__)}.{f.name}")
         for f in dataclasses.fields(cls)
     )
+    return _Spec(fields, frozenset(f.name for f in fields))
 
 
-_SPECS: dict[type, tuple[_Field, ...]] = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
+_SPECS: dict[type, _Spec] = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
 
 
 # --- the codec -------------------------------------------------------------------------------------
@@ -211,13 +311,15 @@ class Codec:
         spec = _SPECS.get(type(msg))
         if spec is None:
             raise LocalProtocolError(f"{type(msg).__name__} is not a wire message")
-        body = {f.name: getattr(msg, f.name) for f in spec}
+        body = {f.name: getattr(msg, f.name) for f in spec.fields}
         arrays: list[np.ndarray] = []
         ext_default = self._ext.default
 
         def default(obj: Any) -> Any:
             if type(obj) is Tensor:
-                arrays.append(obj.array())
+                a = obj.array()
+                arrays.append(a)
+                return msgpack.ExtType(TENSOR_EXT, _descriptor_bytes(a))
             return ext_default(obj)
 
         try:
@@ -266,16 +368,14 @@ class Codec:
             nonlocal end
             if code != TENSOR_EXT:
                 return ext_hook(code, payload)
-            dtype, shape = _unpack_descriptor(payload)
+            d = _unpack_descriptor(payload)
             start = end + (-end % ALIGN)
-            stop = start + nbytes_of(dtype, shape)
+            stop = start + d.nbytes
             if stop > n:
-                raise RemoteProtocolError(f"truncated frame: a {dtype} tensor of shape {shape} needs "
-                                          f"bytes up to {stop}, the frame has {n}")
+                raise RemoteProtocolError(f"truncated frame: a {d.dtype.name} tensor of shape "
+                                          f"{list(d.shape)} needs bytes up to {stop}, the frame has {n}")
             end = stop
-            a = np.frombuffer(frame, DTYPES[dtype], count=(stop - start) // DTYPES[dtype].itemsize,
-                              offset=start)
-            return Tensor._trusted(a.reshape(shape))
+            return Tensor._trusted(np.frombuffer(frame, d.dtype, d.count, start).reshape(d.shape))
 
         try:
             msg = msgpack.unpackb(frame[_PREFIX:_PREFIX + hlen], raw=False, strict_map_key=True,
@@ -301,13 +401,13 @@ class Codec:
         if not isinstance(body, dict):
             raise RemoteProtocolError(f"{tag}: body must be a map")
         spec = _SPECS[cls]
-        unknown = set(body) - {f.name for f in spec}
-        if unknown:
+        if not spec.names.issuperset(body):
+            unknown = set(body) - spec.names
             raise RemoteProtocolError(f"{tag}: unknown fields {sorted(map(str, unknown))}")
         kwargs = {}
-        for f in spec:
+        for f in spec.fields:
             if f.name in body:
-                kwargs[f.name] = _convert(body[f.name], f.tp, f"{tag}.{f.name}")
+                kwargs[f.name] = f.convert(body[f.name], f.path)
             elif f.required:
                 raise RemoteProtocolError(f"{tag}: missing field {f.name!r}")
         return cls(**kwargs)

@@ -25,6 +25,19 @@ DTYPES: dict[str, np.dtype] = {
     "uint8": np.dtype("u1"),
 }
 MAX_NDIM = 8
+# numpy's ``dtype.name`` formats a string on every call (~2 us): the hot path looks names up by the
+# dtype's type number instead (int64 has two numbers on some platforms; both map here).
+_NAME_BY_NUM: dict[int, str] = {np.dtype(c).num: name for name, dt in DTYPES.items()
+                                for c in {dt.char, dt.newbyteorder("=").char}}
+for _c, _name in (("q", "int64"), ("l", "int64"), ("i", "int32")):
+    if np.dtype(_c).itemsize == DTYPES[_name].itemsize:
+        _NAME_BY_NUM.setdefault(np.dtype(_c).num, _name)
+
+
+def dtype_name(dt: np.dtype) -> str:
+    """The wire name of an allowed (native little-endian) dtype."""
+    name = _NAME_BY_NUM.get(dt.num)
+    return name if name is not None and dt.isnative else dt.name
 
 
 def shape_problem(dtype: object, shape: object) -> str | None:
@@ -106,7 +119,7 @@ class Tensor:
 
     @property
     def dtype(self) -> str:
-        return self._a.dtype.name
+        return dtype_name(self._a.dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
