@@ -34,13 +34,7 @@ from typing import Any
 import numpy as np
 
 from meshllm.errors import MeshError, PlanError, SamplingError
-from meshllm.runtime.sampling import SamplingParams, sample_one
-
-try:  # TEMP until the runtime branch lands
-    from meshllm.runtime.sampling import token_rng
-except ImportError:
-    def token_rng(seed: int, index: int) -> np.random.Generator:  # type: ignore[misc]
-        return np.random.default_rng([seed, index])
+from meshllm.runtime.sampling import SamplingParams, sample_one, token_rng
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.messenger import Messenger
 from meshllm.serve.routes import Routes, StageRef, layer_blocks
@@ -776,10 +770,7 @@ def _alloc(runner: Any, req: str, tokens: int, group: int | None) -> None:
     if group is None or group < 0:
         runner.alloc(req, tokens)
     else:
-        try:
-            runner.alloc(req, tokens, group=group)
-        except TypeError:  # TEMP
-            runner.alloc(req, tokens)
+        runner.alloc(req, tokens, group=group)
 
 
 def _prefill(runner: Any, req: str, x: np.ndarray, blocks: list[int], offset: int,
@@ -787,11 +778,7 @@ def _prefill(runner: Any, req: str, x: np.ndarray, blocks: list[int], offset: in
     out = np.array(runner.prefill(req, x, last_only=True), copy=True)
     kvs = {}
     for b in blocks:
-        try:
-            k, v = runner.kv_export(req, b, offset, offset + x.shape[0])
-        except TypeError:  # TEMP
-            k, v = runner.kv_export(req, b)
-            k, v = k[offset:offset + x.shape[0]], v[offset:offset + x.shape[0]]
+        k, v = runner.kv_export(req, b, offset, offset + x.shape[0])
         kvs[b] = (np.ascontiguousarray(k, dtype=kv_dtype), np.ascontiguousarray(v, dtype=kv_dtype))
     return out, kvs
 
@@ -801,11 +788,5 @@ def _import(runner: Any, req: str, block: int, k: np.ndarray, v: np.ndarray, sta
 
 
 def _decode(runner: Any, reqs: list[str], x: np.ndarray) -> tuple[np.ndarray, list[int], dict[Any, MeshError]]:
-    if hasattr(runner, "decode_rows"):
-        out, ok, errors = runner.decode_rows(reqs, x)
-        return np.array(out, copy=True), list(ok), dict(errors)
-    keep = [i for i, r in enumerate(reqs) if runner.has_seq(r)]  # TEMP
-    if not keep:
-        return np.zeros((0, 1), np.float32), [], {}
-    out = runner.decode([reqs[i] for i in keep], x[keep])
-    return np.array(out, copy=True), keep, {}
+    out, ok, errors = runner.decode_rows(reqs, x)
+    return np.array(out, copy=True), list(ok), dict(errors)
