@@ -245,3 +245,29 @@ async def test_bad_frames_are_refused_and_the_node_keeps_serving(make_mesh, tiny
     tokens, _, error = await answer(a.serving.entry, [7, 8, 9], GREEDY)
     assert error is None and tokens == reference(tiny_manifest, [7, 8, 9], GREEDY)
     await settled(mesh)
+
+
+async def test_requests_finish_on_their_epoch_while_new_ones_use_the_next(make_mesh, tiny_manifest: Manifest) -> None:
+    spec1 = [("prefill", [("a", 0, 5)]), ("decoder", [("b", 0, 5)]), ("both", [("c", 0, 0 + 5)])]
+    mesh = await make_mesh(spec1)
+    entry = mesh.node("a").serving.entry
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    old = entry.generate([3, 4], params)
+    # hold the request in flight on its decoder (b) in epoch 1
+    mesh.node("a").serving.router.loads.clear()
+    first = await anext(old)
+    holder = next(n for n in ("b", "c") if mesh.node(n).serving.stage.held_count())
+    gate = mesh.node(holder).hold_inference()
+    # epoch 2 places everything elsewhere; the entry routes new requests there at once
+    spare = "c" if holder == "b" else "b"
+    await mesh.activate([("both", [(spare, 0, 5)])], epoch=2)
+    tokens, _, error = await answer(entry, [7, 8], GREEDY)
+    assert error is None and tokens == reference(tiny_manifest, [7, 8], GREEDY)
+    idle = asyncio.Event()
+    mesh.node(holder).stages.drain(1, idle.set)
+    assert not idle.is_set()
+    gate.set()
+    rest = [ev.token_id async for ev in old]
+    assert [first.token_id, *rest] == reference(tiny_manifest, [3, 4], params)
+    await asyncio.wait_for(idle.wait(), 5.0)  # epoch 1 drained once its last request ended
+    await settled(mesh)
