@@ -73,7 +73,7 @@ from meshllm.planner.types import Device, Plan, Predicted, Workload
 from meshllm.planner.validate import validate_plan
 from meshllm.planning_service import PlanningService
 from meshllm.runtime.profile import NodeProfile, available_memory_bytes, load_or_measure
-from meshllm.runtime.runner import StageRunner
+from meshllm.runtime.runner import StageRunner, weight_bytes_resident
 from meshllm.serve.api import OpenAIApi
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.service import Serving
@@ -143,6 +143,11 @@ class NodeOptions:
     serve: ServeConfig = field(default_factory=ServeConfig)  # the data plane's limits and timeouts
 
 
+def resident_costs(manifest: Manifest) -> list[Any]:
+    """The manifest's per-block costs with ``param_bytes`` as the runtime holds them in memory."""
+    return [replace(c, param_bytes=weight_bytes_resident(manifest, c.index, c.index + 1)) for c in manifest.costs]
+
+
 class Node:
     """One mesh node. What the serving layer uses: ``node_id``, ``name``, ``manifest``, ``codec``,
     ``transport``, ``control`` (active epoch and plan, leader, membership), ``stages`` (the
@@ -157,7 +162,8 @@ class Node:
         self.node_id = NodeId(stable_node_id(opts.state_dir))
         self.name = opts.name or self.node_id[:8]
         self.mesh_id = make_mesh_id(self.manifest.model_id, opts.mesh_key)
-        self.model_profile = ModelProfile.from_costs(self.manifest.costs, self.manifest.name)
+        # the planner charges each block's weights as they sit in memory once loaded, not as stored
+        self.model_profile = ModelProfile.from_costs(resident_costs(self.manifest), self.manifest.name)
         self.codec = Codec()
         self._transport_factory = transport_factory
         self.transport: Transport | None = None

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per node (default 1)")
     p.add_argument("--strategy", default=None, help="placement strategy (default: the node's, e2llm)")
     p.add_argument("--mesh-key-file", default=None, help="mesh key file (default: a fresh key)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a `meshllm node --config` file every node reads (control timings, workload)")
     p.add_argument("--prompt", default=None, help="ask the mesh this, stream the answer, then stop")
     p.add_argument("--chat", action="store_true", help="send --prompt in the model's chat template")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -203,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
 
     with LocalMesh(args.nodes, model=args.model, base_port=args.base_port, budgets=args.budgets,
                    slowdowns=args.slowdowns, threads=args.threads, strategy=args.strategy,
-                   key_file=args.mesh_key_file, log_dir=args.log_dir) as mesh:
+                   key_file=args.mesh_key_file, log_dir=args.log_dir,
+                   extra=["--config", args.config] if args.config else None) as mesh:
         if not args.json:
             print(f"starting {args.nodes} nodes on 127.0.0.1 (ports {', '.join(map(str, mesh.ports))}); "
                   f"logs in {mesh.dir}", flush=True)
