@@ -18,14 +18,15 @@ Slot windows (how a batch stays consecutive without cascading moves):
   once: amortised O(1) per join). Sequences without a group take free unclaimed slots from the
   top. Only when nothing unclaimed is free does a sequence borrow a free slot inside another
   group's window (from the window with the most free slots, its highest free slot).
-* ``arrange`` for a batch whose members all belong to one group and sit in its window looks
-  only at sub-ranges of that window whose slots are free or hold that group's members, and
-  swaps members into the sub-range that already holds the most of them. It therefore never
-  moves another group's sequence, and a batch that differs from the previous one by one
-  joining or leaving sequence costs at most one move. Any other batch (mixed groups, members
-  outside their window) takes the general path: the window of the whole cache holding the most
-  members, then the most free slots; that path may move sequences of other batches, so it is
-  correct but not free. ``moves`` counts every sequence copied (tests check the promises).
+* ``arrange`` for a batch whose members all belong to one group looks only at ranges of B
+  slots that are free or hold that group's members, and swaps members into the range that
+  already holds the most of them (its window's first). It therefore never moves another
+  group's sequence, and a batch that differs from the previous one by one joining or leaving
+  sequence costs at most one move. Only if no such range exists (slots exhausted and
+  fragmented), or for a batch that mixes groups, does it take the general path: the range of
+  the whole cache holding the most members, then the most free slots; that path may move
+  sequences of other batches, so it is correct but not free. ``moves`` counts every sequence
+  copied (tests check these promises).
 
 Memory: buffers are anonymous memory maps, so untouched pages cost nothing and the resident
 size grows with positions actually written. ``free`` returns a slot's pages to the OS
@@ -74,7 +75,10 @@ class _SlotBuffer:
 
     def __init__(self, shape: tuple[int, int, int, int]) -> None:
         nbytes = int(np.prod(shape)) * 4
-        self._map = mmap.mmap(-1, max(nbytes, 1))
+        # private: MADV_DONTNEED on a shared anonymous map only unmaps the pages (they stay in
+        # the shared-memory object, contents and all); on a private one it frees them
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        self._map = mmap.mmap(-1, max(nbytes, 1), flags=flags) if flags else mmap.mmap(-1, max(nbytes, 1))
         self.array = np.frombuffer(self._map, np.float32, int(np.prod(shape))).reshape(shape)
 
     def release(self, start: int, end: int) -> None:
@@ -256,20 +260,22 @@ class KVCache:
             return slots[0]
         members = set(slots)
         group = states[0].group
+        candidates: Sequence[int] = range(self.max_seqs - B + 1)
         w = self.windows.get(group) if group is not None else None
-        candidates: range | list[int] = range(self.max_seqs - B + 1)
-        if w is not None and all(st.group == group and st.slot in w for st in states):
-            # only sub-ranges of the window that hold nobody but this group's sequences
+        if group is not None and all(st.group == group for st in states):
+            # only ranges that hold nobody but this group's sequences, its own window first
             mine = [o is None or self.seqs[o].group == group for o in self.owner]
-            inside = [x for x in range(w.start, w.start + w.cap - B + 1) if all(mine[x:x + B])]
-            if inside:
-                candidates = inside
-        # the window of B slots that already holds the most members (fewest moves) and, among
-        # those, the most free slots (displaces the fewest sequences of other batches)
-        best, best_key = 0, (-1, -1)
+            own = [x for x in candidates if all(mine[x:x + B])]
+            if own:
+                candidates = own
+        # the range of B slots that already holds the most members (fewest moves), then lies in
+        # the batch's window, then holds the most free slots (displaces the fewest sequences)
+        best, best_key = 0, (-1, False, -1)
         for x in candidates:
             window = range(x, x + B)
-            key = (sum(1 for s in window if s in members), sum(1 for s in window if self.owner[s] is None))
+            inside = w is not None and w.start <= x and x + B <= w.start + w.cap
+            key = (sum(1 for s in window if s in members), inside,
+                   sum(1 for s in window if self.owner[s] is None))
             if key > best_key:
                 best, best_key = x, key
         outside = [st for st in states if not best <= st.slot < best + B]
