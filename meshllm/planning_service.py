@@ -50,7 +50,7 @@ from meshllm.planner.strategies import plan_problem
 from meshllm.planner.types import Workload
 from meshllm.wire.ids import NodeId
 
-log = logging.getLogger("meshllm.node")
+log = logging.getLogger("meshllm.planning")
 
 T = TypeVar("T")
 

@@ -5,6 +5,7 @@ the hooks, and draining that waits for requests in flight."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,13 @@ async def test_loaded_epochs_pass_the_gate_and_hooks_run(mesh: Mesh) -> None:
     assert not a.accepts_epoch(epoch + 10)
     await b.kill()
     await async_wait_until(lambda: b.node_id in downs, "the link-down hook", 10)
+
+
+async def test_planning_and_inference_run_on_different_threads(mesh: Mesh) -> None:
+    a = await mesh.add(0)
+    plan_thread = await a.planning.run(lambda: threading.current_thread().name)
+    infer_thread = await a.stages.call(lambda: threading.current_thread().name)
+    assert plan_thread.startswith("meshllm-plan") and infer_thread.startswith("meshllm-infer")
 
 
 async def test_a_draining_epoch_unloads_only_when_its_requests_end(mesh: Mesh) -> None:

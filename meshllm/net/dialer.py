@@ -20,7 +20,7 @@ from meshllm.errors import ProtocolError
 from meshllm.net.base import Advert, Transport
 from meshllm.net.peer_http import PeerHttp
 
-log = logging.getLogger("meshllm.node")
+log = logging.getLogger("meshllm.net.dialer")
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 

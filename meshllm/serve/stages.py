@@ -12,6 +12,8 @@ inference thread that owns every call into a runner, and the requests in flight 
 - **Draining.** The serving layer marks a request in flight on this node with ``begin(epoch, req)``
   and ``end(epoch, req)``; ``drain(epoch, on_idle)`` calls ``on_idle`` once, as soon as nothing
   of that epoch is in flight here. That is what feeds the control plane's ``EpochIdle``.
+- **Threads.** Every method but ``call``'s ``fn`` runs on the event loop; only ``fn`` (and the
+  runner builds) run on the inference thread.
 - **Memory.** ``budget_bytes`` bounds what the node holds: the weights of its ranges as they sit in
   memory, and the KV cache gets what is left, split evenly between the ranges.
 """
