@@ -40,7 +40,8 @@ def test_a_mesh_of_processes_answers_like_one_process(capsys: pytest.CaptureFixt
                 assert got["text"] == one["text"] and got["prompt_token_ids"] == one["prompt_token_ids"]
 
         # a node decoding the request dies mid-stream: an explicit error event, within seconds
-        entry = mesh.urls[0]
+        last = len(mesh.urls) - 1
+        entry = mesh.urls[last]
         body = {"prompt": "x", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
         req = urllib.request.Request(entry + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
@@ -55,7 +56,7 @@ def test_a_mesh_of_processes_answers_like_one_process(capsys: pytest.CaptureFixt
                     saw_error = ev["error"]
                     break
                 if t_kill is None:
-                    holding = [i for i, u in enumerate(mesh.urls) if i != 0
+                    holding = [i for i, u in enumerate(mesh.urls) if i != last
                                and (get_json(u + "/v1/mesh") or {}).get("serving", {}).get("stage", {}).get("held")]
                     if holding:
                         victim = holding[0]
@@ -71,15 +72,15 @@ def test_a_mesh_of_processes_answers_like_one_process(capsys: pytest.CaptureFixt
         # the survivors keep serving (a new plan without the victim, or the replicas left)
         mesh.procs[victim].wait()
         ok = run_json(capsys, ["prompt", "--node", entry, "--temperature", "0", "--max-tokens", "5", "--json",
-                               "--timeout", "60", "def f():"]) if _retry_ready(mesh, victim) else None
+                               "--timeout", "60", "def f():"]) if _retry_ready(mesh, last, victim) else None
         assert ok is not None and len(ok["token_ids"]) == 5
 
 
-def _retry_ready(mesh: LocalMesh, victim: int) -> bool:
-    """Wait until the first node reports a ready plan without the victim."""
-    deadline = time.monotonic() + 60
+def _retry_ready(mesh: LocalMesh, at: int, victim: int) -> bool:
+    """Wait until node ``at`` reports a ready plan without the victim."""
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        v = get_json(mesh.urls[0] + "/v1/mesh") or {}
+        v = get_json(mesh.urls[at] + "/v1/mesh") or {}
         nodes = {s["node"] for r in (v.get("plan") or {}).get("replicas", []) for s in r["stages"]}
         dead = {m["id"] for m in v.get("members", []) if m.get("name") == f"node-{victim}"}
         if v.get("ready") and not nodes & dead:
