@@ -62,20 +62,21 @@ from meshllm.control.events import (
     UnloadEpoch,
 )
 from meshllm.control.node import ControlNode
-from meshllm.control.planning import device_from_profile, my_ranges, plan_summary
+from meshllm.control.planning import device_from_profile, my_ranges, network_from_links, plan_summary
 from meshllm.errors import MeshError, PlanError, ProtocolError, UserError
 from meshllm.model.manifest import Manifest, load_manifest
 from meshllm.net.base import PROTOCOL_VERSION, Advert, Discovery, LinkIdentity, Transport
 from meshllm.net.dialer import Dialer, PeerInfo
 from meshllm.net.peer_http import AiohttpPeerHttp, MemoryPeerHttp, PeerHttp, mesh_token
 from meshllm.planner.cost import ModelProfile
-from meshllm.planner.types import Device, Plan, Predicted, Workload
+from meshllm.planner.types import Device, Network, Plan, Predicted, Workload
 from meshllm.planner.validate import validate_plan
 from meshllm.planning_service import PlanningService
 from meshllm.runtime.profile import NodeProfile, available_memory_bytes, load_or_measure
 from meshllm.runtime.runner import StageRunner, weight_bytes_resident
 from meshllm.serve.api import OpenAIApi
 from meshllm.serve.config import ServeConfig
+from meshllm.serve.estimator import PlanEstimator
 from meshllm.serve.service import Serving
 from meshllm.serve.stages import StageHost
 from meshllm.views import member_names, mesh_view, profile_view
@@ -196,7 +197,9 @@ class Node:
             objective=opts.objective, islands=opts.islands, step=self.step,
             gather_links=self.dialer.gather_links, proposed_epoch=self._proposed_epoch)
         # the data plane: registers its frame handler and hooks on this node
-        self.serving = Serving(self, opts.serve, policy="start" if opts.objective == "waiting" else "completion")
+        estimator = PlanEstimator(self.model_profile, self._known_devices, self._known_network, opts.workload)
+        self.serving = Serving(self, opts.serve, policy="start" if opts.objective == "waiting" else "completion",
+                               estimator=estimator)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -514,6 +517,29 @@ class Node:
             prof = prof or self.control.profiles.get(nid)
             devices.append(device_from_profile(nid, prof) if prof else Device(nid, 1 << 62, 1.0, 1.0))
         validate_plan(Plan.from_dict(doc), self.model_profile, devices)
+
+    def _known_devices(self) -> dict[str, Device]:
+        """Every node whose profile this node has (its own, fetched ones, the leader's gathered ones)."""
+        out: dict[str, Device] = {}
+        if self.profile is not None:
+            out[self.node_id] = device_from_profile(self.node_id, self.profile.to_dict())
+        if self.control is not None:
+            for nid in self.control.membership.members:
+                prof = (self.peers[nid].profile or {}).get("profile") if nid in self.peers else None
+                prof = prof or self.control.profiles.get(nid)
+                if prof:
+                    with contextlib.suppress(KeyError, TypeError, ValueError):
+                        out[nid] = device_from_profile(nid, prof)
+        return out
+
+    def _known_network(self, nodes: list[str]) -> Network:
+        """The links between ``nodes`` as measured by this node and reported by its peers."""
+        links: dict[str, dict[str, Any]] = {self.node_id: dict(self.link_stats)}
+        for nid in nodes:
+            doc = self.peers[nid].profile if nid in self.peers else None
+            if doc and isinstance(doc.get("links"), dict):
+                links[nid] = doc["links"]
+        return network_from_links(nodes, links)
 
     async def _load(self, epoch: int, doc: dict[str, Any]) -> None:
         try:

@@ -65,7 +65,7 @@ def one_process(manifest: Manifest, prompt_ids: list[int], params: SamplingParam
 
 
 async def test_openai_client_completions_and_chat_equal_one_process(api, bundled: Manifest) -> None:
-    mesh, base = api
+    _, base = api
     client = client_for(base)
     tok = Tokenizer.from_manifest(bundled)
     models = await client.models.list()
@@ -102,13 +102,13 @@ async def test_openai_client_completions_and_chat_equal_one_process(api, bundled
 
 
 async def test_stop_strings_cut_the_answer_like_one_process(api, bundled: Manifest) -> None:
-    mesh, base = api
+    _, base = api
     client = client_for(base)
     tok = Tokenizer.from_manifest(bundled)
     prompt = "class Stack:\n    def __init__(self"
     full = one_process(bundled, tok.encode(prompt), SamplingParams(temperature=0.0, max_tokens=40))[1]
     stop = full.strip()[len(full.strip()) // 2:][:3] or "self"
-    ids, text = one_process(bundled, tok.encode(prompt), SamplingParams(temperature=0.0, max_tokens=40, stop=(stop,)))
+    _, text = one_process(bundled, tok.encode(prompt), SamplingParams(temperature=0.0, max_tokens=40, stop=(stop,)))
     r = await client.completions.create(model=bundled.name, prompt=prompt, max_tokens=40, temperature=0, stop=[stop])
     assert r.choices[0].text == text and r.choices[0].finish_reason == "stop"
     assert stop not in r.choices[0].text
@@ -121,7 +121,7 @@ async def _post(base: str, path: str, data: bytes | str) -> tuple[int, dict, dic
 
 
 async def test_bad_requests_get_openai_errors(api, bundled: Manifest) -> None:
-    mesh, base = api
+    _, base = api
     cases = [
         (b"{not json", 400, "invalid_json"),
         (json.dumps([1, 2]), 400, "invalid_json"),

@@ -78,7 +78,8 @@ def per_node(text: str | None, n: int, what: str) -> list[str | None]:
         raise UserError(f"--{what}: empty list")
     if len(items) > n:
         raise UserError(f"--{what}: {len(items)} values for {n} nodes")
-    return items + [items[-1]] * (n - len(items))
+    out: list[str | None] = [*items, *[items[-1]] * (n - len(items))]
+    return out
 
 
 class LocalMesh:
@@ -133,7 +134,7 @@ class LocalMesh:
                     cmd += ["--strategy", self.strategy]
                 cmd += [a for p in self.ports if p != port for a in ("--peer", f"127.0.0.1:{p}")]
                 cmd += self.extra
-                self._logs.append(open(self.dir / f"node-{i}.log", "wb"))  # noqa: SIM115 - closed in stop()
+                self._logs.append(open(self.dir / f"node-{i}.log", "wb"))
                 self.procs.append(subprocess.Popen(cmd, stdout=self._logs[-1], stderr=subprocess.STDOUT))
         except BaseException:
             self.stop()

@@ -16,6 +16,7 @@ from meshllm.errors import PlanError
 from meshllm.model.tokenizer import Tokenizer
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.entry import Entry
+from meshllm.serve.estimator import PlanEstimator
 from meshllm.serve.messenger import Messenger
 from meshllm.serve.router import Router
 from meshllm.serve.routes import Routes
@@ -35,7 +36,8 @@ def eos_ids(manifest: Any, tokenizer: Tokenizer | None) -> tuple[int, ...]:
 
 
 class Serving:
-    def __init__(self, node: Any, config: ServeConfig | None = None, *, policy: str = "completion") -> None:
+    def __init__(self, node: Any, config: ServeConfig | None = None, *, policy: str = "completion",
+                 estimator: PlanEstimator | None = None) -> None:
         self.node = node
         self.config = config or ServeConfig()
         cfg = node.manifest.config
@@ -45,7 +47,9 @@ class Serving:
         self.messenger = Messenger(node.node_id, node.codec, lambda: node.transport, self._deliver)
         self.stage = StageServer(node.node_id, node.stages, self.messenger, self.routes_for, self.config,
                                  num_layers=cfg.num_layers, eos_ids=self.eos, hidden_size=cfg.hidden_size)
-        self.router = Router(self.routes_for, policy=policy)
+        self.router = Router(self.routes_for, policy=policy,
+                             prefill_estimate=estimator.prefill_s if estimator is not None else None,
+                             decode_estimate=estimator.decode_s if estimator is not None else None)
         self.entry = Entry(node.node_id, self.messenger, self.config, vocab_size=cfg.vocab_size,
                            max_position=cfg.max_position, tokenizer=self.tokenizer, eos_ids=self.eos,
                            active=self.active, router=self.router, observe=node.observe_request)

@@ -38,8 +38,8 @@ from meshllm.runtime.sampling import SamplingParams, sample_one, token_rng
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.messenger import Messenger
 from meshllm.serve.routes import Routes, StageRef, layer_blocks
-from meshllm.wire.limits import chunk_tokens
 from meshllm.wire.ids import NodeId, RequestId
+from meshllm.wire.limits import chunk_tokens
 from meshllm.wire.messages import (
     DecodeBatch,
     DecodeStart,
@@ -316,7 +316,7 @@ class StageServer:
             params = SamplingParams.from_dict(m.sampling)
             routes.replica(m.decoder)
             x = self._prefill_input(ref, m)
-            if not 0 <= m.offset or m.offset + x.shape[0] > m.prompt_len:
+            if m.offset < 0 or m.offset + x.shape[0] > m.prompt_len:
                 raise PlanError(f"chunk [{m.offset}, {m.offset + x.shape[0]}) outside a "
                                 f"{m.prompt_len}-token prompt")
         except (MeshError, TypeError, ValueError) as e:
@@ -776,7 +776,7 @@ def _alloc(runner: Any, req: str, tokens: int, group: int | None) -> None:
 def _prefill(runner: Any, req: str, x: np.ndarray, blocks: list[int], offset: int,
              kv_dtype: type) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]]]:
     out = np.array(runner.prefill(req, x, last_only=True), copy=True)
-    kvs = {}
+    kvs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for b in blocks:
         k, v = runner.kv_export(req, b, offset, offset + x.shape[0])
         kvs[b] = (np.ascontiguousarray(k, dtype=kv_dtype), np.ascontiguousarray(v, dtype=kv_dtype))
