@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import typing
 
 import msgpack
@@ -340,3 +341,17 @@ def test_deep_nesting_is_refused_without_recursion_errors(depth: int, match: str
             + msgpack.packb("plan_propose") + msgpack.packb("b") + body)
     with pytest.raises(RemoteProtocolError, match=match):
         decode(_raw(data))
+
+
+def test_bench_wire_prints_every_frame_kind_decoded_as_views(capsys) -> None:
+    from meshllm.cli import main
+
+    assert main(["bench", "wire", "--json", "--repeats", "1", "--budget-s", "0.001", "--kv-tokens", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    kinds = out["kinds"]
+    assert set(kinds) == {"activation_1x768", "activation_16x768", "kv_8x12x64", "kv_chunk_170x12x64"}
+    for k in kinds.values():
+        assert k["decoded_as_views"] is True and k["codec_us"] > 0 and k["memcpy_us"] > 0
+        assert k["ratio_vs_memcpy"] == pytest.approx(k["memcpy_us"] / k["codec_us"], rel=0.05, abs=0.002)
+    assert kinds["kv_8x12x64"]["frame_bytes"] >= 2 * 8 * 12 * 64 * 4
+    assert out["overall"]["ratio_vs_memcpy"] > 0
