@@ -355,3 +355,18 @@ def test_bench_wire_prints_every_frame_kind_decoded_as_views(capsys) -> None:
         assert k["ratio_vs_memcpy"] == pytest.approx(k["memcpy_us"] / k["codec_us"], rel=0.05, abs=0.002)
     assert kinds["kv_8x12x64"]["frame_bytes"] >= 2 * 8 * 12 * 64 * 4
     assert out["overall"]["ratio_vs_memcpy"] > 0
+
+
+def test_both_header_paths_write_the_same_frame() -> None:
+    """Plain ``Tensor`` fields take the fast path (a reused packer, descriptors substituted in
+    field order); a message with tensors nested elsewhere would take the default-hook path. Both
+    must write the same bytes."""
+    k = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    v = np.arange(12, dtype=np.int8).reshape(3, 4)
+    msg = KVChunk("r", 1, 2, Tensor.from_array(k), Tensor.from_array(v), 0, True)
+    codec = Codec()
+    arrays: list[np.ndarray] = []
+    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    header = codec._pack_nested(msg.TYPE, body, arrays)
+    assert [a.dtype for a in arrays] == [np.float16, np.int8]
+    assert codec.encode(msg) == _raw(header, k.tobytes(), v.tobytes())
