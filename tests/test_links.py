@@ -407,3 +407,19 @@ async def test_memory_data_lane_is_delayed_like_control_and_never_dropped() -> N
         assert await a.t.send_data("2", b"%d" % i)
     await async_wait_until(lambda: len(b.got) == 3, "the data frames", 5.0)
     assert b.got == [b"0", b"1", b"2"]
+
+
+async def test_memory_a_cancelled_waiting_sender_sends_nothing() -> None:
+    net, a, b = await _mem_pair(data_queue=100)
+    net.stall("2")
+    assert await a.t.send_data("2", b"0" * 100)
+    cancelled = asyncio.ensure_future(a.t.send_data("2", b"1" * 50))
+    kept = asyncio.ensure_future(a.t.send_data("2", b"2" * 50))
+    await _turns()
+    cancelled.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await cancelled
+    net.unstall("2")
+    assert await asyncio.wait_for(kept, 5.0)
+    await async_wait_until(lambda: len(b.got) == 2, "two frames", 5.0)
+    assert [d[:1] for d in b.got] == [b"0", b"2"] and a.t.data_backlog("2") == 0
