@@ -31,6 +31,8 @@ per slot; default the model's context), ``has_seq``, ``kv_bytes_per_token``, ``l
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import time
 from collections.abc import Hashable, Sequence
@@ -41,7 +43,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from meshllm.errors import CapacityError, ConfigError, ModelError
+from meshllm.errors import CapacityError, ConfigError, MeshError, ModelError
 from meshllm.model.blocks import fuse_blocks
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.kv import KVCache, SeqState
@@ -98,10 +100,47 @@ def load_session(model: Path | bytes, threads: int) -> ort.InferenceSession:
     """A CPU session for a model file (or serialized model bytes)."""
     src = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
         what = "the fused blocks" if isinstance(model, bytes) else str(model)
         raise ModelError(f"cannot load {what}: {str(e).splitlines()[0][:200]}") from None
+    # onnxruntime's Python wrapper keeps the serialized model for the session's lifetime, only to
+    # re-create the session if the providers change (never here, CPU only): a second copy of
+    # every weight. The session itself no longer needs it once created.
+    if isinstance(model, bytes) and getattr(sess, "_model_bytes", None) is not None:
+        sess._model_bytes = None
+    return sess
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS. Loading parses every weight through protobuf
+    messages several times over; glibc keeps those freed chunks mapped (its mmap threshold grows
+    with the first large free), which left RSS at 1.6x the weights after loading the bench preset."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+# How many bytes a stored weight byte occupies once loaded. float16 matrices are cast to float32
+# when the session folds constants (the graph computes in float32; runtime casts measured slower,
+# see docs/runtime.md), except the embedding table, which is gathered in its storage dtype.
+_RESIDENT_FACTOR = {"float32": 1.0, "float16": 2.0}
+
+
+def weight_bytes_resident(manifest: Manifest, first: int, end: int) -> int:
+    """Bytes the weights of blocks [first, end) occupy in memory once loaded by a StageRunner
+    (not the bytes stored on disk): what a node charges against its memory budget."""
+    cfg = manifest.config
+    factor = _RESIDENT_FACTOR.get(cfg.weight_dtype, 1.0)
+    total = 0
+    for c in manifest.costs[first:end]:
+        total += c.param_bytes if c.kind == "embed" else int(c.param_bytes * factor)
+    layers = sum(1 for b in range(first, end) if 1 <= b <= cfg.num_layers)
+    if layers:  # the rotary cos/sin tables, float32, in every layer block
+        total += layers * 2 * cfg.max_position * (cfg.head_dim // 2) * 4
+    return total
 
 
 def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> None:
@@ -146,6 +185,8 @@ class StageRunner:
         self.has_head = end == cfg.num_blocks
         self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
         self.units = self._load_units(fuse)
+        _trim_heap()
+        self.weight_bytes_resident = weight_bytes_resident(manifest, first, end)
         self.fused = any(u.fused for u in self.units)
         self._steps: dict[tuple[int, int], _Step] = {}
         self.kv = KVCache(self.layer_blocks, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -157,11 +198,19 @@ class StageRunner:
     def kv_bytes_per_token(self) -> int:
         return self.kv.bytes_per_token
 
-    def alloc(self, seq_id: Hashable, max_len: int) -> None:
-        self.kv.alloc(seq_id, max_len)
+    def alloc(self, seq_id: Hashable, max_len: int, *, group: Hashable | None = None) -> None:
+        """Reserve a KV slot for up to ``max_len`` positions. ``group``: the micro-batch the
+        sequence will decode in; a group's sequences get slots in a window of their own, so its
+        batches decode without moving other groups' caches (see ``kv``)."""
+        self.kv.alloc(seq_id, max_len, group=group)
 
     def free(self, seq_id: Hashable) -> None:
         self.kv.free(seq_id)
+
+    def truncate(self, seq_id: Hashable, length: int) -> None:
+        """Drop positions >= ``length`` in every layer (length <= the positions held); the next
+        prefill/decode continues from ``length``."""
+        self.kv.truncate(seq_id, length)
 
     def seq_len(self, seq_id: Hashable) -> int:
         return self._ready(seq_id).length
@@ -222,7 +271,6 @@ class StageRunner:
         return outs[0] if len(outs) == 1 else np.concatenate(outs)  # (T, H) or (T, V)
 
     def decode(self, seq_ids: Sequence[Hashable], x: np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
         seq_ids = list(seq_ids)
         if not seq_ids:
             raise ModelError("decode: empty batch")
@@ -233,6 +281,46 @@ class StageRunner:
         for s, st in zip(seq_ids, states, strict=True):
             if st.length + 1 > st.max_len:
                 raise CapacityError(f"sequence {s!r} is full: {st.length} of {st.max_len} reserved positions")
+        return self._decode(seq_ids, states, x)
+
+    def decode_rows(self, seq_ids: Sequence[Hashable],
+                    x: np.ndarray) -> tuple[np.ndarray, list[int], dict[Hashable, MeshError]]:
+        """``decode`` that fails rows, not the batch: every row is checked first (unknown or freed
+        sequence, incomplete KV, sequence full, token id out of range); failing rows are left out
+        and reported, the rest run as one batch. Returns (outputs of the rows that ran, in input
+        order: (n_ok, H) or (n_ok, V); their row indices; seq_id -> error). A malformed call
+        (empty batch, a sequence twice, wrong shape or dtype of ``x``) still raises."""
+        seq_ids = list(seq_ids)
+        if not seq_ids:
+            raise ModelError("decode: empty batch")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ModelError("decode: a sequence appears twice in one batch")
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] != len(seq_ids):
+            raise ModelError(f"decode: {x.shape[0] if x.ndim else 0} rows for {len(seq_ids)} sequences")
+        ok: list[int] = []
+        states: list[SeqState] = []
+        errors: dict[Hashable, MeshError] = {}
+        for i, s in enumerate(seq_ids):
+            try:
+                self._check_input(x[i:i + 1], 1, "decode")
+                st = self._ready(s)
+                if st.length + 1 > st.max_len:
+                    raise CapacityError(f"sequence {s!r} is full: {st.length} of {st.max_len} reserved positions")
+            except MeshError as e:
+                errors[s] = e
+                continue
+            ok.append(i)
+            states.append(st)
+        width = self.config.vocab_size if self.has_head else self.config.hidden_size
+        if not ok:
+            return np.empty((0, width), np.float32), ok, errors
+        xs = self._check_input(x[ok], len(ok), "decode")
+        return self._decode([seq_ids[i] for i in ok], states, xs), ok, errors
+
+    def _decode(self, seq_ids: list[Hashable], states: list[SeqState], x: np.ndarray) -> np.ndarray:
+        """One step for checked rows."""
+        t0 = time.perf_counter()
         s0 = self.kv.arrange(seq_ids) if self.layer_blocks else 0
         # row j of the batch runs on slot s0 + j
         order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
@@ -364,10 +452,13 @@ class StageRunner:
             raise ModelError(f"block {block} is not a decoder layer of this runner's range "
                              f"[{self.first}, {self.end})")
 
-    def kv_export(self, seq_id: Hashable, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of one layer for a sequence, each (len, kv_heads, head_dim) float32."""
+    def kv_export(self, seq_id: Hashable, block: int, start: int = 0,
+                  end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of positions [start, end) (default: all written) of one layer for a
+        sequence, each (end - start, kv_heads, head_dim) float32. Copies only that range, so a
+        prefill stage can stream each chunk's new KV right after computing it."""
         self._check_block(block)
-        return self.kv.export(seq_id, block)
+        return self.kv.export(seq_id, block, start, end)
 
     def kv_import(self, seq_id: Hashable, block: int, k: np.ndarray, v: np.ndarray, *, start: int = 0) -> None:
         """Write positions [start, start + len) of one layer's KV (e.g. received from a prefill
