@@ -291,8 +291,16 @@ class _Field:
 class _Spec:
     fields: tuple[_Field, ...]
     names: frozenset[str]
-    tensors: tuple[str, ...]  # fields annotated exactly ``Tensor``, in field order
+    tensors: tuple[str, ...]  # fields annotated ``Tensor`` or ``Tensor | None``, in field order
     nested_tensors: bool  # a Tensor may sit elsewhere (``Tensor | None``, ``tuple[Tensor, ...]``)
+
+
+def _plain_tensor(tp: Any) -> bool:
+    """``Tensor`` or ``Tensor | None``: the fields whose tensors the fast encode path handles."""
+    if tp is Tensor:
+        return True
+    return (typing.get_origin(tp) in (typing.Union, types.UnionType)
+            and set(typing.get_args(tp)) == {Tensor, type(None)})
 
 
 def _mentions_tensor(tp: Any) -> bool:
@@ -308,8 +316,8 @@ def _field_specs(cls: type) -> _Spec:
                _exact_types(hints[f.name]))
         for f in dataclasses.fields(cls)
     )
-    tensors = tuple(f.name for f in fields if f.tp is Tensor)
-    nested = any(_mentions_tensor(f.tp) for f in fields if f.tp is not Tensor)
+    tensors = tuple(f.name for f in fields if _plain_tensor(f.tp))
+    nested = any(_mentions_tensor(f.tp) for f in fields if not _plain_tensor(f.tp))
     return _Spec(fields, frozenset(f.name for f in fields), tensors, nested)
 
 
