@@ -23,6 +23,7 @@ demo: install
 bench: install
 	$(BIN)/meshllm bench runtime --json
 	$(BIN)/meshllm bench planner --json
+	$(BIN)/meshllm bench wire --json
 
 lint: install
 	$(BIN)/ruff check meshllm tests tools

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import typing
 
 import msgpack
@@ -18,15 +19,25 @@ from meshllm.wire.limits import DATA_CHUNK_BYTES, HEADER_HEADROOM, MAX_MESSAGE_B
 from meshllm.wire.messages import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
-    Activations,
+    DecodeBatch,
     Heartbeat,
     IslandWork,
     KVChunk,
     PlanPropose,
-    Prefill,
+    PrefillChunk,
     _register,
 )
 from meshllm.wire.tensor import DTYPES, Tensor
+
+
+def _step(hidden: Tensor) -> DecodeBatch:
+    """A decode step carrying ``hidden`` (B, H)."""
+    return DecodeBatch(1, 0, 0, 3, tuple("r" for _ in range(hidden.shape[0] if hidden.shape else 0)),
+                       tuple(range(hidden.shape[0] if hidden.shape else 0)), hidden)
+
+
+def _kv(k: Tensor, v: Tensor, offset: int = 0) -> KVChunk:
+    return KVChunk("r", 1, 0, 2, offset, offset + (k.shape[0] if k.shape else 1), k, v)
 
 
 def sample(tp, i: int = 0):
@@ -73,7 +84,7 @@ def test_every_message_round_trips(tag: str) -> None:
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_tensor_round_trip_exact(dtype: str) -> None:
     a = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype)  # (2, 3, 4)
-    msg = KVChunk("r", 3, 5, Tensor.from_array(a), Tensor.from_array(a[:1]), 16)
+    msg = _kv(Tensor.from_array(a), Tensor.from_array(a[:1]), 16)
     back = decode(encode(msg))
     assert isinstance(back, KVChunk)
     np.testing.assert_array_equal(back.k.to_array(), a)  # bit-exact
@@ -85,7 +96,7 @@ def test_tensor_big_endian_input_is_sent_little_endian() -> None:
     t = Tensor.from_array(a)
     np.testing.assert_array_equal(t.to_array(), a)
     assert t.data == np.arange(5, dtype="<f4").tobytes()
-    np.testing.assert_array_equal(decode(encode(Activations("r", 1, t, (0,)))).hidden.array(), a)
+    np.testing.assert_array_equal(decode(encode(_step(t))).hidden.array(), a)
 
 
 @pytest.mark.parametrize("bad", [np.array([object(), 1], dtype=object), np.zeros(2, dtype=np.complex64),
@@ -120,7 +131,8 @@ def _tensor_ext(dtype, shape) -> msgpack.ExtType:
 
 
 def _act(hidden) -> dict:
-    return {"req": "r", "epoch": 1, "positions": [0], "hidden": hidden}
+    return {"epoch": 1, "replica": 0, "micro": 0, "first_block": 3, "reqs": ["r"], "indexes": [0],
+            "hidden": hidden}
 
 
 HB = {"node_id": "a", "term": 1, "leader": None, "priority": 0, "seq": 1}
@@ -148,21 +160,21 @@ HB = {"node_id": "a", "term": 1, "leader": None, "priority": 0, "seq": 1}
     (_frame("plan_propose", {"term": 1, "leader": "a", "epoch": 1,
                              "plan": {"t": _tensor_ext("float32", [1])}}, b"\0" * 4), "is not allowed here"),
     # lying shapes and truncated buffers: the bytes after the header must be exactly the tensors'
-    (_frame("activations", _act(_tensor_ext("float32", [2, 2])), b"\0" * 15),
+    (_frame("decode_batch", _act(_tensor_ext("float32", [2, 2])), b"\0" * 15),
      r"float32 tensor of shape \[2, 2\] needs bytes up to \d+, the frame has \d+"),
-    (_frame("activations", _act(_tensor_ext("float32", [2, 2])), b"\0" * 17), "1 bytes after the last tensor"),
-    (_frame("activations", _act(_tensor_ext("float32", [1 << 40, 1 << 40]))), "truncated frame"),
-    (_frame("activations", _act(_tensor_ext("float32", [2, 2]))), "truncated frame"),
-    (_frame("activations", _act(_tensor_ext("object", [1])), b"\0" * 8), "dtype 'object'"),
-    (_frame("activations", _act(_tensor_ext("<f4", [1])), b"\0" * 4), "dtype '<f4'"),
-    (_frame("activations", _act(_tensor_ext("float32", [-1]))), "non-negative"),
-    (_frame("activations", _act(_tensor_ext("float32", [1.5]))), "non-negative ints"),
-    (_frame("activations", _act(_tensor_ext("float32", [1] * 9)), b"\0" * 4), "at most 8 ints"),
-    (_frame("activations", _act(msgpack.ExtType(TENSOR_EXT, msgpack.packb({"dtype": "float32"})))),
+    (_frame("decode_batch", _act(_tensor_ext("float32", [2, 2])), b"\0" * 17), "1 bytes after the last tensor"),
+    (_frame("decode_batch", _act(_tensor_ext("float32", [1 << 40, 1 << 40]))), "truncated frame"),
+    (_frame("decode_batch", _act(_tensor_ext("float32", [2, 2]))), "truncated frame"),
+    (_frame("decode_batch", _act(_tensor_ext("object", [1])), b"\0" * 8), "dtype 'object'"),
+    (_frame("decode_batch", _act(_tensor_ext("<f4", [1])), b"\0" * 4), "dtype '<f4'"),
+    (_frame("decode_batch", _act(_tensor_ext("float32", [-1]))), "non-negative"),
+    (_frame("decode_batch", _act(_tensor_ext("float32", [1.5]))), "non-negative ints"),
+    (_frame("decode_batch", _act(_tensor_ext("float32", [1] * 9)), b"\0" * 4), "at most 8 ints"),
+    (_frame("decode_batch", _act(msgpack.ExtType(TENSOR_EXT, msgpack.packb({"dtype": "float32"})))),
      r"descriptor must be \[dtype, shape\]"),
-    (_frame("activations", _act(msgpack.ExtType(99, b"x"))), "unknown msgpack ext code 99"),
-    (_frame("activations", _act(msgpack.ExtType(TENSOR_EXT, b"\xc1"))), "malformed tensor descriptor"),
-    (_frame("activations", _act({"dtype": "float32", "shape": [1], "data": b"\0" * 4})), "hidden"),
+    (_frame("decode_batch", _act(msgpack.ExtType(99, b"x"))), "unknown msgpack ext code 99"),
+    (_frame("decode_batch", _act(msgpack.ExtType(TENSOR_EXT, b"\xc1"))), "malformed tensor descriptor"),
+    (_frame("decode_batch", _act({"dtype": "float32", "shape": [1], "data": b"\0" * 4})), "hidden"),
     (_frame("island_work", {"term": 1, "leader": "a", "round": 1, "island": 0, "generations": 1, "seed": 1,
                             "problem": {}, "individuals": [[1, "x"]]}), r"individuals\[0\]\[1\]"),
 ])
@@ -174,7 +186,7 @@ def test_bad_frames_are_remote_protocol_errors(data: bytes, match: str) -> None:
 def test_tensors_decode_as_views_of_the_frame() -> None:
     k = (np.arange(3 * 2 * 4, dtype=np.float32) - 7).reshape(3, 2, 4)  # (T, kv_heads, head_dim)
     v = np.arange(3 * 2 * 4, dtype=np.int64).reshape(3, 2, 4)
-    frame = encode(KVChunk("r", 1, 2, Tensor.from_array(k), Tensor.from_array(v), 0, True))
+    frame = encode(_kv(Tensor.from_array(k), Tensor.from_array(v)))
     raw = np.frombuffer(frame, np.uint8)
     for buf in (frame, bytearray(frame), memoryview(frame), memoryview(bytearray(frame))):
         msg = decode(buf)
@@ -216,7 +228,7 @@ def test_tensor_equality_and_raw_constructor() -> None:
     with pytest.raises(AttributeError):
         t.dtype = "int64"  # type: ignore[misc]
     empty = Tensor.from_array(np.zeros((0, 3), np.float16))
-    back = decode(encode(Activations("r", 1, empty, ())))
+    back = decode(encode(_step(empty)))
     assert back.hidden == empty and back.hidden.shape == (0, 3)
 
 
@@ -226,7 +238,7 @@ def test_one_cap_everywhere() -> None:
 
 
 def test_a_frame_exactly_at_the_cap_passes_and_one_byte_more_does_not() -> None:
-    msg = Activations("r", 1, Tensor.from_array(np.zeros(1000, np.uint8)), (0,))
+    msg = _step(Tensor.from_array(np.zeros((1, 1000), np.uint8)))
     size = len(encode(msg))
     assert Codec(max_message_bytes=size).decode(Codec(max_message_bytes=size).encode(msg)) == msg
     with pytest.raises(LocalProtocolError, match="over the"):
@@ -246,7 +258,8 @@ def test_chunk_tokens_fill_a_chunk_under_the_cap(per_token: int, want: int) -> N
     # A KV chunk of that many tokens really encodes within the chunk (or alone, for wide tokens).
     if per_token % 8 == 0 and per_token <= 8192:
         kv = np.zeros((n, per_token // 8), np.float32)  # k and v each half of a token's bytes
-        frame = encode(KVChunk("r" * 36, 1 << 30, 999, Tensor.from_array(kv), Tensor.from_array(kv), 1 << 40))
+        frame = encode(KVChunk("r" * 36, 1 << 30, 99, 999, 1 << 40, 1 << 41, Tensor.from_array(kv),
+                               Tensor.from_array(kv)))
         assert len(frame) <= DATA_CHUNK_BYTES
 
 
@@ -261,7 +274,7 @@ def test_chunk_tokens_refuses_nonsense() -> None:
 
 def test_size_cap_both_ways() -> None:
     small = Codec(max_message_bytes=1024)
-    big = Activations("r", 1, Tensor.from_array(np.zeros((16, 32), np.float32)), tuple(range(16)))
+    big = _step(Tensor.from_array(np.zeros((16, 32), np.float32)))
     data = encode(big)
     with pytest.raises(RemoteProtocolError, match="over the 1024-byte cap"):
         small.decode(data)
@@ -298,17 +311,41 @@ def test_lists_become_tuples_and_floats_accept_ints() -> None:
     assert isinstance(msg.fitness[0], float)
 
 
+_PREFILL = {"req": "r", "epoch": 2, "replica": 0, "first_block": 0, "offset": 0, "last": True,
+            "prompt_len": 2, "decoder": 1, "entry": "e", "sampling": {}, "seed": 5}
+
+
 def test_defaults_fill_missing_optional_fields() -> None:
-    msg = decode(_frame("prefill", {"req": "r", "epoch": 2, "token_ids": [1, 2], "sampling": {},
-                                    "decoder": "d0"}))
-    assert msg == Prefill("r", 2, (1, 2), {}, "d0", None, 0)
+    msg = decode(_frame("prefill", _PREFILL))
+    assert msg == PrefillChunk("r", 2, 0, 0, 0, True, 2, 1, "e", {}, 5, None, None, 0)
+
+
+@pytest.mark.parametrize("which", [(), ("ids",), ("hidden",), ("ids", "hidden")])
+def test_optional_tensor_fields_round_trip_as_views(which: tuple[str, ...]) -> None:
+    ids = np.array([1, 5, 9], np.int64)  # (T,)
+    hidden = np.arange(3 * 8, dtype=np.float32).reshape(3, 8)  # (T, H)
+    given = {"ids": Tensor.from_array(ids), "hidden": Tensor.from_array(hidden)}
+    msg = PrefillChunk("r", 2, 0, 0, 0, True, 3, 1, "e", {"temperature": 0.5}, 5,
+                       **{k: given[k] for k in which})
+    frame = encode(msg)
+    back = decode(frame)
+    assert back == msg
+    for name, want in (("ids", ids), ("hidden", hidden)):
+        got = getattr(back, name)
+        if name in which:
+            np.testing.assert_array_equal(got.array(), want)
+            assert np.shares_memory(got.array(), np.frombuffer(frame, np.uint8))
+        else:
+            assert got is None
+    # A tensor field sent as nil stays None; a tensor where none may be is refused.
+    with pytest.raises(RemoteProtocolError, match=r"prefill\.seed"):
+        decode(_frame("prefill", {**_PREFILL, "seed": _tensor_ext("int64", [1])}, bytes(8)))
 
 
 _VALID = [encode(Heartbeat("a", 3, "b", 1, 9, 2, "n")),
           encode(PlanPropose(1, "a", 2, {"replicas": [{"stages": [{"node": "a"}]}]})),
-          encode(KVChunk("r", 1, 2, Tensor.from_array(np.ones((2, 2), np.float16)),
-                         Tensor.from_array(np.ones((2, 2), np.float16)), 0)),
-          encode(Activations("r", 1, Tensor.from_array(np.ones((3, 5), np.float32)), (1, 2, 3)))]
+          encode(_kv(Tensor.from_array(np.ones((2, 2), np.float16)), Tensor.from_array(np.ones((2, 2), np.float16)))),
+          encode(_step(Tensor.from_array(np.ones((3, 5), np.float32))))]
 
 
 @settings(max_examples=400, deadline=None)
@@ -340,3 +377,32 @@ def test_deep_nesting_is_refused_without_recursion_errors(depth: int, match: str
             + msgpack.packb("plan_propose") + msgpack.packb("b") + body)
     with pytest.raises(RemoteProtocolError, match=match):
         decode(_raw(data))
+
+
+def test_bench_wire_prints_every_frame_kind_decoded_as_views(capsys) -> None:
+    from meshllm.cli import main
+
+    assert main(["bench", "wire", "--json", "--repeats", "1", "--budget-s", "0.001", "--kv-tokens", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    kinds = out["kinds"]
+    assert set(kinds) == {"activation_1x768", "activation_16x768", "kv_8x12x64", "kv_chunk_170x12x64"}
+    for k in kinds.values():
+        assert k["decoded_as_views"] is True and k["codec_us"] > 0 and k["memcpy_us"] > 0
+        assert k["ratio_vs_memcpy"] == pytest.approx(k["memcpy_us"] / k["codec_us"], rel=0.05, abs=0.002)
+    assert kinds["kv_8x12x64"]["frame_bytes"] >= 2 * 8 * 12 * 64 * 4
+    assert out["overall"]["ratio_vs_memcpy"] > 0
+
+
+def test_both_header_paths_write_the_same_frame() -> None:
+    """Plain ``Tensor`` fields take the fast path (a reused packer, descriptors substituted in
+    field order); a message with tensors nested elsewhere would take the default-hook path. Both
+    must write the same bytes."""
+    k = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    v = np.arange(12, dtype=np.int8).reshape(3, 4)
+    msg = _kv(Tensor.from_array(k), Tensor.from_array(v))
+    codec = Codec()
+    arrays: list[np.ndarray] = []
+    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    header = codec._pack_nested(msg.TYPE, body, arrays)
+    assert [a.dtype for a in arrays] == [np.float16, np.int8]
+    assert codec.encode(msg) == _raw(header, k.tobytes(), v.tobytes())

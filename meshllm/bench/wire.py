@@ -35,27 +35,35 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def _frames(args: argparse.Namespace) -> dict[str, object]:
-    from meshllm.wire.ids import RequestId
+    """One frame of each kind the data plane sends in bulk or per step."""
+    from meshllm.wire.ids import NodeId, RequestId
     from meshllm.wire.limits import chunk_tokens
-    from meshllm.wire.messages import Activations, KVChunk
+    from meshllm.wire.messages import DecodeBatch, KVChunk, PrefillChunk
     from meshllm.wire.tensor import Tensor
 
     rng = np.random.default_rng(0)
+    req = RequestId("req-0")
 
-    def act(t: int) -> Activations:
+    def decode_step(b: int) -> DecodeBatch:  # one decode step of a micro-batch of b requests
+        h = rng.standard_normal((b, args.hidden), dtype=np.float32)  # (B, H)
+        return DecodeBatch(1, 0, 0, 3, tuple(RequestId(f"req-{i}") for i in range(b)), tuple(range(b)),
+                           Tensor.from_array(h))
+
+    def prefill(t: int) -> PrefillChunk:  # a prompt chunk between two prefill stages
         h = rng.standard_normal((t, args.hidden), dtype=np.float32)  # (T, H)
-        return Activations(RequestId("req-0"), 1, Tensor.from_array(h), tuple(range(t)), first_block=3)
+        return PrefillChunk(req, 1, 0, 3, 0, True, t, 1, NodeId("entry"), {"temperature": 0.0}, 7,
+                            hidden=Tensor.from_array(h))
 
     def kv(t: int) -> KVChunk:
         k = rng.standard_normal((t, args.kv_heads, args.head_dim), dtype=np.float32)  # (T, kv, hd)
         v = rng.standard_normal((t, args.kv_heads, args.head_dim), dtype=np.float32)
-        return KVChunk(RequestId("req-0"), 1, 5, Tensor.from_array(k), Tensor.from_array(v), 0, last=True)
+        return KVChunk(req, 1, 1, 5, 0, t, Tensor.from_array(k), Tensor.from_array(v))
 
     per_token = 2 * args.kv_heads * args.head_dim * 4
     chunk = chunk_tokens(per_token)
     return {
-        f"activation_1x{args.hidden}": act(1),
-        f"activation_16x{args.hidden}": act(16),
+        f"activation_1x{args.hidden}": decode_step(1),
+        f"activation_16x{args.hidden}": prefill(16),
         f"kv_{args.kv_tokens}x{args.kv_heads}x{args.head_dim}": kv(args.kv_tokens),
         f"kv_chunk_{chunk}x{args.kv_heads}x{args.head_dim}": kv(chunk),
     }
@@ -83,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     for name, msg in _frames(args).items():
         frame = codec.encode(msg)  # type: ignore[arg-type]
         back = codec.decode(frame)
-        tensors = [getattr(back, f) for f in ("hidden", "k", "v") if hasattr(back, f)]
+        tensors = [t for t in (getattr(back, f, None) for f in ("hidden", "k", "v")) if t is not None]
         src = np.frombuffer(frame, np.uint8)
         views = all(np.shares_memory(t.array(), src) for t in tensors)
         # The frame's own bytes: a zero-filled buffer would read one shared zero page and flatter

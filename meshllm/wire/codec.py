@@ -99,7 +99,7 @@ class _Descriptor:
 # a re-parse once the table is full and emptied.
 _CACHE_MAX = 1024
 _DECODED: dict[bytes, _Descriptor] = {}
-_ENCODED: dict[tuple[int, tuple[int, ...]], bytes] = {}
+_ENCODED: dict[tuple[int, tuple[int, ...]], msgpack.ExtType] = {}
 
 
 def _unpack_descriptor(payload: bytes) -> _Descriptor:
@@ -124,15 +124,15 @@ def _unpack_descriptor(payload: bytes) -> _Descriptor:
     return d
 
 
-def _descriptor_bytes(a: np.ndarray) -> bytes:
+def _descriptor_ext(a: np.ndarray) -> msgpack.ExtType:
     key = (a.dtype.num, a.shape)
-    b = _ENCODED.get(key)
-    if b is None:
-        b = msgpack.packb([dtype_name(a.dtype), a.shape], use_bin_type=True)
+    ext = _ENCODED.get(key)
+    if ext is None:
+        ext = msgpack.ExtType(TENSOR_EXT, msgpack.packb([dtype_name(a.dtype), a.shape], use_bin_type=True))
         if len(_ENCODED) >= _CACHE_MAX:
             _ENCODED.clear()
-        _ENCODED[key] = b
-    return b
+        _ENCODED[key] = ext
+    return ext
 
 
 def _no_frame(payload: bytes) -> Any:
@@ -261,6 +261,17 @@ def _compile(tp: Any) -> Convert:
     raise LocalProtocolError(f"unsupported field type {tp}")  # pragma: no cover - a bad message class
 
 
+def _exact_types(tp: Any) -> frozenset[type] | None:
+    """The types a field takes as they are, when checking them is all there is to do."""
+    alts = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if float in alts:
+        return None  # ints become floats: the compiled checker does that
+    parts = [_simple_types(a) for a in alts]
+    if any(p is None for p in parts):
+        return None
+    return frozenset(t for p in parts if p is not None for t in p)
+
+
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` (as msgpack decoded it) against the annotation ``tp`` (uncompiled: tests)."""
     return _compile(tp)(value, path)
@@ -273,12 +284,27 @@ class _Field:
     required: bool
     convert: Convert
     path: str
+    exact: frozenset[type] | None  # a scalar (or union of scalars) checked inline: the types it takes
 
 
 @dataclass(frozen=True, slots=True)
 class _Spec:
     fields: tuple[_Field, ...]
     names: frozenset[str]
+    tensors: tuple[str, ...]  # fields annotated ``Tensor`` or ``Tensor | None``, in field order
+    nested_tensors: bool  # a Tensor may sit elsewhere (``Tensor | None``, ``tuple[Tensor, ...]``)
+
+
+def _plain_tensor(tp: Any) -> bool:
+    """``Tensor`` or ``Tensor | None``: the fields whose tensors the fast encode path handles."""
+    if tp is Tensor:
+        return True
+    return (typing.get_origin(tp) in (typing.Union, types.UnionType)
+            and set(typing.get_args(tp)) == {Tensor, type(None)})
+
+
+def _mentions_tensor(tp: Any) -> bool:
+    return tp is Tensor or any(_mentions_tensor(a) for a in typing.get_args(tp))
 
 
 def _field_specs(cls: type) -> _Spec:
@@ -286,10 +312,13 @@ def _field_specs(cls: type) -> _Spec:
     fields = tuple(
         _Field(f.name, hints[f.name],
                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-               _compile(hints[f.name]), f"{getattr(cls, 'TYPE', cls.__name__)}.{f.name}")
+               _compile(hints[f.name]), f"{getattr(cls, 'TYPE', cls.__name__)}.{f.name}",
+               _exact_types(hints[f.name]))
         for f in dataclasses.fields(cls)
     )
-    return _Spec(fields, frozenset(f.name for f in fields))
+    tensors = tuple(f.name for f in fields if _plain_tensor(f.tp))
+    nested = any(_mentions_tensor(f.tp) for f in fields if not _plain_tensor(f.tp))
+    return _Spec(fields, frozenset(f.name for f in fields), tensors, nested)
 
 
 _SPECS: dict[type, _Spec] = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
@@ -305,26 +334,28 @@ class Codec:
                  ext: ExtRegistry = EXT) -> None:
         self.max_message_bytes = max_message_bytes
         self._ext = ext
+        # Reused for every header whose tensors sit in plain ``Tensor`` fields: it then calls no
+        # Python code while packing, so it cannot be re-entered (safe across threads too).
+        self._packer = msgpack.Packer(use_bin_type=True)
 
     def encode(self, msg: Message) -> bytes:
         """One frame: the header, then each tensor's bytes (copied once, into the frame)."""
         spec = _SPECS.get(type(msg))
         if spec is None:
             raise LocalProtocolError(f"{type(msg).__name__} is not a wire message")
-        body = {f.name: getattr(msg, f.name) for f in spec.fields}
         arrays: list[np.ndarray] = []
-        ext_default = self._ext.default
-
-        def default(obj: Any) -> Any:
-            if type(obj) is Tensor:
-                a = obj.array()
-                arrays.append(a)
-                return msgpack.ExtType(TENSOR_EXT, _descriptor_bytes(a))
-            return ext_default(obj)
-
+        body = {f.name: getattr(msg, f.name) for f in spec.fields}
         try:
-            header = msgpack.packb({"v": PROTOCOL_VERSION, "t": msg.TYPE, "b": body},
-                                   use_bin_type=True, default=default)
+            if spec.nested_tensors:
+                header = self._pack_nested(msg.TYPE, body, arrays)
+            else:
+                for name in spec.tensors:  # field order = the order the decoder meets them
+                    t = body[name]
+                    if type(t) is Tensor:
+                        a = t.array()
+                        arrays.append(a)
+                        body[name] = _descriptor_ext(a)
+                header = self._packer.pack({"v": PROTOCOL_VERSION, "t": msg.TYPE, "b": body})
         except ProtocolError:
             raise
         except (TypeError, ValueError, OverflowError) as e:
@@ -342,9 +373,21 @@ class Codec:
                                      f"{self.max_message_bytes}-byte cap; send it in chunks")
         return b"".join(parts)
 
+    def _pack_nested(self, tag: str, body: dict[str, Any], arrays: list[np.ndarray]) -> bytes:
+        ext_default = self._ext.default
+
+        def default(obj: Any) -> Any:
+            if type(obj) is Tensor:
+                a = obj.array()
+                arrays.append(a)
+                return _descriptor_ext(a)
+            return ext_default(obj)
+
+        return msgpack.packb({"v": PROTOCOL_VERSION, "t": tag, "b": body}, use_bin_type=True, default=default)
+
     def decode(self, data: bytes | bytearray | memoryview) -> Message:
         """Decode one frame. Tensors in the message are read-only views of ``data``."""
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if type(data) is not bytes and not isinstance(data, bytearray | memoryview):
             raise RemoteProtocolError("a frame must be binary")
         frame = memoryview(data)
         if frame.ndim != 1 or frame.itemsize != 1:
@@ -363,6 +406,7 @@ class Codec:
             raise RemoteProtocolError(f"malformed frame: a header of {hlen} bytes in a frame of {n}")
         end = _PREFIX + hlen  # where the next tensor's bytes may start (before its padding)
         ext_hook = self._ext.ext_hook
+        writable = not frame.readonly  # a bytearray: make the views read-only ourselves
 
         def hook(code: int, payload: bytes) -> Any:
             nonlocal end
@@ -375,7 +419,10 @@ class Codec:
                 raise RemoteProtocolError(f"truncated frame: a {d.dtype.name} tensor of shape "
                                           f"{list(d.shape)} needs bytes up to {stop}, the frame has {n}")
             end = stop
-            return Tensor._trusted(np.frombuffer(frame, d.dtype, d.count, start).reshape(d.shape))
+            a = np.ndarray(d.shape, d.dtype, frame, start)  # a view: no copy
+            if writable:
+                a.flags.writeable = False
+            return Tensor._wrap(a)
 
         try:
             msg = msgpack.unpackb(frame[_PREFIX:_PREFIX + hlen], raw=False, strict_map_key=True,
@@ -389,7 +436,7 @@ class Codec:
         return self._message(msg)
 
     def _message(self, frame: Any) -> Message:
-        if not isinstance(frame, dict) or not {"v", "t", "b"} <= set(frame):
+        if type(frame) is not dict or "v" not in frame or "t" not in frame or "b" not in frame:
             raise RemoteProtocolError("malformed frame: not a map with v, t and b")
         version, tag, body = frame["v"], frame["t"], frame["b"]
         if version != PROTOCOL_VERSION:
@@ -407,7 +454,11 @@ class Codec:
         kwargs = {}
         for f in spec.fields:
             if f.name in body:
-                kwargs[f.name] = f.convert(body[f.name], f.path)
+                value = body[f.name]
+                # Scalars are checked inline (a decode is on the hot path); the rest, and every
+                # failure (for its message), go through the compiled checker.
+                kwargs[f.name] = (value if f.exact is not None and type(value) in f.exact
+                                  else f.convert(value, f.path))
             elif f.required:
                 raise RemoteProtocolError(f"{tag}: missing field {f.name!r}")
         return cls(**kwargs)

@@ -94,9 +94,14 @@ class Tensor:
 
     @classmethod
     def _trusted(cls, a: np.ndarray) -> Tensor:
-        """Wrap an array already known to be valid (the codec's decoded views)."""
+        """Wrap an array already known to be valid."""
+        return cls._wrap(_readonly(a))
+
+    @classmethod
+    def _wrap(cls, a: np.ndarray) -> Tensor:
+        """Wrap a valid, already read-only array (the codec's decoded views: the hot path)."""
         t = object.__new__(cls)
-        object.__setattr__(t, "_a", _readonly(a))
+        object.__setattr__(t, "_a", a)
         return t
 
     @classmethod
