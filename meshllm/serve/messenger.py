@@ -65,8 +65,7 @@ class Messenger:
         if data is None or t is None:
             self.undeliverable += 1
             return False
-        sd = getattr(t, "send_data", None)  # TEMP
-        ok = bool(await sd(to, data)) if sd is not None else bool(t.send(to, data))
+        ok = bool(await t.send_data(to, data))
         if not ok:
             self.undeliverable += 1
         return ok
