@@ -37,7 +37,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from meshllm.errors import ModelError
-from meshllm.model.config import ModelConfig
+from meshllm.model.config import DEFAULT_INT4_MODE, INT4_MODES, ModelConfig
 from meshllm.model.quant import BLOCK, QuantMatrix, concat_rows, quantize4
 
 OPSET = 17
@@ -48,11 +48,6 @@ HEAD_DIM_MULTIPLE = 16
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int32): TensorProto.INT32}
 
-# int4 blocks run their matrices with MatMulNBits at one of two accuracy levels: "exact" computes
-# in float32 on the dequantized blocks (level 0), "fast" quantizes the activations to int8 per
-# block and uses integer dot products (level 4). docs/models.md holds the measured agreement.
-INT4_MODES = {"exact": 0, "fast": 4}
-DEFAULT_INT4_MODE = "fast"
 WEIGHT_DTYPES = ("float32", "float16", "int4")
 Weight = np.ndarray | QuantMatrix
 

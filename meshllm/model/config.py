@@ -22,6 +22,11 @@ DTYPE_BYTES = {"float32": 4, "float16": 2}
 # Bytes per matrix weight as stored and as onnxruntime holds it: int4 packs two values a byte
 # plus, per block of 32, a float32 scale and a 4-bit zero point (MatMulNBits' layout). Exports
 # from quantized files record each block's exact bytes instead (Q4_1 offsets, 8-bit tables).
+# int4 blocks run their matrices with MatMulNBits at one of two accuracy levels: "exact" computes
+# in float32 on the dequantized blocks (level 0), "fast" quantizes the activations to int8 per
+# block and uses integer dot products (level 4). docs/models.md holds the measured agreement.
+INT4_MODES = {"exact": 0, "fast": 4}
+DEFAULT_INT4_MODE = "fast"
 MATRIX_BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "int4": 0.5 + (4 + 0.5) / 32}
 
 

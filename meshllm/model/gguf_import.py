@@ -91,7 +91,7 @@ def open_gguf(path: str | Path) -> GGUFFile:
         reader = GGUFReader(p)
     except ValueError as e:
         msg = str(e)
-        m = re.search(r"(\d+) is not a valid GGMLQuantizationType", msg)
+        m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", msg)
         if m:
             raise ModelError(f"{p}: tensor type {m.group(1)} is unknown to the gguf reader "
                              f"(a newer or non-standard quantization)") from None

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from meshllm.errors import ModelError
 
@@ -142,8 +142,10 @@ def _spm(meta: Mapping[str, Any], tokens: list[str], types: list[int], vocab: di
     tok = Tokenizer(models.BPE(vocab=vocab, merges=spm_merges(mergeable, scores), unk_token=unk,
                                fuse_unk=True, byte_fallback=True))
     space_prefix = bool(_get(meta, "tokenizer.ggml.add_space_prefix", True))
-    steps: list[normalizers.Normalizer] = [normalizers.Prepend("▁")] if space_prefix else []
-    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    # as Hugging Face's Llama tokenizer: spaces become "▁" and the text gets one leading "▁"
+    # unless it already starts with a space
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", split=False,
+                                                 prepend_scheme="first" if space_prefix else "never")
     dec: list[decoders.Decoder] = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if space_prefix:
         dec.append(decoders.Strip(content=" ", left=1, right=0))
