@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-
 from gguf_files import CFG, write_model
+
 from meshllm.cli import main
 from meshllm.errors import ModelError
 from meshllm.model import reference
