@@ -38,7 +38,7 @@ from onnx import TensorProto, helper
 
 from meshllm.errors import ModelError
 from meshllm.model.config import DEFAULT_INT4_MODE, INT4_MODES, ModelConfig
-from meshllm.model.quant import BLOCK, QuantMatrix, concat_rows, quantize4
+from meshllm.model.quant import BLOCK, QuantMatrix, concat_rows, quantize4, split8
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -146,8 +146,12 @@ class _Graph:
 
     def qmatmul(self, x: str, name: str, m: QuantMatrix, out: str | None = None) -> str:
         """x (B, S, K) @ m.T -> (B, S, N) with MatMulNBits, plus the exact ``mins`` term."""
-        N, K = m.shape
         assert self.accuracy_level is not None
+        if m.bits == 8 and self.accuracy_level == 0:
+            # float32 compute on 8 bits is onnxruntime's slow path: two 4-bit halves instead
+            x = self.node("Concat", [x, x], axis=-1)[0]  # (B, S, 2K)
+            m = split8(m)
+        N, K = m.shape
         self.tensor(name + ".q", m.packed())
         self.tensor(name + ".scales", m.scale)
         self.tensor(name + ".zero_points", m.packed_zero())

@@ -96,6 +96,25 @@ class QuantMatrix:
         return n + (self.mins.nbytes if self.mins is not None else 0)
 
 
+def split8(m: QuantMatrix) -> QuantMatrix:
+    """An 8-bit matrix as a 4-bit one of twice the width, for ``[x, x] @ split8(m).T``: each
+    value v = q - zero in [-128, 127] is 16 h + l with h in [-8, 7] and l in [0, 16), so
+    scale · v = (16 scale)(h + 8 - 8) + scale · l, exactly. onnxruntime runs 8-bit MatMulNBits in
+    float32 on a slow path; two 4-bit halves run on the fast one."""
+    if m.bits != 8:
+        raise ModelError("split8 needs an 8-bit matrix")
+    v = m.q.astype(np.int16).reshape(m.shape[0], m.n_blocks, BLOCK) - m.zero[:, :, None].astype(np.int16)
+    hi = np.floor_divide(v, 16)  # (N, nb, 32) in [-8, 7]
+    lo = v - 16 * hi  # in [0, 16)
+    N, K = m.shape
+    q = np.concatenate([(hi + 8).reshape(N, K), lo.reshape(N, K)], axis=1).astype(np.uint8)
+    nb = m.n_blocks
+    scale = np.concatenate([m.scale * np.float32(16), m.scale], axis=1)
+    zero = np.concatenate([np.full((N, nb), 8, np.uint8), np.zeros((N, nb), np.uint8)], axis=1)
+    mins = None if m.mins is None else np.concatenate([m.mins, np.zeros_like(m.mins)], axis=1)
+    return QuantMatrix(q, scale, zero, mins, 4, m.source + " as 2x4-bit")
+
+
 def concat_rows(mats: list[QuantMatrix]) -> QuantMatrix:
     """Stack matrices along N (fused q|k|v, gate|up). Offsets are kept where any has them."""
     if len({m.bits for m in mats}) != 1 or len({m.shape[1] for m in mats}) != 1:
