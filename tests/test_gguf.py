@@ -233,3 +233,44 @@ def test_cli_export_int4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert info["dtype"] == "int4" and info["int4_mode"] == "exact"
     m = load_manifest(tmp_path / "out")
     assert info["param_bytes"] == sum(b.cost.param_bytes for b in m.blocks)
+
+
+# --- quantized matrices -------------------------------------------------------------------------
+def test_split8_is_exact() -> None:
+    from meshllm.model.quant import BLOCK, QuantMatrix, split8
+
+    rng = np.random.default_rng(3)
+    N, K = 5, 4 * BLOCK
+    m = QuantMatrix(rng.integers(0, 256, (N, K)).astype(np.uint8), rng.random((N, K // BLOCK)).astype(np.float32),
+                    np.full((N, K // BLOCK), 128, np.uint8), None, 8, "Q8_0")
+    s = split8(m)
+    assert s.bits == 4 and s.shape == (N, 2 * K) and s.q.max() <= 15
+    w = s.dequantize()
+    np.testing.assert_allclose(w[:, :K] + w[:, K:], m.dequantize(), rtol=1e-6, atol=0)
+
+
+def test_quantize4_round_trip_error_is_bounded() -> None:
+    from meshllm.model.quant import BLOCK, quantize4
+
+    w = np.random.default_rng(4).standard_normal((8, 3 * BLOCK)).astype(np.float32)
+    q = quantize4(w)
+    step = np.repeat(q.scale, BLOCK, axis=1)  # (N, K): each value's quantization step
+    assert np.all(np.abs(q.dequantize() - w) <= 0.5 * step + 1e-6)
+    with pytest.raises(ModelError, match="columns"):
+        quantize4(np.zeros((2, 33), np.float32))
+
+
+def test_int4_export_of_float_weights(tmp_path: Path) -> None:
+    """`export --dtype int4` of any float model quantizes every matrix to 4 bits; the manifest
+    charges the stored bytes."""
+    from meshllm.model.export import export_model, random_weights
+    from meshllm.model.quant import QuantMatrix, quantize4
+
+    w = random_weights(CFG, np.random.default_rng(9))
+    m = export_model(w, CFG, tmp_path, name="q", weight_dtype="int4", int4_mode="exact", progress=False)
+    deq = {k: (quantize4(v).dequantize() if v.ndim == 2 else v) for k, v in w.items()}
+    _check_close(_logits(m), reference.forward(IDS, deq, m.config), 1e-5)
+    f32 = sum(v.nbytes for v in w.values())
+    stored = sum(b.cost.param_bytes for b in m.blocks)
+    assert 0.1 * f32 < stored < 0.2 * f32
+    assert not isinstance(w["norm.weight"], QuantMatrix)

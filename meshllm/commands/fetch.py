@@ -1,8 +1,9 @@
 """``meshllm fetch``: obtain a real model and import it once into the cache.
 
-    meshllm fetch smollm2 [--dtype float32|float16|int4] [--int4-mode exact|fast] [--cache-dir DIR]
+    meshllm fetch smollm2 [--dtype float32|float16|int4] [--int4-mode exact|fast] [--cache-dir DIR] [--gguf]
 
-Prints the model directory (use it as ``--model DIR`` or ``$MESHLLM_MODEL``).
+Prints the model directory (use it as ``--model DIR`` or ``$MESHLLM_MODEL``), or with ``--gguf``
+the path of the GGUF file itself.
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="int4 compute mode (default %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="cache directory (default $MESHLLM_CACHE, else ~/.cache/meshllm)")
+    p.add_argument("--gguf", action="store_true",
+                   help="print the path of the downloaded GGUF file instead (no import)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshllm.model.fetch import ensure_smollm2
+    from meshllm.model.fetch import ensure_smollm2, smollm2_gguf
 
+    if args.gguf:
+        print(smollm2_gguf(args.cache_dir))
+        return 0
     path = ensure_smollm2(args.cache_dir, args.dtype, int4_mode=args.int4_mode, progress=not args.quiet)
     print(path)
     return 0
