@@ -151,7 +151,7 @@ def run_model(args: argparse.Namespace) -> int:
                 engines.append(TransformersGGUFEngine(gguf, threads))
             except ImportError as e:
                 notes["transformers"] = f"transformers not installed ({e.name})"
-    names = [e.name for e in engines]
+    names = [eng.name for eng in engines]
     log(f"engines: {', '.join(names)}; read bandwidth")
     samplers = bandwidth_samplers()
     tbw: dict[str, list[float]] = {}
@@ -160,14 +160,14 @@ def run_model(args: argparse.Namespace) -> int:
     t1 = interleaved_decode(engines, rng.integers(0, cfg.vocab_size, (1, args.context)),
                             rng.integers(0, cfg.vocab_size, (n + 1, 1)), rng, samplers, tbw)
     log(f"decode, batch {BATCH} (runner and transformers)")
-    batched = [e for e in engines if e.name != "llamacpp"]
+    batched = [eng for eng in engines if eng.name != "llamacpp"]
     tB = interleaved_decode(batched, rng.integers(0, cfg.vocab_size, (BATCH, args.context)),
                             rng.integers(0, cfg.vocab_size, (n + 1, BATCH)), rng)
     log(f"prefill of {prefill} tokens")
     pre = rng.integers(0, cfg.vocab_size, prefill)
-    tp: dict[str, list[float]] = {e.name: [] for e in engines}
-    for e in engines:
-        e.prefill_logits(pre)  # warm
+    tp: dict[str, list[float]] = {eng.name: [] for eng in engines}
+    for eng in engines:
+        eng.prefill_logits(pre)  # warm
     for _ in range(max(4, args.reps)):
         for j in rng.permutation(len(engines)):
             tp[engines[j].name].append(_timed(functools.partial(engines[j].prefill_logits, pre)))
