@@ -15,15 +15,27 @@ A runner is not thread-safe: call it from one thread at a time.
 
 Interface (the one the rest of meshllm codes against):
 
-* ``alloc(seq_id, max_len)`` / ``free(seq_id)`` / ``seq_len(seq_id)``
+* ``alloc(seq_id, max_len, *, group=None)`` / ``free(seq_id)`` / ``seq_len(seq_id)``; ``group``
+  names the micro-batch a sequence decodes in (its slots stay together, see ``kv``).
 * ``prefill(seq_id, x, last_only=True)``: x (T,) int64 ids when the range starts at the embedding,
   else (T, H) float32 hidden; appends to the sequence (chunked prefill works). Returns (T, H)
   hidden, or, if the range ends with the head, logits (V,) for the last position or (T, V).
 * ``decode(seq_ids, x)``: one token per sequence, sequences of any lengths: x (B,) int64 or
-  (B, H) float32 -> (B, H) hidden or (B, V) logits.
-* ``kv_export(seq_id, block)`` -> (k, v), each (len, kv_heads, head_dim); ``kv_import`` the
-  reverse (``start=`` appends a later chunk), which is how a prefill node hands a sequence to a
-  decode node.
+  (B, H) float32 -> (B, H) hidden or (B, V) logits. ``decode_rows`` is the same step reporting
+  bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors).
+* ``kv_export(seq_id, block, start=0, end=None)`` -> (k, v), each (end - start, kv_heads,
+  head_dim), copying only that range; ``kv_import`` the reverse (``start=`` appends a later
+  chunk), which is how a prefill node hands a sequence to a decode node.
+* ``truncate(seq_id, length)``: forget positions >= length (their pages go back to the OS).
+* ``weight_bytes_resident``: bytes the loaded weights occupy in memory (float16 files are held
+  as float32, see ``weight_bytes_resident()``).
+
+Memory: loading keeps no second copy of the weights. A fused range is built as protobuf
+messages in Python and handed over serialized; onnxruntime's wrapper would keep those bytes
+for the session's life, and glibc keeps the freed parse buffers, which together left RSS at
+2.8x the stored bytes (bench preset, fp32); both are released after loading (measured 1.01x;
+docs/runtime.md). Prepacking of the weights stays on: it replaces the original tensors (no net
+memory) and without it a batch-8 decode step measured twice as slow.
 
 Beyond the shared contract (all keyword-only, with defaults): ``fuse``, ``slot_len`` (positions
 per slot; default the model's context), ``has_seq``, ``kv_bytes_per_token``, ``last_compute_s``.
