@@ -21,8 +21,12 @@ demo: install
 	$(BIN)/meshllm demo
 
 bench: install
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/meshllm bench runtime --json
+	$(BIN)/meshllm bench runtime --json --model "$$($(BIN)/meshllm fetch smollm2 --quiet)" \
+		--gguf "$$($(BIN)/meshllm fetch smollm2 --quiet --gguf)"
 	$(BIN)/meshllm bench planner --json
+	$(BIN)/meshllm bench wire --json
 
 lint: install
 	$(BIN)/ruff check meshllm tests tools

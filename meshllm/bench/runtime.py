@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from meshllm.errors import UserError
 from meshllm.model.blocks import build_monolithic
 from meshllm.model.config import PRESETS, ModelConfig, param_count
 from meshllm.model.export import export_model, random_weights
@@ -46,7 +47,12 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions of the decode steps")
     p.add_argument("--context", type=int, default=64, help="prompt length before decode is timed")
     p.add_argument("--long-context", type=int, default=1024, help="context for ctx_growth")
-    p.add_argument("--prefill", type=int, default=128, help="prompt length for prefill tokens/s")
+    p.add_argument("--prefill", type=int, default=None,
+                   help="prompt length for prefill tokens/s (default 128; 300 with --model)")
+    p.add_argument("--model", default=None,
+                   help="a model directory to measure instead of a random preset (see bench/model_runtime.py)")
+    p.add_argument("--gguf", default=None,
+                   help="with --model: the GGUF file it came from, for llama.cpp and transformers side by side")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--seed", type=int, default=0)
 
@@ -250,6 +256,14 @@ def sample_bandwidth(samplers: dict[str, Callable[[], float]], n: int, rng: np.r
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        from meshllm.bench.model_runtime import run_model
+
+        return run_model(args)
+    if args.gguf is not None:
+        raise UserError("--gguf needs --model (the model directory imported from it)")
+    if args.prefill is None:
+        args.prefill = 128
     cfg = PRESETS[args.preset]
     threads = args.threads or default_threads()
     rng = np.random.default_rng(args.seed)

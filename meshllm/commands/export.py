@@ -1,7 +1,8 @@
 """``meshllm export``: write a model directory (ONNX blocks + manifest.json).
 
     meshllm export --random --preset {tiny,small,bench} --seed S --out DIR [--dtype float32|float16]
-    meshllm export --hf-dir DIR --out DIR [--dtype float32|float16] [--context N]
+    meshllm export --hf-dir DIR --out DIR [--dtype float32|float16|int4] [--context N]
+    meshllm export --gguf FILE --out DIR [--dtype float32|float16|int4] [--int4-mode exact|fast] [--context N]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from meshllm.errors import ModelError, UserError
+from meshllm.model.config import DEFAULT_INT4_MODE, INT4_MODES
 
 if TYPE_CHECKING:
     from meshllm.model.manifest import Manifest
@@ -28,13 +30,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--random", action="store_true", help="random weights of a preset shape")
     src.add_argument("--hf-dir", type=Path, help="a local Hugging Face checkpoint directory")
+    src.add_argument("--gguf", type=Path, help="a GGUF file (llama.cpp / Ollama / LM Studio) of a "
+                                               "llama, mistral or qwen2 model")
     p.add_argument("--preset", choices=RANDOM_PRESETS, default="tiny", help="shape for --random (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weight seed for --random (default %(default)s)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.json to ship with a --random model")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                   help="storage dtype of the weights; compute is float32 (default %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "float16", "int4"], default="float32",
+                   help="storage dtype of the weights (default %(default)s). float16 is cast to float32 "
+                        "at load; int4 keeps GGUF Q4_0/Q4_1/Q8_0 matrices exactly as stored and "
+                        "quantizes the others to 4 bits, run by onnxruntime's MatMulNBits")
+    p.add_argument("--int4-mode", choices=list(INT4_MODES), default=DEFAULT_INT4_MODE,
+                   help="int4 compute: exact (float32 activations) or fast (int8 activations); "
+                        "see docs/models.md (default %(default)s)")
     p.add_argument("--context", type=int, default=None,
                    help="cap the context length (tokens) below the checkpoint's")
     p.add_argument("--name", default=None, help="model name in the manifest")
@@ -58,16 +67,24 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--context must be positive, got {args.context}")
     if args.random:
         manifest = _export_random(args)
+    elif args.gguf is not None:
+        from meshllm.model.gguf_import import import_gguf
+
+        manifest = import_gguf(args.gguf, args.out, weight_dtype=args.dtype, int4_mode=args.int4_mode,
+                               name=args.name, max_position=args.context, progress=not args.quiet)
     else:
         from meshllm.model.hf_import import import_checkpoint
 
         manifest = import_checkpoint(args.hf_dir, args.out, weight_dtype=args.dtype, name=args.name,
-                                     max_position=args.context, progress=not args.quiet)
+                                     max_position=args.context, progress=not args.quiet,
+                                     int4_mode=args.int4_mode)
     cfg = manifest.config
     print(json.dumps({"out": str(args.out), "name": manifest.name, "model_id": manifest.model_id,
                       "architecture": cfg.architecture, "layers": cfg.num_layers,
                       "hidden": cfg.hidden_size, "vocab": cfg.vocab_size, "context": cfg.max_position,
                       "dtype": cfg.weight_dtype,
+                      **({"int4_mode": manifest.provenance.get("int4_mode")}
+                         if manifest.provenance and "int4_mode" in manifest.provenance else {}),
                       "param_bytes": sum(b.cost.param_bytes for b in manifest.blocks),
                       "tokenizer": manifest.tokenizer_file is not None}))
     return 0
@@ -92,4 +109,4 @@ def _export_random(args: argparse.Namespace) -> Manifest:
     weights = random_weights(cfg, np.random.default_rng(args.seed))
     return export_model(weights, cfg, args.out, name=args.name or f"{args.preset}-random-{args.seed}",
                         tokenizer_file=args.tokenizer, weight_dtype=args.dtype,
-                        progress=not args.quiet)
+                        int4_mode=args.int4_mode, progress=not args.quiet)

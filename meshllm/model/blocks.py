@@ -27,6 +27,7 @@ runtime benchmark compares the per-block runner against).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,19 @@ import onnx
 from onnx import TensorProto, helper
 
 from meshllm.errors import ModelError
-from meshllm.model.config import ModelConfig
+from meshllm.model.config import DEFAULT_INT4_MODE, INT4_MODES, ModelConfig
+from meshllm.model.quant import BLOCK, QuantMatrix, concat_rows, quantize4, split8
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 # onnxruntime's CPU GroupQueryAttention kernel refuses other head sizes.
 HEAD_DIM_MULTIPLE = 16
 
-_NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+_NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+               np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int32): TensorProto.INT32}
+
+WEIGHT_DTYPES = ("float32", "float16", "int4")
+Weight = np.ndarray | QuantMatrix
 
 
 class ExternalData:
@@ -82,9 +88,11 @@ class _Graph:
 
     weight_dtype: np.dtype
     external: ExternalData | None = None
+    accuracy_level: int | None = None  # MatMulNBits accuracy level; None: float matrices
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[onnx.TensorProto] = field(default_factory=list)
     _n: int = 0
+    _block_sums: dict[str, str] = field(default_factory=dict)
 
     def tensor(self, name: str, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr)
@@ -121,6 +129,53 @@ class _Graph:
         self.tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
         return name
 
+    def const(self, arr: np.ndarray) -> str:
+        name = self.name("const")
+        self.tensor(name, arr)
+        return name
+
+    def block_sums(self, x: str, k: int) -> str:
+        """(..., K) -> (..., K / BLOCK): sums of the input over each quantization block, shared
+        by every matrix that reads ``x``."""
+        if x not in self._block_sums:
+            shape = self.const(np.array([0, 0, k // BLOCK, BLOCK], np.int64))
+            r = self.node("Reshape", [x, shape])[0]  # (B, S, nb, 32)
+            self._block_sums[x] = self.node("ReduceSum", [r, self.const(np.array([-1], np.int64))],
+                                            keepdims=0)[0]  # (B, S, nb)
+        return self._block_sums[x]
+
+    def qmatmul(self, x: str, name: str, m: QuantMatrix, out: str | None = None) -> str:
+        """x (B, S, K) @ m.T -> (B, S, N) with MatMulNBits, plus the exact ``mins`` term."""
+        assert self.accuracy_level is not None
+        if m.bits == 8 and self.accuracy_level == 0:
+            # float32 compute on 8 bits is onnxruntime's slow path: two 4-bit halves instead
+            x = self.node("Concat", [x, x], axis=-1)[0]  # (B, S, 2K)
+            m = split8(m)
+        N, K = m.shape
+        self.tensor(name + ".q", m.packed())
+        self.tensor(name + ".scales", m.scale)
+        self.tensor(name + ".zero_points", m.packed_zero())
+        y = self.node("MatMulNBits", [x, name + ".q", name + ".scales", name + ".zero_points"],
+                      None if m.mins is not None else ([out] if out else None), domain=MS_DOMAIN,
+                      K=K, N=N, bits=m.bits, block_size=BLOCK, accuracy_level=self.accuracy_level)[0]
+        if m.mins is None:
+            return y
+        # sum_k (scale (q - zero) + min_b) x_k = MatMulNBits(x) + sum_b min_b * (block sum of x)_b
+        mins = self.f32_init(name + ".mins", np.ascontiguousarray(m.mins.T))  # (nb, N)
+        corr = self.node("MatMul", [self.block_sums(x, K), mins])[0]  # (B, S, N)
+        return self.node("Add", [y, corr], [out] if out else None)[0]
+
+    def linear(self, x: str, name: str, mats: list[Weight], out: str | None = None) -> str:
+        """x (B, S, K) times the row-stack of ``mats`` (each (N_i, K), HF layout), transposed."""
+        if self.accuracy_level is None:
+            w = np.concatenate([_dense(m) for m in mats], axis=0).T  # (K, sum N_i)
+            return self.node("MatMul", [x, self.init(name, w)], [out] if out else None)[0]
+        qs = [m if isinstance(m, QuantMatrix) else quantize4(m) for m in mats]
+        if len({m.bits for m in qs}) == 1:
+            return self.qmatmul(x, name, concat_rows(qs) if len(qs) > 1 else qs[0], out)
+        parts = [self.qmatmul(x, f"{name}.{i}", m) for i, m in enumerate(qs)]
+        return self.node("Concat", parts, [out] if out else None, axis=-1)[0]
+
 
 def check_supported(cfg: ModelConfig) -> None:
     if cfg.head_dim % HEAD_DIM_MULTIPLE:
@@ -137,23 +192,32 @@ def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def _w(weights: dict[str, np.ndarray], key: str) -> np.ndarray:
+def _w(weights: Mapping[str, Weight], key: str) -> Weight:
     try:
         return weights[key]
     except KeyError:
         raise ModelError(f"weight {key!r} is missing") from None
 
 
-def _rms(g: _Graph, x: str, weight: np.ndarray, wname: str, eps: float) -> str:
+def _dense(w: Weight) -> np.ndarray:
+    return w.dequantize() if isinstance(w, QuantMatrix) else w
+
+
+def _rms(g: _Graph, x: str, weight: Weight, wname: str, eps: float) -> str:
     # SimplifiedLayerNormalization is onnxruntime's RMSNorm: x / sqrt(mean(x^2) + eps) * w
+    if isinstance(weight, QuantMatrix):
+        raise ModelError(f"weight {wname} is a norm: it cannot be quantized")
     w = g.init(wname, weight)
     return g.node("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=float(eps))[0]
 
 
-def _emit_embed(g: _Graph, cfg: ModelConfig, weights: dict[str, np.ndarray], ids: str, out: str) -> None:
+def _emit_embed(g: _Graph, cfg: ModelConfig, weights: Mapping[str, Weight], ids: str, out: str) -> None:
     emb = _w(weights, "embed_tokens.weight")  # (V, H)
+    if g.accuracy_level is not None:
+        _emit_quant_embed(g, emb if isinstance(emb, QuantMatrix) else quantize4(emb), ids, out)
+        return
     # gather rows in the storage dtype, then cast only the gathered rows
-    name = g.init("embed_tokens.weight", emb, compute_f32=False)
+    name = g.init("embed_tokens.weight", _dense(emb), compute_f32=False)
     if g.weight_dtype == np.float16:
         rows = g.node("Gather", [name, ids])[0]
         g.node("Cast", [rows], [out], to=TensorProto.FLOAT)
@@ -161,33 +225,67 @@ def _emit_embed(g: _Graph, cfg: ModelConfig, weights: dict[str, np.ndarray], ids
         g.node("Gather", [name, ids], [out])
 
 
-def _emit_layer(g: _Graph, cfg: ModelConfig, weights: dict[str, np.ndarray], i: int, x: str, out: str,
+def _emit_quant_embed(g: _Graph, m: QuantMatrix, ids: str, out: str) -> None:
+    """Gather the quantized rows of the ids, then dequantize only those rows."""
+    H = m.shape[1]
+    rows = g.node("Gather", [_tensor_name(g, "embed_tokens.weight.q", m.packed()), ids])[0]  # (B, S, nb, bytes)
+    if m.bits == 4:
+        xi = g.node("Cast", [rows], to=TensorProto.INT32)[0]
+        sixteen = g.const(np.array(16, np.int32))
+        hi = g.node("Div", [xi, sixteen])[0]
+        lo = g.node("Sub", [xi, g.node("Mul", [hi, sixteen])[0]])[0]
+        axis = g.const(np.array([-1], np.int64))
+        pair = g.node("Concat", [g.node("Unsqueeze", [lo, axis])[0], g.node("Unsqueeze", [hi, axis])[0]],
+                      axis=-1)[0]  # (B, S, nb, 16, 2): even element in the low nibble
+        q = g.node("Reshape", [pair, g.const(np.array([0, 0, m.n_blocks, BLOCK], np.int64))])[0]
+        qf = g.node("Cast", [q], to=TensorProto.FLOAT)[0]
+    else:
+        qf = g.node("Cast", [rows], to=TensorProto.FLOAT)[0]  # (B, S, nb, 32)
+    axis = g.const(np.array([-1], np.int64))
+
+    def per_block(name: str, arr: np.ndarray) -> str:  # (B, S, nb, 1) float32 rows of arr
+        gathered = g.node("Gather", [_tensor_name(g, name, arr), ids])[0]
+        if arr.dtype != np.float32:
+            gathered = g.node("Cast", [gathered], to=TensorProto.FLOAT)[0]
+        return g.node("Unsqueeze", [gathered, axis])[0]
+
+    w = g.node("Mul", [g.node("Sub", [qf, per_block("embed_tokens.weight.zero", m.zero)])[0],
+                       per_block("embed_tokens.weight.scales", m.scale)])[0]
+    if m.mins is not None:
+        w = g.node("Add", [w, per_block("embed_tokens.weight.mins", m.mins)])[0]
+    g.node("Reshape", [w, g.const(np.array([0, 0, H], np.int64))], [out])
+
+
+def _tensor_name(g: _Graph, name: str, arr: np.ndarray) -> str:
+    g.tensor(name, arr)
+    return name
+
+
+def _emit_layer(g: _Graph, cfg: ModelConfig, weights: Mapping[str, Weight], i: int, x: str, out: str,
                 past_k: str, past_v: str, present_k: str, present_v: str, seqlens: str, total: str,
                 cos: str, sin: str) -> None:
     p = f"layers.{i}."
     a = p + "self_attn."
     h = _rms(g, x, _w(weights, p + "input_layernorm.weight"), p + "input_layernorm.weight", cfg.rms_norm_eps)
-    # fused q|k|v projection, stored (H, q + 2 kv)
-    wqkv = np.concatenate([_w(weights, a + f"{n}_proj.weight") for n in "qkv"], axis=0).T
-    qkv = g.node("MatMul", [h, g.init(a + "qkv_proj.weight", wqkv)])[0]  # (B, S, q + 2kv)
+    # fused q|k|v projection: (B, S, H) -> (B, S, q + 2 kv)
+    qkv = g.linear(h, a + "qkv_proj.weight", [_w(weights, a + f"{n}_proj.weight") for n in "qkv"])
     if cfg.qkv_bias:
-        bqkv = np.concatenate([_w(weights, a + f"{n}_proj.bias") for n in "qkv"], axis=0)
+        bqkv = np.concatenate([_dense(_w(weights, a + f"{n}_proj.bias")) for n in "qkv"], axis=0)
         qkv = g.node("Add", [qkv, g.init(a + "qkv_proj.bias", bqkv)])[0]
     attn = g.node("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens, total, cos, sin],
                   [g.name("attn"), present_k, present_v], domain=MS_DOMAIN,
                   num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1,
                   rotary_interleaved=0, scale=float(cfg.head_dim ** -0.5))[0]  # (B, S, q)
-    o = g.node("MatMul", [attn, g.init(a + "o_proj.weight", _w(weights, a + "o_proj.weight").T)])[0]
+    o = g.linear(attn, a + "o_proj.weight", [_w(weights, a + "o_proj.weight")])
     x2 = g.node("Add", [x, o])[0]  # (B, S, H)
     h2 = _rms(g, x2, _w(weights, p + "post_attention_layernorm.weight"),
               p + "post_attention_layernorm.weight", cfg.rms_norm_eps)
     m = p + "mlp."
-    wgu = np.concatenate([_w(weights, m + "gate_proj.weight"), _w(weights, m + "up_proj.weight")], axis=0).T
-    gu = g.node("MatMul", [h2, g.init(m + "gate_up_proj.weight", wgu)])[0]  # (B, S, 2I)
+    gu = g.linear(h2, m + "gate_up_proj.weight",
+                  [_w(weights, m + "gate_proj.weight"), _w(weights, m + "up_proj.weight")])  # (B, S, 2I)
     gate, up = _split2(g, gu, cfg.intermediate_size)
     act = g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0]  # SiLU
-    y = g.node("MatMul", [g.node("Mul", [act, up])[0],
-                          g.init(m + "down_proj.weight", _w(weights, m + "down_proj.weight").T)])[0]
+    y = g.linear(g.node("Mul", [act, up])[0], m + "down_proj.weight", [_w(weights, m + "down_proj.weight")])
     g.node("Add", [x2, y], [out])
 
 
@@ -196,10 +294,10 @@ def _split2(g: _Graph, x: str, n: int) -> list[str]:
     return g.node("Split", [x, sizes], [g.name("gate"), g.name("up")], axis=-1)
 
 
-def _emit_head(g: _Graph, cfg: ModelConfig, weights: dict[str, np.ndarray], x: str, out: str) -> None:
+def _emit_head(g: _Graph, cfg: ModelConfig, weights: Mapping[str, Weight], x: str, out: str) -> None:
     h = _rms(g, x, _w(weights, "norm.weight"), "norm.weight", cfg.rms_norm_eps)
-    lm = weights["embed_tokens.weight"] if cfg.tie_word_embeddings else _w(weights, "lm_head.weight")
-    g.node("MatMul", [h, g.init("lm_head.weight", lm.T)], [out])  # (B, S, V)
+    lm = _w(weights, "embed_tokens.weight") if cfg.tie_word_embeddings else _w(weights, "lm_head.weight")
+    g.linear(h, "lm_head.weight", [lm], out)  # (B, S, V)
 
 
 def _vi(name: str, elem: int, shape: list[str | int | None]) -> onnx.ValueInfoProto:
@@ -221,17 +319,29 @@ def _model(g: _Graph, name: str, inputs: list[onnx.ValueInfoProto],
 
 
 def _dtype(weight_dtype: str) -> np.dtype:
-    if weight_dtype not in ("float32", "float16"):
-        raise ModelError(f"weight_dtype must be float32 or float16, not {weight_dtype!r}")
-    return np.dtype(weight_dtype)
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ModelError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, not {weight_dtype!r}")
+    # int4 blocks keep their vectors (norms, biases) and any float tables in float32
+    return np.dtype("float32" if weight_dtype == "int4" else weight_dtype)
 
 
-def build_block(weights: dict[str, np.ndarray], cfg: ModelConfig, index: int,
-                weight_dtype: str = "float32", external: ExternalData | None = None) -> onnx.ModelProto:
+def _accuracy(weight_dtype: str, int4_mode: str) -> int | None:
+    if weight_dtype != "int4":
+        return None
+    if int4_mode not in INT4_MODES:
+        raise ModelError(f"int4 mode must be one of {', '.join(INT4_MODES)}, not {int4_mode!r}")
+    return INT4_MODES[int4_mode]
+
+
+def build_block(weights: Mapping[str, Weight], cfg: ModelConfig, index: int,
+                weight_dtype: str = "float32", external: ExternalData | None = None,
+                int4_mode: str = DEFAULT_INT4_MODE) -> onnx.ModelProto:
     """The ONNX model of block ``index`` (0 = embed, 1..L = layers, L+1 = head); with
-    ``external`` its weights go to that side file."""
+    ``external`` its weights go to that side file. ``weight_dtype="int4"`` runs every matrix
+    with MatMulNBits (``QuantMatrix`` weights as they are, float ones quantized to 4 bits) in
+    ``int4_mode`` (see ``INT4_MODES``)."""
     check_supported(cfg)
-    g = _Graph(_dtype(weight_dtype), external)
+    g = _Graph(_dtype(weight_dtype), external, _accuracy(weight_dtype, int4_mode))
     F, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     hidden: list[str | int | None] = ["batch", "seq", cfg.hidden_size]
     if index == 0:
@@ -256,12 +366,12 @@ def build_block(weights: dict[str, np.ndarray], cfg: ModelConfig, index: int,
         _vi("present_key", F, _kv_shape(cfg, "present")), _vi("present_value", F, _kv_shape(cfg, "present"))])
 
 
-def build_monolithic(weights: dict[str, np.ndarray], cfg: ModelConfig,
-                     weight_dtype: str = "float32") -> onnx.ModelProto:
+def build_monolithic(weights: Mapping[str, Weight], cfg: ModelConfig,
+                     weight_dtype: str = "float32", int4_mode: str = DEFAULT_INT4_MODE) -> onnx.ModelProto:
     """The whole model as one graph: ``input_ids``, ``seqlens_k``, ``total_sequence_length``,
     ``past_key.{i}``/``past_value.{i}`` -> ``logits``, ``present_key.{i}``/``present_value.{i}``."""
     check_supported(cfg)
-    g = _Graph(_dtype(weight_dtype))
+    g = _Graph(_dtype(weight_dtype), None, _accuracy(weight_dtype, int4_mode))
     F, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     cos, sin = rope_tables(cfg)
     g.f32_init("cos_cache", cos)

@@ -19,6 +19,15 @@ from typing import Any
 from meshllm.errors import ModelError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2}
+# Bytes per matrix weight as stored and as onnxruntime holds it: int4 packs two values a byte
+# plus, per block of 32, a float32 scale and a 4-bit zero point (MatMulNBits' layout). Exports
+# from quantized files record each block's exact bytes instead (Q4_1 offsets, 8-bit tables).
+# int4 blocks run their matrices with MatMulNBits at one of two accuracy levels: "exact" computes
+# in float32 on the dequantized blocks (level 0), "fast" quantizes the activations to int8 per
+# block and uses integer dot products (level 4). docs/models.md holds the measured agreement.
+INT4_MODES = {"exact": 0, "fast": 4}
+DEFAULT_INT4_MODE = "fast"
+MATRIX_BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "int4": 0.5 + (4 + 0.5) / 32}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +61,8 @@ class ModelConfig:
                 problems.append(f"{name} must be positive")
         if self.num_heads > 0 and self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
             problems.append("num_heads must be a multiple of num_kv_heads")
-        if self.weight_dtype not in DTYPE_BYTES:
-            problems.append(f"weight_dtype must be one of {sorted(DTYPE_BYTES)}")
+        if self.weight_dtype not in MATRIX_BYTES_PER_PARAM:
+            problems.append(f"weight_dtype must be one of {sorted(MATRIX_BYTES_PER_PARAM)}")
         if self.head_dim % 2:
             problems.append("head_dim must be even (RoPE rotates pairs)")
         if problems:
@@ -74,7 +83,12 @@ class ModelConfig:
 
     @property
     def weight_bytes(self) -> int:
-        return DTYPE_BYTES[self.weight_dtype]
+        """Bytes of a stored vector weight (norms, biases): int4 models keep those in float32."""
+        return DTYPE_BYTES.get(self.weight_dtype, 4)
+
+    @property
+    def matrix_bytes_per_param(self) -> float:
+        return MATRIX_BYTES_PER_PARAM[self.weight_dtype]
 
     def block_name(self, index: int) -> str:
         if index == 0:
@@ -123,37 +137,37 @@ class BlockCost:
 
 def block_costs(cfg: ModelConfig, kv_dtype_bytes: int = 4) -> list[BlockCost]:
     """Analytic per-block costs. Activations and KV are float32 at run time."""
-    h, w = cfg.hidden_size, cfg.weight_bytes
+    h, w, mw = cfg.hidden_size, cfg.weight_bytes, cfg.matrix_bytes_per_param
     out: list[BlockCost] = []
     embed_params = cfg.vocab_size * h
-    out.append(BlockCost(0, "embed", "embed", embed_params * w, 0, 0, h * 4, 0))
+    out.append(BlockCost(0, "embed", "embed", round(embed_params * mw), 0, 0, h * 4, 0))
     attn = h * cfg.q_size + 2 * h * cfg.kv_size + cfg.q_size * h
     bias = (cfg.q_size + 2 * cfg.kv_size) if cfg.qkv_bias else 0
     mlp = 3 * h * cfg.intermediate_size
     norms = 2 * h
-    layer_params = attn + bias + mlp + norms
     for i in range(cfg.num_layers):
         out.append(BlockCost(
             i + 1, f"layer.{i}", "layer",
-            param_bytes=layer_params * w,
+            param_bytes=round((attn + mlp) * mw) + (bias + norms) * w,
             flops_per_token=2 * (attn + mlp),
             # q·K^T and P·V: 2 FLOPs each per head dim per position
             attn_flops_per_token_per_ctx=4 * cfg.q_size,
             activation_bytes_per_token=h * 4,
             kv_bytes_per_token=2 * cfg.kv_size * kv_dtype_bytes,
         ))
-    head_params = h + cfg.vocab_size * h  # final norm + lm_head (a copy even when tied)
-    out.append(BlockCost(cfg.num_layers + 1, "head", "head", head_params * w,
+    # final norm + lm_head (a copy even when tied)
+    out.append(BlockCost(cfg.num_layers + 1, "head", "head", h * w + round(cfg.vocab_size * h * mw),
                          2 * cfg.vocab_size * h, 0, cfg.vocab_size * 4, 0))
     return out
 
 
 def param_count(cfg: ModelConfig) -> int:
     """Unique parameters (a tied embedding counted once)."""
-    total = sum(c.param_bytes for c in block_costs(cfg)) // cfg.weight_bytes
-    if cfg.tie_word_embeddings:
-        total -= cfg.vocab_size * cfg.hidden_size
-    return total
+    h = cfg.hidden_size
+    per_layer = (h * cfg.q_size + 2 * h * cfg.kv_size + cfg.q_size * h + 3 * h * cfg.intermediate_size
+                 + 2 * h + ((cfg.q_size + 2 * cfg.kv_size) if cfg.qkv_bias else 0))
+    tables = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return tables + cfg.num_layers * per_layer + h
 
 
 # Named presets. `tiny` is the shape of the bundled model (models/tiny); `bench` is the

@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
 from meshllm.errors import ModelError
-from meshllm.model.blocks import ExternalData, build_block, check_supported
+from meshllm.model.blocks import (
+    DEFAULT_INT4_MODE,
+    INT4_MODES,
+    WEIGHT_DTYPES,
+    ExternalData,
+    Weight,
+    build_block,
+    check_supported,
+)
 from meshllm.model.config import ModelConfig, block_costs
 from meshllm.model.manifest import Manifest, load_manifest, write_manifest
+from meshllm.model.quant import QuantMatrix
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -62,7 +73,7 @@ def random_weights(cfg: ModelConfig, rng: np.random.Generator) -> dict[str, np.n
     return out
 
 
-def check_weights(weights: dict[str, np.ndarray], cfg: ModelConfig) -> None:
+def check_weights(weights: Mapping[str, Weight], cfg: ModelConfig) -> None:
     """Every expected weight present with the right shape; nothing unexpected."""
     want = weight_shapes(cfg)
     missing = [k for k in want if k not in weights]
@@ -86,18 +97,39 @@ def block_file(cfg: ModelConfig, index: int) -> str:
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def export_model(weights: dict[str, np.ndarray], cfg: ModelConfig, out_dir: str | Path, *, name: str,
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of a block's weights as stored (inline or in its side file). The rotary tables are
+    left out: a stage's fused session holds one copy for all its layers."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.name in ("cos_cache", "sin_cache"):
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next(e.value for e in t.external_data if e.key == "length"))
+        else:
+            total += len(t.raw_data)
+    return total
+
+
+def export_model(weights: Mapping[str, Weight], cfg: ModelConfig, out_dir: str | Path, *, name: str,
                  tokenizer_file: str | Path | None = None, chat_template: str | None = None,
                  weight_dtype: str = "float32", progress: bool = True,
-                 external_data: bool | None = None) -> Manifest:
+                 external_data: bool | None = None, int4_mode: str = DEFAULT_INT4_MODE,
+                 tokenizer_json: str | None = None, provenance: dict[str, Any] | None = None) -> Manifest:
     """Build every block, write them and ``manifest.json`` under ``out_dir``; return the manifest.
 
-    The manifest's config records ``weight_dtype`` (so ``param_bytes`` are the stored bytes).
-    ``external_data``: weights in side files for every block (True), none (False), or only for
-    blocks over ``EXTERNAL_DATA_BYTES`` (None, the default).
+    The manifest's config records ``weight_dtype`` (so ``param_bytes`` are the stored bytes; for
+    int4, the bytes of each block's initializers as written). ``external_data``: weights in side
+    files for every block (True), none (False), or only for blocks over ``EXTERNAL_DATA_BYTES``
+    (None, the default). ``tokenizer_json``: tokenizer.json text to write (instead of copying
+    ``tokenizer_file``). ``provenance``: recorded in the manifest (source file, int4 mode).
     """
-    if weight_dtype not in ("float32", "float16"):
-        raise ModelError(f"weight_dtype must be float32 or float16, not {weight_dtype!r}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ModelError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, not {weight_dtype!r}")
+    if weight_dtype == "int4" and int4_mode not in INT4_MODES:
+        raise ModelError(f"int4 mode must be one of {', '.join(INT4_MODES)}, not {int4_mode!r}")
+    if weight_dtype != "int4" and any(isinstance(w, QuantMatrix) for w in weights.values()):
+        weights = {k: (w.dequantize() if isinstance(w, QuantMatrix) else w) for k, w in weights.items()}
     cfg = dataclasses.replace(cfg, weight_dtype=weight_dtype)
     check_supported(cfg)
     check_weights(weights, cfg)
@@ -112,21 +144,29 @@ def export_model(weights: dict[str, np.ndarray], cfg: ModelConfig, out_dir: str 
             side = ExternalData(root / (f + ".data"))
             extra.append(side.location)
         try:
-            model = build_block(weights, cfg, index, weight_dtype, external=side)
+            model = build_block(weights, cfg, index, weight_dtype, external=side, int4_mode=int4_mode)
         finally:
             if side is not None:
                 side.close()
+        if weight_dtype == "int4":
+            costs[index] = dataclasses.replace(costs[index], param_bytes=_initializer_bytes(model))
         onnx.save_model(model, str(root / f))
         files.append(f)
         del model
     tok_name = None
-    if tokenizer_file is not None:
+    if tokenizer_json is not None:
+        tok_name = "tokenizer.json"
+        (root / tok_name).write_text(tokenizer_json, encoding="utf-8")
+    elif tokenizer_file is not None:
         src = Path(tokenizer_file)
         if not src.is_file():
             raise ModelError(f"tokenizer file not found: {src}")
         tok_name = "tokenizer.json"
         if src.resolve() != (root / tok_name).resolve():
             shutil.copyfile(src, root / tok_name)
+    info = dict(provenance or {})
+    if weight_dtype == "int4":
+        info["int4_mode"] = int4_mode
     write_manifest(root, name, cfg, files, costs, tokenizer_file=tok_name, chat_template=chat_template,
-                   extra_files=extra)
+                   extra_files=extra, provenance=info or None)
     return load_manifest(root)

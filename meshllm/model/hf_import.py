@@ -324,8 +324,9 @@ def read_checkpoint(hf_dir: str | Path, *, max_position: int | None = None,
 
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, weight_dtype: str = "float32",
                       name: str | None = None, max_position: int | None = None,
-                      progress: bool = True) -> Manifest:
+                      progress: bool = True, int4_mode: str | None = None) -> Manifest:
     """Import ``hf_dir`` and export it as a meshllm model directory ``out_dir``."""
+    from meshllm.model.blocks import DEFAULT_INT4_MODE
     from meshllm.model.export import export_model
 
     root = Path(hf_dir)
@@ -333,4 +334,5 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, weight_dtype: 
         raise ModelError("the output directory must differ from the checkpoint directory")
     cfg, weights, tok, template = read_checkpoint(root, max_position=max_position, progress=progress)
     return export_model(weights, cfg, out_dir, name=name or root.resolve().name, tokenizer_file=tok,
-                        chat_template=template, weight_dtype=weight_dtype, progress=progress)
+                        chat_template=template, weight_dtype=weight_dtype, progress=progress,
+                        int4_mode=int4_mode or DEFAULT_INT4_MODE)

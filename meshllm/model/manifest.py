@@ -14,7 +14,8 @@ Schema (version 1)::
         ... one per decoder layer ("layer.0" ...), then "head"
       ],
       "extra_files": [{"file": "...", "sha256": "..."}]      # e.g. external weight data
-      "model_id": "<sha256 over the config and every block's sha256>"
+      "model_id": "<sha256 over the config and every block's sha256>",
+      "provenance": {"source": "...gguf", "int4_mode": "fast", ...}   # optional, informative
     }
 
 Loading checks the structure, refuses any file path that leaves the model directory, and (unless
@@ -71,6 +72,7 @@ class Manifest:
     chat_template: str | None
     extra_files: tuple[tuple[str, str], ...]
     model_id: str
+    provenance: dict[str, Any] | None = None  # where the weights came from (not hashed)
 
     def block_path(self, index: int) -> Path:
         return self.root / self.blocks[index].file
@@ -165,12 +167,14 @@ def manifest_from_dict(raw: Any, root: Path, verify: bool = True) -> Manifest:
                     tokenizer_file=tok["file"] if tok else None,
                     tokenizer_sha256=tok["sha256"] if tok else None,
                     chat_template=tok.get("chat_template") if tok else None,
-                    extra_files=extra, model_id=model_id)
+                    extra_files=extra, model_id=model_id,
+                    provenance=raw["provenance"] if isinstance(raw.get("provenance"), dict) else None)
 
 
 def write_manifest(root: Path, name: str, config: ModelConfig, block_files: list[str],
                    costs: list[BlockCost], tokenizer_file: str | None = None,
-                   chat_template: str | None = None, extra_files: list[str] | None = None) -> Path:
+                   chat_template: str | None = None, extra_files: list[str] | None = None,
+                   provenance: dict[str, Any] | None = None) -> Path:
     """Hash the files already written under ``root`` and write ``manifest.json``."""
     hashes = [sha256_file(root / f) for f in block_files]
     blocks = []
@@ -186,6 +190,8 @@ def write_manifest(root: Path, name: str, config: ModelConfig, block_files: list
         "extra_files": [{"file": f, "sha256": sha256_file(root / f)} for f in (extra_files or [])],
         "model_id": compute_model_id(config, hashes),
     }
+    if provenance:
+        doc["provenance"] = provenance
     if tokenizer_file:
         doc["tokenizer"] = {"file": tokenizer_file, "sha256": sha256_file(root / tokenizer_file),
                             "chat_template": chat_template}
