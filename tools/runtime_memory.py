@@ -4,7 +4,7 @@
     .venv/bin/python tools/runtime_memory.py [--preset bench] [--json]
 
 * ``weights``: VmRSS after building a ``StageRunner`` over the whole model, minus before, over the
-  block files' bytes, for fp32 and fp16 weights, fused and per block (each in a fresh process so
+  block files' bytes, for fp32, fp16 and int4 (fast, exact) weights, fused and per block (each in a fresh process so
   one load's leftovers do not count in the next), beside ``weight_bytes_resident``;
 * ``kv``: VmRSS after writing 8 sequences x 300 positions into a 16-slot cache of the preset's
   shape, and after freeing them;
@@ -140,13 +140,15 @@ def main() -> None:
     report: dict[str, Any] = {"preset": args.preset, "weights": {}}
     with tempfile.TemporaryDirectory() as tmp:
         w = random_weights(cfg, np.random.default_rng(0))
-        for dtype in ("float32", "float16"):
-            d = Path(tmp) / dtype
-            export_model(w, cfg, d, name=dtype, weight_dtype=dtype, progress=False)
+        for dtype, mode in (("float32", None), ("float16", None), ("int4", "fast"), ("int4", "exact")):
+            kind = dtype if mode is None else f"{dtype}_{mode}"
+            d = Path(tmp) / kind
+            export_model(w, cfg, d, name=kind, weight_dtype=dtype, progress=False,
+                         **({"int4_mode": mode} if mode else {}))
             for fuse in (True, False):
                 res = subprocess.run([sys.executable, __file__, "--_load", str(d), "1" if fuse else "0"],
                                      check=True, capture_output=True, text=True)
-                report["weights"][f"{dtype}_{'fused' if fuse else 'per_block'}"] = json.loads(res.stdout)
+                report["weights"][f"{kind}_{'fused' if fuse else 'per_block'}"] = json.loads(res.stdout)
         del w
         report["kv"] = kv_pages(args.preset)
         report["fp16_runtime_cast"] = runtime_cast(Path(tmp) / "float16" / "layer.0.onnx", cfg.hidden_size,
