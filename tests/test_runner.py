@@ -438,6 +438,15 @@ def test_decode_rows_runs_the_good_rows_exactly_and_reports_the_bad(tiny_manifes
         r.decode_rows(["ok0", "ok0"], np.array([1, 2]))
     with pytest.raises(ModelError, match="rows"):
         r.decode_rows(["ok0", "ok1"], np.array([1]))
+    with pytest.raises(ModelError, match="token ids"):
+        r.decode_rows(["ok0", "ok1"], np.array([1.0, 2.0]))
+    mid = _runner(tiny_manifest, 1, 3, fuse=fuse)
+    mid.alloc("h", 8)
+    mid.prefill("h", np.zeros((2, cfg.hidden_size), np.float32))
+    with pytest.raises(ModelError, match="hidden"):
+        mid.decode_rows(["h"], np.array([1]))
+    out, rows, errors = mid.decode_rows(["h", "nope"], np.ones((2, cfg.hidden_size), np.float32))
+    assert out.shape == (1, cfg.hidden_size) and rows == [0] and set(errors) == {"nope"}
 
 
 def _filled_kv(max_seqs: int = 12) -> KVCache:

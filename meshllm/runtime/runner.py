@@ -319,8 +319,13 @@ class StageRunner:
         if len(set(seq_ids)) != len(seq_ids):
             raise ModelError("decode: a sequence appears twice in one batch")
         x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] != len(seq_ids):
-            raise ModelError(f"decode: {x.shape[0] if x.ndim else 0} rows for {len(seq_ids)} sequences")
+        if self.has_embed and (x.ndim != 1 or x.dtype.kind not in "iu"):
+            raise ModelError(f"decode: expected a 1-D array of token ids, got {x.dtype} {x.shape}")
+        if not self.has_embed and (x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.dtype.kind != "f"):
+            raise ModelError(f"decode: expected float hidden states (n, {self.config.hidden_size}), "
+                             f"got {x.dtype} {x.shape}")
+        if x.shape[0] != len(seq_ids):
+            raise ModelError(f"decode: {x.shape[0]} rows for {len(seq_ids)} sequences")
         ok: list[int] = []
         states: list[SeqState] = []
         errors: dict[Hashable, MeshError] = {}
