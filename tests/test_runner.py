@@ -438,6 +438,15 @@ def test_decode_rows_runs_the_good_rows_exactly_and_reports_the_bad(tiny_manifes
         r.decode_rows(["ok0", "ok0"], np.array([1, 2]))
     with pytest.raises(ModelError, match="rows"):
         r.decode_rows(["ok0", "ok1"], np.array([1]))
+    with pytest.raises(ModelError, match="token ids"):
+        r.decode_rows(["ok0", "ok1"], np.array([1.0, 2.0]))
+    mid = _runner(tiny_manifest, 1, 3, fuse=fuse)
+    mid.alloc("h", 8)
+    mid.prefill("h", np.zeros((2, cfg.hidden_size), np.float32))
+    with pytest.raises(ModelError, match="hidden"):
+        mid.decode_rows(["h"], np.array([1]))
+    out, rows, errors = mid.decode_rows(["h", "nope"], np.ones((2, cfg.hidden_size), np.float32))
+    assert out.shape == (1, cfg.hidden_size) and rows == [0] and set(errors) == {"nope"}
 
 
 def _filled_kv(max_seqs: int = 12) -> KVCache:
@@ -575,8 +584,9 @@ def test_freeing_a_sequence_gives_its_kv_pages_back() -> None:
 
 
 def _initializer_bytes_in_memory(path: Path) -> int:
-    """Bytes a block's initializers take once loaded: a float16 weight that the graph casts to
-    float32 counts as its float32 copy."""
+    """Bytes a block's weights take once loaded, read from its graph: a float16 weight that the
+    graph casts to float32 counts as its float32 copy; an int4 matrix (MatMulNBits) run at
+    accuracy level 4 adds onnxruntime's float32 scale and block sum per block of 32."""
     import onnx
     from onnx import numpy_helper
 
@@ -585,20 +595,30 @@ def _initializer_bytes_in_memory(path: Path) -> int:
     total = 0
     for t in m.graph.initializer:
         a = numpy_helper.to_array(t)
-        if a.dtype.kind != "f":
-            continue
-        total += a.size * 4 if (a.dtype == np.float16 and t.name in cast) else a.nbytes
+        if a.dtype.kind == "f":
+            total += a.size * 4 if (a.dtype == np.float16 and t.name in cast) else a.nbytes
+        elif a.dtype == np.uint8:  # packed int4 weights and zero points
+            total += a.nbytes
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits":
+            attrs = {x.name: x.i for x in n.attribute}
+            if attrs.get("accuracy_level") == 4:
+                total += attrs["K"] * attrs["N"] // 32 * 8
     return total
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_weight_bytes_resident_counts_weights_as_they_sit_in_memory(tmp_path: Path, tiny_weights,
-                                                                    tiny_config, dtype: str) -> None:
+@pytest.mark.parametrize("dtype,mode", [("float32", None), ("float16", None), ("int4", "fast"), ("int4", "exact")])
+def test_weight_bytes_resident_counts_weights_as_they_sit_in_memory(tmp_path: Path, tiny_weights, tiny_config,
+                                                                    dtype: str, mode: str | None) -> None:
     from meshllm.model.export import export_model
 
-    m = export_model(tiny_weights, tiny_config, tmp_path / dtype, name="t", weight_dtype=dtype, progress=False)
+    kw = {"int4_mode": mode} if mode else {}
+    m = export_model(tiny_weights, tiny_config, tmp_path / dtype, name="t", weight_dtype=dtype, progress=False, **kw)
     L = tiny_config.num_layers
     for first, end in ((0, L + 2), (1, 3), (L + 1, L + 2), (0, 1)):
         want = sum(_initializer_bytes_in_memory(m.block_path(b)) for b in range(first, end))
-        r = StageRunner(m, first, end, threads=1, max_seqs=1)
-        assert r.weight_bytes_resident == want, (first, end)
+        got = StageRunner(m, first, end, threads=1, max_seqs=1).weight_bytes_resident
+        if dtype == "int4":  # the manifest's analytic int4 bytes round the zero points' packing
+            assert abs(got - want) <= 0.02 * want, (first, end, got, want)
+        else:
+            assert got == want, (first, end)

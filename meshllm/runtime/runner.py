@@ -15,15 +15,27 @@ A runner is not thread-safe: call it from one thread at a time.
 
 Interface (the one the rest of meshllm codes against):
 
-* ``alloc(seq_id, max_len)`` / ``free(seq_id)`` / ``seq_len(seq_id)``
+* ``alloc(seq_id, max_len, *, group=None)`` / ``free(seq_id)`` / ``seq_len(seq_id)``; ``group``
+  names the micro-batch a sequence decodes in (its slots stay together, see ``kv``).
 * ``prefill(seq_id, x, last_only=True)``: x (T,) int64 ids when the range starts at the embedding,
   else (T, H) float32 hidden; appends to the sequence (chunked prefill works). Returns (T, H)
   hidden, or, if the range ends with the head, logits (V,) for the last position or (T, V).
 * ``decode(seq_ids, x)``: one token per sequence, sequences of any lengths: x (B,) int64 or
-  (B, H) float32 -> (B, H) hidden or (B, V) logits.
-* ``kv_export(seq_id, block)`` -> (k, v), each (len, kv_heads, head_dim); ``kv_import`` the
-  reverse (``start=`` appends a later chunk), which is how a prefill node hands a sequence to a
-  decode node.
+  (B, H) float32 -> (B, H) hidden or (B, V) logits. ``decode_rows`` is the same step reporting
+  bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors).
+* ``kv_export(seq_id, block, start=0, end=None)`` -> (k, v), each (end - start, kv_heads,
+  head_dim), copying only that range; ``kv_import`` the reverse (``start=`` appends a later
+  chunk), which is how a prefill node hands a sequence to a decode node.
+* ``truncate(seq_id, length)``: forget positions >= length (their pages go back to the OS).
+* ``weight_bytes_resident``: bytes the loaded weights occupy in memory (float16 files are held
+  as float32, see ``weight_bytes_resident()``).
+
+Memory: loading keeps no second copy of the weights. A fused range is built as protobuf
+messages in Python and handed over serialized; onnxruntime's wrapper would keep those bytes
+for the session's life, and glibc keeps the freed parse buffers, which together left RSS at
+2.8x the stored bytes (bench preset, fp32); both are released after loading (measured 1.01x;
+docs/runtime.md). Prepacking of the weights stays on: it replaces the original tensors (no net
+memory) and without it a batch-8 decode step measured twice as slow.
 
 Beyond the shared contract (all keyword-only, with defaults): ``fuse``, ``slot_len`` (positions
 per slot; default the model's context), ``has_seq``, ``kv_bytes_per_token``, ``last_compute_s``.
@@ -45,6 +57,7 @@ import onnxruntime as ort
 
 from meshllm.errors import CapacityError, ConfigError, MeshError, ModelError
 from meshllm.model.blocks import fuse_blocks
+from meshllm.model.config import DEFAULT_INT4_MODE
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.kv import KVCache, SeqState
 
@@ -127,6 +140,10 @@ def _trim_heap() -> None:
 # when the session folds constants (the graph computes in float32; runtime casts measured slower,
 # see docs/runtime.md), except the embedding table, which is gathered in its storage dtype.
 _RESIDENT_FACTOR = {"float32": 1.0, "float16": 2.0}
+# int4 matrices run as MatMulNBits; at accuracy level 4 ("fast") onnxruntime's prepacked layout
+# adds a float32 scale and a float32 block sum per block of 32 weights (measured on the small and
+# bench presets: 0.24 bytes per matrix weight over the stored bytes; "exact" adds nothing).
+_INT4_FAST_EXTRA_PER_PARAM = 8 / 32
 
 
 def weight_bytes_resident(manifest: Manifest, first: int, end: int) -> int:
@@ -134,9 +151,15 @@ def weight_bytes_resident(manifest: Manifest, first: int, end: int) -> int:
     (not the bytes stored on disk): what a node charges against its memory budget."""
     cfg = manifest.config
     factor = _RESIDENT_FACTOR.get(cfg.weight_dtype, 1.0)
+    int4_fast = cfg.weight_dtype == "int4" and \
+        (manifest.provenance or {}).get("int4_mode", DEFAULT_INT4_MODE) == "fast"
+    h = cfg.hidden_size
+    layer_matrices = h * cfg.q_size + 2 * h * cfg.kv_size + cfg.q_size * h + 3 * h * cfg.intermediate_size
     total = 0
     for c in manifest.costs[first:end]:
         total += c.param_bytes if c.kind == "embed" else int(c.param_bytes * factor)
+        if int4_fast and c.kind != "embed":  # the embedding is gathered, not multiplied
+            total += int((layer_matrices if c.kind == "layer" else cfg.vocab_size * h) * _INT4_FAST_EXTRA_PER_PARAM)
     layers = sum(1 for b in range(first, end) if 1 <= b <= cfg.num_layers)
     if layers:  # the rotary cos/sin tables, float32, in every layer block
         total += layers * 2 * cfg.max_position * (cfg.head_dim // 2) * 4
@@ -296,8 +319,13 @@ class StageRunner:
         if len(set(seq_ids)) != len(seq_ids):
             raise ModelError("decode: a sequence appears twice in one batch")
         x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] != len(seq_ids):
-            raise ModelError(f"decode: {x.shape[0] if x.ndim else 0} rows for {len(seq_ids)} sequences")
+        if self.has_embed and (x.ndim != 1 or x.dtype.kind not in "iu"):
+            raise ModelError(f"decode: expected a 1-D array of token ids, got {x.dtype} {x.shape}")
+        if not self.has_embed and (x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.dtype.kind != "f"):
+            raise ModelError(f"decode: expected float hidden states (n, {self.config.hidden_size}), "
+                             f"got {x.dtype} {x.shape}")
+        if x.shape[0] != len(seq_ids):
+            raise ModelError(f"decode: {x.shape[0]} rows for {len(seq_ids)} sequences")
         ok: list[int] = []
         states: list[SeqState] = []
         errors: dict[Hashable, MeshError] = {}

@@ -119,9 +119,9 @@ def request_seed(params: SamplingParams) -> int:
 def token_rng(seed: int, index: int) -> np.random.Generator:
     """The generator for token ``index`` (0 = the first generated token) of a request with base
     seed ``seed``: an independent stream per pair (Philox keyed by the seed, the index as its
-    counter's high word: distinct pairs never share a block of the stream; making one measured
-    about 30% cheaper than hashing the pair through a SeedSequence, tens of microseconds either
-    way, small beside a decode step)."""
+    counter's high word: distinct pairs never share a block of the stream). Making one and
+    drawing once measured 16 us, a SeedSequence of the pair 17 us: either is small beside a
+    decode step."""
     if not 0 <= seed < 2**64 or not 0 <= index < 2**64:
         raise SamplingError(f"token_rng: seed and index must be in [0, 2**64), got {seed}, {index}")
     return np.random.Generator(np.random.Philox(counter=[0, 0, 0, index], key=seed))
