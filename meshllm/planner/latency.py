@@ -29,6 +29,8 @@ still with its proven gap.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +72,7 @@ def chain_latency(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, rtt: 
     """Latency of a chain of runs: compute, a transfer at each change of device, and the
     token's return from the last device to the first."""
     t = sum(float(comp[j, a:b].sum()) for j, a, b in stages)
-    for (k, _, _), (j, a, _) in zip(stages[:-1], stages[1:], strict=True):
+    for (k, _, _), (j, a, _) in itertools.pairwise(stages):
         t += float(_link(float(out_bytes[a - 1]), np.array(bw[k, j]), np.array(rtt[k, j])))
     last, first = stages[-1][0], stages[0][0]
     return t + float(_link(float(ret_bytes), np.array(bw[last, first]), np.array(rtt[last, first])))
@@ -83,16 +85,6 @@ def memory_used(req: np.ndarray, stages: Stages, m: int) -> np.ndarray:
     for j, a, b in stages:
         used[j] += pr[b] - pr[a]
     return used
-
-
-def _runs(assign: np.ndarray) -> Stages:
-    out: list[tuple[int, int, int]] = []
-    a = 0
-    for i in range(1, len(assign) + 1):
-        if i == len(assign) or assign[i] != assign[a]:
-            out.append((int(assign[a]), a, i))
-            a = i
-    return tuple(out)
 
 
 class _Tables:
@@ -266,7 +258,7 @@ def place_latency(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, rtt: 
     each device's memory summed over all of its runs; block 0 on ``source`` (any device when
     None; the token then returns to whichever runs block 0). Raises :class:`DoesNotFit` when
     no placement fits (or none was found within the budget)."""
-    m, n = _check(comp, out_bytes, bw, rtt, mem, req)
+    m, _n = _check(comp, out_bytes, bw, rtt, mem, req)
     if float(req.sum()) > float(mem.sum()):
         raise DoesNotFit("the model fits on no chain of these devices")
     firsts = [source] if source is not None else list(range(m))
@@ -286,11 +278,9 @@ def place_latency(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, rtt: 
             continue
         tb = _Tables(comp, out_bytes, bw, rtt, mem, req, f, ret_bytes)
         cands: list[Stages] = []
-        try:
+        with contextlib.suppress(DoesNotFit):
             cands.append(_merge(edgeshard_latency(comp, out_bytes, bw, rtt, mem, req, f, ret_bytes,
                                                   no_revisit=True).stages))
-        except DoesNotFit:
-            pass
         up = min([chain_latency(comp, out_bytes, bw, rtt, c, ret_bytes) for c in cands] + [value])
         lag, lam, chains = _subgradient(tb, up, relaxed.value)
         cands += [_merge(c) for c in chains if np.all(memory_used(req, c, m) <= mem)]
