@@ -92,12 +92,14 @@ def test_latency_placement_equals_exhaustive_enumeration(seed, m, n, tightness, 
         with pytest.raises(DoesNotFit):
             place_latency(comp, out, bw, rtt, mem, req, source)
         return
-    got = place_latency(comp, out, bw, rtt, mem, req, source)
-    assert got.exact and got.method == "exact"
-    assert got.value == pytest.approx(want, rel=1e-9)
-    assert got.bound == got.value and got.gap == 0
-    check_sound(got.stages, n, mem, req, source)
-    assert value_of(comp, out, bw, rtt, got.stages) == pytest.approx(got.value, rel=1e-9)
+    # the MILP (up to the switch size), and the depth-first search run to the end above it
+    for kw in ({}, {"max_exact": 0, "node_budget": 10**6}):
+        got = place_latency(comp, out, bw, rtt, mem, req, source, **kw)
+        assert got.exact and got.method == "exact", kw
+        assert got.value == pytest.approx(want, rel=1e-9), kw
+        assert got.bound == got.value and got.gap == 0
+        check_sound(got.stages, n, mem, req, source)
+        assert value_of(comp, out, bw, rtt, got.stages) == pytest.approx(got.value, rel=1e-9)
 
 
 @settings(max_examples=25, deadline=None)
@@ -105,7 +107,7 @@ def test_latency_placement_equals_exhaustive_enumeration(seed, m, n, tightness, 
 def test_without_search_the_answer_is_sound_and_its_bound_is_a_true_lower_bound(seed, m, n):
     comp, out, bw, rtt, mem, req = instance(seed, m, n, 1.1)
     want, _ = exhaustive(comp, out, bw, rtt, mem, req, 0)
-    for kw in ({"max_exact": 0}, {"node_budget": 0}):
+    for kw in ({"max_exact": 0, "node_budget": 0}, {"max_exact": 0, "node_budget": 3}, {"node_limit": 1}):
         try:
             got = place_latency(comp, out, bw, rtt, mem, req, 0, **kw)
         except DoesNotFit:
@@ -114,6 +116,7 @@ def test_without_search_the_answer_is_sound_and_its_bound_is_a_true_lower_bound(
         assert got.bound <= want * (1 + 1e-9) <= got.value * (1 + 2e-9)
         check_sound(got.stages, n, mem, req, 0)
         assert got.method in ("exact", "heuristic" if "max_exact" in kw else "budget")
+        assert got.gap == 0 if got.exact else got.bound < got.value
         assert got.exact == (got.method == "exact")
         assert value_of(comp, out, bw, rtt, got.stages) == pytest.approx(got.value, rel=1e-9)
 

@@ -39,8 +39,9 @@ from meshllm.errors import DoesNotFit
 from meshllm.planner.dp import _check, _link, _prefix, edgeshard_latency
 
 INF = np.inf
-MAX_EXACT = 12  # devices: the switch size (docs/planner.md)
-NODE_BUDGET = 20000  # search nodes expanded per first device
+MAX_EXACT = 8  # devices: the switch size (docs/planner.md)
+NODE_LIMIT = 100  # branch-and-bound nodes of the MILP per first device
+NODE_BUDGET = 2000  # nodes of the depth-first search above the switch size
 ROUNDS = 60  # subgradient rounds of the Lagrangian dual
 
 Stages = tuple[tuple[int, int, int], ...]
@@ -243,6 +244,80 @@ def _search(tb: _Tables, lam: np.ndarray, incumbent: float, best: Stages | None,
     return incumbent, best, incumbent, nodes, True
 
 
+def _milp(tb: _Tables, comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, rtt: np.ndarray,
+          ret_bytes: float, scale: float, node_limit: int) -> tuple[Stages | None, float, bool, int]:
+    """The exact problem from the first device as a mixed-integer program, solved by HiGHS
+    (scipy.optimize.milp). Returns (the best chain found, a proven lower bound, proven
+    optimal, branch-and-bound nodes).
+
+    Variables ``y[b, k, j]`` in {0, 1}: block b-1 on k and block b on j (b = 1..N-1; k = j
+    keeps the device). They form a path through the (block, device) layers — flow
+    conservation at every (block, device) — so the LP without memory is integral; the memory
+    rows (each device's blocks over all of its runs) are what make it hard. Cost of
+    ``y[b, k, j]``: block b's compute on j, the transfer at boundary b when k != j, the
+    token's return when b is the last block. Pairs whose block cannot fit its device alone
+    are left out. ``scale`` normalises the objective so HiGHS's absolute gap is negligible."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csc_array
+
+    m, n, first = tb.m, tb.n, tb.first
+    mem, req = tb.mem, tb.req
+    bs, ks, js, cs = [], [], [], []
+    for b in range(1, n):
+        kk = np.array([first]) if b == 1 else np.nonzero(tb.fits[:, b - 1])[0]
+        jj = np.nonzero(tb.fits[:, b])[0]
+        k_, j_ = np.repeat(kk, len(jj)), np.tile(jj, len(kk))
+        c = comp[j_, b] + tb.trans[b, k_, j_] + (tb.ret[j_] if b == n - 1 else 0.0)
+        bs.append(np.full(len(k_), b))
+        ks.append(k_)
+        js.append(j_)
+        cs.append(c)
+    b_, k_, j_, c_ = (np.concatenate(x) for x in (bs, ks, js, cs))
+    nv = len(c_)
+    v = np.arange(nv)
+    # rows: flow at (b, j) for b = 1..n-2 (in - out = 0); one path out of the first device;
+    # each device's memory, as a fraction of its budget
+    inn, out = b_ <= n - 2, b_ >= 2
+    rows = [(b_[inn] - 1) * m + j_[inn], (b_[out] - 2) * m + k_[out], np.full(int((b_ == 1).sum()), (n - 2) * m),
+            (n - 2) * m + 1 + j_]
+    cols = [v[inn], v[out], v[b_ == 1], v]
+    vals = [np.ones(int(inn.sum())), -np.ones(int(out.sum())), np.ones(int((b_ == 1).sum())), req[b_] / mem[j_]]
+    n_rows = (n - 2) * m + 1 + m
+    a = csc_array((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_rows, nv))
+    held0 = np.where(np.arange(m) == first, req[0], 0.0) / mem
+    lo = np.concatenate([np.zeros((n - 2) * m), [1.0], np.full(m, -np.inf)])
+    hi = np.concatenate([np.zeros((n - 2) * m), [1.0], (1.0 - held0) * (1 - 1e-9)])
+    res = milp(c_ * scale, constraints=LinearConstraint(a, lo, hi), integrality=np.ones(nv), bounds=Bounds(0, 1),
+               options={"disp": False, "mip_rel_gap": 0.0, "node_limit": node_limit})
+    dual = getattr(res, "mip_dual_bound", None)
+    bound = (float(dual) / scale + float(comp[first, 0])) if dual is not None and np.isfinite(dual) else -INF
+    nodes = int(getattr(res, "mip_node_count", 0) or 0)
+    if res.status == 2:  # infeasible: nothing starts on this device
+        return None, INF, True, nodes
+    if res.x is None:
+        return None, bound, False, nodes
+    assign = np.empty(n, dtype=np.int64)
+    assign[0] = first
+    chosen = np.nonzero(res.x > 0.5)[0]
+    assign[b_[chosen]] = j_[chosen]
+    stages = _runs(assign)
+    if np.any(memory_used(req, stages, m) > mem):
+        return None, bound, False, nodes
+    optimal = res.status == 0
+    value = chain_latency(comp, out_bytes, bw, rtt, stages, ret_bytes)
+    return stages, (value if optimal else bound), optimal, nodes
+
+
+def _runs(assign: np.ndarray) -> Stages:
+    out: list[tuple[int, int, int]] = []
+    a = 0
+    for i in range(1, len(assign) + 1):
+        if i == len(assign) or assign[i] != assign[a]:
+            out.append((int(assign[a]), a, i))
+            a = i
+    return tuple(out)
+
+
 def _unwind(path: tuple | None) -> Stages:
     out = []
     while path is not None:
@@ -253,7 +328,8 @@ def _unwind(path: tuple | None) -> Stages:
 
 def place_latency(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, rtt: np.ndarray,
                   mem: np.ndarray, req: np.ndarray, source: int | None = 0, ret_bytes: float = 8.0,
-                  *, max_exact: int = MAX_EXACT, node_budget: int = NODE_BUDGET) -> LatencyPlacement:
+                  *, max_exact: int = MAX_EXACT, node_limit: int = NODE_LIMIT,
+                  node_budget: int = NODE_BUDGET) -> LatencyPlacement:
     """Minimum-latency placement (arrays as :func:`meshllm.planner.dp.edgeshard_latency`) with
     each device's memory summed over all of its runs; block 0 on ``source`` (any device when
     None; the token then returns to whichever runs block 0). Raises :class:`DoesNotFit` when
@@ -292,9 +368,17 @@ def place_latency(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, rtt: 
         if value <= f_bound * (1 + 1e-12):
             bound = min(bound, f_bound)  # nothing from f beats the incumbent
             continue
-        if m > max_exact:
-            bound = min(bound, f_bound)
+        if m <= max_exact:
+            ref = value if np.isfinite(value) else f_bound
+            got, m_bound, _, k = _milp(tb, comp, out_bytes, bw, rtt, ret_bytes, 1e6 / max(ref, 1e-12), node_limit)
+            nodes += k
+            if got is not None:
+                v = chain_latency(comp, out_bytes, bw, rtt, got, ret_bytes)
+                if v < value:
+                    value, stages = v, got
+            bound = min(bound, max(f_bound, m_bound))
             continue
+        # above the switch size: a depth-first search with a node budget improves the chain
         value, stages, open_b, k, _done = _search(tb, lam, value, stages, node_budget)
         nodes += k
         bound = min(bound, max(f_bound, open_b))

@@ -104,7 +104,7 @@ def _alg1(pb: Problem, idx: Sequence[int], source_pos: int | None) -> tuple[Part
 def latency_note(p: LatencyPlacement) -> str:
     """One line on how exact a latency placement is."""
     if p.exact:
-        return f"latency placement: exact (optimum proven; {p.nodes} search nodes)"
+        return f"latency placement: exact (optimum proven; {p.nodes} branch-and-bound nodes)"
     if p.method == "heuristic":
         return (f"latency placement: heuristic (more than {MAX_EXACT} devices, no search); "
                 f"within {100 * p.gap:.2f}% of the optimum (proven bound)")
