@@ -5,26 +5,23 @@ its (block, device) state cannot see a device's earlier runs, so its chain may c
 device and overfill it. The true problem — every block on some device, block 0 on the source,
 the sum of compute, the transfers at each change of device and the token's return minimised,
 each device's *total* within its memory — is a shortest path with one resource per device, and
-NP-hard in general (it contains bin packing). It is solved here by branch and bound:
+NP-hard in general (it contains bin packing). :func:`place_latency` solves it in steps:
 
-- **Incumbents.** Algorithm 1's answer when it happens to fit in total (then it is optimal:
-  its value is a lower bound); the no-revisit DP; and every chain of the Lagrangian rounds
-  below that fits.
-- **Lower bounds.** Algorithm 1's value, and the Lagrangian dual: price each device's memory
-  at ``lam[j]`` per byte, solve the unconstrained block DP (``O(N M^2)``), subtract
-  ``sum(lam * mem)``; ``lam`` by subgradient ascent (Polyak steps). The same prices give every
-  search node a cost-to-go bound ``G_lam[e, k] - sum(lam * free memory)``.
-- **Search.** Depth first over chains of maximal runs (device, first, end), best bound first;
-  a node is dropped when its bound reaches the incumbent, when the free memory cannot hold
-  the remaining blocks, or when an expanded node at the same boundary and device had no more
-  cost and no more memory used on any device (dominance: the same runs in another order).
+1. Algorithm 1: when its chain fits every device in total it is optimal (its value is a lower
+   bound).
+2. Incumbents and bounds: the no-revisit DP; the Lagrangian dual — price each device's memory
+   at ``lam[j]`` per byte, solve Algorithm 1 with the prices, subtract ``sum(lam * mem)``;
+   ``lam`` by subgradient ascent (Polyak steps) — whose chains that fit are incumbents too.
+3. Up to ``max_exact`` devices (the switch size, 8): a mixed-integer program on HiGHS
+   (:func:`_milp`), with a node limit so its work is bounded and deterministic.
+4. Above it: depth first over chains of maximal runs, best bound first, the Lagrangian prices
+   giving every node a cost-to-go bound; a node is dropped when its bound reaches the
+   incumbent, when the free memory cannot hold the remaining blocks, or when an expanded node
+   at the same boundary and device had no more cost and no more memory used on any device
+   (the same runs in another order). At most ``node_budget`` nodes: a stated heuristic.
 
-The search expands at most ``node_budget`` nodes, so its work is bounded and deterministic
-(no clock). When it finishes, the answer is proven optimal (``exact``); when the budget runs
-out, the answer is the best chain found with the smallest bound still open (``gap``).
-``max_exact``: above this many devices the search is not run at all (the switch size; see
-``docs/planner.md`` for its measurements) and the answer comes from the incumbents alone,
-still with its proven gap.
+The answer says whether it is proven optimal (``exact``), or else carries the smallest lower
+bound proven (``bound``, ``gap``). No clock anywhere: the limits count nodes.
 """
 
 from __future__ import annotations
