@@ -104,11 +104,11 @@ def _alg1(pb: Problem, idx: Sequence[int], source_pos: int | None) -> tuple[Part
 def latency_note(p: LatencyPlacement) -> str:
     """One line on how exact a latency placement is."""
     if p.exact:
-        return f"latency placement: exact (optimum proven; {p.nodes} branch-and-bound nodes)"
+        return "latency placement: exact (optimum proven" + (f"; {p.nodes} search nodes)" if p.nodes else ")")
     if p.method == "heuristic":
-        return (f"latency placement: heuristic (more than {MAX_EXACT} devices, no search); "
-                f"within {100 * p.gap:.2f}% of the optimum (proven bound)")
-    return (f"latency placement: best found within the search budget ({p.nodes} nodes); "
+        return (f"latency placement: heuristic (more than {MAX_EXACT} devices: no MILP, a search of "
+                f"{p.nodes} nodes); within {100 * p.gap:.2f}% of the optimum (proven bound)")
+    return (f"latency placement: best found within the MILP's node limit ({p.nodes} nodes); "
             f"within {100 * p.gap:.2f}% of the optimum (proven bound)")
 
 
