@@ -217,3 +217,16 @@ def test_issue_12_testbed_gets_the_optimal_chain():
     assert plan.predicted.latency_ms_per_token == pytest.approx(13.474, abs=5e-4)
     assert "exact" in plan.note
 
+
+
+def test_the_note_travels_with_the_plan_and_only_when_there_is_one():
+    from meshllm.planner.types import Plan
+
+    tb = parse_testbed(ISSUE_12, "issue-12.toml")
+    prof = ModelProfile.from_preset("small")
+    plan = make_plan("edgeshard-latency", prof, tb.devices, tb.network, tb.workload)
+    d = plan.to_dict()
+    assert d["note"] == plan.note and Plan.from_dict(d) == plan
+    assert plan.with_epoch(3).note == plan.note
+    ring = make_plan("ring", prof, tb.devices, tb.network, tb.workload)
+    assert "note" not in ring.to_dict() and Plan.from_dict(ring.to_dict()).note == ""
