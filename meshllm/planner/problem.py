@@ -182,39 +182,27 @@ class Problem:
         """(R, R) KV hand-off seconds of a mean-length prompt between replicas: each block's
         KV goes from the device holding it to the device holding it on the other side; distinct
         device pairs transfer in parallel (as :func:`meshllm.planner.cost.kv_transfer_time`).
-        A device holding several stages of one replica is counted per stage. Memoised per
-        ordered pair of replicas (the GA meets the same replicas in many individuals)."""
+        A device holding several stages of one replica is counted per stage."""
         r = len(reps)
         out = np.zeros((r, r))
-        if r < 2:
+        flat = [(i, j, a, b) for i, st in enumerate(reps) for j, a, b in st]
+        if r < 2 or not flat:
             return out
-        keys = [tuple(st) for st in reps]
-        for i in range(r):
-            for j in range(r):
-                if i != j and keys[i] and keys[j]:
-                    out[i, j] = self._kv_pair(keys[i], keys[j])
-        return out
-
-    def _kv_pair(self, src: tuple, dst: tuple) -> float:
-        key = ("kv", src, dst)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        dev_s = np.array([j for j, _, _ in src])
-        dev_d = np.array([j for j, _, _ in dst])
-        a_s, b_s = np.array([a for _, a, _ in src]), np.array([b for _, _, b in src])
-        a_d, b_d = np.array([a for _, a, _ in dst]), np.array([b for _, _, b in dst])
-        lo = np.maximum(a_s[:, None], a_d[None, :])  # (S, D) overlap of the two stages' blocks
-        hi = np.minimum(b_s[:, None], b_d[None, :])
-        nbytes = np.where(hi > lo, self._kv_prefix[np.maximum(hi, lo)] - self._kv_prefix[lo], 0.0) \
+        rep = np.array([f[0] for f in flat])
+        dev = np.array([f[1] for f in flat])
+        a = np.array([f[2] for f in flat])
+        b = np.array([f[3] for f in flat])
+        lo = np.maximum(a[:, None], a[None, :])  # (T, T) overlap of stage s's and stage d's blocks
+        hi = np.minimum(b[:, None], b[None, :])
+        nbytes = np.where(hi > lo, (self._kv_prefix[np.maximum(hi, lo)] - self._kv_prefix[lo]), 0.0) \
             * self.t_mean
-        bw = self.bw[dev_s[:, None], dev_d[None, :]]
+        bw = self.bw[dev[:, None], dev[None, :]]
         with np.errstate(divide="ignore", invalid="ignore"):
-            t = self.rtt[dev_s[:, None], dev_d[None, :]] / 2 + nbytes / bw
+            t = self.rtt[dev[:, None], dev[None, :]] / 2 + nbytes / bw
         t = np.where((nbytes > 0) & np.isfinite(bw), t, 0.0)
-        val = float(t.max())
-        self._cache[key] = val
-        return val
+        np.maximum.at(out, (rep[:, None].repeat(len(flat), 1), rep[None, :].repeat(len(flat), 0)), t)
+        np.fill_diagonal(out, 0.0)
+        return out
 
     # --- DP inside a replica --------------------------------------------------------------
     def split(self, members: Sequence[int], role: Role) -> Partition:
