@@ -274,3 +274,26 @@ def test_int4_export_of_float_weights(tmp_path: Path) -> None:
     stored = sum(b.cost.param_bytes for b in m.blocks)
     assert 0.1 * f32 < stored < 0.2 * f32
     assert not isinstance(w["norm.weight"], QuantMatrix)
+
+
+def test_bench_runtime_on_a_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench runtime --model DIR --gguf FILE --json` reports the runner's figures, and says why
+    llama.cpp is absent when it is (not installed here: `make bench` installs it)."""
+    src = tmp_path / "m.gguf"
+    write_model(src, T.Q4_0)
+    import_gguf(src, tmp_path / "out", weight_dtype="int4", progress=False)
+    rc = main(["bench", "runtime", "--model", str(tmp_path / "out"), "--gguf", str(src), "--json",
+               "--steps", "2", "--reps", "1", "--context", "8", "--prefill", "16", "--threads", "1",
+               "--no-transformers"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    for k in ("decode_tok_s_b1", "decode_tok_s_b8", "prefill_tok_s", "roofline_fraction"):
+        assert r[k] > 0, k
+    assert r["rss_mb"] > r["stored_weight_mb"] > 0
+    assert r["dtype"] == "int4" and r["int4_mode"] == "fast"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert r["ratio_vs_llamacpp"] is None and "not installed" in r["notes"]["llamacpp"]
+    else:
+        assert r["ratio_vs_llamacpp"] > 0

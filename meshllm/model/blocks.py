@@ -38,7 +38,15 @@ from onnx import TensorProto, helper
 
 from meshllm.errors import ModelError
 from meshllm.model.config import DEFAULT_INT4_MODE, INT4_MODES, ModelConfig
-from meshllm.model.quant import BLOCK, QuantMatrix, concat_rows, quantize4, split8
+from meshllm.model.quant import (
+    BLOCK,
+    QuantMatrix,
+    block_indicator,
+    concat_rows,
+    fold_offsets,
+    quantize4,
+    split8,
+)
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -144,6 +152,21 @@ class _Graph:
                                             keepdims=0)[0]  # (B, S, nb)
         return self._block_sums[x]
 
+    def block_sums_nbits(self, x: str, k: int) -> str:
+        """(..., K) -> (..., P): the input's block sums by MatMulNBits against a 0/1 block
+        indicator (exact in 4 bits), padded with zero columns to a whole block, P = BLOCK · ceil."""
+        key = x + "#nbits"
+        if key not in self._block_sums:
+            ind = block_indicator(k)
+            name = self.name("block_sums")
+            self.tensor(name + ".q", ind.packed())
+            self.tensor(name + ".scales", ind.scale)
+            self.tensor(name + ".zero_points", ind.packed_zero())
+            self._block_sums[key] = self.node(
+                "MatMulNBits", [x, name + ".q", name + ".scales", name + ".zero_points"], domain=MS_DOMAIN,
+                K=k, N=ind.shape[0], bits=4, block_size=BLOCK, accuracy_level=self.accuracy_level)[0]
+        return self._block_sums[key]
+
     def qmatmul(self, x: str, name: str, m: QuantMatrix, out: str | None = None) -> str:
         """x (B, S, K) @ m.T -> (B, S, N) with MatMulNBits, plus the exact ``mins`` term."""
         assert self.accuracy_level is not None
@@ -151,6 +174,13 @@ class _Graph:
             # float32 compute on 8 bits is onnxruntime's slow path: two 4-bit halves instead
             x = self.node("Concat", [x, x], axis=-1)[0]  # (B, S, 2K)
             m = split8(m)
+        if m.mins is not None and self.accuracy_level > 0:
+            # int8 activations are approximate anyway: fold the offsets into the one MatMulNBits
+            # as extra input columns (the input's block sums, twice) against the offsets held in
+            # 8 bits as two 4-bit halves; saves the separate MatMul and Add per projection
+            x = self.node("Concat", [x, self.block_sums_nbits(x, m.shape[1]),
+                                     self.block_sums_nbits(x, m.shape[1])], axis=-1)[0]
+            m = fold_offsets(m)
         N, K = m.shape
         self.tensor(name + ".q", m.packed())
         self.tensor(name + ".scales", m.scale)

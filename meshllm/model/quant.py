@@ -115,6 +115,39 @@ def split8(m: QuantMatrix) -> QuantMatrix:
     return QuantMatrix(q, scale, zero, mins, 4, m.source + " as 2x4-bit")
 
 
+def _padded_blocks(n_blocks: int) -> int:
+    return -(-n_blocks // BLOCK) * BLOCK
+
+
+def block_indicator(k: int) -> QuantMatrix:
+    """(P, K) 0/1 matrix, row b selecting block b of the input (rows past K / BLOCK all zero)."""
+    nb = k // BLOCK
+    P = _padded_blocks(nb)
+    q = np.zeros((P, k), np.uint8)
+    for b in range(nb):
+        q[b, b * BLOCK:(b + 1) * BLOCK] = 1
+    return QuantMatrix(q, np.ones((P, nb), np.float32), np.zeros((P, nb), np.uint8), None, 4, "indicator")
+
+
+def fold_offsets(m: QuantMatrix) -> QuantMatrix:
+    """A matrix with offsets as one without, for the input ``[x, s, s]`` where s holds the block
+    sums of x padded to a whole block: the offsets become 8-bit columns (symmetric per block of
+    BLOCK, the one approximation) split into two 4-bit halves (``split8``)."""
+    if m.mins is None:
+        return m
+    N, nb = m.mins.shape
+    P = _padded_blocks(nb)
+    mins = np.zeros((N, P), np.float32)
+    mins[:, :nb] = m.mins
+    blocks = mins.reshape(N, P // BLOCK, BLOCK)
+    scale = np.abs(blocks).max(axis=2) / 127.0  # (N, P / BLOCK)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = (np.clip(np.round(blocks / scale[:, :, None]), -127, 127) + 128).astype(np.uint8).reshape(N, P)
+    extra = split8(QuantMatrix(q, scale, np.full(scale.shape, 128, np.uint8), None, 8, "offsets"))
+    return QuantMatrix(np.concatenate([m.q, extra.q], axis=1), np.concatenate([m.scale, extra.scale], axis=1),
+                       np.concatenate([m.zero, extra.zero], axis=1), None, 4, m.source + " offsets folded")
+
+
 def concat_rows(mats: list[QuantMatrix]) -> QuantMatrix:
     """Stack matrices along N (fused q|k|v, gate|up). Offsets are kept where any has them."""
     if len({m.bits for m in mats}) != 1 or len({m.shape[1] for m in mats}) != 1:
