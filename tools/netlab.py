@@ -167,6 +167,16 @@ def serve_bench(nodes: int, rate: float, slowdowns: list[float], model: str | No
             key = Path(tmp) / "key"
             key.write_text(uuid.uuid4().hex)
             addrs = [lab.addr(i) for i in range(nodes)]
+            # each node's profile measured here, one at a time: measuring at once on one machine
+            # they would share its cores and memory bandwidth (on real devices each measures alone)
+            from meshllm.model.manifest import load_manifest
+            from meshllm.model.paths import resolve_model_dir
+            from meshllm.runtime.profile import load_or_measure
+
+            manifest = load_manifest(resolve_model_dir(model), verify=False)
+            for i in range(nodes):
+                load_or_measure(manifest, Path(f"{tmp}/n{i}"), threads=1,
+                                slowdown=slowdowns[min(i, len(slowdowns) - 1)], memory_bytes=1)
             for i, a in enumerate(addrs):
                 argv = [sys.executable, "-m", "meshllm.cli", "node", "--name", f"n{i}", "--host", a,
                         "--interface", a, "--port", "7070", "--state-dir", f"{tmp}/n{i}", "--mesh-key-file",

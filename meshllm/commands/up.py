@@ -87,7 +87,8 @@ class LocalMesh:
 
     def __init__(self, n: int, *, model: str | None = None, base_port: int = 0, budgets: str | None = None,
                  slowdowns: str | None = None, threads: int = 1, strategy: str | None = None,
-                 key_file: str | None = None, log_dir: str | None = None, extra: list[str] | None = None) -> None:
+                 key_file: str | None = None, log_dir: str | None = None, extra: list[str] | None = None,
+                 measure_first: bool = True) -> None:
         if n < 1:
             raise UserError("--nodes must be at least 1")
         if not 0 <= base_port < 65536 - n:
@@ -103,6 +104,8 @@ class LocalMesh:
         self.strategy = strategy
         self.key_file = key_file
         self.extra = extra or []
+        self.measure_first = measure_first
+        self._first: dict[float, int] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="meshllm-up-")
         self.dir = Path(log_dir) if log_dir else Path(self._tmp.name)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +116,33 @@ class LocalMesh:
     def urls(self) -> list[str]:
         return [f"http://127.0.0.1:{p}" for p in self.ports]
 
+    def premeasure(self) -> None:
+        """Profile each node here, one after another, before the nodes start: nodes that measured
+        themselves at once on one machine would share its cores and memory bandwidth and all look
+        slower than they are (on real devices each measures alone). Each node finds its profile
+        in its state directory's cache."""
+        from meshllm.model.manifest import load_manifest
+        from meshllm.model.paths import resolve_model_dir
+        from meshllm.runtime.profile import load_or_measure
+
+        manifest = load_manifest(resolve_model_dir(self.model), verify=False)
+        done: dict[float, Path] = {}
+        for i in range(self.n):
+            slowdown = float(self.slowdowns[i] or 1.0)
+            state = Path(self._tmp.name) / f"state-{i}"
+            if slowdown in done:
+                src = done[slowdown]
+                dst = state / src.relative_to(Path(self._tmp.name) / f"state-{self._first[slowdown]}")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(src.read_bytes())
+                continue
+            load_or_measure(manifest, state, threads=self.threads, slowdown=slowdown, memory_bytes=1)
+            self._first[slowdown] = i
+            done[slowdown] = next((state / "profiles").glob("*.json"))
+
     def __enter__(self) -> LocalMesh:
+        if self.measure_first:
+            self.premeasure()
         key = self.key_file
         if key is None:
             path = Path(self._tmp.name) / "mesh.key"

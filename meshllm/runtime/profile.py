@@ -119,7 +119,7 @@ def available_memory_bytes() -> int:
 
 
 def cache_path(state_dir: Path, model_id: str, threads: int, slowdown: float) -> Path:
-    key = hashlib.sha256(f"{model_id}|{machine_fingerprint()}|{threads}|{slowdown:.6g}".encode())
+    key = hashlib.sha256(f"{model_id}|{machine_fingerprint()}|{threads}|{slowdown:.6g}|v{PROFILE_VERSION}".encode())
     return state_dir / "profiles" / f"{model_id[:16]}-{key.hexdigest()[:16]}.json"
 
 
