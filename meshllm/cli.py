@@ -10,7 +10,8 @@ import sys
 
 from meshllm.errors import MeshError
 
-COMMANDS = ["export", "fetch", "generate", "plan", "simulate", "bench", "node", "status", "replan", "demo"]
+COMMANDS = ["export", "fetch", "generate", "plan", "simulate", "bench", "node", "status", "replan", "demo", "up",
+            "prompt"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,3 +48,12 @@ def tiny_manifest(tiny_model_dir: Path) -> Manifest:
     from meshllm.model.manifest import load_manifest
 
     return load_manifest(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def bundled_manifest() -> Manifest:
+    """The bundled model (models/tiny: a real tokenizer, 6 layers); part of the source tree."""
+    from meshllm.model.manifest import load_manifest
+    from meshllm.model.paths import BUNDLED_MODEL
+
+    return load_manifest(BUNDLED_MODEL)

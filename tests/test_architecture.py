@@ -79,3 +79,34 @@ def test_the_rule_checker_can_fail(tmp_path: Path) -> None:
     f.write_text("import asyncio\nimport time\nt = time.time()\n")
     assert ("asyncio", 1) in _imports(f)
     assert ("time", "time", 3) in _calls(f)
+
+
+# Which meshllm packages each part may import (ARCHITECTURE.md's table). Keys are packages or
+# top-level modules under meshllm/; values are the first component after ``meshllm.``.
+MAY_IMPORT: dict[str, set[str]] = {
+    "model": {"errors", "model"},
+    "runtime": {"errors", "model", "runtime"},
+    "planner": {"errors", "model", "planner"},
+    "sim": {"errors", "model", "planner", "sim"},
+    "wire": {"errors", "wire"},
+    "control": {"errors", "model", "planner", "wire", "control"},
+    "net": {"errors", "wire", "net"},
+    "serve": {"errors", "model", "runtime", "planner", "sim", "wire", "control", "net", "serve"},
+    "planning_service.py": {"errors", "model", "planner", "wire", "control"},
+    # views reads a Node (imported for its type only) and the plan types
+    "views.py": {"errors", "planner", "net", "node"},
+}
+
+
+def _internal(path: Path) -> list[tuple[str, int]]:
+    return [(mod.split(".")[1], line) for mod, line in _imports(path)
+            if mod.startswith("meshllm.") and mod.count(".") >= 1]
+
+
+@pytest.mark.parametrize("part", sorted(MAY_IMPORT))
+def test_each_part_imports_only_what_the_architecture_allows(part: str) -> None:
+    files = [PKG / part] if part.endswith(".py") else _files(part)
+    assert files and all(f.exists() for f in files), f"no such part: {part}"
+    bad = [f"{f.relative_to(PKG.parent)}:{line} imports meshllm.{top}"
+           for f in files for top, line in _internal(f) if top not in MAY_IMPORT[part]]
+    assert not bad, f"{part} may import only {sorted(MAY_IMPORT[part])}:\n" + "\n".join(bad)

@@ -24,7 +24,7 @@ from meshllm.runtime.generate import (
     generate_stream,
     iter_batch,
 )
-from meshllm.runtime.sampling import SamplingParams
+from meshllm.runtime.sampling import SamplingParams, sample_one, token_rng
 
 CFG = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, max_position=64)
@@ -189,6 +189,31 @@ def test_batched_ragged_decode_equals_one_at_a_time() -> None:
     assert [len(b.token_ids) for b in batch] == [10, 4, 15, 1]
     assert max(r.batch_sizes) == 3  # the one-token request ended at prefill; three decoded together
     assert r.lens == {}
+
+
+def test_seeded_tokens_depend_on_seed_and_index_only_so_a_request_resumes_anywhere() -> None:
+    """Token i samples with token_rng(seed, i): the same request alone, in a batch of others, or
+    resumed at token i on a fresh runner (prompt + the tokens so far) gives the same tokens."""
+    prompt = [4, 5, 6]
+    p = SamplingParams(temperature=1.1, top_k=40, seed=77, max_tokens=14, ignore_eos=True)
+    alone = generate(FakeRunner(seed=2), prompt, p)
+    assert len(set(alone.token_ids)) > 3  # really sampled, not a greedy-like chain
+    others = [SamplingParams(temperature=0.8, seed=s, max_tokens=n) for s, n in ((1, 3), (2, 20))]
+    mixed = generate_batch(FakeRunner(seed=2), [[9, 9], prompt, [1]], [others[0], p, others[1]])
+    assert mixed[1] == alone
+    # unseeded request given its base seed explicitly: the same as that seed in the params
+    unseeded = SamplingParams(temperature=1.1, top_k=40, max_tokens=14, ignore_eos=True)
+    assert generate(FakeRunner(seed=2), prompt, unseeded, seed=77).token_ids == alone.token_ids
+    for start in (1, 6, 13):
+        r = FakeRunner(seed=2)
+        ctx = prompt + list(alone.token_ids[:start])
+        r.alloc("resumed", len(ctx) + p.max_tokens)
+        logits = r.prefill("resumed", np.asarray(ctx, dtype=np.int64))
+        got = []
+        for i in range(start, p.max_tokens):
+            got.append(sample_one(logits, p, token_rng(77, i)))
+            logits = r.decode(["resumed"], np.asarray(got[-1:], dtype=np.int64))[0]
+        assert tuple(got) == alone.token_ids[start:], start
 
 
 def test_kv_is_freed_when_the_consumer_stops_early_or_the_runner_fails() -> None:

@@ -90,3 +90,22 @@ def test_nodes_in_namespaces_find_each_other_by_mdns(tmp_path: Path, tiny_model_
         print("measured links:", links)
         # (400: room for timing noise; unshaped, these veths measure from several hundred to thousands.)
         assert len(links) == 6 and all(ln and 1 < ln["mbps"] < 400 for ln in links), links
+
+        # The mesh serves across the namespaces (activations and KV over the shaped veths): the
+        # answer at every node equals one process's.
+        from meshllm.model.manifest import load_manifest
+        from meshllm.runtime.generate import generate
+        from meshllm.runtime.runner import StageRunner
+        from meshllm.runtime.sampling import SamplingParams
+
+        m = load_manifest(tiny_model_dir)
+        prompt = [5, 17, 33, 8, 61]
+        want = list(generate(StageRunner(m, 0, m.config.num_blocks, threads=1), prompt,
+                             SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)).token_ids)
+        for a in addrs:
+            body = json.dumps({"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}).encode()
+            req = urllib.request.Request(f"http://{a}:7070/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            with urllib.request.urlopen(req, timeout=60) as r:
+                doc = json.loads(r.read())
+            assert doc["meshllm"]["token_ids"] == want, a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,3 +346,279 @@ def test_decode_writes_only_the_new_position_in_place(tiny_manifest: Manifest, f
         np.testing.assert_array_equal(buf[slot, :, :5], old)  # the past is untouched
         assert np.abs(buf[slot, :, 5]).max() > 0  # the new position was written
         assert (buf[slot, :, 6:] == 7.0).all()  # nothing beyond it
+
+
+# --- the data plane's additions ------------------------------------------------------------------
+
+@both
+def test_kv_export_ranges_are_slices_of_the_full_export(tiny_manifest: Manifest, fuse: bool) -> None:
+    r = _runner(tiny_manifest, fuse=fuse)
+    r.alloc("p", 20)
+    ids = _ids(tiny_manifest, 13, 21)
+    r.prefill("p", ids[:8])
+    for b in r.layer_blocks:  # a prefill stage streams each chunk's new positions
+        k, v = r.kv_export("p", b, 0, 8)
+        assert k.shape == v.shape == (8, tiny_manifest.config.num_kv_heads, tiny_manifest.config.head_dim)
+    first = {b: r.kv_export("p", b, 0, 8) for b in r.layer_blocks}
+    r.prefill("p", ids[8:])
+    for b in r.layer_blocks:
+        k, v = r.kv_export("p", b)
+        assert k.shape[0] == 13 and k.dtype == np.float32
+        np.testing.assert_array_equal(first[b][0], k[:8])
+        for a, e in ((8, None), (3, 11), (5, 5), (0, 13), (12, 13)):
+            ka, va = r.kv_export("p", b, a, e)
+            np.testing.assert_array_equal(ka, k[a:e])
+            np.testing.assert_array_equal(va, v[a:e])
+    for a, e in ((-1, 3), (4, 3), (0, 14)):
+        with pytest.raises(ModelError, match="range"):
+            r.kv_export("p", 1, a, e)
+
+
+@both
+def test_truncate_then_decode_equals_never_having_the_tail(tiny_manifest: Manifest, tiny_weights,
+                                                           fuse: bool) -> None:
+    cfg = tiny_manifest.config
+    ids = _ids(tiny_manifest, 14, 31)
+    other = _ids(tiny_manifest, 5, 32)
+    r = _runner(tiny_manifest, fuse=fuse)
+    r.alloc("t", 30)
+    r.prefill("t", ids)
+    r.decode(["t"], np.array([7]))
+    r.truncate("t", 9)
+    assert r.seq_len("t") == 9
+    want = reference.forward(np.concatenate([ids[:9], other]), tiny_weights, cfg)
+    np.testing.assert_allclose(r.prefill("t", other[:2], last_only=False), want[9:11], atol=ATOL, rtol=0)
+    for j in range(2, 5):
+        np.testing.assert_allclose(r.decode(["t"], other[j:j + 1])[0], want[9 + j], atol=ATOL, rtol=0)
+    r.truncate("t", 0)  # back to an empty sequence: a fresh prefill
+    np.testing.assert_allclose(r.prefill("t", ids[:4]), reference.forward(ids[:4], tiny_weights, cfg)[-1],
+                               atol=ATOL, rtol=0)
+    with pytest.raises(ModelError, match="truncate"):
+        r.truncate("t", 5)
+    with pytest.raises(CapacityError, match="unknown"):
+        r.truncate("nope", 0)
+
+
+@both
+def test_decode_rows_runs_the_good_rows_exactly_and_reports_the_bad(tiny_manifest: Manifest, fuse: bool) -> None:
+    cfg = tiny_manifest.config
+
+    def setup() -> StageRunner:
+        r = _runner(tiny_manifest, max_seqs=8, fuse=fuse)
+        for i, n in enumerate((5, 3, 9, 4)):
+            r.alloc(f"ok{i}", 16)
+            r.prefill(f"ok{i}", _ids(tiny_manifest, n, 40 + i))
+        r.alloc("full", 3)
+        r.prefill("full", _ids(tiny_manifest, 3, 50))
+        r.alloc("half", 16)  # KV imported for one layer only
+        r.kv_import("half", 1, np.zeros((2, cfg.num_kv_heads, cfg.head_dim)),
+                    np.zeros((2, cfg.num_kv_heads, cfg.head_dim)))
+        r.alloc("gone", 8)
+        r.free("gone")
+        r.alloc("badtok", 8)
+        r.prefill("badtok", _ids(tiny_manifest, 2, 51))
+        return r
+
+    r = setup()
+    seqs = ["full", "ok2", "gone", "ok0", "half", "badtok", "ok3", "ok1"]
+    toks = np.array([1, 2, 3, 4, 5, cfg.vocab_size + 3, 6, 7])
+    out, rows, errors = r.decode_rows(seqs, toks)
+    assert rows == [1, 3, 6, 7]
+    assert set(errors) == {"full", "gone", "half", "badtok"}
+    assert isinstance(errors["full"], CapacityError) and "full" in str(errors["full"])
+    assert isinstance(errors["gone"], CapacityError) and "unknown" in str(errors["gone"])
+    assert isinstance(errors["half"], ModelError) and "incomplete" in str(errors["half"])
+    assert isinstance(errors["badtok"], ModelError) and "token id" in str(errors["badtok"])
+    alone = setup().decode([seqs[i] for i in rows], toks[rows])
+    np.testing.assert_array_equal(out, alone)
+    assert r.seq_len("ok2") == 10 and r.seq_len("full") == 3 and r.seq_len("badtok") == 2
+    out, rows, errors = r.decode_rows(["full", "gone"], np.array([1, 2]))
+    assert out.shape == (0, cfg.vocab_size) and rows == [] and set(errors) == {"full", "gone"}
+    with pytest.raises(ModelError, match="twice"):
+        r.decode_rows(["ok0", "ok0"], np.array([1, 2]))
+    with pytest.raises(ModelError, match="rows"):
+        r.decode_rows(["ok0", "ok1"], np.array([1]))
+    with pytest.raises(ModelError, match="token ids"):
+        r.decode_rows(["ok0", "ok1"], np.array([1.0, 2.0]))
+    mid = _runner(tiny_manifest, 1, 3, fuse=fuse)
+    mid.alloc("h", 8)
+    mid.prefill("h", np.zeros((2, cfg.hidden_size), np.float32))
+    with pytest.raises(ModelError, match="hidden"):
+        mid.decode_rows(["h"], np.array([1]))
+    out, rows, errors = mid.decode_rows(["h", "nope"], np.ones((2, cfg.hidden_size), np.float32))
+    assert out.shape == (1, cfg.hidden_size) and rows == [0] and set(errors) == {"nope"}
+
+
+def _filled_kv(max_seqs: int = 12) -> KVCache:
+    return KVCache([1, 2], kv_heads=2, head_dim=4, slot_len=8, max_seqs=max_seqs, budget_bytes=None)
+
+
+def test_groups_decode_without_moving_other_groups() -> None:
+    """Two micro-batches (groups) whose members join and leave between steps: each batch costs
+    at most one move per sequence that joined or left since its last step, and a group's steps
+    never move the other group's sequences (while the cache has room for both groups' windows:
+    here up to 6 members each in 16 slots)."""
+    kv = _filled_kv(max_seqs=16)
+    rng = np.random.default_rng(3)
+    groups: dict[str, list[str]] = {"A": [], "B": []}
+    n = 0
+    events = dict.fromkeys(groups, 0)
+    for step in range(200):
+        g = "AB"[step % 2]
+        if groups[g] and rng.random() < 0.3:  # one leaves
+            s = groups[g].pop(int(rng.integers(len(groups[g]))))
+            kv.free(s)
+            events[g] += 1
+        if len(groups[g]) < 6 and (not groups[g] or rng.random() < 0.5):  # one joins
+            n += 1
+            kv.alloc(f"{g}{n}", 8, group=g)
+            groups[g].append(f"{g}{n}")
+            events[g] += 1
+        other = {s: kv.seqs[s].slot for h, ss in groups.items() if h != g for s in ss}
+        before = kv.moves
+        s0 = kv.arrange(groups[g])
+        assert sorted(kv.seqs[s].slot for s in groups[g]) == list(range(s0, s0 + len(groups[g])))
+        assert {s: kv.seqs[s].slot for s in other} == other, "another group's sequence moved"
+        assert kv.moves - before <= events[g], (step, kv.moves - before, events[g])
+        events[g] = 0
+    assert kv.moves <= 100  # bounded by joins and leaves, not by batch size x steps
+
+
+def test_a_full_window_grows_or_moves_its_group_once() -> None:
+    kv = _filled_kv(max_seqs=16)
+    for i in range(6):
+        kv.alloc(("a", i), 8, group="a")
+    kv.alloc("b0", 8, group="b")
+    before = kv.moves
+    for i in range(6, 9):  # a's window fills; it grows or moves, it never takes b's slots
+        kv.alloc(("a", i), 8, group="a")
+    slots = sorted(kv.seqs["a", i].slot for i in range(9))
+    assert slots == list(range(slots[0], slots[0] + 9))
+    assert kv.moves - before <= 6 and kv.arrange([("a", i) for i in range(9)]) == slots[0]
+    assert kv.seqs["b0"].slot not in slots
+
+
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "batch", "group"]), st.integers(0, 9),
+                          st.sets(st.integers(0, 9), min_size=1, max_size=6)), max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_kv_arrange_with_groups_keeps_every_sequence_with_its_cache(ops: list[tuple[str, int, set[int]]]) -> None:
+    """Grouped, ungrouped, mixed batches, slots exhausted: every batch ends up consecutive and
+    every cache travels with its sequence (the fallback path included)."""
+    kv = _filled_kv(max_seqs=8)
+    for op, seq, batch in ops:
+        if op in ("alloc", "group") and seq not in kv.seqs and len(kv.seqs) < kv.max_seqs:
+            kv.alloc(seq, 8, group=seq % 3 if op == "group" else None)
+            st_ = kv.seqs[seq]
+            st_.length = 3
+            st_.layer_len = dict.fromkeys(st_.layer_len, 3)
+            for b in kv.blocks:
+                kv.k[b][st_.slot, :, :3] = seq + 100 * b
+                kv.v[b][st_.slot, :, :3] = -(seq + 100 * b)
+        elif op == "free" and seq in kv.seqs:
+            kv.free(seq)
+        elif op == "batch":
+            members = [s for s in batch if s in kv.seqs]
+            if members:
+                s0 = kv.arrange(members)
+                assert sorted(kv.seqs[s].slot for s in members) == list(range(s0, s0 + len(members)))
+        for s, state in kv.seqs.items():
+            assert kv.owner[state.slot] == s
+            for b in kv.blocks:
+                assert (kv.k[b][state.slot, :, :3] == s + 100 * b).all()
+                assert (kv.v[b][state.slot, :, :3] == -(s + 100 * b)).all()
+        assert sum(o is not None for o in kv.owner) == len(kv.seqs)
+
+
+@both
+def test_grouped_sequences_decode_exactly(tiny_manifest: Manifest, tiny_weights, fuse: bool) -> None:
+    cfg = tiny_manifest.config
+    r = _runner(tiny_manifest, max_seqs=6, fuse=fuse)
+    ctx = {}
+    for i in range(6):
+        ctx[i] = _ids(tiny_manifest, 3 + i, 60 + i)
+        r.alloc(i, 16, group=i % 2)
+        r.prefill(i, ctx[i])
+    for batch in ([0, 2, 4], [1, 3, 5], [0, 4], [5, 1, 3], [2, 3]):
+        out = r.decode(batch, np.array([7 + i for i in batch]))
+        for j, i in enumerate(batch):
+            ctx[i] = np.append(ctx[i], 7 + i)
+            np.testing.assert_allclose(out[j], reference.forward(ctx[i], tiny_weights, cfg)[-1],
+                                       atol=ATOL, rtol=0, err_msg=f"{i} in {batch}")
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_freeing_a_sequence_gives_its_kv_pages_back() -> None:
+    kv = KVCache([1, 2, 3, 4], kv_heads=2, head_dim=64, slot_len=4096, max_seqs=3, budget_bytes=None)
+    slot_bytes = 8 * 2 * 4096 * 64 * 4  # 8 buffers x (kv_heads, slot_len, head_dim) float32: 16 MiB
+    kv.alloc("a", 4096)
+    kv.alloc("b", 4096)
+    base = _rss()
+    for name in ("a", "b"):
+        st_ = kv.seqs[name]
+        for buf in (*kv.k.values(), *kv.v.values()):
+            buf[st_.slot] = 1.0
+        st_.length = 4096
+        st_.layer_len = dict.fromkeys(st_.layer_len, 4096)
+    touched = _rss()
+    assert touched - base >= 0.9 * 2 * slot_bytes
+    kv.truncate("a", 1024)  # the dropped three quarters of a go back
+    truncated = _rss()
+    assert touched - truncated >= 0.7 * slot_bytes
+    assert (kv.k[1][kv.seqs["a"].slot, :, :1024] == 1.0).all()
+    assert (kv.k[1][kv.seqs["a"].slot, :, 1100:4000] == 0.0).all()  # released pages read back as zeros
+    slot_b = kv.seqs["b"].slot
+    kv.free("b")
+    freed = _rss()
+    assert truncated - freed >= 0.9 * slot_bytes
+    assert (kv.k[1][slot_b, :, 16:4080] == 0.0).all()
+    kv.free("a")
+    assert _rss() - base <= 0.05 * slot_bytes + (1 << 20)
+
+
+def _initializer_bytes_in_memory(path: Path) -> int:
+    """Bytes a block's weights take once loaded, read from its graph: a float16 weight that the
+    graph casts to float32 counts as its float32 copy; an int4 matrix (MatMulNBits) run at
+    accuracy level 4 adds onnxruntime's float32 scale and block sum per block of 32."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    cast = {n.input[0] for n in m.graph.node if n.op_type == "Cast"}
+    total = 0
+    for t in m.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype.kind == "f":
+            total += a.size * 4 if (a.dtype == np.float16 and t.name in cast) else a.nbytes
+        elif a.dtype == np.uint8:  # packed int4 weights and zero points
+            total += a.nbytes
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits":
+            attrs = {x.name: x.i for x in n.attribute}
+            if attrs.get("accuracy_level") == 4:
+                total += attrs["K"] * attrs["N"] // 32 * 8
+    return total
+
+
+@pytest.mark.parametrize("dtype,mode", [("float32", None), ("float16", None), ("int4", "fast"), ("int4", "exact")])
+def test_weight_bytes_resident_counts_weights_as_they_sit_in_memory(tmp_path: Path, tiny_weights, tiny_config,
+                                                                    dtype: str, mode: str | None) -> None:
+    from meshllm.model.export import export_model
+
+    kw = {"int4_mode": mode} if mode else {}
+    m = export_model(tiny_weights, tiny_config, tmp_path / dtype, name="t", weight_dtype=dtype, progress=False, **kw)
+    L = tiny_config.num_layers
+    for first, end in ((0, L + 2), (1, 3), (L + 1, L + 2), (0, 1)):
+        want = sum(_initializer_bytes_in_memory(m.block_path(b)) for b in range(first, end))
+        got = StageRunner(m, first, end, threads=1, max_seqs=1).weight_bytes_resident
+        if dtype == "int4":  # the manifest's analytic int4 bytes round the zero points' packing
+            assert abs(got - want) <= 0.02 * want, (first, end, got, want)
+        else:
+            assert got == want, (first, end)

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from meshllm.errors import SamplingError, UserError
-from meshllm.runtime.sampling import SamplingParams, filtered_probs, make_rng, sample, sample_one
+from meshllm.runtime.sampling import (
+    SamplingParams,
+    filtered_probs,
+    request_seed,
+    sample,
+    sample_one,
+    token_rng,
+)
 
 
 @pytest.mark.parametrize("kw", [
@@ -46,18 +53,40 @@ def test_greedy_is_argmax_and_consumes_no_randomness() -> None:
     assert g.bit_generator.state == before
 
 
+def make_rng(p: SamplingParams) -> np.random.Generator:
+    """One stream for the many draws a distribution test takes."""
+    return np.random.default_rng(p.seed)
+
+
 def test_seeded_sampling_is_deterministic_and_rows_use_their_own_generator() -> None:
     logits = np.random.default_rng(0).standard_normal((3, 100))
     p = SamplingParams(temperature=1.3, top_p=0.95, seed=42)
-    a = [sample(logits, p, [make_rng(p), make_rng(p), make_rng(p)]) for _ in range(2)]
+    a = [sample(logits, p, [token_rng(42, i) for i in range(3)]) for _ in range(2)]
     np.testing.assert_array_equal(a[0], a[1])
-    # Row 1 alone, with a fresh generator of the same seed, draws what it drew in the batch.
-    assert sample_one(logits[1], p, make_rng(p)) == a[0][1]
-    seqs = [[sample_one(logits[0], p, g) for _ in range(20)] for g in (make_rng(p), make_rng(p))]
+    # Row 1 alone, with a fresh generator of the same (seed, index), draws what it drew in the batch.
+    assert sample_one(logits[1], p, token_rng(42, 1)) == a[0][1]
+    seqs = [[sample_one(logits[0], p, token_rng(42, i)) for i in range(20)] for _ in range(2)]
     assert seqs[0] == seqs[1]
-    other = [sample_one(logits[0], p, g) for g in [make_rng(SamplingParams(temperature=1.3, top_p=0.95,
-                                                                           seed=43))] * 20]
+    other = [sample_one(logits[0], p, token_rng(43, i)) for i in range(20)]
     assert other != seqs[0]
+
+
+def test_token_rng_depends_only_on_seed_and_index() -> None:
+    draws = {(s, i): token_rng(s, i).random(4).tolist() for s in (0, 1, 2**64 - 1) for i in (0, 1, 2, 2**40)}
+    assert len({tuple(d) for d in draws.values()}) == len(draws)  # independent streams per pair
+    # the same pair gives the same stream, whatever was drawn before and in whatever order
+    for (s, i), d in reversed(list(draws.items())):
+        assert token_rng(s, i).random(4).tolist() == d
+    with pytest.raises(SamplingError):
+        token_rng(-1, 0)
+    with pytest.raises(SamplingError):
+        token_rng(0, 2**64)
+
+
+def test_request_seed_is_the_given_seed_or_fresh_entropy() -> None:
+    assert request_seed(SamplingParams(seed=7)) == 7
+    fresh = {request_seed(SamplingParams()) for _ in range(4)}
+    assert len(fresh) == 4 and all(0 <= x < 2**64 for x in fresh)
 
 
 def test_mixed_params_per_row() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from meshllm.errors import LocalProtocolError, RemoteProtocolError
@@ -99,3 +101,36 @@ def test_mesh_id_depends_on_model_and_key_and_hides_the_key() -> None:
     mid = mesh_id("m1", KEY)
     assert len(mid) == 16 and int(mid, 16) >= 0
     assert KEY.hex()[:8] not in mid and b"horse" not in mid.encode()
+
+
+def test_data_lane_handshake_names_its_control_connection_under_the_proofs() -> None:
+    a, b = pair()
+    b.receive(a.start())
+    ctl = a.initiator_nonce
+    assert ctl == b"A" * 16 == b.initiator_nonce
+    da = Handshake(key=KEY, node_id="a", mesh_id=MESH, nonce=b"C" * 16, initiator=True, lane="data", pair=ctl)
+    db = Handshake(key=KEY, node_id="b", mesh_id=MESH, nonce=b"D" * 16, initiator=False)
+    hello = wire(da.start())
+    assert isinstance(hello, Hello) and hello.lane == "data" and hello.pair == ctl
+    db.receive(hello)
+    assert db.lane == "data" and db.pair == ctl
+    # A Hello whose pair was changed in flight: the responder signs what it saw, the initiator refuses.
+    db2 = Handshake(key=KEY, node_id="b", mesh_id=MESH, nonce=b"E" * 16, initiator=False)
+    da2 = Handshake(key=KEY, node_id="a", mesh_id=MESH, nonce=b"F" * 16, initiator=True, lane="data", pair=ctl)
+    (reply,) = db2.receive(dataclasses.replace(da2.start(), pair=b"X" * 16))
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        da2.receive(reply)
+    # A lane changed in flight fails the same way.
+    db3 = Handshake(key=KEY, node_id="b", mesh_id=MESH, nonce=b"G" * 16, initiator=False)
+    da3 = Handshake(key=KEY, node_id="a", mesh_id=MESH, nonce=b"H" * 16, initiator=True, lane="data", pair=ctl)
+    (reply,) = db3.receive(dataclasses.replace(da3.start(), lane="control"))
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        da3.receive(reply)
+
+
+def test_unknown_lanes_are_refused() -> None:
+    with pytest.raises(LocalProtocolError, match="lane"):
+        Handshake(key=KEY, node_id="a", mesh_id=MESH, nonce=b"A" * 16, initiator=True, lane="bulk")
+    b = Handshake(key=KEY, node_id="b", mesh_id=MESH, nonce=b"B" * 16, initiator=False)
+    with pytest.raises(RemoteProtocolError, match="lane 'bulk'"):
+        b.receive(Hello("a", MESH, b"A" * 16, lane="bulk"))

@@ -10,6 +10,11 @@ gets 10.<net>.0.254 so the host can reach every node's HTTP API.
     sudo tools/netlab.py up --nodes 3 [--rate-mbit 50] [--prefix mlab]
     sudo tools/netlab.py exec 0 -- .venv/bin/meshllm node --host 10.77.0.1 --interface 10.77.0.1
     sudo tools/netlab.py down [--prefix mlab]
+    sudo tools/netlab.py serve-bench [--nodes 3] [--rate-mbit 50] [--slowdowns 1,2,4] [--json]
+
+``serve-bench`` runs the same requests through a mesh in the lab under two placements, the
+planner's DP (``edgeshard-latency``) and an even split (``edgeshard-even``), and prints, for each,
+the measured time per token beside the plan's predicted figure.
 
 Also importable (``Lab``) by tests: ``with Lab("mlt", 3) as lab: lab.popen(0, argv)``.
 """
@@ -111,6 +116,98 @@ class Lab:
         self.down()
 
 
+def _view(addr: str) -> dict | None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{addr}:7070/v1/mesh", timeout=2) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _timed_request(addr: str, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds per token after it) of one greedy streamed request."""
+    import json
+    import time
+    import urllib.request
+
+    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()
+    req = urllib.request.Request(f"http://{addr}:7070/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    t0 = time.perf_counter()
+    times = []
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.strip()
+            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+                ev = json.loads(line[5:])
+                if "error" in ev:
+                    raise RuntimeError(ev["error"]["message"])
+                times.append(time.perf_counter())
+    return times[0] - t0, (times[-1] - times[0]) / max(len(times) - 1, 1)
+
+
+def serve_bench(nodes: int, rate: float, slowdowns: list[float], model: str | None, prefix: str,
+                net: int, timeout: float = 180.0) -> dict:
+    """The DP placement vs an even split in the lab: measured and predicted ms per token."""
+    import json
+    import tempfile
+    import time
+    import uuid
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out: dict = {"nodes": nodes, "rate_mbit": rate, "slowdowns": slowdowns}
+    for strategy in ("edgeshard-latency", "edgeshard-even"):
+        with tempfile.TemporaryDirectory(prefix="netlab-") as tmp, Lab(prefix, nodes, net=net, rate_mbit=rate) as lab:
+            key = Path(tmp) / "key"
+            key.write_text(uuid.uuid4().hex)
+            addrs = [lab.addr(i) for i in range(nodes)]
+            for i, a in enumerate(addrs):
+                argv = [sys.executable, "-m", "meshllm.cli", "node", "--name", f"n{i}", "--host", a,
+                        "--interface", a, "--port", "7070", "--state-dir", f"{tmp}/n{i}", "--mesh-key-file",
+                        str(key), "--threads", "1", "--slowdown", str(slowdowns[min(i, len(slowdowns) - 1)]),
+                        "--strategy", strategy, "--objective", "latency"]
+                if model:
+                    argv += ["--model", model]
+                with open(f"{tmp}/n{i}.log", "wb") as log:
+                    lab.popen(i, argv, stdout=log, stderr=log, cwd=root)
+            deadline = time.monotonic() + timeout
+            view = None
+            while time.monotonic() < deadline:
+                vs = [_view(a) for a in addrs]
+                if all(v and v.get("ready") and sum(m["state"] == "alive" for m in v["members"]) == nodes
+                       and all(m.get("link") for m in v["members"] if not m["self"]) for v in vs):
+                    view = vs[0]
+                    break
+                time.sleep(0.5)
+            if view is None:
+                raise RuntimeError(f"{strategy}: the lab mesh was not ready within {timeout:.0f} s")
+            plan = view["plan"]
+            wl = plan.get("workload") or {}
+            n_in, n_out = round(wl.get("mean_input_len") or 32), round(wl.get("mean_output_len") or 96)
+            prompt = [3 + (7 * i) % 90 for i in range(n_in)]
+            _timed_request(addrs[0], prompt[:4], 4)  # warm every stage
+            runs = [_timed_request(addrs[0], prompt, n_out) for _ in range(3)]
+            ttft = sorted(r[0] for r in runs)[1]
+            tpot = sorted(r[1] for r in runs)[1]
+            measured = (ttft + tpot * (n_out - 1)) / n_out * 1000
+            predicted = (plan.get("predicted") or {}).get("latency_ms_per_token")
+            out[strategy] = {
+                "plan": [[(s["node"][:6], s["layers"]) for s in r["stages"]] for r in plan["replicas"]],
+                "measured_ms_per_token": round(measured, 3), "predicted_ms_per_token": predicted,
+                "ttft_ms": round(ttft * 1000, 2), "tpot_ms": round(tpot * 1000, 3),
+                "error_vs_predicted": None if not predicted else round(abs(measured - predicted) / predicted, 3)}
+    dp, even = out["edgeshard-latency"], out["edgeshard-even"]
+    out["dp_speedup_vs_even"] = round(even["measured_ms_per_token"] / dp["measured_ms_per_token"], 3)
+    print(json.dumps(out))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="netlab", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -120,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     for q in (u, sub.add_parser("down"), sub.add_parser("exec")):
         q.add_argument("--prefix", default="mlab")
         q.add_argument("--net", type=int, default=77)
+    b = sub.add_parser("serve-bench")
+    b.add_argument("--nodes", type=int, default=3)
+    b.add_argument("--rate-mbit", type=float, default=50.0)
+    b.add_argument("--slowdowns", default="1,2,4")
+    b.add_argument("--model", default=None)
+    b.add_argument("--prefix", default="mlsb")
+    b.add_argument("--net", type=int, default=78)
     e = sub._name_parser_map["exec"]  # type: ignore[attr-defined]
     e.add_argument("index", type=int)
     e.add_argument("argv", nargs=argparse.REMAINDER)
@@ -128,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"netlab: {why}", file=sys.stderr)
         return 2
+    if a.cmd == "serve-bench":
+        serve_bench(a.nodes, a.rate_mbit, [float(x) for x in a.slowdowns.split(",")], a.model, a.prefix, a.net)
+        return 0
     if a.cmd == "up":
         lab = Lab(a.prefix, a.nodes, net=a.net, rate_mbit=a.rate_mbit).up()
         for i in range(a.nodes):

@@ -1,9 +1,14 @@
-"""``meshllm demo``: the main job on the bundled model, for a first look.
+"""``meshllm demo``: the main job, end to end, on one machine.
 
-It completes a prompt with the bundled model on this machine, streaming the text, and then
-(unless ``--no-mesh``) starts a small mesh of ``meshllm node`` processes on loopback with
-different speeds, waits until they have found each other, elected a leader and activated a
-plan, prints the mesh, and stops them.
+1. It answers a prompt in one process (``meshllm generate``), streaming the text.
+2. It starts a mesh of ``meshllm node`` processes on loopback (``meshllm up``) whose memory
+   budgets leave the planner no room for a whole replica on every node: one node holds a full
+   replica, two others hold one between them. The nodes find each other by mDNS, elect a leader,
+   measure themselves, and the leader's GA gives the replicas roles (a PREFILL and a DECODER
+   replica) and splits the layers of the shared one.
+3. It sends the same prompt to the mesh: the prompt is prefilled on one replica, its KV cache
+   handed layer by layer to the other, decoded there and streamed back — and it checks that the
+   mesh answered exactly what the single process did (same seed, same tokens).
 """
 
 from __future__ import annotations
@@ -11,16 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 from meshllm.errors import MeshError, UserError
 
@@ -28,103 +27,122 @@ DEMO_PROMPT = "class Stack:\n    def __init__(self"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job on the bundled model (generate, then a local mesh)")
-    p.add_argument("--model", default=None, help="model directory (default: the bundled models/tiny)")
-    p.add_argument("--prompt", default=DEMO_PROMPT, help="prompt to complete")
+    p = sub.add_parser("demo", help="answer a prompt in one process, then through a local mesh, and compare")
+    p.add_argument("--model", default=None, help="model directory (default: $MESHLLM_MODEL or the bundled one)")
+    p.add_argument("--prompt", default=None, help="prompt (default: a chat question for an instruct model, "
+                                                  "else code to complete)")
+    p.add_argument("--chat", action="store_true", default=None, help="use the model's chat template")
     p.add_argument("--max-tokens", type=int, default=60)
-    p.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature; a 5M-parameter model repeats itself when greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: 0.7 for the bundled 5M model, which loops when "
+                        "greedy; 0 for others)")
     p.add_argument("--seed", type=int, default=1, help="sampling seed (the demo is reproducible)")
     p.add_argument("--nodes", type=int, default=3, help="mesh nodes to start on loopback (default %(default)s)")
     p.add_argument("--no-mesh", action="store_true", help="only generate; start no mesh")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the mesh to be ready")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the mesh to be ready")
     p.set_defaults(func=run)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def demo_budgets(model_dir: Path, nodes: int) -> list[int]:
+    """Node 0 holds a whole replica; the others together hold one more (each about 60% of one)."""
+    from meshllm.model.manifest import load_manifest
+    from meshllm.planner.types import Workload
+    from meshllm.runtime.runner import weight_bytes_resident
+
+    m = load_manifest(model_dir, verify=False)
+    weights = weight_bytes_resident(m, 0, m.config.num_blocks)
+    wl = Workload()
+    kv = sum(c.kv_bytes_per_token for c in m.costs) * wl.target_len * wl.max_batch
+    full = int(weights + 2 * kv + (16 << 20))
+    part = int(0.6 * weights + kv + (2 << 20))
+    return [full] + [part] * (nodes - 1)
 
 
-def _get_json(url: str) -> dict | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return json.loads(r.read())
-    except (OSError, urllib.error.URLError, json.JSONDecodeError):
-        return None
+def _generate(model: str | None, prompt: str, chat: bool, args: argparse.Namespace, temperature: float) -> dict:
+    import contextlib
+    import io
 
-
-def _generate(args: argparse.Namespace) -> None:
     from meshllm.cli import main as cli_main
 
-    print(f"== meshllm generate (temperature {args.temperature}, seed {args.seed}) ==\n{args.prompt}",
-          end="", flush=True)
-    argv = ["generate", "--temperature", str(args.temperature), "--seed", str(args.seed),
-            "--max-tokens", str(args.max_tokens), args.prompt]
-    if args.model:
-        argv[1:1] = ["--model", args.model]
-    rc = cli_main(argv)
+    argv = ["generate", "--temperature", str(temperature), "--seed", str(args.seed), "--top-p", "1.0",
+            "--max-tokens", str(args.max_tokens), "--json", prompt]
+    if chat:
+        argv.insert(1, "--chat")
+    if model:
+        argv[1:1] = ["--model", model]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(argv)
     if rc:
         raise MeshError(f"generate failed with exit code {rc}")
-
-
-def _mesh(args: argparse.Namespace) -> None:
-    if args.nodes < 1:
-        raise UserError("--nodes must be at least 1")
-    print(f"\n== a mesh of {args.nodes} nodes on 127.0.0.1 (mDNS discovery, election, planning) ==",
-          flush=True)
-    ports = [_free_port() for _ in range(args.nodes)]
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[IO[bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="meshllm-demo-") as tmp:
-        key = Path(tmp) / "mesh.key"
-        key.write_text(os.urandom(16).hex())
-        try:
-            for i, port in enumerate(ports):
-                cmd = [sys.executable, "-m", "meshllm.cli", "node", "--name", f"demo-{i}",
-                       "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
-                       "--mesh-key-file", str(key), "--state-dir", str(Path(tmp) / f"n{i}"),
-                       # different speeds, so the planner has something to decide
-                       "--slowdown", str(1 + i)]
-                if args.model:
-                    cmd += ["--model", args.model]
-                cmd += [a for p in ports if p != port for a in ("--peer", f"127.0.0.1:{p}")]
-                logs.append(open(Path(tmp) / f"n{i}.log", "wb"))  # noqa: SIM115 - closed in finally
-                procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT))
-            url = f"http://127.0.0.1:{ports[0]}"
-            deadline = time.monotonic() + args.timeout
-            mesh = None
-            while time.monotonic() < deadline:
-                mesh = _get_json(url + "/v1/mesh")
-                if mesh and mesh.get("ready"):
-                    break
-                for i, p in enumerate(procs):
-                    if p.poll() is not None:
-                        tail = (Path(tmp) / f"n{i}.log").read_text(errors="replace")[-2000:]
-                        raise MeshError(f"node demo-{i} exited with {p.returncode}:\n{tail}")
-                time.sleep(0.5)
-            else:
-                raise MeshError(f"the mesh was not ready within {args.timeout:.0f} s")
-            from meshllm.cli import main as cli_main
-
-            cli_main(["status", "--node", url])
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            for f in logs:
-                f.close()
+    return dict(json.loads(buf.getvalue()))
 
 
 def run(args: argparse.Namespace) -> int:
-    _generate(args)
-    if not args.no_mesh:
-        _mesh(args)
-    return 0
+    from meshllm.commands.up import LocalMesh, plan_lines
+    from meshllm.model.manifest import load_manifest
+    from meshllm.model.paths import BUNDLED_MODEL, resolve_model_dir
+
+    if args.nodes < 1:
+        raise UserError("--nodes must be at least 1")
+    model_dir = resolve_model_dir(args.model)
+    manifest = load_manifest(model_dir, verify=False)
+    bundled = model_dir.resolve() == BUNDLED_MODEL.resolve()
+    # the bundled model completes code; an imported instruct model answers in its chat template
+    chat = args.chat if args.chat is not None else (bool(manifest.chat_template) and not bundled)
+    prompt = args.prompt or ("What is the capital of France?" if chat else DEMO_PROMPT)
+    temperature = args.temperature if args.temperature is not None else (0.7 if bundled else 0.0)
+    print(f"== {manifest.name}: one process (meshllm generate, temperature {temperature}, seed {args.seed}) ==")
+    print(f"> {prompt}", flush=True)
+    single = _generate(str(model_dir), prompt, chat, args, temperature)
+    print(single["text"], flush=True)
+    if args.no_mesh:
+        return 0
+    budgets = demo_budgets(model_dir, args.nodes)
+    print(f"\n== the same prompt through a mesh of {args.nodes} nodes on 127.0.0.1 "
+          f"(budgets {', '.join(f'{b / (1 << 20):.0f} MiB' for b in budgets)}) ==", flush=True)
+    # the planner is told to expect 4 requests/s, so it wants more than one replica
+    conf = tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="meshllm-demo-", delete=False)  # noqa: SIM115
+    with conf:
+        conf.write("[workload]\narrival_rate = 4.0\n")
+    try:
+        with LocalMesh(args.nodes, model=str(model_dir), budgets=",".join(str(b) for b in budgets),
+                       extra=["--config", conf.name]) as mesh:
+            view = mesh.wait_ready(args.timeout)
+            print("\n".join(plan_lines(view)), flush=True)
+            print(f"> {prompt}", flush=True)
+            answer = _stream_from_mesh(mesh.urls[-1], prompt, chat, args, temperature)
+    finally:
+        os.unlink(conf.name)
+    same = answer["token_ids"] == single["token_ids"]
+    print("\n" + ("the mesh answered token for token what one process answered"
+                  if same else "MISMATCH: the mesh answered differently from one process"), flush=True)
+    return 0 if same else 1
+
+
+def _stream_from_mesh(url: str, prompt: str, chat: bool, args: argparse.Namespace, temperature: float) -> dict:
+    """Stream the answer to stdout; return its token ids."""
+    from meshllm.commands.prompt import ask
+
+    body: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": temperature, "top_p": 1.0,
+                            "seed": args.seed}
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    ids: list[int] = []
+    with ask(url, body, chat=chat, stream=True, timeout=300.0) as r:
+        for raw in r:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            ev = json.loads(line[5:])
+            if "error" in ev:
+                raise MeshError(f"the mesh failed the request: {ev['error'].get('message')}")
+            for c in ev.get("choices", []):
+                piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
+                if piece:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            ids += (ev.get("meshllm") or {}).get("token_ids") or []
+    return {"token_ids": ids}

@@ -93,6 +93,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "see `meshllm plan --help` for the others)")
     p.add_argument("--objective", default=None, help="latency | throughput | waiting (default waiting)")
     p.add_argument("--priority", type=int, default=None, help="leader preference (higher wins)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests this node holds as an entry before answering 429 (default 64)")
+    p.add_argument("--kv-wire-dtype", default=None, choices=["float32", "float16"],
+                   help="dtype of the KV a prefill replica hands to a decoder (default float32: exact)")
     p.add_argument("--config", default=None, metavar="FILE", help="TOML or JSON file with these options")
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="where the node id and profile cache live (default ~/.local/state/meshllm/node-PORT)")
@@ -127,7 +131,7 @@ def build_options(args: argparse.Namespace) -> Any:
     cfg = load_config(args.config)
     known = {"model", "name", "host", "port", "interface", "peer", "mesh_key_file", "memory_budget", "threads",
              "slowdown", "priority", "state_dir", "control", "workload", "no_mdns", "islands", "strategy",
-             "objective"}
+             "objective", "max_queue", "kv_wire_dtype", "serve"}
     unknown = set(cfg) - known
     if unknown:
         raise ConfigError(f"--config: unknown options {sorted(unknown)}")
@@ -175,7 +179,14 @@ def build_options(args: argparse.Namespace) -> Any:
         raise UserError(f"--strategy {strategy!r}: known strategies are {', '.join(STRATEGIES)}")
     if objective not in OBJECTIVES:
         raise UserError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    from meshllm.serve.config import ServeConfig
+
     try:
+        serve_kw = dict(cfg.get("serve", {}))
+        for name in ("max_queue", "kv_wire_dtype"):
+            if opt(name) is not None:
+                serve_kw[name] = opt(name)
+        serve = ServeConfig(**serve_kw)
         control = ControlConfig(**cfg.get("control", {}))
         workload = Workload.from_dict(cfg["workload"]) if "workload" in cfg else Workload()
     except TypeError as e:
@@ -187,7 +198,7 @@ def build_options(args: argparse.Namespace) -> Any:
         advertise_host=advertise, port=port, interfaces=tuple(addrs), peers=tuple(parse_peer(x) for x in peers),
         memory_budget=parse_bytes(mem) if mem is not None else None, threads=threads, slowdown=slowdown,
         priority=int(opt("priority", 0)), control=control, workload=workload,
-        islands=int(cfg.get("islands", 0)), strategy=strategy, objective=objective, mdns=not (args.no_mdns or cfg.get("no_mdns", False)))
+        islands=int(cfg.get("islands", 0)), strategy=strategy, serve=serve, objective=objective, mdns=not (args.no_mdns or cfg.get("no_mdns", False)))
 
 
 async def serve(opts: Any) -> int:

@@ -121,6 +121,8 @@ def render(plan: Plan, pb: Problem) -> str:
     idle = [d.name for d in pb.devices if d.name not in used]
     if idle:
         lines.append(f"idle: {', '.join(idle)}")
+    if plan.note:
+        lines.append(plan.note)
     pr = plan.predicted
     lines += ["", "predicted:",
               f"  latency            {_fmt(pr.latency_ms_per_token, ' ms/token')}",

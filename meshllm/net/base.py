@@ -8,14 +8,22 @@ these interfaces; it decodes and encodes messages itself with ``meshllm.wire``.
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+from meshllm.wire.limits import DATA_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from meshllm.wire.messages import PROTOCOL_VERSION
+
 SERVICE_TYPE = "_meshllm._tcp.local."
-# The largest frame a link accepts. KV is sent per layer and chunked below this, so anything
-# larger is a broken or hostile peer.
-DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+# The largest frame a link accepts: the wire's one cap. KV is sent per layer and chunked far
+# below it, so anything larger is a broken or hostile peer (the link closes).
+DEFAULT_MAX_MESSAGE = MAX_MESSAGE_BYTES
+# Bytes a link's data lane queues before ``send_data`` waits: a few chunks, enough to keep the
+# connection busy while the sender computes the next one, small enough that a stalled peer holds
+# little of our memory.
+DATA_QUEUE_BYTES = 4 * DATA_CHUNK_BYTES
 
 OnMessage = Callable[[str, bytes], None]  # (peer node id, frame)
 OnPeer = Callable[[str], None]  # (peer node id)
@@ -46,10 +54,17 @@ class LinkIdentity:
 
 
 class Transport(abc.ABC):
-    """Authenticated message links to peers, at most one per peer pair.
+    """Authenticated message links to peers, at most one per peer pair. A link has two lanes:
 
-    ``send`` never blocks: frames are queued per link and written by the link's own task, so a
-    state machine's outputs can be performed from synchronous code. Callbacks run on the loop.
+    - control (``send``): never blocks and never waits behind data; for control-plane frames and
+      small latency-critical data-plane frames (tokens, a decode step's activations);
+    - data (``send_data``): bounded per link; the sender awaits room (backpressure); for bulk
+      frames (KV chunks, a prompt's activations).
+
+    Frames of each lane arrive in order, all through one ``on_message(peer, frame)`` callback; a
+    control frame may overtake data frames sent before it. A frame over ``max_message`` bytes
+    closes the link at the receiver; sending one raises ``LocalProtocolError``. Callbacks run
+    on the loop.
     """
 
     def __init__(self) -> None:
@@ -66,7 +81,18 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def send(self, peer: str, data: bytes) -> bool:
-        """Queue a frame to ``peer``; False when there is no link to it."""
+        """Queue a frame on the control lane to ``peer`` (never blocks, goes ahead of queued data);
+        False when there is no link to it."""
+
+    @abc.abstractmethod
+    async def send_data(self, peer: str, data: bytes) -> bool:
+        """Queue a frame on the data lane to ``peer``, first waiting while the lane holds
+        ``data_queue_bytes`` (a frame always fits an empty lane). True once queued; False when
+        there is no link, or the link closes while waiting. Waiting senders go in call order."""
+
+    @abc.abstractmethod
+    def data_backlog(self, peer: str) -> int:
+        """Bytes queued on the data lane to ``peer`` and not yet written (0: none or no link)."""
 
     @abc.abstractmethod
     def peers(self) -> list[str]:
@@ -96,3 +122,107 @@ class Discovery(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Withdraw our advert (goodbye packets) and stop browsing."""
+
+
+class DataQueue:
+    """A link's data lane on the sending side: a FIFO of frames bounded in bytes.
+
+    ``put`` queues at once when the frame fits (an empty lane takes any frame) and nobody is
+    waiting; otherwise it waits its turn, in call order, so a large frame is not starved by small
+    ones. A frame counts against the bound until the writer reports it written (``done``), so
+    the bound covers what sits in the connection's write path too. ``close`` answers every
+    waiter False. Both transports use it; ``on_push`` lets a transport without a writer task
+    (the in-memory one) react to new frames.
+    """
+
+    def __init__(self, limit: int, on_push: Callable[[], None] | None = None) -> None:
+        self.limit = limit
+        self.frames: deque[bytes] = deque()
+        self.queued = 0  # bytes in ``frames``
+        self.in_flight = 0  # bytes taken by the writer and not yet written
+        self.closed = False
+        self._waiters: deque[tuple[asyncio.Future[bool], bytes]] = deque()
+        self._nonempty = asyncio.Event()
+        self._on_push = on_push
+
+    @property
+    def backlog(self) -> int:
+        return self.queued + self.in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Senders waiting for room."""
+        return sum(1 for f, _ in self._waiters if not f.done())
+
+    def _fits(self, n: int) -> bool:
+        return self.backlog == 0 or self.backlog + n <= self.limit
+
+    async def put(self, data: bytes) -> bool:
+        if self.closed:
+            return False
+        if not self._waiters and self._fits(len(data)):
+            self._push(data)
+            return True
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append((fut, data))
+        return await fut  # a cancelled sender's future is skipped by _admit
+
+    def _push(self, data: bytes) -> None:
+        self.frames.append(data)
+        self.queued += len(data)
+        self._nonempty.set()
+        if self._on_push is not None:
+            self._on_push()
+
+    def _admit(self) -> None:
+        while self._waiters and not self.closed:
+            fut, data = self._waiters[0]
+            if fut.done():  # cancelled while waiting
+                self._waiters.popleft()
+                continue
+            if not self._fits(len(data)):
+                return
+            self._waiters.popleft()
+            self._push(data)
+            fut.set_result(True)
+
+    def take(self) -> bytes | None:
+        """The next frame for the writer (None: empty). Call ``done`` once it is written."""
+        if not self.frames:
+            return None
+        data = self.frames.popleft()
+        self.queued -= len(data)
+        self.in_flight += len(data)
+        if not self.frames:
+            self._nonempty.clear()
+        return data
+
+    def done(self, data: bytes) -> None:
+        self.in_flight -= len(data)
+        self._admit()
+
+    async def get(self) -> bytes | None:
+        """Wait for the next frame (None once closed)."""
+        while not self.frames:
+            if self.closed:
+                return None
+            await self._nonempty.wait()
+        return self.take()
+
+    def close(self) -> None:
+        self.closed = True
+        for fut, _ in self._waiters:
+            if not fut.done():
+                fut.set_result(False)
+        self._waiters.clear()
+        self._nonempty.set()
+
+    def move_to(self, other: DataQueue) -> None:
+        """Hand queued frames and waiting senders to ``other`` (a link replaced by its twin)."""
+        for data in self.frames:
+            other._push(data)
+        self.frames.clear()
+        self.queued = 0
+        other._waiters.extend(self._waiters)
+        self._waiters.clear()
+        other._admit()

@@ -4,6 +4,14 @@
 them, and partition the network into groups; a partition also breaks links across it, as a real
 cable pull would. Authentication is modelled by comparing mesh id and key; frames above the size
 cap close the link, as the WebSocket transport does. Randomness is a seeded generator.
+
+Links have the two lanes of ``Transport``. Control frames are delivered on the next loop turn.
+Data frames wait in the sender's bounded ``DataQueue`` and are delivered one per loop turn, so a
+control frame sent behind a data backlog overtakes all of it but the frame being delivered, and a
+sender that outpaces delivery waits (backpressure). ``stall(node)`` models a receiver that stops
+reading its data lanes (their frames pile up at the senders, control still flows) until
+``unstall(node)``. Dropping applies to control frames only: the data lane, like TCP, is reliable
+while the link is up.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from meshllm.errors import ProtocolError, RemoteProtocolError
+from meshllm.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from meshllm.net.base import (
+    DATA_QUEUE_BYTES,
     DEFAULT_MAX_MESSAGE,
     Advert,
+    DataQueue,
     Discovery,
     LinkIdentity,
     OnFound,
@@ -35,6 +45,17 @@ class MemoryNetwork:
         self.delay = delay  # seconds added to every frame (constant, so order is kept per link)
         self.endpoints: dict[str, MemoryTransport] = {}  # addr -> endpoint
         self._groups: dict[str, int] | None = None  # node id -> partition group
+        self.stalled: set[str] = set()  # node ids not reading their data lanes
+
+    def stall(self, node_id: str) -> None:
+        """``node_id`` stops reading its data lanes (a slow or stuck consumer)."""
+        self.stalled.add(node_id)
+
+    def unstall(self, node_id: str) -> None:
+        self.stalled.discard(node_id)
+        for ep in list(self.endpoints.values()):
+            if node_id in ep._data:
+                ep._kick(node_id)
 
     def addr_of(self, node_id: str) -> str | None:
         for a, ep in self.endpoints.items():
@@ -61,13 +82,16 @@ class MemoryNetwork:
 
 class MemoryTransport(Transport):
     def __init__(self, net: MemoryNetwork, ident: LinkIdentity, addr: str, *,
-                 max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+                 max_message: int = DEFAULT_MAX_MESSAGE, data_queue_bytes: int = DATA_QUEUE_BYTES) -> None:
         super().__init__()
         self.net = net
         self.ident = ident
         self.addr = addr
         self.max_message = max_message
+        self.data_queue_bytes = data_queue_bytes
         self._links: dict[str, MemoryTransport] = {}
+        self._data: dict[str, DataQueue] = {}  # peer -> our data lane to it
+        self._pumping: set[str] = set()  # peers whose data lane has a delivery scheduled
         self.closed = False
         net.endpoints[addr] = self
 
@@ -89,11 +113,15 @@ class MemoryTransport(Transport):
         if peer == me:
             raise RemoteProtocolError("link to ourselves")
         if peer not in self._links:
-            self._links[peer] = other
-            other._links[me] = self
+            self._link(peer, other)
+            other._link(me, self)
             self._on_up(peer)
             other._on_up(me)
         return peer
+
+    def _link(self, peer: str, other: MemoryTransport) -> None:
+        self._links[peer] = other
+        self._data[peer] = DataQueue(self.data_queue_bytes, on_push=lambda: self._kick(peer))
 
     def peer_addr(self, peer: str) -> tuple[str, int] | None:
         other = self._links.get(peer)
@@ -102,7 +130,13 @@ class MemoryTransport(Transport):
         host, _, port = other.addr.rpartition(":")
         return host, int(port)
 
+    def _check_size(self, data: bytes) -> None:
+        if len(data) > self.max_message:
+            raise LocalProtocolError(f"a frame of {len(data)} bytes is over the "
+                                     f"{self.max_message}-byte cap; send it in chunks")
+
     def send(self, peer: str, data: bytes) -> bool:
+        self._check_size(data)
         other = self._links.get(peer)
         if other is None:
             return False
@@ -115,6 +149,41 @@ class MemoryTransport(Transport):
         else:
             loop.call_soon(other._deliver, me, data)
         return True
+
+    async def send_data(self, peer: str, data: bytes) -> bool:
+        self._check_size(data)
+        lane = self._data.get(peer)
+        if lane is None:
+            return False
+        return await lane.put(data)
+
+    def data_backlog(self, peer: str) -> int:
+        lane = self._data.get(peer)
+        return lane.backlog if lane is not None else 0
+
+    def _kick(self, peer: str) -> None:
+        """Schedule the next delivery on our data lane to ``peer`` (one frame per loop turn)."""
+        if peer in self._pumping or peer not in self._data:
+            return
+        self._pumping.add(peer)
+        asyncio.get_running_loop().call_soon(self._pump, peer)
+
+    def _pump(self, peer: str) -> None:
+        self._pumping.discard(peer)
+        lane, other = self._data.get(peer), self._links.get(peer)
+        if lane is None or other is None or peer in self.net.stalled:
+            return
+        data = lane.take()
+        if data is None:
+            return
+        me = self.ident.node_id
+        if self.net.delay:
+            asyncio.get_running_loop().call_later(self.net.delay, other._deliver, me, data)
+        else:
+            other._deliver(me, data)
+        lane.done(data)  # may admit a waiting sender, which kicks the pump again
+        if lane.frames:
+            self._kick(peer)
 
     def _deliver(self, peer: str, data: bytes) -> None:
         if peer not in self._links or self.closed:
@@ -129,9 +198,14 @@ class MemoryTransport(Transport):
         other = self._links.pop(peer, None)
         if other is None:
             return
-        other._links.pop(self.ident.node_id, None)
+        me = self.ident.node_id
+        other._links.pop(me, None)
+        for ep, p in ((self, peer), (other, me)):
+            lane = ep._data.pop(p, None)
+            if lane is not None:
+                lane.close()  # waiting senders get False
         self._on_down(peer)
-        other._on_down(self.ident.node_id)
+        other._on_down(me)
 
     async def disconnect(self, peer: str) -> None:
         self._drop_link(peer)

@@ -264,7 +264,7 @@ def crossover(pa: tuple[np.ndarray, np.ndarray], pb: tuple[np.ndarray, np.ndarra
         child[a == k] = nxt
         roles[nxt - 1] = ra[k - 1]
         nxt += 1
-    free = ~np.isin(a, list(keep)) if keep else np.ones(m, dtype=bool)
+    free = np.array([k not in keep for k in a.tolist()], dtype=bool)
     relabel: dict[int, int] = {}
     for j in np.nonzero(free)[0]:
         kb = int(b[j])

@@ -21,26 +21,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from meshllm.errors import DoesNotFit, PlanError
 from meshllm.planner import cost, ga
 from meshllm.planner.cost import TOKEN_BYTES, ModelProfile
-from meshllm.planner.dp import (
-    Partition,
-    edgeshard_latency,
-    edgeshard_throughput,
-    even_split,
-    proportional_split,
-)
+from meshllm.planner.dp import Partition, edgeshard_throughput, even_split, proportional_split
+from meshllm.planner.latency import MAX_EXACT, LatencyPlacement, place_latency
 from meshllm.planner.problem import Problem
 from meshllm.planner.types import Device, Network, Plan, Role, Workload
 from meshllm.planner.validate import validate_plan
 
 OBJECTIVES = ("latency", "throughput", "waiting")
 Stages = list[tuple[int, int, int]]
-StrategyFn = Callable[[Problem, str, np.random.Generator], list[tuple[Role, Stages]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A strategy's replicas with a note on how they were found (printed with the plan)."""
+
+    replicas: list[tuple[Role, Stages]]
+    note: str = ""
+
+
+StrategyFn = Callable[[Problem, str, np.random.Generator], "list[tuple[Role, Stages]] | Placed"]
 
 
 # --- EdgeShard inputs ---------------------------------------------------------------------
@@ -85,19 +91,25 @@ def _sub(pb: Problem, idx: Sequence[int]):
     return ix, pb.bw[np.ix_(ix, ix)], pb.rtt[np.ix_(ix, ix)], pb.mem[ix]
 
 
-def _alg1(pb: Problem, idx: Sequence[int], source_pos: int | None) -> Partition:
-    """Algorithm 1 on the devices ``idx``. Its state cannot see a device's earlier runs, so when
-    the exact recurrence's chain comes back to a device and overfills it, the no-revisit
-    variant answers instead (see :func:`edgeshard_latency`)."""
+def _alg1(pb: Problem, idx: Sequence[int], source_pos: int | None) -> tuple[Partition, LatencyPlacement]:
+    """Minimum latency on the devices ``idx`` with each device's memory summed over all of its
+    runs (:func:`meshllm.planner.latency.place_latency`: Algorithm 1 when its chain fits,
+    else branch and bound; a stated heuristic above ``MAX_EXACT`` devices)."""
     comp, out, req = _latency_inputs(pb)
     ix, bw, rtt, mem = _sub(pb, idx)
-    p = edgeshard_latency(comp[ix], out, bw, rtt, mem, req, source_pos, TOKEN_BYTES)
-    total: dict[int, float] = {}
-    for j, a, b in p.stages:
-        total[j] = total.get(j, 0.0) + float(req[a:b].sum())
-    if any(v > mem[j] for j, v in total.items()):
-        p = edgeshard_latency(comp[ix], out, bw, rtt, mem, req, source_pos, TOKEN_BYTES, no_revisit=True)
-    return Partition(p.value, tuple((int(ix[j]), a, b) for j, a, b in p.stages))
+    p = place_latency(comp[ix], out, bw, rtt, mem, req, source_pos, TOKEN_BYTES)
+    return Partition(p.value, tuple((int(ix[j]), a, b) for j, a, b in p.stages)), p
+
+
+def latency_note(p: LatencyPlacement) -> str:
+    """One line on how exact a latency placement is."""
+    if p.exact:
+        return "latency placement: exact (optimum proven" + (f"; {p.nodes} search nodes)" if p.nodes else ")")
+    if p.method == "heuristic":
+        return (f"latency placement: heuristic (more than {MAX_EXACT} devices: no MILP, a search of "
+                f"{p.nodes} nodes); within {100 * p.gap:.2f}% of the optimum (proven bound)")
+    return (f"latency placement: best found within the MILP's node limit ({p.nodes} nodes); "
+            f"within {100 * p.gap:.2f}% of the optimum (proven bound)")
 
 
 def _alg2(pb: Problem, idx: Sequence[int], source_pos: int | None) -> tuple[Partition, int]:
@@ -166,24 +178,25 @@ def cloud_edge_even(pb: Problem, objective: str, rng: np.random.Generator) -> li
         return [(Role.BOTH, _fits_one(pb, three, "cloud-edge-even"))]
 
 
-def cloud_edge_opt(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+def cloud_edge_opt(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]] | Placed:
     s, c = _source(pb), _cloud(pb)
     try:
         if objective == "throughput":
             p, _ = _alg2(pb, [s, c], 0)
         else:
-            p = _alg1(pb, [s, c], 0)
+            p, lp = _alg1(pb, [s, c], 0)
+            return Placed([(Role.BOTH, _merge_runs(p.stages))], latency_note(lp))
     except DoesNotFit:
         raise DoesNotFit("cloud-edge-opt: the model does not fit on the source and the cloud") from None
     return [(Role.BOTH, _merge_runs(p.stages))]
 
 
-def edgeshard_latency_plan(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+def edgeshard_latency_plan(pb: Problem, objective: str, rng: np.random.Generator) -> Placed:
     try:
-        p = _alg1(pb, range(len(pb.devices)), pb.source)
+        p, lp = _alg1(pb, range(len(pb.devices)), pb.source)
     except DoesNotFit:
         raise DoesNotFit("edgeshard-latency: the model does not fit on these devices") from None
-    return [(Role.BOTH, _merge_runs(p.stages))]
+    return Placed([(Role.BOTH, _merge_runs(p.stages))], latency_note(lp))
 
 
 def edgeshard_throughput_plan(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
@@ -294,9 +307,10 @@ def make_plan(strategy: str, model_profile: ModelProfile, devices: Sequence[Devi
 
 def plan_problem(strategy: str, pb: Problem, objective: str, rng: np.random.Generator, epoch: int = 0) -> Plan:
     """:func:`make_plan` on a prepared :class:`Problem` (its tables reused)."""
-    reps = STRATEGIES[strategy](pb, objective, rng)
+    got = STRATEGIES[strategy](pb, objective, rng)
+    reps, note = (got.replicas, got.note) if isinstance(got, Placed) else (got, "")
     est = pb.estimate_stages(reps, with_saturation=True)
-    plan = Plan(epoch, pb.to_replicas(reps), est.predicted, strategy)
+    plan = Plan(epoch, pb.to_replicas(reps), est.predicted, strategy, note)
     validate_plan(plan, pb.profile, pb.devices, pb.workload)
     return plan
 

@@ -453,6 +453,7 @@ class Plan:
     replicas: tuple[Replica, ...]
     predicted: Predicted = field(default_factory=Predicted)
     strategy: str = ""
+    note: str = ""  # how the strategy got its answer when that matters (exact, or a proven gap)
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -470,7 +471,7 @@ class Plan:
                           "stages": [{"node": s.node, "layers": [s.first, s.end]} for s in r.stages]}
                          for r in self.replicas],
             "predicted": self.predicted.to_dict(),
-        }
+        } | ({"note": self.note} if self.note else {})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
@@ -482,9 +483,9 @@ class Plan:
                               for s in r["stages"]))
                 for r in d["replicas"])
             return cls(int(d["epoch"]), reps, Predicted.from_dict(d.get("predicted", {})),
-                       str(d.get("strategy", "")))
+                       str(d.get("strategy", "")), str(d.get("note", "")))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise PlanError(f"malformed plan: {e!r}") from None
 
     def with_epoch(self, epoch: int) -> Plan:
-        return Plan(epoch, self.replicas, self.predicted, self.strategy)
+        return Plan(epoch, self.replicas, self.predicted, self.strategy, self.note)

@@ -1,8 +1,9 @@
 """The single-process generation loop over a ``StageRunner`` that holds every block.
 
 Prefill each prompt, then decode one token per step for all live sequences together (ragged
-lengths, one ``decode`` call per step), sampling each row with its own request's parameters and
-generator. A sequence ends on EOS (unless ``ignore_eos``), on a stop string (the stop text is not
+lengths, one ``decode`` call per step), sampling each row with its own request's parameters;
+token i of a request draws from ``token_rng(seed, i)`` (its base seed: ``params.seed`` or entropy
+picked once at its start), so its tokens never depend on the batch it shares. A sequence ends on EOS (unless ``ignore_eos``), on a stop string (the stop text is not
 returned; the token ids that produced it are), or after ``max_tokens``. Its KV slot is freed the
 moment it ends, and on any error.
 
@@ -23,7 +24,7 @@ import numpy as np
 from meshllm.errors import CapacityError, ContextLengthError, MeshError, ModelError, SamplingError, UserError
 from meshllm.model.config import ModelConfig
 from meshllm.model.tokenizer import StreamDecoder, Tokenizer
-from meshllm.runtime.sampling import SamplingParams, make_rng, sample_one
+from meshllm.runtime.sampling import SamplingParams, request_seed, sample_one, token_rng
 
 FINISH_STOP = "stop"  # EOS or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached
@@ -88,11 +89,15 @@ class _Seq:
     seq_id: Hashable
     prompt: tuple[int, ...]
     params: SamplingParams
-    rng: np.random.Generator
+    seed: int  # base seed: token i samples with token_rng(seed, i)
     decoder: StreamDecoder | None
     eos: frozenset[int]
     tokens: list[int] = field(default_factory=list)
     done: bool = False
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The next token from one row of logits (V,)."""
+        return sample_one(logits, self.params, token_rng(self.seed, len(self.tokens)))
 
     def accept(self, token: int) -> StreamEvent:
         """Record a sampled token; decide whether the sequence ends with it."""
@@ -126,16 +131,17 @@ def _model_config(runner: Any) -> ModelConfig:
 def iter_batch(runner: Runner, prompts: Sequence[Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams], *,
                tokenizer: Tokenizer | None = None,
-               rngs: Sequence[np.random.Generator] | None = None,
+               seeds: Sequence[int] | None = None,
                eos_token_ids: Sequence[int] | None = None,
                config: ModelConfig | None = None,
                max_batch: int | None = None) -> Iterator[tuple[int, StreamEvent]]:
     """Generate for several prompts at once; yields ``(prompt index, event)`` as tokens appear.
 
-    ``params``: one for all prompts or one per prompt. ``rngs``: one generator per prompt
-    (default ``make_rng(params)`` each, so a seeded prompt samples the same tokens alone or in a
-    batch). EOS ids default to the tokenizer's, else the model config's. Every KV slot this
-    allocates is freed when its sequence ends, when the caller stops iterating, or on error.
+    ``params``: one for all prompts or one per prompt. ``seeds``: one base seed per prompt
+    (default ``request_seed(params)`` each); token i of a prompt samples with
+    ``token_rng(seed, i)``, so a seeded prompt samples the same tokens alone or in a batch.
+    EOS ids default to the tokenizer's, else the model config's. Every KV slot this allocates
+    is freed when its sequence ends, when the caller stops iterating, or on error.
     Bad input (prompt, context length, parameters) raises here, before anything is allocated.
 
     Prompts are admitted as room allows (continuous batching): at most ``max_batch`` decode
@@ -148,8 +154,8 @@ def iter_batch(runner: Runner, prompts: Sequence[Sequence[int]],
     plist = [params] * n if isinstance(params, SamplingParams) else list(params)
     if len(plist) != n:
         raise SamplingError(f"{n} prompts need {n} sampling parameter sets, got {len(plist)}")
-    if rngs is not None and len(rngs) != n:
-        raise SamplingError(f"{n} prompts need {n} random generators, got {len(rngs)}")
+    if seeds is not None and len(seeds) != n:
+        raise SamplingError(f"{n} prompts need {n} seeds, got {len(seeds)}")
     if eos_token_ids is None:
         eos_token_ids = tokenizer.eos_token_ids if tokenizer and tokenizer.eos_token_ids else cfg.eos_token_ids
     eos = frozenset(int(i) for i in eos_token_ids)
@@ -160,8 +166,10 @@ def iter_batch(runner: Runner, prompts: Sequence[Sequence[int]],
         if p.stop and tokenizer is None:
             raise SamplingError("stop strings need a tokenizer (this model has none)")
         decoder = tokenizer.stream(stop=p.stop, prompt_ids=prompt) if tokenizer is not None else None
-        rng = rngs[i] if rngs is not None else make_rng(p)
-        seqs.append(_Seq(i, ("gen", id(seqs), i), prompt, p, rng, decoder, eos))
+        seed = int(seeds[i]) if seeds is not None else request_seed(p)
+        if not 0 <= seed < 2**64:
+            raise SamplingError(f"seed must be in [0, 2**64), got {seed}")
+        seqs.append(_Seq(i, ("gen", id(seqs), i), prompt, p, seed, decoder, eos))
 
     return _run(runner, seqs, max_batch)
 
@@ -190,7 +198,7 @@ def _run(runner: Runner, seqs: list[_Seq], max_batch: int | None) -> Iterator[tu
                 pending.popleft()
                 allocated.append(s)
                 logits = runner.prefill(s.seq_id, np.asarray(s.prompt, dtype=np.int64))  # (V,)
-                ev = s.accept(sample_one(np.asarray(logits).reshape(-1), s.params, s.rng))
+                ev = s.accept(s.sample(np.asarray(logits).reshape(-1)))
                 if s.done:
                     finish(s)
                 else:
@@ -203,7 +211,7 @@ def _run(runner: Runner, seqs: list[_Seq], max_batch: int | None) -> Iterator[tu
             still = []
             events = []
             for row, s in enumerate(live):
-                ev = s.accept(sample_one(logits[row], s.params, s.rng))
+                ev = s.accept(s.sample(logits[row]))
                 events.append((s.index, ev))
                 if s.done:
                     finish(s)
@@ -218,12 +226,12 @@ def _run(runner: Runner, seqs: list[_Seq], max_batch: int | None) -> Iterator[tu
 
 
 def generate_stream(runner: Runner, prompt_ids: Sequence[int], params: SamplingParams, *,
-                    tokenizer: Tokenizer | None = None, rng: np.random.Generator | None = None,
+                    tokenizer: Tokenizer | None = None, seed: int | None = None,
                     eos_token_ids: Sequence[int] | None = None,
                     config: ModelConfig | None = None) -> Iterator[StreamEvent]:
     """One prompt: yields a ``StreamEvent`` per generated token; the last has a finish_reason."""
     for _, ev in iter_batch(runner, [prompt_ids], params, tokenizer=tokenizer,
-                            rngs=None if rng is None else [rng], eos_token_ids=eos_token_ids,
+                            seeds=None if seed is None else [seed], eos_token_ids=eos_token_ids,
                             config=config):
         yield ev
 
@@ -231,7 +239,7 @@ def generate_stream(runner: Runner, prompt_ids: Sequence[int], params: SamplingP
 def generate_batch(runner: Runner, prompts: Sequence[Sequence[int]],
                    params: SamplingParams | Sequence[SamplingParams], *,
                    tokenizer: Tokenizer | None = None,
-                   rngs: Sequence[np.random.Generator] | None = None,
+                   seeds: Sequence[int] | None = None,
                    eos_token_ids: Sequence[int] | None = None,
                    config: ModelConfig | None = None,
                    max_batch: int | None = None) -> list[GenerationResult]:
@@ -239,7 +247,7 @@ def generate_batch(runner: Runner, prompts: Sequence[Sequence[int]],
     tokens: list[list[int]] = [[] for _ in prompts]
     texts: list[list[str]] = [[] for _ in prompts]
     reasons: list[str] = [FINISH_LENGTH] * len(prompts)
-    for i, ev in iter_batch(runner, prompts, params, tokenizer=tokenizer, rngs=rngs,
+    for i, ev in iter_batch(runner, prompts, params, tokenizer=tokenizer, seeds=seeds,
                             eos_token_ids=eos_token_ids, config=config, max_batch=max_batch):
         tokens[i].append(ev.token_id)
         texts[i].append(ev.text)
@@ -250,10 +258,10 @@ def generate_batch(runner: Runner, prompts: Sequence[Sequence[int]],
 
 
 def generate(runner: Runner, prompt_ids: Sequence[int], params: SamplingParams, *,
-             tokenizer: Tokenizer | None = None, rng: np.random.Generator | None = None,
+             tokenizer: Tokenizer | None = None, seed: int | None = None,
              eos_token_ids: Sequence[int] | None = None,
              config: ModelConfig | None = None) -> GenerationResult:
     """One prompt, all at once."""
     return generate_batch(runner, [prompt_ids], params, tokenizer=tokenizer,
-                          rngs=None if rng is None else [rng], eos_token_ids=eos_token_ids,
+                          seeds=None if seed is None else [seed], eos_token_ids=eos_token_ids,
                           config=config)[0]

@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from meshllm.model.manifest import Manifest
-from meshllm.runtime.runner import StageRunner
+from meshllm.runtime.runner import StageRunner, weight_bytes_resident
 
 log = logging.getLogger("meshllm.runtime.profile")
 
@@ -148,7 +148,8 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
         progress(n, n, "done")
     costs = manifest.costs
     flops = sum(c.flops_per_token for c in costs)
-    weight_bytes = sum(c.param_bytes for c in costs)
+    # bytes a decode step streams: the weights as they sit in memory (float16 files run as float32)
+    weight_bytes = weight_bytes_resident(manifest, 0, n)
     tflops = flops / max(sum(prefill), 1e-12) / 1e12
     mem_bw_gbs = weight_bytes / max(sum(decode), 1e-12) / 1e9
     return NodeProfile(manifest.model_id, threads, slowdown, memory_bytes, tuple(prefill), tuple(decode),

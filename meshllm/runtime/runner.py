@@ -15,15 +15,27 @@ A runner is not thread-safe: call it from one thread at a time.
 
 Interface (the one the rest of meshllm codes against):
 
-* ``alloc(seq_id, max_len)`` / ``free(seq_id)`` / ``seq_len(seq_id)``
+* ``alloc(seq_id, max_len, *, group=None)`` / ``free(seq_id)`` / ``seq_len(seq_id)``; ``group``
+  names the micro-batch a sequence decodes in (its slots stay together, see ``kv``).
 * ``prefill(seq_id, x, last_only=True)``: x (T,) int64 ids when the range starts at the embedding,
   else (T, H) float32 hidden; appends to the sequence (chunked prefill works). Returns (T, H)
   hidden, or, if the range ends with the head, logits (V,) for the last position or (T, V).
 * ``decode(seq_ids, x)``: one token per sequence, sequences of any lengths: x (B,) int64 or
-  (B, H) float32 -> (B, H) hidden or (B, V) logits.
-* ``kv_export(seq_id, block)`` -> (k, v), each (len, kv_heads, head_dim); ``kv_import`` the
-  reverse (``start=`` appends a later chunk), which is how a prefill node hands a sequence to a
-  decode node.
+  (B, H) float32 -> (B, H) hidden or (B, V) logits. ``decode_rows`` is the same step reporting
+  bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors).
+* ``kv_export(seq_id, block, start=0, end=None)`` -> (k, v), each (end - start, kv_heads,
+  head_dim), copying only that range; ``kv_import`` the reverse (``start=`` appends a later
+  chunk), which is how a prefill node hands a sequence to a decode node.
+* ``truncate(seq_id, length)``: forget positions >= length (their pages go back to the OS).
+* ``weight_bytes_resident``: bytes the loaded weights occupy in memory (float16 files are held
+  as float32, see ``weight_bytes_resident()``).
+
+Memory: loading keeps no second copy of the weights. A fused range is built as protobuf
+messages in Python and handed over serialized; onnxruntime's wrapper would keep those bytes
+for the session's life, and glibc keeps the freed parse buffers, which together left RSS at
+2.8x the stored bytes (bench preset, fp32); both are released after loading (measured 1.01x;
+docs/runtime.md). Prepacking of the weights stays on: it replaces the original tensors (no net
+memory) and without it a batch-8 decode step measured twice as slow.
 
 Beyond the shared contract (all keyword-only, with defaults): ``fuse``, ``slot_len`` (positions
 per slot; default the model's context), ``has_seq``, ``kv_bytes_per_token``, ``last_compute_s``.
@@ -31,6 +43,8 @@ per slot; default the model's context), ``has_seq``, ``kv_bytes_per_token``, ``l
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import time
 from collections.abc import Hashable, Sequence
@@ -41,8 +55,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from meshllm.errors import CapacityError, ConfigError, ModelError
+from meshllm.errors import CapacityError, ConfigError, MeshError, ModelError
 from meshllm.model.blocks import fuse_blocks
+from meshllm.model.config import DEFAULT_INT4_MODE
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.kv import KVCache, SeqState
 
@@ -98,10 +113,57 @@ def load_session(model: Path | bytes, threads: int) -> ort.InferenceSession:
     """A CPU session for a model file (or serialized model bytes)."""
     src = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
         what = "the fused blocks" if isinstance(model, bytes) else str(model)
         raise ModelError(f"cannot load {what}: {str(e).splitlines()[0][:200]}") from None
+    # onnxruntime's Python wrapper keeps the serialized model for the session's lifetime, only to
+    # re-create the session if the providers change (never here, CPU only): a second copy of
+    # every weight. The session itself no longer needs it once created.
+    if isinstance(model, bytes) and getattr(sess, "_model_bytes", None) is not None:
+        sess._model_bytes = None
+    return sess
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS. Loading parses every weight through protobuf
+    messages several times over; glibc keeps those freed chunks mapped (its mmap threshold grows
+    with the first large free), which left RSS at 1.6x the weights after loading the bench preset."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+# How many bytes a stored weight byte occupies once loaded. float16 matrices are cast to float32
+# when the session folds constants (the graph computes in float32; runtime casts measured slower,
+# see docs/runtime.md), except the embedding table, which is gathered in its storage dtype.
+_RESIDENT_FACTOR = {"float32": 1.0, "float16": 2.0}
+# int4 matrices run as MatMulNBits; at accuracy level 4 ("fast") onnxruntime's prepacked layout
+# adds a float32 scale and a float32 block sum per block of 32 weights (measured on the small and
+# bench presets: 0.24 bytes per matrix weight over the stored bytes; "exact" adds nothing).
+_INT4_FAST_EXTRA_PER_PARAM = 8 / 32
+
+
+def weight_bytes_resident(manifest: Manifest, first: int, end: int) -> int:
+    """Bytes the weights of blocks [first, end) occupy in memory once loaded by a StageRunner
+    (not the bytes stored on disk): what a node charges against its memory budget."""
+    cfg = manifest.config
+    factor = _RESIDENT_FACTOR.get(cfg.weight_dtype, 1.0)
+    int4_fast = cfg.weight_dtype == "int4" and \
+        (manifest.provenance or {}).get("int4_mode", DEFAULT_INT4_MODE) == "fast"
+    h = cfg.hidden_size
+    layer_matrices = h * cfg.q_size + 2 * h * cfg.kv_size + cfg.q_size * h + 3 * h * cfg.intermediate_size
+    total = 0
+    for c in manifest.costs[first:end]:
+        total += c.param_bytes if c.kind == "embed" else int(c.param_bytes * factor)
+        if int4_fast and c.kind != "embed":  # the embedding is gathered, not multiplied
+            total += int((layer_matrices if c.kind == "layer" else cfg.vocab_size * h) * _INT4_FAST_EXTRA_PER_PARAM)
+    layers = sum(1 for b in range(first, end) if 1 <= b <= cfg.num_layers)
+    if layers:  # the rotary cos/sin tables, float32, in every layer block
+        total += layers * 2 * cfg.max_position * (cfg.head_dim // 2) * 4
+    return total
 
 
 def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> None:
@@ -146,6 +208,8 @@ class StageRunner:
         self.has_head = end == cfg.num_blocks
         self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
         self.units = self._load_units(fuse)
+        _trim_heap()
+        self.weight_bytes_resident = weight_bytes_resident(manifest, first, end)
         self.fused = any(u.fused for u in self.units)
         self._steps: dict[tuple[int, int], _Step] = {}
         self.kv = KVCache(self.layer_blocks, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -157,11 +221,19 @@ class StageRunner:
     def kv_bytes_per_token(self) -> int:
         return self.kv.bytes_per_token
 
-    def alloc(self, seq_id: Hashable, max_len: int) -> None:
-        self.kv.alloc(seq_id, max_len)
+    def alloc(self, seq_id: Hashable, max_len: int, *, group: Hashable | None = None) -> None:
+        """Reserve a KV slot for up to ``max_len`` positions. ``group``: the micro-batch the
+        sequence will decode in; a group's sequences get slots in a window of their own, so its
+        batches decode without moving other groups' caches (see ``kv``)."""
+        self.kv.alloc(seq_id, max_len, group=group)
 
     def free(self, seq_id: Hashable) -> None:
         self.kv.free(seq_id)
+
+    def truncate(self, seq_id: Hashable, length: int) -> None:
+        """Drop positions >= ``length`` in every layer (length <= the positions held); the next
+        prefill/decode continues from ``length``."""
+        self.kv.truncate(seq_id, length)
 
     def seq_len(self, seq_id: Hashable) -> int:
         return self._ready(seq_id).length
@@ -222,7 +294,6 @@ class StageRunner:
         return outs[0] if len(outs) == 1 else np.concatenate(outs)  # (T, H) or (T, V)
 
     def decode(self, seq_ids: Sequence[Hashable], x: np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
         seq_ids = list(seq_ids)
         if not seq_ids:
             raise ModelError("decode: empty batch")
@@ -233,6 +304,51 @@ class StageRunner:
         for s, st in zip(seq_ids, states, strict=True):
             if st.length + 1 > st.max_len:
                 raise CapacityError(f"sequence {s!r} is full: {st.length} of {st.max_len} reserved positions")
+        return self._decode(seq_ids, states, x)
+
+    def decode_rows(self, seq_ids: Sequence[Hashable],
+                    x: np.ndarray) -> tuple[np.ndarray, list[int], dict[Hashable, MeshError]]:
+        """``decode`` that fails rows, not the batch: every row is checked first (unknown or freed
+        sequence, incomplete KV, sequence full, token id out of range); failing rows are left out
+        and reported, the rest run as one batch. Returns (outputs of the rows that ran, in input
+        order: (n_ok, H) or (n_ok, V); their row indices; seq_id -> error). A malformed call
+        (empty batch, a sequence twice, wrong shape or dtype of ``x``) still raises."""
+        seq_ids = list(seq_ids)
+        if not seq_ids:
+            raise ModelError("decode: empty batch")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ModelError("decode: a sequence appears twice in one batch")
+        x = np.asarray(x)
+        if self.has_embed and (x.ndim != 1 or x.dtype.kind not in "iu"):
+            raise ModelError(f"decode: expected a 1-D array of token ids, got {x.dtype} {x.shape}")
+        if not self.has_embed and (x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.dtype.kind != "f"):
+            raise ModelError(f"decode: expected float hidden states (n, {self.config.hidden_size}), "
+                             f"got {x.dtype} {x.shape}")
+        if x.shape[0] != len(seq_ids):
+            raise ModelError(f"decode: {x.shape[0]} rows for {len(seq_ids)} sequences")
+        ok: list[int] = []
+        states: list[SeqState] = []
+        errors: dict[Hashable, MeshError] = {}
+        for i, s in enumerate(seq_ids):
+            try:
+                self._check_input(x[i:i + 1], 1, "decode")
+                st = self._ready(s)
+                if st.length + 1 > st.max_len:
+                    raise CapacityError(f"sequence {s!r} is full: {st.length} of {st.max_len} reserved positions")
+            except MeshError as e:
+                errors[s] = e
+                continue
+            ok.append(i)
+            states.append(st)
+        width = self.config.vocab_size if self.has_head else self.config.hidden_size
+        if not ok:
+            return np.empty((0, width), np.float32), ok, errors
+        xs = self._check_input(x[ok], len(ok), "decode")
+        return self._decode([seq_ids[i] for i in ok], states, xs), ok, errors
+
+    def _decode(self, seq_ids: list[Hashable], states: list[SeqState], x: np.ndarray) -> np.ndarray:
+        """One step for checked rows."""
+        t0 = time.perf_counter()
         s0 = self.kv.arrange(seq_ids) if self.layer_blocks else 0
         # row j of the batch runs on slot s0 + j
         order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
@@ -364,10 +480,13 @@ class StageRunner:
             raise ModelError(f"block {block} is not a decoder layer of this runner's range "
                              f"[{self.first}, {self.end})")
 
-    def kv_export(self, seq_id: Hashable, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of one layer for a sequence, each (len, kv_heads, head_dim) float32."""
+    def kv_export(self, seq_id: Hashable, block: int, start: int = 0,
+                  end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of positions [start, end) (default: all written) of one layer for a
+        sequence, each (end - start, kv_heads, head_dim) float32. Copies only that range, so a
+        prefill stage can stream each chunk's new KV right after computing it."""
         self._check_block(block)
-        return self.kv.export(seq_id, block)
+        return self.kv.export(seq_id, block, start, end)
 
     def kv_import(self, seq_id: Hashable, block: int, k: np.ndarray, v: np.ndarray, *, start: int = 0) -> None:
         """Write positions [start, start + len) of one layer's KV (e.g. received from a prefill

@@ -1,14 +1,17 @@
 """Token sampling: greedy, temperature, top-k, top-p — pure numpy, no global state.
 
-Per-request state is explicit: a request carries its frozen ``SamplingParams`` and its own
-``numpy.random.Generator`` (``make_rng(params)``), so a batch may mix requests with different
-parameters and a seeded request draws the same tokens whichever batch it shares a step with.
-Each sampled (non-greedy) token consumes exactly one uniform draw from its request's generator.
+Randomness is a function of (seed, token index), never a stateful stream: a request has one
+base seed (``request_seed(params)``: its ``seed``, or fresh entropy picked once when it starts)
+and samples its token i with ``token_rng(seed, i)``. So a batch may mix requests with different
+parameters, a seeded request draws the same tokens whichever batch it shares a step with, and a
+request resumed on another node at token i draws tokens i, i+1, ... exactly as it would have.
+Each sampled (non-greedy) token consumes exactly one uniform draw from its generator.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,9 +108,23 @@ def _problems(p: SamplingParams) -> list[str]:
     return out
 
 
-def make_rng(params: SamplingParams) -> np.random.Generator:
-    """The generator of one request: seeded when the request gives a seed, fresh entropy otherwise."""
-    return np.random.default_rng(params.seed)
+def request_seed(params: SamplingParams) -> int:
+    """The base seed of one request: its own seed, or fresh entropy (pick it once, when the
+    request starts, and carry it along with the request)."""
+    if params.seed is not None:
+        return int(params.seed)
+    return secrets.randbits(64)
+
+
+def token_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator for token ``index`` (0 = the first generated token) of a request with base
+    seed ``seed``: an independent stream per pair (Philox keyed by the seed, the index as its
+    counter's high word: distinct pairs never share a block of the stream). Making one and
+    drawing once measured 16 us, a SeedSequence of the pair 17 us: either is small beside a
+    decode step."""
+    if not 0 <= seed < 2**64 or not 0 <= index < 2**64:
+        raise SamplingError(f"token_rng: seed and index must be in [0, 2**64), got {seed}, {index}")
+    return np.random.Generator(np.random.Philox(counter=[0, 0, 0, index], key=seed))
 
 
 def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,9 @@ What is modelled (DESIGN §3, EdgeShard Fig. 5):
 * **Links** are per directed node pair, first-come first-served: a transfer occupies the link for
   bytes/bandwidth and arrives one latency later.
 
-Every duration comes from the ``Timing`` object; nothing here knows FLOPs or bandwidths.
+Every duration comes from the ``Timing`` object; nothing here knows FLOPs or bandwidths. The
+router's predictions (prefill time, step time, slot wait, hand-off) are ``meshllm.sim.estimates``,
+which the serving router calls with the same inputs.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from meshllm.sim import estimates
 from meshllm.sim.engine import EventQueue, SimError
 from meshllm.sim.metrics import RequestRecord, Summary, summarise
 from meshllm.sim.model import SimConfig, SimModel, SimReplica
 from meshllm.sim.routing import Candidate, choose
 from meshllm.sim.workload import Request
 
-TOKEN_BYTES = 8  # a sampled token id on the wire
+TOKEN_BYTES = estimates.TOKEN_BYTES  # a sampled token id on the wire
 
 
 class _Req:
@@ -207,82 +210,44 @@ class _Sim:
         heapq.heappush(rep.stages[s].queue, (prio, self.tie, job))
         self._try_start(rep, s)
 
-    # --- predictions for routing (pure functions of the timing oracle, cached) ---------------
+    # --- predictions for routing (``sim.estimates``, shared with the serving router; cached) ---
     def _prefill_est(self, rep: _Rep, tokens: int) -> tuple[float, float]:
         """(latency, bottleneck stage time) of a prompt alone on ``rep``."""
         key = (rep.spec.id, tokens)
         got = self._pcache.get(key)
         if got is None:
-            spec = rep.spec
-            lat = 0.0
-            worst = 0.0
-            for s, st in enumerate(spec.stages):
-                c = self.t.prefill_s(spec, s, tokens, 0)
-                lat += c
-                worst = max(worst, c)
-                if s + 1 < len(spec.stages):
-                    lat += self.t.transfer_s(st.node, spec.stages[s + 1].node,
-                                             tokens * self.t.act_bytes_per_token(st.end - 1))
-            got = self._pcache[key] = (lat, worst)
+            got = self._pcache[key] = estimates.prefill_estimate(self.t, rep.spec, tokens)
         return got
 
     def _step_est(self, rep: _Rep, batch: int, ctx: int) -> float:
         """Predicted time per token of a sequence in a batch of ``batch`` on ``rep``."""
-        ctx_b = 1 << max(0, int(ctx).bit_length() - 1)  # bucket contexts: cache stays small
+        ctx_b = estimates.bucket_ctx(ctx)  # bucket contexts: cache stays small
         key = (rep.spec.id, batch, ctx_b)
         got = self._scache.get(key)
         if got is None:
-            spec = rep.spec
-            n = len(spec.stages)
-            g = max(1, min(batch, self._max_groups(rep)))
-            mb = math.ceil(batch / g)
-            ring = 0.0
-            per_node: dict[str, float] = {}
-            for s, st in enumerate(spec.stages):
-                c = self.t.decode_s(spec, s, mb, ctx_b)
-                # activations to the next stage; from the last stage only token ids go back
-                per_seq = self.t.act_bytes_per_token(st.end - 1) if s + 1 < n else TOKEN_BYTES
-                ring += c + self.t.transfer_s(st.node, spec.stages[(s + 1) % n].node, mb * per_seq)
-                per_node[st.node] = per_node.get(st.node, 0.0) + c  # a node's stages add up
-            got = self._scache[key] = max(ring, g * max(per_node.values()))
+            got = self._scache[key] = estimates.step_estimate(self.t, rep.spec, batch, ctx_b,
+                                                              self.cfg.max_groups)
         return got
 
     def _tpot(self, rep: _Rep, batch: int, ctx: int) -> float:
-        """Predicted time per token: the cost model's, or what the replica has been doing lately
-        if that is slower (an idle replica's old figure no longer applies)."""
-        est = self._step_est(rep, batch, ctx)
-        return max(est, rep.tpot_obs) if rep.seqs else est
+        return estimates.tpot(self._step_est(rep, batch, ctx), rep.tpot_obs, rep.seqs)
 
     def _max_groups(self, rep: _Rep) -> int:
-        return self.cfg.max_groups or len(rep.spec.stages)
+        return estimates.max_groups(rep.spec, self.cfg.max_groups)
 
     def _decode_candidate(self, rep: _Rep, rq: _Req, prefill_rep: _Rep | None) -> Candidate:
         r = rq.r
-        need = r.input_tokens + r.output_tokens
-        room = rep.kv_used + need <= rep.spec.kv_capacity_tokens and rep.seqs < rep.spec.max_batch
-        dec = self._tpot(rep, rep.seqs + 1, r.input_tokens + r.output_tokens // 2) * (
-            r.output_tokens - 1)
-        handoff = 0.0
-        if prefill_rep is not None and prefill_rep is not rep:
-            # the last stage's KV cannot overlap anything: it is the hand-off the request waits for
-            last = prefill_rep.spec.stages[-1]
-            kvb = r.input_tokens * self.t.kv_bytes_per_token(last.first, last.end)
-            handoff = self.t.transfer_s(last.node, rep.spec.stages[0].node, kvb)
-        return Candidate(rep.spec.id, 0.0, 0.0, dec, handoff, room)
+        return estimates.decode_candidate(
+            self.t, rep.spec, input_tokens=r.input_tokens, output_tokens=r.output_tokens,
+            kv_used=rep.kv_used, seqs=rep.seqs, tpot_s=lambda batch, ctx: self._tpot(rep, batch, ctx),
+            prefill=None if prefill_rep is None else prefill_rep.spec)
 
     def _slot_wait(self, reps: Sequence[_Rep], waiting: int) -> float:
         """Predicted wait for a decode slot among ``reps`` when ``waiting`` prompts are already
-        queued for them: slots free at the rate the pool finishes sequences (batch / time per
-        sequence, at the mean output length seen so far)."""
-        busy = sum(r.seqs for r in reps) + waiting
-        slots = sum(r.spec.max_batch for r in reps)
-        if busy < slots or not reps:
-            return 0.0
-        mean_out = self.out_sum / max(self.out_n, 1)
-        ctx = int(mean_out)
-        rate = sum(r.spec.max_batch / (self._tpot(r, r.spec.max_batch, ctx) * mean_out)
-                   for r in reps)
-        return (busy - slots + 1) / rate
+        queued for them (at the mean output length seen so far)."""
+        return estimates.slot_wait(
+            [(r.seqs, r.spec.max_batch) for r in reps], waiting, self.out_sum / max(self.out_n, 1),
+            lambda i, ctx: self._tpot(reps[i], reps[i].spec.max_batch, ctx))
 
     # --- arrivals and admission -------------------------------------------------------------
     def arrive(self, rq: _Req) -> None:

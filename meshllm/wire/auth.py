@@ -2,9 +2,12 @@
 
 Both ends hold the mesh key (a shared secret). The initiator sends ``Hello`` with a fresh nonce;
 the responder answers ``HelloReply`` with its own nonce and a proof
-``HMAC(key, "responder" | mesh | initiator | responder | nonce_i | nonce_r)``; the initiator
+``HMAC(key, "responder" | mesh | initiator | responder | nonce_i | nonce_r | lane | pair)``; the initiator
 checks it and answers ``AuthProof`` with the same HMAC labelled ``"initiator"``. The role label
-stops a peer reflecting our own proof back at us; both nonces make every proof single-use.
+stops a peer reflecting our own proof back at us; both nonces make every proof single-use. A link
+has two connections (control and data lanes, see ``meshllm.net.links``), each authenticated by
+its own handshake; ``lane`` and ``pair`` (the control connection's initiator nonce, which ties a
+data connection to its control connection) are part of what both proofs sign.
 Until a ``Handshake`` is ``done`` the shell must pass nothing else from that peer on.
 
 ``mesh_id(model_id, key)`` is what mDNS TXT records carry: an HMAC of the model id under the key,
@@ -21,7 +24,8 @@ from meshllm.wire.ids import NodeId
 from meshllm.wire.messages import AuthProof, Hello, HelloReply, Message
 
 NONCE_BYTES = 16
-_DOMAIN = b"meshllm-auth-v1"
+_DOMAIN = b"meshllm-auth-v2"
+LANES = ("control", "data")
 
 
 def mesh_id(model_id: str, key: bytes) -> str:
@@ -34,9 +38,9 @@ def _field(b: bytes) -> bytes:
 
 
 def proof(key: bytes, role: str, mesh: str, initiator: str, responder: str,
-          nonce_i: bytes, nonce_r: bytes) -> bytes:
+          nonce_i: bytes, nonce_r: bytes, lane: str = "control", pair: bytes = b"") -> bytes:
     msg = b"".join(_field(x) for x in (_DOMAIN, role.encode(), mesh.encode(), initiator.encode(),
-                                       responder.encode(), nonce_i, nonce_r))
+                                       responder.encode(), nonce_i, nonce_r, lane.encode(), pair))
     return hmac.new(key, msg, hashlib.sha256).digest()
 
 
@@ -47,12 +51,18 @@ class Handshake:
     Initiator: ``msg = hs.start()`` -> send; feed the reply to ``hs.receive`` -> send what it returns.
     Responder: feed ``Hello`` to ``hs.receive`` -> send the ``HelloReply``; feed ``AuthProof``.
     ``receive`` raises ``RemoteProtocolError`` on anything wrong; then close the link.
+    An initiator names its ``lane`` and ``pair``; a responder learns them as ``lane`` and ``pair``
+    from the ``Hello``.
     """
 
     def __init__(self, *, key: bytes, node_id: NodeId, mesh_id: str, nonce: bytes, initiator: bool,
-                 name: str = "", port: int = 0) -> None:
+                 name: str = "", port: int = 0, lane: str = "control", pair: bytes = b"") -> None:
         if len(nonce) < NONCE_BYTES:
             raise LocalProtocolError(f"handshake nonce must be at least {NONCE_BYTES} bytes")
+        if lane not in LANES:
+            raise LocalProtocolError(f"handshake lane must be one of {LANES}, not {lane!r}")
+        self.lane = lane
+        self.pair = pair
         self._key = key
         self.node_id = node_id
         self.mesh_id = mesh_id
@@ -71,7 +81,13 @@ class Handshake:
         if not self.initiator or self._started:
             raise LocalProtocolError("only an initiator starts a handshake, once")
         self._started = True
-        return Hello(self.node_id, self.mesh_id, self._nonce, self._name, self._port)
+        return Hello(self.node_id, self.mesh_id, self._nonce, self._name, self._port, self.lane, self.pair)
+
+    @property
+    def initiator_nonce(self) -> bytes | None:
+        """The initiator's nonce (known to the responder once ``Hello`` arrived): what a data
+        connection names its control connection by, in ``pair``."""
+        return self._nonce if self.initiator else self._peer_nonce
 
     def _check_peer(self, node_id: str, mesh: str, nonce: bytes) -> None:
         if mesh != self.mesh_id:
@@ -89,27 +105,30 @@ class Handshake:
                 raise RemoteProtocolError(f"expected hello_reply, got {msg.TYPE}")
             self._check_peer(msg.node_id, msg.mesh_id, msg.nonce)
             want = proof(self._key, "responder", self.mesh_id, self.node_id, msg.node_id,
-                         self._nonce, msg.nonce)
+                         self._nonce, msg.nonce, self.lane, self.pair)
             if not hmac.compare_digest(want, msg.proof):
                 raise RemoteProtocolError(f"peer {msg.node_id!r} failed authentication (wrong mesh key)")
             self.peer, self.peer_name, self.peer_port, self.done = msg.node_id, msg.name, msg.port, True
             mine = proof(self._key, "initiator", self.mesh_id, self.node_id, msg.node_id,
-                         self._nonce, msg.nonce)
+                         self._nonce, msg.nonce, self.lane, self.pair)
             return [AuthProof(self.node_id, mine)]
         if self._peer_nonce is None:
             if not isinstance(msg, Hello):
                 raise RemoteProtocolError(f"expected hello, got {msg.TYPE}")
             self._check_peer(msg.node_id, msg.mesh_id, msg.nonce)
+            if msg.lane not in LANES:
+                raise RemoteProtocolError(f"peer asked for lane {msg.lane!r}, not one of {LANES}")
             self._peer_nonce = msg.nonce
             self.peer, self.peer_name, self.peer_port = msg.node_id, msg.name, msg.port
+            self.lane, self.pair = msg.lane, msg.pair
             mine = proof(self._key, "responder", self.mesh_id, msg.node_id, self.node_id,
-                         msg.nonce, self._nonce)
+                         msg.nonce, self._nonce, self.lane, self.pair)
             return [HelloReply(self.node_id, self.mesh_id, self._nonce, mine, self._name, self._port)]
         if not isinstance(msg, AuthProof) or msg.node_id != self.peer:
             raise RemoteProtocolError(f"expected auth_proof from {self.peer!r}, got {msg.TYPE}")
         assert self.peer is not None
         want = proof(self._key, "initiator", self.mesh_id, self.peer, self.node_id,
-                     self._peer_nonce, self._nonce)
+                     self._peer_nonce, self._nonce, self.lane, self.pair)
         if not hmac.compare_digest(want, msg.proof):
             raise RemoteProtocolError(f"peer {self.peer!r} failed authentication (wrong mesh key)")
         self.done = True

@@ -18,7 +18,8 @@ from meshllm.errors import LocalProtocolError
 from meshllm.wire.ids import NodeId, RequestId
 from meshllm.wire.tensor import Tensor
 
-PROTOCOL_VERSION = 1
+# 2: tensors travel as raw buffers after the msgpack header (zero-copy); links have two lanes.
+PROTOCOL_VERSION = 2
 
 
 class Message:
@@ -58,13 +59,17 @@ def data(tag: str):
 @control("hello")
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """Initiator -> responder: who I am, which mesh, and a fresh challenge nonce."""
+    """Initiator -> responder: who I am, which mesh, and a fresh challenge nonce. ``lane`` says
+    which connection of a link this is ("control" or "data"); a data connection names in ``pair``
+    the nonce of the control connection it belongs to. Both are covered by the proofs."""
 
     node_id: NodeId
     mesh_id: str
     nonce: bytes
     name: str = ""
     port: int = 0
+    lane: str = "control"
+    pair: bytes = b""
 
 
 @control("hello_reply")
@@ -234,107 +239,163 @@ class ReplanRequest(Message):
 
 
 # --- data plane ------------------------------------------------------------------------------------
+# The serving protocol (docs/serving.md has the sequence diagram). Every message names the plan
+# epoch it was routed under; replicas and stages are named by their index in that epoch's plan, so
+# a receiver checks them against the plan it loaded. ``first_block`` names the block range the
+# receiver must run: a node holding another range under that epoch refuses the frame.
+
+
+@data("reserve")
+@dataclass(frozen=True, slots=True)
+class Reserve(Message):
+    """Admission, entry -> a decoder replica's stage 0 -> stage 1 -> ... -> last stage -> entry
+    (``Reserved``): each stage reserves KV room for ``tokens`` positions, or the chain stops and the
+    refusing stage answers the entry. Carries what the decoder's stages need later (the head samples)."""
+
+    req: RequestId
+    epoch: int
+    replica: int
+    stage: int  # the receiving stage's index in the replica
+    tokens: int  # prompt + max_tokens positions to reserve
+    prompt_len: int
+    entry: NodeId
+    sampling: dict[str, Any]  # SamplingParams.to_dict()
+    seed: int
+    micro: int = -1  # the decode micro-batch the request will join (chosen by stage 0)
+    first_index: int = 0  # index of the first token the decoder will sample (resume: > 0)
+
+
+@data("reserved")
+@dataclass(frozen=True, slots=True)
+class Reserved(Message):
+    """Last decoder stage (ok) or a refusing stage (not ok) -> entry."""
+
+    req: RequestId
+    epoch: int
+    replica: int
+    ok: bool
+    error: str = ""
+    code: str = ""  # "capacity" (try another decoder or wait), "bad_request", "stale_epoch", ...
 
 
 @data("prefill")
 @dataclass(frozen=True, slots=True)
-class Prefill(Message):
-    """Entry -> a prefill replica's first stage. ``decoder`` names the decoder replica."""
+class PrefillChunk(Message):
+    """The prompt through a prefill replica: entry -> stage 0 (``ids``, the whole prompt), then one
+    frame per chunk from stage s to s + 1 (``hidden`` for positions [offset, offset + len))."""
 
     req: RequestId
     epoch: int
-    token_ids: tuple[int, ...]
+    replica: int
+    first_block: int
+    offset: int
+    last: bool  # the final chunk of the prompt
+    prompt_len: int
+    decoder: int  # the decoder replica the KV goes to (== replica: stay here, no hand-off)
+    entry: NodeId
     sampling: dict[str, Any]
-    decoder: str
-    entry: NodeId | None = None  # where tokens stream back to
-    max_tokens: int = 0
+    seed: int
+    ids: Tensor | None = None  # (T,) int64 token ids (to stage 0)
+    hidden: Tensor | None = None  # (T, H) hidden states (between stages)
+    first_index: int = 0  # index of the token the head samples at the end of this prompt
 
 
-@data("activations")
-@dataclass(frozen=True, slots=True)
-class Activations(Message):
-    """Hidden states between the stages of a replica. hidden: (T, H); positions: T ids."""
-
-    req: RequestId
-    epoch: int
-    hidden: Tensor
-    positions: tuple[int, ...]
-    decode: bool = False
-    first_block: int = -1  # the first block the receiver must run (-1: unchecked); a stage holding
-    # another range under this epoch refuses, which catches a sender routing by a stale plan
-
-
-@data("decode_batch")
-@dataclass(frozen=True, slots=True)
-class DecodeBatch(Message):
-    """One decode step of a micro-batch between the stages of a decoder replica: one new token per
-    request. hidden: (B, H); reqs and positions: B entries."""
-
-    epoch: int
-    micro: int
-    reqs: tuple[RequestId, ...]
-    positions: tuple[int, ...]
-    hidden: Tensor
-    first_block: int = -1
-
-
-@data("token_batch")
-@dataclass(frozen=True, slots=True)
-class TokenBatch(Message):
-    """The last stage of a decoder ring back to its first: the tokens sampled for a micro-batch."""
-
-    epoch: int
-    micro: int
-    reqs: tuple[RequestId, ...]
-    tokens: tuple[int, ...]
-
-
-@data("kv_chunk")
+@data("kv")
 @dataclass(frozen=True, slots=True)
 class KVChunk(Message):
-    """KV of one block for tokens [offset, offset + len); k, v: (len, kv_heads, head_dim)."""
+    """KV of one layer for positions [offset, offset + len): prefill stage -> the decoder stage that
+    owns the layer. k, v: (len, kv_heads, head_dim). ``end`` is the prompt length: the layer is
+    complete once ``offset + len == end``."""
 
     req: RequestId
     epoch: int
+    replica: int  # the decoder replica
     block: int
+    offset: int
+    end: int
     k: Tensor
     v: Tensor
-    offset: int
-    last: bool = False
+
+
+@data("kv_ready")
+@dataclass(frozen=True, slots=True)
+class KVReady(Message):
+    """A decoder stage -> its replica's stage 0: every layer of mine holds the prompt's KV."""
+
+    req: RequestId
+    epoch: int
+    replica: int
+    stage: int
 
 
 @data("decode_start")
 @dataclass(frozen=True, slots=True)
 class DecodeStart(Message):
+    """The prefill replica's head -> the decoder's stage 0: the token sampled at the end of the
+    prompt (index ``index``); the request joins decoding once every stage holds its KV."""
+
     req: RequestId
-    first_token: int
-    epoch: int = 0
-    prompt_len: int = 0
-    sampling: dict[str, Any] = field(default_factory=dict)
-    entry: NodeId | None = None
-    max_tokens: int = 0
+    epoch: int
+    replica: int
+    token: int
+    index: int
+
+
+@data("decode_batch")
+@dataclass(frozen=True, slots=True)
+class DecodeBatch(Message):
+    """One decode step of a micro-batch from stage s to s + 1 of a decoder replica: reqs[i] feeds
+    the token of index indexes[i]; hidden: (B, H)."""
+
+    epoch: int
+    replica: int
+    micro: int
+    first_block: int
+    reqs: tuple[RequestId, ...]
+    indexes: tuple[int, ...]
+    hidden: Tensor
+
+
+@data("token_batch")
+@dataclass(frozen=True, slots=True)
+class TokenBatch(Message):
+    """The head of a decoder ring -> its stage 0: the tokens sampled for a micro-batch (index
+    indexes[i] + 1) and which requests ended with them."""
+
+    epoch: int
+    replica: int
+    micro: int
+    reqs: tuple[RequestId, ...]
+    tokens: tuple[int, ...]
+    done: tuple[bool, ...]
 
 
 @data("token")
 @dataclass(frozen=True, slots=True)
 class Token(Message):
+    """A sampled token -> the request's entry. ``index`` counts generated tokens from 0."""
+
     req: RequestId
     token: int
-    index: int = 0
+    index: int
     finished: bool = False
-    reason: str = ""  # "stop", "length", ... when finished
+    reason: str = ""  # "stop" (EOS) or "length" when finished
 
 
 @data("free")
 @dataclass(frozen=True, slots=True)
 class Free(Message):
+    """Release everything held for a request (KV, queue places); idempotent, unknown ids are fine."""
+
     req: RequestId
+    epoch: int = 0
+    reason: str = ""
 
 
 @data("load_report")
 @dataclass(frozen=True, slots=True)
 class LoadReport(Message):
-    """A replica's load for the routers of entry nodes (queue length, active sequences, free KV...)."""
+    """A replica's stage 0 -> every node: its load, for the entries' routers."""
 
     node_id: NodeId
     epoch: int
@@ -345,6 +406,8 @@ class LoadReport(Message):
 @data("error")
 @dataclass(frozen=True, slots=True)
 class Error(Message):
+    """A stage that cannot go on with a request -> its entry (and the entry frees it everywhere)."""
+
     req: RequestId
     message: str
     code: str = ""

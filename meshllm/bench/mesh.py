@@ -1,0 +1,193 @@
+"""Mesh serving speed on loopback: N node processes vs one process, side by side in one run.
+
+The same model runs in this process (one ``StageRunner`` over every block, the nodes' thread
+count) and on a mesh of N ``meshllm node`` processes on 127.0.0.1 that splits one replica over
+all of them (``--strategy ring`` by default: every node a stage). Reported:
+
+- ``single_decode_ms``: one process, ms per decode step at batch 1 (median of the steps);
+- ``ttft_ms``: time to the first streamed token of a request through the mesh;
+- ``decode_tok_s_1``: one request's decode tokens/s through the mesh (first to last token);
+- ``aggregate_tok_s_8``: tokens/s of 8 concurrent requests; ``batch_speedup`` = that / 1 request;
+- ``per_hop_overhead_ms``: (mesh ms/token − one-process ms/token) / hops, a hop being a stage
+  boundary of the decode ring (S stages: S − 1 forward hops and the tokens back to stage 0);
+- ``predicted_decode_ms`` / ``measured_decode_ms``: the planner's latency per token for the active
+  plan (its prefill included, at the workload's lengths) beside the same figure measured with
+  a request of those lengths;
+- ``rss_mb``: each node's resident memory after the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGETS = {"per_hop_overhead_ms": "<= 1.0 (aim 0.5)", "batch_speedup": ">= 2.0 (4 nodes, 8 requests)",
+           "decode_prediction_error": "<= 0.2"}
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=4, help="node processes (default %(default)s)")
+    p.add_argument("--preset", default="bench", choices=["tiny", "small", "bench"],
+                   help="random model of this shape (default bench, ~125M parameters)")
+    p.add_argument("--model", default=None, help="a model directory instead of a random preset")
+    p.add_argument("--strategy", default="ring", help="placement strategy of the mesh (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per node and here (default 1)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per request (default %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default %(default)s)")
+    p.add_argument("--concurrent", type=int, default=8, help="requests at once for the aggregate figure")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeout", type=float, default=300.0)
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def _stream(url: str, prompt: list[int], tokens: int) -> list[float]:
+    """Arrival times of the streamed tokens of one greedy request (EOS ignored)."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    times = []
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            ev = json.loads(data)
+            if "error" in ev:
+                raise RuntimeError(ev["error"]["message"])
+            if ev.get("meshllm", {}).get("token_ids"):
+                times.append(time.perf_counter())
+    return times
+
+
+def _single_process(model_dir: Path, threads: int, prompt: list[int], steps: int) -> float:
+    from meshllm.model.manifest import load_manifest
+    from meshllm.runtime.runner import StageRunner
+
+    m = load_manifest(model_dir, verify=False)
+    r = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=2)
+    r.alloc("s", len(prompt) + steps + 1)
+    logits = r.prefill("s", np.asarray(prompt, np.int64))
+    tok = int(np.argmax(logits))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = r.decode(["s"], np.array([tok], np.int64))
+        times.append(time.perf_counter() - t0)
+        tok = int(np.argmax(out[0]))
+    r.free("s")
+    return statistics.median(times) * 1000
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshllm.commands.up import LocalMesh, get_json
+    from meshllm.model.config import PRESETS
+    from meshllm.model.export import export_model, random_weights
+
+    with tempfile.TemporaryDirectory(prefix="meshllm-bench-mesh-") as tmp:
+        if args.model:
+            model_dir = Path(args.model)
+        else:
+            cfg = PRESETS[args.preset]
+            model_dir = Path(tmp) / "model"
+            export_model(random_weights(cfg, np.random.default_rng(0)), cfg, model_dir,
+                         name=f"bench-{args.preset}", progress=False)
+        from meshllm.model.manifest import load_manifest
+
+        cfg = load_manifest(model_dir, verify=False).config
+        rng = np.random.default_rng(1)
+        prompt = [int(x) for x in rng.integers(3, cfg.vocab_size, size=args.prompt_len)]
+        single_ms = _single_process(model_dir, args.threads, prompt, args.tokens)
+        out: dict[str, Any] = {"nodes": args.nodes, "model_params_mb": None, "single_decode_ms": round(single_ms, 3)}
+        with LocalMesh(args.nodes, model=str(model_dir), threads=args.threads, strategy=args.strategy) as mesh:
+            view = mesh.wait_ready(args.timeout)
+            plan = view["plan"]
+            url = mesh.urls[0]
+            stages = max(len(r["stages"]) for r in plan["replicas"])
+            _stream(url, prompt, 4)  # warm up every stage's sessions
+            t0 = time.perf_counter()
+            times = _stream(url, prompt, args.tokens)
+            ttft = times[0] - t0
+            per_token = (times[-1] - times[0]) / max(len(times) - 1, 1)
+            total1 = len(times) / (times[-1] - t0)
+            results: list[list[float]] = [[] for _ in range(args.concurrent)]
+            errors: list[BaseException] = []
+
+            def one(i: int) -> None:
+                try:
+                    results[i] = _stream(mesh.urls[i % len(mesh.urls)],
+                                         [int(x) for x in rng.integers(3, cfg.vocab_size, size=args.prompt_len)],
+                                         args.tokens)
+                except BaseException as e:  # reported below
+                    errors.append(e)
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(args.concurrent)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            if errors:
+                raise RuntimeError(f"concurrent requests failed: {errors[0]}")
+            aggregate = sum(len(r) for r in results) / wall
+            # the planner's per-token latency at its workload's lengths, measured the same way
+            wl = (plan.get("workload") or {})
+            n_in = max(1, round(float(wl.get("mean_input_len") or 32)))
+            n_out = max(1, round(float(wl.get("mean_output_len") or 96)))
+            n_in = min(n_in, cfg.max_position - n_out - 1)
+            p2 = [int(x) for x in rng.integers(3, cfg.vocab_size, size=n_in)]
+            t0 = time.perf_counter()
+            t2 = _stream(url, p2, n_out)
+            measured = (t2[-1] - t0) / len(t2) * 1000
+            predicted = (plan.get("predicted") or {}).get("latency_ms_per_token")
+            rss = {f"node-{i}": _rss_mb(p.pid) for i, p in enumerate(mesh.procs)}
+            serving = [get_json(u + "/v1/mesh") for u in mesh.urls]
+        mesh_ms = per_token * 1000
+        out.update({
+            "strategy": plan.get("strategy"), "stages": stages,
+            "plan": [[s["layers"] for s in r["stages"]] for r in plan["replicas"]],
+            "ttft_ms": round(ttft * 1000, 2),
+            "mesh_decode_ms": round(mesh_ms, 3),
+            "decode_tok_s_1": round(1000 / mesh_ms, 2),
+            "tok_s_1_with_prefill": round(total1, 2),
+            "aggregate_tok_s_8": round(aggregate, 2),
+            "batch_speedup": round(aggregate / total1, 3),
+            "per_hop_overhead_ms": round((mesh_ms - single_ms) / max(stages, 1), 3),
+            "predicted_decode_ms": None if predicted is None else round(float(predicted), 3),
+            "measured_decode_ms": round(measured, 3),
+            "decode_prediction_error": (None if not predicted else round(abs(measured - predicted) / predicted, 3)),
+            "workload_lengths": [n_in, n_out],
+            "rss_mb": rss,
+            "errors": sum(int(((v or {}).get("serving") or {}).get("entry", {}).get("failed", 0)) for v in serving),
+            "targets": TARGETS,
+        })
+        out.pop("model_params_mb")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:28s} {v}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,158 @@
+"""Keeping links to the mesh up: who the peers are and where, dialling them, redialling seeds and
+known peers, fetching their profiles and measuring the links to them.
+
+One ``Dialer`` per node. Discovery (``on_found``/``on_lost``) and the transport (``on_link_up``)
+feed it; ``run()`` is its maintenance loop (every second, or at once when woken). One link per
+pair: the smaller node id dials at once, the other waits a little, so both rarely dial together
+(and when they do, the transport keeps one link).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from meshllm.errors import ProtocolError
+from meshllm.net.base import Advert, Transport
+from meshllm.net.peer_http import PeerHttp
+
+log = logging.getLogger("meshllm.net.dialer")
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+
+
+@dataclass(slots=True)
+class PeerInfo:
+    addr: tuple[str, int] | None = None
+    profile: dict[str, Any] | None = None  # the peer's /v1/profile document
+    fetched_at: float = 0.0
+
+
+class Dialer:
+    """``spawn`` runs a coroutine as one of the node's tasks (cancelled when the node stops);
+    ``closed`` says whether the node is stopping. Set ``transport`` before ``run()``."""
+
+    def __init__(self, node_id: str, mesh_id: str, peer_http: PeerHttp, seeds: tuple[tuple[str, int], ...],
+                 *, spawn: Spawn, closed: Callable[[], bool], redial_delay: float = 1.0) -> None:
+        self.node_id = node_id
+        self.mesh_id = mesh_id
+        self.peer_http = peer_http
+        self.transport: Transport | None = None
+        self.peers: dict[str, PeerInfo] = {}
+        self.link_stats: dict[str, dict[str, float]] = {}  # peer -> {mbps, rtt_ms} we measured
+        self.seed_peers: dict[tuple[str, int], str | None] = {a: None for a in seeds}
+        self.redial_delay = redial_delay
+        self._spawn = spawn
+        self._closed = closed
+        self._dialing: set[tuple[str, int]] = set()
+        self._warned: set[tuple[str, int]] = set()  # seeds already reported as refusing us
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- discovery ------------------------------------------------------------------------------
+    def on_found(self, ad: Advert) -> None:
+        if ad.node_id == self.node_id or self._closed():
+            return
+        info = self.peers.setdefault(ad.node_id, PeerInfo())
+        info.addr = (ad.host, ad.port)
+        self._wake.set()
+        delay = 0.0 if self.node_id < ad.node_id else self.redial_delay
+        self._spawn(self._dial_later(ad.node_id, ad.host, ad.port, delay))
+
+    def on_lost(self, node_id: str) -> None:
+        info = self.peers.get(node_id)
+        if info is not None:
+            info.addr = None
+
+    def on_link_up(self, peer: str) -> None:
+        info = self.peers.setdefault(peer, PeerInfo())
+        if info.addr is None and self.transport is not None:
+            # A peer that dialled us (a --peer seed elsewhere) told us its HTTP port on the link.
+            info.addr = self.transport.peer_addr(peer)
+        self._wake.set()
+
+    # --- dialling -------------------------------------------------------------------------------
+    async def _dial_later(self, node_id: str | None, host: str, port: int, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        await self.dial(node_id, host, port)
+
+    async def dial(self, node_id: str | None, host: str, port: int) -> None:
+        assert self.transport is not None
+        if self._closed() or (node_id is not None and node_id in self.transport.peers()):
+            return
+        if (host, port) in self._dialing:
+            return
+        self._dialing.add((host, port))
+        try:
+            peer = await self.transport.dial(host, port)
+            if (host, port) in self.seed_peers:
+                self.seed_peers[(host, port)] = peer
+            self.peers.setdefault(peer, PeerInfo()).addr = (host, port)
+        except ProtocolError as e:
+            # Refused by the handshake: worth saying for a seed the operator named.
+            warn = (host, port) in self.seed_peers and (host, port) not in self._warned
+            self._warned.add((host, port))
+            log.log(logging.WARNING if warn else logging.DEBUG, "link to %s:%d refused: %s", host, port, e)
+        except (OSError, TimeoutError) as e:
+            log.debug("dial %s:%d failed: %s", host, port, e)
+        except Exception as e:  # aiohttp raises its own ClientError family here
+            log.debug("dial %s:%d failed: %r", host, port, e)
+        finally:
+            self._dialing.discard((host, port))
+
+    # --- maintenance ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Redial seeds and known peers, fetch peers' profiles and measure links (every second)."""
+        while True:
+            self._wake.clear()
+            assert self.transport is not None
+            linked = set(self.transport.peers())
+            for (host, port), nid in list(self.seed_peers.items()):
+                if nid is None or nid not in linked:
+                    self._spawn(self.dial(nid, host, port))
+            for nid, info in list(self.peers.items()):
+                if info.addr is None:
+                    continue
+                if nid not in linked and self.node_id < nid:
+                    self._spawn(self.dial(nid, *info.addr))
+                if nid in linked and (info.profile is None or info.profile.get("profile") is None):
+                    self._spawn(self._refresh_peer(nid, info))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    async def _refresh_peer(self, nid: str, info: PeerInfo) -> None:
+        loop = asyncio.get_running_loop()
+        if info.addr is None or loop.time() - info.fetched_at < 1.0:
+            return
+        info.fetched_at = loop.time()
+        doc = await self.peer_http.fetch_profile(*info.addr)
+        if not doc or doc.get("node_id") != nid or doc.get("mesh_id") != self.mesh_id:
+            return
+        info.profile = doc
+        if nid not in self.link_stats:
+            m = await self.peer_http.probe(*info.addr)
+            if m is not None:
+                self.link_stats[nid] = {"mbps": round(m[0], 3), "rtt_ms": round(m[1], 3)}
+                log.info("link to %s: %.1f Mb/s, rtt %.2f ms", nid[:12], m[0], m[1])
+
+    async def gather_links(self, members: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """Every member's own link measurements (from its /v1/profile), ours included."""
+        links: dict[str, dict[str, Any]] = {self.node_id: dict(self.link_stats)}
+        asked = [(n, info.addr) for n in members if n != self.node_id
+                 and (info := self.peers.get(n)) is not None and info.addr is not None]
+
+        async def one(addr: tuple[str, int]) -> dict[str, Any] | None:
+            return await asyncio.wait_for(self.peer_http.fetch_profile(*addr), 3.0)
+
+        docs = await asyncio.gather(*(one(a) for _, a in asked), return_exceptions=True)
+        for (n, _), doc in zip(asked, docs, strict=True):
+            if isinstance(doc, dict) and isinstance(doc.get("links"), dict):
+                links[n] = doc["links"]
+        return links

@@ -1,0 +1,40 @@
+"""The serving layer's settings (one frozen record, passed in by the node's composition root)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshllm.errors import ConfigError
+
+KV_WIRE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    # Prompt tokens per prefill chunk: a prefill replica's stages work on consecutive chunks at
+    # once (pipelined) and stream each chunk's KV as soon as it is computed. The runner computes
+    # a prompt in the same chunks, so a mesh and one process do the same arithmetic.
+    prefill_chunk: int = 512
+    max_queue: int = 64  # requests an entry holds (running + waiting); beyond: 429
+    queue_timeout_s: float = 30.0  # how long a request may wait for KV room before 503
+    reserve_timeout_s: float = 5.0  # a decoder replica's answer to an admission request
+    handoff_timeout_s: float = 30.0  # KV reserved for a hand-off that never completes is freed
+    stall_timeout_s: float = 30.0  # no token for this long: the request fails explicitly
+    kv_wire_dtype: str = "float32"  # float16 halves hand-off bytes (not exact)
+    load_report_s: float = 0.5  # period of a replica's load report
+    max_batch: int = 64  # sequences a decoder replica decodes at once (all micro-batches)
+    retry_after_s: int = 1  # the Retry-After of a 429
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.max_queue < 1:
+            raise ConfigError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.kv_wire_dtype not in KV_WIRE_DTYPES:
+            raise ConfigError(f"kv_wire_dtype must be one of {KV_WIRE_DTYPES}, got {self.kv_wire_dtype!r}")
+        for name in ("queue_timeout_s", "reserve_timeout_s", "handoff_timeout_s", "stall_timeout_s",
+                     "load_report_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")

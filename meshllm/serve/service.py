@@ -1,0 +1,128 @@
+"""The serving layer of one node: the entry, the stage server and their messages, composed.
+
+``Serving(node, config)`` plugs into a node (the composition root builds it): it registers the
+data-plane frame handler, hears link losses and epoch unloads, and sends each replica's load
+report. Frames for this node's own stages or entry that it sends itself skip the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from meshllm.errors import PlanError
+from meshllm.model.tokenizer import Tokenizer
+from meshllm.serve.config import ServeConfig
+from meshllm.serve.entry import Entry
+from meshllm.serve.estimator import PlanEstimator
+from meshllm.serve.messenger import Messenger
+from meshllm.serve.router import Router
+from meshllm.serve.routes import Routes
+from meshllm.serve.stage import StageServer
+from meshllm.wire.messages import Error, LoadReport, Message, Reserved, Token
+
+log = logging.getLogger("meshllm.serve")
+
+_ENTRY_TYPES = (Token, Reserved, Error, LoadReport)
+
+
+def eos_ids(manifest: Any, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """The same EOS rule as ``meshllm generate``: the tokenizer's ids, else the model config's."""
+    if tokenizer is not None and tokenizer.eos_token_ids:
+        return tuple(tokenizer.eos_token_ids)
+    return tuple(manifest.config.eos_token_ids)
+
+
+class Serving:
+    def __init__(self, node: Any, config: ServeConfig | None = None, *, policy: str = "completion",
+                 estimator: PlanEstimator | None = None) -> None:
+        self.node = node
+        self.config = config or ServeConfig()
+        cfg = node.manifest.config
+        self.tokenizer = Tokenizer.from_manifest(node.manifest) if node.manifest.tokenizer_path else None
+        self.eos = eos_ids(node.manifest, self.tokenizer)
+        self._routes: dict[int, Routes] = {}
+        self.messenger = Messenger(node.node_id, node.codec, lambda: node.transport, self._deliver)
+        self.stage = StageServer(node.node_id, node.stages, self.messenger, self.routes_for, self.config,
+                                 num_layers=cfg.num_layers, eos_ids=self.eos, hidden_size=cfg.hidden_size)
+        self.router = Router(self.routes_for, policy=policy,
+                             prefill_estimate=estimator.prefill_s if estimator is not None else None,
+                             decode_estimate=estimator.decode_s if estimator is not None else None)
+        self.entry = Entry(node.node_id, self.messenger, self.config, vocab_size=cfg.vocab_size,
+                           max_position=cfg.max_position, tokenizer=self.tokenizer, eos_ids=self.eos,
+                           active=self.active, router=self.router, observe=node.observe_request)
+        self._task: asyncio.Task[None] | None = None
+        node.register_plane("data", self._deliver)
+        node.on_link_down_hooks.append(self._link_down)
+        node.stages.on_unload(self._unloaded)
+        node.serving_view = self.view
+
+    # --- plans ------------------------------------------------------------------------------------
+    def routes_for(self, epoch: int) -> Routes | None:
+        r = self._routes.get(epoch)
+        if r is not None:
+            return r
+        c = self.node.control
+        entry = c.plans.get(epoch) if c is not None else None
+        if entry is None:
+            return None
+        try:
+            r = Routes(epoch, entry[1])
+        except PlanError as e:
+            log.warning("plan of epoch %d is unusable for serving: %s", epoch, e)
+            return None
+        self._routes[epoch] = r
+        return r
+
+    def active(self) -> tuple[int, Routes] | None:
+        c = self.node.control
+        if c is None or not c.active_epoch:
+            return None
+        r = self.routes_for(c.active_epoch)
+        return None if r is None else (c.active_epoch, r)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.stage.start()
+        self._task = asyncio.ensure_future(self._report_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self.stage.close()
+
+    # --- frames -------------------------------------------------------------------------------------
+    def _deliver(self, peer: str, msg: Message) -> None:
+        if isinstance(msg, _ENTRY_TYPES):
+            self.entry.handle(peer, msg)
+        else:
+            self.stage.handle(peer, msg)
+
+    def _link_down(self, peer: str) -> None:
+        self.entry.fail_peer(peer)
+        self.stage.fail_peer(peer)
+
+    def _unloaded(self, epoch: int) -> None:
+        self.stage.fail_epoch(epoch)
+        self._routes.pop(epoch, None)
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.load_report_s)
+            try:
+                reports = self.stage.load_reports()
+                t = self.node.transport
+                peers = t.peers() if t is not None else []
+                for rep in reports:
+                    self.entry.handle(self.node.node_id, rep)
+                    for p in peers:
+                        self.messenger.send(p, rep)
+            except Exception:  # the report is advisory; never let it stop
+                log.exception("load report failed")
+
+    def view(self) -> dict[str, Any]:
+        return {"entry": self.entry.view(), "stage": self.stage.view()}

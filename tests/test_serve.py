@@ -1,0 +1,304 @@
+"""The data plane over the in-memory transport, under plans the tests choose: every answer equals
+what one process generates, every request frees its KV on every node, faults end requests with an
+explicit error, bad frames are refused and the node keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from servemesh import DataMesh, PlanSpec
+from waiting import async_wait_until
+
+from meshllm.errors import ContextLengthError, UserError
+from meshllm.model.manifest import Manifest
+from meshllm.runtime.generate import generate
+from meshllm.runtime.runner import StageRunner
+from meshllm.runtime.sampling import SamplingParams
+from meshllm.serve.config import ServeConfig
+from meshllm.serve.entry import Entry, NotReady, QueueFull
+from meshllm.wire.messages import DecodeBatch, KVChunk, PrefillChunk
+from meshllm.wire.tensor import Tensor
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+PLANS: dict[str, PlanSpec] = {
+    "one-node": [("both", [("a", 0, 5)])],
+    "both-split": [("both", [("a", 0, 2), ("b", 2, 5)])],
+    "disaggregated": [("prefill", [("a", 0, 5)]), ("decoder", [("b", 0, 5)])],
+    "split-differently": [("prefill", [("a", 0, 3), ("b", 3, 5)]), ("decoder", [("c", 0, 2), ("d", 2, 5)])],
+    "layerless-stages": [("prefill", [("a", 0, 1), ("b", 1, 5)]), ("decoder", [("c", 0, 4), ("d", 4, 5)])],
+    "three-replicas": [("prefill", [("a", 0, 5)]), ("decoder", [("b", 0, 2), ("c", 2, 5)]),
+                       ("both", [("d", 0, 5)])],
+    "revisit": [("both", [("a", 0, 2), ("b", 2, 3), ("a", 3, 5)])],
+}
+
+
+def names(spec: PlanSpec) -> list[str]:
+    out: list[str] = []
+    for _, stages in spec:
+        for n, _, _ in stages:
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def reference(manifest: Manifest, prompt: Sequence[int], params: SamplingParams) -> list[int]:
+    runner = StageRunner(manifest, 0, manifest.config.num_blocks, threads=1)
+    return list(generate(runner, prompt, params).token_ids)
+
+
+async def answer(entry: Entry, prompt: Sequence[int], params: SamplingParams) -> tuple[list[int], str | None, str | None]:
+    tokens, reason, error = [], None, None
+    async for ev in entry.generate(prompt, params):
+        if ev.error is not None:
+            error = ev.error
+            break
+        tokens.append(ev.token_id)
+        reason = ev.finish_reason
+    return tokens, reason, error
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(3, 97, size=int(rng.integers(1, 30)))) for _ in range(n)]
+
+
+async def settled(mesh: DataMesh) -> None:
+    """Every node has freed every request: no KV sequence, nothing held."""
+    await async_wait_until(lambda: not any(mesh.kv_in_use().values()) and not any(mesh.held().values()),
+                           "every node to free every request", 5.0,
+                           describe=lambda: f"kv {mesh.kv_in_use()} held {mesh.held()}")
+
+
+@pytest.fixture
+async def make_mesh(tiny_manifest: Manifest):
+    meshes: list[DataMesh] = []
+
+    async def make(spec: PlanSpec, config: ServeConfig | None = None, budget: int = 1 << 30) -> DataMesh:
+        m = DataMesh(tiny_manifest, names(spec), config=config, budget=budget)
+        meshes.append(m)
+        await m.start(spec)
+        return m
+
+    yield make
+    for m in meshes:
+        await m.close()
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+async def test_greedy_answers_equal_one_process(make_mesh, tiny_manifest: Manifest, plan: str) -> None:
+    mesh = await make_mesh(PLANS[plan])
+    for i, p in enumerate(prompts(3, seed=len(plan))):
+        entry = mesh.node(names(PLANS[plan])[i % len(mesh.nodes)]).serving.entry  # any node is an entry
+        tokens, reason, error = await answer(entry, p, GREEDY)
+        assert error is None
+        assert tokens == reference(tiny_manifest, p, GREEDY), f"prompt {i} under plan {plan}"
+        assert reason == "length"
+    await settled(mesh)
+
+
+async def test_concurrent_requests_get_the_tokens_they_get_alone(make_mesh, tiny_manifest: Manifest) -> None:
+    mesh = await make_mesh(PLANS["split-differently"])
+    ps = prompts(16, seed=7)
+    params = [SamplingParams(temperature=0.0, max_tokens=int(3 + i % 9), ignore_eos=True) for i in range(16)]
+    entries = [mesh.node(n).serving.entry for n in "abcd"]
+    got = await asyncio.gather(*(answer(entries[i % 4], p, q) for i, (p, q) in enumerate(zip(ps, params, strict=True))))
+    for i, (tokens, _, error) in enumerate(got):
+        assert error is None
+        assert tokens == reference(tiny_manifest, ps[i], params[i]), f"request {i}"
+    await settled(mesh)
+    # the decoder really batched them (fewer steps than tokens)
+    ring_stage = mesh.node("c").serving.stage
+    assert ring_stage.stats["decode_rows"] > ring_stage.stats["decode_steps"]
+
+
+async def test_seeded_sampling_matches_one_process(make_mesh, tiny_manifest: Manifest) -> None:
+    mesh = await make_mesh(PLANS["split-differently"])
+    for seed in (1, 2, 3):
+        params = SamplingParams(temperature=0.9, top_p=0.95, seed=seed, max_tokens=10, ignore_eos=True)
+        p = prompts(1, seed=seed)[0]
+        tokens, _, error = await answer(mesh.node("a").serving.entry, p, params)
+        assert error is None
+        assert tokens == reference(tiny_manifest, p, params)
+    await settled(mesh)
+
+
+async def test_eos_ends_the_answer_like_one_process(make_mesh, tiny_manifest: Manifest) -> None:
+    mesh = await make_mesh(PLANS["disaggregated"])
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=40)
+    done = 0
+    for seed in range(12):
+        q = SamplingParams(temperature=1.5, seed=seed, max_tokens=40)
+        p = prompts(1, seed=100 + seed)[0]
+        tokens, reason, error = await answer(mesh.node("b").serving.entry, p, q)
+        assert error is None
+        assert tokens == reference(tiny_manifest, p, q)
+        done += reason == "stop"
+    assert params.max_tokens == 40
+    assert done > 0, "no answer ended on EOS; the test checks nothing about EOS"
+    await settled(mesh)
+
+
+async def test_cancel_frees_every_node(make_mesh) -> None:
+    mesh = await make_mesh(PLANS["split-differently"])
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    gen = mesh.node("a").serving.entry.generate([3, 4, 5], params)
+    n = 0
+    async for _ in gen:
+        n += 1
+        if n == 3:
+            break
+    await gen.aclose()
+    await settled(mesh)
+    assert mesh.node("a").serving.entry.stats["cancelled"] == 1
+
+
+async def test_limits_at_the_entry(make_mesh) -> None:
+    mesh = await make_mesh(PLANS["one-node"], ServeConfig(max_queue=2))
+    entry = mesh.node("a").serving.entry
+    with pytest.raises(ContextLengthError):
+        await anext(entry.generate([5] * 60, SamplingParams(temperature=0.0, max_tokens=10)))
+    with pytest.raises(UserError):
+        await anext(entry.generate([], GREEDY))
+    with pytest.raises(UserError):
+        await anext(entry.generate([500], GREEDY))
+    gate = mesh.node("a").hold_inference()  # the two requests stay in flight
+    g1, g2 = entry.generate([3], GREEDY), entry.generate([4], GREEDY)
+    t1, t2 = asyncio.ensure_future(anext(g1)), asyncio.ensure_future(anext(g2))
+    await async_wait_until(lambda: len(entry.requests) == 2, "two requests in flight", 5.0)
+    with pytest.raises(QueueFull):
+        await anext(entry.generate([5], GREEDY))
+    gate.set()
+    await t1
+    await t2
+    await g1.aclose()
+    await g2.aclose()
+    await settled(mesh)
+    mesh.node("a").control.active_epoch = 0
+    with pytest.raises(NotReady):
+        await anext(entry.generate([5], GREEDY))
+
+
+async def test_no_room_on_the_decoder_waits_then_503(make_mesh, tiny_manifest: Manifest) -> None:
+    cfg = ServeConfig(queue_timeout_s=0.5, max_batch=1)
+    mesh = await make_mesh(PLANS["disaggregated"], cfg)
+    entry = mesh.node("a").serving.entry
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    g = entry.generate([3, 4], long)
+    await anext(g)
+    gate = mesh.node("b").hold_inference()  # the first request keeps the decoder's only place
+    tokens, _, error = await answer(entry, [5], GREEDY)
+    assert error is not None and "no decoder replica has room" in error
+    gate.set()
+    await g.aclose()
+    # room again: served, and the tokens are right
+    tokens, _, error = await answer(entry, [5], GREEDY)
+    assert error is None and tokens == reference(tiny_manifest, [5], GREEDY)
+    await settled(mesh)
+
+
+@pytest.mark.parametrize("victim", ["c", "d", "b"])
+async def test_a_stage_dying_mid_request_is_an_explicit_error(make_mesh, victim: str) -> None:
+    mesh = await make_mesh(PLANS["split-differently"])
+    entry = mesh.node("a").serving.entry
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    gen = entry.generate([3, 4, 5], params)
+    first = await anext(gen)
+    assert first.error is None
+    await mesh.kill(victim)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    error = None
+    async for ev in gen:
+        if ev.error is not None:
+            error = ev
+            break
+    assert error is not None and error.code in ("node_lost", "unreachable", "stage_error")
+    assert loop.time() - t0 < 2.0
+    await settled(mesh)
+
+
+async def test_bad_frames_are_refused_and_the_node_keeps_serving(make_mesh, tiny_manifest: Manifest) -> None:
+    mesh = await make_mesh(PLANS["split-differently"])
+    c = mesh.node("c")
+    a = mesh.node("a")
+    cfg = tiny_manifest.config
+    kv = np.zeros((4, cfg.num_kv_heads, cfg.head_dim), np.float32)
+    bad = [
+        KVChunk("nobody", 1, 1, 1, 0, 4, Tensor.from_array(kv), Tensor.from_array(kv)),  # unreserved
+        KVChunk("nobody", 9, 1, 1, 0, 4, Tensor.from_array(kv), Tensor.from_array(kv)),  # stale epoch
+        DecodeBatch(1, 1, 0, 0, ("ghost",), (0,), Tensor.from_array(np.zeros((1, cfg.hidden_size), np.float32))),
+        DecodeBatch(1, 1, 0, 0, ("ghost",), (0,), Tensor.from_array(np.zeros((2, 3), np.float32))),  # bad shape
+        PrefillChunk("x", 1, 0, 0, 0, True, 3, 1, a.node_id, {"temperature": -1}, 0,
+                     ids=Tensor.from_array(np.array([1, 2, 3]))),  # bad sampling
+        PrefillChunk("x", 1, 0, 3, 0, True, 3, 1, a.node_id, {}, 0,
+                     hidden=Tensor.from_array(np.zeros((3, 5), np.float32))),  # wrong block for c
+    ]
+    for m in bad:
+        a.serving.messenger.send(c.node_id, m)
+        a.serving.messenger.send(mesh.node("a").node_id, m)
+    await async_wait_until(lambda: c.serving.stage.stats["unreserved_kv"] >= 2, "the KV frames refused", 5.0)
+    tokens, _, error = await answer(a.serving.entry, [7, 8, 9], GREEDY)
+    assert error is None and tokens == reference(tiny_manifest, [7, 8, 9], GREEDY)
+    await settled(mesh)
+
+
+async def test_requests_finish_on_their_epoch_while_new_ones_use_the_next(make_mesh, tiny_manifest: Manifest) -> None:
+    spec1 = [("prefill", [("a", 0, 5)]), ("decoder", [("b", 0, 5)]), ("both", [("c", 0, 0 + 5)])]
+    mesh = await make_mesh(spec1)
+    entry = mesh.node("a").serving.entry
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    old = entry.generate([3, 4], params)
+    # hold the request in flight on its decoder (b) in epoch 1
+    mesh.node("a").serving.router.loads.clear()
+    first = await anext(old)
+    holder = next(n for n in ("b", "c") if mesh.node(n).serving.stage.held_count())
+    gate = mesh.node(holder).hold_inference()
+    # epoch 2 places everything elsewhere; the entry routes new requests there at once
+    spare = "c" if holder == "b" else "b"
+    await mesh.activate([("both", [(spare, 0, 5)])], epoch=2)
+    tokens, _, error = await answer(entry, [7, 8], GREEDY)
+    assert error is None and tokens == reference(tiny_manifest, [7, 8], GREEDY)
+    idle = asyncio.Event()
+    mesh.node(holder).stages.drain(1, idle.set)
+    assert not idle.is_set()
+    gate.set()
+    rest = [ev.token_id async for ev in old]
+    assert [first.token_id, *rest] == reference(tiny_manifest, [3, 4], params)
+    await asyncio.wait_for(idle.wait(), 5.0)  # epoch 1 drained once its last request ended
+    await settled(mesh)
+
+
+async def test_float16_kv_on_the_wire_halves_the_handoff_and_its_agreement_is_measured(bundled_manifest) -> None:
+    """KV handed over in float16 is not exact; how often the answers stay identical is measured
+    and printed (docs/serving.md reports it), the halved bytes and a working answer are asserted."""
+    from meshllm.model.tokenizer import Tokenizer
+
+    spec = [("prefill", [("a", 0, 8)]), ("decoder", [("b", 0, 3), ("c", 3, 8)])]
+    tok = Tokenizer.from_manifest(bundled_manifest)
+    texts = ["def main():", "import os\n", "class Stack:", "for i in range(", "# Copyright", "with open(",
+             "return self.", "if __name__ =="]
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    got: dict[str, list[list[int]]] = {}
+    sent: dict[str, int] = {}
+    for dtype in ("float32", "float16"):
+        mesh = DataMesh(bundled_manifest, ["a", "b", "c"], config=ServeConfig(kv_wire_dtype=dtype))
+        await mesh.start(spec)
+        try:
+            got[dtype] = []
+            for t in texts:
+                tokens, _, error = await answer(mesh.node("a").serving.entry, tok.encode(t), params)
+                assert error is None
+                got[dtype].append(tokens)
+            sent[dtype] = mesh.node("a").serving.stage.stats["kv_out_bytes"]
+        finally:
+            await mesh.close()
+    assert sent["float16"] * 2 == sent["float32"]
+    same = sum(a == b for a, b in zip(got["float32"], got["float16"], strict=True))
+    tokens_same = sum(x == y for a, b in zip(got["float32"], got["float16"], strict=True) for x, y in zip(a, b, strict=False))
+    total = sum(len(a) for a in got["float32"])
+    print(f"float16 KV on the wire: {same}/{len(texts)} answers identical, "
+          f"{tokens_same}/{total} tokens at the same position identical")

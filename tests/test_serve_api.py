@@ -1,0 +1,177 @@
+"""The OpenAI-compatible API over a data-plane mesh of the bundled model: the official ``openai``
+client (streaming and not) gets what one process generates; bad requests get OpenAI's error JSON
+with the right status; a node lost mid-stream is an error event the client raises."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from servemesh import DataMesh
+
+from meshllm.model.manifest import Manifest, load_manifest
+from meshllm.model.paths import BUNDLED_MODEL
+from meshllm.model.tokenizer import Tokenizer
+from meshllm.runtime.generate import generate
+from meshllm.runtime.runner import StageRunner
+from meshllm.runtime.sampling import SamplingParams
+from meshllm.serve.api import OpenAIApi
+from meshllm.serve.config import ServeConfig
+
+# the bundled model: 6 layers, blocks 0..7; prefill on a, decoder split over b and c
+SPEC = [("prefill", [("a", 0, 8)]), ("decoder", [("b", 0, 4), ("c", 4, 8)])]
+
+
+@pytest.fixture(scope="module")
+def bundled() -> Manifest:
+    return load_manifest(BUNDLED_MODEL)
+
+
+@pytest.fixture
+async def api(bundled: Manifest) -> AsyncIterator[tuple[DataMesh, str]]:
+    mesh = DataMesh(bundled, ["a", "b", "c"], config=ServeConfig(max_queue=4, queue_timeout_s=1.0))
+    await mesh.start(SPEC)
+    app = web.Application(client_max_size=1 << 16)
+    OpenAIApi(mesh.node("c").serving, bundled.name, bundled.model_id).mount(app)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield mesh, str(server.make_url("/v1"))
+    for c in _clients:
+        await c.close()
+    _clients.clear()
+    await server.close()
+    await mesh.close()
+
+
+_clients: list[openai.AsyncOpenAI] = []
+
+
+def client_for(base: str, **kw: object) -> openai.AsyncOpenAI:
+    c = openai.AsyncOpenAI(base_url=base, api_key="unused", **kw)  # type: ignore[arg-type]
+    _clients.append(c)
+    return c
+
+
+def one_process(manifest: Manifest, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
+    tok = Tokenizer.from_manifest(manifest)
+    r = generate(StageRunner(manifest, 0, manifest.config.num_blocks, threads=1), prompt_ids, params, tokenizer=tok)
+    return list(r.token_ids), r.text
+
+
+async def test_openai_client_completions_and_chat_equal_one_process(api, bundled: Manifest) -> None:
+    _, base = api
+    client = client_for(base)
+    tok = Tokenizer.from_manifest(bundled)
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [bundled.name]
+
+    prompt = "def add(a, b):\n"
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    ids, text = one_process(bundled, tok.encode(prompt), params)
+    r = await client.completions.create(model=bundled.name, prompt=prompt, max_tokens=24, temperature=0)
+    assert r.choices[0].text == text
+    assert r.usage.completion_tokens == len(ids) and r.usage.prompt_tokens == len(tok.encode(prompt))
+
+    stream = await client.completions.create(model=bundled.name, prompt=prompt, max_tokens=24, temperature=0,
+                                             stream=True)
+    assert "".join([c.choices[0].text async for c in stream]) == text
+
+    messages = [{"role": "user", "content": "import os"}]
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=20)
+    _, chat_text = one_process(bundled, tok.encode_chat(messages), seeded)
+    r = await client.chat.completions.create(model=bundled.name, messages=messages, max_tokens=20,
+                                             temperature=0.8, top_p=0.9, seed=5)
+    assert r.choices[0].message.content == chat_text
+    stream = await client.chat.completions.create(model=bundled.name, messages=messages, max_tokens=20,
+                                                  temperature=0.8, top_p=0.9, seed=5, stream=True,
+                                                  stream_options={"include_usage": True})
+    parts, usage = [], None
+    async for c in stream:
+        if c.choices:
+            parts.append(c.choices[0].delta.content or "")
+        if c.usage is not None:
+            usage = c.usage
+    assert "".join(parts) == chat_text
+    assert usage is not None and usage.prompt_tokens == len(tok.encode_chat(messages))
+
+
+async def test_stop_strings_cut_the_answer_like_one_process(api, bundled: Manifest) -> None:
+    _, base = api
+    client = client_for(base)
+    tok = Tokenizer.from_manifest(bundled)
+    prompt = "class Stack:\n    def __init__(self"
+    full = one_process(bundled, tok.encode(prompt), SamplingParams(temperature=0.0, max_tokens=40))[1]
+    stop = full.strip()[len(full.strip()) // 2:][:3] or "self"
+    _, text = one_process(bundled, tok.encode(prompt), SamplingParams(temperature=0.0, max_tokens=40, stop=(stop,)))
+    r = await client.completions.create(model=bundled.name, prompt=prompt, max_tokens=40, temperature=0, stop=[stop])
+    assert r.choices[0].text == text and r.choices[0].finish_reason == "stop"
+    assert stop not in r.choices[0].text
+
+
+async def _post(base: str, path: str, data: bytes | str) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as s, s.post(base + path, data=data,
+                                                    headers={"Content-Type": "application/json"}) as r:
+        return r.status, await r.json(), dict(r.headers)
+
+
+async def test_bad_requests_get_openai_errors(api, bundled: Manifest) -> None:
+    _, base = api
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (json.dumps([1, 2]), 400, "invalid_json"),
+        (json.dumps({"prompt": 5}), 400, None),
+        (json.dumps({"prompt": "x", "max_tokens": -1}), 400, None),
+        (json.dumps({"prompt": "x", "max_tokens": 10**9}), 400, "context_length_exceeded"),
+        (json.dumps({"prompt": "x", "temperature": "hot"}), 400, "invalid_value"),
+        (json.dumps({"prompt": "x", "model": "gpt-4"}), 404, "model_not_found"),
+        (json.dumps({"prompt": [99999]}), 400, "invalid_value"),
+        (json.dumps({"prompt": "x" * 70000}), 413, "body_too_large"),
+    ]
+    for body, status, code in cases:
+        got, doc, _ = await _post(base, "/completions", body)
+        assert got == status, (body[:40], doc)
+        assert "message" in doc["error"] and doc["error"]["message"]
+        if code:
+            assert doc["error"]["code"] == code
+    got, doc, _ = await _post(base, "/chat/completions", json.dumps({"messages": "hi"}))
+    assert got == 400
+    # the node still serves
+    got, doc, _ = await _post(base, "/completions", json.dumps({"prompt": "x", "max_tokens": 3, "temperature": 0}))
+    assert got == 200 and len(doc["meshllm"]["token_ids"]) == 3
+
+
+async def test_queue_full_is_429_and_no_plan_is_503(api) -> None:
+    mesh, base = api
+    entry = mesh.node("c").serving.entry
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    gens = [entry.generate([5, 6], long) for _ in range(4)]
+    for g in gens:
+        await anext(g)
+    got, doc, headers = await _post(base, "/completions", json.dumps({"prompt": "x", "max_tokens": 3}))
+    assert got == 429 and doc["error"]["code"] == "queue_full" and headers.get("Retry-After")
+    for g in gens:
+        await g.aclose()
+    mesh.node("c").control.active_epoch = 0
+    got, doc, headers = await _post(base, "/completions", json.dumps({"prompt": "x", "max_tokens": 3}))
+    assert got == 503 and headers.get("Retry-After")
+
+
+async def test_a_node_lost_mid_stream_is_an_error_the_client_raises(api, bundled: Manifest) -> None:
+    mesh, base = api
+    client = client_for(base, max_retries=0)
+    stream = await client.completions.create(model=bundled.name, prompt="def f(x):", max_tokens=300,
+                                             temperature=0, stream=True, extra_body={"ignore_eos": True})
+    n = 0
+    with pytest.raises(openai.APIError):
+        async for _ in stream:
+            n += 1
+            if n == 3:
+                await mesh.kill("b")
+    assert n >= 3
+    await asyncio.sleep(0)
