@@ -51,6 +51,9 @@ class LlamaCppEngine:
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                          n_batch=512, verbose=False)
 
+    def close(self) -> None:
+        self.llm.close()  # frees the model now, not in a finalizer at some later collection
+
     def start(self, prompts: np.ndarray) -> None:
         if prompts.shape[0] != 1:
             raise ValueError("the llama.cpp engine runs batch 1")
@@ -172,6 +175,9 @@ def run_model(args: argparse.Namespace) -> int:
         for j in rng.permutation(len(engines)):
             tp[engines[j].name].append(_timed(functools.partial(engines[j].prefill_logits, pre)))
     sample_bandwidth(samplers, args.steps, rng, tbw)
+    for eng in engines:
+        if isinstance(eng, LlamaCppEngine):
+            eng.close()
 
     bandwidth = max((1 << 28) / stat(v) for v in tbw.values())
     bpt = bytes_per_token(manifest, args.context + n // 2)
