@@ -10,6 +10,9 @@ all of them (``--strategy ring`` by default: every node a stage). Reported:
 - ``aggregate_tok_s_8``: tokens/s of 8 concurrent requests; ``batch_speedup`` = that / 1 request;
 - ``per_hop_overhead_ms``: (mesh ms/token − one-process ms/token) / hops, a hop being a stage
   boundary of the decode ring (S stages: S − 1 forward hops and the tokens back to stage 0);
+- ``mesh_compute_ms``: the stages' own onnxruntime time per token (each node reports it), and
+  ``serving_overhead_per_hop_ms`` = (mesh ms/token − that) / hops: what the serving path itself
+  costs, apart from compute that runs slower split over processes than in one;
 - ``predicted_decode_ms`` / ``measured_decode_ms``: the planner's latency per token for the active
   plan (its prefill included, at the workload's lengths) beside the same figure measured with
   a request of those lengths;
@@ -81,6 +84,14 @@ def _stream(url: str, prompt: list[int], tokens: int) -> list[float]:
     return times
 
 
+def _compute(url: str) -> tuple[float, int]:
+    """A node's decode compute so far: (seconds in onnxruntime, decode steps)."""
+    from meshllm.commands.up import get_json
+
+    st = ((get_json(url + "/v1/mesh") or {}).get("serving") or {}).get("stage") or {}
+    return float(st.get("decode_compute_s", 0.0)), int(st.get("decode_calls", 0))
+
+
 def _single_process(model_dir: Path, threads: int, prompt: list[int], steps: int) -> float:
     from meshllm.model.manifest import load_manifest
     from meshllm.runtime.runner import StageRunner
@@ -126,8 +137,13 @@ def run(args: argparse.Namespace) -> int:
             url = mesh.urls[0]
             stages = max(len(r["stages"]) for r in plan["replicas"])
             _stream(url, prompt, 4)  # warm up every stage's sessions
+            before = [_compute(u) for u in mesh.urls]
             t0 = time.perf_counter()
             times = _stream(url, prompt, args.tokens)
+            after = [_compute(u) for u in mesh.urls]
+            # each stage's onnxruntime time per decode step of this request, summed over the stages
+            compute_ms = sum((a[0] - b[0]) / max(a[1] - b[1], 1) for a, b in zip(after, before, strict=True)
+                             if a[1] > b[1]) * 1000
             ttft = times[0] - t0
             per_token = (times[-1] - times[0]) / max(len(times) - 1, 1)
             total1 = len(times) / (times[-1] - t0)
@@ -175,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
             "aggregate_tok_s_8": round(aggregate, 2),
             "batch_speedup": round(aggregate / total1, 3),
             "per_hop_overhead_ms": round((mesh_ms - single_ms) / max(stages, 1), 3),
+            "mesh_compute_ms": round(compute_ms, 3),
+            "serving_overhead_per_hop_ms": round((mesh_ms - compute_ms) / max(stages, 1), 3),
             "predicted_decode_ms": None if predicted is None else round(float(predicted), 3),
             "measured_decode_ms": round(measured, 3),
             "decode_prediction_error": (None if not predicted else round(abs(measured - predicted) / predicted, 3)),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -143,7 +144,8 @@ class StageServer:
         self._task: asyncio.Task[None] | None = None
         self.closed = False
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "decode_rows": 0, "kv_in_bytes": 0,
-                      "kv_out_bytes": 0, "refused": 0, "unreserved_kv": 0, "stale": 0, "errors": 0}
+                      "kv_out_bytes": 0, "refused": 0, "unreserved_kv": 0, "stale": 0, "errors": 0,
+                      "decode_compute_s": 0.0, "decode_calls": 0}
         self.queued_prefill_tokens = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -538,7 +540,7 @@ class StageServer:
         indexes = tuple(ring.members[r].index for r in reqs)
         ring.inflight[micro] = reqs
         try:
-            out, ok, errors = await self.host.call(_decode, runner, reqs, tokens)
+            out, ok, errors = await self.host.call(_decode, runner, reqs, tokens, self.stats)
         except MeshError as e:  # the whole step failed: every request of the micro-batch fails
             for r in reqs:
                 self._fail_member(ring, r, f"decode step failed: {e}")
@@ -630,7 +632,7 @@ class StageServer:
 
         async def job() -> None:
             try:
-                out, ok, errors = await self.host.call(_decode, runner, list(m.reqs), x)
+                out, ok, errors = await self.host.call(_decode, runner, list(m.reqs), x, self.stats)
             except MeshError as e:
                 for r in m.reqs:
                     h = self.held.get((r, m.replica, ref.index))
@@ -787,6 +789,10 @@ def _import(runner: Any, req: str, block: int, k: np.ndarray, v: np.ndarray, sta
     runner.kv_import(req, block, k, v, start=start)
 
 
-def _decode(runner: Any, reqs: list[str], x: np.ndarray) -> tuple[np.ndarray, list[int], dict[Any, MeshError]]:
+def _decode(runner: Any, reqs: list[str], x: np.ndarray, stats: dict[str, Any]) -> tuple[np.ndarray, list[int],
+                                                                                         dict[Any, MeshError]]:
+    t0 = time.perf_counter()
     out, ok, errors = runner.decode_rows(reqs, x)
+    stats["decode_compute_s"] += time.perf_counter() - t0  # this stage's share of a token's time
+    stats["decode_calls"] += 1
     return np.array(out, copy=True), list(ok), dict(errors)
