@@ -39,13 +39,14 @@ def test_a_mesh_of_processes_answers_like_one_process(capsys: pytest.CaptureFixt
                 assert got["token_ids"] == one["token_ids"], (url, prompt)
                 assert got["text"] == one["text"] and got["prompt_token_ids"] == one["prompt_token_ids"]
 
-        # a node decoding the request dies mid-stream: an explicit error event, within seconds
+        # a node decoding the request dies mid-stream (SIGKILL): the request resumes on an intact
+        # replica with the same tokens, or, with none left, gets an explicit error within seconds
         last = len(mesh.urls) - 1
         entry = mesh.urls[last]
-        body = {"prompt": "x", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {"prompt": "x", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
         req = urllib.request.Request(entry + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
-        saw_error, t_kill, victim = None, None, None
+        saw_error, t_kill, victim, ids = None, None, None, []
         with urllib.request.urlopen(req, timeout=60) as r:
             for raw in r:
                 line = raw.strip()
@@ -55,6 +56,7 @@ def test_a_mesh_of_processes_answers_like_one_process(capsys: pytest.CaptureFixt
                 if "error" in ev:
                     saw_error = ev["error"]
                     break
+                ids += ev.get("meshllm", {}).get("token_ids") or []
                 if t_kill is None:
                     holding = [i for i, u in enumerate(mesh.urls) if i != last
                                and (get_json(u + "/v1/mesh") or {}).get("serving", {}).get("stage", {}).get("held")]
@@ -66,9 +68,13 @@ def test_a_mesh_of_processes_answers_like_one_process(capsys: pytest.CaptureFixt
             # the whole request ran on the entry's own node (a BOTH replica there): nothing to kill
             assert saw_error is None
             return
-        assert saw_error is not None, "the stream ended without an error after its decoder was killed"
-        assert time.monotonic() - t_kill < 5.0
-        assert saw_error["code"] in ("node_lost", "unreachable", "stage_error")
+        if saw_error is None:  # resumed elsewhere: the client saw the same tokens as one process
+            one = run_json(capsys, ["generate", "--temperature", "0", "--max-tokens", "200", "--ignore-eos",
+                                    "--json", "x"])
+            assert ids == one["token_ids"]
+        else:
+            assert time.monotonic() - t_kill < 5.0
+            assert saw_error["code"] == "unavailable" and "no intact replica" in saw_error["message"]
         # the survivors keep serving (a new plan without the victim, or the replicas left)
         mesh.procs[victim].wait()
         ok = run_json(capsys, ["prompt", "--node", entry, "--temperature", "0", "--max-tokens", "5", "--json",

@@ -24,6 +24,9 @@ class ServeConfig:
     load_report_s: float = 0.5  # period of a replica's load report
     max_batch: int = 64  # sequences a decoder replica decodes at once (all micro-batches)
     retry_after_s: int = 1  # the Retry-After of a 429
+    # a request whose replica fails resumes elsewhere from its prompt and streamed tokens, this
+    # many times at most; then the client gets an explicit error
+    max_migrations: int = 2
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1:
@@ -36,5 +39,7 @@ class ServeConfig:
                      "load_report_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.max_migrations < 0:
+            raise ConfigError(f"max_migrations must be >= 0, got {self.max_migrations}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")

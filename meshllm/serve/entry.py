@@ -9,7 +9,10 @@ strings (it holds the tokenizer), and when the request ends for any reason — E
 stop string, the client going away, an error — it tells every node of both replicas to free it.
 
 Faults: a link to a node of either replica going down, an ``Error`` from a stage, or no token for
-``stall_timeout_s`` ends the request with an explicit error event; it never hangs.
+``stall_timeout_s`` ends the current attempt; the entry resumes the request on an intact replica
+from its prompt plus the tokens streamed so far (token i's randomness depends only on the seed
+and i, so the client sees the same tokens), at most ``max_migrations`` times, and otherwise ends it
+with an explicit error event. It never hangs.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ log = logging.getLogger("meshllm.serve.entry")
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
+
+
+# attempt failures worth another replica (a bad request or a bad token is not)
+RETRYABLE = frozenset({"node_lost", "unreachable", "stage_error", "handoff_timeout", "stalled", "epoch_unloaded",
+                       "capacity", "timeout"})
 
 
 class QueueFull(CapacityError):
@@ -92,13 +100,19 @@ class _Request:
     last_progress: float = 0.0
     t_start: float = 0.0
     t_first: float | None = None
+    fault: tuple[str, str] | None = None  # (message, code): the current attempt failed
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    migrations: int = 0
+    reserve_epoch: int = 0
+    first_attempt_index: int = 0  # the token index the current attempt's prefill samples
 
 
 class Entry:
     def __init__(self, node_id: str, messenger: Messenger, config: ServeConfig, *, vocab_size: int,
                  max_position: int, tokenizer: Tokenizer | None, eos_ids: Sequence[int],
                  active: Callable[[], tuple[int, Routes] | None], router: Router,
-                 observe: Callable[[int, int], None] | None = None) -> None:
+                 observe: Callable[[int, int], None] | None = None,
+                 links: Callable[[], list[str]] | None = None) -> None:
         self.node_id = node_id
         self.net = messenger
         self.config = config
@@ -109,12 +123,13 @@ class Entry:
         self.active = active  # the active epoch and its routes, or None
         self.router = router
         self.observe = observe
+        self.links = links  # the peers with a link up (None: assume all)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
         self._room = asyncio.Event()  # set whenever a decoder may have room again
         self.stats = {"accepted": 0, "completed": 0, "failed": 0, "rejected_429": 0, "rejected_503": 0,
-                      "cancelled": 0, "tokens": 0}
+                      "cancelled": 0, "tokens": 0, "migrations": 0}
 
     # --- checks -----------------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], params: SamplingParams) -> tuple[int, ...]:
@@ -171,19 +186,41 @@ class Entry:
 
     # --- one request --------------------------------------------------------------------------------
     async def _drive(self, r: _Request) -> None:
-        try:
-            await self._admit(r)
-            self._send_prompt(r)
-            await self._watch(r)
-        except asyncio.CancelledError:
-            raise
-        except RequestFailed as e:
-            self._fail(r, str(e), e.code)
-        except NotReady as e:
-            self.stats["rejected_503"] += 1
-            self._fail(r, str(e), "unavailable")
-        except MeshError as e:
-            self._fail(r, str(e), "error")
+        while True:
+            try:
+                await self._admit(r)
+                self._send_prompt(r)
+                await self._watch(r)
+                return
+            except asyncio.CancelledError:
+                raise
+            except RequestFailed as e:
+                if e.code in RETRYABLE and r.migrations < self.config.max_migrations and not r.done:
+                    self._migrate(r, str(e), e.code)
+                    continue
+                self._fail(r, str(e), e.code)
+            except NotReady as e:
+                self.stats["rejected_503"] += 1
+                self._fail(r, str(e), "unavailable")
+            except MeshError as e:
+                self._fail(r, str(e), "error")
+            return
+
+    def _migrate(self, r: _Request, why: str, code: str) -> None:
+        """The replica serving ``r`` failed: free what is left of it and start over elsewhere from
+        the prompt and the tokens streamed so far (the client sees the stream go on). Token i's
+        randomness depends only on (seed, i), so the new replica samples what the old one would."""
+        r.migrations += 1
+        self.stats["migrations"] += 1
+        log.warning("request %s: %s (%s); resuming at token %d elsewhere (migration %d)", r.id, why, code,
+                    r.next_index, r.migrations)
+        self._free_everywhere(r, r.nodes, r.epoch)
+        r.fault = None
+        r.wake.clear()
+        r.pending.clear()
+        r.nodes = set()
+        r.prefill = r.decode = -1
+        r.last_progress = asyncio.get_running_loop().time()
 
     async def _admit(self, r: _Request) -> None:
         loop = asyncio.get_running_loop()
@@ -193,9 +230,13 @@ class Entry:
             if act is None:
                 raise NotReady("the mesh has no active plan")
             epoch, routes = act
-            pairs = self.router.rank(routes, len(r.prompt), r.params.max_tokens)
+            pairs = [(p, d) for p, d in self.router.rank(routes, len(r.prompt), r.params.max_tokens)
+                     if self.reachable(routes.nodes(p) | routes.nodes(d))]
             if not pairs:
-                raise NotReady("the active plan has no replica that can serve a request")
+                # after a loss with no intact replica left, say so at once (the mesh re-plans, and
+                # the client may retry then) rather than hold the stream
+                raise NotReady("no intact replica left to serve the request" if r.migrations
+                               else "the active plan has no replica that can serve a request")
             tried: set[int] = set()
             last_error = ""
             for p, d in pairs:
@@ -224,9 +265,14 @@ class Entry:
         loop = asyncio.get_running_loop()
         r.reserved = loop.create_future()
         d0 = routes.stage(d, 0)
-        msg = Reserve(RequestId(r.id), epoch, d, 0, len(r.prompt) + r.params.max_tokens, len(r.prompt),
-                      NodeId(self.node_id), r.params.to_dict(), r.seed, -1, r.next_index)
+        # a resumed request's prompt is the original one plus the tokens streamed so far; the
+        # reservation is the same: the original prompt plus max_tokens
+        msg = Reserve(RequestId(r.id), epoch, d, 0, len(r.prompt) + r.params.max_tokens,
+                      len(r.prompt) + len(r.tokens), NodeId(self.node_id), r.params.to_dict(), r.seed, -1,
+                      r.next_index)
         r.decode = d
+        r.reserve_epoch = epoch
+        r.first_attempt_index = r.next_index
         r.nodes = routes.nodes(d)
         if not self.net.send(d0.node, msg):
             return False, "unreachable", f"no link to decoder replica {d}'s first stage"
@@ -241,8 +287,8 @@ class Entry:
         act = self.active()
         routes = self._routes_of(r, act)
         p0 = routes.stage(r.prefill, 0)
-        ids = np.asarray(r.prompt, dtype=np.int64)
-        msg = PrefillChunk(RequestId(r.id), r.epoch, r.prefill, p0.first, 0, True, len(r.prompt), r.decode,
+        ids = np.asarray(r.prompt + tuple(r.tokens), dtype=np.int64)
+        msg = PrefillChunk(RequestId(r.id), r.epoch, r.prefill, p0.first, 0, True, len(ids), r.decode,
                            NodeId(self.node_id), r.params.to_dict(), r.seed, ids=Tensor.from_array(ids),
                            first_index=r.next_index)
         r.last_progress = asyncio.get_running_loop().time()
@@ -258,13 +304,31 @@ class Entry:
         return routes
 
     async def _watch(self, r: _Request) -> None:
-        """Until the request ends: fail it if nothing arrives for ``stall_timeout_s``."""
+        """Until the request ends: raise when its attempt failed (a stage's error, a node lost) or
+        when nothing arrived for ``stall_timeout_s``."""
         loop = asyncio.get_running_loop()
         while not r.done:
+            if r.fault is not None:
+                raise RequestFailed(*r.fault)
             left = r.last_progress + self.config.stall_timeout_s - loop.time()
             if left <= 0:
                 raise RequestFailed(f"no token for {self.config.stall_timeout_s:.0f} s", "stalled")
-            await asyncio.sleep(min(left, 1.0))
+            r.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(r.wake.wait(), min(left, 1.0))
+
+    def _fault(self, r: _Request, message: str, code: str) -> None:
+        if r.done or r.fault is not None:
+            return
+        r.fault = (message, code)
+        r.wake.set()
+
+    def reachable(self, nodes: set[str]) -> bool:
+        """Every node is this one or has a link up (a replica with a lost node is not routed to)."""
+        if self.links is None:
+            return True
+        up = set(self.links())
+        return all(n == self.node_id or n in up for n in nodes)
 
     # --- messages for the entry ------------------------------------------------------------------
     def handle(self, peer: str, msg: Message) -> None:
@@ -272,7 +336,8 @@ class Entry:
             self._on_token(msg)
         elif isinstance(msg, Reserved):
             r = self.requests.get(msg.req)
-            if r is not None and r.reserved is not None and not r.reserved.done() and msg.replica == r.decode:
+            if (r is not None and r.reserved is not None and not r.reserved.done() and msg.replica == r.decode
+                    and msg.epoch == r.reserve_epoch):
                 r.reserved.set_result((msg.ok, msg.code, msg.error))
         elif isinstance(msg, Error):
             r = self.requests.get(msg.req)
@@ -280,7 +345,7 @@ class Entry:
                 if r.reserved is not None and not r.reserved.done():
                     r.reserved.set_result((False, msg.code or "error", msg.message))
                 else:
-                    self._fail(r, msg.message, msg.code or "stage_error")
+                    self._fault(r, msg.message, msg.code or "stage_error")
         elif isinstance(msg, LoadReport):
             self.router.report(msg)
             self._room.set()
@@ -296,10 +361,16 @@ class Entry:
             t = r.pending.pop(r.next_index)
             r.next_index += 1
             if not 0 <= t.token < self.vocab_size:
-                self._fail(r, f"a stage sent token id {t.token}, outside the vocabulary", "stage_error")
+                self._fault(r, f"a stage sent token id {t.token}, outside the vocabulary", "bad_token")
                 return
             if r.t_first is None:
                 r.t_first = loop.time()
+            if t.index == r.first_attempt_index:
+                # the prefill replica's head sent this one: the prompt is on the decoder now, so
+                # only the decoder's nodes can still fail the request
+                act = self.router.routes_for(r.epoch)
+                if act is not None and r.decode >= 0:
+                    r.nodes = act.nodes(r.decode)
             r.tokens.append(t.token)
             self.stats["tokens"] += 1
             text = r.decoder.push(t.token) if r.decoder is not None else ""
@@ -319,6 +390,7 @@ class Entry:
         if r.done:
             return
         r.done = True
+        r.wake.set()
         self.requests.pop(r.id, None)
         self._free_everywhere(r, r.nodes, r.epoch)
         self._room.set()
@@ -337,6 +409,7 @@ class Entry:
         log.warning("request %s failed: %s", r.id, message)
         r.events.put_nowait(Event(None, "", r.next_index, None, message, code))
         self._finish(r, None)
+        r.wake.set()
 
     def _free_everywhere(self, r: _Request, nodes: set[str], epoch: int) -> None:
         for n in nodes:
@@ -348,7 +421,7 @@ class Entry:
                 if r.reserved is not None and not r.reserved.done():
                     r.reserved.set_result((False, "unreachable", f"node {peer[:12]} went away"))
                 else:
-                    self._fail(r, f"node {peer[:12]} serving the request went away", "node_lost")
+                    self._fault(r, f"node {peer[:12]} serving the request went away", "node_lost")
 
     def view(self) -> dict[str, Any]:
         return {"requests": len(self.requests), **self.stats}

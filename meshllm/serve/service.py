@@ -52,7 +52,8 @@ class Serving:
                              decode_estimate=estimator.decode_s if estimator is not None else None)
         self.entry = Entry(node.node_id, self.messenger, self.config, vocab_size=cfg.vocab_size,
                            max_position=cfg.max_position, tokenizer=self.tokenizer, eos_ids=self.eos,
-                           active=self.active, router=self.router, observe=node.observe_request)
+                           active=self.active, router=self.router, observe=node.observe_request,
+                           links=lambda: node.transport.peers() if node.transport is not None else [])
         self._task: asyncio.Task[None] | None = None
         node.register_plane("data", self._deliver)
         node.on_link_down_hooks.append(self._link_down)
