@@ -65,7 +65,7 @@ from meshllm.control.node import ControlNode
 from meshllm.control.planning import device_from_profile, my_ranges, network_from_links, plan_summary
 from meshllm.errors import MeshError, PlanError, ProtocolError, UserError
 from meshllm.model.manifest import Manifest, load_manifest
-from meshllm.net.base import PROTOCOL_VERSION, Advert, Discovery, LinkIdentity, Transport
+from meshllm.net.base import DEFAULT_MESH_KEY, PROTOCOL_VERSION, Advert, Discovery, LinkIdentity, Transport
 from meshllm.net.dialer import Dialer, PeerInfo
 from meshllm.net.peer_http import AiohttpPeerHttp, MemoryPeerHttp, PeerHttp, mesh_token
 from meshllm.planner.cost import ModelProfile
@@ -121,7 +121,8 @@ def stable_node_id(state_dir: Path) -> str:
 class NodeOptions:
     model_dir: Path
     state_dir: Path
-    mesh_key: bytes = b"meshllm-default-mesh-key"
+    mesh_key: bytes = DEFAULT_MESH_KEY
+    api_key: str | None = None  # clients of the OpenAI API must send it as `Authorization: Bearer KEY`
     name: str = ""
     host: str = "0.0.0.0"  # listen address
     advertise_host: str = "127.0.0.1"  # the address peers reach us at (in the mDNS advert)
@@ -222,7 +223,7 @@ class Node:
                    peer_http=AiohttpPeerHttp(mesh_token(opts.mesh_key, "probe")))
         holder["node"] = node
         node.server = HttpServer(make_app(node, node._handle_link), opts.host, opts.port)
-        OpenAIApi(node.serving, node.manifest.name, node.manifest.model_id).mount(node.server.app)
+        OpenAIApi(node.serving, node.manifest.name, node.manifest.model_id, api_key=opts.api_key).mount(node.server.app)
         return node
 
     async def _handle_link(self, request: Any) -> Any:
@@ -263,6 +264,13 @@ class Node:
                                    validate_plan=self._validate_plan, codec=self.codec)
         log.info("node %s (%s) model %s mesh %s on %s:%d", self.name, self.node_id, self.manifest.name,
                  self.mesh_id, self.opts.advertise_host, self.port)
+        if self.opts.mesh_key == DEFAULT_MESH_KEY:
+            log.warning("NO MESH KEY: this mesh is open — any machine on the network can join it, receive "
+                        "activations and plans, and take part in elections. Give every node the same "
+                        "--mesh-key-file (`meshllm keygen`) to close it.")
+        if self.server is not None and not self.opts.api_key:
+            log.warning("no API key: anyone who reaches port %d can send prompts (--api-key-file to require one)",
+                        self.port)
         self._spawn(self._tick_loop())
         self._spawn(self.dialer.run())
         self._spawn(self._measure_profile())

@@ -9,7 +9,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from meshllm.errors import PlanError
-from meshllm.net.base import PROTOCOL_VERSION
+from meshllm.net.base import DEFAULT_MESH_KEY, PROTOCOL_VERSION
 from meshllm.planner.types import Plan
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def mesh_view(node: Node) -> dict[str, Any]:
                                 prefill_s_per_token[], decode_s_per_step[], decode_s_per_token} | null}],
          "pending_epoch", "planning", "loaded_epochs", "draining",
          "ready", "why_not_ready",                            # ready: a leader, an active plan, its nodes alive
+         "security": {mesh: "open" | "keyed", api_key_required},
          "stats": {bad_frames, handler_errors, rejected_plans, links, refused_links},
          "serving": {...} | null}                             # the serving layer's view (node.serving_view)
     """
@@ -107,6 +108,8 @@ def mesh_view(node: Node) -> dict[str, Any]:
         "pending_epoch": st["planning"]["pending_epoch"], "planning": st["planning"],
         "loaded_epochs": node.stages.epochs(), "draining": st["draining"],
         "ready": not why, "why_not_ready": why or None,
+        "security": {"mesh": "open" if node.opts.mesh_key == DEFAULT_MESH_KEY else "keyed",
+                     "api_key_required": bool(node.opts.api_key)},
         "stats": {"bad_frames": node.bad_frames, "handler_errors": node.handler_errors,
                   "rejected_plans": node.rejected_plans,
                   "links": len(node.transport.peers()) if node.transport else 0,

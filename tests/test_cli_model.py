@@ -222,3 +222,17 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path: Path) -> None
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert p.stderr.startswith("meshllm generate: error: model directory not found")
+
+
+def test_keygen_writes_a_private_key_once(tmp_path, capsys) -> None:
+    import stat
+
+    from meshllm.cli import main
+
+    path = tmp_path / "mesh.key"
+    assert main(["keygen", str(path)]) == 0
+    key = path.read_text().strip()
+    assert len(key) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert main(["keygen", str(path)]) == 2  # never overwrites
+    assert "never overwrites" in capsys.readouterr().err
+    assert path.read_text().strip() == key

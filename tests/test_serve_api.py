@@ -175,3 +175,23 @@ async def test_a_node_lost_mid_stream_is_an_error_the_client_raises(api, bundled
                 await mesh.kill("b")
     assert n >= 3
     await asyncio.sleep(0)
+
+
+async def test_an_api_key_is_required_when_set(api, bundled: Manifest) -> None:
+    mesh, _ = api
+    app = web.Application()
+    OpenAIApi(mesh.node("a").serving, bundled.name, bundled.model_id, api_key="s3cret-key").mount(app)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = str(server.make_url("/v1"))
+        got, doc, _ = await _post(base, "/completions", json.dumps({"prompt": "x", "max_tokens": 2}))
+        assert got == 401 and doc["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            await client_for(base, max_retries=0).completions.create(model=bundled.name, prompt="x", max_tokens=2)
+        keyed = openai.AsyncOpenAI(base_url=base, api_key="s3cret-key")
+        _clients.append(keyed)
+        r = await keyed.completions.create(model=bundled.name, prompt="x", max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens == 2
+    finally:
+        await server.close()

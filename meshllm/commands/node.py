@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -83,7 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peer", action="append", default=None, metavar="HOST:PORT",
                    help="a static peer to connect to (repeatable; for networks without multicast)")
     p.add_argument("--no-mdns", action="store_true", help="do not use mDNS (static peers only)")
-    p.add_argument("--mesh-key-file", default=None, help="file holding the shared mesh key")
+    p.add_argument("--mesh-key-file", default=None,
+                   help="file holding the shared mesh key (default: $MESHLLM_MESH_KEY_FILE; without one the "
+                        "mesh is open, and the node says so)")
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the key clients of the OpenAI API must send as `Authorization: Bearer KEY` "
+                        "(default: $MESHLLM_API_KEY_FILE; none: the API is open)")
     p.add_argument("--memory-budget", default=None, metavar="BYTES|GB", help="memory this node may use")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default 1)")
     p.add_argument("--slowdown", type=float, default=None, metavar="F",
@@ -129,7 +135,8 @@ def build_options(args: argparse.Namespace) -> Any:
     from meshllm.planner.types import Workload
 
     cfg = load_config(args.config)
-    known = {"model", "name", "host", "port", "interface", "peer", "mesh_key_file", "memory_budget", "threads",
+    known = {"model", "name", "host", "port", "interface", "peer", "mesh_key_file", "api_key_file", "memory_budget",
+             "threads",
              "slowdown", "priority", "state_dir", "control", "workload", "no_mdns", "islands", "strategy",
              "objective", "max_queue", "kv_wire_dtype", "serve"}
     unknown = set(cfg) - known
@@ -162,8 +169,10 @@ def build_options(args: argparse.Namespace) -> Any:
     slowdown = float(opt("slowdown", 1.0))
     if not slowdown >= 1.0:
         raise UserError("--slowdown must be >= 1")
-    key = b"meshllm-default-mesh-key"
-    key_file = opt("mesh_key_file")
+    from meshllm.net.base import DEFAULT_MESH_KEY
+
+    key = DEFAULT_MESH_KEY
+    key_file = opt("mesh_key_file") or os.environ.get("MESHLLM_MESH_KEY_FILE")
     if key_file:
         try:
             key = Path(key_file).read_bytes().strip()
@@ -171,6 +180,15 @@ def build_options(args: argparse.Namespace) -> Any:
             raise UserError(f"cannot read --mesh-key-file {key_file}: {e.strerror}") from None
         if len(key) < 8:
             raise UserError("the mesh key must be at least 8 bytes")
+    api_key = None
+    api_key_file = opt("api_key_file") or os.environ.get("MESHLLM_API_KEY_FILE")
+    if api_key_file:
+        try:
+            api_key = Path(api_key_file).read_text().strip()
+        except OSError as e:
+            raise UserError(f"cannot read --api-key-file {api_key_file}: {e.strerror}") from None
+        if len(api_key) < 8:
+            raise UserError("the API key must be at least 8 characters")
     mem = opt("memory_budget")
     from meshllm.planner.strategies import OBJECTIVES, STRATEGIES
 
@@ -198,7 +216,7 @@ def build_options(args: argparse.Namespace) -> Any:
         advertise_host=advertise, port=port, interfaces=tuple(addrs), peers=tuple(parse_peer(x) for x in peers),
         memory_budget=parse_bytes(mem) if mem is not None else None, threads=threads, slowdown=slowdown,
         priority=int(opt("priority", 0)), control=control, workload=workload,
-        islands=int(cfg.get("islands", 0)), strategy=strategy, serve=serve, objective=objective, mdns=not (args.no_mdns or cfg.get("no_mdns", False)))
+        islands=int(cfg.get("islands", 0)), strategy=strategy, serve=serve, api_key=api_key, objective=objective, mdns=not (args.no_mdns or cfg.get("no_mdns", False)))
 
 
 async def serve(opts: Any) -> int:

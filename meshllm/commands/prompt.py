@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from meshllm.errors import MeshError, UserError
@@ -38,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help='print {"prompt_token_ids", "token_ids", "text", "finish_reason"} as JSON')
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+    p.add_argument("--api-key-file", default=None,
+                   help="file with the node's API key (default: $MESHLLM_API_KEY_FILE; none: send no key)")
     p.set_defaults(func=run)
 
 
@@ -66,10 +70,23 @@ def _error_of(body: bytes) -> str:
         return body.decode(errors="replace")[:300]
 
 
-def ask(url: str, body: dict[str, Any], *, chat: bool, stream: bool, timeout: float) -> Any:
+def api_key(path: str | None) -> str | None:
+    path = path or os.environ.get("MESHLLM_API_KEY_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as e:
+        raise UserError(f"cannot read --api-key-file {path}: {e.strerror}") from None
+
+
+def ask(url: str, body: dict[str, Any], *, chat: bool, stream: bool, timeout: float, key: str | None = None) -> Any:
     path = "/v1/chat/completions" if chat else "/v1/completions"
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url + path, data=json.dumps({**body, "stream": stream}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers=headers, method="POST")
     try:
         return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -84,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-tokens must be at least 1")
     url = node_url(args.node)
     body = request_body(args)
+    key = api_key(getattr(args, "api_key_file", None))
     if args.json:
-        with ask(url, body, chat=args.chat, stream=False, timeout=args.timeout) as r:
+        with ask(url, body, chat=args.chat, stream=False, timeout=args.timeout, key=key) as r:
             doc = json.loads(r.read())
         choice = doc["choices"][0]
         text = choice["message"]["content"] if args.chat else choice["text"]
@@ -94,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                           "text": text, "finish_reason": choice.get("finish_reason")}, ensure_ascii=False))
         return 0
     out = sys.stdout
-    with ask(url, body, chat=args.chat, stream=True, timeout=args.timeout) as r:
+    with ask(url, body, chat=args.chat, stream=True, timeout=args.timeout, key=key) as r:
         for raw in r:
             line = raw.decode("utf-8", errors="replace").strip()
             if not line.startswith("data:"):

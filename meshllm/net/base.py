@@ -226,3 +226,8 @@ class DataQueue:
         other._waiters.extend(self._waiters)
         self._waiters.clear()
         other._admit()
+
+
+# The key a node uses without --mesh-key-file: known to everyone, so such a mesh is open (a node
+# says so loudly in its log and in /v1/mesh).
+DEFAULT_MESH_KEY = b"meshllm-default-mesh-key"

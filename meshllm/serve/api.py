@@ -18,6 +18,7 @@ no room, 500 a request that failed on the mesh. Non-streaming answers carry an e
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -69,17 +70,31 @@ def _event_error(ev: Event) -> ApiError:
 
 
 class OpenAIApi:
-    def __init__(self, serving: Any, model_name: str, model_id: str) -> None:
+    def __init__(self, serving: Any, model_name: str, model_id: str, *, api_key: str | None = None) -> None:
         self.serving = serving
+        self.api_key = api_key
         self.entry = serving.entry
         self.model = model_name
         self.model_id = model_id
         self.retry_after = serving.config.retry_after_s
 
     def mount(self, app: web.Application) -> None:
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self._guard(self.models))
+        app.router.add_post("/v1/completions", self._guard(self.completions))
+        app.router.add_post("/v1/chat/completions", self._guard(self.chat))
+
+    def _guard(self, handler: Any) -> Any:
+        """With an API key set, only requests that carry it (``Authorization: Bearer KEY``) pass."""
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if self.api_key:
+                got = request.headers.get("Authorization", "")
+                want = f"Bearer {self.api_key}"
+                if not hmac.compare_digest(got.encode(), want.encode()):
+                    return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                                    "invalid_request_error", "invalid_api_key").response()
+            return await handler(request)
+
+        return guarded
 
     # --- helpers ----------------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
