@@ -43,6 +43,7 @@ from meshllm.control.events import (
     EvolveIsland,
     IslandsDone,
     LeaderChanged,
+    LinkLost,
     LoadPlan,
     Log,
     MemberDied,
@@ -485,6 +486,8 @@ class Node:
     def _on_link_down(self, peer: str) -> None:
         self.links_dropped += 1
         log.info("link down: %s", peer[:12])
+        if not self.closed:
+            self.step(LinkLost(NodeId(peer)))  # suspected now; a leader is replaced without waiting
         self._run_hooks(self.on_link_down_hooks, peer)
 
     @property

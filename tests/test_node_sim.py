@@ -252,3 +252,26 @@ async def test_a_leader_that_leaves_gracefully_is_replaced_before_it_could_be_de
     assert loop.time() - t0 < FAST.dead_time
     assert all(n.control.membership.state(leader).value == "left" for n in mesh.live)
     await mesh.until(lambda: (a := mesh.agreed()) is not None and a[2] > epoch, "a new epoch without it")
+
+
+async def test_a_leader_whose_links_close_is_replaced_before_silence_would_declare_it_dead(mesh: Mesh) -> None:
+    for i in range(3):
+        await mesh.add(i)
+    await mesh.until(lambda: mesh.agreed() is not None, "agreement on three nodes")
+    term, leader, _ = mesh.agreed()
+    old = next(n for n in mesh.nodes if n.node_id == leader)
+    await old.kill()  # its links close, as a killed process's sockets do
+    rest = [n for n in mesh.nodes if n is not old]
+    # suspected at once, from the closed link alone
+    assert all(n.control.membership.state(leader).value == "suspect" for n in rest)
+
+    def new_leader_while_old_only_suspect() -> bool:
+        views = {(n.control.term, n.control.leader) for n in rest}
+        if len(views) != 1:
+            return False
+        t, ldr = next(iter(views))
+        return ldr is not None and ldr != leader and t > term
+
+    await mesh.until(new_leader_while_old_only_suspect, "a new leader")
+    # elected on the closed link, not after dead_after silent heartbeats
+    assert all(n.control.membership.state(leader).value == "suspect" for n in rest)

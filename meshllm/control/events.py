@@ -93,6 +93,16 @@ class EpochIdle(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class LinkLost(Event):
+    """The link to ``node`` closed. A killed process closes its sockets, so this is usually the
+    first sign of a death: the member is suspected now instead of after ``suspect_after`` silent
+    heartbeats (an election starts at once if it led). Its heartbeats clear the suspicion if it is
+    alive and redials; silence still makes it dead after ``dead_after`` beats."""
+
+    node: NodeId
+
+
+@dataclass(frozen=True, slots=True)
 class ObservedRequest(Event):
     """A finished request's lengths, for the workload drift detector."""
 

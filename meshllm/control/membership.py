@@ -4,6 +4,7 @@ The table of transitions (h11 style), driven by "heard from" and by the clock:
 
     (unknown)  heard           -> ALIVE    emits MemberJoined
     ALIVE      silent k beats  -> SUSPECT  emits MemberSuspected
+    ALIVE      link closed     -> SUSPECT  emits MemberSuspected
     SUSPECT    heard           -> ALIVE    emits MemberRecovered
     SUSPECT    silent d beats  -> DEAD     emits MemberDied
     DEAD/LEFT  heard           -> ALIVE    emits MemberJoined (a rejoin)
@@ -81,6 +82,14 @@ class Membership:
             return []
         m.state = Liveness.LEFT
         return [MemberLeft(node)]
+
+    def suspect(self, node: NodeId) -> list[Output]:
+        """Suspect ``node`` at once (its link closed): ALIVE -> SUSPECT."""
+        m = self.members.get(node)
+        if m is None or m.state is not Liveness.ALIVE:
+            return []
+        m.state = Liveness.SUSPECT
+        return [MemberSuspected(node)]
 
     def tick(self, now: float) -> list[Output]:
         out: list[Output] = []

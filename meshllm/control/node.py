@@ -41,6 +41,7 @@ from meshllm.control.events import (
     IslandEvolved,
     Islands,
     LeaderChanged,
+    LinkLost,
     LoadPlan,
     Log,
     MemberDied,
@@ -461,6 +462,9 @@ class ControlNode:
     def _on_operator(self, ev: OperatorReplan) -> list[Output]:
         return self._ask_replan(ev.reason, {})
 
+    def _on_link_lost(self, ev: LinkLost) -> list[Output]:
+        return self._after_membership(self.membership.suspect(ev.node))
+
     def _on_shutdown(self, ev: Shutdown) -> list[Output]:
         self.left = True
         return [Broadcast(Leave(self.id))]
@@ -695,7 +699,7 @@ ControlNode._EVENTS = {
     ProposePlan: ControlNode._on_propose_plan, PlanningFailed: ControlNode._on_planning_failed,
     PlanLoaded: ControlNode._on_plan_loaded, EpochIdle: ControlNode._on_epoch_idle,
     ObservedRequest: ControlNode._on_observed, OperatorReplan: ControlNode._on_operator,
-    Shutdown: ControlNode._on_shutdown,
+    Shutdown: ControlNode._on_shutdown, LinkLost: ControlNode._on_link_lost,
 }
 ControlNode._MESSAGES = {
     Heartbeat: ControlNode._on_heartbeat, RequestVote: ControlNode._on_request_vote,
