@@ -11,10 +11,16 @@ gets 10.<net>.0.254 so the host can reach every node's HTTP API.
     sudo tools/netlab.py exec 0 -- .venv/bin/meshllm node --host 10.77.0.1 --interface 10.77.0.1
     sudo tools/netlab.py down [--prefix mlab]
     sudo tools/netlab.py serve-bench [--nodes 3] [--rate-mbit 50] [--slowdowns 1,2,4] [--json]
+    sudo tools/netlab.py chaos [--nodes 5] [--requests 60] [--rate 50] [--faults kill-decoder,...] [--json]
 
 ``serve-bench`` runs the same requests through a mesh in the lab under two placements, the
 planner's DP (``edgeshard-latency``) and an even split (``edgeshard-even``), and prints, for each,
-the measured time per token beside the plan's predicted figure.
+the measured time per token beside the plan's predicted figure. ``chaos`` drives greedy streamed
+requests through a lab mesh while it kills a decoder stage, a prefill stage and the leader (kill -9),
+takes a link down and up, and adds a node, and prints one JSON object: requests sent, completed
+with the expected tokens, completed with other tokens, failed with an explicit error, lost (no answer
+and no error), migrations, the time to serve again after each fault and to a new leader after
+each leader kill, and node RSS before and after. Everything it made is removed, also on Ctrl-C.
 
 Also importable (``Lab``) by tests: ``with Lab("mlt", 3) as lab: lab.popen(0, argv)``.
 """
@@ -218,6 +224,233 @@ def serve_bench(nodes: int, rate: float, slowdowns: list[float], model: str | No
     return out
 
 
+CHAOS_CONFIG = """
+[control]
+heartbeat_interval = 0.3
+suspect_after = 3
+dead_after = 6
+election_timeout = 1.0
+election_backoff = 0.3
+discovery_grace = 1.0
+replan_debounce = 0.5
+island_deadline = 3.0
+island_generations = 5
+"""
+FAULTS = ("kill-decoder", "kill-prefill", "kill-leader", "link-flap", "add-node")
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def _stream_tokens(addr: str, prompt: list[int], tokens: int, timeout: float = 120.0) -> tuple[list[int], str | None]:
+    """(token ids, error or None) of one greedy streamed request; raises on no answer at all."""
+    import json
+    import urllib.request
+
+    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()
+    req = urllib.request.Request(f"http://{addr}:7070/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    ids: list[int] = []
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return ids, None
+            ev = json.loads(data)
+            if "error" in ev:
+                return ids, str(ev["error"].get("code"))
+            ids += ev.get("meshllm", {}).get("token_ids") or []
+    raise ConnectionError("the stream ended without [DONE] or an error")
+
+
+def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], model: str | None, prefix: str,
+          net: int, tokens: int = 24, concurrency: int = 4, timeout: float = 120.0) -> dict:
+    """Requests through a lab mesh while nodes are killed, links cut and a node added."""
+    import json
+    import random
+    import signal
+    import tempfile
+    import threading
+    import time
+    import urllib.error
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import numpy as np
+
+    from meshllm.model.manifest import load_manifest
+    from meshllm.model.paths import resolve_model_dir
+    from meshllm.runtime.generate import generate
+    from meshllm.runtime.profile import load_or_measure
+    from meshllm.runtime.runner import StageRunner
+    from meshllm.runtime.sampling import SamplingParams
+
+    root = Path(__file__).resolve().parents[1]
+    manifest = load_manifest(resolve_model_dir(model), verify=False)
+    rng = np.random.default_rng(0)
+    prompts = [[int(x) for x in rng.integers(3, manifest.config.vocab_size, size=int(rng.integers(2, 24)))]
+               for _ in range(8)]
+    full = StageRunner(manifest, 0, manifest.config.num_blocks, threads=1)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    expected = [list(generate(full, p, params).token_ids) for p in prompts]
+    del full
+    out: dict = {"nodes": nodes, "requests": requests, "rate_mbit": rate, "faults": faults, "sent": 0,
+                 "completed_ok": 0, "completed_different": 0, "failed_explicit": 0, "lost": 0, "migrations": 0,
+                 "recovery_s": [], "election_s": [], "errors": {}}
+    extra = 1 if "add-node" in faults else 0
+    with tempfile.TemporaryDirectory(prefix="netlab-chaos-") as tmp, \
+            Lab(prefix, nodes + extra, net=net, rate_mbit=rate) as lab:
+        key = Path(tmp) / "key"
+        key.write_text(uuid.uuid4().hex)
+        cfg = Path(tmp) / "node.toml"
+        cfg.write_text(CHAOS_CONFIG)
+        addrs = [lab.addr(i) for i in range(nodes + extra)]
+        procs: dict[int, object] = {}
+        for i in range(nodes + extra):  # profiles measured here, one at a time
+            load_or_measure(manifest, Path(f"{tmp}/n{i}"), threads=1, slowdown=1.0, memory_bytes=1)
+
+        def start(i: int) -> None:
+            argv = [sys.executable, "-m", "meshllm.cli", "node", "--name", f"n{i}", "--host", addrs[i],
+                    "--interface", addrs[i], "--port", "7070", "--state-dir", f"{tmp}/n{i}", "--mesh-key-file",
+                    str(key), "--threads", "1", "--config", str(cfg), "--model", str(manifest.root)]
+            with open(f"{tmp}/n{i}.log", "ab") as log:
+                procs[i] = lab.popen(i, argv, stdout=log, stderr=log, cwd=root)
+
+        live = set(range(nodes))
+        for i in range(nodes):
+            start(i)
+
+        def ready(at: set[int]) -> dict | None:
+            views = [_view(addrs[i]) for i in sorted(at)]
+            if all(v and v.get("ready") for v in views) and len({v["epoch"] for v in views}) == 1:
+                return views[0]
+            return None
+
+        deadline = time.monotonic() + timeout
+        while ready(live) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the chaos mesh was not ready in time")
+            time.sleep(0.3)
+        out["rss_mb_before"] = {f"n{i}": _rss_mb(procs[i].pid) for i in live}  # type: ignore[attr-defined]
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def one(k: int) -> None:
+            p = k % len(prompts)
+            with lock:
+                out["sent"] += 1
+                entry = random.choice(sorted(live))
+            try:
+                ids, err = _stream_tokens(addrs[entry], prompts[p], tokens)
+            except (urllib.error.URLError, ConnectionError, OSError) as e:
+                # the entry itself was killed while streaming: the client saw its connection drop
+                with lock:
+                    if entry in live:
+                        out["lost"] += 1
+                    else:
+                        out["failed_explicit"] += 1
+                        out["errors"]["entry_killed"] = out["errors"].get("entry_killed", 0) + 1
+                    out["errors"][type(e).__name__] = out["errors"].get(type(e).__name__, 0) + 1
+                return
+            with lock:
+                if err is not None:
+                    out["failed_explicit"] += 1
+                    out["errors"][err] = out["errors"].get(err, 0) + 1
+                elif ids == expected[p]:
+                    out["completed_ok"] += 1
+                else:
+                    out["completed_different"] += 1
+
+        def serving_again(since: float, at: set[int]) -> float:
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                i = min(at)
+                try:
+                    ids, err = _stream_tokens(addrs[i], prompts[0], 2, timeout=10)
+                    if err is None and ids == expected[0][:2]:
+                        return round(time.monotonic() - since, 3)
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    pass
+                time.sleep(0.1)
+            return -1.0
+
+        def holders(role: str) -> list[int]:
+            v = ready(live) or _view(addrs[min(live)]) or {}
+            plan = v.get("plan") or {}
+            names = {m["id"]: m.get("name") for m in v.get("members", [])}
+            nodes_of = [s["node"] for r in plan.get("replicas", []) if r["role"] in (role, "both") for s in r["stages"]]
+            return [int(str(names.get(n, ""))[1:]) for n in nodes_of if str(names.get(n, "")).startswith("n")
+                    and int(str(names.get(n))[1:]) in live]
+
+        def inject() -> None:
+            for f in faults:
+                time.sleep(2.0)
+                if stop.is_set():
+                    return
+                t0 = time.monotonic()
+                if f in ("kill-decoder", "kill-prefill", "kill-leader"):
+                    v = _view(addrs[min(live)]) or {}
+                    if f == "kill-leader":
+                        names = {m["id"]: m.get("name") for m in v.get("members", [])}
+                        cand = [int(str(names.get(v.get("leader"), "n-1"))[1:])]
+                    else:
+                        cand = holders("decoder" if f == "kill-decoder" else "prefill")
+                    cand = [c for c in cand if c in live]
+                    if len(live) <= 1 or not cand:
+                        out["errors"][f"{f}:skipped"] = 1
+                        continue
+                    victim = cand[0]
+                    old_leader = v.get("leader")
+                    procs[victim].send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
+                    with lock:
+                        live.discard(victim)
+                    if f == "kill-leader":
+                        end = time.monotonic() + timeout
+                        while time.monotonic() < end:
+                            vs = [_view(addrs[i]) for i in sorted(live)]
+                            if all(x and x.get("leader") not in (None, old_leader) for x in vs):
+                                out["election_s"].append(round(time.monotonic() - t0, 3))
+                                break
+                            time.sleep(0.05)
+                    out["recovery_s"].append(serving_again(t0, set(live)))
+                elif f == "link-flap":
+                    i = max(live)
+                    subprocess.run(["ip", "link", "set", f"{prefix}h{i}", "down"], check=False)
+                    time.sleep(2.0)
+                    subprocess.run(["ip", "link", "set", f"{prefix}h{i}", "up"], check=False)
+                    out["recovery_s"].append(serving_again(t0, set(live)))
+                elif f == "add-node":
+                    start(nodes)
+                    with lock:
+                        live.add(nodes)
+
+        injector = threading.Thread(target=inject)
+        injector.start()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(requests)))
+        stop.set()
+        injector.join()
+        for i in sorted(live):
+            v = _view(addrs[i]) or {}
+            out["migrations"] += int(((v.get("serving") or {}).get("entry") or {}).get("migrations", 0))
+        out["rss_mb_after"] = {f"n{i}": _rss_mb(procs[i].pid) for i in sorted(live)}  # type: ignore[attr-defined]
+    print(json.dumps(out))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="netlab", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -234,6 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--model", default=None)
     b.add_argument("--prefix", default="mlsb")
     b.add_argument("--net", type=int, default=78)
+    c = sub.add_parser("chaos")
+    c.add_argument("--nodes", type=int, default=5)
+    c.add_argument("--requests", type=int, default=60)
+    c.add_argument("--rate", type=float, default=None, help="tbf rate of every link, Mbit/s")
+    c.add_argument("--faults", default=",".join(FAULTS), help=f"comma list, in order, of {', '.join(FAULTS)}")
+    c.add_argument("--model", default=None)
+    c.add_argument("--tokens", type=int, default=24)
+    c.add_argument("--json", action="store_true", help="(the output is always one JSON object)")
+    c.add_argument("--prefix", default="mlch")
+    c.add_argument("--net", type=int, default=79)
     e = sub._name_parser_map["exec"]  # type: ignore[attr-defined]
     e.add_argument("index", type=int)
     e.add_argument("argv", nargs=argparse.REMAINDER)
@@ -242,6 +485,14 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"netlab: {why}", file=sys.stderr)
         return 2
+    if a.cmd == "chaos":
+        bad = [f for f in a.faults.split(",") if f and f not in FAULTS]
+        if bad:
+            print(f"netlab: unknown faults {bad}; known: {', '.join(FAULTS)}", file=sys.stderr)
+            return 2
+        chaos(a.nodes, a.requests, a.rate, [f for f in a.faults.split(",") if f], a.model, a.prefix, a.net,
+              tokens=a.tokens)
+        return 0
     if a.cmd == "serve-bench":
         serve_bench(a.nodes, a.rate_mbit, [float(x) for x in a.slowdowns.split(",")], a.model, a.prefix, a.net)
         return 0
