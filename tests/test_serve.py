@@ -202,7 +202,8 @@ async def test_no_room_on_the_decoder_waits_then_503(make_mesh, tiny_manifest: M
 
 @pytest.mark.parametrize("victim", ["c", "d"])
 async def test_a_decoder_stage_dying_with_no_spare_is_an_explicit_error(make_mesh, victim: str) -> None:
-    mesh = await make_mesh(PLANS["split-differently"])
+    # no re-plan comes in this harness: after migrate_wait_s without an intact replica, an error
+    mesh = await make_mesh(PLANS["split-differently"], ServeConfig(migrate_wait_s=0.5))
     entry = mesh.node("a").serving.entry
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
     gen = entry.generate([3, 4, 5], params)

@@ -397,7 +397,7 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
 
         def inject() -> None:
             for f in faults:
-                time.sleep(2.0)
+                time.sleep(1.0)
                 if stop.is_set():
                     return
                 t0 = time.monotonic()
@@ -427,11 +427,13 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
                             time.sleep(0.05)
                     out["recovery_s"].append(serving_again(t0, set(live)))
                 elif f == "link-flap":
+                    # one node's link goes down for 2 s: the others serve meanwhile (measured from
+                    # the moment it went down), then it comes back
                     i = max(live)
                     subprocess.run(["ip", "link", "set", f"{prefix}h{i}", "down"], check=False)
-                    time.sleep(2.0)
+                    out["recovery_s"].append(serving_again(t0, set(live) - {i}))
+                    time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))
                     subprocess.run(["ip", "link", "set", f"{prefix}h{i}", "up"], check=False)
-                    out["recovery_s"].append(serving_again(t0, set(live)))
                 elif f == "add-node":
                     start(nodes)
                     with lock:
@@ -439,8 +441,19 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
 
         injector = threading.Thread(target=inject)
         injector.start()
+        counter = iter(range(1 << 30))
+
+        def worker() -> None:
+            # at least `requests` requests, and traffic until the last fault has been injected
+            while True:
+                k = next(counter)
+                if k >= requests and not injector.is_alive():
+                    return
+                one(k)
+
         with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(one, range(requests)))
+            for fut in [pool.submit(worker) for _ in range(concurrency)]:
+                fut.result()
         stop.set()
         injector.join()
         for i in sorted(live):

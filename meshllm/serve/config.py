@@ -27,6 +27,9 @@ class ServeConfig:
     # a request whose replica fails resumes elsewhere from its prompt and streamed tokens, this
     # many times at most; then the client gets an explicit error
     max_migrations: int = 2
+    # how long a resumed request waits for an intact replica (the mesh re-plans around a lost node)
+    # before it fails with an explicit error
+    migrate_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1:
@@ -36,7 +39,7 @@ class ServeConfig:
         if self.kv_wire_dtype not in KV_WIRE_DTYPES:
             raise ConfigError(f"kv_wire_dtype must be one of {KV_WIRE_DTYPES}, got {self.kv_wire_dtype!r}")
         for name in ("queue_timeout_s", "reserve_timeout_s", "handoff_timeout_s", "stall_timeout_s",
-                     "load_report_s"):
+                     "load_report_s", "migrate_wait_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if self.max_migrations < 0:

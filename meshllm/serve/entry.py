@@ -47,7 +47,7 @@ FINISH_CANCELLED = "cancelled"
 
 
 # attempt failures worth another replica (a bad request or a bad token is not)
-RETRYABLE = frozenset({"node_lost", "unreachable", "stage_error", "handoff_timeout", "stalled", "epoch_unloaded",
+RETRYABLE = frozenset({"node_lost", "unreachable", "stage_error", "handoff_timeout", "stalled", "epoch_unloaded", "stale_epoch",
                        "capacity", "timeout"})
 
 
@@ -225,6 +225,9 @@ class Entry:
     async def _admit(self, r: _Request) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.queue_timeout_s
+        # a request waits for an intact replica while the mesh re-plans around a lost node: new
+        # ones as long as they may queue, a resumed one for migrate_wait_s; then an explicit error
+        intact_by = loop.time() + (self.config.migrate_wait_s if r.migrations else self.config.queue_timeout_s)
         while True:
             act = self.active()
             if act is None:
@@ -233,10 +236,13 @@ class Entry:
             pairs = [(p, d) for p, d in self.router.rank(routes, len(r.prompt), r.params.max_tokens)
                      if self.reachable(routes.nodes(p) | routes.nodes(d))]
             if not pairs:
-                # after a loss with no intact replica left, say so at once (the mesh re-plans, and
-                # the client may retry then) rather than hold the stream
-                raise NotReady("no intact replica left to serve the request" if r.migrations
-                               else "the active plan has no replica that can serve a request")
+                if loop.time() >= intact_by:
+                    raise NotReady("no intact replica left to serve the request" if r.migrations
+                                   else "the active plan has no replica that can serve a request")
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), min(0.2, intact_by - loop.time()))
+                continue
             tried: set[int] = set()
             last_error = ""
             for p, d in pairs:
