@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 import aiohttp
 import openai
 import pytest
+from hypothesis import strategies as st
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from servemesh import DataMesh
+from waiting import async_wait_until
 
 from meshllm.model.manifest import Manifest, load_manifest
 from meshllm.model.paths import BUNDLED_MODEL
@@ -195,3 +197,62 @@ async def test_an_api_key_is_required_when_set(api, bundled: Manifest) -> None:
         assert r.usage.completion_tokens == 2
     finally:
         await server.close()
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+                     | st.text(max_size=40), lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+                     max_leaves=12)
+_fields = st.fixed_dictionaries({}, optional={
+    "prompt": st.one_of(st.text(max_size=60), st.lists(st.integers(-5, 5000), max_size=20), _json),
+    "messages": st.one_of(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]),
+                                                           "content": st.text(max_size=40)}), max_size=3), _json),
+    "max_tokens": st.one_of(st.integers(-3, 10**6), _json), "temperature": st.one_of(st.floats(-2, 5), _json),
+    "top_p": st.one_of(st.floats(-1, 2), _json), "seed": st.one_of(st.integers(-5, 2**70), _json),
+    "stop": st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=20), _json),
+    "stream": _json, "n": _json, "model": st.one_of(st.text(max_size=10), _json)})
+
+
+async def test_fuzzed_requests_get_a_clear_answer_and_the_node_keeps_serving(api, bundled: Manifest) -> None:
+    """Random JSON (and random bytes) at both endpoints: a 200 or OpenAI's error JSON with a 4xx/503
+    status, never a 500, a hang or a crash; afterwards the node answers correctly."""
+    _, base = api
+    import random
+
+    from hypothesis import HealthCheck, given, settings
+
+    bodies: list[bytes] = []
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(_fields)
+    def collect(doc: dict) -> None:
+        doc = {**doc, "max_tokens": doc.get("max_tokens", 2) if not isinstance(doc.get("max_tokens"), int)
+               or doc.get("max_tokens", 0) < 50 else 3}
+        try:
+            bodies.append(json.dumps(doc).encode())
+        except ValueError:  # nan is not JSON: send it raw, as a broken client would
+            bodies.append(repr(doc).encode())
+
+    collect()
+    rnd = random.Random(0)
+    bodies += [bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(0, 200))) for _ in range(20)]
+    for i, body in enumerate(bodies):
+        path = "/completions" if i % 2 else "/chat/completions"
+        async with aiohttp.ClientSession() as s, s.post(base + path, data=body,
+                                                        headers={"Content-Type": "application/json"}) as r:
+            raw = await r.read()
+            assert r.status in (200, 400, 404, 413, 429, 503), (r.status, body[:200], raw[:300])
+            if r.status != 200:
+                doc = json.loads(raw)
+                assert doc["error"]["message"], body[:200]
+            elif b"text/event-stream" in r.headers.get("Content-Type", "").encode():
+                assert raw.rstrip().endswith(b"[DONE]") or b'"error"' in raw
+    tok = Tokenizer.from_manifest(bundled)
+    ids, text = one_process(bundled, tok.encode("def f():"), SamplingParams(temperature=0.0, max_tokens=8))
+    got, doc, _ = await _post(base, "/completions", json.dumps({"prompt": "def f():", "max_tokens": 8,
+                                                                "temperature": 0}))
+    assert got == 200 and doc["meshllm"]["token_ids"] == ids
+    await async_wait_until(lambda: not any(mesh_held(api[0]).values()), "every request freed", 10)
+
+
+def mesh_held(mesh: DataMesh) -> dict[str, int]:
+    return {**mesh.held(), **{f"kv-{k}": v for k, v in mesh.kv_in_use().items()}}
