@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import openai
 import pytest
-from hypothesis import strategies as st
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import strategies as st
 from servemesh import DataMesh
 from waiting import async_wait_until
 
@@ -247,7 +247,7 @@ async def test_fuzzed_requests_get_a_clear_answer_and_the_node_keeps_serving(api
             elif b"text/event-stream" in r.headers.get("Content-Type", "").encode():
                 assert raw.rstrip().endswith(b"[DONE]") or b'"error"' in raw
     tok = Tokenizer.from_manifest(bundled)
-    ids, text = one_process(bundled, tok.encode("def f():"), SamplingParams(temperature=0.0, max_tokens=8))
+    ids, _ = one_process(bundled, tok.encode("def f():"), SamplingParams(temperature=0.0, max_tokens=8))
     got, doc, _ = await _post(base, "/completions", json.dumps({"prompt": "def f():", "max_tokens": 8,
                                                                 "temperature": 0}))
     assert got == 200 and doc["meshllm"]["token_ids"] == ids
