@@ -134,3 +134,53 @@ def test_unknown_lanes_are_refused() -> None:
     b = Handshake(key=KEY, node_id="b", mesh_id=MESH, nonce=b"B" * 16, initiator=False)
     with pytest.raises(RemoteProtocolError, match="lane 'bulk'"):
         b.receive(Hello("a", MESH, b"A" * 16, lane="bulk"))
+
+
+def _fuzz_messages():
+    from hypothesis import strategies as st
+
+    from meshllm.wire.messages import AuthProof, Hello, HelloReply
+
+    ids = st.sampled_from(["a", "b", "", "mallory"]) | st.text(max_size=8)
+    meshes = st.sampled_from(["m1", "m2"]) | st.text(max_size=6)
+    raw = st.binary(max_size=40)
+    lanes = st.sampled_from(["control", "data", "bogus"])
+    return st.lists(st.one_of(
+        st.builds(Hello, ids, meshes, raw, st.text(max_size=4), st.integers(0, 70000), lanes, raw),
+        st.builds(HelloReply, ids, meshes, raw, raw, st.text(max_size=4), st.integers(0, 70000)),
+        st.builds(AuthProof, ids, raw)), min_size=1, max_size=4)
+
+
+def test_fuzzed_handshake_messages_never_authenticate_without_the_key() -> None:
+    """Any sequence of forged hello / hello_reply / auth_proof messages, to either end: each is
+    refused with RemoteProtocolError (nothing else escapes), and no end ever finishes the
+    handshake with a peer that does not know the key."""
+    import os
+
+    from hypothesis import given, settings
+
+    from meshllm.errors import RemoteProtocolError
+    from meshllm.wire.auth import NONCE_BYTES, Handshake
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(_fuzz_messages(), st_bools())
+    def run(msgs, initiator: bool) -> None:
+        hs = Handshake(key=b"the-real-mesh-key", node_id="b", mesh_id="m1", nonce=os.urandom(NONCE_BYTES),
+                       initiator=initiator)
+        if initiator:
+            hs.start()
+        for m in msgs:
+            try:
+                hs.receive(m)
+            except RemoteProtocolError:
+                break
+            # a forger without the key cannot produce a valid proof: never done
+            assert not hs.done
+
+    run()
+
+
+def st_bools():
+    from hypothesis import strategies as st
+
+    return st.booleans()
