@@ -412,6 +412,10 @@ class Node:
             log.info("leader for term %d: %s", out.term, who)
         elif isinstance(out, MemberJoined | MemberSuspected | MemberRecovered | MemberDied | MemberLeft):
             log.info("member %s %s", out.node[:12], type(out).__name__.removeprefix("Member").lower())
+            if isinstance(out, MemberSuspected | MemberDied | MemberLeft):
+                # silent (no heartbeats) or gone: as unusable for requests as a closed link; the
+                # serving layer resumes what ran there and routes around it
+                self._run_hooks(self.on_link_down_hooks, out.node)
         elif isinstance(out, StartPlanning):
             self._spawn(self.planning.plan(out))
         elif isinstance(out, EvolveIsland):

@@ -463,7 +463,18 @@ class ControlNode:
         return self._ask_replan(ev.reason, {})
 
     def _on_link_lost(self, ev: LinkLost) -> list[Output]:
-        return self._after_membership(self.membership.suspect(ev.node))
+        out = self._after_membership(self.membership.suspect(ev.node))
+        plan = self.active_plan
+        if out and plan is not None:
+            try:
+                placed = ev.node in set(self.plan_nodes(plan))
+            except (KeyError, TypeError):
+                placed = False
+            if placed:
+                # a node the plan serves on lost its links: plan around it now rather than after
+                # dead_after silent heartbeats (if it comes back, its recovery re-plans it in)
+                out += self._request_replan(f"the link to {ev.node} closed")
+        return out
 
     def _on_shutdown(self, ev: Shutdown) -> list[Output]:
         self.left = True

@@ -53,7 +53,7 @@ class Serving:
         self.entry = Entry(node.node_id, self.messenger, self.config, vocab_size=cfg.vocab_size,
                            max_position=cfg.max_position, tokenizer=self.tokenizer, eos_ids=self.eos,
                            active=self.active, router=self.router, observe=node.observe_request,
-                           links=lambda: node.transport.peers() if node.transport is not None else [])
+                           links=self._usable_peers)
         self._task: asyncio.Task[None] | None = None
         node.register_plane("data", self._deliver)
         node.on_link_down_hooks.append(self._link_down)
@@ -83,6 +83,18 @@ class Serving:
             return None
         r = self.routes_for(c.active_epoch)
         return None if r is None else (c.active_epoch, r)
+
+    def _usable_peers(self) -> list[str]:
+        """Peers with a link up that the control plane does not suspect (a silent node's link may
+        look up for seconds after its cable was pulled)."""
+        t = self.node.transport
+        if t is None:
+            return []
+        c = self.node.control
+        membership = getattr(c, "membership", None)
+        if membership is None:
+            return list(t.peers())
+        return [p for p in t.peers() if getattr(membership.state(p), "value", "alive") == "alive"]
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
