@@ -248,10 +248,12 @@ async def test_stalled_peer_backpressure_control_overtakes_and_resume(ends, raw_
                            "the data lane full and the producer waiting", 20.0,
                            describe=lambda: f"backlog {a.t.data_backlog('z')}, sent {sent}")
     assert sent < total and not z.data and a.t.data_backlog("z") <= limit
-    # A control frame goes straight past the whole backlog.
+    # A control frame goes straight past every data frame sent before it (none has been read;
+    # while the socket buffers still fill, our queue may momentarily be empty, so only the
+    # peer's side is asserted).
     assert a.t.send("z", b"heartbeat")
     await async_wait_until(lambda: z.control == [b"heartbeat"], "the control frame", 10.0)
-    assert not z.data and not producer.done() and a.t.data_backlog("z") > 0
+    assert not z.data and not producer.done() and sent >= limit // frame
     # The peer drains its data lane: the producer resumes and every frame arrives.
     z.read_data()
     await asyncio.wait_for(producer, 30.0)
