@@ -169,12 +169,13 @@ class RawPeer:
         return hs
 
     async def connect(self, lanes: tuple[str, ...] = ("control", "data")) -> None:
-        pair = b""
+        pair = os.urandom(16)  # a data lane opened alone names a control connection that does not exist
         self.ws = {}
         for lane in lanes:
             ws = await self.session.ws_connect(self.url, max_msg_size=0)
-            hs = await self._handshake(ws, lane, pair or os.urandom(16) if lane == "data" else b"")
-            pair = hs.initiator_nonce
+            hs = await self._handshake(ws, lane, pair if lane == "data" else b"")
+            if lane == "control":
+                pair = hs.initiator_nonce
             self.ws[lane] = ws
         if "control" in self.ws:
             self.tasks.append(asyncio.ensure_future(self._read(self.ws["control"], self.control)))
