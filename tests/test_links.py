@@ -169,12 +169,13 @@ class RawPeer:
         return hs
 
     async def connect(self, lanes: tuple[str, ...] = ("control", "data")) -> None:
-        pair = b""
+        pair = os.urandom(16)  # a data lane opened alone names a control connection that does not exist
         self.ws = {}
         for lane in lanes:
             ws = await self.session.ws_connect(self.url, max_msg_size=0)
-            hs = await self._handshake(ws, lane, pair or os.urandom(16) if lane == "data" else b"")
-            pair = hs.initiator_nonce
+            hs = await self._handshake(ws, lane, pair if lane == "data" else b"")
+            if lane == "control":
+                pair = hs.initiator_nonce
             self.ws[lane] = ws
         if "control" in self.ws:
             self.tasks.append(asyncio.ensure_future(self._read(self.ws["control"], self.control)))
@@ -248,10 +249,12 @@ async def test_stalled_peer_backpressure_control_overtakes_and_resume(ends, raw_
                            "the data lane full and the producer waiting", 20.0,
                            describe=lambda: f"backlog {a.t.data_backlog('z')}, sent {sent}")
     assert sent < total and not z.data and a.t.data_backlog("z") <= limit
-    # A control frame goes straight past the whole backlog.
+    # A control frame goes straight past every data frame sent before it (none has been read;
+    # while the socket buffers still fill, our queue may momentarily be empty, so only the
+    # peer's side is asserted).
     assert a.t.send("z", b"heartbeat")
     await async_wait_until(lambda: z.control == [b"heartbeat"], "the control frame", 10.0)
-    assert not z.data and not producer.done() and a.t.data_backlog("z") > 0
+    assert not z.data and not producer.done() and sent >= limit // frame
     # The peer drains its data lane: the producer resumes and every frame arrives.
     z.read_data()
     await asyncio.wait_for(producer, 30.0)

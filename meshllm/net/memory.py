@@ -177,13 +177,15 @@ class MemoryTransport(Transport):
         if data is None:
             return
         me = self.ident.node_id
-        if self.net.delay:
-            asyncio.get_running_loop().call_later(self.net.delay, other._deliver, me, data)
-        else:
-            other._deliver(me, data)
-        lane.done(data)  # may admit a waiting sender, which kicks the pump again
-        if lane.frames:
-            self._kick(peer)
+        try:
+            if self.net.delay:
+                asyncio.get_running_loop().call_later(self.net.delay, other._deliver, me, data)
+            else:
+                other._deliver(me, data)
+        finally:  # a failing receiver must not leave the frame counted against the lane for ever
+            lane.done(data)  # may admit a waiting sender, which kicks the pump again
+            if lane.frames:
+                self._kick(peer)
 
     def _deliver(self, peer: str, data: bytes) -> None:
         if peer not in self._links or self.closed:
