@@ -317,7 +317,7 @@ _PREFILL = {"req": "r", "epoch": 2, "replica": 0, "first_block": 0, "offset": 0,
 
 def test_defaults_fill_missing_optional_fields() -> None:
     msg = decode(_frame("prefill", _PREFILL))
-    assert msg == PrefillChunk("r", 2, 0, 0, 0, True, 2, 1, "e", {}, 5, None, None, 0)
+    assert msg == PrefillChunk("r", 2, 0, 0, 0, True, 2, 1, "e", {}, 5, None, None, -1)
 
 
 @pytest.mark.parametrize("which", [(), ("ids",), ("hidden",), ("ids", "hidden")])

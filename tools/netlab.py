@@ -239,17 +239,6 @@ island_generations = 5
 FAULTS = ("kill-decoder", "kill-prefill", "kill-leader", "link-flap", "add-node")
 
 
-def _rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
-
-
 def _stream_tokens(addr: str, prompt: list[int], tokens: int, timeout: float = 120.0) -> tuple[list[int], str | None]:
     """(token ids, error or None) of one greedy streamed request; raises on no answer at all."""
     import json
@@ -291,6 +280,7 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
 
     import numpy as np
 
+    from meshllm.bench.mesh import rss_mb
     from meshllm.model.manifest import load_manifest
     from meshllm.model.paths import resolve_model_dir
     from meshllm.runtime.generate import generate
@@ -344,7 +334,7 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
             if time.monotonic() > deadline:
                 raise RuntimeError("the chaos mesh was not ready in time")
             time.sleep(0.3)
-        out["rss_mb_before"] = {f"n{i}": _rss_mb(procs[i].pid) for i in live}  # type: ignore[attr-defined]
+        out["rss_mb_before"] = {f"n{i}": rss_mb(procs[i].pid) for i in live}  # type: ignore[attr-defined]
         lock = threading.Lock()
         stop = threading.Event()
 
@@ -459,7 +449,7 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
         for i in sorted(live):
             v = _view(addrs[i]) or {}
             out["migrations"] += int(((v.get("serving") or {}).get("entry") or {}).get("migrations", 0))
-        out["rss_mb_after"] = {f"n{i}": _rss_mb(procs[i].pid) for i in sorted(live)}  # type: ignore[attr-defined]
+        out["rss_mb_after"] = {f"n{i}": rss_mb(procs[i].pid) for i in sorted(live)}  # type: ignore[attr-defined]
     print(json.dumps(out))
     return out
 

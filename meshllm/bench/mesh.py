@@ -52,7 +52,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0)
 
 
-def _rss_mb(pid: int) -> float | None:
+def rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
             t2 = _stream(url, p2, n_out)
             measured = (t2[-1] - t0) / len(t2) * 1000
             predicted = (plan.get("predicted") or {}).get("latency_ms_per_token")
-            rss = {f"node-{i}": _rss_mb(p.pid) for i, p in enumerate(mesh.procs)}
+            rss = {f"node-{i}": rss_mb(p.pid) for i, p in enumerate(mesh.procs)}
             serving = [get_json(u + "/v1/mesh") for u in mesh.urls]
         mesh_ms = per_token * 1000
         out.update({

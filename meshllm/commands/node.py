@@ -127,6 +127,19 @@ def load_config(path: str | None) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def read_key(path: str | None, what: str) -> bytes | None:
+    """The key in ``--{what}-key-file`` (stripped, at least 8 bytes), or None without a file."""
+    if not path:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise UserError(f"cannot read --{what}-key-file {path}: {e.strerror}") from None
+    if len(key) < 8:
+        raise UserError(f"the {what} key must be at least 8 bytes")
+    return key
+
+
 def build_options(args: argparse.Namespace) -> Any:
     from meshllm.control.config import ControlConfig
     from meshllm.model.paths import resolve_model_dir
@@ -171,24 +184,9 @@ def build_options(args: argparse.Namespace) -> Any:
         raise UserError("--slowdown must be >= 1")
     from meshllm.net.base import DEFAULT_MESH_KEY
 
-    key = DEFAULT_MESH_KEY
-    key_file = opt("mesh_key_file") or os.environ.get("MESHLLM_MESH_KEY_FILE")
-    if key_file:
-        try:
-            key = Path(key_file).read_bytes().strip()
-        except OSError as e:
-            raise UserError(f"cannot read --mesh-key-file {key_file}: {e.strerror}") from None
-        if len(key) < 8:
-            raise UserError("the mesh key must be at least 8 bytes")
-    api_key = None
-    api_key_file = opt("api_key_file") or os.environ.get("MESHLLM_API_KEY_FILE")
-    if api_key_file:
-        try:
-            api_key = Path(api_key_file).read_text().strip()
-        except OSError as e:
-            raise UserError(f"cannot read --api-key-file {api_key_file}: {e.strerror}") from None
-        if len(api_key) < 8:
-            raise UserError("the API key must be at least 8 characters")
+    key = read_key(opt("mesh_key_file") or os.environ.get("MESHLLM_MESH_KEY_FILE"), "mesh") or DEFAULT_MESH_KEY
+    api = read_key(opt("api_key_file") or os.environ.get("MESHLLM_API_KEY_FILE"), "api")
+    api_key = api.decode() if api else None
     mem = opt("memory_budget")
     from meshllm.planner.strategies import OBJECTIVES, STRATEGIES
 

@@ -271,14 +271,13 @@ class Entry:
         loop = asyncio.get_running_loop()
         r.reserved = loop.create_future()
         d0 = routes.stage(d, 0)
-        # a resumed request's prompt is the original one plus the tokens streamed so far; the
-        # reservation is the same: the original prompt plus max_tokens
-        msg = Reserve(RequestId(r.id), epoch, d, 0, len(r.prompt) + r.params.max_tokens,
-                      len(r.prompt) + len(r.tokens), NodeId(self.node_id), r.params.to_dict(), r.seed, -1,
-                      r.next_index)
+        # a resumed request prefills its original prompt again and replays the tokens streamed so
+        # far through the decoder's steps: the same arithmetic as the first time, so the same tokens
+        msg = Reserve(RequestId(r.id), epoch, d, 0, len(r.prompt) + r.params.max_tokens, len(r.prompt),
+                      NodeId(self.node_id), r.params.to_dict(), r.seed, -1, tuple(r.tokens))
         r.decode = d
         r.reserve_epoch = epoch
-        r.first_attempt_index = r.next_index
+        r.first_attempt_index = 0
         r.nodes = routes.nodes(d)
         if not self.net.send(d0.node, msg):
             return False, "unreachable", f"no link to decoder replica {d}'s first stage"
@@ -293,10 +292,10 @@ class Entry:
         act = self.active()
         routes = self._routes_of(r, act)
         p0 = routes.stage(r.prefill, 0)
-        ids = np.asarray(r.prompt + tuple(r.tokens), dtype=np.int64)
+        ids = np.asarray(r.prompt, dtype=np.int64)
         msg = PrefillChunk(RequestId(r.id), r.epoch, r.prefill, p0.first, 0, True, len(ids), r.decode,
                            NodeId(self.node_id), r.params.to_dict(), r.seed, ids=Tensor.from_array(ids),
-                           first_index=r.next_index)
+                           forced=r.tokens[0] if r.tokens else -1)
         r.last_progress = asyncio.get_running_loop().time()
         if not self.net.send(p0.node, msg):
             raise RequestFailed(f"no link to prefill replica {r.prefill}'s first stage", "unreachable")

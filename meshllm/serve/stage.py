@@ -80,6 +80,7 @@ class _Held:
     seed: int = 0
     max_tokens: int = 0
     decoder: int = -1  # the decoder replica a prefill-only stage sends KV to
+    replay: tuple[int, ...] = ()  # a resumed request's tokens so far: fed, not sampled
     layers_done: set[int] = field(default_factory=set)
     ready_sent: bool = False
     timer: asyncio.TimerHandle | None = None
@@ -94,6 +95,7 @@ class _Member:
     token: int = -1  # the next token to feed (-1 until the prefill's head sent it)
     index: int = 0  # its index among the generated tokens
     started: bool = False
+    replay: tuple[int, ...] = ()
 
 
 class _Ring:
@@ -252,7 +254,7 @@ class StageServer:
                                                 "capacity"))
                 return
             micro = ring.pick_micro()
-            ring.members[m.req] = _Member(m.req, micro, m.entry, index=m.first_index)
+            ring.members[m.req] = _Member(m.req, micro, m.entry, replay=tuple(m.replay))
         key = (m.req, m.replica, ref.index)
 
         async def job() -> None:
@@ -265,7 +267,7 @@ class StageServer:
                 self.net.send(m.entry, Reserved(m.req, m.epoch, m.replica, False, str(e), "capacity"))
                 return
             h = _Held(m.req, m.epoch, m.replica, ref, runner, m.entry, True, m.prompt_len, params, m.seed,
-                      params.max_tokens)
+                      params.max_tokens, replay=tuple(m.replay))
             self._hold(key, h)
             h.timer = asyncio.get_running_loop().call_later(self.config.handoff_timeout_s, self._handoff_expired, key)
             if not layer_blocks(ref, self.num_layers):
@@ -273,7 +275,7 @@ class StageServer:
             nxt = routes.next_stage(ref)
             if nxt is not None:
                 fwd = Reserve(m.req, m.epoch, m.replica, nxt.index, m.tokens, m.prompt_len, m.entry, m.sampling,
-                              m.seed, micro, m.first_index)
+                              m.seed, micro, m.replay)
                 if not self.net.send(nxt.node, fwd):
                     self.free(m.req)
                     self.net.send(m.entry, Reserved(m.req, m.epoch, m.replica, False,
@@ -398,7 +400,7 @@ class StageServer:
             if nxt is not None:
                 fwd = PrefillChunk(m.req, m.epoch, m.replica, nxt.first, offset, last, m.prompt_len, m.decoder,
                                    m.entry, m.sampling, m.seed, hidden=Tensor.from_array(out),
-                                   first_index=m.first_index)
+                                   forced=m.forced)
                 if not await self.net.send_data(nxt.node, fwd):
                     self._error(m.entry, m.req, f"no link to prefill stage {nxt.index} ({nxt.node[:12]})",
                                 "unreachable")
@@ -417,12 +419,15 @@ class StageServer:
 
     def _first_token(self, routes: Routes, m: PrefillChunk, params: SamplingParams, logits: np.ndarray) -> None:
         """The prefill replica's head: sample the token after the prompt, hand it to the decoder."""
-        index = m.first_index
-        tok = sample_one(logits, params, token_rng(m.seed, index))
-        reason = self._finish_reason(tok, index, params)
-        self.net.send(m.entry, Token(m.req, tok, index, reason is not None, reason or ""))
-        if reason is not None:
-            return
+        index = 0
+        if m.forced >= 0:  # resumed: token 0 was streamed already; replay it
+            tok = m.forced
+        else:
+            tok = sample_one(logits, params, token_rng(m.seed, index))
+            reason = self._finish_reason(tok, index, params)
+            self.net.send(m.entry, Token(m.req, tok, index, reason is not None, reason or ""))
+            if reason is not None:
+                return
         d0 = routes.stage(m.decoder, 0)
         if not self.net.send(d0.node, DecodeStart(m.req, m.epoch, m.decoder, tok, index)):
             self._error(m.entry, m.req, f"no link to the decoder's first stage ({d0.node[:12]})", "unreachable")
@@ -512,7 +517,7 @@ class StageServer:
             self.stats["stale"] += 1
             return
         ring, mem = found
-        mem.token, mem.index = m.token, m.index
+        mem.token, mem.index = (mem.replay[0] if mem.replay else m.token), m.index
         self._maybe_join(ring, mem)
 
     def _maybe_join(self, ring: _Ring, mem: _Member) -> None:
@@ -678,6 +683,10 @@ class StageServer:
                 done.append(True)
                 continue
             index = indexes[i] + 1
+            if index < len(h.replay):  # resumed: this token was streamed before; feed it again
+                toks.append(h.replay[index])
+                done.append(False)
+                continue
             tok = sample_one(logits[i], h.params, token_rng(h.seed, index))
             reason = self._finish_reason(tok, index, h.params)
             self.net.send(h.entry, Token(RequestId(r), tok, index, reason is not None, reason or ""))

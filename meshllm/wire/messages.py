@@ -262,7 +262,10 @@ class Reserve(Message):
     sampling: dict[str, Any]  # SamplingParams.to_dict()
     seed: int
     micro: int = -1  # the decode micro-batch the request will join (chosen by stage 0)
-    first_index: int = 0  # index of the first token the decoder will sample (resume: > 0)
+    # a resumed request: the tokens already streamed to its client. The decoder feeds them through
+    # its steps instead of sampling (the head sends none of them), so the request recomputes
+    # exactly what it computed before and samples the next token as the lost replica would have.
+    replay: tuple[int, ...] = ()
 
 
 @data("reserved")
@@ -297,7 +300,7 @@ class PrefillChunk(Message):
     seed: int
     ids: Tensor | None = None  # (T,) int64 token ids (to stage 0)
     hidden: Tensor | None = None  # (T, H) hidden states (between stages)
-    first_index: int = 0  # index of the token the head samples at the end of this prompt
+    forced: int = -1  # a resumed request's token 0: the head takes it instead of sampling
 
 
 @data("kv")
