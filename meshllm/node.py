@@ -63,7 +63,7 @@ from meshllm.control.events import (
     UnloadEpoch,
 )
 from meshllm.control.node import ControlNode
-from meshllm.control.planning import device_from_profile, my_ranges, network_from_links, plan_summary
+from meshllm.control.planning import known_devices, my_ranges, network_from_links, plan_summary
 from meshllm.errors import MeshError, PlanError, ProtocolError, UserError
 from meshllm.model.manifest import Manifest, load_manifest
 from meshllm.net.base import DEFAULT_MESH_KEY, PROTOCOL_VERSION, Advert, Discovery, LinkIdentity, Transport
@@ -74,7 +74,7 @@ from meshllm.planner.types import Device, Network, Plan, Predicted, Workload
 from meshllm.planner.validate import validate_plan
 from meshllm.planning_service import PlanningService
 from meshllm.runtime.profile import NodeProfile, available_memory_bytes, load_or_measure
-from meshllm.runtime.runner import StageRunner, weight_bytes_resident
+from meshllm.runtime.runner import StageRunner, resident_costs
 from meshllm.serve.api import OpenAIApi
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.estimator import PlanEstimator
@@ -144,11 +144,6 @@ class NodeOptions:
     verify_model: bool = True
     seed: int | None = None  # the control plane's generator (None: from the node id)
     serve: ServeConfig = field(default_factory=ServeConfig)  # the data plane's limits and timeouts
-
-
-def resident_costs(manifest: Manifest) -> list[Any]:
-    """The manifest's per-block costs with ``param_bytes`` as the runtime holds them in memory."""
-    return [replace(c, param_bytes=weight_bytes_resident(manifest, c.index, c.index + 1)) for c in manifest.costs]
 
 
 class Node:
@@ -522,30 +517,19 @@ class Node:
         fetched profiles of peers, and members whose budget it has not seen yet (memory unchecked).
         Nodes that are not members are unknown devices, so a plan naming them fails."""
         assert self.control is not None
-        devices = []
-        if self.profile is not None:
-            devices.append(device_from_profile(self.node_id, self.profile.to_dict()))
-        else:
-            devices.append(Device(self.node_id, self._budget(), 1.0, 1.0))
-        for nid in self.control.membership.members:
-            prof = (self.peers[nid].profile or {}).get("profile") if nid in self.peers else None
-            prof = prof or self.control.profiles.get(nid)
-            devices.append(device_from_profile(nid, prof) if prof else Device(nid, 1 << 62, 1.0, 1.0))
+        known = self._known_devices()
+        devices = [known.get(self.node_id) or Device(self.node_id, self._budget(), 1.0, 1.0)]
+        devices += [known.get(nid) or Device(nid, 1 << 62, 1.0, 1.0) for nid in self.control.membership.members]
         validate_plan(Plan.from_dict(doc), self.model_profile, devices)
 
     def _known_devices(self) -> dict[str, Device]:
         """Every node whose profile this node has (its own, fetched ones, the leader's gathered ones)."""
-        out: dict[str, Device] = {}
-        if self.profile is not None:
-            out[self.node_id] = device_from_profile(self.node_id, self.profile.to_dict())
+        docs: dict[str, dict[str, Any] | None] = {self.node_id: self.profile.to_dict() if self.profile else None}
         if self.control is not None:
             for nid in self.control.membership.members:
                 prof = (self.peers[nid].profile or {}).get("profile") if nid in self.peers else None
-                prof = prof or self.control.profiles.get(nid)
-                if prof:
-                    with contextlib.suppress(KeyError, TypeError, ValueError):
-                        out[nid] = device_from_profile(nid, prof)
-        return out
+                docs[nid] = prof or self.control.profiles.get(nid)
+        return known_devices(docs)
 
     def _known_network(self, nodes: list[str]) -> Network:
         """The links between ``nodes`` as measured by this node and reported by its peers."""

@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from waiting import wait_until
 
 from meshllm.cli import main
 from meshllm.commands.up import LocalMesh, get_json
@@ -84,15 +85,13 @@ def test_a_mesh_of_processes_answers_like_one_process(capsys: pytest.CaptureFixt
 
 def _retry_ready(mesh: LocalMesh, at: int, victim: int) -> bool:
     """Wait until node ``at`` reports a ready plan without the victim."""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    def ready_without_victim() -> bool:
         v = get_json(mesh.urls[at] + "/v1/mesh") or {}
         nodes = {s["node"] for r in (v.get("plan") or {}).get("replicas", []) for s in r["stages"]}
         dead = {m["id"] for m in v.get("members", []) if m.get("name") == f"node-{victim}"}
-        if v.get("ready") and not nodes & dead:
-            return True
-        time.sleep(0.25)
-    return False
+        return bool(v.get("ready")) and not nodes & dead
+
+    return bool(wait_until(ready_without_victim, "a ready plan without the killed node", 90))
 
 
 @pytest.mark.skipif(multicast_unavailable() is not None, reason=str(multicast_unavailable()))

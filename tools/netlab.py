@@ -123,37 +123,25 @@ class Lab:
 
 
 def _view(addr: str) -> dict | None:
-    import json
-    import urllib.error
-    import urllib.request
+    from meshllm.commands.up import get_json
 
-    try:
-        with urllib.request.urlopen(f"http://{addr}:7070/v1/mesh", timeout=2) as r:
-            return json.loads(r.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
+    return get_json(f"http://{addr}:7070/v1/mesh")
 
 
 def _timed_request(addr: str, prompt: list[int], tokens: int) -> tuple[float, float]:
     """(seconds to the first token, seconds per token after it) of one greedy streamed request."""
-    import json
     import time
-    import urllib.request
 
-    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-                       "stream": True}).encode()
-    req = urllib.request.Request(f"http://{addr}:7070/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    from meshllm.commands.prompt import ask, sse_events
+
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     t0 = time.perf_counter()
     times = []
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for raw in r:
-            line = raw.strip()
-            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
-                ev = json.loads(line[5:])
-                if "error" in ev:
-                    raise RuntimeError(ev["error"]["message"])
-                times.append(time.perf_counter())
+    with ask(f"http://{addr}:7070", body, chat=False, stream=True, timeout=600) as r:
+        for ev in sse_events(r):
+            if "error" in ev:
+                raise RuntimeError(ev["error"]["message"])
+            times.append(time.perf_counter())
     return times[0] - t0, (times[-1] - times[0]) / max(len(times) - 1, 1)
 
 
@@ -240,28 +228,18 @@ FAULTS = ("kill-decoder", "kill-prefill", "kill-leader", "link-flap", "add-node"
 
 
 def _stream_tokens(addr: str, prompt: list[int], tokens: int, timeout: float = 120.0) -> tuple[list[int], str | None]:
-    """(token ids, error or None) of one greedy streamed request; raises on no answer at all."""
-    import json
-    import urllib.request
+    """(token ids, error code or None) of one greedy streamed request; raises ``ConnectionError``
+    (or ``MeshError`` when it cannot connect) on no answer at all."""
+    from meshllm.commands.prompt import ask, sse_events
 
-    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-                       "stream": True}).encode()
-    req = urllib.request.Request(f"http://{addr}:7070/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     ids: list[int] = []
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        for raw in r:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return ids, None
-            ev = json.loads(data)
+    with ask(f"http://{addr}:7070", body, chat=False, stream=True, timeout=timeout) as r:
+        for ev in sse_events(r):
             if "error" in ev:
                 return ids, str(ev["error"].get("code"))
             ids += ev.get("meshllm", {}).get("token_ids") or []
-    raise ConnectionError("the stream ended without [DONE] or an error")
+    return ids, None
 
 
 def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], model: str | None, prefix: str,
@@ -273,7 +251,6 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
     import tempfile
     import threading
     import time
-    import urllib.error
     import uuid
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
@@ -281,6 +258,7 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
     import numpy as np
 
     from meshllm.bench.mesh import rss_mb
+    from meshllm.errors import MeshError
     from meshllm.model.manifest import load_manifest
     from meshllm.model.paths import resolve_model_dir
     from meshllm.runtime.generate import generate
@@ -345,8 +323,16 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
                 entry = random.choice(sorted(live))
             try:
                 ids, err = _stream_tokens(addrs[entry], prompts[p], tokens)
-            except (urllib.error.URLError, ConnectionError, OSError) as e:
-                # the entry itself was killed while streaming: the client saw its connection drop
+            except MeshError as e:  # an error status (429, 503, ...), or the entry unreachable
+                with lock:
+                    out["failed_explicit"] += 1
+                    why = "entry_killed" if entry not in live else "http_error"
+                    out["errors"][why] = out["errors"].get(why, 0) + 1
+                    out["errors"][str(e)[:60]] = out["errors"].get(str(e)[:60], 0) + 1
+                return
+            except (ConnectionError, OSError) as e:
+                # the stream broke off: explicit when the entry itself was killed (the client saw
+                # its connection drop), lost when the entry is alive
                 with lock:
                     if entry in live:
                         out["lost"] += 1
@@ -372,7 +358,7 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
                     ids, err = _stream_tokens(addrs[i], prompts[0], 2, timeout=10)
                     if err is None and ids == expected[0][:2]:
                         return round(time.monotonic() - since, 3)
-                except (urllib.error.URLError, ConnectionError, OSError):
+                except (MeshError, ConnectionError, OSError):
                     pass
                 time.sleep(0.1)
             return -1.0

@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +63,12 @@ def rss_mb(pid: int) -> float | None:
 
 def _stream(url: str, prompt: list[int], tokens: int) -> list[float]:
     """Arrival times of the streamed tokens of one greedy request (EOS ignored)."""
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    from meshllm.commands.prompt import ask, sse_events
+
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     times = []
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for raw in r:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            ev = json.loads(data)
+    with ask(url, body, chat=False, stream=True, timeout=600) as r:
+        for ev in sse_events(r):
             if "error" in ev:
                 raise RuntimeError(ev["error"]["message"])
             if ev.get("meshllm", {}).get("token_ids"):

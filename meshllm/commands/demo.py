@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _stream_from_mesh(url: str, prompt: str, chat: bool, args: argparse.Namespace, temperature: float) -> dict:
     """Stream the answer to stdout; return its token ids."""
-    from meshllm.commands.prompt import ask
+    from meshllm.commands.prompt import stream_answer
 
     body: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": temperature, "top_p": 1.0,
                             "seed": args.seed}
@@ -130,19 +130,4 @@ def _stream_from_mesh(url: str, prompt: str, chat: bool, args: argparse.Namespac
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
-    ids: list[int] = []
-    with ask(url, body, chat=chat, stream=True, timeout=300.0) as r:
-        for raw in r:
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                continue
-            ev = json.loads(line[5:])
-            if "error" in ev:
-                raise MeshError(f"the mesh failed the request: {ev['error'].get('message')}")
-            for c in ev.get("choices", []):
-                piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
-                if piece:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            ids += (ev.get("meshllm") or {}).get("token_ids") or []
-    return {"token_ids": ids}
+    return {"token_ids": stream_answer(url, body, chat=chat, timeout=300.0, out=sys.stdout)}

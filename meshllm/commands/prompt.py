@@ -16,8 +16,9 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from meshllm.errors import MeshError, UserError
 
@@ -96,6 +97,43 @@ def ask(url: str, body: dict[str, Any], *, chat: bool, stream: bool, timeout: fl
         raise MeshError(f"cannot reach {url}: {reason} (is a node running? `meshllm up` starts a mesh)") from None
 
 
+def sse_events(resp: Any) -> Iterator[dict[str, Any]]:
+    """The ``data:`` events of a streamed answer, parsed, up to ``data: [DONE]``. A stream that ends
+    without ``[DONE]`` raises ``ConnectionError`` (the node went away mid-answer)."""
+    for raw in resp:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield json.loads(data)
+    raise ConnectionError("the answer's stream ended without [DONE]")
+
+
+def stream_answer(url: str, body: dict[str, Any], *, chat: bool, timeout: float, key: str | None = None,
+                  out: IO[str] | None = None) -> list[int]:
+    """Stream one answer, writing its text to ``out`` as it comes; return its token ids. An error
+    event, or a stream cut short, raises ``MeshError``."""
+    ids: list[int] = []
+    with ask(url, body, chat=chat, stream=True, timeout=timeout, key=key) as r:
+        try:
+            for ev in sse_events(r):
+                if "error" in ev:
+                    if out is not None:
+                        out.write("\n")
+                    raise MeshError(f"the mesh failed the request: {ev['error'].get('message')}")
+                for c in ev.get("choices", []):
+                    piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
+                    if piece and out is not None:
+                        out.write(piece)
+                        out.flush()
+                ids += (ev.get("meshllm") or {}).get("token_ids") or []
+        except ConnectionError as e:
+            raise MeshError(f"{url}: {e}") from None
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
@@ -112,23 +150,7 @@ def run(args: argparse.Namespace) -> int:
                           "text": text, "finish_reason": choice.get("finish_reason")}, ensure_ascii=False))
         return 0
     out = sys.stdout
-    with ask(url, body, chat=args.chat, stream=True, timeout=args.timeout, key=key) as r:
-        for raw in r:
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            ev = json.loads(data)
-            if "error" in ev:
-                out.write("\n")
-                raise MeshError(f"the mesh failed the request: {ev['error'].get('message')}")
-            for c in ev.get("choices", []):
-                piece = (c.get("delta") or {}).get("content") if args.chat else c.get("text")
-                if piece:
-                    out.write(piece)
-                    out.flush()
+    stream_answer(url, body, chat=args.chat, timeout=args.timeout, key=key, out=out)
     out.write("\n")
     out.flush()
     return 0

@@ -139,3 +139,14 @@ def plan_summary(doc: dict[str, Any], names: dict[str, str]) -> str:
         st = " -> ".join(f"{names.get(s.node, s.node[:8])}[{s.first},{s.end})" for s in r.stages)
         parts.append(f"{r.role.value}: {st}")
     return "; ".join(parts)
+
+
+def known_devices(profiles: dict[str, dict[str, Any] | None]) -> dict[str, Device]:
+    """Planner devices for the nodes whose profile documents are known (``None``: not yet);
+    a malformed document counts as unknown."""
+    out: dict[str, Device] = {}
+    for nid, prof in profiles.items():
+        if prof:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                out[nid] = device_from_profile(nid, prof)
+    return out

@@ -48,7 +48,7 @@ import ctypes.util
 import os
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ import onnxruntime as ort
 
 from meshllm.errors import CapacityError, ConfigError, MeshError, ModelError
 from meshllm.model.blocks import fuse_blocks
-from meshllm.model.config import DEFAULT_INT4_MODE
+from meshllm.model.config import DEFAULT_INT4_MODE, BlockCost
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.kv import KVCache, SeqState
 
@@ -164,6 +164,12 @@ def weight_bytes_resident(manifest: Manifest, first: int, end: int) -> int:
     if layers:  # the rotary cos/sin tables, float32, in every layer block
         total += layers * 2 * cfg.max_position * (cfg.head_dim // 2) * 4
     return total
+
+
+def resident_costs(manifest: Manifest) -> list[BlockCost]:
+    """The manifest's per-block costs with ``param_bytes`` as a runner holds them in memory (what
+    the planner must charge a node), not as stored."""
+    return [replace(c, param_bytes=weight_bytes_resident(manifest, c.index, c.index + 1)) for c in manifest.costs]
 
 
 def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> None:

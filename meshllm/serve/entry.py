@@ -43,7 +43,6 @@ log = logging.getLogger("meshllm.serve.entry")
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
-FINISH_CANCELLED = "cancelled"
 
 
 # attempt failures worth another replica (a bad request or a bad token is not)
@@ -104,7 +103,6 @@ class _Request:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     migrations: int = 0
     reserve_epoch: int = 0
-    first_attempt_index: int = 0  # the token index the current attempt's prefill samples
 
 
 class Entry:
@@ -277,7 +275,6 @@ class Entry:
                       NodeId(self.node_id), r.params.to_dict(), r.seed, -1, tuple(r.tokens))
         r.decode = d
         r.reserve_epoch = epoch
-        r.first_attempt_index = 0
         r.nodes = routes.nodes(d)
         if not self.net.send(d0.node, msg):
             return False, "unreachable", f"no link to decoder replica {d}'s first stage"
@@ -370,7 +367,7 @@ class Entry:
                 return
             if r.t_first is None:
                 r.t_first = loop.time()
-            if t.index == r.first_attempt_index:
+            if t.index == 0:
                 # the prefill replica's head sent this one: the prompt is on the decoder now, so
                 # only the decoder's nodes can still fail the request
                 act = self.router.routes_for(r.epoch)
@@ -404,8 +401,7 @@ class Entry:
             if self.observe is not None:
                 with contextlib.suppress(Exception):
                     self.observe(len(r.prompt), len(r.tokens))
-            self.router.finished(r.decode, len(r.prompt), len(r.tokens),
-                                 (r.t_first or r.t_start) - r.t_start)
+            self.router.finished(r.epoch, r.prefill, (r.t_first or r.t_start) - r.t_start)
 
     def _fail(self, r: _Request, message: str, code: str) -> None:
         if r.done:

@@ -47,7 +47,6 @@ class Router:
         self.prefill_estimate = prefill_estimate
         self.decode_estimate = decode_estimate
         self.loads: dict[tuple[int, int], _Load] = {}  # (epoch, replica) -> last report
-        self.active: dict[int, int] = {}  # replica -> requests of this entry decoding there
 
     def report(self, m: LoadReport) -> None:
         ld = self.loads.setdefault((m.epoch, m.replica), _Load())
@@ -59,11 +58,12 @@ class Router:
             return
         ld.sent_since = 0
 
-    def finished(self, replica: int, prompt_len: int, generated: int, ttft_s: float) -> None:
-        self.active[replica] = max(0, self.active.get(replica, 0) - 1)
-        for (_, rid), ld in self.loads.items():
-            if rid == replica and ttft_s > 0:
-                ld.ttft_s = ttft_s if ld.ttft_s == 0 else (1 - EWMA) * ld.ttft_s + EWMA * ttft_s
+    def finished(self, epoch: int, prefill_replica: int, ttft_s: float) -> None:
+        """A request's observed time to first token on the prefill replica that served it."""
+        if ttft_s <= 0 or prefill_replica < 0:
+            return
+        ld = self.loads.setdefault((epoch, prefill_replica), _Load())
+        ld.ttft_s = ttft_s if ld.ttft_s == 0 else (1 - EWMA) * ld.ttft_s + EWMA * ttft_s
 
     def rank(self, routes: Routes, prompt_len: int, max_tokens: int) -> list[tuple[int, int]]:
         """(prefill, decoder) pairs, best first: the best prefill replica for the prompt, paired
@@ -111,7 +111,6 @@ class Router:
     def admitted(self, epoch: int, replica: int) -> None:
         ld = self.loads.setdefault((epoch, replica), _Load())
         ld.sent_since += 1
-        self.active[replica] = self.active.get(replica, 0) + 1
 
     @staticmethod
     def _both(routes: Routes, rid: int) -> bool:

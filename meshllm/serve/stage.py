@@ -78,7 +78,6 @@ class _Held:
     prompt_len: int
     params: SamplingParams | None = None
     seed: int = 0
-    max_tokens: int = 0
     decoder: int = -1  # the decoder replica a prefill-only stage sends KV to
     replay: tuple[int, ...] = ()  # a resumed request's tokens so far: fed, not sampled
     layers_done: set[int] = field(default_factory=set)
@@ -267,7 +266,7 @@ class StageServer:
                 self.net.send(m.entry, Reserved(m.req, m.epoch, m.replica, False, str(e), "capacity"))
                 return
             h = _Held(m.req, m.epoch, m.replica, ref, runner, m.entry, True, m.prompt_len, params, m.seed,
-                      params.max_tokens, replay=tuple(m.replay))
+                      replay=tuple(m.replay))
             self._hold(key, h)
             h.timer = asyncio.get_running_loop().call_later(self.config.handoff_timeout_s, self._handoff_expired, key)
             if not layer_blocks(ref, self.num_layers):
@@ -370,7 +369,7 @@ class StageServer:
                     self._error(m.entry, m.req, f"prefill stage {ref.index}: {e}", "capacity")
                     return
                 self._hold(key, _Held(m.req, m.epoch, m.replica, ref, runner, m.entry, False, m.prompt_len,
-                                      params, m.seed, params.max_tokens, m.decoder))
+                                      params, m.seed, m.decoder))
             h = self.held.get(key)
             if h is None:
                 return  # freed meanwhile (cancelled, or failed elsewhere)
