@@ -14,16 +14,25 @@ use OpenAI's JSON shape: 400 bad request or context too long (``context_length_e
 unknown model, 413 body too large, 429 queue full (with ``Retry-After``), 503 no active plan or
 no room, 500 a request that failed on the mesh. Non-streaming answers carry an extension
 ``meshllm`` object with the prompt's and the answer's token ids (``meshllm prompt --json``).
+
+A stream idle for ``ServeConfig.keepalive_s`` (a long prefill, a wait for KV room, a slow token)
+gets an SSE comment ``: keep-alive`` so that proxies do not cut it; clients skip comments. Before
+the first token, that starts the stream: a request that fails later gets an ``error`` event.
+
+Ollama's endpoints (``/api/chat``, ``/api/generate``, ``/api/tags``...) share this entry, its
+helpers and its API key: ``serve/ollama.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -69,6 +78,95 @@ def _event_error(ev: Event) -> ApiError:
     return ApiError(status, ev.error or "request failed", "server_error", ev.code or "request_failed")
 
 
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request's body as a JSON object, or an ApiError (413 too large, 400 not a JSON object)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise ApiError(413, f"request body too large ({e.text})", code="body_too_large") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def chat_messages(messages: Any) -> list[dict[str, Any]]:
+    """Chat messages checked for the template: each a role and a content string (OpenAI's content
+    parts reduced to their text)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content", ""), str | list):
+            raise ApiError(400, "each message needs a role and a content string", param="messages")
+        if isinstance(m.get("content"), list):  # content parts: the text ones
+            m["content"] = "".join(p.get("text", "") for p in m["content"]
+                                   if isinstance(p, dict) and p.get("type") == "text")
+    return messages
+
+
+class _Idle:
+    def __repr__(self) -> str:
+        return "IDLE"
+
+
+IDLE: Final = _Idle()  # what EventReader.next returns when nothing came in time
+
+
+class EventReader:
+    """A request's events read with a deadline: ``next(idle_after)`` returns the next event, ``None``
+    at the end, or ``IDLE`` when ``idle_after`` seconds pass first. The read stays pending across an
+    ``IDLE``, so nothing is lost: the caller sends a keep-alive and reads again. The generator's
+    own exceptions (bad input, a full queue, no plan) come out of ``next``."""
+
+    def __init__(self, events: AsyncIterator[Event]) -> None:
+        self.events = events
+        self._pending: asyncio.Future[Event | None] | None = None
+        self._answered = False  # something went out: a refusal now is an error event, not a raise
+
+    async def next(self, idle_after: float | None = None) -> Event | _Idle | None:
+        try:
+            ev = await self._next(idle_after)
+        except MeshError as e:
+            if not self._answered:
+                raise
+            return Event(None, "", 0, error=str(e), code="unavailable" if isinstance(e, NotReady) else "")
+        self._answered = True
+        return ev
+
+    async def _next(self, idle_after: float | None) -> Event | _Idle | None:
+        if self._pending is None:
+            if idle_after is None:
+                return await anext(self.events, None)
+            self._pending = asyncio.ensure_future(anext(self.events, None))
+        done, _ = await asyncio.wait({self._pending}, timeout=idle_after)
+        if not done:
+            return IDLE
+        task, self._pending = self._pending, None
+        return task.result()
+
+    async def aclose(self) -> None:
+        """Cancel the request if it has not ended (a pending read first: a generator cannot be
+        closed while it runs)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pending
+            self._pending = None
+        aclose = getattr(self.events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def __aenter__(self) -> EventReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class OpenAIApi:
     def __init__(self, serving: Any, model_name: str, model_id: str, *, api_key: str | None = None) -> None:
         self.serving = serving
@@ -77,39 +175,42 @@ class OpenAIApi:
         self.model = model_name
         self.model_id = model_id
         self.retry_after = serving.config.retry_after_s
+        self.keepalive_s = serving.config.keepalive_s
+        self.keepalives = 0  # keep-alives sent on idle streams (this API's and Ollama's)
 
     def mount(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", self._guard(self.models))
         app.router.add_post("/v1/completions", self._guard(self.completions))
         app.router.add_post("/v1/chat/completions", self._guard(self.chat))
+        from meshllm.serve.ollama import OllamaApi  # it builds on this module
+
+        OllamaApi(self).mount(app)
+
+    def authorized(self, request: web.Request) -> bool:
+        """Without an API key, everyone; with one, requests that carry it (``Authorization: Bearer KEY``)."""
+        if not self.api_key:
+            return True
+        got = request.headers.get("Authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode())
+
+    def serves(self, model: Any) -> bool:
+        """Whether a request's ``model`` names what this mesh serves (absent: yes)."""
+        return model is None or model in (self.model, self.model_id, "meshllm", "default")
 
     def _guard(self, handler: Any) -> Any:
-        """With an API key set, only requests that carry it (``Authorization: Bearer KEY``) pass."""
         async def guarded(request: web.Request) -> web.StreamResponse:
-            if self.api_key:
-                got = request.headers.get("Authorization", "")
-                want = f"Bearer {self.api_key}"
-                if not hmac.compare_digest(got.encode(), want.encode()):
-                    return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
-                                    "invalid_request_error", "invalid_api_key").response()
+            if not self.authorized(request):
+                return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                                "invalid_request_error", "invalid_api_key").response()
             return await handler(request)
 
         return guarded
 
     # --- helpers ----------------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge as e:
-            raise ApiError(413, f"request body too large ({e.text})", code="body_too_large") from None
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        body = await read_json(request)
         model = body.get("model")
-        if model is not None and model not in (self.model, self.model_id, "meshllm", "default"):
+        if not self.serves(model):
             raise ApiError(404, f"model {model!r} is not served here (this mesh serves {self.model!r})",
                            code="model_not_found", param="model")
         n = body.get("n", 1)
@@ -126,6 +227,10 @@ class OpenAIApi:
         for f in SAMPLING_FIELDS:
             if body.get(f) is not None:
                 kw[f] = body[f]
+        return self.sampling(kw)
+
+    @staticmethod
+    def sampling(kw: dict[str, Any]) -> SamplingParams:
         try:
             return SamplingParams(**kw)
         except SamplingError as e:
@@ -140,7 +245,7 @@ class OpenAIApi:
             raise ApiError(400, f"max_tokens must be an integer >= 1, got {v!r}", param="max_tokens")
         return v
 
-    def _tokenizer(self) -> Any:
+    def tokenizer(self) -> Any:
         tok = self.entry.tokenizer
         if tok is None:
             raise ApiError(400, "this model has no tokenizer: send the prompt as a list of token ids")
@@ -162,7 +267,7 @@ class OpenAIApi:
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if isinstance(prompt, str):
-                ids = self._tokenizer().encode(prompt)
+                ids = self.tokenizer().encode(prompt)
             elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
                 ids = list(prompt)
             else:
@@ -175,18 +280,9 @@ class OpenAIApi:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await self._body(request)
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise ApiError(400, "messages must be a non-empty list", param="messages")
-            for m in messages:
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                        or not isinstance(m.get("content", ""), str | list):
-                    raise ApiError(400, "each message needs a role and a content string", param="messages")
-                if isinstance(m.get("content"), list):  # content parts: the text ones
-                    m["content"] = "".join(p.get("text", "") for p in m["content"]
-                                           if isinstance(p, dict) and p.get("type") == "text")
+            messages = chat_messages(body.get("messages"))
             try:
-                ids = self._tokenizer().encode_chat(messages)
+                ids = self.tokenizer().encode_chat(messages)
             except MeshError as e:
                 raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
             params = self._params(body, self._max_tokens(body, None, len(ids)))
@@ -197,21 +293,16 @@ class OpenAIApi:
     # --- the answer ---------------------------------------------------------------------------------
     async def _serve(self, request: web.Request, body: dict[str, Any], ids: list[int], params: SamplingParams,
                      chat: bool) -> web.StreamResponse:
-        try:
-            events = self.entry.generate(ids, params)
-            first = await anext(aiter(events))  # raises for bad input, a full queue, no plan
-        except StopAsyncIteration:
-            raise ApiError(500, "the request ended without an answer", "server_error") from None
-        except MeshError as e:
-            raise _mesh_error(e, self.retry_after) from None
+        stream = bool(body.get("stream"))
+        events, first = await self.start(ids, params, self.keepalive_s if stream else None)
         rid = ("chatcmpl-" if chat else "cmpl-") + request.headers.get("X-Request-Id", "")[:32] + f"{id(events):x}"
         created = int(time.time())
-        if body.get("stream"):
+        if stream:
             return await self._stream(request, body, events, first, rid, created, len(ids), chat)
         text, tokens, reason, err = [], [], None, None
-        ev: Event | None = first
-        async with _closing(events):
-            while ev is not None:
+        ev: Event | _Idle | None = first
+        async with events:
+            while isinstance(ev, Event):
                 if ev.error is not None:
                     err = ev
                     break
@@ -221,7 +312,7 @@ class OpenAIApi:
                 if ev.finish_reason is not None:
                     reason = ev.finish_reason
                     break
-                ev = await anext(events, None)
+                ev = await events.next()
         if err is not None:
             raise _event_error(err)
         out = "".join(text)
@@ -235,7 +326,22 @@ class OpenAIApi:
             "model": self.model, "choices": [choice], "usage": self._usage(len(ids), len(tokens)),
             "meshllm": {"prompt_token_ids": ids, "token_ids": tokens}})
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], events: AsyncIterator[Event], first: Event,
+    async def start(self, ids: list[int], params: SamplingParams,
+                    keepalive: float | None) -> tuple[EventReader, Event | _Idle]:
+        """Submit a request to the entry: its events and the first one, or IDLE when a streaming
+        answer should start before it (``keepalive`` seconds passed). Bad input, a full queue and
+        no plan raise at once (an ApiError), before any byte of the answer."""
+        events = EventReader(self.entry.generate(ids, params))
+        try:
+            first = await events.next(keepalive)
+        except MeshError as e:
+            await events.aclose()
+            raise _mesh_error(e, self.retry_after) from None
+        if first is None:
+            raise ApiError(500, "the request ended without an answer", "server_error")
+        return events, first
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], events: EventReader, first: Event | _Idle,
                       rid: str, created: int, prompt_len: int, chat: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
@@ -263,12 +369,18 @@ class OpenAIApi:
                 d["usage"] = None
             return b"data: " + json.dumps(d).encode() + b"\n\n"
 
-        async with _closing(events):
+        async with events:
             try:
                 if chat:
                     await resp.write(chunk("", None, role=True))
-                ev: Event | None = first
+                ev: Event | _Idle | None = first
                 while ev is not None:
+                    if ev is IDLE:
+                        await resp.write(b": keep-alive\n\n")
+                        self.keepalives += 1
+                        ev = await events.next(self.keepalive_s)
+                        continue
+                    assert isinstance(ev, Event)
                     if ev.error is not None:
                         err = _event_error(ev)
                         await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
@@ -279,7 +391,7 @@ class OpenAIApi:
                     await resp.write(chunk(ev.text, ev.finish_reason, token=ev.token_id))
                     if ev.finish_reason is not None:
                         break
-                    ev = await anext(events, None)
+                    ev = await events.next(self.keepalive_s)
                 if usage:
                     d = {"id": rid, "object": obj, "created": created, "model": self.model, "choices": [],
                          "usage": self._usage(prompt_len, n)}
@@ -289,18 +401,3 @@ class OpenAIApi:
             except (ConnectionResetError, ConnectionError):
                 log.info("client went away; request cancelled")
         return resp
-
-
-class _closing:
-    """Close an async generator on exit (cancels the request if it has not ended)."""
-
-    def __init__(self, gen: AsyncIterator[Event]) -> None:
-        self.gen = gen
-
-    async def __aenter__(self) -> AsyncIterator[Event]:
-        return self.gen
-
-    async def __aexit__(self, *exc: object) -> None:
-        aclose = getattr(self.gen, "aclose", None)
-        if aclose is not None:
-            await aclose()

@@ -30,6 +30,9 @@ class ServeConfig:
     # how long a resumed request waits for an intact replica (the mesh re-plans around a lost node)
     # before it fails with an explicit error
     migrate_wait_s: float = 10.0
+    # a streaming answer idle this long (a long prefill, a wait for room, a slow token) gets a
+    # keep-alive (an SSE comment, an empty NDJSON chunk) so proxies do not cut the connection
+    keepalive_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1:
@@ -39,7 +42,7 @@ class ServeConfig:
         if self.kv_wire_dtype not in KV_WIRE_DTYPES:
             raise ConfigError(f"kv_wire_dtype must be one of {KV_WIRE_DTYPES}, got {self.kv_wire_dtype!r}")
         for name in ("queue_timeout_s", "reserve_timeout_s", "handoff_timeout_s", "stall_timeout_s",
-                     "load_report_s", "migrate_wait_s"):
+                     "load_report_s", "migrate_wait_s", "keepalive_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if self.max_migrations < 0:
