@@ -11,7 +11,7 @@ import sys
 from meshllm.errors import MeshError
 
 COMMANDS = ["export", "fetch", "generate", "plan", "simulate", "bench", "node", "status", "replan", "demo", "up",
-            "prompt", "keygen"]
+            "prompt", "keygen", "config"]
 
 
 def build_parser() -> argparse.ArgumentParser:

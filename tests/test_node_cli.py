@@ -58,14 +58,14 @@ def test_config_file_then_flags(tmp_path: Path, tiny_model_dir: Path) -> None:
     o = build_options(_args(model=str(tiny_model_dir), interface=["lo"], state_dir=str(tmp_path / "s")))
     assert o.host == o.advertise_host == "127.0.0.1" and o.interfaces == ("127.0.0.1",)
     cfg.write_text("colour = 'blue'\n")
-    with pytest.raises(UserError, match="unknown options"):
+    with pytest.raises(UserError, match=r"n\.toml: unknown key 'colour'"):
         build_options(_args(model=str(tiny_model_dir), config=str(cfg)))
 
 
 def test_bad_node_options_are_one_line_errors(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
     base = ["node", "--model", str(tiny_model_dir), "--state-dir", str(tmp_path)]
-    for extra, msg in ((["--slowdown", "0.5"], "--slowdown must be >= 1"),
-                       (["--threads", "0"], "--threads must be >= 1"),
+    for extra, msg in ((["--slowdown", "0.5"], "--slowdown 0.5: must be >= 1"),
+                       (["--threads", "0"], "--threads 0: must be >= 1"),
                        (["--memory-budget", "lots"], "--memory-budget"),
                        (["--strategy", "guesswork"], "known strategies are"),
                        (["--interface", "nope0"], "no network interface"),
