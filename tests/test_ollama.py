@@ -16,6 +16,7 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import strategies as st
 from servemesh import DataMesh
 from waiting import async_wait_until
 
@@ -318,3 +319,56 @@ async def test_the_openai_and_ollama_clients_read_through_keepalives(held: Serve
             assert await asyncio.wait_for(task, 60) == want
         finally:
             gate.set()
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+                     | st.text(max_size=20), lambda c: st.lists(c, max_size=3)
+                     | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8)
+_options = st.fixed_dictionaries({}, optional={
+    "temperature": st.one_of(st.floats(-1, 3), _json), "top_p": st.one_of(st.floats(-1, 2), _json),
+    "top_k": st.one_of(st.integers(-3, 100), _json), "seed": st.one_of(st.integers(-5, 2**70), _json),
+    "stop": st.one_of(st.lists(st.text(max_size=4), max_size=3), _json),
+    "num_ctx": st.one_of(st.integers(-2, 2000), _json), "repeat_penalty": _json, "mirostat": _json})
+_ollama_fields = st.fixed_dictionaries({}, optional={
+    "model": st.one_of(st.just("tiny"), st.just("tiny:latest"), st.text(max_size=8), _json),
+    "messages": st.one_of(st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "x"]), "content": st.text(max_size=30)},
+        optional={"images": _json}), max_size=3), _json),
+    "prompt": st.one_of(st.text(max_size=40), _json), "system": st.one_of(st.text(max_size=10), _json),
+    "context": st.one_of(st.lists(st.integers(-3, 5000), max_size=6), _json), "raw": _json,
+    "stream": _json, "format": _json, "keep_alive": _json, "think": _json,
+    "options": st.one_of(_options, _json)})
+
+
+async def test_fuzzed_requests_get_ollamas_error_or_an_answer(served: Served, bundled: Manifest) -> None:
+    """Random bodies at /api/chat and /api/generate: an answer or {"error": ...} with a 4xx/503,
+    never a 500, a hang or a crash; afterwards the node answers and has freed everything."""
+    from hypothesis import HealthCheck, given, settings
+
+    s = served
+    bodies: list[bytes] = []
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(_ollama_fields)
+    def collect(doc: dict[str, Any]) -> None:
+        if isinstance(doc.get("options"), dict):  # short answers: the fuzz is about the request
+            doc["options"] = {**doc["options"], "num_predict": 2}
+        else:
+            doc.setdefault("options", {"num_predict": 2})
+        bodies.append(json.dumps(doc).encode())
+
+    collect()
+    for i, body in enumerate(bodies):
+        status, text, _ = await s.post("/api/generate" if i % 2 else "/api/chat", body)
+        assert status in (200, 400, 404, 413, 503), (status, body[:200], text[:300])
+        if status != 200:
+            doc = json.loads(text)
+            assert isinstance(doc["error"], str) and doc["error"], body[:200]
+        else:
+            last = json.loads(text.strip().split("\n")[-1])
+            assert last.get("done") is True or "error" in last, (body[:200], text[-300:])
+    got, text, _ = await s.post("/api/chat", {"model": bundled.name, "messages": MESSAGES, "stream": False,
+                                              "options": {"num_predict": 3, "temperature": 0}})
+    assert got == 200 and json.loads(text)["eval_count"] >= 1
+    await async_wait_until(lambda: not any({**s.mesh.held(), **s.mesh.kv_in_use()}.values()),
+                           "every request freed", 10)

@@ -232,6 +232,10 @@ def plan_lines(view: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from meshllm.commands import prompt as prompt_cmd
+    from meshllm.settings import resolve
+
+    # the nodes read the file and this environment: a bad value is one error here, not N dead nodes
+    resolve(argparse.Namespace(config=args.config), os.environ)
 
     with LocalMesh(args.nodes, model=args.model, base_port=args.base_port, budgets=args.budgets,
                    slowdowns=args.slowdowns, threads=args.threads, strategy=args.strategy,
