@@ -372,3 +372,24 @@ async def test_fuzzed_requests_get_ollamas_error_or_an_answer(served: Served, bu
     assert got == 200 and json.loads(text)["eval_count"] >= 1
     await async_wait_until(lambda: not any({**s.mesh.held(), **s.mesh.kv_in_use()}.values()),
                            "every request freed", 10)
+
+
+async def test_a_client_gone_during_keepalives_frees_its_request(held: Served, bundled: Manifest) -> None:
+    s = held
+    entry = s.mesh.node("c").serving.entry
+    gate = s.mesh.node("a").hold_inference()
+    try:
+        for path, body in (("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 50, "stream": True}),
+                           ("/api/chat", {"model": bundled.name, "messages": MESSAGES})):
+            async with aiohttp.ClientSession() as sess, sess.post(s.root + path, json=body) as r:
+                assert r.status == 200
+                before = s.api.keepalives
+                while s.api.keepalives < before + 1:
+                    await asyncio.wait_for(r.content.readline(), 30)
+                assert len(entry.requests) == 1
+            # the connection is closed with the prefill still held: the request goes everywhere
+            await async_wait_until(lambda: not entry.requests, f"the abandoned {path} request dropped", 10)
+    finally:
+        gate.set()
+    await async_wait_until(lambda: not any({**s.mesh.held(), **s.mesh.kv_in_use()}.values()),
+                           "every request freed", 10)
