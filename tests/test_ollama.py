@@ -150,7 +150,7 @@ async def test_streams_are_ndjson_by_default_with_ollamas_fields(served: Served,
         assert d["model"] == bundled.name + ":latest" and d["message"]["role"] == "assistant"
         assert d["created_at"].endswith("Z")
     end = lines[-1]
-    assert end["done"] is True and end["done_reason"] in ("stop", "length")
+    assert end["done"] is True and end["done_reason"] in ("stop", "length") and end["message"]["content"] == ""
     for k in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
               "eval_duration"):
         assert isinstance(end[k], int) and end[k] >= 0, k

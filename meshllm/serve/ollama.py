@@ -9,7 +9,7 @@ built for Ollama can talk to a mesh.
 
 Both generating endpoints stream by default (``stream: false`` for one JSON object): one JSON
 object per line, each ``{"model", "created_at", "message": {"role", "content"}, "done": false}``
-(``"response"`` in place of ``message`` for ``/api/generate``), then a last one with
+(``"response"`` in place of ``message`` for ``/api/generate``), then a last one without text, with
 ``"done": true``, ``done_reason`` (``stop`` or ``length``) and the durations in nanoseconds:
 ``total_duration``, ``load_duration`` (0: the blocks are loaded before the mesh serves),
 ``prompt_eval_duration`` (until the first token), ``eval_duration`` (the rest), with
@@ -320,11 +320,11 @@ class OllamaApi:
                         if ev.token_id is not None:
                             tokens.append(ev.token_id)
                             clock.token()
-                        if ev.finish_reason is not None:
-                            await send(last(ev.text, ev.finish_reason, tokens))
-                            break
                         if ev.text:
                             await send(line(ev.text))
+                        if ev.finish_reason is not None:  # as Ollama's: the last line brings no text
+                            await send(last("", ev.finish_reason, tokens))
+                            break
                     ev = await events.next(self.api.keepalive_s)
                 await resp.write_eof()
             except (ConnectionResetError, ConnectionError):
