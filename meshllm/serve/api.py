@@ -326,12 +326,12 @@ class OpenAIApi:
             "model": self.model, "choices": [choice], "usage": self._usage(len(ids), len(tokens)),
             "meshllm": {"prompt_token_ids": ids, "token_ids": tokens}})
 
-    async def start(self, ids: list[int], params: SamplingParams,
-                    keepalive: float | None) -> tuple[EventReader, Event | _Idle]:
-        """Submit a request to the entry: its events and the first one, or IDLE when a streaming
-        answer should start before it (``keepalive`` seconds passed). Bad input, a full queue and
-        no plan raise at once (an ApiError), before any byte of the answer."""
-        events = EventReader(self.entry.generate(ids, params))
+    async def start(self, ids: list[int], params: SamplingParams, keepalive: float | None, *,
+                    request_id: str | None = None) -> tuple[EventReader, Event | _Idle]:
+        """Submit a request to the entry (both APIs go through here): its events and the first one,
+        or IDLE when a streaming answer should start before it (``keepalive`` seconds passed). Bad
+        input, a full queue and no plan raise at once (an ApiError), before any byte of the answer."""
+        events = EventReader(self.entry.generate(ids, params, request_id=request_id))
         try:
             first = await events.next(keepalive)
         except MeshError as e:
