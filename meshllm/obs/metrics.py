@@ -226,7 +226,7 @@ class NodeCollector(Collector):
             states: dict[str, int] = defaultdict(int)
             for nid in c.membership.members:
                 states[str(getattr(c.membership.state(nid), "value", "alive"))] += 1
-            members = GaugeMetricFamily("meshllm_members", "Members this node knows, by liveness", labels=["state"])
+            members = GaugeMetricFamily("meshllm_members", "The other members this node knows, by liveness", labels=["state"])
             for state, n in sorted(states.items()):
                 members.add_metric([state], n)
             yield members
