@@ -95,6 +95,8 @@ async def test_a_node_reports_the_requests_tokens_and_control_state_it_saw(mesh:
             async with s.post(server.make_url("/v1/completions"),
                               json={"prompt": [5] * 60, "max_tokens": 10}) as r:
                 assert r.status == 400
+            async with s.post(server.make_url("/v1/completions"), data=b"{not json") as r:
+                assert r.status == 400  # refused by the API before the entry: counted all the same
         assert completion == 4 + 7 + 1
         await mesh.until(lambda: all(n.serving.stage.held_count() == 0 for n in mesh.nodes),
                          "every node freed every request")
@@ -105,6 +107,7 @@ async def test_a_node_reports_the_requests_tokens_and_control_state_it_saw(mesh:
     assert value(m, "meshllm_requests_total", outcome="ok") == 3
     assert value(m, "meshllm_requests_total", outcome="ok", code="length") == 3
     assert value(m, "meshllm_requests_total", outcome="rejected", code="context_length") == 1
+    assert value(m, "meshllm_requests_total", outcome="rejected", code="invalid_json") == 1
     assert value(m, "meshllm_requests_total", outcome="error") == 0
     assert value(m, "meshllm_generation_tokens_total") == completion
     assert value(m, "meshllm_prompt_tokens_total") == sum(len(p) for p in prompts)

@@ -45,6 +45,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers or {}
+        self.counted = False  # the entry counted this request already (meshllm_requests_total)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -91,6 +92,7 @@ class OpenAIApi:
                 got = request.headers.get("Authorization", "")
                 want = f"Bearer {self.api_key}"
                 if not hmac.compare_digest(got.encode(), want.encode()):
+                    self.entry.metrics.rejected("invalid_api_key")
                     return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
                                     "invalid_request_error", "invalid_api_key").response()
             return await handler(request)
@@ -171,7 +173,7 @@ class OpenAIApi:
             params = self._params(body, self._max_tokens(body, 16, len(ids)))
             return await self._serve(request, body, ids, params, chat=False)
         except ApiError as e:
-            return e.response()
+            return self._refused(e)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -193,7 +195,13 @@ class OpenAIApi:
             params = self._params(body, self._max_tokens(body, None, len(ids)))
             return await self._serve(request, body, ids, params, chat=True)
         except ApiError as e:
-            return e.response()
+            return self._refused(e)
+
+    def _refused(self, e: ApiError) -> web.Response:
+        """A request refused before it reached the entry (bad JSON, unknown model...) still counts."""
+        if not e.counted:
+            self.entry.metrics.rejected(e.code or "invalid")
+        return e.response()
 
     # --- the answer ---------------------------------------------------------------------------------
     async def _serve(self, request: web.Request, body: dict[str, Any], ids: list[int], params: SamplingParams,
@@ -208,6 +216,7 @@ class OpenAIApi:
                 resp = await self._answer(request, body, ids, params, chat, req_id, echo)
             except ApiError as e:
                 e.headers.update(echo)
+                e.counted = True  # the entry counted it: refused by it, or failed after acceptance
                 raise
         if not resp.prepared:
             resp.headers.update(echo)
