@@ -211,3 +211,35 @@ def test_export_draws_no_bar_off_a_terminal(tiny_config: Any, tiny_weights: Any,
 
     export_model(tiny_weights, tiny_config, tmp_path / "m", name="tiny-random", progress=True)
     assert "export tiny-random" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_node_processes_log_json_lines_and_serve_metrics(tmp_path: Path) -> None:
+    """Real ``meshllm node`` processes (``--log-format json``): every line of their logs is a JSON
+    object, one request's id shows in the logs of every node it touched, and ``GET /metrics``
+    counts it."""
+    import urllib.request
+
+    from meshllm.commands.up import LocalMesh
+
+    with LocalMesh(3, budgets="64MiB,22MiB,22MiB", log_dir=str(tmp_path),
+                   extra=["--log-format", "json", "--log-level", "debug"]) as mesh:
+        mesh.wait_ready(120)
+        entry = mesh.urls[-1]
+        req = urllib.request.Request(entry + "/v1/completions", method="POST",
+                                     data=json.dumps({"prompt": "def main():", "max_tokens": 6}).encode(),
+                                     headers={"Content-Type": "application/json", "X-Request-Id": "proc-1"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.headers["X-Request-Id"] == "proc-1"
+            rid = json.loads(r.read())["id"].removeprefix("cmpl-")
+        with urllib.request.urlopen(entry + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+    assert 'meshllm_requests_total{code="length",outcome="ok"} 1.0' in metrics
+    assert "meshllm_generation_tokens_total 6.0" in metrics
+    rows = []
+    for f in sorted(tmp_path.glob("node-*.log")):
+        for line in f.read_text().splitlines():
+            rows.append(json.loads(line))  # every line is one JSON object: no bar, no stray text
+    assert rows and all(set(r) >= KEYS for r in rows)
+    nodes = {r["node"] for r in rows if r.get("request_id") == rid}
+    assert "node-2" in nodes and len(nodes) >= 2, nodes
