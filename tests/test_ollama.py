@@ -393,3 +393,30 @@ async def test_a_client_gone_during_keepalives_frees_its_request(held: Served, b
         gate.set()
     await async_wait_until(lambda: not any({**s.mesh.held(), **s.mesh.kv_in_use()}.values()),
                            "every request freed", 10)
+
+
+async def test_request_ids_and_refusals_reach_logs_and_metrics_as_on_the_openai_api(served: Served,
+                                                                                    bundled: Manifest) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from meshllm.obs.metrics import render
+
+    s = served
+
+    def requests_total(outcome: str) -> float:
+        text = render(s.mesh.node("c").serving.registry).decode()
+        return sum(x.value for f in text_string_to_metric_families(text) for x in f.samples
+                   if x.name == "meshllm_requests_total" and x.labels.get("outcome") == outcome)
+
+    ok, rejected = requests_total("ok"), requests_total("rejected")
+    async with aiohttp.ClientSession() as sess:
+        async with sess.post(s.root + "/api/chat", headers={"X-Request-Id": "client-7"},
+                             json={"model": bundled.name, "messages": MESSAGES, "options": {"num_predict": 2}}) as r:
+            assert r.status == 200 and r.headers["X-Request-Id"] == "client-7"
+            await r.read()
+        async with sess.post(s.root + "/api/generate", json={"model": bundled.name, "prompt": "x", "stream": False,
+                                                             "options": {"num_predict": 2}}) as r:
+            assert r.status == 200 and r.headers["X-Request-Id"]  # the mesh's own id when the client sent none
+        async with sess.post(s.root + "/api/chat", json={"model": "nope", "messages": MESSAGES}) as r:
+            assert r.status == 404
+    assert requests_total("ok") == ok + 2 and requests_total("rejected") == rejected + 1

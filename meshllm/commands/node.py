@@ -28,7 +28,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +121,9 @@ async def serve(opts: Any) -> int:
     from meshllm.node import Node
 
     node = Node.real(opts)
+    from meshllm.obs.logs import set_default_node
+
+    set_default_node(node.name)  # one node in this process: every line is about it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,11 +145,9 @@ def run(args: argparse.Namespace) -> int:
     conf = settings(args)
     # what the rest of the command reads from args: the resolved values, whatever their source
     args.log_level, args.log_format = conf["log_level"], conf["log_format"]
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
-    # zeroconf and aiohttp are chatty at info level
-    for noisy in ("zeroconf", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from meshllm.obs.logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)  # also quiets zeroconf and aiohttp
     opts = build_options(args, conf)
     try:
         import uvloop

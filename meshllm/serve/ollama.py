@@ -82,11 +82,14 @@ class OllamaApi:
     def _guard(self, handler: Any) -> Any:
         async def guarded(request: web.Request) -> web.StreamResponse:
             if not self.api.authorized(request):
+                self.entry.metrics.rejected("invalid_api_key")
                 return web.json_response({"error": "unauthorized: send the API key as Authorization: Bearer KEY"},
                                          status=401)
             try:
                 return await handler(request)
             except ApiError as e:
+                if not e.counted:  # refused before the entry (bad JSON, unknown model...): it still counts
+                    self.entry.metrics.rejected(e.code or "invalid")
                 return _error(e)
 
         return guarded
@@ -250,9 +253,15 @@ class OllamaApi:
                       chat: bool) -> web.StreamResponse:
         t0 = time.perf_counter_ns()
         params = self._params(body.get("options") or {}, len(ids))
+        return await self.api.traced(request, lambda req_id, echo: self._generate(
+            request, body, model, ids, params, chat, t0, req_id, echo))
+
+    async def _generate(self, request: web.Request, body: dict[str, Any], model: str, ids: list[int], params: Any,
+                        chat: bool, t0: int, req_id: str, echo: dict[str, str]) -> web.StreamResponse:
         stream = body.get("stream", True) is not False
         try:
-            events, first = await self.api.start(ids, params, self.api.keepalive_s if stream else None)
+            events, first = await self.api.start(ids, params, self.api.keepalive_s if stream else None,
+                                                 request_id=req_id)
         except ApiError as e:
             if e.status == 429:  # Ollama answers a full queue with 503 ("server busy")
                 e.status = 503
@@ -295,12 +304,12 @@ class OllamaApi:
                         break
                     ev = await events.next()
             return web.json_response(last("".join(text), reason, tokens))
-        return await self._stream(request, events, first, line, last, tokens, clock)
+        return await self._stream(request, events, first, line, last, tokens, clock, echo)
 
     async def _stream(self, request: web.Request, events: EventReader, first: Any, line: Any, last: Any,
-                      tokens: list[int], clock: _Clock) -> web.StreamResponse:
+                      tokens: list[int], clock: _Clock, echo: dict[str, str]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no", **echo})
         await resp.prepare(request)
 
         async def send(d: dict[str, Any]) -> None:
