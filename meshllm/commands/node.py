@@ -51,7 +51,11 @@ def primary_ipv4() -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("node", help="run a mesh node (discovery, election, planning, HTTP API)")
+    p = sub.add_parser("node", help="run a mesh node (discovery, election, planning, HTTP API)",
+                       epilog="Flags win over MESHLLM_... environment variables, those over the --config file, "
+                              "that over the defaults. The file's [serve], [control] and [workload] tables (and "
+                              "their variables, e.g. MESHLLM_SERVE_MAX_QUEUE) hold the rest: `meshllm config "
+                              "table` lists every option, `meshllm config show` the effective values.")
     add_arguments(p)
     p.set_defaults(func=run)
 
