@@ -149,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
     conf = settings(args)
     # what the rest of the command reads from args: the resolved values, whatever their source
     args.log_level, args.log_format = conf["log_level"], conf["log_format"]
+    opts = build_options(args, conf)  # options refused before logging is touched: one error line, no handler
     from meshllm.obs.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level)  # also quiets zeroconf and aiohttp
-    opts = build_options(args, conf)
     try:
         import uvloop
 
