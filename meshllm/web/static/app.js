@@ -102,7 +102,7 @@ function renderTopology(d) {
     svgEl.append(sv("text", { x: gx + 10, y: gy - 8 }, g.label + (g.role ? " · " + g.role.toUpperCase() : "")));
     const n = g.stages.length, bw = Math.min(170, (gw - 20 * (n + 1)) / n), bh = 96;
     g.stages.forEach((st, si) => {
-      const x = gx + 20 + si * (bw + 20) + (gw - 20 - n * (bw + 20)) / 2, y = gy + (gh - bh) / 2;
+      const x = gx + 20 + si * (bw + 20) + (gw - 20 - n * (bw + 20)) / 2, y = gy + gh - bh - 16;
       if (!pos.has(st.node)) pos.set(st.node, { x: x + bw / 2, y: y + bh / 2 });
       boxes.push({ st, x, y, bw, bh, color, next: si < n - 1 });
     });
@@ -110,15 +110,23 @@ function renderTopology(d) {
   // links first, under the boxes; pairs of nodes in different groups bow upwards
   const linkLayer = sv("g", {});
   svgEl.append(linkLayer);
-  for (const l of d.links || []) {
+  // longer links bow higher, so their labels (at the top of each arc) do not sit on each other
+  const links = (d.links || []).filter((l) => pos.has(l.a) && pos.has(l.b))
+    .sort((p, q) => Math.abs(pos.get(p.a).x - pos.get(p.b).x) - Math.abs(pos.get(q.a).x - pos.get(q.b).x));
+  const labels = [];
+  links.forEach((l, i) => {
     const a = pos.get(l.a), b = pos.get(l.b);
-    if (!a || !b) continue;
-    const mx = (a.x + b.x) / 2, my = Math.min(a.y, b.y) - 60 - Math.abs(a.x - b.x) / 12;
-    linkLayer.append(sv("path", { d: `M${a.x},${a.y - 30} Q${mx},${my} ${b.x},${b.y - 30}`, fill: "none",
+    const top = Math.min(a.y, b.y) - 48;  // the boxes' top edge
+    const apex = Math.max(44, top - 24 - i * ((top - 44) / Math.max(links.length, 1)));
+    const mx = (a.x + b.x) / 2, cy = 2 * apex - top;  // a quadratic's midpoint is halfway to its control point
+    linkLayer.append(sv("path", { d: `M${a.x},${top} Q${mx},${cy} ${b.x},${top}`, fill: "none",
                                   stroke: "#5d6b7a", "stroke-width": 1.5, class: "link" }));
-    const t = sv("text", { x: mx, y: (a.y + b.y) / 4 + my / 2 - 4, "text-anchor": "middle", class: "sub" },
-                 fmtMbps(l.mbps) + (l.rtt_ms !== null && l.rtt_ms !== undefined ? ` · ${l.rtt_ms.toFixed(1)} ms` : ""));
-    linkLayer.append(t);
+    labels.push([mx, apex, fmtMbps(l.mbps) + (l.rtt_ms !== null && l.rtt_ms !== undefined ? ` · ${l.rtt_ms.toFixed(1)} ms` : "")]);
+  });
+  for (const [x, y, text] of labels) {
+    const w = text.length * 6.2 + 8;
+    linkLayer.append(sv("rect", { x: x - w / 2, y: y - 11, width: w, height: 15, rx: 3, fill: "#171e26" }));
+    linkLayer.append(sv("text", { x, y, "text-anchor": "middle", class: "sub link-label" }, text));
   }
   for (const { st, x, y, bw, bh, color, next } of boxes) {
     const n = nodes.get(st.node) || { name: st.name, state: "?" };
