@@ -25,6 +25,7 @@ from meshllm.commands.up import LocalMesh, get_json
 pytestmark = [pytest.mark.slow]
 
 CHROMIUM = os.environ.get("MESHLLM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+API_KEY = "dashboard-test-key"
 ARTIFACTS = Path(os.environ.get("MESHLLM_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts")
 
 
@@ -45,27 +46,48 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
+# every text the status badge shows, in order (the page replaces it on each poll)
+STATUS_LOG = """
+window.statusLog = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const s = document.getElementById("status");
+  new MutationObserver(() => {
+    if (window.statusLog[window.statusLog.length - 1] !== s.textContent) window.statusLog.push(s.textContent);
+  }).observe(s, {childList: true, characterData: true, subtree: true});
+});
+"""
+
+
 def chat_api(url: str, messages: list[dict[str, str]], max_tokens: int) -> str:
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+                                 method="POST")
     with urllib.request.urlopen(req, timeout=60) as r:
         return str(json.loads(r.read())["choices"][0]["message"]["content"])
 
 
-def test_the_page_shows_the_mesh_streams_a_chat_and_stops_it(browser: Any) -> None:
-    with LocalMesh(3, budgets="64MiB,22MiB,22MiB") as mesh:
-        view = mesh.wait_ready(120)
+def test_the_page_shows_the_mesh_streams_a_chat_and_stops_it(browser: Any, tmp_path: Path) -> None:
+    key_file = tmp_path / "api.key"
+    key_file.write_text(API_KEY)
+    with LocalMesh(3, budgets="64MiB,22MiB,22MiB", extra=["--api-key-file", str(key_file)]) as mesh:
         url = mesh.urls[0]
-        members = {m["id"]: m["name"] for m in view["members"]}
-        replicas = {str(r["id"]): r["role"] for r in view["plan"]["replicas"]}
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.add_init_script(STATUS_LOG)
+        # open the page as soon as the node answers: for seconds after that it has no leader (it
+        # waits discovery_grace before an election), and the page must say so
+        wait_until(lambda: get_json(url + "/healthz"), "node 0 answers HTTP", 60, check=mesh.check_alive)
         page.goto(url + "/")
+        view = mesh.wait_ready(120)
+        page.wait_for_selector("#status[data-ready=true]", timeout=15_000)
+        said = page.evaluate("window.statusLog")
+        assert any(s.startswith("not ready: ") and len(s) > len("not ready: ") + 3 for s in said), said
+        members = {m["id"]: m["name"] for m in view["members"]}
+        replicas = {str(r["id"]): r["role"] for r in view["plan"]["replicas"]}
 
         # the mesh: every node (in the table and in the topology) and every replica with its role
-        page.wait_for_selector("#status[data-ready=true]", timeout=15_000)
         page.wait_for_function(f"document.querySelectorAll('.node-row').length === {len(members)}", timeout=15_000)
         rows = page.eval_on_selector_all(".node-row", "rs => rs.map(r => [r.dataset.nodeId, r.textContent])")
         assert {nid for nid, _ in rows} == set(members)
@@ -77,14 +99,23 @@ def test_the_page_shows_the_mesh_streams_a_chat_and_stops_it(browser: Any) -> No
         assert page.text_content("#plan-strategy") == view["plan"]["strategy"]
         assert page.text_content("#plan-reason")
 
-        # a greedy chat streams exactly what the API answers for the same request
+        # the node wants an API key: the page asks for it, and the chat fails clearly without it
         prompt = "Write a function"
+        assert page.is_visible("#api-key")
         page.fill("#temperature", "0")
         page.fill("#max-tokens", "24")
         page.fill("#chat-input", prompt)
         page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-state=error]", timeout=30_000)
+        assert "API key" in page.text_content("#chat-status")
+        page.fill("#api-key", API_KEY)
+        assert page.evaluate("sessionStorage.getItem('meshllm.apiKey')") == API_KEY
+
+        # a greedy chat streams exactly what the API answers for the same request
+        page.fill("#chat-input", prompt)
+        page.click("#send")
         page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
-        shown = page.text_content(".msg.assistant .content")
+        shown = page.text_content(".msg.assistant[data-state=done] .content")
         assert shown and shown == chat_api(url, [{"role": "user", "content": prompt}], 24)
 
         # stop: a long answer (the EOS ignored) is cut off, and every node frees the request
@@ -96,8 +127,9 @@ def test_the_page_shows_the_mesh_streams_a_chat_and_stops_it(browser: Any) -> No
         page.fill("#max-tokens", "400")
         page.fill("#chat-input", "Count to a thousand")
         page.click("#send")
-        page.wait_for_function("(document.querySelectorAll('.msg.assistant')[1]?.textContent || '').length > 8",
-                               timeout=60_000)
+        page.wait_for_function(
+            "(document.querySelector('.msg.assistant[data-state=streaming] .content')?.textContent || '').length > 8",
+            timeout=60_000)
         page.click("#stop")
         page.wait_for_selector(".msg.assistant[data-state=stopped]", timeout=10_000)
 

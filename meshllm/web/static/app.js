@@ -175,7 +175,7 @@ function renderPlan(d) {
          el("th", { class: "num" }, "predicted")),
       cmpRow("waiting time", me.wait_s, pr.mean_wait_s, fmtS),
       cmpRow("time to first token", me.ttft_s, pr.mean_ttft_s, fmtS),
-      cmpRow("tokens/s", me.tokens_per_s, pr.throughput_tps, (x) => fmtNum(x, 1)),
+      cmpRow("tokens/s (predicted: every decoder at its batch)", me.tokens_per_s, pr.throughput_tps, (x) => fmtNum(x, 1)),
       pr.overloaded ? el("tr", {}, el("td", { colspan: 3, class: "state dead" }, "the planner predicts overload at the planned rate")) : null));
 }
 
@@ -332,7 +332,7 @@ async function send(text) {
 function setupChat() {
   const keyInput = $("api-key");
   keyInput.value = sessionStorage.getItem(KEY_STORE) || "";
-  keyInput.addEventListener("change", () => sessionStorage.setItem(KEY_STORE, keyInput.value.trim()));
+  keyInput.addEventListener("input", () => sessionStorage.setItem(KEY_STORE, keyInput.value.trim()));
   $("chat-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const text = $("chat-input").value.trim();
