@@ -207,3 +207,19 @@ async def test_a_stream_the_client_abandons_is_freed_on_every_node(served) -> No
         d = await r.json()
     assert d["entry"]["outcomes"] == {"cancelled": 1} and d["entry"]["requests"] == 0
     assert all(n["held"] == 0 for n in d["nodes"])
+
+
+async def test_the_plan_says_why_it_was_made_in_names(mesh: Mesh) -> None:
+    for i in range(2):
+        await mesh.add(i)
+    dash = Dashboard(mesh.nodes[0])
+    await mesh.until(lambda: mesh.agreed() is not None, "a plan on two nodes")
+    first = (await dash.view())["plan"]
+    assert first["reason"] and first["strategy"] == "e2llm"
+    n2 = await mesh.add(2)
+    await mesh.until(lambda: (a := mesh.agreed()) is not None and a[2] > first["epoch"]
+                     and any(s["node"] == n2.node_id for r in mesh.nodes[0].control.active_plan["replicas"]
+                             for s in r["stages"]), "a new plan with the node that joined")
+    plan = (await dash.view())["plan"]
+    assert plan["epoch"] > first["epoch"]
+    assert "n2 joined" in plan["reason"] and n2.node_id not in plan["reason"]

@@ -1,7 +1,8 @@
 """The dashboard in a real browser: Debian's chromium, driven headless by Playwright, against a mesh
 of three ``meshllm node`` processes on loopback. The page shows every node and replica; a prompt
 typed in the chat box streams the answer the API gives for the same greedy request; the stop
-button cancels a stream and every node frees it. A screenshot is kept as a test artefact
+button cancels a stream and every node frees it; the nodes want an API key, which the page asks
+for and keeps in sessionStorage; before the mesh is ready the page says why. A screenshot is kept as a test artefact
 (``$MESHLLM_ARTIFACTS``, default ``artifacts/`` in the checkout).
 
 Skips, saying why, where Playwright is not installed or chromium is missing or cannot start

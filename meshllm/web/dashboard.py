@@ -193,6 +193,12 @@ class Dashboard:
                 plan = Plan.from_dict(plan_doc)
         names = {m["id"]: m.get("name") or m["id"][:8] for m in members}
         names.setdefault(self.node.node_id, self.node.name)
+        if plan_doc and isinstance(plan_doc.get("reason"), str):
+            # the leader writes node ids into its reasons ("<id> joined"): people read names
+            reason = plan_doc["reason"]
+            for nid, name in names.items():
+                reason = reason.replace(nid, name)
+            plan_doc = {**plan_doc, "reason": reason}
         return {
             "generated_at": time.time(),
             "node": mesh.get("node"), "ready": bool(mesh.get("ready")), "why_not_ready": mesh.get("why_not_ready"),
