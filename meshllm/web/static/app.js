@@ -104,7 +104,7 @@ function renderTopology(d) {
     g.stages.forEach((st, si) => {
       const x = gx + 20 + si * (bw + 20) + (gw - 20 - n * (bw + 20)) / 2, y = gy + gh - bh - 16;
       if (!pos.has(st.node)) pos.set(st.node, { x: x + bw / 2, y: y + bh / 2 });
-      boxes.push({ st, x, y, bw, bh, color, next: si < n - 1 });
+      boxes.push({ st, x, y, bw, bh, color, next: !!g.role && si < n - 1 });  // → : pipeline order
     });
   });
   // links first, under the boxes; pairs of nodes in different groups bow upwards
@@ -158,7 +158,7 @@ function cmpRow(label, measured, predicted, fmt) {
 function renderPlan(d) {
   const p = d.plan, box = $("plan");
   if (!p) {
-    box.replaceChildren(el("p", { class: "muted" }, d.why_not_ready ? "no active plan: " + d.why_not_ready : "no active plan"));
+    box.replaceChildren(el("p", { class: "muted" }, d.why_not_ready || "no active plan"));
     return;
   }
   const pr = p.predicted || {}, me = p.measured || {};
@@ -205,7 +205,7 @@ function renderNodes(d) {
 function renderReplicas(d) {
   const box = $("replicas");
   if (!d.replicas || !d.replicas.length) {
-    box.replaceChildren(el("p", { class: "muted" }, "no replicas yet" + (d.why_not_ready ? ": " + d.why_not_ready : "")));
+    box.replaceChildren(el("p", { class: "muted" }, "no replicas yet"));
     return;
   }
   box.replaceChildren(...d.replicas.map((r) => {
