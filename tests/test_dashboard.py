@@ -77,8 +77,9 @@ async def test_the_view_shows_every_node_replica_and_figure_beside_its_predictio
     await mesh.until(lambda: mesh.agreed() is not None, "one leader and one active plan on three nodes")
     entry = mesh.nodes[0]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    for prompt in ([5, 6, 7], [9, 10, 11, 12, 13]):
-        tokens = [ev.token_id async for ev in entry.serving.entry.generate(prompt, params)]
+    # two requests through node 0's entry, one through node 1's: the dashboard adds up every entry
+    for at, prompt in ((entry, [5, 6, 7]), (entry, [9, 10, 11, 12, 13]), (mesh.nodes[1], [20, 21])):
+        tokens = [ev.token_id async for ev in at.serving.entry.generate(prompt, params)]
         assert len(tokens) == 12
     d = await of(ds, entry).view()
     plan = entry.control.active_plan
@@ -97,14 +98,16 @@ async def test_the_view_shows_every_node_replica_and_figure_beside_its_predictio
     assert d["plan"]["epoch"] == d["epoch"] and d["plan"]["strategy"] == "e2llm"
     assert d["plan"]["reason"] == plan["reason"] and d["plan"]["reason"]
     assert d["plan"]["predicted"]["mean_ttft_s"] is not None
-    assert d["plan"]["measured"]["requests"] == 2 and d["plan"]["measured"]["ttft_s"] > 0
+    measured = d["plan"]["measured"]
+    assert measured["entries"] == 3 and measured["requests"] == 3 and measured["ttft_s"] > 0
+    assert measured["tokens_per_s"] > 0
     # replicas: as planned, each with its figures measured beside predicted
     assert [(r["id"], r["role"], [s["layers"] for s in r["stages"]]) for r in d["replicas"]] == \
         [(r["id"], r["role"], [s["layers"] for s in r["stages"]]) for r in plan["replicas"]]
     prefill = [r for r in d["replicas"] if r["role"] in ("prefill", "both")]
     decode = [r for r in d["replicas"] if r["role"] in ("decoder", "both")]
-    assert sum(r["measured"]["prefilled"] for r in prefill) == 2
-    assert sum(r["measured"]["decoded"] for r in decode) == 2
+    assert sum(r["measured"]["prefilled"] for r in prefill) == 3
+    assert sum(r["measured"]["decoded"] for r in decode) == 3
     for r in prefill:
         if r["measured"]["prefilled"]:
             assert r["measured"]["prefill_s"] > 0 and r["predicted"]["prefill_s"] > 0
@@ -113,7 +116,17 @@ async def test_the_view_shows_every_node_replica_and_figure_beside_its_predictio
         assert r["live"]["max_batch"] is not None or r["live"]["decoding"] is None
         if r["measured"]["decoded"]:
             assert r["measured"]["tokens_per_s"] > 0 and r["predicted"]["tokens_per_s"] > 0
-    assert d["entry"]["outcomes"] == {"completed": 2} and d["entry"]["tokens"] == 24
+    assert d["entry"]["outcomes"] == {"completed": 2} and d["entry"]["tokens"] == 24  # node 0's own
+    assert d["entries"]["outcomes"] == {"completed": 3} and d["entries"]["measured"] == 3
+    # a member that stops answering: its memory is the planned weights, its figures drop out
+    node2 = mesh.nodes[2]
+    ds.pop(f"{node2.opts.advertise_host}:{node2.port}")
+    of(ds, entry)._peers.clear()
+    d = await of(ds, entry).view()
+    row = next(x for x in d["nodes"] if x["id"] == node2.node_id)
+    planned = sum(int(entry.model_profile.param_bytes[a:b].sum()) for a, b in row["layers"])
+    assert row["memory"]["source"] == "planned" and row["memory"]["used"] == planned > 0
+    assert d["entries"]["measured"] == 2
     json.dumps(d)
 
 

@@ -148,7 +148,7 @@ def test_the_page_shows_the_mesh_streams_a_chat_and_stops_it(browser: Any, tmp_p
         page.unroute("**/v1/chat/completions")
 
         # the measured figures of the finished requests reach the page; keep a picture of it
-        page.wait_for_function("document.getElementById('plan').textContent.includes('last 2 requests')",
+        page.wait_for_function("document.getElementById('plan').textContent.includes('last 2 requests at 3 entries')",
                                timeout=10_000)
         # ... and so does the freeing: no node holds a request, no decoder reports one decoding
         page.wait_for_function(

@@ -8,13 +8,16 @@ answers, read-only and without the API key (like ``/v1/mesh``):
                               liveness, the leader), measured links, the plan (epoch, strategy, the
                               re-plan's reason, predictions) and each replica with its stages and its
                               live figures measured beside the planner's predictions
-- ``GET /v1/dashboard/node``  this node's own part (memory in use, requests held, its links): what
-                              a node's dashboard fetches from the other members
+- ``GET /v1/dashboard/node``  this node's own part (memory in use, requests held, its links, its
+                              entry's figures as sums and counts): what a node's dashboard fetches
+                              from the other members
 
-Measured figures are this entry's (the requests that came in through this node), over its last
-``window`` finished requests; the decoders' load (requests decoding, batch limit, free KV) is what
-each decoder replica reports to every entry. Predictions are the planner's: the plan's own figures
-and, per request, the simulator's estimates for the replica that served it (``PlanEstimator``).
+Each entry measures the requests that came in through it, over its last ``window`` completed
+requests; a dashboard adds up the figures of every member that answers (sums and counts, so the
+means are over all their requests). The decoders' load (requests decoding, batch limit, free KV)
+is what each decoder replica reports to every entry. Predictions are the planner's: the plan's
+own figures and, per request, the simulator's estimates for the replica that served it
+(``PlanEstimator``), averaged over the same requests.
 """
 
 from __future__ import annotations
@@ -76,6 +79,38 @@ def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
 
 
+PREFILL_FIELDS = ("wait_s", "ttft_s", "prefill_s", "predicted_prefill_s")
+DECODE_FIELDS = ("decode_tps", "predicted_tps")
+PLAN_FIELDS = ("wait_s", "ttft_s")
+KEEP_EPOCHS = 4  # per-replica figures kept for the latest epochs only
+
+
+def _sums(samples: list[Sample], fields: tuple[str, ...]) -> dict[str, list[float]]:
+    """field -> [sum, count] over the samples where it is known (members' sums add up)."""
+    out: dict[str, list[float]] = {}
+    for f in fields:
+        vals = [v for s in samples if (v := _finite(getattr(s, f))) is not None]
+        out[f] = [sum(vals), len(vals)]
+    return out
+
+
+def _add(into: dict[str, Any], doc: dict[str, Any]) -> None:
+    """Add a summary's counts, [sum, count] pairs and rates into ``into`` (in place)."""
+    for k, v in doc.items():
+        if isinstance(v, list) and len(v) == 2:
+            cur = into.setdefault(k, [0.0, 0])
+            cur[0] += float(v[0])
+            cur[1] += int(v[1])
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            into[k] = into.get(k, 0) + v
+        elif isinstance(v, dict):
+            _add(into.setdefault(k, {}), v)
+
+
+def _avg(pair: Any) -> float | None:
+    return float(pair[0]) / pair[1] if isinstance(pair, list) and len(pair) == 2 and pair[1] else None
+
+
 class Dashboard:
     def __init__(self, node: Node | Any, *, fetch_peer: PeerFetch | None = None, window: int = WINDOW,
                  clock: Callable[[], float] | None = None) -> None:
@@ -123,6 +158,33 @@ class Dashboard:
             self.by_prefill.setdefault((f.epoch, f.prefill), deque(maxlen=self.window)).append(s)
         if f.decode >= 0:
             self.by_decode.setdefault((f.epoch, f.decode), deque(maxlen=self.window)).append(s)
+        for table in (self.by_prefill, self.by_decode):
+            for key in [k for k in table if k[0] <= f.epoch - KEEP_EPOCHS]:
+                del table[key]
+
+    def summary(self) -> dict[str, Any]:
+        """This entry's figures as counts and [sum, count] pairs, keyed ``"epoch:replica"``: what
+        a dashboard adds up over the members."""
+        reps: dict[str, dict[str, Any]] = {}
+        for (e, rid), dq in self.by_prefill.items():
+            reps.setdefault(f"{e}:{rid}", {})["prefill"] = {"n": len(dq), **_sums(list(dq), PREFILL_FIELDS)}
+        for (e, rid), dq in self.by_decode.items():
+            rate = self._rate(list(dq))
+            reps.setdefault(f"{e}:{rid}", {})["decode"] = {"n": len(dq), **_sums(list(dq), DECODE_FIELDS),
+                                                           **({"rate": rate} if rate is not None else {})}
+        for q in list(self.serving.entry.requests.values()):
+            if q.prefill < 0:
+                continue  # waiting for a replica: counted as the entry's
+            # before its first token a request is the prefill replica's, after it the decoder's
+            rid, key = (q.prefill, "prefilling") if q.t_first is None else (q.decode, "streaming")
+            box = reps.setdefault(f"{q.epoch}:{rid}", {}).setdefault("live", {})
+            box[key] = box.get(key, 0) + 1
+        recent = list(self.recent)
+        rate = self._rate(recent)
+        return {"replicas": reps,
+                "plan": {"n": len(recent), **_sums(recent, PLAN_FIELDS), **({"rate": rate} if rate is not None else {})},
+                "waiting": sum(1 for q in list(self.serving.entry.requests.values()) if q.prefill < 0),
+                "outcomes": dict(self.outcomes)}
 
     # --- this node ------------------------------------------------------------------------------------
     def local_view(self) -> dict[str, Any]:
@@ -137,7 +199,8 @@ class Dashboard:
         return {"id": self.node.node_id, "name": self.node.name,
                 "memory": {"budget": int(stages.budget_bytes), "weights": weights, "kv": kv, "used": weights + kv},
                 "held": self.serving.stage.held_count(), "entry_requests": len(entry.requests),
-                "epochs": stages.epochs(), "links": dict(getattr(self.node, "link_stats", {}) or {})}
+                "epochs": stages.epochs(), "links": dict(getattr(self.node, "link_stats", {}) or {}),
+                "measured": self.summary()}
 
     # --- the other members ------------------------------------------------------------------------------
     async def _peer(self, addr: str) -> dict[str, Any] | None:
@@ -199,6 +262,11 @@ class Dashboard:
             for nid, name in names.items():
                 reason = reason.replace(nid, name)
             plan_doc = {**plan_doc, "reason": reason}
+        merged: dict[str, Any] = {}
+        for d in reported.values():
+            if isinstance(d.get("measured"), dict):
+                _add(merged, d["measured"])
+        entries = sum(1 for d in reported.values() if isinstance(d.get("measured"), dict))
         return {
             "generated_at": time.time(),
             "node": mesh.get("node"), "ready": bool(mesh.get("ready")), "why_not_ready": mesh.get("why_not_ready"),
@@ -207,9 +275,12 @@ class Dashboard:
             "security": mesh.get("security"),
             "nodes": [self._node(m, plan, reported.get(m["id"])) for m in members],
             "links": self._links(members, reported),
-            "plan": self._plan(plan_doc, plan),
-            "replicas": [self._replica(plan, r, names) for r in plan.replicas] if plan is not None else [],
+            "plan": self._plan(plan_doc, plan, merged.get("plan") or {}, entries),
+            "replicas": [self._replica(plan, r, names, merged.get("replicas") or {}) for r in plan.replicas]
+            if plan is not None else [],
             "entry": self._entry(),
+            "entries": {"measured": entries, "waiting": int(merged.get("waiting", 0)),
+                        "outcomes": merged.get("outcomes") or {}},
         }
 
     def _node(self, m: dict[str, Any], plan: Plan | None, rep: dict[str, Any] | None) -> dict[str, Any]:
@@ -259,14 +330,14 @@ class Dashboard:
                     pairs[key] = {"a": key[0], "b": key[1], "mbps": mbps, "rtt_ms": rtt}
         return sorted(pairs.values(), key=lambda p: (p["a"], p["b"]))
 
-    def _plan(self, doc: dict[str, Any] | None, plan: Plan | None) -> dict[str, Any] | None:
+    def _plan(self, doc: dict[str, Any] | None, plan: Plan | None, m: dict[str, Any],
+              entries: int) -> dict[str, Any] | None:
         if not doc or plan is None:
             return None
-        recent = list(self.recent)
         return {"epoch": plan.epoch, "strategy": plan.strategy, "reason": doc.get("reason"), "note": plan.note,
                 "workload": doc.get("workload"), "predicted": plan.predicted.to_dict(),
-                "measured": {"requests": len(recent), "wait_s": _mean([s.wait_s for s in recent]),
-                             "ttft_s": _mean([s.ttft_s for s in recent]), "tokens_per_s": self._rate(recent)}}
+                "measured": {"entries": entries, "requests": int(m.get("n", 0)), "wait_s": _avg(m.get("wait_s")),
+                             "ttft_s": _avg(m.get("ttft_s")), "tokens_per_s": m.get("rate")}}
 
     def _rate(self, samples: list[Sample]) -> float | None:
         """Generated tokens per second over the requests that ended in the last minute."""
@@ -280,38 +351,28 @@ class Dashboard:
         span = max(s.t_end for s in live) - min(s.t_first for s in live if s.t_first is not None)
         return sum(s.tokens for s in live) / span if span > 0 else None
 
-    def _replica(self, plan: Plan, r: Any, names: dict[str, str]) -> dict[str, Any]:
+    def _replica(self, plan: Plan, r: Any, names: dict[str, str], merged: dict[str, Any]) -> dict[str, Any]:
         epoch = plan.epoch
         role = r.role.value
-        pre = list(self.by_prefill.get((epoch, r.id), ()))
-        dec = list(self.by_decode.get((epoch, r.id), ()))
-        prefilling = decoding_here = 0
-        for q in list(self.serving.entry.requests.values()):
-            if q.prefill < 0 or q.epoch != epoch:
-                continue  # still waiting for a replica (counted by the entry), or another epoch's
-            if q.prefill == r.id and q.t_first is None:
-                prefilling += 1
-            elif q.decode == r.id and q.t_first is not None:
-                decoding_here += 1
+        m = merged.get(f"{epoch}:{r.id}") or {}
+        pre, dec, here = m.get("prefill") or {}, m.get("decode") or {}, m.get("live") or {}
         load = self.serving.router.loads.get((epoch, r.id))
-        live: dict[str, Any] = {"prefilling": prefilling, "decoding_here": decoding_here}
+        live: dict[str, Any] = {"prefilling": int(here.get("prefilling", 0)), "streaming": int(here.get("streaming", 0))}
         if role in ("decoder", "both"):
             live.update({"decoding": load.decoding if load else None, "max_batch": load.max_batch if load else None,
                          "free_kv_tokens": load.free_tokens if load and load.free_tokens >= 0 else None})
         measured: dict[str, Any] = {}
         predicted: dict[str, Any] = {}
         if role in ("prefill", "both"):
-            measured.update({"prefilled": len(pre), "wait_s": _mean([s.wait_s for s in pre]),
-                             "ttft_s": _mean([s.ttft_s for s in pre]), "prefill_s": _mean([s.prefill_s for s in pre])})
-            predicted["prefill_s"] = _mean([s.predicted_prefill_s for s in pre])
-            if not pre:
-                predicted["prefill_s"] = self._predict_prefill(epoch, r.id, plan)
+            measured.update({"prefilled": int(pre.get("n", 0)), "wait_s": _avg(pre.get("wait_s")),
+                             "ttft_s": _avg(pre.get("ttft_s")), "prefill_s": _avg(pre.get("prefill_s"))})
+            predicted["prefill_s"] = (_avg(pre.get("predicted_prefill_s")) if pre.get("n")
+                                      else self._predict_prefill(epoch, r.id, plan))
         if role in ("decoder", "both"):
-            measured.update({"decoded": len(dec), "tokens_per_s": _mean([s.decode_tps for s in dec]),
-                             "tokens_per_s_total": self._rate(dec)})
-            predicted["tokens_per_s"] = _mean([s.predicted_tps for s in dec])
-            if not dec:
-                predicted["tokens_per_s"] = self._predict_tps(epoch, r.id)
+            measured.update({"decoded": int(dec.get("n", 0)), "tokens_per_s": _avg(dec.get("decode_tps")),
+                             "tokens_per_s_total": dec.get("rate")})
+            predicted["tokens_per_s"] = (_avg(dec.get("predicted_tps")) if dec.get("n")
+                                         else self._predict_tps(epoch, r.id))
         return {"id": r.id, "role": role,
                 "stages": [{"node": s.node, "name": names.get(s.node, s.node[:8]), "layers": [s.first, s.end]}
                            for s in r.stages],

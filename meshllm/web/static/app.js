@@ -171,7 +171,7 @@ function renderPlan(d) {
       p.workload ? el("tr", {}, el("th", {}, "planned for"), el("td", {},
         `${fmtNum(p.workload.mean_input_len, 0)} prompt tokens, ${fmtNum(p.workload.mean_output_len, 0)} generated (means)`)) : null),
     el("table", { style: "margin-top:8px" },
-      el("tr", {}, el("th", {}, `this entry's last ${me.requests || 0} requests`), el("th", { class: "num" }, "measured"),
+      el("tr", {}, el("th", {}, `last ${me.requests || 0} requests at ${me.entries || 0} entries`), el("th", { class: "num" }, "measured"),
          el("th", { class: "num" }, "predicted")),
       cmpRow("waiting time", me.wait_s, pr.mean_wait_s, fmtS),
       cmpRow("time to first token", me.ttft_s, pr.mean_ttft_s, fmtS),
@@ -212,11 +212,13 @@ function renderReplicas(d) {
     const live = r.live || {}, me = r.measured || {}, pr = r.predicted || {};
     const rows = [el("span", { class: "h" }, ""), el("span", { class: "h" }, "measured"), el("span", { class: "h" }, "predicted")];
     const add = (label, m, p, fmt) => rows.push(el("span", {}, label), el("span", {}, fmt(m)), el("span", {}, p === undefined ? "" : fmt(p)));
-    const liveRows = [el("span", {}, "prefilling (this entry)"), el("span", {}, live.prefilling ?? 0), el("span", {}, "")];
+    const liveRows = [];
+    if (r.role !== "decoder") liveRows.push(el("span", {}, "prefilling"), el("span", { class: "prefilling" }, live.prefilling ?? 0), el("span", {}, ""));
     if (r.role !== "prefill") {
       liveRows.push(el("span", {}, "decoding (whole mesh)"),
         el("span", { class: "decoding" }, live.decoding === null || live.decoding === undefined ? "–" : `${live.decoding} / ${live.max_batch}`),
         el("span", {}, live.free_kv_tokens === null || live.free_kv_tokens === undefined ? "" : `${live.free_kv_tokens} KV tokens free`));
+      liveRows.push(el("span", {}, "streaming to entries"), el("span", {}, live.streaming ?? 0), el("span", {}, ""));
     }
     if (r.role !== "decoder") {
       add("waiting time", me.wait_s, undefined, fmtS);
@@ -267,7 +269,7 @@ async function send(text) {
   msg.dataset.state = "streaming";
   status.textContent = "waiting for the first token…";
   const t0 = performance.now();
-  let tFirst = null, chunks = 0, reason = null;
+  let tFirst = null, tokens = 0, reason = null;
   try {
     const r = await fetch("/v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body), signal: controller.signal });
     if (!r.ok) {
@@ -294,23 +296,22 @@ async function send(text) {
           if (j.error) throw new Error(j.error.message || "the request failed");
           const ch = (j.choices || [])[0];
           if (!ch) continue;
+          tokens += ((j.meshllm || {}).token_ids || []).length;
           const piece = ch.delta && ch.delta.content;
           if (piece) {
             if (tFirst === null) tFirst = performance.now();
             out.textContent += piece;
-            chunks++;
             $("chat-log").scrollTop = $("chat-log").scrollHeight;
           }
           if (ch.finish_reason) reason = ch.finish_reason;
         }
       }
-      if (tFirst !== null) status.textContent = `${chunks} chunks · first token ${fmtS((tFirst - t0) / 1000)}`;
+      if (tFirst !== null) status.textContent = `${tokens} tokens · first text after ${fmtS((tFirst - t0) / 1000)}`;
     }
     history.push({ role: "assistant", content: out.textContent });
     msg.dataset.state = "done";
-    const secs = tFirst !== null ? (performance.now() - tFirst) / 1000 : 0;
-    status.textContent = `done (${reason || "end"}) · first token ${fmtS(tFirst === null ? null : (tFirst - t0) / 1000)}` +
-      (secs > 0 && chunks > 1 ? ` · ${((chunks - 1) / secs).toFixed(1)} chunks/s` : "");
+    status.textContent = `done (${reason || "end"}) · ${tokens} tokens in ${fmtS((performance.now() - t0) / 1000)}` +
+      (tFirst !== null ? ` · first text after ${fmtS((tFirst - t0) / 1000)}` : "");
   } catch (e) {
     if (e.name === "AbortError") {
       msg.dataset.state = "stopped";
