@@ -236,3 +236,23 @@ async def test_the_plan_says_why_it_was_made_in_names(mesh: Mesh) -> None:
     plan = (await dash.view())["plan"]
     assert plan["epoch"] > first["epoch"]
     assert "n2 joined" in plan["reason"] and n2.node_id not in plan["reason"]
+
+
+@pytest.mark.parametrize(("garbage", "memory"), [
+    ({"memory": {"budget": 1}, "measured": {"plans": ["a", "b"]}}, "reported"),  # figures that do not add up
+    ({"measured": {}}, "planned"),  # not a node's document
+    ({"memory": "lots", "measured": {}}, "planned"),
+])
+async def test_a_member_answering_garbage_is_left_out(mesh: Mesh, garbage: dict, memory: str) -> None:
+    for i in range(2):
+        await mesh.add(i)
+    await mesh.until(lambda: mesh.agreed() is not None, "a plan on two nodes")
+    n0, n1 = mesh.nodes
+
+    async def fetch(addr: str) -> dict:
+        return {"id": n1.node_id, **garbage}
+
+    d = await Dashboard(n0, fetch_peer=fetch).view()
+    assert d["entries"]["measured"] == 1 and d["plan"]["measured"]["entries"] == 1
+    row = next(x for x in d["nodes"] if x["id"] == n1.node_id)
+    assert row["memory"]["source"] == memory

@@ -59,6 +59,7 @@ class Sample:
     """One completed request as the dashboard keeps it: measured times beside the predictions for
     the replicas that served it (None where a figure does not apply or is unknown)."""
 
+    epoch: int
     t_end: float
     tokens: int
     wait_s: float | None  # arrival -> prompt sent to the prefill replica
@@ -148,7 +149,7 @@ class Dashboard:
         tps = None
         if f.t_first is not None and f.tokens >= 2 and f.t_end > f.t_first:
             tps = (f.tokens - 1) / (f.t_end - f.t_first)
-        s = Sample(f.t_end, f.tokens,
+        s = Sample(f.epoch, f.t_end, f.tokens,
                    f.t_sent - f.t_start if f.t_sent is not None else None,
                    f.t_first - f.t_start if f.t_first is not None else None,
                    f.t_first - f.t_sent if f.t_first is not None and f.t_sent is not None else None,
@@ -179,10 +180,12 @@ class Dashboard:
             rid, key = (q.prefill, "prefilling") if q.t_first is None else (q.decode, "streaming")
             box = reps.setdefault(f"{q.epoch}:{rid}", {}).setdefault("live", {})
             box[key] = box.get(key, 0) + 1
-        recent = list(self.recent)
-        rate = self._rate(recent)
-        return {"replicas": reps,
-                "plan": {"n": len(recent), **_sums(recent, PLAN_FIELDS), **({"rate": rate} if rate is not None else {})},
+        plans: dict[str, dict[str, Any]] = {}
+        for e in sorted({s.epoch for s in self.recent}):
+            recent = [s for s in self.recent if s.epoch == e]
+            rate = self._rate(recent)
+            plans[str(e)] = {"n": len(recent), **_sums(recent, PLAN_FIELDS), **({"rate": rate} if rate is not None else {})}
+        return {"replicas": reps, "plans": plans,
                 "waiting": sum(1 for q in list(self.serving.entry.requests.values()) if q.prefill < 0),
                 "outcomes": dict(self.outcomes)}
 
@@ -214,6 +217,8 @@ class Dashboard:
                 doc = await asyncio.wait_for(self.fetch_peer(addr), PEER_TIMEOUT_S)
             except (TimeoutError, OSError, ValueError):
                 doc = None
+            if doc is not None and not (isinstance(doc.get("memory"), dict) and isinstance(doc.get("id"), str)):
+                doc = None  # not a node's /v1/dashboard/node
         self._peers[addr] = (now, doc)
         return doc
 
@@ -263,10 +268,15 @@ class Dashboard:
                 reason = reason.replace(nid, name)
             plan_doc = {**plan_doc, "reason": reason}
         merged: dict[str, Any] = {}
+        entries = 0
         for d in reported.values():
-            if isinstance(d.get("measured"), dict):
-                _add(merged, d["measured"])
-        entries = sum(1 for d in reported.values() if isinstance(d.get("measured"), dict))
+            one: dict[str, Any] = {}
+            try:  # a member's document is data from the network: add it only if all of it adds up
+                _add(one, d["measured"])
+            except (AttributeError, KeyError, TypeError, ValueError):
+                continue
+            _add(merged, one)
+            entries += 1
         return {
             "generated_at": time.time(),
             "node": mesh.get("node"), "ready": bool(mesh.get("ready")), "why_not_ready": mesh.get("why_not_ready"),
@@ -275,7 +285,8 @@ class Dashboard:
             "security": mesh.get("security"),
             "nodes": [self._node(m, plan, reported.get(m["id"])) for m in members],
             "links": self._links(members, reported),
-            "plan": self._plan(plan_doc, plan, merged.get("plan") or {}, entries),
+            "plan": self._plan(plan_doc, plan, (merged.get("plans") or {}).get(str(plan.epoch)) or {} if plan else {},
+                               entries),
             "replicas": [self._replica(plan, r, names, merged.get("replicas") or {}) for r in plan.replicas]
             if plan is not None else [],
             "entry": self._entry(),
