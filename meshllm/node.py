@@ -69,6 +69,9 @@ from meshllm.model.manifest import Manifest, load_manifest
 from meshllm.net.base import DEFAULT_MESH_KEY, PROTOCOL_VERSION, Advert, Discovery, LinkIdentity, Transport
 from meshllm.net.dialer import Dialer, PeerInfo
 from meshllm.net.peer_http import AiohttpPeerHttp, MemoryPeerHttp, PeerHttp, mesh_token
+from meshllm.obs.logs import bound, context_with
+from meshllm.obs.metrics import NodeCollector, NodeEvents, metrics_handler
+from meshllm.obs.progress import bar
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.types import Device, Network, Plan, Predicted, Workload
 from meshllm.planner.validate import validate_plan
@@ -197,6 +200,10 @@ class Node:
         estimator = PlanEstimator(self.model_profile, self._known_devices, self._known_network, opts.workload)
         self.serving = Serving(self, opts.serve, policy="start" if opts.objective == "waiting" else "completion",
                                estimator=estimator)
+        # GET /metrics: the serving layer's registry, plus what the node holds and its control events
+        self.metrics = self.serving.registry
+        self.metrics.register(NodeCollector(self, lambda: member_names(self)))
+        self.events = NodeEvents(self.metrics, self.node_id)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -220,6 +227,7 @@ class Node:
         holder["node"] = node
         node.server = HttpServer(make_app(node, node._handle_link), opts.host, opts.port)
         OpenAIApi(node.serving, node.manifest.name, node.manifest.model_id, api_key=opts.api_key).mount(node.server.app)
+        node.server.app.router.add_get("/metrics", metrics_handler(node.metrics))
         from meshllm.web.dashboard import Dashboard  # the page at / and GET /v1/dashboard
 
         Dashboard(node).mount(node.server.app)
@@ -322,7 +330,8 @@ class Node:
         await self.stages.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        t = asyncio.ensure_future(coro)
+        # the node's tasks log as this node (several nodes may share a process)
+        t = asyncio.get_running_loop().create_task(coro, context=context_with(node=self.name))
         self._tasks.add(t)
         t.add_done_callback(self._task_done)
         return t
@@ -357,6 +366,10 @@ class Node:
         self._planes[plane] = handler
 
     def _on_frame(self, peer: str, data: bytes) -> None:
+        with bound(node=self.name):  # delivered in the sender's context by the in-memory network
+            self._dispatch(peer, data)
+
+    def _dispatch(self, peer: str, data: bytes) -> None:
         if self.control is None or self.closed:
             return
         try:
@@ -387,6 +400,7 @@ class Node:
 
     def _perform(self, outputs: list[Output]) -> None:
         for out in outputs:
+            self.events.observe(out)
             try:
                 self._perform_one(out)
             except MeshError as e:
@@ -451,7 +465,11 @@ class Node:
         if self.profile_fn is not None:
             prof = self.profile_fn(self.manifest, self.opts)
         else:
+            shown = bar(desc=f"profile {self.manifest.name}", unit="block")  # on a terminal only
+
             def progress(i: int, n: int, what: str) -> None:
+                shown.total = n
+                shown.update(i - shown.n)
                 self.profile_progress = f"{i}/{n} blocks" if i < n else "done"
                 if i < n:
                     log.info("profiling %s: block %d/%d (%s)", self.manifest.name, i + 1, n, what)
@@ -462,10 +480,12 @@ class Node:
                     self.manifest, self.opts.state_dir, threads=self.opts.threads, slowdown=self.opts.slowdown,
                     memory_bytes=self._budget(), progress=progress))
             except (MeshError, OSError, RuntimeError) as e:
+                shown.close()
                 # Without a profile the node stays a member but is never planned onto.
                 self.profile_progress = f"failed: {e}"
                 log.error("profiling failed: %s; this node will not be given blocks", e)
                 return
+            shown.close()
             log.info("profile %s: decode %.2f ms/token, prefill %.3f ms/token, budget %.2f GiB",
                      "from cache" if cached else "measured", 1000 * prof.decode_s_per_token,
                      1000 * sum(prof.prefill_s_per_token), prof.memory_bytes / (1 << 30))

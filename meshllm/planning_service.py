@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import hashlib
 import json
 import logging
@@ -81,7 +82,8 @@ class PlanningService:
 
     async def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the planning executor."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        # in the caller's context, so what fn logs names the node it works for
+        return await asyncio.get_running_loop().run_in_executor(self.executor, contextvars.copy_context().run, fn)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

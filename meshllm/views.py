@@ -32,7 +32,8 @@ def profile_view(node: Node) -> dict[str, Any]:
             "model": node.manifest.name, "mesh_id": node.mesh_id, "proto": PROTOCOL_VERSION,
             "addr": f"{node.opts.advertise_host}:{node.port}",
             "profile": node.profile.to_dict() if node.profile else None,
-            "profile_progress": node.profile_progress, "links": dict(node.link_stats)}
+            "profile_progress": node.profile_progress, "links": dict(node.link_stats),
+            "peers": node.dialer.linked_addresses()}
 
 
 def mesh_view(node: Node) -> dict[str, Any]:

@@ -91,7 +91,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "wire": {"errors", "wire"},
     "control": {"errors", "model", "planner", "wire", "control"},
     "net": {"errors", "wire", "net"},
-    "serve": {"errors", "model", "runtime", "planner", "sim", "wire", "control", "net", "serve"},
+    "serve": {"errors", "model", "runtime", "planner", "sim", "wire", "control", "net", "serve", "obs"},
+    "obs": {"errors", "obs"},
     "planning_service.py": {"errors", "model", "planner", "wire", "control"},
     # views reads a Node (imported for its type only) and the plan types
     "views.py": {"errors", "planner", "net", "node"},

@@ -198,3 +198,40 @@ async def test_static_peers_work_without_mdns(tmp_path: Path, tiny_model_dir: Pa
     finally:
         for n in nodes:
             await n.stop()
+
+
+async def test_static_peers_are_exchanged(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Without mDNS, a node seeded with one peer learns the others from it: a and c each name only
+    b, and all three link to each other and agree on one plan."""
+
+    from meshllm.control.config import ControlConfig
+    from meshllm.node import Node, NodeOptions
+
+    fast = ControlConfig(heartbeat_interval=0.2, suspect_after=3, dead_after=8, election_timeout=0.6,
+                         election_backoff=0.2, discovery_grace=0.4, replan_debounce=0.2, island_generations=3)
+    ports = [free_port() for _ in range(3)]
+    key = uuid.uuid4().bytes
+    seeds = [(("127.0.0.1", ports[1]),), (), (("127.0.0.1", ports[1]),)]
+    nodes = [Node.real(NodeOptions(model_dir=tiny_model_dir, state_dir=tmp_path / f"s{i}", mesh_key=key,
+                                   name=f"x{i}", host="127.0.0.1", advertise_host="127.0.0.1", port=ports[i],
+                                   peers=seeds[i], mdns=False, control=fast, memory_budget=1 << 30,
+                                   verify_model=False))
+             for i in range(3)]
+    try:
+        for n in nodes:
+            await n.start()
+        ids = {n.node_id for n in nodes}
+        await async_wait_until(lambda: all(set(n.transport.peers()) == ids - {n.node_id} for n in nodes),
+                               "every node linked to both others", 30)
+
+        def agree() -> bool:
+            vs = [n.mesh_view() for n in nodes]
+            return (all(v["ready"] and len(v["members"]) == 3 for v in vs)
+                    and len({(v["term"], v["leader"], v["epoch"]) for v in vs}) == 1)
+
+        await async_wait_until(agree, "three nodes ready on one (term, leader, epoch)", 60)
+        # b, the seed, tells whom it is linked to, with addresses that work
+        assert set(nodes[1].profile_view()["peers"]) == {nodes[0].node_id, nodes[2].node_id}
+    finally:
+        for n in nodes:
+            await n.stop()

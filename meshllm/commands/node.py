@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -107,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="where the node id and profile cache live (default ~/.local/state/meshllm/node-PORT)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or JSON lines (one object a line)")
     p.set_defaults(func=run)
 
 
@@ -221,6 +221,9 @@ async def serve(opts: Any) -> int:
     from meshllm.node import Node
 
     node = Node.real(opts)
+    from meshllm.obs.logs import set_default_node
+
+    set_default_node(node.name)  # one node in this process: every line is about it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -239,11 +242,9 @@ async def serve(opts: Any) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
-    # zeroconf and aiohttp are chatty at info level
-    for noisy in ("zeroconf", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from meshllm.obs.logs import setup_logging
+
+    setup_logging(getattr(args, "log_format", "text"), args.log_level)  # also quiets zeroconf and aiohttp
     opts = build_options(args)
     try:
         import uvloop

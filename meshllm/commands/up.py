@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for an active plan")
     p.add_argument("--log-dir", default=None, help="keep the nodes' logs here (default: a temporary dir)")
     p.add_argument("--json", action="store_true", help="print the plan and the answer as JSON")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="the nodes' log format")
     p.set_defaults(func=run)
 
 
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     with LocalMesh(args.nodes, model=args.model, base_port=args.base_port, budgets=args.budgets,
                    slowdowns=args.slowdowns, threads=args.threads, strategy=args.strategy,
                    key_file=args.mesh_key_file, log_dir=args.log_dir,
-                   extra=["--config", args.config] if args.config else None) as mesh:
+                   extra=(["--config", args.config] if args.config else []) + ["--log-format", args.log_format]) as mesh:
         if not args.json:
             print(f"starting {args.nodes} nodes on 127.0.0.1 (ports {', '.join(map(str, mesh.ports))}); "
                   f"logs in {mesh.dir}", flush=True)

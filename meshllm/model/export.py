@@ -137,7 +137,9 @@ def export_model(weights: Mapping[str, Weight], cfg: ModelConfig, out_dir: str |
     root.mkdir(parents=True, exist_ok=True)
     files, extra = [], []
     costs = block_costs(cfg)
-    for index in tqdm(range(cfg.num_blocks), desc=f"export {name}", unit="block", disable=not progress):
+    # a bar on a terminal only (tqdm's disable=None): never in a log file
+    for index in tqdm(range(cfg.num_blocks), desc=f"export {name}", unit="block",
+                      disable=None if progress else True):
         f = block_file(cfg, index)
         side = None
         if external_data or (external_data is None and costs[index].param_bytes > EXTERNAL_DATA_BYTES):

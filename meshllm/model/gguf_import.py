@@ -217,7 +217,9 @@ def load_weights(g: GGUFFile, cfg: ModelConfig, *, weight_dtype: str = "float32"
     weights: dict[str, Weight] = {}
     how: Counter[str] = Counter()
     perm_heads = {"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads}
-    for name, t in tqdm(g.tensors.items(), desc=f"read {g.path.name}", unit="tensor", disable=not progress):
+    # a bar on a terminal only (tqdm's disable=None): never in a log file
+    for name, t in tqdm(g.tensors.items(), desc=f"read {g.path.name}", unit="tensor",
+                        disable=None if progress else True):
         key = hf_name(name)
         w: Weight
         matrix = len(t.shape) == 2

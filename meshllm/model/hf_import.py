@@ -264,7 +264,9 @@ def load_weights(hf_dir: Path, cfg: ModelConfig, *, progress: bool = True) -> di
 
     files = _weight_files(hf_dir)
     weights: dict[str, np.ndarray] = {}
-    for path, names in tqdm(files.items(), desc=f"read {hf_dir.name}", unit="file", disable=not progress):
+    # a bar on a terminal only (tqdm's disable=None): never in a log file
+    for path, names in tqdm(files.items(), desc=f"read {hf_dir.name}", unit="file",
+                            disable=None if progress else True):
         for name, arr in _read_safetensors(path, names).items():
             if name.endswith(IGNORED_SUFFIXES):
                 continue

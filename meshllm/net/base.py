@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,9 +71,19 @@ class Transport(abc.ABC):
         self._on_message: OnMessage = lambda peer, data: None
         self._on_up: OnPeer = lambda peer: None
         self._on_down: OnPeer = lambda peer: None
+        # frame bytes per peer over the life of the transport (links that went down included): the
+        # node's /metrics reads them
+        self.bytes_sent: Counter[str] = Counter()
+        self.bytes_received: Counter[str] = Counter()
 
     def set_handlers(self, on_message: OnMessage, on_up: OnPeer, on_down: OnPeer) -> None:
-        self._on_message, self._on_up, self._on_down = on_message, on_up, on_down
+        received = self.bytes_received
+
+        def counted(peer: str, data: bytes) -> None:
+            received[peer] += len(data)
+            on_message(peer, data)
+
+        self._on_message, self._on_up, self._on_down = counted, on_up, on_down
 
     @abc.abstractmethod
     async def dial(self, host: str, port: int) -> str:

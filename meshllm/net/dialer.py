@@ -32,6 +32,11 @@ class PeerInfo:
     fetched_at: float = 0.0
 
 
+# How often a linked peer is asked whom it is linked to (``/v1/profile``'s ``peers``): static
+# peers are not relayed by mDNS, so this is how a node seeded with one peer finds the rest.
+PEER_EXCHANGE_S = 5.0
+
+
 class Dialer:
     """``spawn`` runs a coroutine as one of the node's tasks (cancelled when the node stops);
     ``closed`` says whether the node is stopping. Set ``transport`` before ``run()``."""
@@ -113,6 +118,7 @@ class Dialer:
         while True:
             self._wake.clear()
             assert self.transport is not None
+            loop = asyncio.get_running_loop()
             linked = set(self.transport.peers())
             for (host, port), nid in list(self.seed_peers.items()):
                 if nid is None or nid not in linked:
@@ -122,7 +128,8 @@ class Dialer:
                     continue
                 if nid not in linked and self.node_id < nid:
                     self._spawn(self.dial(nid, *info.addr))
-                if nid in linked and (info.profile is None or info.profile.get("profile") is None):
+                if nid in linked and (info.profile is None or info.profile.get("profile") is None
+                                      or loop.time() - info.fetched_at >= PEER_EXCHANGE_S):
                     self._spawn(self._refresh_peer(nid, info))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
@@ -136,11 +143,34 @@ class Dialer:
         if not doc or doc.get("node_id") != nid or doc.get("mesh_id") != self.mesh_id:
             return
         info.profile = doc
+        self._learn_peers(doc.get("peers"))
         if nid not in self.link_stats:
             m = await self.peer_http.probe(*info.addr)
             if m is not None:
                 self.link_stats[nid] = {"mbps": round(m[0], 3), "rtt_ms": round(m[1], 3)}
                 log.info("link to %s: %.1f Mb/s, rtt %.2f ms", nid[:12], m[0], m[1])
+
+    def _learn_peers(self, peers: Any) -> None:
+        """Addresses of members a linked peer is linked to, for the ones we have none of. Only a
+        hint: dialling one still has to pass the handshake."""
+        if not isinstance(peers, dict):
+            return
+        for nid, addr in peers.items():
+            if not isinstance(nid, str) or nid == self.node_id or not isinstance(addr, str):
+                continue
+            host, sep, port = addr.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                continue
+            info = self.peers.setdefault(nid, PeerInfo())
+            if info.addr is None:
+                info.addr = (host.strip("[]"), int(port))
+                self._wake.set()
+
+    def linked_addresses(self) -> dict[str, str]:
+        """``node id -> "host:port"`` of the peers linked now whose address we know."""
+        linked = set(self.transport.peers()) if self.transport is not None else set()
+        return {nid: f"{info.addr[0]}:{info.addr[1]}" for nid, info in self.peers.items()
+                if nid in linked and info.addr is not None}
 
     async def gather_links(self, members: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         """Every member's own link measurements (from its /v1/profile), ours included."""

@@ -108,6 +108,7 @@ class WsTransport(Transport):
         if link is None or link.closed.is_set():
             return False
         link.queue.put_nowait(data)
+        self.bytes_sent[peer] += len(data)
         return True
 
     async def send_data(self, peer: str, data: bytes) -> bool:
@@ -117,6 +118,7 @@ class WsTransport(Transport):
             if link is None or link.closed.is_set():
                 return False
             if await link.data.put(data):
+                self.bytes_sent[peer] += len(data)
                 return True
             # The lane closed while we waited: the link went down, or was replaced by its twin
             # (whose queue took over the other waiters); look again.

@@ -140,6 +140,7 @@ class MemoryTransport(Transport):
         other = self._links.get(peer)
         if other is None:
             return False
+        self.bytes_sent[peer] += len(data)
         if self.net.drop and self.net.rng.random() < self.net.drop:
             return True
         me = self.ident.node_id
@@ -155,7 +156,10 @@ class MemoryTransport(Transport):
         lane = self._data.get(peer)
         if lane is None:
             return False
-        return await lane.put(data)
+        if not await lane.put(data):
+            return False
+        self.bytes_sent[peer] += len(data)
+        return True
 
     def data_backlog(self, peer: str) -> int:
         lane = self._data.get(peer)

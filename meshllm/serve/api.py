@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from meshllm.errors import ContextLengthError, MeshError, SamplingError, UserError
+from meshllm.obs.logs import bound, client_request_id
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve.entry import Event, NotReady, QueueFull
 
@@ -44,6 +45,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers or {}
+        self.counted = False  # the entry counted this request already (meshllm_requests_total)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -90,6 +92,7 @@ class OpenAIApi:
                 got = request.headers.get("Authorization", "")
                 want = f"Bearer {self.api_key}"
                 if not hmac.compare_digest(got.encode(), want.encode()):
+                    self.entry.metrics.rejected("invalid_api_key")
                     return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
                                     "invalid_request_error", "invalid_api_key").response()
             return await handler(request)
@@ -170,7 +173,7 @@ class OpenAIApi:
             params = self._params(body, self._max_tokens(body, 16, len(ids)))
             return await self._serve(request, body, ids, params, chat=False)
         except ApiError as e:
-            return e.response()
+            return self._refused(e)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -192,22 +195,46 @@ class OpenAIApi:
             params = self._params(body, self._max_tokens(body, None, len(ids)))
             return await self._serve(request, body, ids, params, chat=True)
         except ApiError as e:
-            return e.response()
+            return self._refused(e)
+
+    def _refused(self, e: ApiError) -> web.Response:
+        """A request refused before it reached the entry (bad JSON, unknown model...) still counts."""
+        if not e.counted:
+            self.entry.metrics.rejected(e.code or "invalid")
+        return e.response()
 
     # --- the answer ---------------------------------------------------------------------------------
     async def _serve(self, request: web.Request, body: dict[str, Any], ids: list[int], params: SamplingParams,
                      chat: bool) -> web.StreamResponse:
+        """Answer under a request id that every node's log lines about the request carry; the
+        response echoes the client's ``X-Request-Id`` (or gives the mesh's id when it sent none)."""
+        client = client_request_id(request.headers.get("X-Request-Id"))
+        req_id = self.entry.new_request_id(client)
+        echo = {"X-Request-Id": client or req_id}
+        with bound(node=self.entry.name, request_id=req_id):
+            try:
+                resp = await self._answer(request, body, ids, params, chat, req_id, echo)
+            except ApiError as e:
+                e.headers.update(echo)
+                e.counted = True  # the entry counted it: refused by it, or failed after acceptance
+                raise
+        if not resp.prepared:
+            resp.headers.update(echo)
+        return resp
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], ids: list[int], params: SamplingParams,
+                      chat: bool, req_id: str, echo: dict[str, str]) -> web.StreamResponse:
         try:
-            events = self.entry.generate(ids, params)
+            events = self.entry.generate(ids, params, request_id=req_id)
             first = await anext(aiter(events))  # raises for bad input, a full queue, no plan
         except StopAsyncIteration:
             raise ApiError(500, "the request ended without an answer", "server_error") from None
         except MeshError as e:
             raise _mesh_error(e, self.retry_after) from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + request.headers.get("X-Request-Id", "")[:32] + f"{id(events):x}"
+        rid = ("chatcmpl-" if chat else "cmpl-") + req_id
         created = int(time.time())
         if body.get("stream"):
-            return await self._stream(request, body, events, first, rid, created, len(ids), chat)
+            return await self._stream(request, body, events, first, rid, created, len(ids), chat, echo)
         text, tokens, reason, err = [], [], None, None
         ev: Event | None = first
         async with _closing(events):
@@ -236,9 +263,10 @@ class OpenAIApi:
             "meshllm": {"prompt_token_ids": ids, "token_ids": tokens}})
 
     async def _stream(self, request: web.Request, body: dict[str, Any], events: AsyncIterator[Event], first: Event,
-                      rid: str, created: int, prompt_len: int, chat: bool) -> web.StreamResponse:
+                      rid: str, created: int, prompt_len: int, chat: bool,
+                      echo: dict[str, str] | None = None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no", **(echo or {})})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
         usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(

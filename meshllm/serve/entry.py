@@ -30,6 +30,8 @@ import numpy as np
 
 from meshllm.errors import CapacityError, ContextLengthError, MeshError, UserError
 from meshllm.model.tokenizer import StreamDecoder, Tokenizer
+from meshllm.obs.logs import spawn
+from meshllm.obs.metrics import RequestMetrics
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.messenger import Messenger
@@ -123,14 +125,22 @@ class _Request:
     migrations: int = 0
     reserve_epoch: int = 0
 
+    @property
+    def sent(self) -> bool:
+        """The prompt went to a prefill replica once (the end of its waiting time)."""
+        return self.t_sent is not None
+
 
 class Entry:
     def __init__(self, node_id: str, messenger: Messenger, config: ServeConfig, *, vocab_size: int,
                  max_position: int, tokenizer: Tokenizer | None, eos_ids: Sequence[int],
                  active: Callable[[], tuple[int, Routes] | None], router: Router,
                  observe: Callable[[int, int], None] | None = None,
-                 links: Callable[[], list[str]] | None = None) -> None:
+                 links: Callable[[], list[str]] | None = None, metrics: RequestMetrics | None = None,
+                 name: str = "") -> None:
         self.node_id = node_id
+        self.name = name or node_id[:8]  # the node in log lines about its requests
+        self.metrics = metrics if metrics is not None else RequestMetrics()
         self.net = messenger
         self.config = config
         self.vocab_size = vocab_size
@@ -147,7 +157,7 @@ class Entry:
         self._room = asyncio.Event()  # set whenever a decoder may have room again
         self.finished_hooks: list[Callable[[Finished], None]] = []  # every request that ends
         self.stats = {"accepted": 0, "completed": 0, "failed": 0, "rejected_429": 0, "rejected_503": 0,
-                      "cancelled": 0, "tokens": 0, "migrations": 0}
+                      "cancelled": 0, "tokens": 0, "migrations": 0, "prompt_tokens": 0}
 
     # --- checks -----------------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], params: SamplingParams) -> tuple[int, ...]:
@@ -166,28 +176,46 @@ class Entry:
             raise UserError("stop strings need a tokenizer (this model has none)")
         return ids
 
+    def new_request_id(self, client: str | None = None) -> str:
+        """A request id unique in the mesh: this entry's random prefix and a counter, after the
+        client's own id when it sent one (``X-Request-Id``), so a client's id can be found in every
+        node's log while two clients choosing the same id never share a request on a stage."""
+        own = f"{self._prefix}-{next(self._ids)}"
+        return f"{client}.{own}" if client else own
+
     # --- the public call ----------------------------------------------------------------------------
     async def generate(self, prompt: Sequence[int], params: SamplingParams, *, seed: int | None = None,
                        request_id: str | None = None) -> AsyncIterator[Event]:
         """Stream one request's events; the last has ``finish_reason`` or ``error``. Raises before the
         first event for bad input (UserError), a full queue (QueueFull) or no plan (NotReady).
         Closing the iterator early cancels the request everywhere."""
-        ids = self.check(prompt, params)
+        try:
+            ids = self.check(prompt, params)
+        except UserError as e:
+            self.metrics.rejected("context_length" if isinstance(e, ContextLengthError) else "invalid")
+            raise
         if len(self.requests) >= self.config.max_queue:
             self.stats["rejected_429"] += 1
+            self.metrics.rejected("queue_full")
             raise QueueFull(f"this node holds {len(self.requests)} requests, its limit; retry later")
         if self.active() is None:
             self.stats["rejected_503"] += 1
+            self.metrics.rejected("unavailable")
             raise NotReady("the mesh has no active plan yet")
+        if request_id is not None and request_id in self.requests:
+            self.metrics.rejected("invalid")
+            raise UserError(f"request id {request_id!r} is already in use at this node")
         if seed is None:
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        rid = request_id or f"{self._prefix}-{next(self._ids)}"
+        rid = request_id or self.new_request_id()
         dec = self.tokenizer.stream(stop=params.stop, prompt_ids=ids) if self.tokenizer is not None else None
         loop = asyncio.get_running_loop()
         r = _Request(rid, ids, params, int(seed), dec, t_start=loop.time(), last_progress=loop.time())
         self.requests[rid] = r
         self.stats["accepted"] += 1
-        runner = asyncio.ensure_future(self._drive(r))
+        self.stats["prompt_tokens"] += len(ids)
+        # the request's task logs with its id and this node, wherever generate() was called from
+        runner = spawn(self._drive(r), node=self.name, request_id=rid)
         try:
             while True:
                 ev = await r.events.get()
@@ -197,6 +225,9 @@ class Entry:
         finally:
             if not r.done:
                 self.stats["cancelled"] += 1
+                self.metrics.cancelled()
+                log.info("request %s cancelled by the client after %d tokens", rid, len(r.tokens),
+                         extra={"request_id": rid, "node": self.name})
                 self._finish(r, None, "cancelled")
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -316,6 +347,9 @@ class Entry:
         r.last_progress = asyncio.get_running_loop().time()
         if r.t_sent is None:
             r.t_sent = r.last_progress
+            self.metrics.waited(r.last_progress - r.t_start)
+        log.debug("request %s: %d prompt tokens to prefill replica %d, decoder replica %d (epoch %d)", r.id,
+                  len(r.prompt), r.prefill, r.decode, r.epoch)
         if not self.net.send(p0.node, msg):
             raise RequestFailed(f"no link to prefill replica {r.prefill}'s first stage", "unreachable")
 
@@ -389,6 +423,7 @@ class Entry:
                 return
             if r.t_first is None:
                 r.t_first = loop.time()
+                self.metrics.first_token(r.t_first - r.t_start)
             if t.index == 0:
                 # the prefill replica's head sent this one: the prompt is on the decoder now, so
                 # only the decoder's nodes can still fail the request
@@ -420,6 +455,12 @@ class Entry:
         self._room.set()
         if reason is not None:
             self.stats["completed"] += 1
+            end = asyncio.get_running_loop().time()
+            first = None if r.t_first is None else r.t_first - r.t_start
+            self.metrics.finished(reason, duration_s=end - r.t_start, first_s=first, tokens=len(r.tokens))
+            log.info("request %s finished (%s): %d prompt + %d tokens in %.3f s, first token after %.3f s", r.id,
+                     reason, len(r.prompt), len(r.tokens), end - r.t_start, first or 0.0,
+                     extra={"request_id": r.id, "node": self.name})
             if self.observe is not None:
                 with contextlib.suppress(Exception):
                     self.observe(len(r.prompt), len(r.tokens))
@@ -437,6 +478,7 @@ class Entry:
         if r.done:
             return
         self.stats["failed"] += 1
+        self.metrics.failed(code)
         log.warning("request %s failed: %s", r.id, message)
         r.events.put_nowait(Event(None, "", r.next_index, None, message, code))
         self._finish(r, None, "failed")

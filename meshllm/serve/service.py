@@ -14,6 +14,8 @@ from typing import Any
 
 from meshllm.errors import PlanError
 from meshllm.model.tokenizer import Tokenizer
+from meshllm.obs.logs import bound
+from meshllm.obs.metrics import RequestMetrics, ServingCollector, new_registry
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.entry import Entry
 from meshllm.serve.estimator import PlanEstimator
@@ -45,6 +47,10 @@ class Serving:
         self.tokenizer = Tokenizer.from_manifest(node.manifest) if node.manifest.tokenizer_path else None
         self.eos = eos_ids(node.manifest, self.tokenizer)
         self._routes: dict[int, Routes] = {}
+        self.name = str(getattr(node, "name", "") or node.node_id[:8])
+        # this node's metrics (``GET /metrics``): its own registry, as several nodes may share a process
+        self.registry = new_registry()
+        self.metrics = RequestMetrics(self.registry)
         self.messenger = Messenger(node.node_id, node.codec, lambda: node.transport, self._deliver)
         self.stage = StageServer(node.node_id, node.stages, self.messenger, self.routes_for, self.config,
                                  num_layers=cfg.num_layers, eos_ids=self.eos, hidden_size=cfg.hidden_size)
@@ -54,7 +60,8 @@ class Serving:
         self.entry = Entry(node.node_id, self.messenger, self.config, vocab_size=cfg.vocab_size,
                            max_position=cfg.max_position, tokenizer=self.tokenizer, eos_ids=self.eos,
                            active=self.active, router=self.router, observe=node.observe_request,
-                           links=self._usable_peers)
+                           links=self._usable_peers, metrics=self.metrics, name=self.name)
+        self.registry.register(ServingCollector(self))
         self._task: asyncio.Task[None] | None = None
         node.register_plane("data", self._deliver)
         node.on_link_down_hooks.append(self._link_down)
@@ -111,10 +118,12 @@ class Serving:
 
     # --- frames -------------------------------------------------------------------------------------
     def _deliver(self, peer: str, msg: Message) -> None:
-        if isinstance(msg, _ENTRY_TYPES):
-            self.entry.handle(peer, msg)
-        else:
-            self.stage.handle(peer, msg)
+        # what this frame makes the node log is about this node, and about its request when it has one
+        with bound(node=self.name, request_id=getattr(msg, "req", None)):
+            if isinstance(msg, _ENTRY_TYPES):
+                self.entry.handle(peer, msg)
+            else:
+                self.stage.handle(peer, msg)
 
     def _link_down(self, peer: str) -> None:
         self.entry.fail_peer(peer)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from meshllm.errors import MeshError, PlanError, SamplingError
+from meshllm.obs.logs import bound, node_var, request_var
 from meshllm.runtime.sampling import SamplingParams, sample_one, token_rng
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.messenger import Messenger
@@ -139,8 +140,9 @@ class StageServer:
         self.hidden_size = hidden_size
         self.held: dict[Key, _Held] = {}
         self.rings: dict[tuple[int, int], _Ring] = {}  # (epoch, replica) -> ring (we are its stage 0)
-        self._hi: deque[Callable[[], Awaitable[None]]] = deque()
-        self._lo: deque[Callable[[], Awaitable[None]]] = deque()
+        # jobs with the node and request they were queued for, so what they log says so
+        self._hi: deque[tuple[Callable[[], Awaitable[None]], tuple[str | None, str | None]]] = deque()
+        self._lo: deque[tuple[Callable[[], Awaitable[None]], tuple[str | None, str | None]]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.closed = False
@@ -167,7 +169,7 @@ class StageServer:
 
     # --- the job queue ---------------------------------------------------------------------------
     def _submit(self, job: Callable[[], Awaitable[None]], hi: bool) -> None:
-        (self._hi if hi else self._lo).append(job)
+        (self._hi if hi else self._lo).append((job, (node_var.get(), request_var.get())))
         self._wake.set()
 
     async def _worker(self) -> None:
@@ -176,9 +178,10 @@ class StageServer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            job = self._hi.popleft() if self._hi else self._lo.popleft()
+            job, (node, req) = self._hi.popleft() if self._hi else self._lo.popleft()
             try:
-                await job()
+                with bound(node=node, request_id=req):
+                    await job()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug in a job must not stop the stage
@@ -268,6 +271,8 @@ class StageServer:
             h = _Held(m.req, m.epoch, m.replica, ref, runner, m.entry, True, m.prompt_len, params, m.seed,
                       replay=tuple(m.replay))
             self._hold(key, h)
+            log.debug("request %s: reserved %d positions on stage %d of decoder replica %d (epoch %d)", m.req,
+                      m.tokens, ref.index, m.replica, m.epoch)
             h.timer = asyncio.get_running_loop().call_later(self.config.handoff_timeout_s, self._handoff_expired, key)
             if not layer_blocks(ref, self.num_layers):
                 self._layers_complete(h)  # nothing of the prompt to receive here
@@ -380,6 +385,8 @@ class StageServer:
                 self.free(m.req)
                 return
             self.stats["prefill_tokens"] += x.shape[0]
+            log.debug("request %s: prefilled tokens [%d, %d) on stage %d of replica %d", m.req, offset,
+                      offset + x.shape[0], ref.index, m.replica)
             if key not in self.held:
                 return
             # the prompt's KV to the decoder stages that own each layer
@@ -709,6 +716,8 @@ class StageServer:
         h = self.held.pop(key, None)
         if h is None:
             return
+        log.debug("request %s: released on stage %d of replica %d", h.req, h.stage.index, h.replica,
+                  extra={"request_id": h.req})
         if h.timer is not None:
             h.timer.cancel()
         runner = h.runner

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from meshllm.errors import MeshError
 from meshllm.model.manifest import Manifest
+from meshllm.obs.progress import bar
 from meshllm.runtime.runner import StageRunner
 
 log = logging.getLogger("meshllm.serve.stages")
@@ -111,8 +113,12 @@ class StageHost:
 
         def work() -> list[StageRunner]:
             first_guess = max(0, self.budget_bytes - stored) // n
-            runners = [StageRunner(self.manifest, a, b, threads=self.threads, slowdown=self.slowdown,
-                                   kv_budget_bytes=first_guess) for a, b in ranges]
+            runners = []
+            with bar(desc=f"load {self.manifest.name}", total=sum(b - a for a, b in ranges), unit="block") as shown:
+                for a, b in ranges:
+                    runners.append(StageRunner(self.manifest, a, b, threads=self.threads, slowdown=self.slowdown,
+                                               kv_budget_bytes=first_guess))
+                    shown.update(b - a)
             # Charge the weights as they sit in memory when the runner knows it (onnxruntime may hold
             # more than the stored bytes); the KV cache gets the rest.
             resident = [_resident_weight_bytes(r) for r in runners]
@@ -167,7 +173,9 @@ class StageHost:
         if self._closed:
             raise StageHostClosed("the stage host is closed")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            # in the caller's context, so what fn logs names the node and request it works for
+            ctx = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
         except RuntimeError as e:
             if self._closed:  # the executor refused new work because it shut down
                 raise StageHostClosed("the stage host is closed") from e
