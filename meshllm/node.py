@@ -228,6 +228,9 @@ class Node:
         node.server = HttpServer(make_app(node, node._handle_link), opts.host, opts.port)
         OpenAIApi(node.serving, node.manifest.name, node.manifest.model_id, api_key=opts.api_key).mount(node.server.app)
         node.server.app.router.add_get("/metrics", metrics_handler(node.metrics))
+        from meshllm.web.dashboard import Dashboard  # the page at / and GET /v1/dashboard
+
+        Dashboard(node).mount(node.server.app)
         return node
 
     async def _handle_link(self, request: Any) -> Any:

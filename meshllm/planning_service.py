@@ -78,6 +78,7 @@ class PlanningService:
         self.planned_over: dict[int, tuple[str, ...]] = {}  # leader: epoch -> members planned over
         self._problems: dict[str, Problem] = {}  # evolving members: problem documents seen lately
         self._islands_problem: dict[int, Problem] = {}  # leader: round -> problem
+        self._islands_reason: dict[int, str] = {}  # leader: round -> why it planned (for the plan)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the planning executor."""
@@ -99,7 +100,7 @@ class PlanningService:
                 plan = await self.run(lambda: plan_problem(self.strategy, problem, self.objective, rng))
                 log.info("planning round %d (%s): %s over %d members", sp.round, sp.reason,
                          self.strategy, len(members))
-                self._step(ProposePlan(sp.round, plan_document(plan, problem.workload)))
+                self._step(ProposePlan(sp.round, plan_document(plan, problem.workload, sp.reason)))
                 self._note_planned(problem)
                 return
             k = self.islands or min(max(len(members), 1), 4)
@@ -110,6 +111,7 @@ class PlanningService:
             self._step(PlanningFailed(sp.round, f"{type(e).__name__}: {e}"))
             return
         self._islands_problem = {sp.round: problem}
+        self._islands_reason = {sp.round: sp.reason}
         log.info("planning round %d (%s): %d members, %d GA islands", sp.round, sp.reason, len(members), k)
         self._step(Islands(sp.round, tuple(islands), problem_to_dict(problem)))
 
@@ -126,7 +128,8 @@ class PlanningService:
         except PlanError as e:
             self._step(PlanningFailed(done.round, str(e)))
             return
-        self._step(ProposePlan(done.round, plan_document(plan, problem.workload)))
+        reason = self._islands_reason.get(done.round, "")
+        self._step(ProposePlan(done.round, plan_document(plan, problem.workload, reason)))
         self._note_planned(problem)
 
     def _note_planned(self, problem: Problem) -> None:

@@ -114,10 +114,13 @@ def plan_from_individual(problem: Problem, ind: tuple[int, ...], strategy: str =
     return plan
 
 
-def plan_document(plan: Plan, workload: Workload) -> dict[str, Any]:
-    """``Plan.to_dict()`` plus the lengths it was made for (the drift detector compares them)."""
+def plan_document(plan: Plan, workload: Workload, reason: str = "") -> dict[str, Any]:
+    """``Plan.to_dict()`` plus the lengths it was made for (the drift detector compares them) and
+    why the leader planned again (``reason``: a join, a loss, drift, an operator; shown to people)."""
     d = plan.to_dict()
     d["workload"] = {"mean_input_len": workload.input_len.mean, "mean_output_len": workload.output_len.mean}
+    if reason:
+        d["reason"] = reason
     return d
 
 

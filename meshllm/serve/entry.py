@@ -81,6 +81,24 @@ class Event:
     code: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A request as it ended, for observers (``Entry.finished_hooks``; the dashboard's figures).
+    Times are the event loop's: arrival, prompt sent to the prefill replica (the end of its wait),
+    first token, end. Replica ids are -1 where it never got one."""
+
+    epoch: int
+    prefill: int
+    decode: int
+    prompt_tokens: int
+    tokens: int
+    t_start: float
+    t_sent: float | None
+    t_first: float | None
+    t_end: float
+    outcome: str  # completed | failed | cancelled
+
+
 @dataclass(slots=True)
 class _Request:
     id: str
@@ -101,11 +119,16 @@ class _Request:
     last_progress: float = 0.0
     t_start: float = 0.0
     t_first: float | None = None
+    t_sent: float | None = None  # the prompt first went to a prefill replica
     fault: tuple[str, str] | None = None  # (message, code): the current attempt failed
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     migrations: int = 0
     reserve_epoch: int = 0
-    sent: bool = False  # the prompt went to a prefill replica once (the end of its waiting time)
+
+    @property
+    def sent(self) -> bool:
+        """The prompt went to a prefill replica once (the end of its waiting time)."""
+        return self.t_sent is not None
 
 
 class Entry:
@@ -132,6 +155,7 @@ class Entry:
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
         self._room = asyncio.Event()  # set whenever a decoder may have room again
+        self.finished_hooks: list[Callable[[Finished], None]] = []  # every request that ends
         self.stats = {"accepted": 0, "completed": 0, "failed": 0, "rejected_429": 0, "rejected_503": 0,
                       "cancelled": 0, "tokens": 0, "migrations": 0, "prompt_tokens": 0}
 
@@ -204,7 +228,7 @@ class Entry:
                 self.metrics.cancelled()
                 log.info("request %s cancelled by the client after %d tokens", rid, len(r.tokens),
                          extra={"request_id": rid, "node": self.name})
-                self._finish(r, None)
+                self._finish(r, None, "cancelled")
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runner
@@ -321,8 +345,8 @@ class Entry:
                            NodeId(self.node_id), r.params.to_dict(), r.seed, ids=Tensor.from_array(ids),
                            forced=r.tokens[0] if r.tokens else -1)
         r.last_progress = asyncio.get_running_loop().time()
-        if not r.sent:
-            r.sent = True
+        if r.t_sent is None:
+            r.t_sent = r.last_progress
             self.metrics.waited(r.last_progress - r.t_start)
         log.debug("request %s: %d prompt tokens to prefill replica %d, decoder replica %d (epoch %d)", r.id,
                   len(r.prompt), r.prefill, r.decode, r.epoch)
@@ -421,7 +445,7 @@ class Entry:
                 self._finish(r, reason)
 
     # --- ending ---------------------------------------------------------------------------------------
-    def _finish(self, r: _Request, reason: str | None) -> None:
+    def _finish(self, r: _Request, reason: str | None, outcome: str = "completed") -> None:
         if r.done:
             return
         r.done = True
@@ -441,6 +465,14 @@ class Entry:
                 with contextlib.suppress(Exception):
                     self.observe(len(r.prompt), len(r.tokens))
             self.router.finished(r.epoch, r.prefill, (r.t_first or r.t_start) - r.t_start)
+        if self.finished_hooks:
+            rec = Finished(r.epoch, r.prefill, r.decode, len(r.prompt), len(r.tokens), r.t_start, r.t_sent,
+                           r.t_first, asyncio.get_running_loop().time(), outcome if reason is None else "completed")
+            for hook in list(self.finished_hooks):
+                try:
+                    hook(rec)
+                except Exception:  # an observer's bug must not break serving
+                    log.exception("a finished-request hook failed")
 
     def _fail(self, r: _Request, message: str, code: str) -> None:
         if r.done:
@@ -449,7 +481,7 @@ class Entry:
         self.metrics.failed(code)
         log.warning("request %s failed: %s", r.id, message)
         r.events.put_nowait(Event(None, "", r.next_index, None, message, code))
-        self._finish(r, None)
+        self._finish(r, None, "failed")
         r.wake.set()
 
     def _free_everywhere(self, r: _Request, nodes: set[str], epoch: int) -> None:

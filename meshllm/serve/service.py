@@ -42,6 +42,7 @@ class Serving:
                  estimator: PlanEstimator | None = None) -> None:
         self.node = node
         self.config = config or ServeConfig()
+        self.estimator = estimator  # the plan's predictions per replica (None: none)
         cfg = node.manifest.config
         self.tokenizer = Tokenizer.from_manifest(node.manifest) if node.manifest.tokenizer_path else None
         self.eos = eos_ids(node.manifest, self.tokenizer)
