@@ -135,8 +135,8 @@ async def serve(opts: Any) -> int:
             loop.add_signal_handler(sig, stop.set)
     await node.start()
     logging.getLogger("meshllm.node").info(
-        "listening on http://%s:%d (GET /v1/mesh; `meshllm status --node %s:%d`)",
-        opts.advertise_host, node.port, opts.advertise_host, node.port)
+        "listening on http://%s:%d: dashboard at /, OpenAI API at /v1, Ollama API at /api, /metrics "
+        "(`meshllm status --node %s:%d`)", opts.advertise_host, node.port, opts.advertise_host, node.port)
     try:
         await stop.wait()
     finally:

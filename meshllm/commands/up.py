@@ -252,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"urls": mesh.urls, "plan": view.get("plan")}), flush=True)
             else:
-                print(f"serving: OpenAI API at {mesh.urls[0]}/v1 (any node); "
+                print(f"dashboard: {mesh.urls[0]}/ (any node)\n"
+                      f"serving: OpenAI API at {mesh.urls[0]}/v1, Ollama API at {mesh.urls[0]}/api (any node); "
                       f"try `meshllm prompt --node {mesh.urls[0]} \"...\"`. Ctrl-C stops.", flush=True)
             stop = False
 
