@@ -131,7 +131,11 @@ def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Est
         est = Estimate(INFEASIBLE * (1 + bad + (not reps)), estimate([], problem.workload, np.zeros((0, 0))).predicted,
                        math.inf)
     else:
-        est = estimate(perfs, problem.workload, problem.kv_seconds([st for _, st in stages]))
+        present = {role for role, _ in reps}
+        # only prefill -> decoder hand-offs are ever read: skip the matrix for all-BOTH plans
+        kv = problem.kv_seconds([st for _, st in stages]) if {Role.PREFILL, Role.DECODER} <= present \
+            else np.zeros((len(stages), len(stages)))
+        est = estimate(perfs, problem.workload, kv)
     problem._cache[key] = problem._cache[raw] = (est, stages)
     return est, stages
 
@@ -174,6 +178,19 @@ def _fill(problem: Problem, order: Sequence[int], need: float) -> list[list[int]
     return groups
 
 
+def _balanced(problem: Problem, devices: Sequence[int], k: int) -> list[list[int]]:
+    """``devices`` dealt into ``k`` groups with memory as even as it gets: each device, largest
+    memory first (then fastest), joins the group with the least memory so far."""
+    speed = problem.pre_mean.sum(axis=1)
+    groups: list[list[int]] = [[] for _ in range(k)]
+    load = [0.0] * k
+    for j in sorted(devices, key=lambda j: (-problem.mem[j], speed[j], j)):
+        g = min(range(k), key=lambda i: (load[i], len(groups[i]), i))
+        groups[g].append(j)
+        load[g] += float(problem.mem[j])
+    return [g for g in groups if g]
+
+
 def _encode(m: int, groups: Sequence[Sequence[int]], roles: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     a = np.zeros(m, dtype=np.int64)
     r = np.zeros(m, dtype=np.int64)
@@ -210,6 +227,19 @@ def _seeds(problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
         if rest:
             out.append(_encode(m, [d0, *rest], [1] + [0] * len(rest)))
             out.append(_encode(m, [d0, *rest], [2] * (len(rest) + 1)))
+    # every replica count: all devices dealt into k memory-balanced BOTH replicas, and the
+    # bandwidth-rich decoder with the rest dealt into k prefill replicas (the shapes the
+    # optimum takes on meshes of like devices; the search then trades single devices)
+    total = float(problem.mem.sum())
+    for k in range(2, min(m, int(total // need)) + 1):
+        groups = _balanced(problem, range(m), k)
+        out.append(_encode(m, groups, [2] * k))
+    if dec:
+        rest_all = [j for j in range(m) if j not in dec[0]]
+        room = float(problem.mem[rest_all].sum()) if rest_all else 0.0
+        for k in range(1, min(len(rest_all), int(room // need)) + 1):
+            groups = _balanced(problem, rest_all, k)
+            out.append(_encode(m, [dec[0], *groups], [1] + [0] * k))
     singles = [[j] for j in range(m) if problem.mem[j] >= need]
     if singles:
         rest = _fill(problem, [j for j in by_mem if problem.mem[j] < need], need)
@@ -231,10 +261,17 @@ def _random_individual(m: int, rng: np.random.Generator) -> tuple[np.ndarray, np
 def initial_island(problem: Problem, rng: np.random.Generator, config: GAConfig = GAConfig()) -> Island:
     """A population of seeds plus random individuals, evaluated and sorted best first."""
     m = len(problem.devices)
-    inds = _seeds(problem)
+    seen: set[tuple[bytes, bytes]] = set()
+    inds: list[tuple[np.ndarray, np.ndarray]] = []
+    for ind in _seeds(problem):
+        if _key(*ind) not in seen:
+            seen.add(_key(*ind))
+            inds.append(ind)
+    if len(inds) > config.population:  # more seeds than room: the best of them
+        inds = [inds[i] for i in np.argsort([fitness(problem, a, r) for a, r in inds], kind="stable")]
+        inds = inds[:config.population]
     while len(inds) < config.population:
         inds.append(_random_individual(m, rng))
-    inds = inds[:config.population]
     return _make_island(problem, inds, config, 0)
 
 
@@ -434,6 +471,67 @@ def polish(problem: Problem, assign: np.ndarray, roles: np.ndarray,
         if best[0] >= f:
             break
         f, a, r = best
+    return a, r, f
+
+
+def _neighbours(a: np.ndarray, r: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every single move from an individual: a device to another replica, a new one (each role)
+    or out; two devices of different replicas (or one left out) swapped; a replica's role
+    changed; two replicas made a prefill/decoder pair. Not normalised."""
+    m = len(a)
+    used = sorted(set(a.tolist()) - {0})
+    nxt = (max(used) if used else 0) + 1
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for j in range(m):
+        for k in [0, *used]:
+            if k != a[j]:
+                b = a.copy()
+                b[j] = k
+                out.append((b, r))
+        if nxt <= m:
+            for role in range(3):
+                b, s = a.copy(), r.copy()
+                b[j] = nxt
+                s[nxt - 1] = role
+                out.append((b, s))
+    for i in range(m):
+        for j in range(i + 1, m):
+            if a[i] != a[j]:
+                b = a.copy()
+                b[i], b[j] = a[j], a[i]
+                out.append((b, r))
+    for k in used:
+        for role in range(3):
+            if role != r[k - 1]:
+                s = r.copy()
+                s[k - 1] = role
+                out.append((a, s))
+    for k1 in used:  # one flip alone cannot leave an all-BOTH plan for a phase-split one
+        for k2 in used:
+            if k1 != k2 and (r[k1 - 1], r[k2 - 1]) != (0, 1):
+                s = r.copy()
+                s[k1 - 1], s[k2 - 1] = 0, 1
+                out.append((a, s))
+    return out
+
+
+def climb(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.random.Generator,
+          max_steps: int = 200) -> tuple[np.ndarray, np.ndarray, float]:
+    """First-improvement hill climbing over :func:`_neighbours` in random order (``rng``): take
+    the first move that lowers the fitness, until none does (a local optimum) or ``max_steps``
+    moves. Pure: same inputs and generator state, same result."""
+    a, r = normalise(assign, roles)
+    f = fitness(problem, a, r)
+    for _ in range(max_steps):
+        nb = _neighbours(a, r)
+        for i in rng.permutation(len(nb)).tolist():
+            b, s = normalise(*nb[i])
+            g = fitness(problem, b, s)
+            if g < f * (1 - 1e-12):
+                a, r, f = b, s, g
+                break
+        else:
+            break
     return a, r, f
 
 

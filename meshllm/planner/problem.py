@@ -13,7 +13,7 @@ import numpy as np
 from meshllm.errors import DoesNotFit, PlanError
 from meshllm.planner import cost
 from meshllm.planner.cost import EFFICIENCY, TOKEN_BYTES, Efficiency, ModelProfile
-from meshllm.planner.dp import Partition, bottleneck_split
+from meshllm.planner.dp import Partition
 from meshllm.planner.queueing import Estimate, ReplicaPerf, estimate, saturation_rate
 from meshllm.planner.types import Device, Network, Predicted, Replica, Role, Stage, Workload
 
@@ -234,8 +234,8 @@ class Problem:
         result: Partition | DoesNotFit = DoesNotFit("no split")
         for kvt in kv_tokens:
             try:
-                result = bottleneck_split(comp, p.act * tokens, self.bw, self.rtt, self.mem,
-                                          self.req(kvt), list(members), ret_bytes=TOKEN_BYTES * tokens)
+                result = self._bottleneck(members, (role, micro), comp, p.act * tokens, kvt,
+                                          TOKEN_BYTES * tokens)
                 break
             except DoesNotFit as e:
                 result = e
@@ -243,6 +243,67 @@ class Problem:
         if isinstance(result, DoesNotFit):
             raise result
         return result
+
+    def _bottleneck(self, members: Sequence[int], unit: tuple, comp: np.ndarray, out_bytes: np.ndarray,
+                    kv_tokens: float, ret_bytes: float) -> Partition:
+        """:func:`meshllm.planner.dp.bottleneck_split` with its per-device tables memoised per
+        unit of work (``unit`` names ``comp``): the GA splits thousands of device groups drawn
+        from the same few devices, so each device's (first, end) block-time and memory-fit
+        matrices are built once. Same arithmetic, same answer (tests check it)."""
+        n = self.n_blocks
+        order = list(members)
+        s_count = len(order)
+        if s_count == 0 or s_count > n:
+            raise DoesNotFit(f"cannot split {n} blocks over {s_count} devices")
+        tkey = ("tables", unit)
+        tab = self._cache.get(tkey)
+        if tab is None:
+            pc = np.zeros((comp.shape[0], n + 1))
+            np.cumsum(comp, axis=-1, out=pc[:, 1:])
+            tab = self._cache[tkey] = (pc, {})
+        pc, segs = tab
+        mkey = ("fits", kv_tokens)
+        fits = self._cache.get(mkey)
+        if fits is None:
+            pr = np.zeros(n + 1)
+            np.cumsum(self.req(kv_tokens), out=pr[1:])
+            a_idx = np.arange(n + 1)
+            fits = self._cache[mkey] = (pr, pr[None, :] - pr[:, None], a_idx[:, None] < a_idx[None, :], {})
+        pr, seg_mem, valid, oks = fits
+        a_idx = np.arange(n + 1)
+        first = order[0]
+        d = np.full(n + 1, np.inf)
+        d[1:] = np.where(pr[1:] <= self.mem[first], pc[first, 1:], np.inf)
+        choice = np.full((s_count, n + 1), -1, dtype=np.int64)
+        comm = np.zeros(n + 1)
+        for s in range(1, s_count):
+            dev, prv = order[s], order[s - 1]
+            seg = segs.get(dev)
+            if seg is None:
+                seg = segs[dev] = pc[dev][None, :] - pc[dev][:, None]  # (a, b)
+            ok = oks.get(dev)
+            if ok is None:
+                ok = oks[dev] = valid & (seg_mem <= self.mem[dev])
+            bw = self.bw[prv, dev]
+            comm[1:] = 0.0 if np.isinf(bw) else self.rtt[prv, dev] / 2 + out_bytes / bw
+            cand = np.where(ok, np.maximum(np.maximum(d, comm)[:, None], seg), np.inf)  # (a, b)
+            am = cand.argmin(axis=0)
+            d = cand[am, a_idx]
+            choice[s] = am
+        last = order[-1]
+        bw = self.bw[last, first]
+        ret = 0.0 if np.isinf(bw) else float(self.rtt[last, first] / 2 + ret_bytes / bw)
+        value = max(float(d[n]), ret)
+        if not np.isfinite(value):
+            raise DoesNotFit("the blocks do not fit on these devices in this order")
+        stages: list[tuple[int, int, int]] = []
+        b = n
+        for s in range(s_count - 1, 0, -1):
+            a = int(choice[s, b])
+            stages.append((order[s], a, b))
+            b = a
+        stages.append((order[0], 0, b))
+        return Partition(value, tuple(reversed(stages)))
 
     def replica_perf(self, members: Sequence[int], role: Role) -> tuple[ReplicaPerf, tuple] | None:
         """DP split + performance of a replica of ``members`` (ordered); None if it cannot fit."""
