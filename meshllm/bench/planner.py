@@ -18,6 +18,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,7 @@ def ga_small(n: int, seed: int) -> dict:
         w = Workload(1.0, inp, outp, 8)
         w = w.with_rate(float(rng.uniform(0.05, 1.5)) * _ref_rate(Problem(p7, devs, net, w)))
         opt = ga.exhaustive(Problem(p7, devs, net, w))[0]
-        cpu, _, f = _ga_timed(lambda devs=devs, net=net, w=w: Problem(p7, devs, net, w), i)
+        cpu, _, f = _ga_timed(partial(Problem, p7, devs, net, w), i)
         gaps.append(100 * (f / opt - 1))
         times.append(cpu)
     return {"meshes": n, "devices": "4-6", "mean_gap_pct": round(float(np.mean(gaps)), 4),
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         base = Workload(1.0, inp, outp, 8)
         sw = plan_problem("splitwise", Problem(p7, tuple(devs), net, base), "waiting", np.random.default_rng(0))
         rate = 0.8 * float(sw.predicted.saturation_rps or 0.0)
-        res = ga_mix(lambda base=base, rate=rate: Problem(p7, tuple(devs), net, base.with_rate(rate)),
+        res = ga_mix(partial(Problem, p7, tuple(devs), net, base.with_rate(rate)),
                      args.seed, args.ga_seeds, args.best_runs, args.best_looks)
         res["rate_rps"] = round(rate, 4)
         mixes[name] = res

@@ -504,23 +504,34 @@ def climb(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.rando
 
 def _kick(a: np.ndarray, r: np.ndarray, rng: np.random.Generator, swaps: int = 2
           ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """A perturbation for iterated local search: ``swaps`` random swaps of two devices in
-    different replicas (or one of them left out). Also returns the devices of the replicas it
-    touched, where the climb after it looks first."""
+    """A perturbation for iterated local search: ``swaps`` random steps, each a swap of two
+    devices, a device moved to another replica or out, or a replica's role changed. Also
+    returns the devices of the replicas it touched, where the climb after it looks."""
     b = a.copy()
     m = len(b)
     touched: set[int] = set()
     s = r.copy()
     used = sorted(set(b.tolist()) - {0})
-    for step in range(swaps):
+    for _ in range(swaps):
         i, j = (int(x) for x in rng.integers(0, m, size=2))
+        op = int(rng.integers(0, 3)) if used else 0
         touched |= {int(b[i]), int(b[j])}
-        if step % 2 == 0 or not used:
+        if op == 0:
             b[i], b[j] = b[j], b[i]
-        else:  # every other step a device moves to another replica or out: sizes change too
+        elif op == 1:  # a device to another replica or out: sizes change too
             k = [0, *used][int(rng.integers(0, len(used) + 1))]
             touched.add(k)
             b[i] = k
+        elif len(used) >= 2 and rng.random() < 0.5:
+            # two replicas made a prefill/decoder pair: the way from all-BOTH plans to
+            # phase-split ones (either role alone is infeasible, so one flip never gets there)
+            k1, k2 = (int(x) for x in rng.choice(used, size=2, replace=False))
+            s[k1 - 1], s[k2 - 1] = 0, 1
+            touched |= {k1, k2}
+        else:  # a replica's role
+            k = used[int(rng.integers(0, len(used)))]
+            s[k - 1] = (s[k - 1] + int(rng.integers(1, 3))) % 3
+            touched.add(k)
     focus = [j for j in range(m) if int(a[j]) in touched or int(b[j]) in touched]
     b, s = normalise(b, s)
     return b, s, focus
@@ -558,22 +569,28 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def run(problem: Problem, rng: np.random.Generator, generations: int = 0, islands: int = 1,
-        epoch_len: int = 10, patience: int = 10, config: GAConfig = GAConfig(),
-        search_evals: int = 2500) -> Island:
-    """The planner's search end to end: ``islands`` islands (seeds and random individuals,
-    :func:`initial_island`) evolving ``epoch_len`` generations between migrations, stopping
-    after ``generations`` or when the best has not improved for ``patience`` generations; then
-    an iterated local search (:func:`search`, ``search_evals`` looks) from the best. Returns the
-    island holding the overall best, best first.
+def run(problem: Problem, rng: np.random.Generator, generations: int = 100, islands: int = 1,
+        epoch_len: int = 5, patience: int = 5, config: GAConfig = GAConfig(),
+        search_evals: int = 1800) -> Island:
+    """The planner's search end to end (a memetic GA):
 
-    The default spends the whole budget on the search from the best seed (``generations=0``):
-    at a 16-device, one-second budget that beat every split between generations and search
-    measured (``docs/planner.md``); the island model (:func:`evolve`, :func:`merge`) remains
-    for longer and distributed runs."""
+    1. ``islands`` islands of seeds and random individuals (:func:`initial_island`);
+    2. an iterated local search (:func:`search`, ``search_evals`` looks) from the best seed,
+       its answer put into every island (elitism keeps it);
+    3. the islands evolve ``epoch_len`` generations between migrations, stopping after
+       ``generations`` or when the best has not improved for ``patience`` generations — they
+       explore other replica shapes (the search moves devices, the GA also recombines groups);
+    4. if the GA improved on the search, a climb (:func:`climb`) from its best.
+
+    Returns the island holding the overall best, best first. Pure."""
     with _no_gc():
         isl = [initial_island(problem, rng, config) for _ in range(islands)]
-        best, stale, done = math.inf, 0, 0
+        top = min(isl, key=lambda x: float(x.fitness[0]))
+        if search_evals > 0:
+            a, r, f = search(problem, top.assign[0], top.roles[0], rng, search_evals)
+            isl = [_with_best(x, a, r, f) for x in isl]
+        best, stale, done = float(min(x.fitness[0] for x in isl)), 0, 0
+        start = best
         while done < generations and stale < patience:
             step = min(epoch_len, generations - done)
             isl = [evolve(x, step, rng) for x in isl]
@@ -585,14 +602,20 @@ def run(problem: Problem, rng: np.random.Generator, generations: int = 0, island
             else:
                 stale += step
         top = min(isl, key=lambda x: float(x.fitness[0]))
-        if search_evals <= 0:
-            return top
-        a, r, f = search(problem, top.assign[0], top.roles[0], rng, search_evals)
-        if f < top.fitness[0]:
-            top = Island(problem, np.concatenate([a[None], top.assign[:-1]]),
-                         np.concatenate([r[None], top.roles[:-1]]),
-                         np.concatenate([[f], top.fitness[:-1]]), top.config, top.generation)
+        if search_evals > 0 and best < start * (1 - 1e-9):
+            a, r, f, _ = climb(problem, top.assign[0], top.roles[0], rng)
+            top = _with_best(top, a, r, f)
         return top
+
+
+def _with_best(isl: Island, a: np.ndarray, r: np.ndarray, f: float) -> Island:
+    """The island with ``(a, r)`` at its head when it beats the island's best (its worst
+    individual makes room); else unchanged."""
+    if not f < isl.fitness[0]:
+        return isl
+    return Island(isl.problem, np.concatenate([a[None], isl.assign[:-1]]),
+                  np.concatenate([r[None], isl.roles[:-1]]),
+                  np.concatenate([[f], isl.fitness[:-1]]), isl.config, isl.generation)
 
 
 def _set_partitions(m: int):

@@ -262,6 +262,7 @@ class Problem:
             np.cumsum(comp, axis=-1, out=pc[:, 1:])
             tab = self._cache[tkey] = (pc, {})
         pc, segs = tab
+        segs_: dict[int, np.ndarray] = segs
         mkey = ("fits", kv_tokens)
         fits = self._cache.get(mkey)
         if fits is None:
@@ -270,6 +271,7 @@ class Problem:
             a_idx = np.arange(n + 1)
             fits = self._cache[mkey] = (pr, pr[None, :] - pr[:, None], a_idx[:, None] < a_idx[None, :], {})
         pr, seg_mem, valid, oks = fits
+        oks_: dict[int, np.ndarray] = oks
         a_idx = np.arange(n + 1)
         first = order[0]
         d = np.full(n + 1, np.inf)
@@ -278,12 +280,12 @@ class Problem:
         comm = np.zeros(n + 1)
         for s in range(1, s_count):
             dev, prv = order[s], order[s - 1]
-            seg = segs.get(dev)
+            seg = segs_.get(dev)
             if seg is None:
-                seg = segs[dev] = pc[dev][None, :] - pc[dev][:, None]  # (a, b)
-            ok = oks.get(dev)
+                seg = segs_[dev] = pc[dev][None, :] - pc[dev][:, None]  # (a, b)
+            ok = oks_.get(dev)
             if ok is None:
-                ok = oks[dev] = valid & (seg_mem <= self.mem[dev])
+                ok = oks_[dev] = valid & (seg_mem <= self.mem[dev])
             bw = self.bw[prv, dev]
             comm[1:] = 0.0 if np.isinf(bw) else self.rtt[prv, dev] / 2 + out_bytes / bw
             cand = np.where(ok, np.maximum(np.maximum(d, comm)[:, None], seg), np.inf)  # (a, b)
