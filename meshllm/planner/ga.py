@@ -133,9 +133,10 @@ def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Est
         est = Estimate(INFEASIBLE * (1 + bad + (not reps)), estimate([], problem.workload, np.zeros((0, 0))).predicted,
                        math.inf)
     else:
-        present = {role for role, _ in reps}
-        # only prefill -> decoder hand-offs are ever read: skip the matrix for all-BOTH plans
-        kv = problem.kv_seconds([st for _, st in stages]) if {Role.PREFILL, Role.DECODER} <= present \
+        # the estimate reads only prefill -> decoder hand-offs (none in all-BOTH plans)
+        pre = [i for i, (role, _) in enumerate(reps) if role == Role.PREFILL]
+        dec = [i for i, (role, _) in enumerate(reps) if role == Role.DECODER]
+        kv = problem.kv_seconds([st for _, st in stages], (pre, dec)) if pre and dec \
             else np.zeros((len(stages), len(stages)))
         est = estimate(perfs, problem.workload, kv)
     problem._cache[key] = problem._cache[raw] = (est, stages)
@@ -430,50 +431,60 @@ def merge(islands: Sequence[Island]) -> list[Island]:
     return out
 
 
-def _neighbours(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every single move from an individual: a device to another replica, a new one (each role)
-    or out; two devices of different replicas (or one left out) swapped; a replica's role
-    changed; two replicas made a prefill/decoder pair. With ``focus``, only the device moves
-    and swaps that involve a device in it. Not normalised."""
+def _moves(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+    """Every single move from an individual, as ``(kind, x, y)``: 0 device x to replica y (0:
+    out); 1 device x to a new replica of role y; 2 devices x and y (of different replicas, or
+    one left out) swapped; 3 replica x to role y; 4 replicas x and y made a prefill/decoder
+    pair. With ``focus``, only the device moves and swaps that involve a device in it.
+    Descriptors, not copies: a first-improvement climb builds only the ones it tries."""
     m = len(a)
     hot = [True] * m if focus is None else [j in set(focus) for j in range(m)]
-    used = sorted(set(a.tolist()) - {0})
-    nxt = (max(used) if used else 0) + 1
-    out: list[tuple[np.ndarray, np.ndarray]] = []
+    al = a.tolist()
+    used = sorted(set(al) - {0})
+    room = (max(used) if used else 0) + 1 <= m
+    out: list[tuple[int, int, int]] = []
     for j in range(m):
         if not hot[j]:
             continue
-        for k in [0, *used]:
-            if k != a[j]:
-                b = a.copy()
-                b[j] = k
-                out.append((b, r))
-        if nxt <= m:
-            for role in range(3):
-                b, s = a.copy(), r.copy()
-                b[j] = nxt
-                s[nxt - 1] = role
-                out.append((b, s))
-    for i in range(m):
-        for j in range(i + 1, m):
-            if a[i] != a[j] and (hot[i] or hot[j]):
-                b = a.copy()
-                b[i], b[j] = a[j], a[i]
-                out.append((b, r))
-    for k in used:
-        for role in range(3):
-            if role != r[k - 1]:
-                s = r.copy()
-                s[k - 1] = role
-                out.append((a, s))
-    for k1 in used:  # one flip alone cannot leave an all-BOTH plan for a phase-split one
-        for k2 in used:
-            if k1 != k2 and (r[k1 - 1], r[k2 - 1]) != (0, 1):
-                s = r.copy()
-                s[k1 - 1], s[k2 - 1] = 0, 1
-                out.append((a, s))
+        out.extend((0, j, k) for k in [0, *used] if k != al[j])
+        if room:
+            out.extend((1, j, role) for role in range(3))
+    out.extend((2, i, j) for i in range(m) for j in range(i + 1, m) if al[i] != al[j] and (hot[i] or hot[j]))
+    out.extend((3, k, role) for k in used for role in range(3) if role != r[k - 1])
+    # one flip alone cannot leave an all-BOTH plan for a phase-split one
+    out.extend((4, k1, k2) for k1 in used for k2 in used if k1 != k2 and (r[k1 - 1], r[k2 - 1]) != (0, 1))
     return out
+
+
+def _apply(a: np.ndarray, r: np.ndarray, move: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The individual :func:`_moves`' ``move`` leads to (not normalised)."""
+    kind, x, y = move
+    if kind == 0:
+        b = a.copy()
+        b[x] = y
+        return b, r
+    if kind == 1:
+        b, s = a.copy(), r.copy()
+        nxt = int(a.max()) + 1
+        b[x] = nxt
+        s[nxt - 1] = y
+        return b, s
+    if kind == 2:
+        b = a.copy()
+        b[x], b[y] = a[y], a[x]
+        return b, r
+    s = r.copy()
+    if kind == 3:
+        s[x - 1] = y
+    else:
+        s[x - 1], s[y - 1] = 0, 1
+    return a, s
+
+
+def _neighbours(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every single move from an individual (:func:`_moves`), built. Not normalised."""
+    return [_apply(a, r, mv) for mv in _moves(a, r, focus)]
 
 
 def climb(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.random.Generator,
@@ -487,9 +498,9 @@ def climb(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.rando
     f = fitness(problem, a, r)
     evals = 0
     while evals < max_evals:
-        nb = _neighbours(a, r, focus)
+        nb = _moves(a, r, focus)
         for i in rng.permutation(len(nb)).tolist():
-            b, s = normalise(*nb[i])
+            b, s = normalise(*_apply(a, r, nb[i]))
             g = fitness(problem, b, s)
             evals += 1
             if g < f * (1 - 1e-12):
@@ -506,33 +517,34 @@ def _kick(a: np.ndarray, r: np.ndarray, rng: np.random.Generator, swaps: int = 2
           ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """A perturbation for iterated local search: ``swaps`` random steps, each a swap of two
     devices, a device moved to another replica or out, or a replica's role changed. Also
-    returns the devices of the replicas it touched, where the climb after it looks."""
+    returns the devices it moved (and the members of a replica whose role it changed): the
+    climb after it tries only their moves, so a kick costs tens of looks, not a full scan."""
     b = a.copy()
     m = len(b)
-    touched: set[int] = set()
+    moved: set[int] = set()
+    roled: set[int] = set()
     s = r.copy()
     used = sorted(set(b.tolist()) - {0})
     for _ in range(swaps):
         i, j = (int(x) for x in rng.integers(0, m, size=2))
         op = int(rng.integers(0, 3)) if used else 0
-        touched |= {int(b[i]), int(b[j])}
         if op == 0:
             b[i], b[j] = b[j], b[i]
+            moved |= {i, j}
         elif op == 1:  # a device to another replica or out: sizes change too
-            k = [0, *used][int(rng.integers(0, len(used) + 1))]
-            touched.add(k)
-            b[i] = k
+            b[i] = [0, *used][int(rng.integers(0, len(used) + 1))]
+            moved.add(i)
         elif len(used) >= 2 and rng.random() < 0.5:
             # two replicas made a prefill/decoder pair: the way from all-BOTH plans to
             # phase-split ones (either role alone is infeasible, so one flip never gets there)
             k1, k2 = (int(x) for x in rng.choice(used, size=2, replace=False))
             s[k1 - 1], s[k2 - 1] = 0, 1
-            touched |= {k1, k2}
+            roled |= {k1, k2}
         else:  # a replica's role
             k = used[int(rng.integers(0, len(used)))]
             s[k - 1] = (s[k - 1] + int(rng.integers(1, 3))) % 3
-            touched.add(k)
-    focus = [j for j in range(m) if int(a[j]) in touched or int(b[j]) in touched]
+            roled.add(k)
+    focus = sorted(moved | {j for j in range(m) if int(b[j]) in roled})
     b, s = normalise(b, s)
     return b, s, focus
 

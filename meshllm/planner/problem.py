@@ -178,29 +178,38 @@ class Problem:
         return ReplicaPerf(role, feasible, batch, busy, lat, tau, stage_busy,
                            res.mean(axis=0), (res * res).mean(axis=0))
 
-    def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]]) -> np.ndarray:
+    def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]],
+                   pairs: tuple[Sequence[int], Sequence[int]] | None = None) -> np.ndarray:
         """(R, R) KV hand-off seconds of a mean-length prompt between replicas: each block's
         KV goes from the device holding it to the device holding it on the other side; distinct
         device pairs transfer in parallel (as :func:`meshllm.planner.cost.kv_transfer_time`).
-        A device holding several stages of one replica is counted per stage."""
+        A device holding several stages of one replica is counted per stage. With ``pairs``
+        (senders, receivers) only those entries are computed, the rest left 0 (the GA reads
+        only prefill -> decoder hand-offs)."""
         r = len(reps)
         out = np.zeros((r, r))
-        flat = [(i, j, a, b) for i, st in enumerate(reps) for j, a, b in st]
-        if r < 2 or not flat:
+        src, dst = pairs if pairs is not None else (range(r), range(r))
+        fs = [(i, j, a, b) for i in src for j, a, b in reps[i]]
+        fd = [(i, j, a, b) for i in dst for j, a, b in reps[i]]
+        if r < 2 or not fs or not fd:
             return out
-        rep = np.array([f[0] for f in flat])
-        dev = np.array([f[1] for f in flat])
-        a = np.array([f[2] for f in flat])
-        b = np.array([f[3] for f in flat])
-        lo = np.maximum(a[:, None], a[None, :])  # (T, T) overlap of stage s's and stage d's blocks
-        hi = np.minimum(b[:, None], b[None, :])
+        rep_s = np.array([f[0] for f in fs])
+        dev_s = np.array([f[1] for f in fs])
+        a_s = np.array([f[2] for f in fs])
+        b_s = np.array([f[3] for f in fs])
+        rep_d = np.array([f[0] for f in fd])
+        dev_d = np.array([f[1] for f in fd])
+        a_d = np.array([f[2] for f in fd])
+        b_d = np.array([f[3] for f in fd])
+        lo = np.maximum(a_s[:, None], a_d[None, :])  # (Ts, Td) overlap of stage s's and stage d's blocks
+        hi = np.minimum(b_s[:, None], b_d[None, :])
         nbytes = np.where(hi > lo, (self._kv_prefix[np.maximum(hi, lo)] - self._kv_prefix[lo]), 0.0) \
             * self.t_mean
-        bw = self.bw[dev[:, None], dev[None, :]]
+        bw = self.bw[dev_s[:, None], dev_d[None, :]]
         with np.errstate(divide="ignore", invalid="ignore"):
-            t = self.rtt[dev[:, None], dev[None, :]] / 2 + nbytes / bw
+            t = self.rtt[dev_s[:, None], dev_d[None, :]] / 2 + nbytes / bw
         t = np.where((nbytes > 0) & np.isfinite(bw), t, 0.0)
-        np.maximum.at(out, (rep[:, None].repeat(len(flat), 1), rep[None, :].repeat(len(flat), 0)), t)
+        np.maximum.at(out, (rep_s[:, None].repeat(len(fd), 1), rep_d[None, :].repeat(len(fs), 0)), t)
         np.fill_diagonal(out, 0.0)
         return out
 
