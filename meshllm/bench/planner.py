@@ -1,14 +1,18 @@
 """Planner speed: EdgeShard Algorithm 1 (N=80 x M=16), the exact latency placement on 8 and 12
 devices, the heuristic's gap to it on random 8-device meshes, Algorithm 2 (N=32 x M=12), and the
-GA's time to within 1% of its final fitness on 16 devices for three workload mixes, with the gap
-of that final fitness to the best plan known (the best of more GA runs).
+GA (``ga.run`` with its defaults) on 16 devices for three workload mixes: the CPU time of a whole
+run and the gap of its plan to the best plan known, over several seeds; and on small random
+meshes the gap to the exhaustive optimum.
 
 Inputs are the EdgeShard testbed plus a second RTX 3090 (16 devices): Algorithm 1 places
 Llama2-70B (80 layers, 82 blocks with embedding and head), Algorithm 2 Llama2-7B (32 layers, 34
 blocks) over the source, 8 more AGX Orin, both Orin NX and the first 3090 (12 devices). The GA
 plans Llama2-7B on all 16 devices at 80% of the Splitwise plan's predicted saturation load.
-Times are CPU seconds of this process (``time.process_time``), so load from other processes on a
-shared machine does not count; wall seconds are reported beside them. Medians over repeats.
+Each timed GA run gets a fresh problem (an empty memo). "Best known" is the best of: those
+runs, ``--best-runs`` long runs (two islands, 40 generations, a search of ``--best-looks``
+looks, other seeds) and every other strategy's plan — an upper bound on the optimum, not a
+proof of it. Times are CPU seconds of this process (``time.process_time``), so load from other
+processes on a shared machine does not count directly; wall seconds are reported beside them.
 """
 
 from __future__ import annotations
