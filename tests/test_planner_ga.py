@@ -211,3 +211,22 @@ def test_memoised_split_matches_the_reference_bottleneck_dp():
                 assert got == ref, (members, role)
                 checked += ref is not None
     assert checked > 50  # most of them fit: the comparison is not vacuous
+
+
+def test_bench_gap_is_measured_against_the_best_plan_known():
+    """`meshllm bench planner`'s GA figures: best known is no worse than any run or heuristic
+    it was taken over, so every gap is >= 0, and the small-mesh gap is against exhaustive."""
+    from functools import partial
+
+    from meshllm.bench import planner as bench
+
+    pb = instance(1020, 5)
+    res = bench.ga_mix(partial(Problem, PROFILE, pb.devices, pb.network, pb.workload), 0, seeds=2,
+                       best_runs=1, best_evals=200, repeats=1)
+    best = res["best_known"]["fitness"]
+    assert best <= res["fitness"] and res["gap_pct"] == round(100 * (res["fitness"] / best - 1), 3)
+    assert res["seeds"]["n"] == 2 and 0 <= res["seeds"]["mean_gap_pct"] <= res["seeds"]["worst_gap_pct"]
+    heur = bench._heuristic_fitness(pb)
+    assert heur and best <= min(heur.values())  # the heuristics' plans are in the best known
+    small = bench.ga_small(2, 0)
+    assert small["meshes"] == 2 and 0 <= small["mean_gap_pct"] <= small["worst_gap_pct"]

@@ -53,6 +53,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random", type=int, default=6, help="random meshes for the latency heuristic's gap")
     p.add_argument("--ga-seeds", type=int, default=5, help="default GA runs per mix (seeds from --seed)")
+    p.add_argument("--ga-repeats", type=int, default=3, help="timings of each GA run (the fastest counts)")
     p.add_argument("--best-runs", type=int, default=3, help="long GA runs per mix for the best known plan")
     p.add_argument("--best-looks", type=int, default=20000, help="local-search looks of each long run")
     p.add_argument("--small", type=int, default=12, help="random 4-6-device meshes for the gap to exhaustive")
@@ -75,14 +76,23 @@ def _devices() -> tuple[list[Device], Network]:
     return devs, tb.network
 
 
-def _ga_timed(make: Callable[[], Problem], seed: int) -> tuple[float, float, float]:
-    """One default :func:`ga.run` on a fresh problem (its memo empty, so nothing is reused from
-    an earlier run): (CPU s, wall s, fitness). The problem's cost tables are built before the
-    clock starts; they are the same for every strategy."""
-    pb = make()
-    c0, w0 = time.process_time(), time.perf_counter()
-    best = ga.run(pb, np.random.default_rng(seed))
-    return time.process_time() - c0, time.perf_counter() - w0, float(best.fitness[0])
+def _ga_timed(make: Callable[[], Problem], seed: int, repeats: int = 1) -> tuple[float, float, float]:
+    """A default :func:`ga.run` on a fresh problem each time (its memo empty, so nothing is
+    reused from an earlier run), ``repeats`` times: (CPU s, wall s, fitness) of the fastest
+    repeat. The run is deterministic, so repeats differ only in time; the minimum is the
+    figure least inflated by other load on a shared machine. The problem's cost tables are
+    built before the clock starts; they are the same for every strategy."""
+    best: tuple[float, float, float] | None = None
+    for _ in range(max(repeats, 1)):
+        pb = make()
+        c0, w0 = time.process_time(), time.perf_counter()
+        f = float(ga.run(pb, np.random.default_rng(seed)).fitness[0])
+        got = (time.process_time() - c0, time.perf_counter() - w0, f)
+        if best is not None and got[2] != best[2]:
+            raise RuntimeError(f"ga.run is not deterministic: {got[2]} vs {best[2]}")
+        best = got if best is None or got[0] < best[0] else best
+    assert best is not None
+    return best
 
 
 def _heuristic_fitness(pb: Problem) -> dict[str, float]:
@@ -100,13 +110,14 @@ def _heuristic_fitness(pb: Problem) -> dict[str, float]:
     return out
 
 
-def ga_mix(make: Callable[[], Problem], seed: int, seeds: int, best_runs: int, best_evals: int) -> dict:
+def ga_mix(make: Callable[[], Problem], seed: int, seeds: int, best_runs: int, best_evals: int,
+           repeats: int = 3) -> dict:
     """The default GA run (``seed``) and ``seeds`` runs in all (seed, seed+1, ...) on a fresh
-    problem each: CPU and wall seconds of the whole run, fitness, and the gap to the best plan
-    known. Best known = the best of those runs, ``best_runs`` long runs (other seeds, islands
+    problem each: CPU and wall seconds of the whole run (fastest of ``repeats``), fitness, and
+    the gap to the best plan known. Best known = the best of those runs, ``best_runs`` long runs (other seeds, islands
     evolving 40 generations and a search of ``best_evals`` looks) and every other strategy's
     plan: an upper bound on the optimum, not the optimum."""
-    runs = [_ga_timed(make, s) for s in range(seed, seed + max(seeds, 1))]
+    runs = [_ga_timed(make, s, repeats) for s in range(seed, seed + max(seeds, 1))]
     pb = make()
     long = [float(ga.run(pb, np.random.default_rng(1000 + i), generations=40, islands=2,
                          search_evals=best_evals).fitness[0]) for i in range(best_runs)]
@@ -241,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         sw = plan_problem("splitwise", Problem(p7, tuple(devs), net, base), "waiting", np.random.default_rng(0))
         rate = 0.8 * float(sw.predicted.saturation_rps or 0.0)
         res = ga_mix(partial(Problem, p7, tuple(devs), net, base.with_rate(rate)),
-                     args.seed, args.ga_seeds, args.best_runs, args.best_looks)
+                     args.seed, args.ga_seeds, args.best_runs, args.best_looks, args.ga_repeats)
         res["rate_rps"] = round(rate, 4)
         mixes[name] = res
     out["ga"] = mixes

@@ -143,8 +143,11 @@ class Problem:
         ret = float(self.link(float(TOKEN_BYTES), dev[-1], dev[0]))
         # a device holding several stages (the source with embedding and head) is one server:
         # its stages' compute adds up before the slowest resource is taken
-        owners = [dev == j for j in dict.fromkeys(dev.tolist())]
-        node = np.stack([comp[:, o].sum(axis=1) for o in owners], axis=1)  # (K, devices)
+        # (C order either way: the means below sum in memory order, and must not change)
+        distinct = len(set(dev.tolist())) == s_n  # the GA's replicas: one stage per device
+        owners = [] if distinct else [dev == j for j in dict.fromkeys(dev.tolist())]
+        node = np.ascontiguousarray(comp) if distinct \
+            else np.stack([comp[:, o].sum(axis=1) for o in owners], axis=1)  # (K, devices)
         busy = np.maximum(np.maximum(node.max(axis=1), comm.max(axis=1)), ret)
         # every resource a prompt occupies (each device's compute, each link into a stage),
         # first come first served: a BOTH replica's decode micro-batches queue behind it there
@@ -170,7 +173,8 @@ class Problem:
                 dcomm[:, s] = self.link(p.act[a_[s] - 1] * x, dev[s - 1], dev[s])
             dret = self.link(TOKEN_BYTES * x.astype(float), dev[-1], dev[0])
             one_pass = dcomp.sum(axis=1) + dcomm.sum(axis=1) + dret
-            dnode = np.stack([dcomp[:, o].sum(axis=1) for o in owners], axis=1)  # (B, devices)
+            dnode = np.ascontiguousarray(dcomp) if distinct \
+                else np.stack([dcomp[:, o].sum(axis=1) for o in owners], axis=1)  # (B, devices)
             slow = np.maximum(np.maximum(dnode.max(axis=1), dcomm.max(axis=1)), dret)
             tau = np.concatenate([[math.inf], np.maximum(one_pass, g * slow)])
             # work a prompt finds ahead of it at the bottleneck stage: half the micro-batches
