@@ -561,7 +561,7 @@ def _kick(a: np.ndarray, r: np.ndarray, rng: np.random.Generator, swaps: int = 2
 
 
 def search(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.random.Generator,
-           max_evals: float, swaps: int = 2) -> tuple[np.ndarray, np.ndarray, float]:
+           max_evals: float, swaps: int = 2, polish: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """Iterated local search: :func:`climb`, then repeatedly kick the best local optimum
     (:func:`_kick`), climb again over the moves of the devices the kick moved, and keep the
     better, until ``max_evals`` is spent (looks at new individuals count 1, revisits a tenth);
@@ -575,7 +575,8 @@ def search(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.rand
         used += n + REVISIT
         if g < f * (1 - 1e-12):
             a, r, f = b, s, g
-    a, r, f, _ = climb(problem, a, r, rng, seen=seen)
+    if polish:
+        a, r, f, _ = climb(problem, a, r, rng, seen=seen)
     return a, r, f
 
 
@@ -595,15 +596,18 @@ def _no_gc() -> Iterator[None]:
 
 def run(problem: Problem, rng: np.random.Generator, generations: int = 100, islands: int = 1,
         epoch_len: int = 5, patience: int = 5, config: GAConfig = GAConfig(),
-        search_evals: int = 1800) -> Island:
+        search_evals: int = 2400, race: int = 2, race_evals: int = 600) -> Island:
     """The planner's search end to end (a memetic GA):
 
     1. ``islands`` islands of seeds and random individuals (:func:`initial_island`);
-    2. an iterated local search (:func:`search`, ``search_evals`` looks) from the best seed,
-       its answer put into every island (elitism keeps it);
+    2. a race between shapes: an iterated local search (:func:`search`) of ``race_evals``
+       looks from each of the best ``race`` individuals of distinct shapes (replica count and
+       roles), then the rest of ``search_evals`` from the winner; its answer goes into every
+       island (elitism keeps it). The replica count is what a local search changes least
+       easily, and the best seed's count is not always the best one;
     3. the islands evolve ``epoch_len`` generations between migrations, stopping after
        ``generations`` or when the best has not improved for ``patience`` generations — they
-       explore other replica shapes (the search moves devices, the GA also recombines groups);
+       explore other shapes (the search moves devices, the GA also recombines groups);
     4. if the GA improved on the search, a climb (:func:`climb`) from its best.
 
     Returns the island holding the overall best, best first. Pure."""
@@ -611,7 +615,16 @@ def run(problem: Problem, rng: np.random.Generator, generations: int = 100, isla
         isl = [initial_island(problem, rng, config) for _ in range(islands)]
         top = min(isl, key=lambda x: float(x.fitness[0]))
         if search_evals > 0:
-            a, r, f = search(problem, top.assign[0], top.roles[0], rng, search_evals)
+            a, r = top.assign[0], top.roles[0]
+            budget = float(search_evals)
+            if race > 1:
+                tried = []
+                for i in _distinct_shapes(top, race):
+                    b, s, g = search(problem, top.assign[i], top.roles[i], rng, race_evals, polish=False)
+                    budget -= race_evals
+                    tried.append((g, i, b, s))
+                _, _, a, r = min(tried, key=lambda t: (t[0], t[1]))
+            a, r, f = search(problem, a, r, rng, max(budget, 0.0))
             isl = [_with_best(x, a, r, f) for x in isl]
         best, stale, done = float(min(x.fitness[0] for x in isl)), 0, 0
         start = best
@@ -630,6 +643,21 @@ def run(problem: Problem, rng: np.random.Generator, generations: int = 100, isla
             a, r, f, _ = climb(problem, top.assign[0], top.roles[0], rng)
             top = _with_best(top, a, r, f)
         return top
+
+
+def _distinct_shapes(isl: Island, n: int) -> list[int]:
+    """Indices of the best individuals with distinct shapes (replica count and roles)."""
+    out: list[int] = []
+    shapes: set[tuple[int, ...]] = set()
+    for i in range(len(isl.fitness)):
+        k = int(isl.assign[i].max())
+        shape = (*sorted(int(x) for x in isl.roles[i][:k]), k)
+        if shape not in shapes:
+            shapes.add(shape)
+            out.append(i)
+            if len(out) == n:
+                break
+    return out
 
 
 def _with_best(isl: Island, a: np.ndarray, r: np.ndarray, f: float) -> Island:
