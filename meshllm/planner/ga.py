@@ -16,6 +16,11 @@ parent, the rest of its devices grouped as in the other), and mutations that mov
 swap two devices, flip a role, merge two replicas or split one. Selection is by tournament with
 elitism. The island model (:func:`evolve`, :func:`merge`) is pure: same island and generator
 state, same result.
+
+It is memetic: :func:`run` seeds the population with heuristic shapes (:func:`_seeds`),
+races the best shapes with an iterated local search (:func:`search` over :func:`climb`'s
+single moves, budgets counted in looks, not seconds) and lets the islands recombine around
+the winner. ``docs/planner.md`` has the method and the measured figures.
 """
 
 from __future__ import annotations
@@ -438,7 +443,10 @@ def _moves(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None) -> 
     pair. With ``focus``, only the device moves and swaps that involve a device in it.
     Descriptors, not copies: a first-improvement climb builds only the ones it tries."""
     m = len(a)
-    hot = [True] * m if focus is None else [j in set(focus) for j in range(m)]
+    hot = [True] * m
+    if focus is not None:
+        fs = set(focus)
+        hot = [j in fs for j in range(m)]
     al = a.tolist()
     used = sorted(set(al) - {0})
     room = (max(used) if used else 0) + 1 <= m
