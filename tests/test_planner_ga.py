@@ -9,7 +9,7 @@ import pytest
 from meshllm.planner import ga
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.problem import Problem
-from meshllm.planner.types import Device, LengthDist, Network, Workload
+from meshllm.planner.types import Device, LengthDist, Link, Network, Workload
 
 PROFILE = ModelProfile.from_preset("llama2-7b")
 
@@ -105,3 +105,128 @@ def test_island_model_run_is_deterministic_and_reaches_the_optimum():
     b = ga.run(instance(1003, 4), np.random.default_rng(8), islands=2, generations=30)
     assert np.array_equal(a.assign, b.assign) and np.array_equal(a.fitness, b.fitness)
     assert a.fitness[0] <= opt * 1.02
+
+
+def tight_instance(seed: int, m: int) -> Problem:
+    """Tight memory: the devices share 1.1-2.6x the weights unevenly, so most groupings do not
+    fit and the feasible ones are few and irregular."""
+    r = np.random.default_rng(seed)
+    share = r.dirichlet(np.ones(m)) * float(r.uniform(1.1, 2.6)) * PROFILE.total_weight_bytes / 2**30
+    devs = [Device.from_spec(f"d{i}", float(share[i]) * 1.05 + 0.5, float(r.uniform(1, 40)),
+                             float(r.uniform(50, 1000)), source=i == 0) for i in range(m)]
+    links = tuple(Link(f"d{a}", f"d{b}", float(r.uniform(20, 1000)), float(r.uniform(0.2, 3)))
+                  for a in range(m) for b in range(a + 1, m) if r.random() < 0.5)
+    net = Network(float(r.uniform(50, 1000)), float(r.uniform(0.2, 3)), links)
+    w = Workload(1.0, LengthDist.lognormal(128, 1.0, 1024), LengthDist.lognormal(128, 1.0, 512), 8)
+    pb = Problem(PROFILE, tuple(devs), net, w)
+    return Problem(PROFILE, tuple(devs), net, w.with_rate(float(r.uniform(0.05, 0.9)) * _ref_rate_any(pb)))
+
+
+def _ref_rate_any(pb: Problem) -> float:
+    """Saturation rate of the all-devices BOTH replica (0.05 when it does not fit)."""
+    from meshllm.planner.queueing import saturation_rate
+
+    r = pb.replica_perf(ga.chain_order(pb, range(len(pb.devices)), pb.source), ga.Role.BOTH)
+    return saturation_rate([r[0]], pb.workload, np.zeros((1, 1))) if r is not None else 0.05
+
+
+@pytest.mark.parametrize("seed,m", [(s, 4 + s % 2) for s in range(8)])
+def test_ga_within_one_percent_of_exhaustive_under_tight_memory(seed, m):
+    pb = tight_instance(2000 + seed, m)
+    opt, _, _ = ga.exhaustive(pb)
+    got = float(ga.run(pb, np.random.default_rng(seed)).fitness[0])
+    assert got >= opt * (1 - 1e-9)
+    assert got <= opt * 1.01, f"GA {got} vs exhaustive {opt}"
+
+
+def test_climb_ends_at_a_local_optimum_and_search_never_loses_its_start():
+    pb = instance(1010, 6)
+    isl = ga.initial_island(pb, np.random.default_rng(0))
+    start = (isl.assign[-1], isl.roles[-1])  # the worst of the population: room to climb
+    a, r, f, looks = ga.climb(pb, *start, np.random.default_rng(1))
+    assert f <= isl.fitness[-1] and looks > 0
+    assert f == ga.fitness(pb, a, r)
+    for b, s in ga._neighbours(a, r):  # no single move improves a local optimum
+        assert ga.fitness(pb, *ga.normalise(b, s)) >= f * (1 - 1e-12)
+    sa, sr, sf = ga.search(pb, *start, np.random.default_rng(2), 300)
+    assert sf <= isl.fitness[-1]  # never worse than where it started
+    assert sf == ga.fitness(pb, sa, sr)
+    again = ga.search(instance(1010, 6), *start, np.random.default_rng(2), 300)
+    assert np.array_equal(again[0], sa) and np.array_equal(again[1], sr) and again[2] == sf  # pure
+
+
+def test_run_leaves_garbage_collection_as_it_found_it():
+    import gc
+
+    pb = instance(1011, 4)
+    assert gc.isenabled()
+    ga.run(pb, np.random.default_rng(0), search_evals=50)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        ga.run(pb, np.random.default_rng(0), search_evals=50)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_memoised_split_matches_the_reference_bottleneck_dp():
+    """Problem.split builds each device's tables once; the answer must be the plain DP's."""
+    import math
+
+    from meshllm.errors import DoesNotFit
+    from meshllm.planner.cost import TOKEN_BYTES
+    from meshllm.planner.dp import bottleneck_split
+
+    checked = 0
+    for seed in range(6):
+        pb = tight_instance(3000 + seed, 6) if seed % 2 else instance(3000 + seed, 6)
+        rng = np.random.default_rng(seed)
+        w = pb.workload
+        eo1 = max(w.output_len.mean - 1, 0.0)
+        for _ in range(15):
+            members = [int(x) for x in rng.permutation(6)[: int(rng.integers(1, 7))]]
+            s_n = len(members)
+            micro = max(1, math.ceil(w.max_batch / s_n))
+            for role in ga.ROLES:
+                if role == ga.Role.PREFILL:
+                    comp, tokens, kvs = pb.pre_mean, pb.t_mean, [pb.in_pct * s_n, pb.in_pct]
+                elif role == ga.Role.DECODER:
+                    comp, tokens, kvs = pb.dec[micro], float(micro), [w.max_batch * pb.target_len, pb.target_len]
+                else:
+                    comp = pb.pre_mean + eo1 * pb.dec[micro] / micro
+                    tokens, kvs = pb.t_mean + eo1, [w.max_batch * pb.target_len, pb.target_len]
+                ref = None
+                for kvt in kvs:
+                    try:
+                        ref = bottleneck_split(comp, PROFILE.act * tokens, pb.bw, pb.rtt, pb.mem, pb.req(kvt),
+                                               members, ret_bytes=TOKEN_BYTES * tokens)
+                        break
+                    except DoesNotFit:
+                        continue
+                try:
+                    got = pb.split(members, role)
+                except DoesNotFit:
+                    got = None
+                assert got == ref, (members, role)
+                checked += ref is not None
+    assert checked > 50  # most of them fit: the comparison is not vacuous
+
+
+def test_bench_gap_is_measured_against_the_best_plan_known():
+    """`meshllm bench planner`'s GA figures: best known is no worse than any run or heuristic
+    it was taken over, so every gap is >= 0, and the small-mesh gap is against exhaustive."""
+    from functools import partial
+
+    from meshllm.bench import planner as bench
+
+    pb = instance(1020, 5)
+    res = bench.ga_mix(partial(Problem, PROFILE, pb.devices, pb.network, pb.workload), 0, seeds=2,
+                       best_runs=1, best_evals=200, repeats=1)
+    best = res["best_known"]["fitness"]
+    assert best <= res["fitness"] and res["gap_pct"] == round(100 * (res["fitness"] / best - 1), 3)
+    assert res["seeds"]["n"] == 2 and 0 <= res["seeds"]["mean_gap_pct"] <= res["seeds"]["worst_gap_pct"]
+    heur = bench._heuristic_fitness(pb)
+    assert heur and best <= min(heur.values())  # the heuristics' plans are in the best known
+    small = bench.ga_small(2, 0)
+    assert small["meshes"] == 2 and 0 <= small["mean_gap_pct"] <= small["worst_gap_pct"]

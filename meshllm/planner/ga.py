@@ -16,12 +16,19 @@ parent, the rest of its devices grouped as in the other), and mutations that mov
 swap two devices, flip a role, merge two replicas or split one. Selection is by tournament with
 elitism. The island model (:func:`evolve`, :func:`merge`) is pure: same island and generator
 state, same result.
+
+It is memetic: :func:`run` seeds the population with heuristic shapes (:func:`_seeds`),
+races the best shapes with an iterated local search (:func:`search` over :func:`climb`'s
+single moves, budgets counted in looks, not seconds) and lets the islands recombine around
+the winner. ``docs/planner.md`` has the method and the measured figures.
 """
 
 from __future__ import annotations
 
+import gc
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,7 +138,12 @@ def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Est
         est = Estimate(INFEASIBLE * (1 + bad + (not reps)), estimate([], problem.workload, np.zeros((0, 0))).predicted,
                        math.inf)
     else:
-        est = estimate(perfs, problem.workload, problem.kv_seconds([st for _, st in stages]))
+        # the estimate reads only prefill -> decoder hand-offs (none in all-BOTH plans)
+        pre = [i for i, (role, _) in enumerate(reps) if role == Role.PREFILL]
+        dec = [i for i, (role, _) in enumerate(reps) if role == Role.DECODER]
+        kv = problem.kv_seconds([st for _, st in stages], (pre, dec)) if pre and dec \
+            else np.zeros((len(stages), len(stages)))
+        est = estimate(perfs, problem.workload, kv)
     problem._cache[key] = problem._cache[raw] = (est, stages)
     return est, stages
 
@@ -174,6 +186,19 @@ def _fill(problem: Problem, order: Sequence[int], need: float) -> list[list[int]
     return groups
 
 
+def _balanced(problem: Problem, devices: Sequence[int], k: int) -> list[list[int]]:
+    """``devices`` dealt into ``k`` groups with memory as even as it gets: each device, largest
+    memory first (then fastest), joins the group with the least memory so far."""
+    speed = problem.pre_mean.sum(axis=1)
+    groups: list[list[int]] = [[] for _ in range(k)]
+    load = [0.0] * k
+    for j in sorted(devices, key=lambda j: (-problem.mem[j], speed[j], j)):
+        g = min(range(k), key=lambda i: (load[i], len(groups[i]), i))
+        groups[g].append(j)
+        load[g] += float(problem.mem[j])
+    return [g for g in groups if g]
+
+
 def _encode(m: int, groups: Sequence[Sequence[int]], roles: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     a = np.zeros(m, dtype=np.int64)
     r = np.zeros(m, dtype=np.int64)
@@ -210,6 +235,19 @@ def _seeds(problem: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
         if rest:
             out.append(_encode(m, [d0, *rest], [1] + [0] * len(rest)))
             out.append(_encode(m, [d0, *rest], [2] * (len(rest) + 1)))
+    # every replica count: all devices dealt into k memory-balanced BOTH replicas, and the
+    # bandwidth-rich decoder with the rest dealt into k prefill replicas (the shapes the
+    # optimum takes on meshes of like devices; the search then trades single devices)
+    total = float(problem.mem.sum())
+    for k in range(2, min(m, int(total // need)) + 1):
+        groups = _balanced(problem, range(m), k)
+        out.append(_encode(m, groups, [2] * k))
+    if dec:
+        rest_all = [j for j in range(m) if j not in dec[0]]
+        room = float(problem.mem[rest_all].sum()) if rest_all else 0.0
+        for k in range(1, min(len(rest_all), int(room // need)) + 1):
+            groups = _balanced(problem, rest_all, k)
+            out.append(_encode(m, [dec[0], *groups], [1] + [0] * k))
     singles = [[j] for j in range(m) if problem.mem[j] >= need]
     if singles:
         rest = _fill(problem, [j for j in by_mem if problem.mem[j] < need], need)
@@ -231,10 +269,17 @@ def _random_individual(m: int, rng: np.random.Generator) -> tuple[np.ndarray, np
 def initial_island(problem: Problem, rng: np.random.Generator, config: GAConfig = GAConfig()) -> Island:
     """A population of seeds plus random individuals, evaluated and sorted best first."""
     m = len(problem.devices)
-    inds = _seeds(problem)
+    seen: set[tuple[bytes, bytes]] = set()
+    inds: list[tuple[np.ndarray, np.ndarray]] = []
+    for ind in _seeds(problem):
+        if _key(*ind) not in seen:
+            seen.add(_key(*ind))
+            inds.append(ind)
+    if len(inds) > config.population:  # more seeds than room: the best of them
+        inds = [inds[i] for i in np.argsort([fitness(problem, a, r) for a, r in inds], kind="stable")]
+        inds = inds[:config.population]
     while len(inds) < config.population:
         inds.append(_random_individual(m, rng))
-    inds = inds[:config.population]
     return _make_island(problem, inds, config, 0)
 
 
@@ -391,82 +436,246 @@ def merge(islands: Sequence[Island]) -> list[Island]:
     return out
 
 
-def polish(problem: Problem, assign: np.ndarray, roles: np.ndarray,
-           max_sweeps: int = 20) -> tuple[np.ndarray, np.ndarray, float]:
-    """Deterministic hill climbing from an individual: repeatedly take the best of all single
-    moves (a device to another replica, to a new replica or out; a replica to another role; two
-    replicas to a prefill/decoder pair) while it improves the fitness."""
-    m = len(assign)
+def _moves(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+    """Every single move from an individual, as ``(kind, x, y)``: 0 device x to replica y (0:
+    out); 1 device x to a new replica of role y; 2 devices x and y (of different replicas, or
+    one left out) swapped; 3 replica x to role y; 4 replicas x and y made a prefill/decoder
+    pair. With ``focus``, only the device moves and swaps that involve a device in it.
+    Descriptors, not copies: a first-improvement climb builds only the ones it tries."""
+    m = len(a)
+    hot = [True] * m
+    if focus is not None:
+        fs = set(focus)
+        hot = [j in fs for j in range(m)]
+    al = a.tolist()
+    used = sorted(set(al) - {0})
+    room = (max(used) if used else 0) + 1 <= m
+    out: list[tuple[int, int, int]] = []
+    for j in range(m):
+        if not hot[j]:
+            continue
+        out.extend((0, j, k) for k in [0, *used] if k != al[j])
+        if room:
+            out.extend((1, j, role) for role in range(3))
+    out.extend((2, i, j) for i in range(m) for j in range(i + 1, m) if al[i] != al[j] and (hot[i] or hot[j]))
+    out.extend((3, k, role) for k in used for role in range(3) if role != r[k - 1])
+    # one flip alone cannot leave an all-BOTH plan for a phase-split one
+    out.extend((4, k1, k2) for k1 in used for k2 in used if k1 != k2 and (r[k1 - 1], r[k2 - 1]) != (0, 1))
+    return out
+
+
+def _apply(a: np.ndarray, r: np.ndarray, move: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The individual :func:`_moves`' ``move`` leads to (not normalised)."""
+    kind, x, y = move
+    if kind == 0:
+        b = a.copy()
+        b[x] = y
+        return b, r
+    if kind == 1:
+        b, s = a.copy(), r.copy()
+        nxt = int(a.max()) + 1
+        b[x] = nxt
+        s[nxt - 1] = y
+        return b, s
+    if kind == 2:
+        b = a.copy()
+        b[x], b[y] = a[y], a[x]
+        return b, r
+    s = r.copy()
+    if kind == 3:
+        s[x - 1] = y
+    else:
+        s[x - 1], s[y - 1] = 0, 1
+    return a, s
+
+
+def _neighbours(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every single move from an individual (:func:`_moves`), built. Not normalised."""
+    return [_apply(a, r, mv) for mv in _moves(a, r, focus)]
+
+
+REVISIT = 0.1  # a look at an individual the search has already evaluated: a memo hit, about a tenth
+
+
+def climb(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.random.Generator,
+          max_evals: float = 100_000, focus: Sequence[int] | None = None,
+          seen: set[tuple[bytes, bytes]] | None = None) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """First-improvement hill climbing over :func:`_moves` in random order (``rng``): take the
+    first move that lowers the fitness, until none does (a local optimum) or ``max_evals`` is
+    spent. A look costs 1, or :data:`REVISIT` when the individual is in ``seen`` (which the
+    climb adds to): on small meshes most looks are revisits, so the same budget searches them
+    far longer for about the same CPU time. Returns the individual, its fitness and the budget
+    spent. Pure: same inputs, ``seen`` and generator state, same result."""
+    seen = set() if seen is None else seen
     a, r = normalise(assign, roles)
     f = fitness(problem, a, r)
-    for _ in range(max_sweeps):
-        best = (f, a, r)
-        used = sorted(set(a.tolist()) - {0})
-        nxt = (max(used) if used else 0) + 1
-        for j in range(m):
-            targets = [k for k in [0, *used] if k != a[j]] + ([nxt] if nxt <= m else [])
-            for k in targets:
-                for role in ((0, 1, 2) if k == nxt else (None,)):
-                    b, s = a.copy(), r.copy()
-                    b[j] = k
-                    if role is not None:
-                        s[k - 1] = role
-                    b, s = normalise(b, s)
-                    g = fitness(problem, b, s)
-                    if g < best[0]:
-                        best = (g, b, s)
-        for k in used:
-            for role in range(3):
-                if role != r[k - 1]:
-                    s = r.copy()
-                    s[k - 1] = role
-                    g = fitness(problem, a, s)
-                    if g < best[0]:
-                        best = (g, a, s)
-        for k1 in used:  # prefill/decoder pairs (one flip alone cannot split the phases)
-            for k2 in used:
-                if k1 != k2 and (r[k1 - 1], r[k2 - 1]) != (0, 1):
-                    s = r.copy()
-                    s[k1 - 1], s[k2 - 1] = 0, 1
-                    g = fitness(problem, a, s)
-                    if g < best[0]:
-                        best = (g, a, s)
-        if best[0] >= f:
+    spent = 0.0
+    while spent < max_evals:
+        nb = _moves(a, r, focus)
+        for i in rng.permutation(len(nb)).tolist():
+            b, s = normalise(*_apply(a, r, nb[i]))
+            k = _key(b, s)
+            if k in seen:
+                spent += REVISIT
+            else:
+                seen.add(k)
+                spent += 1
+            g = fitness(problem, b, s)
+            if g < f * (1 - 1e-12):
+                a, r, f = b, s, g
+                break
+            if spent >= max_evals:
+                break
+        else:
             break
-        f, a, r = best
+    return a, r, f, spent
+
+
+def _kick(a: np.ndarray, r: np.ndarray, rng: np.random.Generator, swaps: int = 2
+          ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A perturbation for iterated local search: ``swaps`` random steps, each a swap of two
+    devices, a device moved to another replica or out, or a replica's role changed. Also
+    returns the devices it moved (and the members of a replica whose role it changed): the
+    climb after it tries only their moves, so a kick costs tens of looks, not a full scan."""
+    b = a.copy()
+    m = len(b)
+    moved: set[int] = set()
+    roled: set[int] = set()
+    s = r.copy()
+    used = sorted(set(b.tolist()) - {0})
+    for _ in range(swaps):
+        i, j = (int(x) for x in rng.integers(0, m, size=2))
+        op = int(rng.integers(0, 3)) if used else 0
+        if op == 0:
+            b[i], b[j] = b[j], b[i]
+            moved |= {i, j}
+        elif op == 1:  # a device to another replica or out: sizes change too
+            b[i] = [0, *used][int(rng.integers(0, len(used) + 1))]
+            moved.add(i)
+        elif len(used) >= 2 and rng.random() < 0.5:
+            # two replicas made a prefill/decoder pair: the way from all-BOTH plans to
+            # phase-split ones (either role alone is infeasible, so one flip never gets there)
+            k1, k2 = (int(x) for x in rng.choice(used, size=2, replace=False))
+            s[k1 - 1], s[k2 - 1] = 0, 1
+            roled |= {k1, k2}
+        else:  # a replica's role
+            k = used[int(rng.integers(0, len(used)))]
+            s[k - 1] = (s[k - 1] + int(rng.integers(1, 3))) % 3
+            roled.add(k)
+    focus = sorted(moved | {j for j in range(m) if int(b[j]) in roled})
+    b, s = normalise(b, s)
+    return b, s, focus
+
+
+def search(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.random.Generator,
+           max_evals: float, swaps: int = 2, polish: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    """Iterated local search: :func:`climb`, then repeatedly kick the best local optimum
+    (:func:`_kick`), climb again over the moves of the devices the kick moved, and keep the
+    better, until ``max_evals`` is spent (looks at new individuals count 1, revisits a tenth);
+    a last full climb makes the answer a local optimum of every move. A budget in looks, not
+    seconds, keeps it pure."""
+    seen: set[tuple[bytes, bytes]] = set()
+    a, r, f, used = climb(problem, assign, roles, rng, max_evals, seen=seen)
+    while used < max_evals:
+        b, s, focus = _kick(a, r, rng, swaps)
+        b, s, g, n = climb(problem, b, s, rng, max_evals - used, focus, seen)
+        used += n + REVISIT
+        if g < f * (1 - 1e-12):
+            a, r, f = b, s, g
+    if polish:
+        a, r, f, _ = climb(problem, a, r, rng, seen=seen)
     return a, r, f
 
 
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Cyclic garbage collection paused for one run. The run's memo grows to tens of thousands
+    of tuples and arrays (none of them in reference cycles) and every full collection walks
+    them all: a quarter of the CPU time of a 16-device run. Restored on the way out."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def run(problem: Problem, rng: np.random.Generator, generations: int = 100, islands: int = 1,
-        epoch_len: int = 10, patience: int = 40, config: GAConfig = GAConfig(),
-        polish_top: int = 5) -> Island:
-    """The GA end to end: ``islands`` islands evolving ``epoch_len`` generations between
-    migrations, stopping after ``generations`` or when the best has not improved for
-    ``patience`` generations; the ``polish_top`` best are then polished by :func:`polish`.
-    Returns the island holding the overall best, best first."""
-    isl = [initial_island(problem, rng, config) for _ in range(islands)]
-    best, stale, done = math.inf, 0, 0
-    while done < generations and stale < patience:
-        step = min(epoch_len, generations - done)
-        isl = [evolve(x, step, rng) for x in isl]
-        isl = merge(isl)
-        done += step
-        cur = min(float(x.fitness[0]) for x in isl)
-        if cur < best * (1 - 1e-9):
-            best, stale = cur, 0
-        else:
-            stale += step
-    top = min(isl, key=lambda x: float(x.fitness[0]))
-    a, r, f = top.assign[0], top.roles[0], float(top.fitness[0])
-    for i in range(min(polish_top, len(top.fitness))):
-        pa, pr, pf = polish(problem, top.assign[i], top.roles[i])
-        if pf < f:
-            a, r, f = pa, pr, pf
-    if f < top.fitness[0]:
-        top = Island(problem, np.concatenate([a[None], top.assign[:-1]]),
-                     np.concatenate([r[None], top.roles[:-1]]),
-                     np.concatenate([[f], top.fitness[:-1]]), top.config, top.generation)
-    return top
+        epoch_len: int = 5, patience: int = 5, config: GAConfig = GAConfig(),
+        search_evals: int = 2400, race: int = 2, race_evals: int = 600) -> Island:
+    """The planner's search end to end (a memetic GA):
+
+    1. ``islands`` islands of seeds and random individuals (:func:`initial_island`);
+    2. a race between shapes: an iterated local search (:func:`search`) of ``race_evals``
+       looks from each of the best ``race`` individuals of distinct shapes (replica count and
+       roles), then the rest of ``search_evals`` from the winner; its answer goes into every
+       island (elitism keeps it). The replica count is what a local search changes least
+       easily, and the best seed's count is not always the best one;
+    3. the islands evolve ``epoch_len`` generations between migrations, stopping after
+       ``generations`` or when the best has not improved for ``patience`` generations — they
+       explore other shapes (the search moves devices, the GA also recombines groups);
+    4. if the GA improved on the search, a climb (:func:`climb`) from its best.
+
+    Returns the island holding the overall best, best first. Pure."""
+    with _no_gc():
+        isl = [initial_island(problem, rng, config) for _ in range(islands)]
+        top = min(isl, key=lambda x: float(x.fitness[0]))
+        if search_evals > 0:
+            a, r = top.assign[0], top.roles[0]
+            budget = float(search_evals)
+            if race > 1:
+                tried = []
+                for i in _distinct_shapes(top, race):
+                    b, s, g = search(problem, top.assign[i], top.roles[i], rng, race_evals, polish=False)
+                    budget -= race_evals
+                    tried.append((g, i, b, s))
+                _, _, a, r = min(tried, key=lambda t: (t[0], t[1]))
+            a, r, f = search(problem, a, r, rng, max(budget, 0.0))
+            isl = [_with_best(x, a, r, f) for x in isl]
+        best, stale, done = float(min(x.fitness[0] for x in isl)), 0, 0
+        start = best
+        while done < generations and stale < patience:
+            step = min(epoch_len, generations - done)
+            isl = [evolve(x, step, rng) for x in isl]
+            isl = merge(isl)
+            done += step
+            cur = min(float(x.fitness[0]) for x in isl)
+            if cur < best * (1 - 1e-9):
+                best, stale = cur, 0
+            else:
+                stale += step
+        top = min(isl, key=lambda x: float(x.fitness[0]))
+        if search_evals > 0 and best < start * (1 - 1e-9):
+            a, r, f, _ = climb(problem, top.assign[0], top.roles[0], rng)
+            top = _with_best(top, a, r, f)
+        return top
+
+
+def _distinct_shapes(isl: Island, n: int) -> list[int]:
+    """Indices of the best individuals with distinct shapes (replica count and roles)."""
+    out: list[int] = []
+    shapes: set[tuple[int, ...]] = set()
+    for i in range(len(isl.fitness)):
+        k = int(isl.assign[i].max())
+        shape = (*sorted(int(x) for x in isl.roles[i][:k]), k)
+        if shape not in shapes:
+            shapes.add(shape)
+            out.append(i)
+            if len(out) == n:
+                break
+    return out
+
+
+def _with_best(isl: Island, a: np.ndarray, r: np.ndarray, f: float) -> Island:
+    """The island with ``(a, r)`` at its head when it beats the island's best (its worst
+    individual makes room); else unchanged."""
+    if not f < isl.fitness[0]:
+        return isl
+    return Island(isl.problem, np.concatenate([a[None], isl.assign[:-1]]),
+                  np.concatenate([r[None], isl.roles[:-1]]),
+                  np.concatenate([[f], isl.fitness[:-1]]), isl.config, isl.generation)
 
 
 def _set_partitions(m: int):

@@ -13,7 +13,7 @@ import numpy as np
 from meshllm.errors import DoesNotFit, PlanError
 from meshllm.planner import cost
 from meshllm.planner.cost import EFFICIENCY, TOKEN_BYTES, Efficiency, ModelProfile
-from meshllm.planner.dp import Partition, bottleneck_split
+from meshllm.planner.dp import Partition
 from meshllm.planner.queueing import Estimate, ReplicaPerf, estimate, saturation_rate
 from meshllm.planner.types import Device, Network, Predicted, Replica, Role, Stage, Workload
 
@@ -143,8 +143,11 @@ class Problem:
         ret = float(self.link(float(TOKEN_BYTES), dev[-1], dev[0]))
         # a device holding several stages (the source with embedding and head) is one server:
         # its stages' compute adds up before the slowest resource is taken
-        owners = [dev == j for j in dict.fromkeys(dev.tolist())]
-        node = np.stack([comp[:, o].sum(axis=1) for o in owners], axis=1)  # (K, devices)
+        # (C order either way: the means below sum in memory order, and must not change)
+        distinct = len(set(dev.tolist())) == s_n  # the GA's replicas: one stage per device
+        owners = [] if distinct else [dev == j for j in dict.fromkeys(dev.tolist())]
+        node = np.ascontiguousarray(comp) if distinct \
+            else np.stack([comp[:, o].sum(axis=1) for o in owners], axis=1)  # (K, devices)
         busy = np.maximum(np.maximum(node.max(axis=1), comm.max(axis=1)), ret)
         # every resource a prompt occupies (each device's compute, each link into a stage),
         # first come first served: a BOTH replica's decode micro-batches queue behind it there
@@ -170,7 +173,8 @@ class Problem:
                 dcomm[:, s] = self.link(p.act[a_[s] - 1] * x, dev[s - 1], dev[s])
             dret = self.link(TOKEN_BYTES * x.astype(float), dev[-1], dev[0])
             one_pass = dcomp.sum(axis=1) + dcomm.sum(axis=1) + dret
-            dnode = np.stack([dcomp[:, o].sum(axis=1) for o in owners], axis=1)  # (B, devices)
+            dnode = np.ascontiguousarray(dcomp) if distinct \
+                else np.stack([dcomp[:, o].sum(axis=1) for o in owners], axis=1)  # (B, devices)
             slow = np.maximum(np.maximum(dnode.max(axis=1), dcomm.max(axis=1)), dret)
             tau = np.concatenate([[math.inf], np.maximum(one_pass, g * slow)])
             # work a prompt finds ahead of it at the bottleneck stage: half the micro-batches
@@ -178,29 +182,38 @@ class Problem:
         return ReplicaPerf(role, feasible, batch, busy, lat, tau, stage_busy,
                            res.mean(axis=0), (res * res).mean(axis=0))
 
-    def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]]) -> np.ndarray:
+    def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]],
+                   pairs: tuple[Sequence[int], Sequence[int]] | None = None) -> np.ndarray:
         """(R, R) KV hand-off seconds of a mean-length prompt between replicas: each block's
         KV goes from the device holding it to the device holding it on the other side; distinct
         device pairs transfer in parallel (as :func:`meshllm.planner.cost.kv_transfer_time`).
-        A device holding several stages of one replica is counted per stage."""
+        A device holding several stages of one replica is counted per stage. With ``pairs``
+        (senders, receivers) only those entries are computed, the rest left 0 (the GA reads
+        only prefill -> decoder hand-offs)."""
         r = len(reps)
         out = np.zeros((r, r))
-        flat = [(i, j, a, b) for i, st in enumerate(reps) for j, a, b in st]
-        if r < 2 or not flat:
+        src, dst = pairs if pairs is not None else (range(r), range(r))
+        fs = [(i, j, a, b) for i in src for j, a, b in reps[i]]
+        fd = [(i, j, a, b) for i in dst for j, a, b in reps[i]]
+        if r < 2 or not fs or not fd:
             return out
-        rep = np.array([f[0] for f in flat])
-        dev = np.array([f[1] for f in flat])
-        a = np.array([f[2] for f in flat])
-        b = np.array([f[3] for f in flat])
-        lo = np.maximum(a[:, None], a[None, :])  # (T, T) overlap of stage s's and stage d's blocks
-        hi = np.minimum(b[:, None], b[None, :])
+        rep_s = np.array([f[0] for f in fs])
+        dev_s = np.array([f[1] for f in fs])
+        a_s = np.array([f[2] for f in fs])
+        b_s = np.array([f[3] for f in fs])
+        rep_d = np.array([f[0] for f in fd])
+        dev_d = np.array([f[1] for f in fd])
+        a_d = np.array([f[2] for f in fd])
+        b_d = np.array([f[3] for f in fd])
+        lo = np.maximum(a_s[:, None], a_d[None, :])  # (Ts, Td) overlap of stage s's and stage d's blocks
+        hi = np.minimum(b_s[:, None], b_d[None, :])
         nbytes = np.where(hi > lo, (self._kv_prefix[np.maximum(hi, lo)] - self._kv_prefix[lo]), 0.0) \
             * self.t_mean
-        bw = self.bw[dev[:, None], dev[None, :]]
+        bw = self.bw[dev_s[:, None], dev_d[None, :]]
         with np.errstate(divide="ignore", invalid="ignore"):
-            t = self.rtt[dev[:, None], dev[None, :]] / 2 + nbytes / bw
+            t = self.rtt[dev_s[:, None], dev_d[None, :]] / 2 + nbytes / bw
         t = np.where((nbytes > 0) & np.isfinite(bw), t, 0.0)
-        np.maximum.at(out, (rep[:, None].repeat(len(flat), 1), rep[None, :].repeat(len(flat), 0)), t)
+        np.maximum.at(out, (rep_s[:, None].repeat(len(fd), 1), rep_d[None, :].repeat(len(fs), 0)), t)
         np.fill_diagonal(out, 0.0)
         return out
 
@@ -234,8 +247,8 @@ class Problem:
         result: Partition | DoesNotFit = DoesNotFit("no split")
         for kvt in kv_tokens:
             try:
-                result = bottleneck_split(comp, p.act * tokens, self.bw, self.rtt, self.mem,
-                                          self.req(kvt), list(members), ret_bytes=TOKEN_BYTES * tokens)
+                result = self._bottleneck(members, (role, micro), comp, p.act * tokens, kvt,
+                                          TOKEN_BYTES * tokens)
                 break
             except DoesNotFit as e:
                 result = e
@@ -243,6 +256,69 @@ class Problem:
         if isinstance(result, DoesNotFit):
             raise result
         return result
+
+    def _bottleneck(self, members: Sequence[int], unit: tuple, comp: np.ndarray, out_bytes: np.ndarray,
+                    kv_tokens: float, ret_bytes: float) -> Partition:
+        """:func:`meshllm.planner.dp.bottleneck_split` with its per-device tables memoised per
+        unit of work (``unit`` names ``comp``): the GA splits thousands of device groups drawn
+        from the same few devices, so each device's (first, end) block-time and memory-fit
+        matrices are built once. Same arithmetic, same answer (tests check it)."""
+        n = self.n_blocks
+        order = list(members)
+        s_count = len(order)
+        if s_count == 0 or s_count > n:
+            raise DoesNotFit(f"cannot split {n} blocks over {s_count} devices")
+        tkey = ("tables", unit)
+        tab = self._cache.get(tkey)
+        if tab is None:
+            pc = np.zeros((comp.shape[0], n + 1))
+            np.cumsum(comp, axis=-1, out=pc[:, 1:])
+            tab = self._cache[tkey] = (pc, {})
+        pc, segs = tab
+        segs_: dict[int, np.ndarray] = segs
+        mkey = ("fits", kv_tokens)
+        fits = self._cache.get(mkey)
+        if fits is None:
+            pr = np.zeros(n + 1)
+            np.cumsum(self.req(kv_tokens), out=pr[1:])
+            a_idx = np.arange(n + 1)
+            fits = self._cache[mkey] = (pr, pr[None, :] - pr[:, None], a_idx[:, None] < a_idx[None, :], {})
+        pr, seg_mem, valid, oks = fits
+        oks_: dict[int, np.ndarray] = oks
+        a_idx = np.arange(n + 1)
+        first = order[0]
+        d = np.full(n + 1, np.inf)
+        d[1:] = np.where(pr[1:] <= self.mem[first], pc[first, 1:], np.inf)
+        choice = np.full((s_count, n + 1), -1, dtype=np.int64)
+        comm = np.zeros(n + 1)
+        for s in range(1, s_count):
+            dev, prv = order[s], order[s - 1]
+            seg = segs_.get(dev)
+            if seg is None:
+                seg = segs_[dev] = pc[dev][None, :] - pc[dev][:, None]  # (a, b)
+            ok = oks_.get(dev)
+            if ok is None:
+                ok = oks_[dev] = valid & (seg_mem <= self.mem[dev])
+            bw = self.bw[prv, dev]
+            comm[1:] = 0.0 if np.isinf(bw) else self.rtt[prv, dev] / 2 + out_bytes / bw
+            cand = np.where(ok, np.maximum(np.maximum(d, comm)[:, None], seg), np.inf)  # (a, b)
+            am = cand.argmin(axis=0)
+            d = cand[am, a_idx]
+            choice[s] = am
+        last = order[-1]
+        bw = self.bw[last, first]
+        ret = 0.0 if np.isinf(bw) else float(self.rtt[last, first] / 2 + ret_bytes / bw)
+        value = max(float(d[n]), ret)
+        if not np.isfinite(value):
+            raise DoesNotFit("the blocks do not fit on these devices in this order")
+        stages: list[tuple[int, int, int]] = []
+        b = n
+        for s in range(s_count - 1, 0, -1):
+            a = int(choice[s, b])
+            stages.append((order[s], a, b))
+            b = a
+        stages.append((order[0], 0, b))
+        return Partition(value, tuple(reversed(stages)))
 
     def replica_perf(self, members: Sequence[int], role: Role) -> tuple[ReplicaPerf, tuple] | None:
         """DP split + performance of a replica of ``members`` (ordered); None if it cannot fit."""

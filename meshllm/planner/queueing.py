@@ -74,8 +74,12 @@ class ReplicaPerf:
     busy_mean: float = field(init=False)
     busy_m2: float = field(init=False)
     lat_mean: float = field(init=False)
+    tau_l: list = field(init=False)  # ``tau`` and ``ahead`` as Python floats: the estimate
+    ahead_l: list = field(init=False)  # reads them one at a time, thousands of times per GA run
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tau_l", self.tau.tolist())
+        object.__setattr__(self, "ahead_l", self.ahead.tolist())
         object.__setattr__(self, "busy_mean", float(self.busy.mean()))
         object.__setattr__(self, "busy_m2", float((self.busy * self.busy).mean()))
         object.__setattr__(self, "lat_mean", float(self.lat.mean()))
@@ -100,7 +104,7 @@ class Estimate:
     max_util: float
 
 
-def _decode_occupancy(lam: float, pre: float, steps: float, tau: np.ndarray, batch: int) -> float:
+def _decode_occupancy(lam: float, pre: float, steps: float, tau: Sequence[float], batch: int) -> float:
     """Fixed point of Little's law n = lam * (pre + steps * tau(n)) on [1, batch] (tau linearly
     interpolated): ``pre`` is the time a slot is held before decoding starts."""
     n = 1.0
@@ -112,7 +116,7 @@ def _decode_occupancy(lam: float, pre: float, steps: float, tau: np.ndarray, bat
     return n
 
 
-def _tau_at(tau: np.ndarray, n: float) -> float:
+def _tau_at(tau: Sequence[float], n: float) -> float:
     lo = int(min(max(math.floor(n), 1), len(tau) - 1))
     hi = min(lo + 1, len(tau) - 1)
     return float(tau[lo] + (tau[hi] - tau[lo]) * (n - lo))
@@ -168,9 +172,12 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         return Estimate(INFEASIBLE * (1 + n_bad + (not perfs)), Predicted(), math.inf)
 
     # --- capacities at zero load, to split the arrivals ----------------------------------
-    def both_cap(b: int) -> float:
+    def _both_cap(b: int) -> float:
         p = perfs[b]
-        return min(1 / p.busy_mean, p.batch / (p.lat_mean + eo1 * float(p.tau[p.batch])))
+        return min(1 / p.busy_mean, p.batch / (p.lat_mean + eo1 * p.tau_l[p.batch]))
+
+    caps_both = {b: _both_cap(b) for b in both}
+    both_cap = caps_both.__getitem__
 
     if pre:
         mu = np.array([1 / perfs[i].busy_mean for i in pre])
@@ -179,7 +186,7 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         kv = np.array([[float(kv_s[i, j]) for j in dec] for i in pre])  # (P, D)
 
         def decode_shares(hold0: np.ndarray) -> tuple[np.ndarray, float]:
-            cap = np.array([perfs[j].batch / (hold0[r] + eo1 * float(perfs[j].tau[perfs[j].batch]))
+            cap = np.array([perfs[j].batch / (hold0[r] + eo1 * perfs[j].tau_l[perfs[j].batch])
                             for r, j in enumerate(dec)])
             tot = float(cap.sum())
             return (cap / tot if tot > 0 and np.isfinite(tot) else np.full(len(dec), 1 / len(dec))), tot
@@ -208,15 +215,15 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         # link for 2 s, and every token behind it waits)
         rho_r = lam_b * p.res_m1
         hol = float(np.sum(lam_b * p.res_m2 / (2 * (1 - rho_r)))) if len(rho_r) else 0.0
-        n = _decode_occupancy(lam_b, p.lat_mean + eo1 * hol, eo1, p.tau, p.batch)
-        s_dec = eo1 * (_tau_at(p.tau, n) + hol)
+        n = _decode_occupancy(lam_b, p.lat_mean + eo1 * hol, eo1, p.tau_l, p.batch)
+        s_dec = eo1 * (_tau_at(p.tau_l, n) + hol)
         hold = p.lat_mean + s_dec
         a = lam_b * hold
         utils.append(a / p.batch)
         wq = lam_b * p.busy_m2 / (2 * (1 - rho))
         if len(p.ahead) > 1 and eo1 > 0:
             # a prompt queues behind the decode micro-batches at the bottleneck stage
-            wq += _tau_at(p.ahead, n) * min(1.0, a)
+            wq += _tau_at(p.ahead_l, n) * min(1.0, a)
         wq += _slot_wait(p.batch, a, lam_b, lam_b * s_dec, cv2)
         wait += share[k] * wq
         ttft += share[k] * (wq + p.lat_mean)
@@ -252,8 +259,8 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         for q, j in enumerate(dec):
             p = perfs[j]
             lam_j = lam_pd * y[q]
-            n = _decode_occupancy(lam_j, float(hold0[q]), eo1, p.tau, p.batch)
-            s_d[q] = eo1 * _tau_at(p.tau, n)
+            n = _decode_occupancy(lam_j, float(hold0[q]), eo1, p.tau_l, p.batch)
+            s_d[q] = eo1 * _tau_at(p.tau_l, n)
             a = lam_j * (hold0[q] + s_d[q])
             utils.append(a / p.batch)
             slots += p.batch
@@ -272,9 +279,9 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     pre_cap = float(sum(1 / perfs[i].busy_mean for i in fronts))
     decs = dec + both
     dec_cap = float(sum(both_cap(b) for b in both)) + (dec_cap_pool if pre else 0.0)
-    thr = float(sum(perfs[j].batch / float(perfs[j].tau[perfs[j].batch]) for j in decs))
-    paths = [(perfs[b].lat_mean + eo1 * float(perfs[b].tau[1])) / (eo1 + 1) for b in both]
-    paths += [(perfs[i].lat_mean + float(kv_s[i, j]) + eo1 * float(perfs[j].tau[1])) / (eo1 + 1)
+    thr = float(sum(perfs[j].batch / perfs[j].tau_l[perfs[j].batch] for j in decs))
+    paths = [(perfs[b].lat_mean + eo1 * perfs[b].tau_l[1]) / (eo1 + 1) for b in both]
+    paths += [(perfs[i].lat_mean + float(kv_s[i, j]) + eo1 * perfs[j].tau_l[1]) / (eo1 + 1)
               for i in pre for j in dec]
     overloaded = max_util >= 1
     pred = Predicted(latency_ms_per_token=min(paths) * 1000, throughput_tps=thr,
