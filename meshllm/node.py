@@ -433,7 +433,7 @@ class Node:
         elif isinstance(out, EvolveIsland):
             self._spawn(self.planning.evolve(out))
         elif isinstance(out, IslandsDone):
-            self.planning.finish(out)
+            self._spawn(self.planning.finish(out))
         elif isinstance(out, LoadPlan):
             self._spawn(self._load(out.epoch, out.plan))
         elif isinstance(out, ActivatePlan):

@@ -105,8 +105,16 @@ class PlanningService:
                 return
             k = self.islands or min(max(len(members), 1), 4)
             rng = np.random.default_rng(sp.round)
-            islands = await self.run(
-                lambda: [island_to_individuals(ga.initial_island(problem, rng))[0] for _ in range(k)])
+
+            def seed_islands() -> list[Individuals]:
+                # The first island starts from the seeds and the local search of `ga.run` (its
+                # race of shapes): the best single-machine answer goes out as every island's
+                # elite, and the members' generations explore around it.
+                first = ga.run(problem, rng, generations=0)
+                rest = [ga.initial_island(problem, rng) for _ in range(k - 1)]
+                return [island_to_individuals(x)[0] for x in [first, *rest]]
+
+            islands = await self.run(seed_islands)
         except (MeshError, KeyError, TypeError, ValueError) as e:
             self._step(PlanningFailed(sp.round, f"{type(e).__name__}: {e}"))
             return
@@ -115,7 +123,7 @@ class PlanningService:
         log.info("planning round %d (%s): %d members, %d GA islands", sp.round, sp.reason, len(members), k)
         self._step(Islands(sp.round, tuple(islands), problem_to_dict(problem)))
 
-    def finish(self, done: IslandsDone) -> None:
+    async def finish(self, done: IslandsDone) -> None:
         problem = self._islands_problem.get(done.round)
         if problem is None or not done.individuals:
             self._step(PlanningFailed(done.round, "no population to decode"))
@@ -123,8 +131,18 @@ class PlanningService:
         if done.fallbacks:
             log.info("planning round %d: islands %s evolved locally (members did not answer in time)",
                      done.round, list(done.fallbacks))
+        best = done.individuals[0]
+
+        def polish() -> tuple[int, ...]:
+            # The islands recombine groups; a last climb makes their best a local optimum of
+            # every single move (as `ga.run` ends), deterministic in the round number.
+            m = len(problem.devices)
+            a, r = ga.normalise(np.asarray(best[:m], dtype=np.int64), np.asarray(best[m:], dtype=np.int64))
+            a, r, _, _ = ga.climb(problem, a, r, np.random.default_rng(done.round))
+            return tuple(int(x) for x in (*a, *r))
+
         try:
-            plan = plan_from_individual(problem, done.individuals[0])
+            plan = plan_from_individual(problem, await self.run(polish))
         except PlanError as e:
             self._step(PlanningFailed(done.round, str(e)))
             return
