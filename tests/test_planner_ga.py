@@ -155,6 +155,29 @@ def test_climb_ends_at_a_local_optimum_and_search_never_loses_its_start():
     assert np.array_equal(again[0], sa) and np.array_equal(again[1], sr) and again[2] == sf  # pure
 
 
+def test_redeal_keeps_the_shape_and_moves_devices_only_within_a_role():
+    """The restarts' start: same replica count, sizes, roles and left-out devices; the devices of
+    one role's replicas shuffled among them; pure in the generator."""
+    a = np.array([1, 1, 2, 2, 3, 0, 1, 2], dtype=np.int64)
+    r = np.array([0, 0, 1, 0, 0, 0, 0, 0], dtype=np.int64)  # slots 1, 2 prefill, slot 3 decoder
+
+    def shape(a, r):
+        k = int(a.max())
+        return sorted((int(r[x - 1]), int((a == x).sum())) for x in range(1, k + 1))
+
+    deals = set()
+    for seed in range(20):
+        b, s = ga.redeal(a, r, np.random.default_rng(seed))
+        assert shape(b, s) == shape(a, r)
+        assert b[5] == 0  # left out stays out
+        assert s[int(b[4]) - 1] == 1 and (b == b[4]).sum() == 1  # the lone decoder keeps its replica
+        assert all(s[int(b[j]) - 1] == 0 for j in (0, 1, 2, 3, 6, 7))  # prefill devices stay prefill
+        again = ga.redeal(a, r, np.random.default_rng(seed))
+        assert np.array_equal(again[0], b) and np.array_equal(again[1], s)  # pure
+        deals.add(ga._key(b, s))
+    assert len(deals) > 3  # it really deals afresh (10 groupings of 6 devices into two of 3)
+
+
 def test_run_leaves_garbage_collection_as_it_found_it():
     import gc
 

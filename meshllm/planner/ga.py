@@ -19,8 +19,8 @@ state, same result.
 
 It is memetic: :func:`run` seeds the population with heuristic shapes (:func:`_seeds`),
 races the best shapes with an iterated local search (:func:`search` over :func:`climb`'s
-single moves, budgets counted in looks, not seconds) and lets the islands recombine around
-the winner. ``docs/planner.md`` has the method and the measured figures.
+single moves, budgets counted in looks, not seconds), restarts it from re-deals of the
+winner (:func:`redeal`) and lets the islands recombine around the best. ``docs/planner.md`` has the method and the measured figures.
 """
 
 from __future__ import annotations
@@ -568,6 +568,20 @@ def _kick(a: np.ndarray, r: np.ndarray, rng: np.random.Generator, swaps: int = 2
     return b, s, focus
 
 
+def redeal(assign: np.ndarray, roles: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The same shape dealt afresh: for each role, the devices of that role's replicas shuffled
+    at random among those replicas' places. Replica count, sizes and roles stay, and so do the
+    left-out devices; only which device sits in which replica changes. A restart of the local
+    search from here lands in another basin of the same shape (normalised; pure)."""
+    a = assign.copy()
+    k = int(assign.max())
+    for role in sorted({int(x) for x in roles[:k].tolist()}):
+        slots = [x for x in range(1, k + 1) if int(roles[x - 1]) == role]
+        places = np.nonzero(np.isin(assign, slots))[0]
+        a[places] = assign[places][rng.permutation(len(places))]
+    return normalise(a, roles)
+
+
 def search(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.random.Generator,
            max_evals: float, swaps: int = 2, polish: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """Iterated local search: :func:`climb`, then repeatedly kick the best local optimum
@@ -604,15 +618,20 @@ def _no_gc() -> Iterator[None]:
 
 def run(problem: Problem, rng: np.random.Generator, generations: int = 100, islands: int = 1,
         epoch_len: int = 5, patience: int = 5, config: GAConfig = GAConfig(),
-        search_evals: int = 2400, race: int = 2, race_evals: int = 600) -> Island:
+        search_evals: int = 2400, race: int = 2, race_evals: int = 600, restarts: int = 2,
+        restart_evals: int = 550) -> Island:
     """The planner's search end to end (a memetic GA):
 
     1. ``islands`` islands of seeds and random individuals (:func:`initial_island`);
     2. a race between shapes: an iterated local search (:func:`search`) of ``race_evals``
        looks from each of the best ``race`` individuals of distinct shapes (replica count and
-       roles), then the rest of ``search_evals`` from the winner; its answer goes into every
-       island (elitism keeps it). The replica count is what a local search changes least
-       easily, and the best seed's count is not always the best one;
+       roles); then ``restarts`` searches of ``restart_evals`` looks from the winner with its
+       devices re-dealt among its replicas of the same role (:func:`redeal`), and the rest of
+       ``search_evals`` from the winner itself; the best of these, climbed to a local optimum,
+       goes into every island (elitism keeps it). The replica count is what a local search
+       changes least easily, and the best seed's count is not always the best one; within a
+       shape, the first climb decides the basin, and a few short searches from other deals
+       find a good one more often than one long search;
     3. the islands evolve ``epoch_len`` generations between migrations, stopping after
        ``generations`` or when the best has not improved for ``patience`` generations — they
        explore other shapes (the search moves devices, the GA also recombines groups);
@@ -632,7 +651,18 @@ def run(problem: Problem, rng: np.random.Generator, generations: int = 100, isla
                     budget -= race_evals
                     tried.append((g, i, b, s))
                 _, _, a, r = min(tried, key=lambda t: (t[0], t[1]))
-            a, r, f = search(problem, a, r, rng, max(budget, 0.0))
+            others = []
+            for _ in range(restarts):
+                if budget < restart_evals:
+                    break
+                b, s = redeal(a, r, rng)
+                others.append(search(problem, b, s, rng, restart_evals, polish=False))
+                budget -= restart_evals
+            a, r, f = search(problem, a, r, rng, max(budget, 0.0), polish=False)
+            for b, s, g in others:
+                if g < f * (1 - 1e-12):
+                    a, r, f = b, s, g
+            a, r, f, _ = climb(problem, a, r, rng)
             isl = [_with_best(x, a, r, f) for x in isl]
         best, stale, done = float(min(x.fitness[0] for x in isl)), 0, 0
         start = best
