@@ -286,12 +286,17 @@ def bottleneck_split(comp: np.ndarray, out_bytes: np.ndarray, bw: np.ndarray, rt
         d = cand[am, a_idx]
         choice[s] = am
     ret = float(_link(float(ret_bytes), np.array(bw[order[-1], first]), np.array(rtt[order[-1], first])))
-    value = max(float(d[n]), ret)
+    return split_partition(max(float(d[n]), ret), order, choice)
+
+
+def split_partition(value: float, order: Sequence[int], choice: np.ndarray) -> Partition:
+    """The bottleneck split's answer from its DP: ``value`` (inf: nothing fits) and ``choice``
+    (s, b) = where stage s starts when blocks [.., b) end there, walked back from the last block."""
     if not np.isfinite(value):
         raise DoesNotFit("the blocks do not fit on these devices in this order")
     stages: list[tuple[int, int, int]] = []
-    b = n
-    for s in range(s_count - 1, 0, -1):
+    b = choice.shape[1] - 1
+    for s in range(len(order) - 1, 0, -1):
         a = int(choice[s, b])
         stages.append((order[s], a, b))
         b = a

@@ -13,7 +13,7 @@ import numpy as np
 from meshllm.errors import DoesNotFit, PlanError
 from meshllm.planner import cost
 from meshllm.planner.cost import EFFICIENCY, TOKEN_BYTES, Efficiency, ModelProfile
-from meshllm.planner.dp import Partition
+from meshllm.planner.dp import Partition, split_partition
 from meshllm.planner.queueing import Estimate, ReplicaPerf, estimate, saturation_rate
 from meshllm.planner.types import Device, Network, Predicted, Replica, Role, Stage, Workload
 
@@ -308,17 +308,7 @@ class Problem:
         last = order[-1]
         bw = self.bw[last, first]
         ret = 0.0 if np.isinf(bw) else float(self.rtt[last, first] / 2 + ret_bytes / bw)
-        value = max(float(d[n]), ret)
-        if not np.isfinite(value):
-            raise DoesNotFit("the blocks do not fit on these devices in this order")
-        stages: list[tuple[int, int, int]] = []
-        b = n
-        for s in range(s_count - 1, 0, -1):
-            a = int(choice[s, b])
-            stages.append((order[s], a, b))
-            b = a
-        stages.append((order[0], 0, b))
-        return Partition(value, tuple(reversed(stages)))
+        return split_partition(max(float(d[n]), ret), order, choice)
 
     def replica_perf(self, members: Sequence[int], role: Role) -> tuple[ReplicaPerf, tuple] | None:
         """DP split + performance of a replica of ``members`` (ordered); None if it cannot fit."""
