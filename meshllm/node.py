@@ -480,12 +480,12 @@ class Node:
                     self.manifest, self.opts.state_dir, threads=self.opts.threads, slowdown=self.opts.slowdown,
                     memory_bytes=self._budget(), progress=progress))
             except (MeshError, OSError, RuntimeError) as e:
-                shown.close()
                 # Without a profile the node stays a member but is never planned onto.
                 self.profile_progress = f"failed: {e}"
                 log.error("profiling failed: %s; this node will not be given blocks", e)
                 return
-            shown.close()
+            finally:
+                shown.close()
             log.info("profile %s: decode %.2f ms/token, prefill %.3f ms/token, budget %.2f GiB",
                      "from cache" if cached else "measured", 1000 * prof.decode_s_per_token,
                      1000 * sum(prof.prefill_s_per_token), prof.memory_bytes / (1 << 30))

@@ -29,6 +29,10 @@ class PeerHttp:
     async def fetch_profile(self, host: str, port: int) -> dict[str, Any] | None:
         raise NotImplementedError
 
+    async def fetch_json(self, host: str, port: int, path: str) -> dict[str, Any] | None:
+        """A JSON object a peer serves at ``path`` (e.g. ``/v1/dashboard/node``), or None."""
+        return None
+
     async def probe(self, host: str, port: int) -> tuple[float, float] | None:
         """(Mb/s into this node, round-trip ms) measured with a short transfer, or None."""
         return None
@@ -50,13 +54,17 @@ class AiohttpPeerHttp(PeerHttp):
         return self._session
 
     async def fetch_profile(self, host: str, port: int) -> dict[str, Any] | None:
+        return await self.fetch_json(host, port, "/v1/profile")
+
+    async def fetch_json(self, host: str, port: int, path: str) -> dict[str, Any] | None:
         import aiohttp
 
         try:
-            async with self._s().get(f"http://{host}:{port}/v1/profile") as r:
+            async with self._s().get(f"http://{host}:{port}{path}") as r:
                 if r.status != 200:
                     return None
-                return await r.json()
+                doc = await r.json()
+                return doc if isinstance(doc, dict) else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
 

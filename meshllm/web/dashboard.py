@@ -125,7 +125,6 @@ class Dashboard:
         self.recent: deque[Sample] = deque(maxlen=window)
         self.outcomes: Counter[str] = Counter()
         self._peers: dict[str, tuple[float, dict[str, Any] | None]] = {}
-        self._session: Any = None
         self.serving.entry.finished_hooks.append(self.record)
 
     def now(self) -> float:
@@ -223,24 +222,12 @@ class Dashboard:
         return doc
 
     async def http_fetch(self, addr: str) -> dict[str, Any] | None:
-        """The real nodes' ``PeerFetch``: ``GET http://addr/v1/dashboard/node``."""
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT_S))
-        try:
-            async with self._session.get(f"http://{addr}/v1/dashboard/node") as r:
-                if r.status != 200:
-                    return None
-                doc = await r.json()
-                return doc if isinstance(doc, dict) else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+        """The real nodes' ``PeerFetch``: ``GET http://addr/v1/dashboard/node`` through the node's
+        own peer HTTP client (the one that fetches profiles)."""
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit():
             return None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        return await self.node.peer_http.fetch_json(host.strip("[]"), int(port), "/v1/dashboard/node")
 
     # --- the page's document -------------------------------------------------------------------------------
     async def view(self) -> dict[str, Any]:
@@ -432,11 +419,7 @@ class Dashboard:
         async def node(request: web.Request) -> web.Response:
             return web.json_response(self.local_view(), headers={"Cache-Control": "no-store"})
 
-        async def cleanup(app: web.Application) -> None:
-            await self.close()
-
         app.router.add_get("/", index)
         app.router.add_static("/static/", STATIC)
         app.router.add_get("/v1/dashboard", dashboard)
         app.router.add_get("/v1/dashboard/node", node)
-        app.on_cleanup.append(cleanup)
