@@ -27,6 +27,7 @@ from typing import Any
 
 from meshllm.control.config import ControlConfig
 from meshllm.errors import ConfigError, UserError
+from meshllm.net.base import split_host_port
 from meshllm.serve.config import KV_WIRE_DTYPES, ServeConfig
 
 ENV_PREFIX = "MESHLLM_"
@@ -106,10 +107,10 @@ def parse_bytes(text: str) -> int:
 
 
 def parse_peer(text: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--peer {text!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        return split_host_port(text)
+    except ValueError:
+        raise UserError(f"--peer {text!r}: expected HOST:PORT") from None
 
 
 def _bytes(v: Any, text: bool) -> int:

@@ -97,7 +97,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     # views reads a Node (imported for its type only) and the plan types
     "views.py": {"errors", "planner", "net", "node"},
     # the dashboard: a shell over a node (its type only) and its serving layer; node.py mounts it
-    "web": {"errors", "planner", "serve", "node", "web"},
+    "web": {"errors", "planner", "net", "serve", "node", "web"},
 }
 
 

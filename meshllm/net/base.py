@@ -25,6 +25,16 @@ DEFAULT_MAX_MESSAGE = MAX_MESSAGE_BYTES
 # little of our memory.
 DATA_QUEUE_BYTES = 4 * DATA_CHUNK_BYTES
 
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[v6]:PORT"`` too) as ``(host, port)``; ValueError when it is not one."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 OnMessage = Callable[[str, bytes], None]  # (peer node id, frame)
 OnPeer = Callable[[str], None]  # (peer node id)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshllm.errors import ProtocolError
-from meshllm.net.base import Advert, Transport
+from meshllm.net.base import Advert, Transport, split_host_port
 from meshllm.net.peer_http import PeerHttp
 
 log = logging.getLogger("meshllm.net.dialer")
@@ -158,12 +158,13 @@ class Dialer:
         for nid, addr in peers.items():
             if not isinstance(nid, str) or nid == self.node_id or not isinstance(addr, str):
                 continue
-            host, sep, port = addr.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            try:
+                host_port = split_host_port(addr)
+            except ValueError:
                 continue
             info = self.peers.setdefault(nid, PeerInfo())
             if info.addr is None:
-                info.addr = (host.strip("[]"), int(port))
+                info.addr = host_port
                 self._wake.set()
 
     def linked_addresses(self) -> dict[str, str]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from meshllm.errors import PlanError
+from meshllm.net.base import split_host_port
 from meshllm.planner.types import Plan
 from meshllm.serve.entry import Finished
 
@@ -224,10 +225,11 @@ class Dashboard:
     async def http_fetch(self, addr: str) -> dict[str, Any] | None:
         """The real nodes' ``PeerFetch``: ``GET http://addr/v1/dashboard/node`` through the node's
         own peer HTTP client (the one that fetches profiles)."""
-        host, _, port = addr.rpartition(":")
-        if not host or not port.isdigit():
+        try:
+            host, port = split_host_port(addr)
+        except ValueError:
             return None
-        return await self.node.peer_http.fetch_json(host.strip("[]"), int(port), "/v1/dashboard/node")
+        return await self.node.peer_http.fetch_json(host, port, "/v1/dashboard/node")
 
     # --- the page's document -------------------------------------------------------------------------------
     async def view(self) -> dict[str, Any]:
