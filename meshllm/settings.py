@@ -264,7 +264,13 @@ SERVE_HELP = {
     "queue_timeout_s": "seconds a request may wait for KV room before 503",
     "reserve_timeout_s": "seconds a decoder replica has to answer an admission request",
     "handoff_timeout_s": "KV reserved for a hand-off that never completes is freed after this many seconds",
-    "stall_timeout_s": "a request with no token for this many seconds fails explicitly",
+    "stall_timeout_s": "an attempt with no sign of progress (a prefilled chunk, a token) for this many seconds "
+                       "fails and resumes elsewhere",
+    "stall_factor": "a prefill may also take this many times the router's estimate before it counts as stalled",
+    "step_token_budget": "tokens one scheduler iteration of a stage computes: decode rows first, then prefill "
+                         "chunks (at least one)",
+    "step_timeout_s": "a decode step of a ring with no answer for this many seconds fails its rows",
+    "tombstone_s": "seconds a stage remembers a freed request, so its late frames allocate nothing",
     "kv_wire_dtype": "dtype of the KV a prefill replica hands to a decoder (float32: exact; float16: half the bytes)",
     "load_report_s": "period of a replica's load report, in seconds",
     "max_batch": "sequences a decoder replica decodes at once",

@@ -76,6 +76,9 @@ def _mesh_error(e: MeshError, retry_after: int) -> ApiError:
 
 
 def _event_error(ev: Event) -> ApiError:
+    if ev.code == "too_large":  # the request can never fit: the client must ask for less
+        return ApiError(400, ev.error or "request too large", "invalid_request_error", "context_length_exceeded",
+                        "max_tokens")
     status = 503 if ev.code in ("node_lost", "unreachable", "unavailable", "epoch_unloaded") else 500
     return ApiError(status, ev.error or "request failed", "server_error", ev.code or "request_failed")
 

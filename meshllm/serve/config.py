@@ -15,11 +15,24 @@ class ServeConfig:
     # once (pipelined) and stream each chunk's KV as soon as it is computed. The runner computes
     # a prompt in the same chunks, so a mesh and one process do the same arithmetic.
     prefill_chunk: int = 512
+    # Tokens one scheduler iteration of a stage may compute: every ready decode row counts one,
+    # then prefill chunks (one per request, round-robin) while the rest lasts, and always at least
+    # one chunk, so neither decoding nor prefill starves. A smaller budget shortens the time a
+    # decode step can wait behind prompts; a larger one prefills more per iteration.
+    step_token_budget: int = 512
     max_queue: int = 64  # requests an entry holds (running + waiting); beyond: 429
     queue_timeout_s: float = 30.0  # how long a request may wait for KV room before 503
     reserve_timeout_s: float = 5.0  # a decoder replica's answer to an admission request
     handoff_timeout_s: float = 30.0  # KV reserved for a hand-off that never completes is freed
-    stall_timeout_s: float = 30.0  # no token for this long: the request fails explicitly
+    # no sign of progress (a prefilled chunk, a token) for this long, or for stall_factor times
+    # the router's estimate of the prefill when that is longer: the attempt failed
+    stall_timeout_s: float = 30.0
+    stall_factor: float = 4.0
+    # a decode step of a ring that gets no answer within this long fails its rows instead of
+    # stalling the micro-batch
+    step_timeout_s: float = 30.0
+    # how long a stage remembers a freed request, so late frames of it allocate nothing
+    tombstone_s: float = 120.0
     kv_wire_dtype: str = "float32"  # float16 halves hand-off bytes (not exact)
     load_report_s: float = 0.5  # period of a replica's load report
     max_batch: int = 64  # sequences a decoder replica decodes at once (all micro-batches)
@@ -41,8 +54,11 @@ class ServeConfig:
             raise ConfigError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.kv_wire_dtype not in KV_WIRE_DTYPES:
             raise ConfigError(f"kv_wire_dtype must be one of {KV_WIRE_DTYPES}, got {self.kv_wire_dtype!r}")
+        if self.step_token_budget < 1:
+            raise ConfigError(f"step_token_budget must be >= 1, got {self.step_token_budget}")
         for name in ("queue_timeout_s", "reserve_timeout_s", "handoff_timeout_s", "stall_timeout_s",
-                     "load_report_s", "migrate_wait_s", "keepalive_s"):
+                     "load_report_s", "migrate_wait_s", "keepalive_s", "stall_factor", "step_timeout_s",
+                     "tombstone_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if self.max_migrations < 0:

@@ -23,11 +23,11 @@ from meshllm.serve.messenger import Messenger
 from meshllm.serve.router import Router
 from meshllm.serve.routes import Routes
 from meshllm.serve.stage import StageServer
-from meshllm.wire.messages import Error, LoadReport, Message, Reserved, Token
+from meshllm.wire.messages import Error, LoadReport, Message, Progress, Reserved, Token
 
 log = logging.getLogger("meshllm.serve")
 
-_ENTRY_TYPES = (Token, Reserved, Error, LoadReport)
+_ENTRY_TYPES = (Token, Reserved, Error, LoadReport, Progress)
 
 
 def eos_ids(manifest: Any, tokenizer: Tokenizer | None) -> tuple[int, ...]:

@@ -19,7 +19,8 @@ from meshllm.wire.ids import NodeId, RequestId
 from meshllm.wire.tensor import Tensor
 
 # 2: tensors travel as raw buffers after the msgpack header (zero-copy); links have two lanes.
-PROTOCOL_VERSION = 2
+# 3: every data-plane frame about a request names its attempt; decode steps are numbered; Progress.
+PROTOCOL_VERSION = 3
 
 
 class Message:
@@ -242,7 +243,10 @@ class ReplanRequest(Message):
 # The serving protocol (docs/serving.md has the sequence diagram). Every message names the plan
 # epoch it was routed under; replicas and stages are named by their index in that epoch's plan, so
 # a receiver checks them against the plan it loaded. ``first_block`` names the block range the
-# receiver must run: a node holding another range under that epoch refuses the frame.
+# receiver must run: a node holding another range under that epoch refuses the frame. Every frame
+# about a request names its ``attempt`` (0, then 1, 2, ... each time the entry resumes it on
+# another replica): a frame of an attempt other than the one a node holds is dropped and counted,
+# so nothing of a failed attempt can land on the next one.
 
 
 @data("reserve")
@@ -266,6 +270,7 @@ class Reserve(Message):
     # its steps instead of sampling (the head sends none of them), so the request recomputes
     # exactly what it computed before and samples the next token as the lost replica would have.
     replay: tuple[int, ...] = ()
+    attempt: int = 0
 
 
 @data("reserved")
@@ -278,7 +283,8 @@ class Reserved(Message):
     replica: int
     ok: bool
     error: str = ""
-    code: str = ""  # "capacity" (try another decoder or wait), "bad_request", "stale_epoch", ...
+    code: str = ""  # "capacity" (try another decoder or wait), "too_large" (never fits), "bad_request", ...
+    attempt: int = 0
 
 
 @data("prefill")
@@ -301,6 +307,7 @@ class PrefillChunk(Message):
     ids: Tensor | None = None  # (T,) int64 token ids (to stage 0)
     hidden: Tensor | None = None  # (T, H) hidden states (between stages)
     forced: int = -1  # a resumed request's token 0: the head takes it instead of sampling
+    attempt: int = 0
 
 
 @data("kv")
@@ -318,6 +325,7 @@ class KVChunk(Message):
     end: int
     k: Tensor
     v: Tensor
+    attempt: int = 0
 
 
 @data("kv_ready")
@@ -329,6 +337,7 @@ class KVReady(Message):
     epoch: int
     replica: int
     stage: int
+    attempt: int = 0
 
 
 @data("decode_start")
@@ -342,13 +351,16 @@ class DecodeStart(Message):
     replica: int
     token: int
     index: int
+    attempt: int = 0
 
 
 @data("decode_batch")
 @dataclass(frozen=True, slots=True)
 class DecodeBatch(Message):
-    """One decode step of a micro-batch from stage s to s + 1 of a decoder replica: reqs[i] feeds
-    the token of index indexes[i]; hidden: (B, H)."""
+    """One decode step of a micro-batch from stage s to s + 1 of a decoder replica: reqs[i] (of
+    attempt attempts[i]) feeds the token of index indexes[i]; hidden: (B, H). ``step`` numbers the
+    micro-batch's steps at stage 0, so an answer to a step given up on is recognised and dropped.
+    Small and latency-critical: it rides the control lane, never behind KV."""
 
     epoch: int
     replica: int
@@ -357,6 +369,8 @@ class DecodeBatch(Message):
     reqs: tuple[RequestId, ...]
     indexes: tuple[int, ...]
     hidden: Tensor
+    attempts: tuple[int, ...] = ()
+    step: int = 0
 
 
 @data("token_batch")
@@ -371,6 +385,7 @@ class TokenBatch(Message):
     reqs: tuple[RequestId, ...]
     tokens: tuple[int, ...]
     done: tuple[bool, ...]
+    step: int = 0
 
 
 @data("token")
@@ -383,16 +398,34 @@ class Token(Message):
     index: int
     finished: bool = False
     reason: str = ""  # "stop" (EOS) or "length" when finished
+    attempt: int = 0
+
+
+@data("progress")
+@dataclass(frozen=True, slots=True)
+class Progress(Message):
+    """A prefill stage -> the request's entry: ``done`` of the prompt's ``of`` tokens went through
+    stage ``stage``. A long prompt on a slow device is slow, not dead: the entry judges a stall by
+    the time since the last sign of progress, not since the prompt was sent."""
+
+    req: RequestId
+    attempt: int
+    stage: int
+    done: int
+    of: int
 
 
 @data("free")
 @dataclass(frozen=True, slots=True)
 class Free(Message):
-    """Release everything held for a request (KV, queue places); idempotent, unknown ids are fine."""
+    """Release everything held for a request's attempts up to ``attempt`` (KV, queue places);
+    idempotent, unknown ids are fine. The receiver keeps a short tombstone, so a frame of those
+    attempts that arrives later (the control lane overtakes the data lane) allocates nothing."""
 
     req: RequestId
     epoch: int = 0
     reason: str = ""
+    attempt: int = 0
 
 
 @data("load_report")
@@ -414,6 +447,7 @@ class Error(Message):
     req: RequestId
     message: str
     code: str = ""
+    attempt: int = 0
 
 
 __all__ = ["MESSAGE_TYPES", "PROTOCOL_VERSION", "Message"] + [c.__name__ for c in MESSAGE_TYPES.values()]

@@ -1,0 +1,1174 @@
+"""The stage's serving core, sans-IO: what a node does with the requests that pass through its blocks.
+
+``StageCore`` takes frames (``step``), lost links, unloaded epochs and time (``tick``) and returns
+outputs (frames to send, on which lane; requests that begin or end holding something here). It
+never touches a socket, a clock or a runner: a runner is an opaque handle it got from its port,
+and every call into one is an op of an ``Iteration`` that ``schedule()`` returns. The shell runs
+the iteration's ops in order on the inference thread and hands the results to
+``update_from_output`` (vLLM v1's ``schedule()`` / ``update_from_output()``). One iteration runs at
+a time per node; frames that arrive meanwhile wait in the core.
+
+**The scheduler.** Each iteration runs, in this order:
+
+1. every pending metadata op — frees, allocations (admission), KV imports — in arrival order;
+2. every decode step that is ready: each idle micro-batch of each decode ring this node is stage
+   0 of, and each ``DecodeBatch`` that reached a later stage; one row each of the token budget;
+3. prefill chunks, one per request in round-robin order, while the token budget
+   (``ServeConfig.step_token_budget``) lasts — and always at least one, so prefill is never starved.
+
+So a long answer never holds a new prompt back (its chunks run between decode steps) and a long
+prompt never stalls the streams (a step waits for at most one iteration's chunks): chunked
+prefill interleaved with decoding, as Sarathi-Serve and vLLM do. Chunks keep the fixed boundaries
+of ``prefill_chunk``, so a mesh does the arithmetic of one process.
+
+**Per request and stage** a ``Hold`` records a KV sequence in the stage's runner: a decoder stage
+reserves ``prompt + max_tokens`` positions on ``Reserve``, imports the prompt's KV layer by layer
+(``KVChunk``) and tells its replica's stage 0 when its layers are complete (``KVReady``); a
+prefill-only stage holds the prompt while it computes it. A decoder replica's stage 0 runs the
+**ring**: requests whose first token came (``DecodeStart``) and whose KV is complete everywhere join
+a micro-batch; each micro-batch steps stage 0 -> ... -> head (``DecodeBatch``, numbered), the head
+samples every row and answers ``TokenBatch``. A step that gets no answer within
+``step_timeout_s`` fails its rows instead of stalling the micro-batch.
+
+**Attempts and tombstones.** Every frame names (request, attempt). A frame of an attempt other
+than the one held is dropped and counted; ``Free`` leaves a bounded, expiring tombstone, so a
+``Reserve`` or a prefill chunk that arrives after it (the control lane overtakes the data lane)
+allocates nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from meshllm.errors import ContextLengthError, MeshError, PlanError
+from meshllm.runtime.sampling import SamplingParams, sample_one, token_rng
+from meshllm.serve.config import ServeConfig
+from meshllm.serve.request import finish_reason
+from meshllm.serve.routes import Routes, StageRef, layer_blocks
+from meshllm.wire.ids import NodeId, RequestId
+from meshllm.wire.limits import chunk_tokens
+from meshllm.wire.messages import (
+    DecodeBatch,
+    DecodeStart,
+    Error,
+    Free,
+    KVChunk,
+    KVReady,
+    LoadReport,
+    Message,
+    PrefillChunk,
+    Progress,
+    Reserve,
+    Reserved,
+    Token,
+    TokenBatch,
+)
+from meshllm.wire.tensor import Tensor
+
+log = logging.getLogger("meshllm.serve.stage")
+
+Key = tuple[str, int, int]  # (request, replica, stage index)
+INF = float("inf")
+TOMBSTONES = 4096  # at most this many freed requests remembered
+
+
+# --- outputs -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    to: str
+    msg: Message
+    lane: str = "control"  # "data": bulk (KV, a prompt's activations), bounded and awaited
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """This node holds something of ``req`` under ``epoch`` now (drives epoch draining)."""
+
+    epoch: int
+    req: str
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    epoch: int
+    req: str
+
+
+Output = Send | Begin | End
+
+
+# --- the ops of an iteration (run on the inference thread, in order) ------------------------------
+
+@dataclass(slots=True)
+class AllocOp:
+    hold: Hold
+    tokens: int
+    group: int | None
+
+
+@dataclass(slots=True)
+class FreeOp:
+    runner: Any
+    seq: str
+
+
+@dataclass(slots=True)
+class ImportOp:
+    hold: Hold
+    block: int
+    k: np.ndarray
+    v: np.ndarray
+    start: int
+    end: int  # the prompt's length
+
+
+@dataclass(slots=True)
+class PrefillOp:
+    hold: Hold
+    chunk: Chunk
+    export: list[int]  # the layer blocks whose KV goes to a decoder replica
+    kv_dtype: Any
+
+
+@dataclass(slots=True)
+class DecodeOp:
+    runner: Any
+    seqs: list[str]
+    x: np.ndarray  # (B,) token ids at a replica's first stage, else (B, H) hidden states
+    ring: Ring | None = None  # stage 0 of a ring: the micro-batch this step is for
+    micro: int = -1
+    step: int = 0
+    batch: DecodeBatch | None = None  # a later stage: the frame this step continues
+    ref: StageRef | None = None
+    holds: list[Hold] = field(default_factory=list)
+
+
+Op = AllocOp | FreeOp | ImportOp | PrefillOp | DecodeOp
+
+
+@dataclass(slots=True)
+class Iteration:
+    ops: list[Op]
+    decode_rows: int = 0
+    prefill_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Result:
+    """What one op gave: ``value`` (prefill: (out, kvs); decode: (out, ok rows, row errors)) or
+    ``error`` (the message of what it raised) with ``kind`` ("capacity", "too_large", "error")."""
+
+    value: Any = None
+    error: str | None = None
+    kind: str = ""
+
+
+class Runners(Protocol):
+    """What the core may ask about this node's loaded blocks (the stage host answers)."""
+
+    def has_epoch(self, epoch: int) -> bool: ...
+    def runner(self, epoch: int, first_block: int) -> Any: ...
+    def capacity_tokens(self, runner: Any) -> int | None: ...
+    def free_tokens(self, runner: Any) -> int | None: ...
+
+
+# --- state ---------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Chunk:
+    offset: int
+    x: np.ndarray  # (n,) token ids at a replica's first stage, else (n, H)
+    last: bool
+    msg: PrefillChunk
+
+
+@dataclass(slots=True)
+class Hold:
+    req: str
+    attempt: int
+    epoch: int
+    replica: int
+    stage: StageRef
+    runner: Any
+    entry: str
+    decode: bool  # reserved for decoding (prompt + max_tokens), else a prefill-only stage
+    prompt_len: int
+    params: SamplingParams | None = None
+    seed: int = 0
+    decoder: int = -1  # the decoder replica a prefill-only stage sends KV to
+    replay: tuple[int, ...] = ()  # a resumed request's tokens so far: fed, not sampled
+    allocated: bool = False  # its AllocOp has gone into an iteration (and not failed)
+    layers_done: set[int] = field(default_factory=set)
+    ready_sent: bool = False
+    deadline: float = INF  # the hand-off must make progress by then
+    chunks: deque[Chunk] = field(default_factory=deque)  # prefill chunks waiting here
+    prefilled: int = 0
+
+
+@dataclass(slots=True)
+class Member:
+    req: str
+    attempt: int
+    micro: int
+    entry: str
+    ready: set[int] = field(default_factory=set)  # stages whose KV is complete
+    token: int = -1  # the next token to feed (-1 until the prefill's head sent it)
+    index: int = 0
+    started: bool = False
+    replay: tuple[int, ...] = ()
+
+
+class Ring:
+    """Stage 0 of a decoder replica: its members and micro-batches."""
+
+    def __init__(self, epoch: int, replica: int, routes: Routes, max_batch: int) -> None:
+        self.epoch = epoch
+        self.replica = replica
+        self.routes = routes
+        self.stages = routes.stages(replica)
+        self.nmicro = max(1, len(self.stages))
+        self.max_batch = max_batch
+        self.members: dict[str, Member] = {}
+        self.micro: list[list[str]] = [[] for _ in range(self.nmicro)]  # started members per micro
+        self.busy: list[int] = [0] * self.nmicro  # the step in flight (0: idle)
+        self.deadline: list[float] = [INF] * self.nmicro
+        self.inflight: list[list[str]] = [[] for _ in range(self.nmicro)]
+        self.steps = 0
+
+    def pick_micro(self) -> int:
+        counts = [0] * self.nmicro
+        for m in self.members.values():
+            counts[m.micro] += 1
+        return int(np.argmin(counts))
+
+    def remove(self, req: str) -> None:
+        m = self.members.pop(req, None)
+        if m is not None and req in self.micro[m.micro]:
+            self.micro[m.micro].remove(req)
+
+
+def _stats() -> dict[str, Any]:
+    return {"prefill_tokens": 0, "decode_steps": 0, "decode_rows": 0, "kv_in_bytes": 0, "kv_out_bytes": 0,
+            "refused": 0, "unreserved_kv": 0, "stale": 0, "stale_attempt": 0, "after_free": 0, "errors": 0,
+            "iterations": 0, "step_timeouts": 0, "decode_compute_s": 0.0, "decode_calls": 0}
+
+
+class StageCore:
+    def __init__(self, node_id: str, runners: Runners, routes_for: Callable[[int], Routes | None],
+                 config: ServeConfig, *, num_layers: int, eos_ids: tuple[int, ...], hidden_size: int) -> None:
+        self.node_id = node_id
+        self.runners = runners
+        self.routes_for = routes_for
+        self.config = config
+        self.num_layers = num_layers
+        self.eos = frozenset(eos_ids)
+        self.hidden_size = hidden_size
+        self.holds: dict[Key, Hold] = {}
+        self.rings: dict[tuple[int, int], Ring] = {}
+        self.tombs: OrderedDict[str, tuple[int, float]] = OrderedDict()  # req -> (attempt, expires)
+        self._meta: deque[Op] = deque()  # frees, allocations, imports, in arrival order
+        self._fwd: deque[tuple[DecodeBatch, StageRef, Any]] = deque()  # decode steps at a later stage
+        self._rr: deque[Key] = deque()  # holds with prefill chunks waiting, round-robin
+        self._in_flight: dict[str, int] = {}  # req -> holds here (for Begin/End)
+        self._reserve_msg: dict[Key, Reserve] = {}  # admission to pass on once the allocation is done
+        self.running = False
+        self.now = 0.0
+        self.stats = _stats()
+        self._out: list[Output] = []
+
+    # --- entry points ----------------------------------------------------------------------------------
+    def step(self, peer: str, msg: Message, now: float) -> list[Output]:
+        self.now = now
+        if isinstance(msg, Reserve):
+            self._on_reserve(msg)
+        elif isinstance(msg, PrefillChunk):
+            self._on_prefill(msg)
+        elif isinstance(msg, KVChunk):
+            self._on_kv(peer, msg)
+        elif isinstance(msg, KVReady):
+            self._on_kv_ready(msg)
+        elif isinstance(msg, DecodeStart):
+            self._on_decode_start(msg)
+        elif isinstance(msg, DecodeBatch):
+            self._on_decode_batch(msg)
+        elif isinstance(msg, TokenBatch):
+            self._on_token_batch(msg)
+        elif isinstance(msg, Free):
+            self.free(msg.req, msg.attempt, now)
+        return self._flush()
+
+    def tick(self, now: float) -> list[Output]:
+        self.now = now
+        for key, h in list(self.holds.items()):
+            if h.deadline <= now and self.holds.get(key) is h:
+                log.warning("request %s: the prompt's KV stopped arriving for %.0f s; freeing its reservation",
+                            h.req, self.config.handoff_timeout_s)
+                self._fail(h.entry, h.req, h.attempt, "the KV hand-off did not complete in time", "handoff_timeout")
+        for ring in list(self.rings.values()):
+            for micro in range(ring.nmicro):
+                if ring.busy[micro] and ring.deadline[micro] <= now:
+                    self.stats["step_timeouts"] += 1
+                    rows = [r for r in ring.inflight[micro] if r in ring.members]
+                    log.warning("decode step %d of replica %d got no answer in %.0f s; failing its %d rows",
+                                ring.busy[micro], ring.replica, self.config.step_timeout_s, len(rows))
+                    ring.busy[micro] = 0
+                    ring.deadline[micro] = INF
+                    ring.inflight[micro] = []
+                    for r in rows:
+                        self._fail_member(ring, r, "a decode step got no answer from the ring", "stalled")
+        while self.tombs:
+            _, (_, exp) = next(iter(self.tombs.items()))
+            if exp > now:
+                break
+            self.tombs.popitem(last=False)
+        return self._flush()
+
+    def next_deadline(self) -> float:
+        d = min((h.deadline for h in self.holds.values()), default=INF)
+        for ring in self.rings.values():
+            d = min(d, *ring.deadline)
+        if self.tombs:
+            d = min(d, next(iter(self.tombs.values()))[1])
+        return d
+
+    def link_down(self, peer: str, now: float) -> list[Output]:
+        """A link went down: whatever depends on ``peer`` cannot complete."""
+        self.now = now
+        for key, h in list(self.holds.items()):
+            if self.holds.get(key) is not h:
+                continue
+            routes = self.routes_for(h.epoch)
+            nodes: set[str] = set()
+            if routes is not None:
+                try:
+                    nodes = routes.nodes(h.replica) | (routes.nodes(h.decoder) if h.decoder >= 0 else set())
+                except PlanError:
+                    nodes = set()
+            if h.entry == peer:
+                self._release_req(h.req, h.attempt)
+            elif peer in nodes:
+                self._fail(h.entry, h.req, h.attempt, f"node {peer[:12]} of its replica is gone", "node_lost")
+        for ring in list(self.rings.values()):
+            if peer in ring.routes.nodes(ring.replica):
+                for r in list(ring.members):
+                    self._fail_member(ring, r, f"node {peer[:12]} of the decoder replica is gone", "node_lost")
+                ring.busy = [0] * ring.nmicro
+                ring.deadline = [INF] * ring.nmicro
+        return self._flush()
+
+    def epoch_unloaded(self, epoch: int, now: float) -> list[Output]:
+        self.now = now
+        for key, h in list(self.holds.items()):
+            if h.epoch == epoch and self.holds.get(key) is h:
+                self._fail(h.entry, h.req, h.attempt, f"plan epoch {epoch} was unloaded before the request finished",
+                           "epoch_unloaded")
+        for k in [k for k in self.rings if k[0] == epoch]:
+            del self.rings[k]
+        return self._flush()
+
+    def undeliverable(self, to: str, msg: Message, now: float) -> list[Output]:
+        """A frame this core asked to send could not go out (no link to ``to``)."""
+        self.now = now
+        req = getattr(msg, "req", None)
+        attempt = getattr(msg, "attempt", 0)
+        if isinstance(msg, (Token, Error, Progress, Reserved)):
+            if req is not None:
+                self._release_req(req, attempt)  # the entry is gone: nobody wants the rest
+        elif isinstance(msg, Reserve):
+            h = self._any_hold(req, attempt)
+            if h is not None:
+                self._fail(h.entry, h.req, attempt, f"no link to decoder stage {msg.stage} ({to[:12]})", "unreachable",
+                           reserved=(msg.epoch, msg.replica))
+        elif isinstance(msg, DecodeBatch):
+            ring = self.rings.get((msg.epoch, msg.replica))
+            if ring is not None and 0 <= msg.micro < ring.nmicro and ring.busy[msg.micro] == msg.step:
+                self._ring_clear(ring, msg.micro)
+            for r, a in zip(msg.reqs, msg.attempts or (0,) * len(msg.reqs), strict=False):
+                h = self._any_hold(r, a)
+                if h is not None:
+                    self._fail(h.entry, r, a, f"no link to the next decoder stage ({to[:12]})", "unreachable")
+        elif isinstance(msg, TokenBatch):
+            pass  # stage 0 is gone: the link's loss fails what depended on it
+        elif isinstance(req, str):
+            h = self._any_hold(req, attempt)
+            if h is not None:
+                self._fail(h.entry, req, attempt, f"no link to {to[:12]} for {msg.TYPE}", "unreachable")
+        return self._flush()
+
+    # --- the scheduler -----------------------------------------------------------------------------------
+    def schedule(self, now: float) -> Iteration | None:
+        """The next iteration's ops, or None (one is running, or there is nothing to do)."""
+        self.now = now
+        if self.running:
+            return None
+        ops: list[Op] = []
+        while self._meta:
+            ops.append(self._meta.popleft())
+        rows = 0
+        for ring in self.rings.values():
+            for micro in range(ring.nmicro):
+                dop = self._ring_op(ring, micro)
+                if dop is not None:
+                    ops.append(dop)
+                    rows += len(dop.seqs)
+        while self._fwd:
+            m, ref, runner = self._fwd.popleft()
+            dop = self._fwd_op(m, ref, runner)
+            if dop is not None:
+                ops.append(dop)
+                rows += len(dop.seqs)
+        budget = self.config.step_token_budget - rows
+        prefill = 0
+        for _ in range(len(self._rr)):
+            if not self._rr:
+                break
+            key = self._rr[0]
+            h = self.holds.get(key)
+            if h is None or not h.chunks:
+                self._rr.popleft()
+                continue
+            if not h.allocated:
+                self._rr.rotate(-1)
+                continue
+            n = int(h.chunks[0].x.shape[0])
+            if prefill and n > budget - prefill:
+                break
+            c = h.chunks.popleft()
+            ops.append(self._prefill_op(h, c))
+            prefill += n
+            self._rr.popleft()
+            if h.chunks:
+                self._rr.append(key)
+        if not ops:
+            return None
+        self.running = True
+        self.stats["iterations"] += 1
+        return Iteration(ops, rows, prefill)
+
+    def update_from_output(self, it: Iteration, results: list[Result], now: float) -> list[Output]:
+        self.now = now
+        self.running = False
+        for op, res in zip(it.ops, results, strict=True):
+            try:
+                if isinstance(op, AllocOp):
+                    self._alloc_done(op, res)
+                elif isinstance(op, ImportOp):
+                    self._import_done(op, res)
+                elif isinstance(op, PrefillOp):
+                    self._prefill_done(op, res)
+                elif isinstance(op, DecodeOp):
+                    if op.ring is not None:
+                        self._ring_done(op, res)
+                    else:
+                        self._fwd_done(op, res)
+            except (MeshError, ValueError, TypeError, IndexError) as e:  # a bad result fails its request only
+                self.stats["errors"] += 1
+                log.exception("serving op %s failed: %s", type(op).__name__, e)
+                for h in _op_holds(op):
+                    self._fail(h.entry, h.req, h.attempt, f"stage error: {e}", "stage_error")
+        return self._flush()
+
+    def _ring_op(self, ring: Ring, micro: int) -> DecodeOp | None:
+        if ring.busy[micro]:
+            return None
+        reqs = [r for r in ring.micro[micro] if r in ring.members]
+        if not reqs:
+            return None
+        holds = [self.holds.get((r, ring.replica, 0)) for r in reqs]
+        live = [(r, h) for r, h in zip(reqs, holds, strict=True) if h is not None]
+        if not live:
+            return None
+        ring.steps += 1
+        step = ring.steps
+        ring.busy[micro] = step
+        ring.deadline[micro] = self.now + self.config.step_timeout_s
+        ring.inflight[micro] = [r for r, _ in live]
+        tokens = np.array([ring.members[r].token for r, _ in live], dtype=np.int64)  # (B,)
+        return DecodeOp(live[0][1].runner, [r for r, _ in live], tokens, ring=ring, micro=micro, step=step,
+                        holds=[h for _, h in live])
+
+    def _fwd_op(self, m: DecodeBatch, ref: StageRef, runner: Any) -> DecodeOp | None:
+        seqs: list[str] = []
+        rows: list[int] = []
+        holds: list[Hold] = []
+        attempts = m.attempts or (0,) * len(m.reqs)
+        for i, (r, a) in enumerate(zip(m.reqs, attempts, strict=True)):
+            h = self.holds.get((r, m.replica, ref.index))
+            if h is None or h.attempt != a:
+                self.stats["stale_attempt" if h is not None else "stale"] += 1
+                continue
+            seqs.append(r)
+            rows.append(i)
+            holds.append(h)
+        d0 = self._d0(m.epoch, m.replica)
+        if not seqs:
+            if d0 is not None:
+                self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, (), (), (), m.step))
+            return None
+        x = m.hidden.array()
+        x = x if len(rows) == len(m.reqs) else x[rows]
+        sub = DecodeBatch(m.epoch, m.replica, m.micro, m.first_block, tuple(RequestId(s) for s in seqs),
+                          tuple(m.indexes[i] for i in rows), m.hidden, tuple(attempts[i] for i in rows), m.step)
+        return DecodeOp(runner, seqs, x, batch=sub, ref=ref, holds=holds)
+
+    def _prefill_op(self, h: Hold, c: Chunk) -> PrefillOp:
+        handoff = c.msg.decoder != c.msg.replica
+        blocks = layer_blocks(h.stage, self.num_layers) if handoff else []
+        kv_dtype = np.float16 if self.config.kv_wire_dtype == "float16" else np.float32
+        return PrefillOp(h, c, blocks, kv_dtype)
+
+    # --- admission (decoder stages) --------------------------------------------------------------------
+    def _routes(self, epoch: int) -> Routes | None:
+        r = self.routes_for(epoch)
+        if r is None or not self.runners.has_epoch(epoch):
+            self.stats["stale"] += 1
+            return None
+        return r
+
+    def _freed(self, req: str, attempt: int) -> bool:
+        """A tombstone says this attempt of ``req`` was freed here: a late frame of it allocates nothing."""
+        t = self.tombs.get(req)
+        if t is not None and attempt <= t[0]:
+            self.stats["after_free"] += 1
+            return True
+        return False
+
+    def _my_stage(self, routes: Routes, replica: int, *, index: int | None = None,
+                  first_block: int | None = None) -> StageRef:
+        ref = routes.stage(replica, index) if index is not None else routes.stage_at(replica, int(first_block or 0))
+        if ref.node != self.node_id:
+            raise PlanError(f"stage {ref.index} of replica {replica} is on {ref.node[:12]}, not here")
+        return ref
+
+    def _on_reserve(self, m: Reserve) -> None:
+        def refuse(error: str, code: str) -> None:
+            self._send(m.entry, Reserved(m.req, m.epoch, m.replica, False, error, code, m.attempt))
+
+        if self._freed(m.req, m.attempt):
+            return
+        routes = self._routes(m.epoch)
+        if routes is None:
+            refuse(f"epoch {m.epoch} is not loaded on {self.node_id[:12]}", "stale_epoch")
+            return
+        try:
+            ref = self._my_stage(routes, m.replica, index=m.stage)
+            params = SamplingParams.from_dict(m.sampling)
+            runner = self.runners.runner(m.epoch, ref.first)
+            if runner is None:
+                raise PlanError(f"blocks [{ref.first}, {ref.end}) of epoch {m.epoch} are not loaded here")
+            if m.tokens < m.prompt_len or m.prompt_len < 1:
+                raise PlanError(f"cannot reserve {m.tokens} positions for a {m.prompt_len}-token prompt")
+        except (MeshError, TypeError, ValueError) as e:
+            refuse(str(e), "bad_request")
+            return
+        cap = self.runners.capacity_tokens(runner)
+        if cap is not None and m.tokens > cap:
+            self.stats["refused"] += 1
+            refuse(f"{m.tokens} positions can never fit stage {ref.index} of replica {m.replica}, which holds "
+                   f"{cap} at most", "too_large")
+            return
+        key = (m.req, m.replica, ref.index)
+        old = self.holds.get(key)
+        if old is not None:
+            if old.attempt >= m.attempt:
+                refuse(f"request {m.req} attempt {m.attempt} is already held here", "bad_request")
+                return
+            self._release_req(m.req, old.attempt)  # an older attempt the entry gave up on
+        micro = m.micro
+        if ref.index == 0:
+            ring = self._ring(m.epoch, m.replica, routes)
+            ring.remove(m.req)  # an older attempt's place, if it still had one
+            if len(ring.members) >= ring.max_batch:
+                self.stats["refused"] += 1
+                refuse(f"replica {m.replica} decodes {len(ring.members)} requests, its limit", "capacity")
+                return
+            micro = ring.pick_micro()
+            ring.members[m.req] = Member(m.req, m.attempt, micro, m.entry, replay=tuple(m.replay))
+        h = Hold(m.req, m.attempt, m.epoch, m.replica, ref, runner, m.entry, True, m.prompt_len, params, m.seed,
+                 replay=tuple(m.replay))
+        self._hold(key, h)
+        h.allocated = True
+        self._meta.append(AllocOp(h, m.tokens, micro if micro >= 0 else None))
+        self._reserve_msg[key] = Reserve(m.req, m.epoch, m.replica, m.stage, m.tokens, m.prompt_len, m.entry,
+                                         m.sampling, m.seed, micro, m.replay, m.attempt)
+
+    def _alloc_done(self, op: AllocOp, res: Result) -> None:
+        h = op.hold
+        key = (h.req, h.replica, h.stage.index)
+        m = self._reserve_msg.pop(key, None) if h.decode else None
+        if self.holds.get(key) is not h:
+            return  # freed meanwhile (its FreeOp follows)
+        if res.error is not None:
+            self.stats["refused"] += 1
+            h.allocated = False
+            code = "too_large" if res.kind == "too_large" else "capacity"
+            if h.decode:
+                self._send(h.entry, Reserved(RequestId(h.req), h.epoch, h.replica, False, res.error, code, h.attempt))
+                self._drop(key)
+                ring = self.rings.get((h.epoch, h.replica))
+                if ring is not None and h.stage.index == 0:
+                    ring.remove(h.req)
+            else:
+                self._fail(h.entry, h.req, h.attempt, f"prefill stage {h.stage.index}: {res.error}", "capacity")
+            return
+        if not h.decode:
+            return
+        log.debug("request %s: reserved %d positions on stage %d of decoder replica %d (epoch %d)", h.req,
+                  op.tokens, h.stage.index, h.replica, h.epoch, extra={"request_id": h.req})
+        if not layer_blocks(h.stage, self.num_layers):
+            self._layers_complete(h)  # nothing of the prompt to receive here
+        routes = self.routes_for(h.epoch)
+        nxt = routes.next_stage(h.stage) if routes is not None else None
+        if nxt is not None and m is not None:
+            self._send(nxt.node, Reserve(m.req, m.epoch, m.replica, nxt.index, m.tokens, m.prompt_len, m.entry,
+                                         m.sampling, m.seed, m.micro, m.replay, m.attempt))
+        elif nxt is None:
+            self._send(h.entry, Reserved(RequestId(h.req), h.epoch, h.replica, True, attempt=h.attempt))
+
+    def _hold(self, key: Key, h: Hold) -> None:
+        self.holds[key] = h
+        n = self._in_flight.get(h.req, 0)
+        self._in_flight[h.req] = n + 1
+        if n == 0:
+            self._out.append(Begin(h.epoch, h.req))
+
+    def _ring(self, epoch: int, replica: int, routes: Routes) -> Ring:
+        ring = self.rings.get((epoch, replica))
+        if ring is None:
+            ring = self.rings[(epoch, replica)] = Ring(epoch, replica, routes, self.config.max_batch)
+        return ring
+
+    # --- prefill ---------------------------------------------------------------------------------------
+    def _on_prefill(self, m: PrefillChunk) -> None:
+        if self._freed(m.req, m.attempt):
+            return
+        routes = self._routes(m.epoch)
+        if routes is None:
+            self._send(m.entry, Error(m.req, f"epoch {m.epoch} is not loaded on {self.node_id[:12]}", "stale_epoch",
+                                      m.attempt))
+            return
+        try:
+            ref = self._my_stage(routes, m.replica, first_block=m.first_block)
+            runner = self.runners.runner(m.epoch, ref.first)
+            if runner is None:
+                raise PlanError(f"blocks [{ref.first}, {ref.end}) of epoch {m.epoch} are not loaded here")
+            params = SamplingParams.from_dict(m.sampling)
+            routes.replica(m.decoder)
+            x = self._prefill_input(ref, m)
+            if m.offset < 0 or m.offset + x.shape[0] > m.prompt_len:
+                raise PlanError(f"chunk [{m.offset}, {m.offset + x.shape[0]}) outside a {m.prompt_len}-token prompt")
+        except (MeshError, TypeError, ValueError) as e:
+            self._send(m.entry, Error(m.req, f"bad prefill frame: {e}", "bad_request", m.attempt))
+            return
+        key = (m.req, m.replica, ref.index)
+        h = self.holds.get(key)
+        if h is not None and h.attempt != m.attempt:
+            if h.attempt > m.attempt:
+                self.stats["stale_attempt"] += 1
+                return
+            self._release_req(m.req, h.attempt)
+            h = None
+        if m.decoder == m.replica:
+            if h is None:
+                self._send(m.entry, Error(m.req, f"prefill of {m.req} on replica {m.replica}, which reserved "
+                                                 "nothing for it", "bad_request", m.attempt))
+                return
+        elif h is None:
+            if m.offset != 0:
+                self.stats["stale"] += 1  # the prompt's start never came here (freed, or a lost frame)
+                return
+            h = Hold(m.req, m.attempt, m.epoch, m.replica, ref, runner, m.entry, False, m.prompt_len, params,
+                     m.seed, m.decoder)
+            self._hold(key, h)
+            h.allocated = True
+            self._meta.append(AllocOp(h, m.prompt_len, None))
+        # stage 0 gets the whole prompt and cuts it into chunks; later stages get one chunk a frame
+        c = self.config.prefill_chunk
+        cuts = [(a, min(a + c, x.shape[0])) for a in range(0, x.shape[0], c)] if ref.index == 0 else [(0, x.shape[0])]
+        for a, b in cuts:
+            h.chunks.append(Chunk(m.offset + a, x[a:b], m.last and b == x.shape[0], m))
+        if key not in self._rr:
+            self._rr.append(key)
+
+    def _prefill_input(self, ref: StageRef, m: PrefillChunk) -> np.ndarray:
+        if ref.first == 0:
+            if m.ids is None:
+                raise PlanError("the first stage needs token ids")
+            x = m.ids.array()
+            if x.ndim != 1 or x.dtype.kind not in "iu" or x.shape[0] == 0:
+                raise PlanError(f"token ids must be a non-empty 1-D integer array, got {x.dtype} {x.shape}")
+            return x.astype(np.int64)
+        if m.hidden is None:
+            raise PlanError("a later stage needs hidden states")
+        x = m.hidden.array()
+        if x.ndim != 2 or x.shape[1] != self.hidden_size or x.shape[0] == 0:
+            raise PlanError(f"hidden states must be (n, {self.hidden_size}), got {x.shape}")
+        return x
+
+    def _prefill_done(self, op: PrefillOp, res: Result) -> None:
+        h, c, m = op.hold, op.chunk, op.chunk.msg
+        key = (h.req, h.replica, h.stage.index)
+        if self.holds.get(key) is not h:
+            return
+        if res.error is not None:
+            self._fail(h.entry, h.req, h.attempt, f"prefill failed on stage {h.stage.index}: {res.error}",
+                       "stage_error")
+            return
+        out, kvs = res.value
+        n = int(c.x.shape[0])
+        self.stats["prefill_tokens"] += n
+        h.prefilled = c.offset + n
+        log.debug("request %s: prefilled tokens [%d, %d) on stage %d of replica %d", h.req, c.offset, c.offset + n,
+                  h.stage.index, h.replica, extra={"request_id": h.req})
+        routes = self.routes_for(h.epoch)
+        if routes is None:
+            self._fail(h.entry, h.req, h.attempt, f"plan epoch {h.epoch} is gone", "epoch_unloaded")
+            return
+        # the prompt's KV to the decoder stages that own each layer (the data lane: bulk)
+        for b, (k, v) in kvs.items():
+            owner = routes.owner(m.decoder, b)
+            step = chunk_tokens(k[0].nbytes * 2)
+            for a in range(0, k.shape[0], step):
+                self.stats["kv_out_bytes"] += k[a:a + step].nbytes * 2
+                self._send(owner.node, KVChunk(m.req, m.epoch, m.decoder, b, c.offset + a, m.prompt_len,
+                                               Tensor.from_array(k[a:a + step]), Tensor.from_array(v[a:a + step]),
+                                               h.attempt), "data")
+        nxt = routes.next_stage(h.stage)
+        if nxt is not None:
+            self._send(nxt.node, PrefillChunk(m.req, m.epoch, m.replica, nxt.first, c.offset, c.last, m.prompt_len,
+                                              m.decoder, m.entry, m.sampling, m.seed, hidden=Tensor.from_array(out),
+                                              forced=m.forced, attempt=h.attempt), "data")
+        self._send(h.entry, Progress(RequestId(h.req), h.attempt, h.stage.index, h.prefilled, h.prompt_len))
+        if not c.last:
+            return
+        if m.decoder != m.replica:
+            self._release(key)  # the prompt went on to the decoder; nothing more to do here
+        else:
+            self._layers_complete(h)
+        if nxt is None:
+            self._first_token(routes, m, h, np.asarray(out).reshape(-1))
+
+    def _first_token(self, routes: Routes, m: PrefillChunk, h: Hold, logits: np.ndarray) -> None:
+        """The prefill replica's head: sample the token after the prompt, hand it to the decoder."""
+        index = 0
+        params = h.params if h.params is not None else SamplingParams.from_dict(m.sampling)
+        if m.forced >= 0:  # resumed: token 0 was streamed already; replay it
+            tok = m.forced
+        else:
+            tok = sample_one(logits, params, token_rng(m.seed, index))
+            reason = finish_reason(tok, index, params, self.eos)
+            self._send(m.entry, Token(m.req, tok, index, reason is not None, reason or "", h.attempt))
+            if reason is not None:
+                return
+        d0 = routes.stage(m.decoder, 0)
+        self._send(d0.node, DecodeStart(m.req, m.epoch, m.decoder, tok, index, h.attempt))
+
+    # --- KV hand-off (decoder stages) ------------------------------------------------------------------
+    def _on_kv(self, peer: str, m: KVChunk) -> None:
+        if self._freed(m.req, m.attempt):
+            return
+        routes = self._routes(m.epoch)
+        try:
+            if routes is None:
+                raise PlanError(f"epoch {m.epoch} is not loaded here")
+            ref = routes.owner(m.replica, m.block)
+            if ref.node != self.node_id:
+                raise PlanError(f"block {m.block} of replica {m.replica} is not held here")
+            k, v = m.k.array(), m.v.array()
+            if k.shape != v.shape or k.ndim != 3 or m.offset < 0 or m.offset + k.shape[0] > m.end:
+                raise PlanError(f"KV of shape {k.shape}/{v.shape} at offset {m.offset} for a {m.end}-token prompt")
+        except (MeshError, TypeError, ValueError) as e:
+            log.warning("dropped KV from %s for %s: %s", peer[:12], m.req, e)
+            self.stats["unreserved_kv"] += 1
+            return
+        h = self.holds.get((m.req, m.replica, ref.index))
+        if h is None or not h.decode or h.attempt != m.attempt:
+            # KV never arrives unannounced: a stage keeps only what it reserved, for this attempt
+            self.stats["unreserved_kv" if h is None or not h.decode else "stale_attempt"] += 1
+            log.warning("dropped KV from %s for %s (attempt %d): no reservation for it here", peer[:12], m.req,
+                        m.attempt)
+            return
+        self.stats["kv_in_bytes"] += k.nbytes + v.nbytes
+        h.deadline = self.now + self.config.handoff_timeout_s
+        self._meta.append(ImportOp(h, m.block, k, v, m.offset, m.end))
+
+    def _import_done(self, op: ImportOp, res: Result) -> None:
+        h = op.hold
+        if self.holds.get((h.req, h.replica, h.stage.index)) is not h:
+            return
+        if res.error is not None:
+            self._fail(h.entry, h.req, h.attempt, f"KV import failed: {res.error}", "stage_error")
+            return
+        if op.start + op.k.shape[0] == op.end:
+            h.layers_done.add(op.block)
+            if h.layers_done >= set(layer_blocks(h.stage, self.num_layers)):
+                self._layers_complete(h)
+
+    def _layers_complete(self, h: Hold) -> None:
+        if h.ready_sent:
+            return
+        h.ready_sent = True
+        h.deadline = INF
+        d0 = self._d0(h.epoch, h.replica)
+        if d0 is not None:
+            self._send(d0.node, KVReady(RequestId(h.req), h.epoch, h.replica, h.stage.index, h.attempt))
+
+    def _d0(self, epoch: int, replica: int) -> StageRef | None:
+        routes = self.routes_for(epoch)
+        if routes is None:
+            return None
+        try:
+            return routes.stage(replica, 0)
+        except PlanError:
+            return None
+
+    # --- the decode ring (stage 0) -----------------------------------------------------------------------
+    def _member(self, epoch: int, replica: int, req: str, attempt: int) -> tuple[Ring, Member] | None:
+        ring = self.rings.get((epoch, replica))
+        mem = ring.members.get(req) if ring is not None else None
+        if ring is None or mem is None:
+            self.stats["stale"] += 1
+            return None
+        if mem.attempt != attempt:
+            self.stats["stale_attempt"] += 1
+            return None
+        return ring, mem
+
+    def _on_kv_ready(self, m: KVReady) -> None:
+        found = self._member(m.epoch, m.replica, m.req, m.attempt)
+        if found is not None:
+            found[1].ready.add(m.stage)
+            self._maybe_join(*found)
+
+    def _on_decode_start(self, m: DecodeStart) -> None:
+        found = self._member(m.epoch, m.replica, m.req, m.attempt)
+        if found is not None:
+            ring, mem = found
+            mem.token, mem.index = (mem.replay[0] if mem.replay else m.token), m.index
+            self._maybe_join(ring, mem)
+
+    def _maybe_join(self, ring: Ring, mem: Member) -> None:
+        if mem.started or mem.token < 0 or len(mem.ready) < len(ring.stages):
+            return
+        mem.started = True
+        ring.micro[mem.micro].append(mem.req)
+
+    def _ring_done(self, op: DecodeOp, res: Result) -> None:
+        ring = op.ring
+        assert ring is not None
+        micro = op.micro
+        if self.rings.get((ring.epoch, ring.replica)) is not ring or ring.busy[micro] != op.step:
+            return
+        if res.error is not None:  # the whole step failed: every row of the micro-batch fails
+            self._ring_clear(ring, micro)
+            for r in op.seqs:
+                self._fail_member(ring, r, f"decode step failed: {res.error}", "stage_error")
+            return
+        out, ok, errors = res.value
+        self._row_errors(errors, ring.replica, 0)
+        keep = [i for i, j in enumerate(ok) if op.seqs[j] in ring.members]  # not freed meanwhile
+        if len(keep) != len(ok):
+            out = out[keep]
+            ok = [ok[i] for i in keep]
+        okreqs = [op.seqs[i] for i in ok]
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(ok)
+        if not okreqs:
+            self._ring_tokens(ring, micro, op.step, [], [], [])
+            return
+        okidx = tuple(ring.members[r].index for r in okreqs)
+        nxt = ring.routes.next_stage(ring.stages[0])
+        if nxt is None:  # stage 0 holds the head too: sample here
+            toks, done = self._sample_rows(ring.replica, 0, okreqs, okidx, out)
+            self._ring_tokens(ring, micro, op.step, okreqs, toks, done)
+            return
+        ring.inflight[micro] = okreqs
+        attempts = tuple(ring.members[r].attempt for r in okreqs)
+        self._send(nxt.node, DecodeBatch(ring.epoch, ring.replica, micro, nxt.first,
+                                         tuple(RequestId(r) for r in okreqs), okidx, Tensor.from_array(out),
+                                         attempts, op.step))
+
+    def _ring_clear(self, ring: Ring, micro: int) -> None:
+        ring.busy[micro] = 0
+        ring.deadline[micro] = INF
+        ring.inflight[micro] = []
+
+    def _row_errors(self, errors: dict[Any, Any], replica: int, stage: int) -> None:
+        for r, e in errors.items():
+            h = self.holds.get((r, replica, stage))
+            if h is not None:
+                self._fail(h.entry, r, h.attempt, f"decode failed: {e}", "stage_error")
+
+    def _fail_member(self, ring: Ring, req: str, why: str, code: str) -> None:
+        mem = ring.members.get(req)
+        if mem is not None:
+            self._fail(mem.entry, req, mem.attempt, why, code)
+        else:
+            self._release_req(req, None)
+
+    def _on_token_batch(self, m: TokenBatch) -> None:
+        ring = self.rings.get((m.epoch, m.replica))
+        if ring is None or not 0 <= m.micro < ring.nmicro:
+            self.stats["stale"] += 1
+            return
+        if ring.busy[m.micro] != m.step:
+            self.stats["stale"] += 1  # an answer to a step given up on
+            return
+        if not (len(m.reqs) == len(m.tokens) == len(m.done)):
+            log.warning("malformed token batch (%d reqs, %d tokens): failing its rows", len(m.reqs), len(m.tokens))
+            rows = list(ring.inflight[m.micro])
+            self._ring_clear(ring, m.micro)
+            for r in rows:
+                self._fail_member(ring, r, "the head answered a malformed token batch", "stage_error")
+            return
+        self._ring_tokens(ring, m.micro, m.step, list(m.reqs), list(m.tokens), list(m.done))
+
+    def _ring_tokens(self, ring: Ring, micro: int, step: int, reqs: list[str], tokens: list[int],
+                     done: list[bool]) -> None:
+        got = set(reqs)
+        for r in ring.inflight[micro]:
+            if r not in got and r in ring.members:
+                # dropped on the way: the stage that dropped it told the entry (or the request was freed)
+                ring.remove(r)
+                self._release_req(r, None)
+        self._ring_clear(ring, micro)
+        for r, t, d in zip(reqs, tokens, done, strict=True):
+            mem = ring.members.get(r)
+            if mem is None:
+                continue
+            if d:
+                ring.remove(r)
+                self._release_req(r, None)
+            else:
+                mem.token = int(t)
+                mem.index += 1
+
+    # --- later decoder stages --------------------------------------------------------------------------
+    def _on_decode_batch(self, m: DecodeBatch) -> None:
+        routes = self._routes(m.epoch)
+        try:
+            if routes is None:
+                raise PlanError(f"epoch {m.epoch} is not loaded here")
+            ref = self._my_stage(routes, m.replica, first_block=m.first_block)
+            runner = self.runners.runner(m.epoch, ref.first)
+            x = m.hidden.array()
+            if x.ndim != 2 or x.shape != (len(m.reqs), self.hidden_size) or len(m.indexes) != len(m.reqs):
+                raise PlanError(f"hidden {x.shape} for {len(m.reqs)} requests")
+            if m.attempts and len(m.attempts) != len(m.reqs):
+                raise PlanError(f"{len(m.attempts)} attempts for {len(m.reqs)} requests")
+            if runner is None:
+                raise PlanError("blocks not loaded")
+        except (MeshError, TypeError, ValueError) as e:
+            # answer anyway, so the ring's micro-batch goes on; the rows held here fail explicitly
+            log.warning("dropped a decode batch: %s", e)
+            for r in m.reqs:
+                for key in [k for k in self.holds if k[0] == r and k[1] == m.replica]:
+                    h = self.holds.get(key)
+                    if h is not None:
+                        self._fail(h.entry, r, h.attempt, f"bad decode frame: {e}", "stage_error")
+            d0 = self._d0(m.epoch, m.replica)
+            if d0 is not None:
+                self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, (), (), (), m.step))
+            return
+        self._fwd.append((m, ref, runner))
+
+    def _fwd_done(self, op: DecodeOp, res: Result) -> None:
+        m, ref = op.batch, op.ref
+        assert m is not None and ref is not None
+        d0 = self._d0(m.epoch, m.replica)
+        routes = self.routes_for(m.epoch)
+        if res.error is not None or routes is None or d0 is None:
+            for h in op.holds:
+                if self.holds.get((h.req, h.replica, h.stage.index)) is h:
+                    self._fail(h.entry, h.req, h.attempt, f"decode step failed on stage {ref.index}: {res.error}",
+                               "stage_error")
+            if d0 is not None:
+                self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, (), (), (), m.step))
+            return
+        out, ok, errors = res.value
+        self._row_errors(errors, m.replica, ref.index)
+        okreqs = [m.reqs[i] for i in ok]
+        okidx = tuple(m.indexes[i] for i in ok)
+        oka = tuple(m.attempts[i] for i in ok) if m.attempts else ()
+        nxt = routes.next_stage(ref)
+        if not okreqs:
+            self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, (), (), (), m.step))
+            return
+        if nxt is None:
+            toks, done = self._sample_rows(m.replica, ref.index, okreqs, okidx, out)
+            self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, tuple(okreqs), tuple(toks), tuple(done),
+                                           m.step))
+            for r, d in zip(okreqs, done, strict=True):
+                if d:
+                    self._release((r, m.replica, ref.index))
+            return
+        self._send(nxt.node, DecodeBatch(m.epoch, m.replica, m.micro, nxt.first, tuple(okreqs), okidx,
+                                         Tensor.from_array(out), oka, m.step))
+
+    def _sample_rows(self, replica: int, stage: int, reqs: list[str], indexes: tuple[int, ...],
+                     logits: np.ndarray) -> tuple[list[int], list[bool]]:
+        """The head of a decoder replica: sample each row's next token, send it to its entry."""
+        toks, done = [], []
+        for i, r in enumerate(reqs):
+            h = self.holds.get((r, replica, stage))
+            if h is None or h.params is None:
+                toks.append(-1)
+                done.append(True)
+                continue
+            index = indexes[i] + 1
+            if index < len(h.replay):  # resumed: this token was streamed before; feed it again
+                toks.append(h.replay[index])
+                done.append(False)
+                continue
+            tok = sample_one(logits[i], h.params, token_rng(h.seed, index))
+            reason = finish_reason(tok, index, h.params, self.eos)
+            self._send(h.entry, Token(RequestId(r), tok, index, reason is not None, reason or "", h.attempt))
+            toks.append(tok)
+            done.append(reason is not None)
+        return toks, done
+
+    # --- freeing ---------------------------------------------------------------------------------------
+    def free(self, req: str, attempt: int, now: float) -> None:
+        """Release what this node holds for ``req`` up to ``attempt`` (idempotent) and remember it."""
+        self.now = now
+        self._release_req(req, attempt)
+        t = self.tombs.pop(req, None)
+        self.tombs[req] = (max(attempt, t[0] if t else attempt), now + self.config.tombstone_s)
+        while len(self.tombs) > TOMBSTONES:
+            self.tombs.popitem(last=False)
+
+    def _fail(self, entry: str, req: str, attempt: int, message: str, code: str,
+              reserved: tuple[int, int] | None = None) -> None:
+        """This node cannot go on with the request: tell its entry, release what is held here."""
+        if reserved is not None:
+            self._send(entry, Reserved(RequestId(req), reserved[0], reserved[1], False, message, code, attempt))
+        else:
+            self._send(entry, Error(RequestId(req), message, code, attempt))
+        self._release_req(req, attempt)
+
+    def _any_hold(self, req: str | None, attempt: int) -> Hold | None:
+        for k, h in self.holds.items():
+            if k[0] == req and h.attempt == attempt:
+                return h
+        return None
+
+    def _release_req(self, req: str, attempt: int | None) -> None:
+        """Every hold of ``req`` here (of attempts up to ``attempt``; None: any)."""
+        for ring in self.rings.values():
+            mem = ring.members.get(req)
+            if mem is not None and (attempt is None or mem.attempt <= attempt):
+                ring.remove(req)
+        for key in [k for k in self.holds if k[0] == req]:
+            h = self.holds[key]
+            if attempt is None or h.attempt <= attempt:
+                self._release(key)
+
+    def _release(self, key: Key) -> None:
+        h = self.holds.pop(key, None)
+        if h is None:
+            return
+        log.debug("request %s: released on stage %d of replica %d", h.req, h.stage.index, h.replica,
+                  extra={"request_id": h.req})
+        self._reserve_msg.pop(key, None)
+        if h.allocated:
+            self._meta.append(FreeOp(h.runner, h.req))
+        self._after_release(h)
+
+    def _drop(self, key: Key) -> None:
+        """A hold whose allocation failed: nothing to free in the runner."""
+        h = self.holds.pop(key, None)
+        if h is not None:
+            self._after_release(h)
+
+    def _after_release(self, h: Hold) -> None:
+        h.chunks.clear()
+        n = self._in_flight.get(h.req, 0) - 1
+        if n <= 0:
+            self._in_flight.pop(h.req, None)
+            self._out.append(End(h.epoch, h.req))
+        else:
+            self._in_flight[h.req] = n
+
+    # --- output ------------------------------------------------------------------------------------------
+    def _send(self, to: str, msg: Message, lane: str = "control") -> None:
+        self._out.append(Send(to, msg, lane))
+
+    def _flush(self) -> list[Output]:
+        out, self._out = self._out, []
+        return out
+
+    # --- load ------------------------------------------------------------------------------------------
+    def load_reports(self) -> list[LoadReport]:
+        out = []
+        for (epoch, replica), ring in self.rings.items():
+            runner = self.runners.runner(epoch, ring.stages[0].first)
+            free = self.runners.free_tokens(runner) if runner is not None else None
+            out.append(LoadReport(NodeId(self.node_id), epoch, replica,
+                                  {"decoding": len(ring.members), "started": sum(len(x) for x in ring.micro),
+                                   "max_batch": ring.max_batch, "free_tokens": -1 if free is None else int(free),
+                                   "steps": ring.steps}))
+        return out
+
+    def queued_prefill_tokens(self) -> int:
+        return sum(int(c.x.shape[0]) for h in self.holds.values() for c in h.chunks)
+
+    def view(self) -> dict[str, Any]:
+        return {"held": len(self.holds), "rings": {f"{e}/{r}": len(g.members) for (e, r), g in self.rings.items()},
+                "queued_ops": len(self._meta) + len(self._fwd), "queued_prefill_tokens": self.queued_prefill_tokens(),
+                "requests": len(self._in_flight), **self.stats}
+
+
+def _op_holds(op: Op) -> list[Hold]:
+    if isinstance(op, (AllocOp, ImportOp, PrefillOp)):
+        return [op.hold]
+    if isinstance(op, DecodeOp):
+        return list(op.holds)
+    return []
+
+
+# --- what runs on the inference thread -------------------------------------------------------------
+
+def run_op(op: Op, stats: dict[str, Any], clock: Callable[[], float]) -> Result:
+    """One op against its runner. Errors become results: one request's failure is not the batch's."""
+    try:
+        if isinstance(op, AllocOp):
+            h = op.hold
+            if op.group is None:
+                h.runner.alloc(h.req, op.tokens)
+            else:
+                h.runner.alloc(h.req, op.tokens, group=op.group)
+            return Result()
+        if isinstance(op, FreeOp):
+            if op.runner.has_seq(op.seq):
+                op.runner.free(op.seq)
+            return Result()
+        if isinstance(op, ImportOp):
+            op.hold.runner.kv_import(op.hold.req, op.block, op.k, op.v, start=op.start)
+            return Result()
+        if isinstance(op, PrefillOp):
+            h, c = op.hold, op.chunk
+            out = np.array(h.runner.prefill(h.req, c.x, last_only=True), copy=True)
+            kvs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+            for b in op.export:
+                k, v = h.runner.kv_export(h.req, b, c.offset, c.offset + c.x.shape[0])
+                kvs[b] = (np.ascontiguousarray(k, dtype=op.kv_dtype), np.ascontiguousarray(v, dtype=op.kv_dtype))
+            return Result((out, kvs))
+        t0 = clock()
+        out, ok, errors = op.runner.decode_rows(op.seqs, op.x)
+        stats["decode_compute_s"] += clock() - t0  # this stage's share of a token's time
+        stats["decode_calls"] += 1
+        return Result((np.array(out, copy=True), list(ok), {k: str(e) for k, e in dict(errors).items()}))
+    except ContextLengthError as e:
+        return Result(error=str(e), kind="too_large")
+    except MeshError as e:
+        return Result(error=str(e), kind="capacity")
+    except (ValueError, TypeError, IndexError, RuntimeError) as e:  # onnxruntime raises RuntimeError subclasses
+        log.exception("serving op %s raised", type(op).__name__)
+        return Result(error=f"{type(e).__name__}: {e}", kind="error")
