@@ -1,0 +1,218 @@
+"""The serving core's promises on the in-memory mesh with real runners: a short request is not held
+back by a long one, a request that can never fit is refused at once, a bug on a request's path ends
+that request explicitly, frames of a failed attempt never land on the next, and a stateful
+property test of arrivals, cancels, lost nodes and delays: every request ends exactly once, its
+tokens are the single process's, and every node returns to holding nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from servemesh import DataMesh
+from test_serve import PLANS, answer, names, reference, settled
+from waiting import async_wait_until
+
+from meshllm.model.manifest import Manifest
+from meshllm.runtime.sampling import SamplingParams
+from meshllm.serve.config import ServeConfig
+from meshllm.serve.request import Status
+from meshllm.wire.ids import RequestId
+from meshllm.wire.messages import Error, Token
+
+
+@pytest.fixture
+async def make_mesh(tiny_manifest: Manifest):
+    meshes: list[DataMesh] = []
+
+    async def make(spec, config: ServeConfig | None = None, budget: int = 1 << 30) -> DataMesh:
+        m = DataMesh(tiny_manifest, names(spec), config=config, budget=budget)
+        meshes.append(m)
+        await m.start(spec)
+        return m
+
+    yield make
+    for m in meshes:
+        await m.close()
+
+
+@pytest.mark.parametrize("plan", ["one-node", "both-split"])
+async def test_a_short_request_is_not_held_back_by_a_long_stream(make_mesh, tiny_manifest: Manifest,
+                                                                 plan: str) -> None:
+    """A replica that both prefills and decodes interleaves a new prompt's chunks with the decode
+    steps of a long answer: the short request finishes first (its prefill used to wait for the
+    whole long answer)."""
+    mesh = await make_mesh(PLANS[plan])
+    entry = mesh.node("a").serving.entry
+    long_prompt, short_prompt = [5, 6, 7, 8], [9, 10, 11]
+    long_params = SamplingParams(temperature=0.0, max_tokens=tiny_manifest.config.max_position - len(long_prompt),
+                                 ignore_eos=True)
+    short_params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    long_tokens: list[int] = []
+    long_done = asyncio.Event()
+    short: list[asyncio.Task] = []
+
+    async def short_run():
+        got = await answer(entry, short_prompt, short_params)
+        return got, len(long_tokens), long_done.is_set()  # where the long answer was at that moment
+
+    async def long_run() -> None:
+        async for ev in entry.generate(long_prompt, long_params):
+            assert ev.error is None
+            long_tokens.append(ev.token_id)
+            if len(long_tokens) == 3:  # the long answer streams: now the short request arrives
+                short.append(asyncio.ensure_future(short_run()))
+        long_done.set()
+
+    task = asyncio.ensure_future(long_run())
+    await async_wait_until(lambda: short, "the long answer to stream", 10.0)
+    (tokens, reason, error), at_short_end, long_was_done = await short[0]
+    assert error is None and reason == "length"
+    assert not long_was_done and at_short_end < long_params.max_tokens, \
+        f"the short request finished only after the long one ({at_short_end} tokens)"
+    await task
+    assert tokens == reference(tiny_manifest, short_prompt, short_params)
+    assert long_tokens == reference(tiny_manifest, long_prompt, long_params)
+    await settled(mesh)
+
+
+async def test_a_request_that_can_never_fit_is_refused_at_once(make_mesh, tiny_manifest: Manifest) -> None:
+    """More positions than any decoder's whole KV budget: an explicit too_large error at once,
+    not a wait for room that never comes (queue_timeout_s is long here)."""
+    cfg = tiny_manifest.config
+    mesh = await make_mesh(PLANS["one-node"], ServeConfig(queue_timeout_s=60.0))
+    (runner,) = mesh.node("a").stages.runners(1)
+    runner.kv.budget = 16 * runner.kv_bytes_per_token  # room for 16 positions, ever
+    entry = mesh.node("a").serving.entry
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    big = SamplingParams(temperature=0.0, max_tokens=cfg.max_position - 8, ignore_eos=True)
+    tokens, _, error = await answer(entry, [3, 4, 5], big)
+    assert error is not None and "never fit" in error, error
+    assert loop.time() - t0 < 5.0
+    # a request that fits is served as before
+    small = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    tokens, _, error = await answer(entry, [3, 4, 5], small)
+    assert error is None and tokens == reference(tiny_manifest, [3, 4, 5], small)
+    await settled(mesh)
+
+
+async def test_a_bug_on_a_requests_path_ends_it_explicitly(make_mesh, monkeypatch) -> None:
+    mesh = await make_mesh(PLANS["one-node"])
+    entry = mesh.node("a").serving.entry
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(entry.core, "_on_token", broken)
+    _, _, error = await asyncio.wait_for(answer(entry, [3, 4], SamplingParams(temperature=0.0, max_tokens=4)), 10.0)
+    assert error is not None and "internal error" in error
+    monkeypatch.undo()
+    await settled(mesh)
+    assert not entry.requests
+
+
+async def test_frames_of_a_failed_attempt_are_dropped(make_mesh, tiny_manifest: Manifest) -> None:
+    """After a fault the request resumes under a new attempt; a late token and a late error of the
+    old attempt change nothing (they used to be taken into the new stream, or to use up a
+    migration)."""
+    mesh = await make_mesh(PLANS["three-replicas"])
+    a = mesh.node("a")
+    entry = a.serving.entry
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompt = [7, 8, 9]
+    events = []
+    gen = entry.generate(prompt, params)
+    events.append(await anext(gen))
+    rid, r = next(iter(entry.requests.items()))
+    old = r.attempt
+    # a stage of the current attempt reports a failure: the entry resumes elsewhere
+    entry.handle(a.node_id, Error(RequestId(rid), "simulated step failure", "stage_error", old))
+    assert r.migrations == 1 and r.attempt > old
+    # late frames of the old attempt: a token from its decoder, and an error from another stage
+    entry.handle(a.node_id, Token(RequestId(rid), 4000, len(r.tokens), False, "", old))
+    entry.handle(a.node_id, Error(RequestId(rid), "node gone", "node_lost", old))
+    assert r.migrations == 1 and r.dropped_frames == 2
+    async for ev in gen:
+        assert ev.error is None
+        events.append(ev)
+    assert [e.token_id for e in events] == reference(tiny_manifest, prompt, params)
+    await settled(mesh)
+
+
+# --- a stateful property test over the in-memory mesh ---------------------------------------------------
+
+SCENARIO = st.lists(
+    st.tuples(st.sampled_from(["request", "cancel", "kill", "pause"]),
+              st.integers(min_value=0, max_value=10 ** 6)),
+    min_size=3, max_size=10)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(SCENARIO)
+def test_random_arrivals_cancels_losses_and_delays(tiny_manifest: Manifest, scenario) -> None:
+    """Invariants over random traffic and faults on a 4-node mesh (two replicas that can both take
+    any request): each request ends exactly once; a completed one has exactly the single
+    process's tokens (one attempt's, after any resumption); a cancelled or failed one has a prefix
+    of them; every surviving node ends holding no KV and no request."""
+    asyncio.run(_scenario(tiny_manifest, scenario))
+
+
+async def _scenario(manifest: Manifest, scenario) -> None:
+    spec = [("both", [("a", 0, 2), ("b", 2, 5)]), ("both", [("c", 0, 3), ("d", 3, 5)])]
+    mesh = DataMesh(manifest, names(spec), config=ServeConfig(stall_timeout_s=5.0, migrate_wait_s=2.0,
+                                                              queue_timeout_s=5.0))
+    await mesh.start(spec)
+    rng = np.random.default_rng(0)
+    ends: dict[int, list] = {}
+    tasks: dict[int, asyncio.Task] = {}
+    expected: dict[int, list[int]] = {}
+    killed = False
+    try:
+        for i, (what, x) in enumerate(scenario):
+            if what == "request" or (what == "cancel" and not tasks):
+                prompt = [int(t) for t in rng.integers(3, 97, size=1 + x % 20)]
+                params = SamplingParams(temperature=0.0 if x % 2 else 0.8, seed=x, max_tokens=2 + x % 12,
+                                        ignore_eos=True)
+                expected[i] = reference(manifest, prompt, params)
+                entry = mesh.node("a" if killed else "abcd"[x % 4]).serving.entry
+                tasks[i] = asyncio.ensure_future(_collect(entry, prompt, params, ends.setdefault(i, [])))
+            elif what == "cancel":
+                k = sorted(tasks)[x % len(tasks)]
+                tasks[k].cancel()
+            elif what == "kill" and not killed:
+                killed = True
+                await mesh.kill("c" if x % 2 else "d")
+            elif what == "pause":
+                for _ in range(x % 7):
+                    await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for (i, _task), res in zip(tasks.items(), results, strict=True):
+            got = ends[i]
+            if isinstance(res, asyncio.CancelledError):
+                toks = [e.token_id for e in got]
+                assert toks == expected[i][:len(toks)], f"request {i}: cancelled with other tokens"
+                continue
+            assert not isinstance(res, BaseException), res
+            finals = [e for e in got if e.finish_reason is not None or e.error is not None]
+            assert len(finals) == 1 and finals[0] is got[-1], f"request {i} ended {len(finals)} times"
+            toks = [e.token_id for e in got if e.token_id is not None]
+            if got[-1].error is None:
+                assert toks == expected[i], f"request {i}: other tokens"
+            else:
+                assert toks == expected[i][:len(toks)], f"request {i}: failed with other tokens"
+        await settled(mesh)
+        for n in mesh.nodes.values():
+            if not n.dead:
+                assert not n.serving.entry.requests
+                assert all(r.status is Status.FINISHED for r in n.serving.entry.requests.values())
+    finally:
+        await mesh.close()
+
+
+async def _collect(entry, prompt, params, out: list) -> None:
+    async for ev in entry.generate(prompt, params):
+        out.append(ev)
