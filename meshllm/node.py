@@ -153,22 +153,22 @@ class Node:
             self.model_profile, name=self.name, workload=opts.workload, strategy=opts.strategy,
             objective=opts.objective, islands=opts.islands, step=self.step,
             gather_links=self.dialer.gather_links, proposed_epoch=lambda: self.driver.proposed_epoch())
-        self.plans = PlanLoader(
+        self.plan_loader = PlanLoader(
             self.node_id, self.model_profile, self.stages, control=lambda: self.control,
             profile=lambda: self.planning.profile, peers=lambda: self.dialer.peers,
             link_stats=lambda: self.dialer.link_stats, budget=self._budget, step=self.step)
         self.driver = ControlDriver(
             self.node_id, name=self.name, codec=self.codec, config=opts.control, priority=opts.priority,
-            validate_plan=self.plans.validate, spawn=self._spawn, closed=lambda: self.closed,
+            validate_plan=self.plan_loader.validate, spawn=self._spawn, closed=lambda: self.closed,
             owners=Owners(plan=self.planning.plan, evolve=self.planning.evolve, finish=self.planning.finish,
-                          load=self.plans.load, drain=self.stages.drain, unload=self.stages.unload,
+                          load=self.plan_loader.load, drain=self.stages.drain, unload=self.stages.unload,
                           observe=lambda out: self.events.observe(out), names=lambda: member_names(self.ports),
                           link_up=self.dialer.on_link_up))
         self.on_link_down_hooks = self.driver.on_link_down_hooks
         self.on_epoch_active_hooks = self.driver.on_epoch_active_hooks
         self.ports = self._ports()
         # the data plane: registers its frame handler and hooks on this node
-        estimator = PlanEstimator(self.model_profile, self.plans.known_devices, self.plans.known_network,
+        estimator = PlanEstimator(self.model_profile, self.plan_loader.known_devices, self.plan_loader.known_network,
                                   opts.workload)
         self.serving = Serving(self, opts.serve, policy="start" if opts.objective == "waiting" else "completion",
                                estimator=estimator)
@@ -352,7 +352,7 @@ class Node:
 
     def accepts_epoch(self, epoch: int) -> bool:
         """The data-plane gate (see ``PlanLoader.accepts_epoch``)."""
-        return self.plans.accepts_epoch(epoch)
+        return self.plan_loader.accepts_epoch(epoch)
 
     def observe_request(self, input_len: int, output_len: int) -> None:
         """A finished request's lengths: the control plane re-plans when they drift from the plan's."""

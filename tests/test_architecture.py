@@ -99,7 +99,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "wire": {"errors", "wire"},
     "control": {"errors", "model", "planner", "wire", "control"},
     "net": {"errors", "wire", "net"},
-    "serve": {"errors", "model", "runtime", "planner", "sim", "wire", "control", "net", "serve", "obs"},
+    "serve": {"errors", "model", "runtime", "planner", "sim", "wire", "control", "net", "serve", "obs", "ports"},
     "obs": {"errors", "obs", "ports"},
     # pure typing: the ports' types, imported for type checking only
     "ports.py": {"control", "model", "net", "planner", "wire"},
