@@ -1,6 +1,7 @@
 """The planning work a node does for the control plane, off the event loop and off the inference
 thread: the leader's planning rounds (profiles -> ``planner.Problem`` -> GA islands or another
-strategy -> a proposed plan), GA islands evolved for the leader, and the node's self-profiling.
+strategy -> a proposed plan), GA islands evolved for the leader, and the node's self-profiling
+(``self_profile``: measured or read from the cache, then ``ProfileReady`` to the control plane).
 
 Everything CPU-heavy runs on this service's own one-thread executor (``meshllm-plan``), so a decode
 step on the stage host's inference thread never waits behind a GA generation or a profile.
@@ -18,7 +19,8 @@ import contextvars
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,6 +31,7 @@ from meshllm.control.events import (
     Islands,
     IslandsDone,
     PlanningFailed,
+    ProfileReady,
     ProposePlan,
     StartPlanning,
 )
@@ -44,11 +47,14 @@ from meshllm.control.planning import (
     problem_to_dict,
 )
 from meshllm.errors import MeshError, PlanError
+from meshllm.model.manifest import Manifest
+from meshllm.obs.progress import bar
 from meshllm.planner import ga
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.problem import Problem
 from meshllm.planner.strategies import plan_problem
 from meshllm.planner.types import Workload
+from meshllm.runtime.profile import NodeProfile, load_or_measure
 from meshllm.wire.ids import NodeId
 
 log = logging.getLogger("meshllm.planning")
@@ -79,6 +85,8 @@ class PlanningService:
         self._problems: dict[str, Problem] = {}  # evolving members: problem documents seen lately
         self._islands_problem: dict[int, Problem] = {}  # leader: round -> problem
         self._islands_reason: dict[int, str] = {}  # leader: round -> why it planned (for the plan)
+        self.profile: NodeProfile | None = None  # this node's, once measured
+        self.profile_progress = "not started"
 
     async def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the planning executor."""
@@ -181,3 +189,43 @@ class PlanningService:
         log.info("%s evolved GA island %d of round %d: %d generations in %.2f s, best fitness %.4g",
                  self.name, ev.island, ev.round, ev.generations, loop.time() - t0, fit[0] if fit else float("nan"))
         self._step(IslandEvolved(ev.round, ev.island, inds, fit))
+
+    # --- self-profiling -------------------------------------------------------------------------
+    async def self_profile(self, manifest: Manifest, state_dir: Path, *, threads: int, slowdown: float,
+                           memory_bytes: int, links: Callable[[], Mapping[str, Mapping[str, float]]],
+                           given: Callable[[], NodeProfile] | None = None) -> None:
+        """This node's profile, read from the cache in ``state_dir`` or measured on this service's
+        executor (never on the inference thread), then ``ProfileReady`` to the control plane with
+        the node's name and its link measurements (``links``). ``given`` makes the profile up
+        instead (tests). Without a profile the node stays a member but is never planned onto."""
+        if given is not None:
+            prof = given()
+        else:
+            shown = bar(desc=f"profile {manifest.name}", unit="block")  # on a terminal only
+
+            def progress(i: int, n: int, what: str) -> None:
+                shown.total = n
+                shown.update(i - shown.n)
+                self.profile_progress = f"{i}/{n} blocks" if i < n else "done"
+                if i < n:
+                    log.info("profiling %s: block %d/%d (%s)", manifest.name, i + 1, n, what)
+
+            try:
+                prof, cached = await self.run(lambda: load_or_measure(
+                    manifest, state_dir, threads=threads, slowdown=slowdown, memory_bytes=memory_bytes,
+                    progress=progress))
+            except (MeshError, OSError, RuntimeError) as e:
+                self.profile_progress = f"failed: {e}"
+                log.error("profiling failed: %s; this node will not be given blocks", e)
+                return
+            finally:
+                shown.close()
+            log.info("profile %s: decode %.2f ms/token, prefill %.3f ms/token, budget %.2f GiB",
+                     "from cache" if cached else "measured", 1000 * prof.decode_s_per_token,
+                     1000 * sum(prof.prefill_s_per_token), prof.memory_bytes / (1 << 30))
+        self.profile = prof
+        self.profile_progress = "done"
+        doc = prof.to_dict()
+        doc["name"] = self.name
+        doc["links"] = dict(links())
+        self._step(ProfileReady(doc))

@@ -1,42 +1,43 @@
 """What a node says about itself over HTTP: ``GET /v1/profile`` and ``GET /v1/mesh``.
 
-Read-only snapshots of a running ``Node`` as JSON-able dicts; nothing here changes the node.
+Read-only snapshots of a running node as JSON-able dicts, read through its ports
+(``meshllm.ports.NodePorts``); nothing here changes the node.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from meshllm.errors import PlanError
-from meshllm.net.base import DEFAULT_MESH_KEY, PROTOCOL_VERSION
+from meshllm.net.base import PROTOCOL_VERSION
 from meshllm.planner.types import Plan
-
-if TYPE_CHECKING:
-    from meshllm.node import Node
+from meshllm.ports import NodePorts
 
 
-def member_names(node: Node) -> dict[str, str]:
+def member_names(ports: NodePorts) -> dict[str, str]:
     """Node id -> display name, for every member this node knows a name of (itself included)."""
-    names: dict[str, str] = {node.node_id: node.name}
-    if node.control is not None:
-        for nid, m in node.control.membership.members.items():
+    me = ports.identity
+    names: dict[str, str] = {me.node_id: me.name}
+    control = ports.plans.control()
+    if control is not None:
+        for nid, m in control.membership.members.items():
             if m.name:
                 names[nid] = m.name
     return names
 
 
-def profile_view(node: Node) -> dict[str, Any]:
+def profile_view(ports: NodePorts) -> dict[str, Any]:
     """``GET /v1/profile``: who the node is, its measured profile and its link measurements."""
-    return {"node_id": node.node_id, "name": node.name, "model_id": node.manifest.model_id,
-            "model": node.manifest.name, "mesh_id": node.mesh_id, "proto": PROTOCOL_VERSION,
-            "addr": f"{node.opts.advertise_host}:{node.port}",
-            "profile": node.profile.to_dict() if node.profile else None,
-            "profile_progress": node.profile_progress, "links": dict(node.link_stats),
-            "peers": node.dialer.linked_addresses()}
+    me = ports.identity
+    return {"node_id": me.node_id, "name": me.name, "model_id": me.manifest.model_id,
+            "model": me.manifest.name, "mesh_id": me.mesh_id, "proto": PROTOCOL_VERSION,
+            "addr": me.addr(), "profile": ports.profiles.own(),
+            "profile_progress": ports.profiles.progress(), "links": dict(ports.peers.link_stats()),
+            "peers": ports.peers.linked_addresses()}
 
 
-def mesh_view(node: Node) -> dict[str, Any]:
+def mesh_view(ports: NodePorts) -> dict[str, Any]:
     """``GET /v1/mesh``::
 
         {"node": {id, name, addr, model, model_id, mesh_id, proto, role},
@@ -50,14 +51,20 @@ def mesh_view(node: Node) -> dict[str, Any]:
          "ready", "why_not_ready",                            # ready: a leader, an active plan, its nodes alive
          "security": {mesh: "open" | "keyed", api_key_required},
          "stats": {bad_frames, handler_errors, rejected_plans, links, refused_links},
-         "serving": {...} | null}                             # the serving layer's view (node.serving_view)
+         "serving": {...} | null}                             # the serving layer's view (ports.serving_view)
     """
-    c = node.control
+    me = ports.identity
+    c = ports.plans.control()
     if c is None:
-        return {"node": {"id": node.node_id, "name": node.name}, "ready": False,
+        return {"node": {"id": me.node_id, "name": me.name}, "ready": False,
                 "why_not_ready": "starting"}
     st = c.status()
-    names = member_names(node)
+    names = member_names(ports)
+    own_profile = ports.profiles.own()
+    known = ports.peers.known()
+    link_stats = ports.peers.link_stats()
+    transport = ports.peers.transport()
+    linked = set(transport.peers()) if transport is not None else set()
     members = []
     plan = c.active_plan
     if plan is not None:
@@ -70,11 +77,11 @@ def mesh_view(node: Node) -> dict[str, Any]:
                     plan_ranges[s.node] = [s.first, s.end]
     for m in st["members"]:
         nid = m["node"]
-        info = node.peers.get(nid)
+        info = known.get(nid)
         addr: str | None
-        if nid == node.node_id:
-            prof = node.profile.to_dict() if node.profile else None
-            addr = f"{node.opts.advertise_host}:{node.port}"
+        if nid == me.node_id:
+            prof = own_profile
+            addr = me.addr()
         else:
             prof = (info.profile or {}).get("profile") if info else None
             prof = prof or c.profiles.get(nid)
@@ -87,33 +94,30 @@ def mesh_view(node: Node) -> dict[str, Any]:
         members.append({"id": nid, "name": names.get(nid, m.get("name") or ""), "addr": addr,
                         "state": m["state"], "priority": m["priority"], "epoch": m["epoch"],
                         "self": m["self"], "leader": nid == c.leader,
-                        "linked": nid == node.node_id or (node.transport is not None
-                                                          and nid in node.transport.peers()),
+                        "linked": nid == me.node_id or nid in linked,
                         "loaded": plan_ranges.get(nid), "profile": summary,
-                        "link": node.link_stats.get(nid)})
+                        "link": link_stats.get(nid)})
     alive = {m["id"] for m in members if m["state"] == "alive"}
     why = ""
     if c.leader is None:
         why = "no leader yet"
     elif not plan:
-        why = "no active plan yet" + ("" if node.profile else f" (profiling: {node.profile_progress})")
+        why = "no active plan yet" + ("" if own_profile else f" (profiling: {ports.profiles.progress()})")
     elif not set(plan_ranges) <= alive:
         why = "a node of the active plan is not alive"
-    serving = node.serving_view() if node.serving_view is not None else None
+    stats = ports.stats()
     return {
-        "node": {"id": node.node_id, "name": node.name, "addr": f"{node.opts.advertise_host}:{node.port}",
-                 "model": node.manifest.name, "model_id": node.manifest.model_id, "mesh_id": node.mesh_id,
+        "node": {"id": me.node_id, "name": me.name, "addr": me.addr(),
+                 "model": me.manifest.name, "model_id": me.manifest.model_id, "mesh_id": me.mesh_id,
                  "proto": PROTOCOL_VERSION, "role": st["role"]},
         "term": st["term"], "leader": st["leader"], "leader_name": names.get(st["leader"] or ""),
         "epoch": st["active_epoch"], "plan": plan, "members": members,
         "pending_epoch": st["planning"]["pending_epoch"], "planning": st["planning"],
-        "loaded_epochs": node.stages.epochs(), "draining": st["draining"],
+        "loaded_epochs": ports.stages.epochs(), "draining": st["draining"],
         "ready": not why, "why_not_ready": why or None,
-        "security": {"mesh": "open" if node.opts.mesh_key == DEFAULT_MESH_KEY else "keyed",
-                     "api_key_required": bool(node.opts.api_key)},
-        "stats": {"bad_frames": node.bad_frames, "handler_errors": node.handler_errors,
-                  "rejected_plans": node.rejected_plans,
-                  "links": len(node.transport.peers()) if node.transport else 0,
-                  "refused_links": getattr(node.transport, "rejected", 0)},
-        "serving": serving,
+        "security": {"mesh": "keyed" if me.mesh_keyed else "open", "api_key_required": me.api_key_required},
+        "stats": {"bad_frames": stats.bad_frames, "handler_errors": stats.handler_errors,
+                  "rejected_plans": stats.rejected_plans, "links": len(linked),
+                  "refused_links": getattr(transport, "rejected", 0)},
+        "serving": ports.serving_view(),
     }

@@ -35,14 +35,15 @@ def dashboards(mesh: Mesh) -> dict[str, Dashboard]:
     """One dashboard per node; each reads the others' ``/v1/dashboard/node`` through the in-memory
     registry (real nodes fetch it over HTTP)."""
     out: dict[str, Dashboard] = {}
+    nodes = {f"{n.opts.advertise_host}:{n.port}": n for n in mesh.nodes}
 
     async def fetch(addr: str) -> dict | None:
         await asyncio.sleep(0)
         d = out.get(addr)
-        return None if d is None or d.node.closed else d.local_view()
+        return None if d is None or nodes[addr].closed else d.local_view()
 
-    for n in mesh.nodes:
-        out[f"{n.opts.advertise_host}:{n.port}"] = Dashboard(n, fetch_peer=fetch)
+    for addr, n in nodes.items():
+        out[addr] = Dashboard(n.ports, n.serving, fetch_peer=fetch)
     return out
 
 
@@ -59,7 +60,7 @@ def in_flight(mesh: Mesh) -> dict[str, tuple[int, int, int]]:
 
 async def test_not_ready_says_why_and_still_lists_the_node(mesh: Mesh) -> None:
     node = await mesh.add(0)
-    d = await Dashboard(node).view()
+    d = await Dashboard(node.ports, node.serving).view()
     assert d["ready"] is False and d["why_not_ready"]  # no leader yet (or no plan yet)
     assert d["plan"] is None and d["replicas"] == []
     assert [n["name"] for n in d["nodes"]] == ["n0"]
@@ -132,7 +133,7 @@ async def test_the_view_shows_every_node_replica_and_figure_beside_its_predictio
 
 async def test_a_failed_or_cancelled_request_is_counted_not_measured(mesh: Mesh) -> None:
     node = await mesh.add(0)
-    dash = Dashboard(node)
+    dash = Dashboard(node.ports, node.serving)
     await mesh.until(lambda: mesh.agreed() is not None, "a one-node plan")
     gen = node.serving.entry.generate([4, 5, 6], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
     first = await anext(gen)
@@ -225,7 +226,7 @@ async def test_a_stream_the_client_abandons_is_freed_on_every_node(served) -> No
 async def test_the_plan_says_why_it_was_made_in_names(mesh: Mesh) -> None:
     for i in range(2):
         await mesh.add(i, priority=10 if i == 0 else 0)  # n0 leads, before and after the join
-    dash = Dashboard(mesh.nodes[0])
+    dash = Dashboard(mesh.nodes[0].ports, mesh.nodes[0].serving)
     await mesh.until(lambda: mesh.agreed() is not None, "a plan on two nodes")
     first = (await dash.view())["plan"]
     assert first["reason"] and first["strategy"] == "e2llm"
@@ -252,7 +253,7 @@ async def test_a_member_answering_garbage_is_left_out(mesh: Mesh, garbage: dict,
     async def fetch(addr: str) -> dict:
         return {"id": n1.node_id, **garbage}
 
-    d = await Dashboard(n0, fetch_peer=fetch).view()
+    d = await Dashboard(n0.ports, n0.serving, fetch_peer=fetch).view()
     assert d["entries"]["measured"] == 1 and d["plan"]["measured"]["entries"] == 1
     row = next(x for x in d["nodes"] if x["id"] == n1.node_id)
     assert row["memory"]["source"] == memory

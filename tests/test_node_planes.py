@@ -32,7 +32,7 @@ async def test_data_frames_go_to_the_plane_handler_and_its_bugs_are_ours(
     got: list[tuple[str, Message]] = []
     # A node without a data-plane handler (every node registers the serving layer's; take it
     # away): the frame is dropped quietly, and it is nobody's error.
-    a._planes.pop("data")
+    a.driver.planes.pop("data")
     b.transport.send(a.node_id, b.codec.encode(Free(RequestId("early"))))
     await async_wait_until(lambda: "no handler for the data plane" in caplog.text, "the early frame dropped", 10)
     assert a.bad_frames == 0 and a.handler_errors == 0

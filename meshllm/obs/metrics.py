@@ -9,7 +9,8 @@ Two kinds:
   (``NodeEvents``, fed from the control plane's outputs);
 - **at scrape time**: what the node already counts or holds — tokens, migrations, queue depth,
   running requests, KV bytes in use and budget, KV hand-off bytes, bytes per link, the election
-  term, the plan epoch (``ServingCollector`` reads the serving layer, ``NodeCollector`` the node).
+  term, the plan epoch (``ServingCollector`` reads the serving layer and the stage host,
+  ``NodeCollector`` the node through its ports, ``meshllm.ports.NodePorts``).
 
 ``docs/observability.md`` lists every metric. ``metrics_handler(registry)`` is ``GET /metrics``.
 """
@@ -25,6 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+
+from meshllm.ports import NodePorts, Stages
 
 # outcome label of meshllm_requests_total
 OK, CANCELLED, REJECTED, ERROR = "ok", "cancelled", "rejected", "error"
@@ -147,10 +150,12 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 class ServingCollector(Collector):
     """The serving layer's counters and state: tokens, migrations, queue depth and running requests
-    at the entry, the stage's queues and decoding requests, KV bytes in use and budget."""
+    at the entry, the stage's queues and decoding requests, KV bytes in use and budget (over
+    ``stages``, the node's stage host)."""
 
-    def __init__(self, serving: Any) -> None:
+    def __init__(self, serving: Any, stages: Stages | None = None) -> None:
         self.serving = serving
+        self.stages = stages
 
     def collect(self) -> Iterator[Metric]:
         entry, stage = self.serving.entry, self.serving.stage
@@ -183,12 +188,13 @@ class ServingCollector(Collector):
         kv.add_metric(["in"], ss.get("kv_in_bytes", 0))
         kv.add_metric(["out"], ss.get("kv_out_bytes", 0))
         yield kv
-        used, budget = kv_bytes(self.serving.node.stages)
+        # (a serving layer built on a whole node reads its stage host there)
+        used, budget = kv_bytes(self.stages if self.stages is not None else self.serving.node.stages)
         yield _gauge("meshllm_kv_bytes_in_use", "KV cache bytes reserved by requests on this node", used)
         yield _gauge("meshllm_kv_budget_bytes", "KV cache bytes this node's loaded stages may reserve", budget)
 
 
-def kv_bytes(stages: Any) -> tuple[int, int]:
+def kv_bytes(stages: Stages) -> tuple[int, int]:
     """(reserved, budget) bytes over this node's distinct runners (epochs with the same ranges share them)."""
     seen: dict[int, Any] = {}
     for e in stages.epochs():
@@ -208,17 +214,17 @@ class NodeCollector(Collector):
     """The node's state: who it is, the election term and leadership, the plan epoch, members, and
     bytes per link (by peer name)."""
 
-    def __init__(self, node: Any, names: Callable[[], dict[str, str]]) -> None:
-        self.node = node
+    def __init__(self, ports: NodePorts, names: Callable[[], dict[str, str]]) -> None:
+        self.ports = ports
         self.names = names  # node id -> name of the members this node knows
 
     def collect(self) -> Iterator[Metric]:
-        node = self.node
+        me = self.ports.identity
         info = GaugeMetricFamily("meshllm_node_info", "This node: its id, name and model (value 1)",
                                  labels=["node_id", "name", "model"])
-        info.add_metric([node.node_id, node.name, node.manifest.name], 1)
+        info.add_metric([me.node_id, me.name, me.manifest.name], 1)
         yield info
-        c = node.control
+        c = self.ports.plans.control()
         if c is not None:
             yield _gauge("meshllm_election_term", "The election term this node is in", c.term)
             yield _gauge("meshllm_is_leader", "1 while this node leads the mesh", 1 if c.is_leader else 0)
@@ -230,10 +236,11 @@ class NodeCollector(Collector):
             for state, n in sorted(states.items()):
                 members.add_metric([state], n)
             yield members
-        yield _counter("meshllm_links_dropped", "Links to peers that went down", getattr(node, "links_dropped", 0))
+        stats = self.ports.stats()
+        yield _counter("meshllm_links_dropped", "Links to peers that went down", stats.links_dropped)
         yield _counter("meshllm_frames_dropped", "Frames from peers that failed to decode or validate",
-                       getattr(node, "bad_frames", 0))
-        t = node.transport
+                       stats.bad_frames)
+        t = self.ports.peers.transport()
         if t is None:
             return
         yield _gauge("meshllm_links_up", "Authenticated links to peers that are up", len(t.peers()))

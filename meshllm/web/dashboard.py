@@ -1,7 +1,7 @@
 """The dashboard's data and routes.
 
-``Dashboard(node)`` hears every request the node's entry finishes (``Entry.finished_hooks``) and
-answers, read-only and without the API key (like ``/v1/mesh``):
+``Dashboard(ports, serving)`` reads a node through its ports (``meshllm.ports.NodePorts``), hears
+every request the node's entry finishes (``Entry.finished_hooks``) and answers, read-only and without the API key (like ``/v1/mesh``):
 
 - ``GET /``                   the page (``static/index.html``; ``/static/*`` its script and style)
 - ``GET /v1/dashboard``       the mesh for the page: nodes (device profile, memory used and budget,
@@ -31,17 +31,17 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from meshllm.errors import PlanError
 from meshllm.net.base import split_host_port
 from meshllm.planner.types import Plan
+from meshllm.ports import NodePorts
 from meshllm.serve.entry import Finished
-
-if TYPE_CHECKING:
-    from meshllm.node import Node
+from meshllm.serve.service import Serving
+from meshllm.views import mesh_view
 
 log = logging.getLogger("meshllm.web")
 
@@ -114,10 +114,10 @@ def _avg(pair: Any) -> float | None:
 
 
 class Dashboard:
-    def __init__(self, node: Node | Any, *, fetch_peer: PeerFetch | None = None, window: int = WINDOW,
-                 clock: Callable[[], float] | None = None) -> None:
-        self.node = node
-        self.serving = node.serving
+    def __init__(self, ports: NodePorts, serving: Serving, *, fetch_peer: PeerFetch | None = None,
+                 window: int = WINDOW, clock: Callable[[], float] | None = None) -> None:
+        self.ports = ports
+        self.serving = serving
         self.window = window
         self.fetch_peer = fetch_peer
         self._clock = clock
@@ -192,17 +192,18 @@ class Dashboard:
     # --- this node ------------------------------------------------------------------------------------
     def local_view(self) -> dict[str, Any]:
         """``GET /v1/dashboard/node``: what only this node knows about itself."""
-        stages = self.node.stages
+        stages = self.ports.stages
         weights = kv = 0
         for e in stages.epochs():
             for r in stages.runners(e):
                 weights += int(getattr(r, "weight_bytes_resident", 0) or 0)
                 kv += int(getattr(getattr(r, "kv", None), "reserved", 0) or 0)
         entry = self.serving.entry
-        return {"id": self.node.node_id, "name": self.node.name,
+        me = self.ports.identity
+        return {"id": me.node_id, "name": me.name,
                 "memory": {"budget": int(stages.budget_bytes), "weights": weights, "kv": kv, "used": weights + kv},
                 "held": self.serving.stage.held_count(), "entry_requests": len(entry.requests),
-                "epochs": stages.epochs(), "links": dict(getattr(self.node, "link_stats", {}) or {}),
+                "epochs": stages.epochs(), "links": dict(self.ports.peers.link_stats()),
                 "measured": self.summary()}
 
     # --- the other members ------------------------------------------------------------------------------
@@ -229,17 +230,18 @@ class Dashboard:
             host, port = split_host_port(addr)
         except ValueError:
             return None
-        return await self.node.peer_http.fetch_json(host, port, "/v1/dashboard/node")
+        return await self.ports.peers.fetch_json(host, port, "/v1/dashboard/node")
 
     # --- the page's document -------------------------------------------------------------------------------
     async def view(self) -> dict[str, Any]:
         """``GET /v1/dashboard``."""
-        mesh = self.node.mesh_view()
+        me = self.ports.identity
+        mesh = mesh_view(self.ports)
         members: list[dict[str, Any]] = mesh.get("members") or []
         local = self.local_view()
         remote = [m for m in members if not m.get("self") and m.get("addr") and m.get("state") == "alive"]
         docs = await asyncio.gather(*(self._peer(m["addr"]) for m in remote))
-        reported: dict[str, dict[str, Any]] = {self.node.node_id: local}
+        reported: dict[str, dict[str, Any]] = {me.node_id: local}
         for m, d in zip(remote, docs, strict=True):
             if d is not None and d.get("id") == m["id"]:
                 reported[m["id"]] = d
@@ -249,7 +251,7 @@ class Dashboard:
             with contextlib.suppress(PlanError):
                 plan = Plan.from_dict(plan_doc)
         names = {m["id"]: m.get("name") or m["id"][:8] for m in members}
-        names.setdefault(self.node.node_id, self.node.name)
+        names.setdefault(me.node_id, me.name)
         if plan_doc and isinstance(plan_doc.get("reason"), str):
             # the leader writes node ids into its reasons ("<id> joined"): people read names
             reason = plan_doc["reason"]
@@ -286,8 +288,8 @@ class Dashboard:
     def _node(self, m: dict[str, Any], plan: Plan | None, rep: dict[str, Any] | None) -> dict[str, Any]:
         ranges = [[s.first, s.end] for r in (plan.replicas if plan else ()) for s in r.stages if s.node == m["id"]]
         prof = m.get("profile") or {}
-        costs = self.node.model_profile.param_bytes if hasattr(self.node, "model_profile") else None
-        planned = int(sum(float(costs[a:b].sum()) for a, b in ranges)) if costs is not None else None
+        costs = self.ports.profiles.model.param_bytes
+        planned = int(sum(float(costs[a:b].sum()) for a, b in ranges))
         if rep is not None:
             memory = {**rep["memory"], "source": "reported"}
         else:
@@ -306,7 +308,7 @@ class Dashboard:
         """Every measured pair once (the slower direction when both ends measured it): what each
         member reports now, else what its profile said when this node fetched it."""
         measured: dict[str, dict[str, Any]] = {}
-        peers = getattr(self.node, "peers", {}) or {}
+        peers = self.ports.peers.known()
         for m in members:
             nid = m["id"]
             if nid in reported:
