@@ -339,6 +339,7 @@ class EntryCore:
 
     def _refused(self, r: Request, code: str, error: str, now: float) -> None:
         self._free(r, r.reserve_nodes)
+        r.reserve_nodes = frozenset()
         r.tried.add(r.decode)
         r.refusals[code] = r.refusals.get(code, 0) + 1
         r.last_refusal = error

@@ -577,7 +577,10 @@ class StageCore:
         key = (m.req, m.replica, ref.index)
         old = self.holds.get(key)
         if old is not None:
-            if old.attempt >= m.attempt:
+            if old.attempt > m.attempt:
+                self.stats["stale_attempt"] += 1  # a late frame of an attempt the entry gave up on
+                return
+            if old.attempt == m.attempt:
                 refuse(f"request {m.req} attempt {m.attempt} is already held here", "bad_request")
                 return
             self._release_req(m.req, old.attempt)  # an older attempt the entry gave up on
