@@ -170,8 +170,9 @@ class Node:
         # the data plane: registers its frame handler and hooks on this node
         estimator = PlanEstimator(self.model_profile, self.plan_loader.known_devices, self.plan_loader.known_network,
                                   opts.workload)
-        self.serving = Serving(self, opts.serve, policy="start" if opts.objective == "waiting" else "completion",
-                               estimator=estimator)
+        self.serving = Serving(self.serving_ports, self.stages, opts.serve,
+                               policy="start" if opts.objective == "waiting" else "completion", estimator=estimator)
+        self.serving_view = self.serving.view
         # GET /metrics: the serving layer's registry, plus what the node holds and its control events
         self.metrics = self.serving.registry
         self.metrics.register(NodeCollector(self.ports, lambda: member_names(self.ports)))

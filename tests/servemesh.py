@@ -19,6 +19,7 @@ from meshllm.model.manifest import Manifest
 from meshllm.net.base import LinkIdentity
 from meshllm.net.memory import MemoryNetwork, MemoryTransport
 from meshllm.planner.types import Plan, Replica, Role, Stage
+from meshllm.ports import Identity, Peers, Plans, ServingPorts
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.service import Serving
 from meshllm.serve.stages import StageHost
@@ -51,6 +52,21 @@ class DataNode:
         self.observed: list[tuple[int, int]] = []
         self.serving: Serving | None = None
         self.dead = False
+
+    def ports(self) -> ServingPorts:
+        """What the serving layer takes from a node, built from this test node."""
+        ident = Identity(self.node_id, self.name, self.manifest, "test-mesh", self.codec,
+                         addr=lambda: self.transport.addr, mesh_keyed=False, api_key_required=False)
+
+        async def no_fetch(host: str, port: int, path: str) -> None:
+            return None
+
+        return ServingPorts(ident,
+                            Plans(control=lambda: self.control, accepts_epoch=self.stages.has_epoch,
+                                  observe_request=self.observe_request),
+                            Peers(transport=lambda: self.transport, known=dict, link_stats=dict,
+                                  linked_addresses=dict, fetch_json=no_fetch),
+                            register_plane=self.register_plane, on_link_down=self.on_link_down_hooks.append)
 
     def register_plane(self, plane: str, handler: Any) -> None:
         self.handlers[plane] = handler
@@ -95,7 +111,8 @@ class DataMesh:
 
     async def start(self, spec: PlanSpec, epoch: int = 1) -> None:
         for n in self.nodes.values():
-            n.serving = Serving(n, self.config)
+            n.serving = Serving(n.ports(), n.stages, self.config)
+            n.serving_view = n.serving.view
             n.serving.start()
         ids = list(self.nodes.values())
         for i, a in enumerate(ids):

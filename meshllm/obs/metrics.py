@@ -166,7 +166,8 @@ class ServingCollector(Collector):
                        es.get("tokens", 0))
         yield _counter("meshllm_migrations", "Requests resumed on another replica after a fault", es.get("migrations", 0))
         reqs = list(entry.requests.values())
-        queued = sum(1 for r in reqs if r.prefill < 0)
+        # the request record's status: waiting for a replica, or asking one for room
+        queued = sum(1 for r in reqs if getattr(r.status, "value", "") in ("waiting", "reserving"))
         yield _gauge("meshllm_requests_queued", "Requests at this entry waiting for a replica with room", queued)
         yield _gauge("meshllm_requests_running", "Requests at this entry being prefilled or decoded",
                      len(reqs) - queued)
@@ -189,7 +190,7 @@ class ServingCollector(Collector):
         kv.add_metric(["out"], ss.get("kv_out_bytes", 0))
         yield kv
         # (a serving layer built on a whole node reads its stage host there)
-        used, budget = kv_bytes(self.stages if self.stages is not None else self.serving.node.stages)
+        used, budget = kv_bytes(self.stages if self.stages is not None else self.serving.stages)
         yield _gauge("meshllm_kv_bytes_in_use", "KV cache bytes reserved by requests on this node", used)
         yield _gauge("meshllm_kv_budget_bytes", "KV cache bytes this node's loaded stages may reserve", budget)
 

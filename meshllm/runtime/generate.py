@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,8 +26,20 @@ from meshllm.model.config import ModelConfig
 from meshllm.model.tokenizer import StreamDecoder, Tokenizer
 from meshllm.runtime.sampling import SamplingParams, request_seed, sample_one, token_rng
 
+# The finish reasons, defined once for the whole house (OpenAI's names); the serving layer and this
+# loop both decide with ``finish_reason``.
 FINISH_STOP = "stop"  # EOS or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached
+
+
+def finish_reason(token: int, index: int, params: SamplingParams, eos: Collection[int]) -> str | None:
+    """Whether generated token ``index`` (counted from 0) ends generation: EOS (unless
+    ``ignore_eos``) or the last of ``max_tokens``. Stop strings are decided where the tokenizer is."""
+    if token in eos and not params.ignore_eos:
+        return FINISH_STOP
+    if index + 1 >= params.max_tokens:
+        return FINISH_LENGTH
+    return None
 
 
 class Runner(Protocol):
@@ -103,12 +115,8 @@ class _Seq:
         """Record a sampled token; decide whether the sequence ends with it."""
         self.tokens.append(token)
         text = self.decoder.push(token) if self.decoder is not None else ""
-        reason = None
         stopped = self.decoder is not None and self.decoder.stopped
-        if stopped or (token in self.eos and not self.params.ignore_eos):
-            reason = FINISH_STOP
-        elif len(self.tokens) >= self.params.max_tokens:
-            reason = FINISH_LENGTH
+        reason = FINISH_STOP if stopped else finish_reason(token, len(self.tokens) - 1, self.params, self.eos)
         if reason is not None:
             self.done = True
             if self.decoder is not None:

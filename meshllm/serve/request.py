@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshllm.errors import LocalProtocolError
+from meshllm.runtime.generate import FINISH_LENGTH, FINISH_STOP, finish_reason
 from meshllm.runtime.sampling import SamplingParams
 
 
@@ -31,14 +32,13 @@ class Finish(enum.Enum):
     """Why a request ended. STOP and LENGTH are OpenAI's finish reasons; ABORT: the client went
     away; ERROR: it could not complete (the client got an explicit error)."""
 
-    STOP = "stop"
-    LENGTH = "length"
+    STOP = FINISH_STOP
+    LENGTH = FINISH_LENGTH
     ABORT = "abort"
     ERROR = "error"
 
 
-FINISH_STOP = Finish.STOP.value
-FINISH_LENGTH = Finish.LENGTH.value
+__all__ = ["FINISH_LENGTH", "FINISH_STOP", "RETRYABLE", "TRANSITIONS", "Finish", "Request", "Status", "finish_reason"]
 
 S = Status
 TRANSITIONS: dict[Status, frozenset[Status]] = {
@@ -54,17 +54,6 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 # attempt failures worth another replica (a bad request or a bad token is not)
 RETRYABLE = frozenset({"node_lost", "unreachable", "stage_error", "handoff_timeout", "stalled", "epoch_unloaded",
                        "stale_epoch", "capacity", "timeout"})
-
-
-def finish_reason(token: int, index: int, params: SamplingParams, eos: frozenset[int]) -> str | None:
-    """Whether token ``index`` (counted from 0 among the generated tokens) ends generation: EOS
-    (unless ``ignore_eos``) or the last of ``max_tokens``. Stop strings are the entry's (it holds
-    the tokenizer)."""
-    if token in eos and not params.ignore_eos:
-        return FINISH_STOP
-    if index + 1 >= params.max_tokens:
-        return FINISH_LENGTH
-    return None
 
 
 @dataclass(slots=True)

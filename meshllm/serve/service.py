@@ -1,8 +1,10 @@
 """The serving layer of one node: the entry, the stage server and their messages, composed.
 
-``Serving(node, config)`` plugs into a node (the composition root builds it): it registers the
-data-plane frame handler, hears link losses and epoch unloads, and sends each replica's load
-report. Frames for this node's own stages or entry that it sends itself skip the network.
+``Serving(ports, stages, config)`` plugs into a node through explicit ports (``meshllm.ports``:
+who the node is, its plans, its peers, the data plane's frame handler and link losses) and the
+stage host; the composition root builds it. It registers the data-plane frame handler, hears link
+losses and epoch unloads, and sends each replica's load report. Frames for this node's own stages
+or entry that it sends itself skip the network.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from meshllm.errors import PlanError
 from meshllm.model.tokenizer import Tokenizer
 from meshllm.obs.logs import bound
 from meshllm.obs.metrics import RequestMetrics, ServingCollector, new_registry
+from meshllm.ports import ServingPorts
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.entry import Entry
 from meshllm.serve.estimator import PlanEstimator
@@ -23,6 +26,7 @@ from meshllm.serve.messenger import Messenger
 from meshllm.serve.router import Router
 from meshllm.serve.routes import Routes
 from meshllm.serve.stage import StageServer
+from meshllm.serve.stages import StageHost
 from meshllm.wire.messages import Error, LoadReport, Message, Progress, Reserved, Token
 
 log = logging.getLogger("meshllm.serve")
@@ -38,42 +42,44 @@ def eos_ids(manifest: Any, tokenizer: Tokenizer | None) -> tuple[int, ...]:
 
 
 class Serving:
-    def __init__(self, node: Any, config: ServeConfig | None = None, *, policy: str = "completion",
-                 estimator: PlanEstimator | None = None) -> None:
-        self.node = node
+    def __init__(self, ports: ServingPorts, stages: StageHost, config: ServeConfig | None = None, *,
+                 policy: str = "completion", estimator: PlanEstimator | None = None) -> None:
+        self.ports = ports
+        self.stages = stages
         self.config = config or ServeConfig()
         self.estimator = estimator  # the plan's predictions per replica (None: none)
-        cfg = node.manifest.config
-        self.tokenizer = Tokenizer.from_manifest(node.manifest) if node.manifest.tokenizer_path else None
-        self.eos = eos_ids(node.manifest, self.tokenizer)
+        ident = ports.identity
+        self.node_id = ident.node_id
+        cfg = ident.manifest.config
+        self.tokenizer = Tokenizer.from_manifest(ident.manifest) if ident.manifest.tokenizer_path else None
+        self.eos = eos_ids(ident.manifest, self.tokenizer)
         self._routes: dict[int, Routes] = {}
-        self.name = str(getattr(node, "name", "") or node.node_id[:8])
+        self.name = str(ident.name or ident.node_id[:8])
         # this node's metrics (``GET /metrics``): its own registry, as several nodes may share a process
         self.registry = new_registry()
         self.metrics = RequestMetrics(self.registry)
-        self.messenger = Messenger(node.node_id, node.codec, lambda: node.transport, self._deliver)
-        self.stage = StageServer(node.node_id, node.stages, self.messenger, self.routes_for, self.config,
+        self.messenger = Messenger(ident.node_id, ident.codec, ports.peers.transport, self._deliver)
+        self.stage = StageServer(ident.node_id, stages, self.messenger, self.routes_for, self.config,
                                  num_layers=cfg.num_layers, eos_ids=self.eos, hidden_size=cfg.hidden_size)
         self.router = Router(self.routes_for, policy=policy,
                              prefill_estimate=estimator.prefill_s if estimator is not None else None,
                              decode_estimate=estimator.decode_s if estimator is not None else None)
-        self.entry = Entry(node.node_id, self.messenger, self.config, vocab_size=cfg.vocab_size,
+        self.entry = Entry(ident.node_id, self.messenger, self.config, vocab_size=cfg.vocab_size,
                            max_position=cfg.max_position, tokenizer=self.tokenizer, eos_ids=self.eos,
-                           active=self.active, router=self.router, observe=node.observe_request,
+                           active=self.active, router=self.router, observe=ports.plans.observe_request,
                            links=self._usable_peers, metrics=self.metrics, name=self.name)
-        self.registry.register(ServingCollector(self))
+        self.registry.register(ServingCollector(self, stages))
         self._task: asyncio.Task[None] | None = None
-        node.register_plane("data", self._deliver)
-        node.on_link_down_hooks.append(self._link_down)
-        node.stages.on_unload(self._unloaded)
-        node.serving_view = self.view
+        ports.register_plane("data", self._deliver)
+        ports.on_link_down(self._link_down)
+        stages.on_unload(self._unloaded)
 
     # --- plans ------------------------------------------------------------------------------------
     def routes_for(self, epoch: int) -> Routes | None:
         r = self._routes.get(epoch)
         if r is not None:
             return r
-        c = self.node.control
+        c = self.ports.plans.control()
         entry = c.plans.get(epoch) if c is not None else None
         if entry is None:
             return None
@@ -86,7 +92,7 @@ class Serving:
         return r
 
     def active(self) -> tuple[int, Routes] | None:
-        c = self.node.control
+        c = self.ports.plans.control()
         if c is None or not c.active_epoch:
             return None
         r = self.routes_for(c.active_epoch)
@@ -95,10 +101,10 @@ class Serving:
     def _usable_peers(self) -> list[str]:
         """Peers with a link up that the control plane does not suspect (a silent node's link may
         look up for seconds after its cable was pulled)."""
-        t = self.node.transport
+        t = self.ports.peers.transport()
         if t is None:
             return []
-        c = self.node.control
+        c = self.ports.plans.control()
         membership = getattr(c, "membership", None)
         if membership is None:
             return list(t.peers())
@@ -138,10 +144,10 @@ class Serving:
             await asyncio.sleep(self.config.load_report_s)
             try:
                 reports = self.stage.load_reports()
-                t = self.node.transport
+                t = self.ports.peers.transport()
                 peers = t.peers() if t is not None else []
                 for rep in reports:
-                    self.entry.handle(self.node.node_id, rep)
+                    self.entry.handle(self.node_id, rep)
                     for p in peers:
                         self.messenger.send(p, rep)
             except Exception:  # the report is advisory; never let it stop

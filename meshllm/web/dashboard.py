@@ -40,6 +40,7 @@ from meshllm.net.base import split_host_port
 from meshllm.planner.types import Plan
 from meshllm.ports import NodePorts
 from meshllm.serve.entry import Finished
+from meshllm.serve.request import Status
 from meshllm.serve.service import Serving
 from meshllm.views import mesh_view
 
@@ -174,7 +175,7 @@ class Dashboard:
             reps.setdefault(f"{e}:{rid}", {})["decode"] = {"n": len(dq), **_sums(list(dq), DECODE_FIELDS),
                                                            **({"rate": rate} if rate is not None else {})}
         for q in list(self.serving.entry.requests.values()):
-            if q.prefill < 0:
+            if q.status in (Status.WAITING, Status.RESERVING):
                 continue  # waiting for a replica: counted as the entry's
             # before its first token a request is the prefill replica's, after it the decoder's
             rid, key = (q.prefill, "prefilling") if q.t_first is None else (q.decode, "streaming")
@@ -186,7 +187,8 @@ class Dashboard:
             rate = self._rate(recent)
             plans[str(e)] = {"n": len(recent), **_sums(recent, PLAN_FIELDS), **({"rate": rate} if rate is not None else {})}
         return {"replicas": reps, "plans": plans,
-                "waiting": sum(1 for q in list(self.serving.entry.requests.values()) if q.prefill < 0),
+                "waiting": sum(1 for q in list(self.serving.entry.requests.values())
+                               if q.status in (Status.WAITING, Status.RESERVING)),
                 "outcomes": dict(self.outcomes)}
 
     # --- this node ------------------------------------------------------------------------------------
