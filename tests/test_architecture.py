@@ -75,6 +75,26 @@ def test_pure_cores_read_no_clock_and_no_global_random(pkg: str) -> None:
     assert not bad, "\n".join(bad)
 
 
+SERVING_CORES = ["serve/request.py", "serve/stagecore.py", "serve/entrycore.py", "serve/router.py",
+                 "serve/routes.py"]
+# what the serving cores may take from the shells' packages: each other, their config and the pure
+# sampling rules of the runtime (the token an index draws, when generation ends)
+SERVING_CORE_MAY = {"meshllm.serve.config", "meshllm.serve.request", "meshllm.serve.router", "meshllm.serve.routes",
+                    "meshllm.serve.stagecore", "meshllm.runtime.sampling", "meshllm.runtime.generate"}
+
+
+@pytest.mark.parametrize("path", SERVING_CORES)
+def test_serving_cores_are_sans_io(path: str) -> None:
+    """The serving state machines and their scheduler: no I/O, no event loop, no clock (time comes
+    in as ``now``), no shell but the pure parts listed."""
+    f = PKG / path
+    bad = [f"{path}:{line} imports {mod}" for mod, line in _imports(f)
+           if mod.split(".")[0] in IO_MODULES | {"time"}
+           or (any(mod == s or mod.startswith(s + ".") for s in SHELLS) and mod not in SERVING_CORE_MAY)]
+    bad += [f"{path}:{line} calls {obj}.{attr}()" for obj, attr, line in _calls(f) if (obj, attr) in FORBIDDEN_CALLS]
+    assert not bad, "serving core does I/O or reads the clock:\n" + "\n".join(bad)
+
+
 def test_runtime_has_no_event_loop() -> None:
     bad = [f"{f.relative_to(PKG.parent)}:{line} imports {mod}"
            for f in _files("runtime") for mod, line in _imports(f)
