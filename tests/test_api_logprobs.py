@@ -81,7 +81,7 @@ def expected(prompt: list[int], params: SamplingParams, scored: bool = False) ->
     pl = None
     if scored:
         rows = np.stack([logits_after(t) for t in prompt])  # (P, V)
-        pl = prompt_logprobs(rows, prompt, params.logprobs or 0)
+        pl = prompt_logprobs(rows[:-1], prompt[1:], params.logprobs or 0)
     last = prompt[-1]
     for i in range(params.max_tokens):
         row = logits_after(last)

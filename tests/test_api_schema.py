@@ -309,3 +309,18 @@ async def test_openai_and_ollama_give_the_same_tokens_and_usage(served: Served, 
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}) == want
+
+
+def test_the_dialects_stand_on_one_front_not_on_each_other() -> None:
+    """Ollama's dialect and the front import nothing of OpenAI's (the old import circle)."""
+    import ast
+    from pathlib import Path
+
+    serve = Path(__file__).resolve().parents[1] / "meshllm" / "serve"
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((serve / name).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "meshllm.serve.api" not in imports("ollama.py") | imports("front.py") | imports("schema.py")
+    assert "meshllm.serve.ollama" not in imports("front.py") | imports("schema.py")

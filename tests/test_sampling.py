@@ -123,12 +123,13 @@ def test_logprobs_are_of_the_adjusted_row_before_temperature() -> None:
 def test_prompt_logprobs_score_each_next_prompt_token() -> None:
     rows = np.array([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)  # (P, V)
     prompt = [2, 1, 0]
-    got = prompt_logprobs(rows, prompt, 1)
+    got = prompt_logprobs(rows[:-1], prompt[1:], 1)
     assert len(got) == 2
     r0 = rows[0] - np.log(np.exp(rows[0].astype(np.float64)).sum())
     r1 = rows[1] - np.log(np.exp(rows[1].astype(np.float64)).sum())
     assert got[0][0] == pytest.approx(r0[1]) and got[0][1] == ((2, pytest.approx(r0[2])),)
     assert got[1][0] == pytest.approx(r1[0]) and got[1][1] == ((0, pytest.approx(r1[0])),)
+    assert prompt_logprobs(rows[:1], prompt[1:2], 1) == got[:1]  # a chunk at a time, the same
     with pytest.raises(SamplingError):
         prompt_logprobs(rows, [1, 2], 1)
 

@@ -288,16 +288,20 @@ def logprobs_of(logits: np.ndarray, params: SamplingParams, token: int, history:
     return float(logp[token]), top_logprobs(logp, params.logprobs or 0)
 
 
-def prompt_logprobs(logits: np.ndarray, prompt: Sequence[int], n: int = 0,
+def prompt_logprobs(logits: np.ndarray, targets: Sequence[int], n: int = 0,
                     ) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
-    """The logprob of each prompt token after the first, and the ``n`` likeliest tokens there, from
-    the model's own distribution: logits (P, V), row i the prediction after prompt[: i + 1] ->
-    P - 1 entries, entry i for prompt[i + 1] (the first prompt token has none)."""
-    if logits.ndim != 2 or logits.shape[0] != len(prompt):
-        raise SamplingError(f"prompt_logprobs wants logits of shape ({len(prompt)}, V), got {logits.shape}")
-    logp = log_softmax(logits[:-1])  # (P-1, V)
-    nxt = np.asarray(prompt[1:], dtype=np.int64)  # (P-1,)
-    chosen = logp[np.arange(nxt.shape[0]), nxt]  # (P-1,)
+    """The logprob of each target token and the ``n`` likeliest tokens there, from the model's own
+    distribution: logits (T, V), row i the prediction for ``targets[i]`` -> T entries.
+
+    For a whole prompt: ``prompt_logprobs(logits[:-1], prompt[1:], n)`` (row i of the prompt's
+    logits predicts token i + 1; the first token has none). For a prefill chunk ``[a, b)``: its rows
+    against ``prompt[a + 1 : b + 1]`` (the last chunk's last row predicts no prompt token).
+    """
+    if logits.ndim != 2 or logits.shape[0] != len(targets):
+        raise SamplingError(f"prompt_logprobs wants logits of shape ({len(targets)}, V), got {logits.shape}")
+    logp = log_softmax(logits)  # (T, V)
+    nxt = np.asarray(targets, dtype=np.int64)  # (T,)
+    chosen = logp[np.arange(nxt.shape[0]), nxt]  # (T,)
     return [(float(chosen[i]), top_logprobs(logp[i], n)) for i in range(nxt.shape[0])]
 
 
