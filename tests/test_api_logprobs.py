@@ -173,6 +173,15 @@ async def test_completions_echo_and_logprobs_score_the_prompt(head: Any, tok: To
     r = await client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=0)
     assert len(r.choices[0].logprobs.tokens) == 3
     assert r.choices[0].text == "".join(e.text for e in expected(ids, entry.seen[-1]))
+    # streamed: the prompt's chunk first, scored, then one chunk per token with its logprob
+    stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                             logprobs=1, stream=True)
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs[:n]
+    scored = [c.choices[0].logprobs.token_logprobs[0] for c in chunks[1:] if c.choices[0].logprobs]
+    assert scored == pytest.approx([e.logprob for e in expected(ids, entry.seen[-1], scored=True)], abs=1e-9)
+    assert chunks[1].choices[0].logprobs.text_offset == [len(prompt)]
     # echo alone needs nothing from the head
     r = await client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, echo=True)
     assert r.choices[0].text.startswith(prompt) and r.choices[0].logprobs is None

@@ -277,6 +277,7 @@ class OpenAIApi:
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = 0
         offset = 0
+        echoed = echo is None  # the prompt goes out before the first token's chunk
 
         def chunk(text: str | None, reason: str | None, role: bool = False, token: int | None = None,
                   logprobs: dict[str, Any] | None = None) -> bytes:
@@ -310,7 +311,8 @@ class OpenAIApi:
                         await resp.write_eof()
                         return resp
                     try:
-                        if echo is not None and n == 0 and ev.index == 0:  # the prompt first
+                        if not echoed and echo is not None:
+                            echoed = True
                             lps = None
                             if scored:
                                 entries = self._prompt_entries(ids, prompt_logprobs_of(ev, ids))
