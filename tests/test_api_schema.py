@@ -324,3 +324,28 @@ def test_the_dialects_stand_on_one_front_not_on_each_other() -> None:
 
     assert "meshllm.serve.api" not in imports("ollama.py") | imports("front.py") | imports("schema.py")
     assert "meshllm.serve.ollama" not in imports("front.py") | imports("schema.py")
+
+
+async def test_logit_bias_survives_failover(bundled: Manifest) -> None:
+    """The bias rides the sampling dict of every frame: a request resumed on another decoder after
+    its node is lost goes on drawing from the biased distribution, as one process does."""
+    spec = [("prefill", [("a", 0, 8)]), ("decoder", [("b", 0, 4), ("c", 4, 8)]), ("decoder", [("d", 0, 8)])]
+    mesh = DataMesh(bundled, ["a", "b", "c", "d"], config=ServeConfig(max_queue=4, queue_timeout_s=1.0))
+    await mesh.start(spec)
+    try:
+        prompt = [3, 4, 5]
+        plain = _one_process(bundled, prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+        params = SamplingParams(temperature=0.8, seed=5, max_tokens=30, ignore_eos=True,
+                                logit_bias={plain[0]: -100.0, plain[2]: -100.0, 17: 4.0})
+        want = _one_process(bundled, prompt, params)
+        tokens: list[int] = []
+        async for ev in mesh.node("a").serving.entry.generate(prompt, params):
+            assert ev.error is None, ev.error
+            tokens.append(ev.token_id)  # type: ignore[arg-type]
+            if len(tokens) == 5:
+                holder = next(n for n in "bcd" if mesh.node(n).serving.stage.held_count())
+                await mesh.kill(holder)
+        assert tokens == want and plain[0] not in tokens and plain[2] not in tokens
+        assert mesh.node("a").serving.entry.stats["migrations"] == 1
+    finally:
+        await mesh.close()
