@@ -8,7 +8,10 @@ import pytest
 from meshllm.errors import SamplingError, UserError
 from meshllm.runtime.sampling import (
     SamplingParams,
+    adjust,
     filtered_probs,
+    logprobs_of,
+    prompt_logprobs,
     request_seed,
     sample,
     sample_one,
@@ -21,6 +24,10 @@ from meshllm.runtime.sampling import (
     {"temperature": "1"}, {"top_k": -1}, {"top_k": 1.5}, {"top_p": 0.0}, {"top_p": 1.5},
     {"max_tokens": 0}, {"max_tokens": True}, {"seed": -1}, {"seed": 1.0}, {"stop": [""]},
     {"stop": ["x"] * 17}, {"stop": 3}, {"ignore_eos": "yes"},
+    {"presence_penalty": 2.5}, {"frequency_penalty": -2.01}, {"frequency_penalty": float("nan")},
+    {"presence_penalty": "0"}, {"logit_bias": {"5": 1.0}}, {"logit_bias": {5: 101}}, {"logit_bias": {-1: 0}},
+    {"logit_bias": [[1, 1], [1, 2]]}, {"logit_bias": 3}, {"logit_bias": {i: 1 for i in range(1025)}},
+    {"logprobs": 21}, {"logprobs": -1}, {"logprobs": True},
 ])
 def test_invalid_params_raise_a_clear_sampling_error(kw: dict) -> None:
     with pytest.raises(SamplingError) as e:
@@ -40,6 +47,91 @@ def test_params_are_frozen_hashable_and_round_trip() -> None:
         p.temperature = 1.0  # type: ignore[misc]
     with pytest.raises(SamplingError, match="unknown sampling parameters"):
         SamplingParams.from_dict({"temprature": 1.0})
+    # the new fields travel too (the dict rides wire frames: sampling state survives failover)
+    q = SamplingParams(temperature=0.5, presence_penalty=0.5, frequency_penalty=-1.0,
+                       logit_bias={7: -100, 3: 2.5}, logprobs=5)
+    assert q.logit_bias == ((3, 2.5), (7, -100.0))
+    d = q.to_dict()
+    assert d["logit_bias"] == [[3, 2.5], [7, -100.0]]
+    assert SamplingParams.from_dict(d) == q and hash(SamplingParams.from_dict(d)) == hash(q)
+    assert SamplingParams.from_dict({"temperature": 0.5}).logit_bias == ()  # a dict from before the fields
+    assert SamplingParams(logit_bias=[(np.int64(3), np.float32(1.5))]).logit_bias == ((3, 1.5),)
+
+
+def test_penalties_follow_openais_formula_on_chosen_logits() -> None:
+    logits = np.array([1.0, 2.0, 3.0, 0.5], dtype=np.float32)  # (V,)
+    history = [2, 2, 1]  # token 2 twice, token 1 once
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    z = adjust(logits, p, history)
+    # logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty
+    np.testing.assert_allclose(z, [1.0, 2.0 - 0.25 - 0.5, 3.0 - 0.5 - 0.5, 0.5])
+    assert z is not logits and logits[2] == 3.0  # the row itself is untouched
+    assert adjust(logits, SamplingParams(), history) is logits  # nothing to apply: no copy
+    np.testing.assert_array_equal(adjust(logits, p, None), logits)  # nothing generated yet
+
+
+def test_penalties_and_bias_change_the_greedy_token_as_openai_says() -> None:
+    logits = np.array([0.0, 2.0, 1.8, 1.0], dtype=np.float32)
+    g = np.random.default_rng(0)
+    greedy = SamplingParams(temperature=0.0)
+    assert sample_one(logits, greedy, g, history=[1, 1]) == 1  # no penalty: the likeliest
+    # a positive presence penalty makes a repeat less likely: 2.0 - 0.5 < 1.8
+    assert sample_one(logits, SamplingParams(temperature=0.0, presence_penalty=0.5), g, history=[1]) == 2
+    # frequency grows with the count: 0.15 per use; once: 1.85 > 1.8, twice: 1.7 < 1.8
+    freq = SamplingParams(temperature=0.0, frequency_penalty=0.15)
+    assert sample_one(logits, freq, g, history=[1]) == 1
+    assert sample_one(logits, freq, g, history=[1, 1]) == 2
+    # a negative penalty encourages repetition
+    assert sample_one(logits, SamplingParams(temperature=0.0, presence_penalty=-1.5), g, history=[3]) == 3
+    # -100 bans a token, +100 forces one, even when sampling
+    assert sample_one(logits, SamplingParams(temperature=0.0, logit_bias={1: -100}), g) == 2
+    hot = SamplingParams(temperature=1.0, seed=0, logit_bias={0: 100})
+    assert {sample_one(logits, hot, token_rng(0, i)) for i in range(50)} == {0}
+    banned = SamplingParams(temperature=1.0, seed=0, logit_bias={1: -100, 2: -100})
+    assert {sample_one(logits, banned, token_rng(0, i)) for i in range(200)} == {0, 3}
+    # the batch form passes each row its history
+    rows = np.stack([logits, logits])
+    assert sample(rows, freq, g, histories=[[1], [1, 1]]).tolist() == [1, 2]
+    with pytest.raises(SamplingError, match="vocabulary"):
+        sample_one(logits, SamplingParams(temperature=0.0, logit_bias={4: 1}), g)
+
+
+def test_logprobs_are_of_the_adjusted_row_before_temperature() -> None:
+    logits = np.array([1.0, 2.0, 3.0, 0.5], dtype=np.float32)
+    ref = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    lp, top = logprobs_of(logits, SamplingParams(temperature=0.0, logprobs=2), 2)
+    assert lp == pytest.approx(ref[2], abs=1e-12)
+    assert [t for t, _ in top] == [2, 1] and top[1][1] == pytest.approx(ref[1], abs=1e-12)
+    # temperature, top-k and top-p do not change them
+    for p in (SamplingParams(temperature=0.3, top_k=1, logprobs=2), SamplingParams(temperature=2.0, top_p=0.1,
+                                                                                   logprobs=2)):
+        assert logprobs_of(logits, p, 2) == (lp, top)
+    assert logprobs_of(logits, SamplingParams(temperature=0.0), 0) == (pytest.approx(ref[0]), ())
+    # penalties and bias do: the distribution the token was chosen from
+    p = SamplingParams(temperature=0.0, logit_bias={0: 5.0}, frequency_penalty=1.0, logprobs=4)
+    z = np.array([6.0, 2.0, 3.0 - 2.0, 0.5])
+    want = z - np.log(np.exp(z).sum())
+    lp0, top0 = logprobs_of(logits, p, 0, history=[2, 2])
+    assert lp0 == pytest.approx(want[0], abs=1e-12)
+    assert [t for t, _ in top0] == [0, 1, 2, 3]
+    np.testing.assert_allclose([v for _, v in top0], want[[0, 1, 2, 3]], atol=1e-12)
+    # ties: the lower id first
+    _, tied = logprobs_of(np.zeros(5, dtype=np.float32), SamplingParams(logprobs=3), 0)
+    assert [t for t, _ in tied] == [0, 1, 2] and tied[0][1] == pytest.approx(-np.log(5))
+
+
+def test_prompt_logprobs_score_each_next_prompt_token() -> None:
+    rows = np.array([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)  # (P, V)
+    prompt = [2, 1, 0]
+    got = prompt_logprobs(rows[:-1], prompt[1:], 1)
+    assert len(got) == 2
+    r0 = rows[0] - np.log(np.exp(rows[0].astype(np.float64)).sum())
+    r1 = rows[1] - np.log(np.exp(rows[1].astype(np.float64)).sum())
+    assert got[0][0] == pytest.approx(r0[1]) and got[0][1] == ((2, pytest.approx(r0[2])),)
+    assert got[1][0] == pytest.approx(r1[0]) and got[1][1] == ((0, pytest.approx(r1[0])),)
+    assert prompt_logprobs(rows[:1], prompt[1:2], 1) == got[:1]  # a chunk at a time, the same
+    with pytest.raises(SamplingError):
+        prompt_logprobs(rows, [1, 2], 1)
 
 
 def test_greedy_is_argmax_and_consumes_no_randomness() -> None:

@@ -1,12 +1,21 @@
-"""The OpenAI-compatible HTTP API every node serves (it is the entry of what it accepts).
+"""The OpenAI-compatible HTTP API every node serves (it is the entry of what it accepts), one
+dialect over the shared front (``serve/front.py``); ``mount`` puts Ollama's (``serve/ollama.py``)
+on the same front.
 
 - ``GET  /v1/models``
 - ``POST /v1/completions``       ``prompt`` (a string or a list of token ids), ``max_tokens`` (16),
-  ``temperature`` (1), ``top_p`` (1), ``seed``, ``stop``, ``stream``; extensions ``top_k``,
-  ``ignore_eos``
+  ``echo``, ``logprobs`` (0..5)
 - ``POST /v1/chat/completions``  ``messages`` in the model's chat template, ``max_tokens`` /
-  ``max_completion_tokens`` (default: the rest of the context), the same sampling fields,
-  ``stream`` and ``stream_options.include_usage``
+  ``max_completion_tokens`` (default: the rest of the context), ``logprobs`` and ``top_logprobs``
+
+Both take ``temperature``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``,
+``frequency_penalty``, ``logit_bias``, ``stream`` and ``stream_options.include_usage`` (a last
+chunk with the usage), ``user`` (logged); extensions ``top_k``, ``ignore_eos``. Each body is
+validated by its schema (``serve/schema.py``): a known field with a bad value is a 400 whose
+``param`` names it; unknown fields are ignored, as OpenAI does. What the mesh cannot do is
+refused with a 400 naming the field, never ignored: ``n`` or ``best_of`` > 1, ``tools``,
+``tool_choice``, ``functions``, a ``response_format`` other than text, ``suffix``, audio,
+``prediction``, ``reasoning_effort``, ``store: true``, tool messages and non-text content parts.
 
 Streaming answers are server-sent events ending with ``data: [DONE]``; a request that fails after
 its first byte gets an ``error`` event (the OpenAI client raises it), never a silent end. Errors
@@ -18,386 +27,269 @@ no room, 500 a request that failed on the mesh. Non-streaming answers carry an e
 A stream idle for ``ServeConfig.keepalive_s`` (a long prefill, a wait for KV room, a slow token)
 gets an SSE comment ``: keep-alive`` so that proxies do not cut it; clients skip comments. Before
 the first token, that starts the stream: a request that fails later gets an ``error`` event.
-
-Ollama's endpoints (``/api/chat``, ``/api/generate``, ``/api/tags``...) share this entry, its
-helpers and its API key: ``serve/ollama.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 from aiohttp import web
 
-from meshllm.errors import ContextLengthError, MeshError, SamplingError, UserError
-from meshllm.obs.logs import bound, client_request_id
 from meshllm.runtime.sampling import SamplingParams
-from meshllm.serve.entry import Event, NotReady, QueueFull
+from meshllm.serve.entry import Event
+from meshllm.serve.front import (
+    LOGPROBS,
+    PROMPT_LOGPROBS,
+    ApiError,
+    EventReader,
+    Front,
+    TokenLogprob,
+    _Idle,
+    event_error,
+    log_user,
+    prompt_logprobs_of,
+    read_body,
+    refuse,
+    token_logprob,
+)
+from meshllm.serve.ollama import OllamaApi
+from meshllm.serve.schema import ChatMessage, ChatRequest, CompletionRequest, OpenAICommon
 
 log = logging.getLogger("meshllm.serve.api")
-
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-IGNORED_FIELDS = ("user", "frequency_penalty", "presence_penalty", "logit_bias", "suffix", "service_tier",
-                  "parallel_tool_calls", "store", "metadata")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-        self.headers = headers or {}
-        self.counted = False  # the entry counted this request already (meshllm_requests_total)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
-
-
-def _mesh_error(e: MeshError, retry_after: int) -> ApiError:
-    if isinstance(e, QueueFull):
-        return ApiError(429, str(e), "rate_limit_error", "queue_full", headers={"Retry-After": str(retry_after)})
-    if isinstance(e, NotReady):
-        return ApiError(503, str(e), "service_unavailable", "unavailable", headers={"Retry-After": str(retry_after)})
-    if isinstance(e, ContextLengthError):
-        return ApiError(400, str(e), "invalid_request_error", "context_length_exceeded", "messages")
-    if isinstance(e, UserError):
-        return ApiError(400, str(e), "invalid_request_error", "invalid_value")
-    return ApiError(500, str(e), "server_error", "internal_error")
-
-
-def _event_error(ev: Event) -> ApiError:
-    if ev.code == "too_large":  # the request can never fit: the client must ask for less
-        return ApiError(400, ev.error or "request too large", "invalid_request_error", "context_length_exceeded",
-                        "max_tokens")
-    status = 503 if ev.code in ("node_lost", "unreachable", "unavailable", "epoch_unloaded") else 500
-    return ApiError(status, ev.error or "request failed", "server_error", ev.code or "request_failed")
-
-
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request's body as a JSON object, or an ApiError (413 too large, 400 not a JSON object)."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise ApiError(413, f"request body too large ({e.text})", code="body_too_large") from None
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-    return body
-
-
-def chat_messages(messages: Any) -> list[dict[str, Any]]:
-    """Chat messages checked for the template: each a role and a content string (OpenAI's content
-    parts reduced to their text)."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content", ""), str | list):
-            raise ApiError(400, "each message needs a role and a content string", param="messages")
-        if isinstance(m.get("content"), list):  # content parts: the text ones
-            m["content"] = "".join(p.get("text", "") for p in m["content"]
-                                   if isinstance(p, dict) and p.get("type") == "text")
-    return messages
-
-
-class _Idle:
-    def __repr__(self) -> str:
-        return "IDLE"
-
-
-IDLE: Final = _Idle()  # what EventReader.next returns when nothing came in time
-
-
-class EventReader:
-    """A request's events read with a deadline: ``next(idle_after)`` returns the next event, ``None``
-    at the end, or ``IDLE`` when ``idle_after`` seconds pass first. The read stays pending across an
-    ``IDLE``, so nothing is lost: the caller sends a keep-alive and reads again. The generator's
-    own exceptions (bad input, a full queue, no plan) come out of ``next``."""
-
-    def __init__(self, events: AsyncIterator[Event]) -> None:
-        self.events = events
-        self._pending: asyncio.Future[Event | None] | None = None
-        self._answered = False  # something went out: a refusal now is an error event, not a raise
-
-    async def next(self, idle_after: float | None = None) -> Event | _Idle | None:
-        try:
-            ev = await self._next(idle_after)
-        except MeshError as e:
-            if not self._answered:
-                raise
-            return Event(None, "", 0, error=str(e), code="unavailable" if isinstance(e, NotReady) else "")
-        self._answered = True
-        return ev
-
-    async def _next(self, idle_after: float | None) -> Event | _Idle | None:
-        if self._pending is None:
-            if idle_after is None:
-                return await anext(self.events, None)
-            self._pending = asyncio.ensure_future(anext(self.events, None))
-        done, _ = await asyncio.wait({self._pending}, timeout=idle_after)
-        if not done:
-            return IDLE
-        task, self._pending = self._pending, None
-        return task.result()
-
-    async def aclose(self) -> None:
-        """Cancel the request if it has not ended (a pending read first: a generator cannot be
-        closed while it runs)."""
-        if self._pending is not None:
-            self._pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._pending
-            self._pending = None
-        aclose = getattr(self.events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-    async def __aenter__(self) -> EventReader:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
 
 class OpenAIApi:
     def __init__(self, serving: Any, model_name: str, model_id: str, *, api_key: str | None = None) -> None:
-        self.serving = serving
-        self.api_key = api_key
-        self.entry = serving.entry
+        self.front = Front(serving, model_name, model_id, api_key=api_key)
+        self.entry = self.front.entry
         self.model = model_name
-        self.model_id = model_id
-        self.retry_after = serving.config.retry_after_s
-        self.keepalive_s = serving.config.keepalive_s
-        self.keepalives = 0  # keep-alives sent on idle streams (this API's and Ollama's)
+
+    @property
+    def keepalives(self) -> int:
+        """Keep-alives sent on idle streams (this API's and Ollama's)."""
+        return self.front.keepalives
 
     def mount(self, app: web.Application) -> None:
+        """This dialect's endpoints and Ollama's, on one front."""
         app.router.add_get("/v1/models", self._guard(self.models))
         app.router.add_post("/v1/completions", self._guard(self.completions))
         app.router.add_post("/v1/chat/completions", self._guard(self.chat))
-        from meshllm.serve.ollama import OllamaApi  # it builds on this module
-
-        OllamaApi(self).mount(app)
-
-    def authorized(self, request: web.Request) -> bool:
-        """Without an API key, everyone; with one, requests that carry it (``Authorization: Bearer KEY``)."""
-        if not self.api_key:
-            return True
-        got = request.headers.get("Authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode())
-
-    def serves(self, model: Any) -> bool:
-        """Whether a request's ``model`` names what this mesh serves (absent: yes)."""
-        return model is None or model in (self.model, self.model_id, "meshllm", "default")
+        OllamaApi(self.front).mount(app)
 
     def _guard(self, handler: Any) -> Any:
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            if not self.authorized(request):
-                self.entry.metrics.rejected("invalid_api_key")
-                return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
-                                "invalid_request_error", "invalid_api_key").response()
-            return await handler(request)
+        return self.front.guard(handler, ApiError.response,
+                                "a valid API key is required (Authorization: Bearer KEY)")
 
-        return guarded
-
-    # --- helpers ----------------------------------------------------------------------------------
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        body = await read_json(request)
-        model = body.get("model")
-        if not self.serves(model):
-            raise ApiError(404, f"model {model!r} is not served here (this mesh serves {self.model!r})",
+    # --- requests -----------------------------------------------------------------------------------
+    def _common(self, body: OpenAICommon) -> None:
+        """What chat and completions check alike: the model, the one choice, stream options."""
+        if not self.front.serves(body.model):
+            raise ApiError(404, f"model {body.model!r} is not served here (this mesh serves {self.model!r})",
                            code="model_not_found", param="model")
-        n = body.get("n", 1)
-        if n not in (1, None):
-            raise ApiError(400, "only n=1 is supported", param="n")
-        if body.get("echo"):
-            raise ApiError(400, "echo is not supported", param="echo")
-        if body.get("logprobs") not in (None, False):
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
-        return body
+        if body.n is not None and body.n > 1:
+            raise refuse("n", "more than one choice (n > 1)")
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        log_user(body.user)
 
-    def _params(self, body: dict[str, Any], max_tokens: int) -> SamplingParams:
-        kw: dict[str, Any] = {"max_tokens": max_tokens}
-        for f in SAMPLING_FIELDS:
-            if body.get(f) is not None:
-                kw[f] = body[f]
-        return self.sampling(kw)
-
-    @staticmethod
-    def sampling(kw: dict[str, Any]) -> SamplingParams:
-        try:
-            return SamplingParams(**kw)
-        except SamplingError as e:
-            raise ApiError(400, str(e), code="invalid_value") from None
-
-    def _max_tokens(self, body: dict[str, Any], default: int | None, prompt_len: int) -> int:
-        v = body.get("max_completion_tokens", body.get("max_tokens"))
+    def _max_tokens(self, v: int | None, default: int | None, prompt_len: int) -> int:
         if v is None:
             left = self.entry.max_position - prompt_len
             return max(1, left if default is None else min(default, left))
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ApiError(400, f"max_tokens must be an integer >= 1, got {v!r}", param="max_tokens")
         return v
 
-    def tokenizer(self) -> Any:
-        tok = self.entry.tokenizer
-        if tok is None:
-            raise ApiError(400, "this model has no tokenizer: send the prompt as a list of token ids")
-        return tok
+    def _params(self, body: OpenAICommon, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        return self.front.params(
+            max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+            stop=body.stop, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, logit_bias=body.logit_bias, logprobs=logprobs)
 
     @staticmethod
-    def _usage(prompt: int, completion: int) -> dict[str, int]:
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+        """Messages for the chat template: a role and a content string each (``developer`` is the
+        system; text parts joined)."""
+        out = []
+        for i, m in enumerate(messages):
+            at = f"messages.[{i}]"
+            if m.role in ("tool", "function"):
+                raise refuse(f"{at}.role", "tool results (tools)")
+            if m.tool_calls or m.function_call:
+                raise refuse(f"{at}.tool_calls", "tool calls")
+            content = m.content
+            if isinstance(content, list):
+                texts = []
+                for j, part in enumerate(content):
+                    if part.type == "text" and part.text is not None:
+                        texts.append(part.text)
+                    elif part.type == "refusal" and m.role == "assistant" and part.refusal is not None:
+                        texts.append(part.refusal)
+                    elif part.type in ("text", "refusal"):
+                        raise ApiError(400, f"a {part.type} part needs its {part.type} (a string)",
+                                       param=f"{at}.content.[{j}].{part.type}", code="invalid_value")
+                    else:
+                        raise refuse(f"{at}.content.[{j}].type", f"{part.type} content")
+                content = "".join(texts)
+            if content is None:
+                if m.role != "assistant":
+                    raise ApiError(400, f"a {m.role} message needs content", param=f"{at}.content",
+                                   code="invalid_value")
+                content = m.refusal or ""
+            d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.name is not None:
+                d["name"] = m.name
+            out.append(d)
+        return out
 
     # --- endpoints ----------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": self.model, "object": "model", "created": 0, "owned_by": "meshllm", "meshllm_id": self.model_id}]})
+            {"id": self.model, "object": "model", "created": 0, "owned_by": "meshllm",
+             "meshllm_id": self.front.model_id}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await self._body(request)
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                ids = self.tokenizer().encode(prompt)
-            elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-                ids = list(prompt)
-            else:
-                raise ApiError(400, "prompt must be a string or a list of token ids", param="prompt")
-            params = self._params(body, self._max_tokens(body, 16, len(ids)))
-            return await self._serve(request, body, ids, params, chat=False)
-        except ApiError as e:
-            return self._refused(e)
+        body = await read_body(request, CompletionRequest)
+        self._common(body)
+        if body.best_of is not None and body.best_of > 1:
+            raise refuse("best_of", "more than one candidate (best_of > 1)")
+        if body.suffix:
+            raise refuse("suffix", "a suffix (insertion)")
+        prompt: Any = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) > 1:
+                raise refuse("prompt", "more than one prompt in a request")
+            prompt = prompt[0]
+        ids = list(self.front.tokenizer().encode(prompt)) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if body.logprobs is not None:
+            self.front.require(LOGPROBS, "logprobs", "logprobs")
+            if body.echo:
+                self.front.require(PROMPT_LOGPROBS, "echo", "the prompt's logprobs (echo with logprobs)")
+        params = self._params(body, self._max_tokens(body.max_tokens, 16, len(ids)), body.logprobs)
+        echo = None
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else self.front.tokenizer().decode(ids, skip_special_tokens=False)
+        return await self._serve(request, body, ids, params, chat=False, echo=echo)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await self._body(request)
-            messages = chat_messages(body.get("messages"))
-            try:
-                ids = self.tokenizer().encode_chat(messages)
-            except MeshError as e:
-                raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from None
-            params = self._params(body, self._max_tokens(body, None, len(ids)))
-            return await self._serve(request, body, ids, params, chat=True)
-        except ApiError as e:
-            return self._refused(e)
-
-    def _refused(self, e: ApiError) -> web.Response:
-        """A request refused before it reached the entry (bad JSON, unknown model...) still counts."""
-        if not e.counted:
-            self.entry.metrics.rejected(e.code or "invalid")
-        return e.response()
+        body = await read_body(request, ChatRequest)
+        self._common(body)
+        if body.tools:
+            raise refuse("tools", "tools")
+        if body.functions:
+            raise refuse("functions", "functions")
+        if body.tool_choice not in (None, "none"):
+            raise refuse("tool_choice", "tool choice")
+        if body.function_call not in (None, "none"):
+            raise refuse("function_call", "function calls")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise refuse("response_format", f"structured output ({body.response_format.type})")
+        if body.modalities not in (None, ["text"]):
+            raise refuse("modalities", "output other than text")
+        if body.audio is not None:
+            raise refuse("audio", "audio output")
+        if body.prediction is not None:
+            raise refuse("prediction", "predicted outputs")
+        if body.reasoning_effort is not None:
+            raise refuse("reasoning_effort", "reasoning")
+        if body.store:
+            raise refuse("store", "storing completions")
+        top: int | None = None
+        if body.logprobs:
+            self.front.require(LOGPROBS, "logprobs", "logprobs")
+            top = body.top_logprobs or 0
+        elif body.top_logprobs is not None:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        ids = self.front.encode_chat(self._messages(body.messages))
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = self._params(body, self._max_tokens(max_tokens, None, len(ids)), top)
+        return await self._serve(request, body, ids, params, chat=True)
 
     # --- the answer ---------------------------------------------------------------------------------
-    async def _serve(self, request: web.Request, body: dict[str, Any], ids: list[int], params: SamplingParams,
-                     chat: bool) -> web.StreamResponse:
-        return await self.traced(request, lambda req_id, echo: self._answer(request, body, ids, params, chat,
-                                                                            req_id, echo))
+    async def _serve(self, request: web.Request, body: OpenAICommon, ids: list[int], params: SamplingParams,
+                     chat: bool, echo: str | None = None) -> web.StreamResponse:
+        return await self.front.traced(request, lambda req_id, headers: self._answer(
+            request, body, ids, params, chat, echo, req_id, headers))
 
-    async def traced(self, request: web.Request,
-                     answer: Callable[[str, dict[str, str]], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """Answer under a request id that every node's log lines about the request carry; the
-        response echoes the client's ``X-Request-Id`` (or gives the mesh's id when it sent none).
-        ``answer(request_id, headers)`` submits the request (``start``) and writes the response."""
-        client = client_request_id(request.headers.get("X-Request-Id"))
-        req_id = self.entry.new_request_id(client)
-        echo = {"X-Request-Id": client or req_id}
-        with bound(node=self.entry.name, request_id=req_id):
-            try:
-                resp = await answer(req_id, echo)
-            except ApiError as e:
-                e.headers.update(echo)
-                e.counted = True  # the entry counted it: refused by it, or failed after acceptance
-                raise
-        if not resp.prepared:
-            resp.headers.update(echo)
-        return resp
-
-    async def _answer(self, request: web.Request, body: dict[str, Any], ids: list[int], params: SamplingParams,
-                      chat: bool, req_id: str, echo: dict[str, str]) -> web.StreamResponse:
-        stream = bool(body.get("stream"))
-        events, first = await self.start(ids, params, self.keepalive_s if stream else None, request_id=req_id)
+    async def _answer(self, request: web.Request, body: OpenAICommon, ids: list[int], params: SamplingParams,
+                      chat: bool, echo: str | None, req_id: str, headers: dict[str, str]) -> web.StreamResponse:
+        stream = bool(body.stream)
+        logprobs = params.logprobs is not None
+        scored = echo is not None and logprobs  # the prompt's logprobs too
+        events, first = await self.front.start(ids, params, self.front.keepalive_s if stream else None,
+                                               request_id=req_id, prompt_logprobs=scored)
         rid = ("chatcmpl-" if chat else "cmpl-") + req_id
         created = int(time.time())
         if stream:
-            return await self._stream(request, body, events, first, rid, created, len(ids), chat, echo)
-        text, tokens, reason, err = [], [], None, None
-        ev: Event | _Idle | None = first
-        async with events:
-            while isinstance(ev, Event):
-                if ev.error is not None:
-                    err = ev
-                    break
-                if ev.token_id is not None:
-                    tokens.append(ev.token_id)
-                text.append(ev.text)
-                if ev.finish_reason is not None:
-                    reason = ev.finish_reason
-                    break
-                ev = await events.next()
-        if err is not None:
-            raise _event_error(err)
-        out = "".join(text)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason or "length", "logprobs": None}
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self._stream(request, events, first, rid, created, ids, chat, usage, echo, logprobs,
+                                      scored, headers)
+        got = await self.front.collect(events, first, logprobs=logprobs, prompt=ids if scored else None)
+        out = "".join(got.text)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": got.reason or "length", "logprobs": None}
         if chat:
-            choice["message"] = {"role": "assistant", "content": out}
+            choice["message"] = {"role": "assistant", "content": out, "refusal": None}
+            if logprobs:
+                choice["logprobs"] = {"content": [self._chat_logprob(lp) for lp in got.logprobs], "refusal": None}
         else:
-            choice["text"] = out
+            choice["text"] = (echo or "") + out
+            if logprobs:
+                prompt = (self._prompt_entries(ids, got.prompt_logprobs or []) if echo is not None else [])
+                choice["logprobs"] = self._completion_logprobs(prompt + got.logprobs, 0)
         return web.json_response({
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": self.model, "choices": [choice], "usage": self._usage(len(ids), len(tokens)),
-            "meshllm": {"prompt_token_ids": ids, "token_ids": tokens}})
+            "model": self.model, "choices": [choice], "usage": _usage(len(ids), len(got.tokens)),
+            "meshllm": {"prompt_token_ids": ids, "token_ids": got.tokens}})
 
-    async def start(self, ids: list[int], params: SamplingParams, keepalive: float | None, *,
-                    request_id: str | None = None) -> tuple[EventReader, Event | _Idle]:
-        """Submit a request to the entry (both APIs go through here): its events and the first one,
-        or IDLE when a streaming answer should start before it (``keepalive`` seconds passed). Bad
-        input, a full queue and no plan raise at once (an ApiError), before any byte of the answer."""
-        events = EventReader(self.entry.generate(ids, params, request_id=request_id))
-        try:
-            first = await events.next(keepalive)
-        except MeshError as e:
-            await events.aclose()
-            raise _mesh_error(e, self.retry_after) from None
-        if first is None:
-            raise ApiError(500, "the request ended without an answer", "server_error")
-        return events, first
+    # --- logprobs in OpenAI's shapes ------------------------------------------------------------------
+    def _chat_logprob(self, lp: TokenLogprob) -> dict[str, Any]:
+        def one(t: int, v: float | None) -> dict[str, Any]:
+            s = self.front.token_text(t)
+            return {"token": s, "logprob": v, "bytes": list(s.encode())}
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], events: EventReader, first: Event | _Idle,
-                      rid: str, created: int, prompt_len: int, chat: bool,
-                      echo: dict[str, str] | None = None) -> web.StreamResponse:
+        return {**one(lp.token_id, lp.logprob), "top_logprobs": [one(t, v) for t, v in lp.top]}
+
+    @staticmethod
+    def _prompt_entries(ids: list[int], scored: list[TokenLogprob]) -> list[TokenLogprob]:
+        """The prompt's tokens for ``echo``: the first has no logprob (nothing came before it)."""
+        return [TokenLogprob(ids[0], None), *scored] if ids else []
+
+    def _completion_logprobs(self, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        """The completions shape: parallel lists, ``top_logprobs`` a token -> logprob object per
+        token (None for the first prompt token), ``text_offset`` where each token starts in the text."""
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in entries:
+            s = self.front.token_text(lp.token_id)
+            tokens.append(s)
+            values.append(lp.logprob)
+            tops.append(None if lp.logprob is None else {self.front.token_text(t): v for t, v in lp.top})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    async def _stream(self, request: web.Request, events: EventReader, first: Event | _Idle, rid: str, created: int,
+                      ids: list[int], chat: bool, usage: bool, echo: str | None, logprobs: bool, scored: bool,
+                      headers: dict[str, str]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no", **(echo or {})})
+                                           "X-Accel-Buffering": "no", **headers})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
-        usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(
-            body.get("stream_options"), dict) else False
         n = 0
+        offset = 0
+        echoed = echo is None  # the prompt goes out before the first token's chunk
 
-        def chunk(text: str | None, reason: str | None, role: bool = False, token: int | None = None) -> bytes:
+        def chunk(text: str | None, reason: str | None, role: bool = False, token: int | None = None,
+                  logprobs: dict[str, Any] | None = None) -> bytes:
             if chat:
                 delta: dict[str, Any] = {}
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+                choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
             d: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": self.model,
                                  "choices": [choice]}
             if token is not None:
@@ -410,31 +302,46 @@ class OpenAIApi:
             try:
                 if chat:
                     await resp.write(chunk("", None, role=True))
-                ev: Event | _Idle | None = first
-                while ev is not None:
-                    if ev is IDLE:
+                async for ev in self.front.events(events, first):
+                    if not isinstance(ev, Event):
                         await resp.write(b": keep-alive\n\n")
-                        self.keepalives += 1
-                        ev = await events.next(self.keepalive_s)
                         continue
-                    assert isinstance(ev, Event)
                     if ev.error is not None:
-                        err = _event_error(ev)
-                        await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+                        await resp.write(b"data: " + json.dumps(event_error(ev).body()).encode() + b"\n\n")
                         await resp.write_eof()
                         return resp
-                    if ev.token_id is not None:
-                        n += 1
-                    await resp.write(chunk(ev.text, ev.finish_reason, token=ev.token_id))
-                    if ev.finish_reason is not None:
-                        break
-                    ev = await events.next(self.keepalive_s)
+                    try:
+                        if not echoed and echo is not None:
+                            echoed = True
+                            lps = None
+                            if scored:
+                                entries = self._prompt_entries(ids, prompt_logprobs_of(ev, ids))
+                                lps = self._completion_logprobs(entries, 0)
+                            await resp.write(chunk(echo, None, logprobs=lps))
+                            offset = len(echo)
+                        lp_doc = None
+                        if ev.token_id is not None:
+                            n += 1
+                            if logprobs:
+                                lp = token_logprob(ev)
+                                lp_doc = ({"content": [self._chat_logprob(lp)], "refusal": None} if chat
+                                          else self._completion_logprobs([lp], offset))
+                    except ApiError as e:  # the mesh left out what it promised: the stream ends in an error
+                        await resp.write(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
+                        await resp.write_eof()
+                        return resp
+                    await resp.write(chunk(ev.text, ev.finish_reason, token=ev.token_id, logprobs=lp_doc))
+                    offset += len(ev.text)
                 if usage:
                     d = {"id": rid, "object": obj, "created": created, "model": self.model, "choices": [],
-                         "usage": self._usage(prompt_len, n)}
+                         "usage": _usage(len(ids), n)}
                     await resp.write(b"data: " + json.dumps(d).encode() + b"\n\n")
                 await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
             except (ConnectionResetError, ConnectionError):
                 log.info("client went away; request cancelled")
         return resp
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -16,13 +16,18 @@ object per line, each ``{"model", "created_at", "message": {"role", "content"}, 
 ``prompt_eval_count`` and ``eval_count``. A stream idle for ``ServeConfig.keepalive_s`` gets an
 empty chunk (``content: ""``, ``done: false``), which every client reads as nothing new.
 
-``options`` maps to the sampler: ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``,
-``num_predict`` (-1 or -2: the rest of the context) and ``num_ctx`` (the context to fit in, at most
-the model's); Ollama's other options (penalties, mirostat, threads...) are accepted and ignored.
-What this mesh cannot do (``format``, ``tools``, ``images``, ``suffix``, ``template``, ``think``)
-is a 400. Errors are ``{"error": "..."}``: 400 bad request, 401 no API key, 404 unknown model,
-413 body too large, 503 queue full or no plan (``Retry-After``), 500 a request that failed; one that
-fails mid-stream ends with an ``{"error": ...}`` line (Ollama's clients raise it).
+Each body is validated by its schema (``serve/schema.py``; unknown fields ignored, a known one
+with a bad value a 400). ``options`` maps to the sampler: ``temperature``, ``top_p``, ``top_k``,
+``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``num_predict`` (-1 or -2: the
+rest of the context) and ``num_ctx`` (the context to fit in, at most the model's); the runtime's
+hints (``num_thread``, ``num_gpu``, ``use_mmap``...) change nothing in an answer and are accepted;
+the samplers this mesh lacks (``repeat_penalty``, ``min_p``, ``typical_p``, ``tfs_z``,
+``mirostat``) are a 400 unless at their neutral value. What this mesh cannot do (``format``,
+``tools``, ``images``, ``suffix``, ``template``, ``think``, tool messages) is a 400 too. Errors are
+``{"error": "..."}``: 400 bad request, 401 no API key, 404 unknown model, 413 body too large, 503
+queue full or no plan (``Retry-After``), 500 a request that failed; one that fails mid-stream ends
+with an ``{"error": ...}`` line (Ollama's clients raise it). This dialect and OpenAI's share one
+front (``serve/front.py``): the same request gets the same tokens from both.
 """
 
 from __future__ import annotations
@@ -31,27 +36,26 @@ import json
 import logging
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from meshllm.errors import MeshError
-from meshllm.serve.api import IDLE, ApiError, EventReader, _event_error, chat_messages, read_json
+from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve.entry import Event
-
-if TYPE_CHECKING:
-    from meshllm.serve.api import OpenAIApi
+from meshllm.serve.front import ApiError, EventReader, Front, _Idle, event_error, read_body, refuse
+from meshllm.serve.schema import (
+    OLLAMA_NEUTRAL,
+    OllamaChatRequest,
+    OllamaCommon,
+    OllamaGenerateRequest,
+    OllamaOptions,
+    OllamaShowRequest,
+)
 
 log = logging.getLogger("meshllm.serve.ollama")
 
 # The Ollama API whose shapes these endpoints follow; clients read it to decide what they may send.
 OLLAMA_VERSION = "0.12.0"
-
-# option -> SamplingParams field
-SAMPLING_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-                    "stop": "stop"}
-UNSUPPORTED = {"format": "structured output (format)", "tools": "tools", "suffix": "suffix",
-               "template": "a template override", "images": "images"}
 
 
 def _now() -> str:
@@ -59,17 +63,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _error(e: ApiError) -> web.Response:
-    return web.json_response({"error": e.message}, status=e.status, headers=e.headers)
-
-
 class OllamaApi:
-    def __init__(self, api: OpenAIApi) -> None:
-        self.api = api
-        self.entry = api.entry
-        manifest = getattr(getattr(api.serving, "node", None), "manifest", None)
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.entry = front.entry
+        manifest = front.serving.ports.identity.manifest if hasattr(front.serving, "ports") else None
         self.manifest = manifest
-        self.name = api.model if ":" in api.model else f"{api.model}:latest"
+        self.name = front.model if ":" in front.model else f"{front.model}:latest"
 
     def mount(self, app: web.Application) -> None:
         app.router.add_post("/api/chat", self._guard(self.chat))
@@ -80,113 +80,93 @@ class OllamaApi:
         app.router.add_get("/api/version", self._guard(self.version))
 
     def _guard(self, handler: Any) -> Any:
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            if not self.api.authorized(request):
-                self.entry.metrics.rejected("invalid_api_key")
-                return web.json_response({"error": "unauthorized: send the API key as Authorization: Bearer KEY"},
-                                         status=401)
-            try:
-                return await handler(request)
-            except ApiError as e:
-                if not e.counted:  # refused before the entry (bad JSON, unknown model...): it still counts
-                    self.entry.metrics.rejected(e.code or "invalid")
-                return _error(e)
-
-        return guarded
+        return self.front.guard(handler, ApiError.ollama,
+                                "unauthorized: send the API key as Authorization: Bearer KEY")
 
     # --- requests -----------------------------------------------------------------------------------
-    async def _body(self, request: web.Request) -> tuple[dict[str, Any], str]:
-        """The body and the model name to answer with (the client's own spelling)."""
-        body = await read_json(request)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "model is required")
-        if not self.serves(model):
-            raise ApiError(404, f"model {model!r} not found (this mesh serves {self.name!r})")
-        for key, what in UNSUPPORTED.items():
-            if body.get(key):
-                raise ApiError(400, f"{what} is not supported by this mesh")
-        if body.get("think"):
-            raise ApiError(400, f"{self.name!r} does not support thinking")
-        if body.get("options") is not None and not isinstance(body["options"], dict):
-            raise ApiError(400, "options must be an object")
-        return body, model
+    def _common(self, body: OllamaCommon) -> None:
+        if not self.serves(body.model):
+            raise ApiError(404, f"model {body.model!r} not found (this mesh serves {self.name!r})")
+        if body.format:
+            raise refuse("format", "structured output (format)")
+        if body.think not in (None, False):
+            raise ApiError(400, f"{self.name!r} does not support thinking", param="think")
 
     def serves(self, model: str) -> bool:
         base = model.removesuffix(":latest")
-        return self.api.serves(model) or self.api.serves(base) or model == self.name
+        return self.front.serves(model) or self.front.serves(base) or model == self.name
 
-    def _params(self, options: dict[str, Any], prompt_len: int) -> Any:
+    def _params(self, options: OllamaOptions | None, prompt_len: int) -> SamplingParams:
         """Ollama's ``options`` as sampling parameters; the answer's length from ``num_predict``
         and ``num_ctx`` (the context the prompt and the answer must fit in)."""
+        o = options or OllamaOptions()
+        for name, neutral in OLLAMA_NEUTRAL.items():
+            v = getattr(o, name)
+            if v is not None and v != neutral:
+                raise refuse(f"options.{name}", f"the {name} sampler (only {neutral} is)")
         ctx = self.entry.max_position
-        num_ctx = options.get("num_ctx")
-        if num_ctx is not None:
-            if not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx < 1:
-                raise ApiError(400, f"num_ctx must be a positive integer, got {num_ctx!r}")
-            ctx = min(ctx, num_ctx)  # Ollama clamps a larger num_ctx to what the model was trained for
+        if o.num_ctx is not None:
+            ctx = min(ctx, o.num_ctx)  # Ollama clamps a larger num_ctx to what the model was trained for
         if prompt_len >= ctx:
             raise ApiError(400, f"the prompt of {prompt_len} tokens does not fit in a context of {ctx} tokens "
-                                f"(num_ctx; the model's is {self.entry.max_position})")
+                                f"(num_ctx; the model's is {self.entry.max_position})", param="options.num_ctx")
         left = ctx - prompt_len
-        n = options.get("num_predict")
+        n = o.num_predict
         if n is None or n in (-1, -2):
             max_tokens = left
-        elif isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        elif n > 0:
             max_tokens = min(n, left)
         else:
-            raise ApiError(400, f"num_predict must be a positive integer, -1 or -2, got {n!r}")
-        kw: dict[str, Any] = {"max_tokens": max_tokens}
-        for opt, field in SAMPLING_OPTIONS.items():
-            if options.get(opt) is not None:
-                kw[field] = options[opt]
-        return self.api.sampling(kw)
-
-    def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        try:
-            return list(self.api.tokenizer().encode_chat(messages))
-        except MeshError as e:
-            raise ApiError(400, f"cannot apply the chat template: {e}") from None
+            raise ApiError(400, f"num_predict must be a positive integer, -1 or -2, got {n!r}",
+                           param="options.num_predict")
+        return self.front.params(max_tokens, prefix="options.", temperature=o.temperature, top_p=o.top_p,
+                                 top_k=o.top_k, seed=o.seed, stop=o.stop, presence_penalty=o.presence_penalty,
+                                 frequency_penalty=o.frequency_penalty)
 
     # --- endpoints ----------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body, model = await self._body(request)
-        messages = body.get("messages")
-        if messages in (None, []):  # Ollama's way to load a model: nothing to do here
-            return self._loaded(model, body, chat=True)
-        for m in messages if isinstance(messages, list) else ():
-            if isinstance(m, dict) and (m.get("images") or m.get("tool_calls")):
-                raise ApiError(400, "images and tool calls are not supported by this mesh")
-        msgs = [{"role": m["role"], "content": m.get("content", "")} for m in chat_messages(messages)]
-        ids = self._encode_chat(msgs)
-        return await self._answer(request, body, model, ids, chat=True)
+        body = await read_body(request, OllamaChatRequest)
+        self._common(body)
+        if body.tools:
+            raise refuse("tools", "tools")
+        if not body.messages:  # Ollama's way to load a model: nothing to do here
+            return self._loaded(body, chat=True)
+        msgs = []
+        for i, m in enumerate(body.messages):
+            if m.images:
+                raise refuse(f"messages.[{i}].images", "images")
+            if m.tool_calls or m.role == "tool":
+                raise refuse(f"messages.[{i}].tool_calls", "tool calls and tool results")
+            if m.thinking:
+                raise refuse(f"messages.[{i}].thinking", "thinking")
+            msgs.append({"role": m.role, "content": m.content})
+        ids = self.front.encode_chat(msgs)
+        return await self._answer(request, body, ids, chat=True)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        body, model = await self._body(request)
-        prompt, system, context = body.get("prompt", ""), body.get("system"), body.get("context")
-        if not isinstance(prompt, str):
-            raise ApiError(400, "prompt must be a string")
-        if system is not None and not isinstance(system, str):
-            raise ApiError(400, "system must be a string")
-        if context is not None and not (isinstance(context, list) and all(
-                isinstance(i, int) and not isinstance(i, bool) for i in context)):
-            raise ApiError(400, "context must be a list of token ids")
+        body = await read_body(request, OllamaGenerateRequest)
+        self._common(body)
+        for name, what in (("suffix", "suffix"), ("images", "images"), ("template", "a template override")):
+            if getattr(body, name):
+                raise refuse(name, what)
+        prompt, context = body.prompt, body.context
         if not prompt and not context:
-            return self._loaded(model, body, chat=False)
-        if body.get("raw"):
-            ids = list(self.api.tokenizer().encode(prompt, add_special_tokens=not context)) if prompt else []
+            return self._loaded(body, chat=False)
+        if body.raw:
+            ids = list(self.front.tokenizer().encode(prompt, add_special_tokens=not context)) if prompt else []
         else:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            ids = self._encode_chat(msgs)
-        return await self._answer(request, body, model, list(context or []) + ids, chat=False)
+            msgs = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                [{"role": "user", "content": prompt}]
+            ids = self.front.encode_chat(msgs)
+        return await self._answer(request, body, list(context or []) + ids, chat=False)
 
-    def _loaded(self, model: str, body: dict[str, Any], chat: bool) -> web.Response:
-        d: dict[str, Any] = {"model": model, "created_at": _now()}
+    def _loaded(self, body: OllamaCommon, chat: bool) -> web.Response:
+        d: dict[str, Any] = {"model": body.model, "created_at": _now()}
         if chat:
             d["message"] = {"role": "assistant", "content": ""}
         else:
             d["response"] = ""
-        d["done_reason"] = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
+        d["done_reason"] = "unload" if body.keep_alive in (0, "0", "0s") else "load"
         d["done"] = True
         return web.json_response(d)
 
@@ -213,7 +193,7 @@ class OllamaApi:
 
     def _model_entry(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.name, "modified_at": "1970-01-01T00:00:00Z", "size": self._size(),
-                "digest": self.api.model_id, "details": self._details()}
+                "digest": self.front.model_id, "details": self._details()}
 
     async def tags(self, request: web.Request) -> web.Response:
         return web.json_response({"models": [self._model_entry()]})
@@ -226,9 +206,9 @@ class OllamaApi:
         return web.json_response({"models": [entry]})
 
     async def show(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        model = body.get("model", body.get("name"))
-        if not isinstance(model, str) or not self.serves(model):
+        body = await read_body(request, OllamaShowRequest)
+        model = body.model if body.model is not None else body.name
+        if model is None or not self.serves(model):
             raise ApiError(404, f"model {model!r} not found (this mesh serves {self.name!r})")
         details = self._details()
         m = self.manifest
@@ -249,24 +229,26 @@ class OllamaApi:
         return web.json_response({"version": OLLAMA_VERSION})
 
     # --- the answer ---------------------------------------------------------------------------------
-    async def _answer(self, request: web.Request, body: dict[str, Any], model: str, ids: list[int],
+    async def _answer(self, request: web.Request, body: OllamaCommon, ids: list[int],
                       chat: bool) -> web.StreamResponse:
         t0 = time.perf_counter_ns()
-        params = self._params(body.get("options") or {}, len(ids))
-        return await self.api.traced(request, lambda req_id, echo: self._generate(
-            request, body, model, ids, params, chat, t0, req_id, echo))
+        params = self._params(body.options, len(ids))
+        return await self.front.traced(request, lambda req_id, headers: self._generate(
+            request, body, ids, params, chat, t0, req_id, headers))
 
-    async def _generate(self, request: web.Request, body: dict[str, Any], model: str, ids: list[int], params: Any,
-                        chat: bool, t0: int, req_id: str, echo: dict[str, str]) -> web.StreamResponse:
-        stream = body.get("stream", True) is not False
+    async def _generate(self, request: web.Request, body: OllamaCommon, ids: list[int], params: SamplingParams,
+                        chat: bool, t0: int, req_id: str, headers: dict[str, str]) -> web.StreamResponse:
+        stream = body.stream is not False
         try:
-            events, first = await self.api.start(ids, params, self.api.keepalive_s if stream else None,
-                                                 request_id=req_id)
+            events, first = await self.front.start(ids, params, self.front.keepalive_s if stream else None,
+                                                   request_id=req_id)
         except ApiError as e:
             if e.status == 429:  # Ollama answers a full queue with 503 ("server busy")
                 e.status = 503
             raise
         clock = _Clock(t0)
+        model = body.model
+        raw = isinstance(body, OllamaGenerateRequest) and bool(body.raw)
 
         def line(text: str) -> dict[str, Any]:
             d: dict[str, Any] = {"model": model, "created_at": _now()}
@@ -282,49 +264,32 @@ class OllamaApi:
             d["done"] = True
             d["done_reason"] = reason or "length"
             d.update(clock.stats(len(ids), len(tokens)))
-            if not chat and not body.get("raw"):
+            if not chat and not raw:
                 d["context"] = ids + tokens
             return d
 
-        tokens: list[int] = []
         if not stream:
-            text: list[str] = []
-            reason = None
-            ev: Event | object | None = first
-            async with events:
-                while isinstance(ev, Event):
-                    if ev.error is not None:
-                        raise _event_error(ev)
-                    if ev.token_id is not None:
-                        tokens.append(ev.token_id)
-                        clock.token()
-                    text.append(ev.text)
-                    if ev.finish_reason is not None:
-                        reason = ev.finish_reason
-                        break
-                    ev = await events.next()
-            return web.json_response(last("".join(text), reason, tokens))
-        return await self._stream(request, events, first, line, last, tokens, clock, echo)
+            got = await self.front.collect(events, first, on_token=clock.token)
+            return web.json_response(last("".join(got.text), got.reason, got.tokens))
+        return await self._stream(request, events, first, line, last, clock, headers)
 
-    async def _stream(self, request: web.Request, events: EventReader, first: Any, line: Any, last: Any,
-                      tokens: list[int], clock: _Clock, echo: dict[str, str]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, events: EventReader, first: Event | _Idle, line: Any, last: Any,
+                      clock: _Clock, headers: dict[str, str]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no", **echo})
+                                           "X-Accel-Buffering": "no", **headers})
         await resp.prepare(request)
 
         async def send(d: dict[str, Any]) -> None:
             await resp.write(json.dumps(d).encode() + b"\n")
 
+        tokens: list[int] = []
         async with events:
             try:
-                ev = first
-                while ev is not None:
-                    if ev is IDLE:
+                async for ev in self.front.events(events, first):
+                    if not isinstance(ev, Event):
                         await send(line(""))
-                        self.api.keepalives += 1
                     elif ev.error is not None:
-                        await send({"error": _event_error(ev).message})
-                        break
+                        await send({"error": event_error(ev).message})
                     else:
                         if ev.token_id is not None:
                             tokens.append(ev.token_id)
@@ -333,8 +298,6 @@ class OllamaApi:
                             await send(line(ev.text))
                         if ev.finish_reason is not None:  # as Ollama's: the last line brings no text
                             await send(last("", ev.finish_reason, tokens))
-                            break
-                    ev = await events.next(self.api.keepalive_s)
                 await resp.write_eof()
             except (ConnectionResetError, ConnectionError):
                 log.info("client went away; request cancelled")
