@@ -174,6 +174,25 @@ async def test_schema_drawn_bodies_get_an_answer_or_the_dialects_error(served: S
     await async_wait_until(lambda: not any(s.held().values()), "every request freed", 10, describe=lambda: str(s.held()))
 
 
+async def test_logprobs_penalties_and_echo_through_the_mesh(served: Served) -> None:
+    """The head computes them: chat logprobs with alternatives, penalties, and completions' echo +
+    logprobs (the prompt's own logprobs, as evaluation tools score choices)."""
+    s = served
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+    got, raw, _ = await s.post("/v1/chat/completions", chat)
+    assert got == 200, raw[:300]
+    content = json.loads(raw)["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 for c in content)
+    got, raw, _ = await s.post("/v1/completions", {"prompt": "one two three", "max_tokens": 1, "temperature": 0,
+                                                   "echo": True, "logprobs": 1})
+    assert got == 200, raw[:300]
+    lp = json.loads(raw)["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and all(x <= 0 for x in lp["token_logprobs"][1:])
+    assert len(lp["token_logprobs"]) == len(lp["tokens"]) >= 3
+    await async_wait_until(lambda: not any(s.held().values()), "every request freed", 10, describe=lambda: str(s.held()))
+
+
 async def test_known_fields_the_mesh_cannot_honour_are_refused_by_name(served: Served, bundled: Manifest) -> None:
     s = served
     chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -184,8 +203,6 @@ async def test_known_fields_the_mesh_cannot_honour_are_refused_by_name(served: S
         ("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}, 400, "response_format"),
         ("/v1/chat/completions", {**chat, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
         ("/v1/chat/completions", {**chat, "top_logprobs": 2}, 400, "top_logprobs"),
-        ("/v1/chat/completions", {**chat, "logprobs": True}, 400, "logprobs"),  # until the head computes them
-        ("/v1/chat/completions", {**chat, "presence_penalty": 0.5}, 400, "presence_penalty"),  # likewise
         ("/v1/chat/completions", {**chat, "frequency_penalty": 3}, 400, "frequency_penalty"),
         ("/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}, 400, "stream_options"),
         ("/v1/chat/completions", {**chat, "store": True}, 400, "store"),
@@ -208,7 +225,6 @@ async def test_known_fields_the_mesh_cannot_honour_are_refused_by_name(served: S
         ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n"),
         ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, "best_of"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
-        ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs"),
         ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
         ("/v1/completions", {"prompt": ["x", "y"]}, 400, "prompt"),
         ("/v1/completions", {"prompt": [1, True]}, 400, "prompt.[0]"),
@@ -217,8 +233,6 @@ async def test_known_fields_the_mesh_cannot_honour_are_refused_by_name(served: S
         ("/api/chat", {"model": bundled.name, "messages": chat["messages"], "options": {"repeat_penalty": 1.1}},
          400, None),
         ("/api/chat", {"model": bundled.name, "messages": chat["messages"], "options": {"mirostat": 2}}, 400, None),
-        ("/api/chat", {"model": bundled.name, "messages": chat["messages"], "options": {"presence_penalty": 1}},
-         400, None),
         ("/api/chat", {"model": bundled.name, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
         ("/api/chat", {"model": bundled.name, "messages": chat["messages"], "think": True}, 400, None),
         ("/api/generate", {"model": bundled.name, "prompt": "x", "template": "{{ .Prompt }}"}, 400, None),
@@ -235,9 +249,10 @@ async def test_known_fields_the_mesh_cannot_honour_are_refused_by_name(served: S
             assert doc["error"]["message"], doc
             if param is not None:
                 assert doc["error"]["param"] == param, (body, doc)
-    # refusals say what is not supported, and that it is the mesh (not the request) that lacks it
-    got, raw, _ = await s.post("/v1/chat/completions", {**chat, "logprobs": True})
-    assert b"not supported yet" in raw
+    # refusals say what is not supported
+    got, raw, _ = await s.post("/v1/chat/completions", {**chat, "tools": [{"type": "function",
+                                                                          "function": {"name": "f"}}]})
+    assert got == 400 and b"tools" in raw
     # what is merely unknown is ignored, and `user` is accepted
     got, raw, _ = await s.post("/v1/chat/completions", {**chat, "user": "u-1", "frobnicate": {"a": [1]},
                                                          "temperature": 0})

@@ -216,3 +216,94 @@ async def _scenario(manifest: Manifest, scenario) -> None:
 async def _collect(entry, prompt, params, out: list) -> None:
     async for ev in entry.generate(prompt, params):
         out.append(ev)
+
+
+# --- penalties and logprobs at the head --------------------------------------------------------------
+
+def reference_logprobs(manifest: Manifest, prompt: list[int], params: SamplingParams, tokens: list[int]):
+    """What one process computes for these tokens: each one's logprob and top list, decoding them."""
+    from meshllm.runtime.runner import StageRunner
+    from meshllm.runtime.sampling import logprobs_of
+
+    runner = StageRunner(manifest, 0, manifest.config.num_blocks, threads=1)
+    runner.alloc("x", len(prompt) + len(tokens) + 1)
+    logits = runner.prefill("x", np.array(prompt, np.int64), last_only=True)
+    out = []
+    for i, t in enumerate(tokens):
+        out.append(logprobs_of(logits, params, t, history=tokens[:i]))
+        logits = runner.decode(["x"], np.array([t], np.int64))[0]
+    return out
+
+
+async def _events(entry, prompt, params, **kw):
+    got = []
+    async for ev in entry.generate(prompt, params, **kw):
+        assert ev.error is None, ev.error
+        got.append(ev)
+    return got
+
+
+@pytest.mark.parametrize("plan", ["one-node", "both-split", "split-differently"])
+async def test_penalties_and_logprobs_equal_one_process(make_mesh, tiny_manifest: Manifest, plan: str) -> None:
+    mesh = await make_mesh(PLANS[plan])
+    entry = mesh.node(names(PLANS[plan])[-1]).serving.entry
+    prompt = [11, 12, 13, 11, 12]
+    for params in (SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, frequency_penalty=1.5,
+                                  presence_penalty=0.5, logprobs=3),
+                   SamplingParams(temperature=0.9, seed=4, max_tokens=10, ignore_eos=True, presence_penalty=1.0,
+                                  logit_bias={7: 2.0}, logprobs=2)):
+        got = await _events(entry, prompt, params)
+        tokens = [e.token_id for e in got]
+        assert tokens == reference(tiny_manifest, prompt, params)
+        plain = SamplingParams(temperature=params.temperature, seed=params.seed, max_tokens=10, ignore_eos=True)
+        if params.temperature == 0.0:  # the penalties change the answer (or the test proves nothing)
+            assert tokens != reference(tiny_manifest, prompt, plain)
+        ref = reference_logprobs(tiny_manifest, prompt, params, tokens)
+        for e, (lp, top) in zip(got, ref, strict=True):
+            assert e.logprob == pytest.approx(lp, abs=1e-4)
+            assert [t for t, _ in e.top_logprobs] == [t for t, _ in top]
+            assert [x for _, x in e.top_logprobs] == pytest.approx([x for _, x in top], abs=1e-4)
+    await settled(mesh)
+
+
+@pytest.mark.parametrize("plan", ["one-node", "split-differently"])
+async def test_prompt_logprobs_equal_one_process(make_mesh, tiny_manifest: Manifest, plan: str) -> None:
+    from meshllm.runtime.runner import StageRunner
+    from meshllm.runtime.sampling import prompt_logprobs
+
+    cfg = ServeConfig(prefill_chunk=4)  # several chunks, so rows cross chunk boundaries
+    mesh = await make_mesh(PLANS[plan], cfg)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 97, size=11)]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=2)
+    got = await _events(mesh.node("a").serving.entry, prompt, params, prompt_logprobs=True)
+    runner = StageRunner(tiny_manifest, 0, tiny_manifest.config.num_blocks, threads=1, prefill_chunk=4)
+    runner.alloc("x", len(prompt))
+    rows = runner.prefill("x", np.array(prompt, np.int64), last_only=False)  # (P, V)
+    ref = prompt_logprobs(rows[:-1], prompt[1:], 2)
+    assert got[0].prompt_logprobs is not None and len(got[0].prompt_logprobs) == len(prompt) - 1
+    for (lp, top), (rlp, rtop) in zip(got[0].prompt_logprobs, ref, strict=True):
+        assert lp == pytest.approx(rlp, abs=1e-4)
+        assert [t for t, _ in top] == [t for t, _ in rtop]
+    assert all(e.prompt_logprobs is None for e in got[1:])
+    await settled(mesh)
+
+
+async def test_logprobs_and_penalties_survive_failover(make_mesh, tiny_manifest: Manifest) -> None:
+    mesh = await make_mesh(PLANS["three-replicas"])
+    a = mesh.node("a")
+    entry = a.serving.entry
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, frequency_penalty=1.0, logprobs=1)
+    prompt = [21, 22, 23]
+    gen = entry.generate(prompt, params)
+    got = [await anext(gen), await anext(gen), await anext(gen)]
+    rid, r = next(iter(entry.requests.items()))
+    entry.handle(a.node_id, Error(RequestId(rid), "simulated step failure", "stage_error", r.attempt))
+    assert r.migrations == 1
+    async for ev in gen:
+        assert ev.error is None
+        got.append(ev)
+    tokens = [e.token_id for e in got]
+    assert tokens == reference(tiny_manifest, prompt, params)
+    ref = reference_logprobs(tiny_manifest, prompt, params, tokens)
+    assert [e.logprob for e in got] == pytest.approx([lp for lp, _ in ref], abs=1e-4)
+    await settled(mesh)

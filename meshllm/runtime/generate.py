@@ -109,7 +109,7 @@ class _Seq:
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token from one row of logits (V,)."""
-        return sample_one(logits, self.params, token_rng(self.seed, len(self.tokens)))
+        return sample_one(logits, self.params, token_rng(self.seed, len(self.tokens)), history=self.tokens)
 
     def accept(self, token: int) -> StreamEvent:
         """Record a sampled token; decide whether the sequence ends with it."""

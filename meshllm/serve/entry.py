@@ -71,6 +71,8 @@ class Entry:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = INF
         self.finished_hooks: list[Callable[[Finished], None]] = []  # every request that ends
+        # what the stages' heads compute beyond tokens (the API refuses a request asking for more)
+        self.features = frozenset({"penalties", "logprobs", "prompt_logprobs"})
 
     # --- what others read ----------------------------------------------------------------------------
     @property
@@ -111,7 +113,7 @@ class Entry:
 
     # --- the public call ---------------------------------------------------------------------------------
     async def generate(self, prompt: Sequence[int], params: SamplingParams, *, seed: int | None = None,
-                       request_id: str | None = None) -> AsyncIterator[Event]:
+                       request_id: str | None = None, prompt_logprobs: bool = False) -> AsyncIterator[Event]:
         """Stream one request's events; the last has ``finish_reason`` or ``error``. Raises before the
         first event for bad input (UserError), a full queue (QueueFull) or no plan (NotReady).
         Closing the iterator early cancels the request everywhere."""
@@ -127,7 +129,7 @@ class Entry:
         q: asyncio.Queue[Event] = asyncio.Queue()
         try:
             self._queues[rid] = q
-            outs = self.core.submit(rid, ids, params, int(seed), dec, self._now())
+            outs = self.core.submit(rid, ids, params, int(seed), dec, self._now(), prompt_logprobs=prompt_logprobs)
         except QueueFull:
             self._queues.pop(rid, None)
             self.metrics.rejected("queue_full")

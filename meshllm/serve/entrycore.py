@@ -75,6 +75,12 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     code: str = ""
+    # when asked for (``SamplingParams.logprobs``): the token's logprob and the likeliest tokens'
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    # on the first event of a request that asked for its prompt's logprobs: one (logprob, top)
+    # per prompt token after the first
+    prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +172,7 @@ class EntryCore:
         return ids
 
     def submit(self, rid: str, ids: tuple[int, ...], params: SamplingParams, seed: int, decoder: Any,
-               now: float) -> list[EntryOutput]:
+               now: float, *, prompt_logprobs: bool = False) -> list[EntryOutput]:
         """Accept a checked request (raises QueueFull, NotReady or UserError instead)."""
         if len(self.requests) >= self.config.max_queue:
             self.stats["rejected_429"] += 1
@@ -177,7 +183,7 @@ class EntryCore:
         if rid in self.requests:
             raise UserError(f"request id {rid!r} is already in use at this node")
         r = Request(rid, ids, params, int(seed), now, decoder=decoder, last_progress=now,
-                    wait_until=now + self.config.queue_timeout_s)
+                    wait_until=now + self.config.queue_timeout_s, prompt_logprobs=prompt_logprobs)
         self.requests[rid] = r
         self.stats["accepted"] += 1
         self.stats["prompt_tokens"] += len(ids)
@@ -377,7 +383,7 @@ class EntryCore:
         self._send(p0.node, PrefillChunk(RequestId(r.id), r.epoch, r.prefill, p0.first, 0, True, len(ids), r.decode,
                                          NodeId(self.node_id), r.params.to_dict(), r.seed,
                                          ids=Tensor.from_array(ids), forced=r.tokens[0] if r.tokens else -1,
-                                         attempt=r.attempt))
+                                         attempt=r.attempt, prompt_logprobs=r.prompt_logprobs and not r.tokens))
 
     def _room(self, now: float) -> None:
         """A decoder may have room again: waiting requests look again, oldest first."""
@@ -428,7 +434,7 @@ class EntryCore:
                 reason = FINISH_LENGTH
             if reason is not None and r.decoder is not None:
                 text += r.decoder.finish()
-            self._out.append(Emit(r.id, Event(t.token, text, t.index, reason)))
+            self._out.append(Emit(r.id, Event(t.token, text, t.index, reason, **_logprobs(t))))
             if reason is not None:
                 r.reason = reason
                 self._finish(r, Finish.STOP if reason == FINISH_STOP else Finish.LENGTH, now)
@@ -497,3 +503,18 @@ class EntryCore:
         for r in self.requests.values():
             by[r.status.value] = by.get(r.status.value, 0) + 1
         return {"requests": len(self.requests), "by_status": by, **self.stats}
+
+
+def _logprobs(t: Token) -> dict[str, Any]:
+    """A token frame's logprobs as the Event carries them (nothing when none were asked for)."""
+    out: dict[str, Any] = {}
+    if t.logprob is not None:
+        out["logprob"] = float(t.logprob)
+        out["top_logprobs"] = tuple(zip((int(i) for i in t.top_ids), (float(x) for x in t.top_lps), strict=True))
+    if t.index == 0 and (t.prompt_lps or t.prompt_top_ids):
+        n = len(t.prompt_top_ids) // max(len(t.prompt_lps), 1)
+        out["prompt_logprobs"] = tuple(
+            (float(lp), tuple(zip((int(x) for x in t.prompt_top_ids[i * n:(i + 1) * n]),
+                                  (float(x) for x in t.prompt_top_lps[i * n:(i + 1) * n]), strict=True)))
+            for i, lp in enumerate(t.prompt_lps))
+    return out

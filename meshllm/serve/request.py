@@ -93,6 +93,7 @@ class Request:
     reason: str | None = None  # the OpenAI finish reason of a completed request
     error: tuple[str, str] | None = None  # (message, code) of a failed one
     dropped_frames: int = 0  # frames of other attempts, dropped
+    prompt_logprobs: bool = False  # the prompt's own logprobs come with token 0
 
     def to(self, status: Status) -> None:
         if status not in TRANSITIONS[self.status]:

@@ -47,7 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from meshllm.errors import ContextLengthError, MeshError, PlanError
-from meshllm.runtime.sampling import SamplingParams, sample_one, token_rng
+from meshllm.runtime.sampling import SamplingParams, logprobs_of, prompt_logprobs, sample_one, token_rng
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.request import finish_reason
 from meshllm.serve.routes import Routes, StageRef, layer_blocks
@@ -135,6 +135,7 @@ class PrefillOp:
     chunk: Chunk
     export: list[int]  # the layer blocks whose KV goes to a decoder replica
     kv_dtype: Any
+    all_rows: bool = False  # the head returns every row's logits (the prompt's logprobs), not the last
 
 
 @dataclass(slots=True)
@@ -210,6 +211,8 @@ class Hold:
     deadline: float = INF  # the hand-off must make progress by then
     chunks: deque[Chunk] = field(default_factory=deque)  # prefill chunks waiting here
     prefilled: int = 0
+    history: list[int] = field(default_factory=list)  # the head: tokens generated so far (penalties)
+    prompt_lps: list[tuple[float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -515,14 +518,16 @@ class StageCore:
         x = m.hidden.array()
         x = x if len(rows) == len(m.reqs) else x[rows]
         sub = DecodeBatch(m.epoch, m.replica, m.micro, m.first_block, tuple(RequestId(s) for s in seqs),
-                          tuple(m.indexes[i] for i in rows), m.hidden, tuple(attempts[i] for i in rows), m.step)
+                          tuple(m.indexes[i] for i in rows), m.hidden, tuple(attempts[i] for i in rows), m.step,
+                          tuple(m.tokens[i] for i in rows) if m.tokens else ())
         return DecodeOp(runner, seqs, x, batch=sub, ref=ref, holds=holds)
 
     def _prefill_op(self, h: Hold, c: Chunk) -> PrefillOp:
         handoff = c.msg.decoder != c.msg.replica
         blocks = layer_blocks(h.stage, self.num_layers) if handoff else []
         kv_dtype = np.float16 if self.config.kv_wire_dtype == "float16" else np.float32
-        return PrefillOp(h, c, blocks, kv_dtype)
+        head = h.stage.end == self.num_layers + 2
+        return PrefillOp(h, c, blocks, kv_dtype, all_rows=head and c.msg.prompt_logprobs)
 
     # --- admission (decoder stages) --------------------------------------------------------------------
     def _routes(self, epoch: int) -> Routes | None:
@@ -746,9 +751,13 @@ class StageCore:
         nxt = routes.next_stage(h.stage)
         if nxt is not None:
             self._send(nxt.node, PrefillChunk(m.req, m.epoch, m.replica, nxt.first, c.offset, c.last, m.prompt_len,
-                                              m.decoder, m.entry, m.sampling, m.seed, hidden=Tensor.from_array(out),
-                                              forced=m.forced, attempt=h.attempt), "data")
+                                              m.decoder, m.entry, m.sampling, m.seed,
+                                              ids=m.ids if m.prompt_logprobs else None, hidden=Tensor.from_array(out),
+                                              forced=m.forced, attempt=h.attempt, prompt_logprobs=m.prompt_logprobs),
+                       "data")
         self._send(h.entry, Progress(RequestId(h.req), h.attempt, h.stage.index, h.prefilled, h.prompt_len))
+        if op.all_rows:  # the head's (n, V) rows: row i predicts prompt token offset + i + 1
+            self._prompt_logprobs(h, m, c, np.asarray(out))
         if not c.last:
             return
         if m.decoder != m.replica:
@@ -756,18 +765,45 @@ class StageCore:
         else:
             self._layers_complete(h)
         if nxt is None:
-            self._first_token(routes, m, h, np.asarray(out).reshape(-1))
+            self._first_token(routes, m, h, np.asarray(out)[-1] if op.all_rows else np.asarray(out).reshape(-1))
+
+    def _prompt_logprobs(self, h: Hold, m: PrefillChunk, c: Chunk, rows: np.ndarray) -> None:
+        if m.ids is None:
+            return
+        prompt = m.ids.array()  # (P,) the whole prompt
+        a = c.offset
+        targets = [int(t) for t in prompt[a + 1:a + rows.shape[0] + 1]]  # the last row predicts none
+        params = h.params
+        n = (params.logprobs or 0) if params is not None else 0
+        h.prompt_lps += prompt_logprobs(rows[:len(targets)], targets, n)
+
+    def _head_sample(self, h: Hold, logits: np.ndarray, index: int) -> tuple[int, dict[str, Any]]:
+        """A head samples token ``index``: from ``token_rng(seed, index)`` only, with the penalties
+        of what it generated so far; its logprobs when the request asked for them."""
+        params = h.params
+        assert params is not None
+        tok = sample_one(logits, params, token_rng(h.seed, index), history=h.history)
+        extra: dict[str, Any] = {}
+        if params.logprobs is not None:
+            lp, top = logprobs_of(logits, params, tok, history=h.history)
+            extra = {"logprob": lp, "top_ids": tuple(t for t, _ in top), "top_lps": tuple(x for _, x in top)}
+        return tok, extra
 
     def _first_token(self, routes: Routes, m: PrefillChunk, h: Hold, logits: np.ndarray) -> None:
         """The prefill replica's head: sample the token after the prompt, hand it to the decoder."""
         index = 0
-        params = h.params if h.params is not None else SamplingParams.from_dict(m.sampling)
+        if h.params is None:
+            h.params = SamplingParams.from_dict(m.sampling)
         if m.forced >= 0:  # resumed: token 0 was streamed already; replay it
             tok = m.forced
         else:
-            tok = sample_one(logits, params, token_rng(m.seed, index))
-            reason = finish_reason(tok, index, params, self.eos)
-            self._send(m.entry, Token(m.req, tok, index, reason is not None, reason or "", h.attempt))
+            tok, extra = self._head_sample(h, logits, index)
+            if m.prompt_logprobs:
+                extra["prompt_lps"] = tuple(lp for lp, _ in h.prompt_lps)
+                extra["prompt_top_ids"] = tuple(t for _, top in h.prompt_lps for t, _ in top)
+                extra["prompt_top_lps"] = tuple(x for _, top in h.prompt_lps for _, x in top)
+            reason = finish_reason(tok, index, h.params, self.eos)
+            self._send(m.entry, Token(m.req, tok, index, reason is not None, reason or "", h.attempt, **extra))
             if reason is not None:
                 return
         d0 = routes.stage(m.decoder, 0)
@@ -889,14 +925,16 @@ class StageCore:
         okidx = tuple(ring.members[r].index for r in okreqs)
         nxt = ring.routes.next_stage(ring.stages[0])
         if nxt is None:  # stage 0 holds the head too: sample here
-            toks, done = self._sample_rows(ring.replica, 0, okreqs, okidx, out)
+            fed = tuple(int(ring.members[r].token) for r in okreqs)
+            toks, done = self._sample_rows(ring.replica, 0, okreqs, okidx, out, fed)
             self._ring_tokens(ring, micro, op.step, okreqs, toks, done)
             return
         ring.inflight[micro] = okreqs
         attempts = tuple(ring.members[r].attempt for r in okreqs)
+        fed = tuple(int(ring.members[r].token) for r in okreqs)
         self._send(nxt.node, DecodeBatch(ring.epoch, ring.replica, micro, nxt.first,
                                          tuple(RequestId(r) for r in okreqs), okidx, Tensor.from_array(out),
-                                         attempts, op.step))
+                                         attempts, op.step, fed))
 
     def _ring_clear(self, ring: Ring, micro: int) -> None:
         ring.busy[micro] = 0
@@ -1000,12 +1038,13 @@ class StageCore:
         okreqs = [m.reqs[i] for i in ok]
         okidx = tuple(m.indexes[i] for i in ok)
         oka = tuple(m.attempts[i] for i in ok) if m.attempts else ()
+        fed = tuple(m.tokens[i] for i in ok) if m.tokens else ()
         nxt = routes.next_stage(ref)
         if not okreqs:
             self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, (), (), (), m.step))
             return
         if nxt is None:
-            toks, done = self._sample_rows(m.replica, ref.index, okreqs, okidx, out)
+            toks, done = self._sample_rows(m.replica, ref.index, okreqs, okidx, out, fed)
             self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, tuple(okreqs), tuple(toks), tuple(done),
                                            m.step))
             for r, d in zip(okreqs, done, strict=True):
@@ -1013,11 +1052,13 @@ class StageCore:
                     self._release((r, m.replica, ref.index))
             return
         self._send(nxt.node, DecodeBatch(m.epoch, m.replica, m.micro, nxt.first, tuple(okreqs), okidx,
-                                         Tensor.from_array(out), oka, m.step))
+                                         Tensor.from_array(out), oka, m.step, fed))
 
     def _sample_rows(self, replica: int, stage: int, reqs: list[str], indexes: tuple[int, ...],
-                     logits: np.ndarray) -> tuple[list[int], list[bool]]:
-        """The head of a decoder replica: sample each row's next token, send it to its entry."""
+                     logits: np.ndarray, fed: tuple[int, ...] = ()) -> tuple[list[int], list[bool]]:
+        """The head of a decoder replica: sample each row's next token, send it to its entry.
+        ``fed``: the tokens stage 0 fed this step (token ``indexes[i]`` of each row), which extend the
+        head's history of the request (the penalties)."""
         toks, done = [], []
         for i, r in enumerate(reqs):
             h = self.holds.get((r, replica, stage))
@@ -1025,14 +1066,18 @@ class StageCore:
                 toks.append(-1)
                 done.append(True)
                 continue
+            if fed:
+                del h.history[indexes[i]:]
+                h.history.extend([h.replay[j] if j < len(h.replay) else -1 for j in range(len(h.history), indexes[i])])
+                h.history.append(int(fed[i]))
             index = indexes[i] + 1
             if index < len(h.replay):  # resumed: this token was streamed before; feed it again
                 toks.append(h.replay[index])
                 done.append(False)
                 continue
-            tok = sample_one(logits[i], h.params, token_rng(h.seed, index))
+            tok, extra = self._head_sample(h, logits[i], index)
             reason = finish_reason(tok, index, h.params, self.eos)
-            self._send(h.entry, Token(RequestId(r), tok, index, reason is not None, reason or "", h.attempt))
+            self._send(h.entry, Token(RequestId(r), tok, index, reason is not None, reason or "", h.attempt, **extra))
             toks.append(tok)
             done.append(reason is not None)
         return toks, done
@@ -1157,7 +1202,7 @@ def run_op(op: Op, stats: dict[str, Any], clock: Callable[[], float]) -> Result:
             return Result()
         if isinstance(op, PrefillOp):
             h, c = op.hold, op.chunk
-            out = np.array(h.runner.prefill(h.req, c.x, last_only=True), copy=True)
+            out = np.array(h.runner.prefill(h.req, c.x, last_only=not op.all_rows), copy=True)
             kvs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
             for b in op.export:
                 k, v = h.runner.kv_export(h.req, b, c.offset, c.offset + c.x.shape[0])

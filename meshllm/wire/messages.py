@@ -308,6 +308,9 @@ class PrefillChunk(Message):
     hidden: Tensor | None = None  # (T, H) hidden states (between stages)
     forced: int = -1  # a resumed request's token 0: the head takes it instead of sampling
     attempt: int = 0
+    # the head reports the prompt's own logprobs (completions' echo + logprobs); the frames then
+    # carry the whole prompt's ids to every stage, since the head's targets are the next tokens
+    prompt_logprobs: bool = False
 
 
 @data("kv")
@@ -371,6 +374,7 @@ class DecodeBatch(Message):
     hidden: Tensor
     attempts: tuple[int, ...] = ()
     step: int = 0
+    tokens: tuple[int, ...] = ()  # the token ids stage 0 fed (the head's history, for penalties)
 
 
 @data("token_batch")
@@ -399,6 +403,15 @@ class Token(Message):
     finished: bool = False
     reason: str = ""  # "stop" (EOS) or "length" when finished
     attempt: int = 0
+    # when the request asked for logprobs: the token's, and the likeliest n tokens' (ids, logprobs)
+    logprob: float | None = None
+    top_ids: tuple[int, ...] = ()
+    top_lps: tuple[float, ...] = ()
+    # with token 0 of a request that asked for its prompt's logprobs: one per prompt token after
+    # the first, each with the likeliest n (flattened, n per row)
+    prompt_lps: tuple[float, ...] = ()
+    prompt_top_ids: tuple[int, ...] = ()
+    prompt_top_lps: tuple[float, ...] = ()
 
 
 @data("progress")
