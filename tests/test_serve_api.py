@@ -256,3 +256,25 @@ async def test_fuzzed_requests_get_a_clear_answer_and_the_node_keeps_serving(api
 
 def mesh_held(mesh: DataMesh) -> dict[str, int]:
     return {**mesh.held(), **{f"kv-{k}": v for k, v in mesh.kv_in_use().items()}}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/api/generate"])
+async def test_a_client_that_leaves_a_request_not_streamed_frees_it(api, bundled: Manifest, path: str) -> None:
+    """aiohttp does not cancel a handler when its client goes away; an answer that is not streamed
+    writes nothing before the end, so the front watches the connection and ends the request on
+    every node (it used to decode to the end of the context for nobody)."""
+    mesh, base = api
+    a = mesh.node("c")  # the entry
+    gates = [n.hold_inference() for n in mesh.nodes.values()]  # in flight until the client has gone
+    body = ({"prompt": "hello", "max_tokens": 40, "temperature": 0} if path.startswith("/v1")
+            else {"model": bundled.name, "prompt": "hello", "stream": False, "options": {"num_predict": 40}})
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(TimeoutError):
+            async with s.post(base.removesuffix("/v1") + path, json=body,
+                              timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                await r.read()
+    await async_wait_until(lambda: a.serving.entry.stats["cancelled"] == 1, "the entry to cancel the request", 5.0)
+    for g in gates:
+        g.set()
+    await async_wait_until(lambda: not a.serving.entry.requests and not any(mesh.kv_in_use().values())
+                           and not any(mesh.held().values()), "the request freed on every node", 5.0)

@@ -107,10 +107,8 @@ class HttpServer:
         sock.listen(128)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        # handler_cancellation: a client that goes away cancels its handler, so a non-streaming
-        # request does not go on decoding (and holding KV) for nobody
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=1.0, handler_cancellation=True)
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
         return self.port

@@ -218,14 +218,15 @@ class OpenAIApi:
         logprobs = params.logprobs is not None
         scored = echo is not None and logprobs  # the prompt's logprobs too
         events, first = await self.front.start(ids, params, self.front.keepalive_s if stream else None,
-                                               request_id=req_id, prompt_logprobs=scored)
+                                               request_id=req_id, prompt_logprobs=scored, client=request)
         rid = ("chatcmpl-" if chat else "cmpl-") + req_id
         created = int(time.time())
         if stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return await self._stream(request, events, first, rid, created, ids, chat, usage, echo, logprobs,
                                       scored, headers)
-        got = await self.front.collect(events, first, logprobs=logprobs, prompt=ids if scored else None)
+        got = await self.front.collect(events, first, logprobs=logprobs, prompt=ids if scored else None,
+                                       client=request)
         out = "".join(got.text)
         choice: dict[str, Any] = {"index": 0, "finish_reason": got.reason or "length", "logprobs": None}
         if chat:

@@ -120,6 +120,7 @@ class _Idle:
 
 
 IDLE: Final = _Idle()  # what EventReader.next returns when nothing came in time
+CLIENT_CHECK_S: Final = 0.5  # how often an answer that is not streamed checks that its client is still there
 
 
 class EventReader:
@@ -331,7 +332,7 @@ class Front:
 
     async def start(self, ids: list[int], params: SamplingParams, keepalive: float | None, *,
                     request_id: str | None = None, prompt_logprobs: bool = False,
-                    ) -> tuple[EventReader, Event | _Idle]:
+                    client: web.Request | None = None) -> tuple[EventReader, Event | _Idle]:
         """Submit a request to the entry (every dialect goes through here): its events and the
         first one, or IDLE when a streaming answer should start before it (``keepalive`` seconds
         passed). Bad input, a full queue and no plan raise at once (an ApiError), before any byte
@@ -341,17 +342,43 @@ class Front:
             kw["prompt_logprobs"] = True
         events = EventReader(self.entry.generate(ids, params, **kw))
         try:
-            first = await events.next(keepalive)
+            first = await (events.next(keepalive) if client is None
+                           else self._next_while_connected(events, client, keepalive))
         except MeshError as e:
             await events.aclose()
             raise mesh_error(e, self.retry_after) from None
+        except BaseException:  # the handler was cancelled (its client went away): end the request
+            await events.aclose()
+            raise
         if first is None:
             await events.aclose()
             raise ApiError(500, "the request ended without an answer", "server_error")
         return events, first
 
+    @staticmethod
+    async def _next_while_connected(events: EventReader, client: web.Request,
+                                    idle_after: float | None = None) -> Event | _Idle | None:
+        """The next event while the client is still connected, or IDLE after ``idle_after`` s. An
+        answer that is not streamed writes nothing before the end, nor does a stream before its
+        first event: a client that went away (a timeout, a retry) is noticed here, and its request
+        ends everywhere instead of going on for nobody."""
+        waited = 0.0
+        while True:
+            step = CLIENT_CHECK_S if idle_after is None else min(CLIENT_CHECK_S, idle_after - waited)
+            ev = await events.next(step)
+            if ev is not IDLE:
+                return ev
+            waited += step
+            transport = client.transport
+            if transport is None or transport.is_closing():
+                await events.aclose()
+                raise ApiError(499, "the client closed the connection", "invalid_request_error", "client_gone")
+            if idle_after is not None and waited >= idle_after:
+                return IDLE
+
     async def collect(self, events: EventReader, first: Event | _Idle, *, logprobs: bool = False,
-                      prompt: list[int] | None = None, on_token: Callable[[], None] | None = None) -> Answer:
+                      prompt: list[int] | None = None, on_token: Callable[[], None] | None = None,
+                      client: web.Request | None = None) -> Answer:
         """A whole answer (a request not streamed), with its tokens' logprobs if ``logprobs`` and
         the logprobs of ``prompt`` if given; a failure raises its ApiError."""
         out = Answer()
@@ -368,7 +395,7 @@ class Front:
                         on_token()
                     if ev.finish_reason is not None:
                         break
-                ev = await events.next()
+                ev = await (events.next() if client is None else self._next_while_connected(events, client))
         return out
 
     async def events(self, events: EventReader, first: Event | _Idle) -> AsyncIterator[Event | _Idle]:

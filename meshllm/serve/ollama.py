@@ -241,7 +241,7 @@ class OllamaApi:
         stream = body.stream is not False
         try:
             events, first = await self.front.start(ids, params, self.front.keepalive_s if stream else None,
-                                                   request_id=req_id)
+                                                   request_id=req_id, client=request)
         except ApiError as e:
             if e.status == 429:  # Ollama answers a full queue with 503 ("server busy")
                 e.status = 503
@@ -269,7 +269,7 @@ class OllamaApi:
             return d
 
         if not stream:
-            got = await self.front.collect(events, first, on_token=clock.token)
+            got = await self.front.collect(events, first, on_token=clock.token, client=request)
             return web.json_response(last("".join(got.text), got.reason, got.tokens))
         return await self._stream(request, events, first, line, last, clock, headers)
 
