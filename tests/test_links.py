@@ -19,6 +19,7 @@ from meshllm.net.server import HttpServer
 from meshllm.wire.auth import Handshake
 from meshllm.wire.codec import Codec
 from meshllm.wire.limits import MAX_MESSAGE_BYTES
+from meshllm.wire.seal import Opener
 
 
 class End:
@@ -159,6 +160,7 @@ class RawPeer:
         self.data: list[bytes] = []
         self.session = aiohttp.ClientSession()
         self.tasks: list[asyncio.Task] = []
+        self.keys: dict[str, tuple[bytes, bytes]] = {}
 
     async def _handshake(self, ws, lane: str, pair: bytes) -> Handshake:
         hs = Handshake(key=self.key, node_id=self.node_id, mesh_id=self.mesh, nonce=os.urandom(16),
@@ -177,17 +179,18 @@ class RawPeer:
             if lane == "control":
                 pair = hs.initiator_nonce
             self.ws[lane] = ws
+            self.keys[lane] = hs.frame_keys()
         if "control" in self.ws:
-            self.tasks.append(asyncio.ensure_future(self._read(self.ws["control"], self.control)))
+            self.tasks.append(asyncio.ensure_future(self._read("control", self.control)))
 
     def read_data(self) -> None:
-        self.tasks.append(asyncio.ensure_future(self._read(self.ws["data"], self.data)))
+        self.tasks.append(asyncio.ensure_future(self._read("data", self.data)))
 
-    @staticmethod
-    async def _read(ws, into: list[bytes]) -> None:
-        async for msg in ws:
+    async def _read(self, lane: str, into: list[bytes]) -> None:
+        opener = Opener(self.keys[lane][1])  # the frames are sealed: this peer holds the key
+        async for msg in self.ws[lane]:
             if msg.type == aiohttp.WSMsgType.BINARY:
-                into.append(msg.data)
+                into.append(opener.open(msg.data))
 
     async def close(self) -> None:
         for ws in self.ws.values():
