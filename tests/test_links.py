@@ -456,7 +456,7 @@ async def test_a_tampered_sealed_frame_closes_the_link_and_never_reaches_the_dec
         "plain": ([s[0]], frames[1]),  # an unsealed frame injected into a sealed lane
         "append": ([s[0]], s[1] + b"\0"),
     }[how]
-    for x in good + [bad, s[1]]:
+    for x in [*good, bad, s[1]]:
         await z.ws[lane].send_bytes(x)
     await a.until(lambda: a.down == ["z"])
     assert a.got == [("z", b"first")]  # the good frame arrived; nothing of or after the bad one
@@ -471,12 +471,12 @@ async def test_frames_on_the_wire_are_sealed_with_a_key_and_plain_on_an_open_mes
         a = await ends(f"a{len(key)}", key=key)
         z = raw_peers(a.port, key=key)
         seen: list[bytes] = []
-        a.t.tap = lambda me, peer, lane, data: seen.append(data)
+        a.t.tap = lambda me, peer, lane, data, seen=seen: seen.append(data)
         await z.connect()
         await a.until(lambda a=a: a.up == ["z"])
         secret = b"the prompt's token ids: 17 4 99 3"
         assert a.t.send("z", secret)
-        await async_wait_until(lambda z=z: z.control == [secret], "the frame at the peer", 10.0)
+        await async_wait_until(lambda z=z, secret=secret: z.control == [secret], "the frame at the peer", 10.0)
         on_wire = seen[-1]
         if key == DEFAULT_MESH_KEY:
             assert on_wire == secret

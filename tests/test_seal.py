@@ -114,3 +114,22 @@ def test_fuzzed_sealed_streams_never_open_wrong(data: st.DataObject) -> None:
     # whatever opened is exactly a prefix of what was sent, in order
     assert opened == frames[:len(opened)]
     assert len(opened) == len(frames) or edited[:len(frames)] != sealed
+
+
+def test_bench_wire_reports_sealed_beside_plain(capsys) -> None:
+    import json
+
+    from meshllm.cli import main
+
+    assert main(["bench", "wire", "--json", "--repeats", "1", "--budget-s", "0.001", "--kv-tokens", "8",
+                 "--handoff-mib", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for k in out["kinds"].values():
+        assert k["seal_us"] > 0 and k["sealed_us"] > 0
+        assert k["sealed_ratio_vs_memcpy"] == pytest.approx(k["memcpy_us"] / k["sealed_us"], rel=0.05, abs=0.002)
+    s = out["sealed"]
+    assert s["decode_frame"] == "activation_1x768" and s["decode_frame_added_us"] > 0
+    assert s["kv_1mib_frame_bytes"] > 1_000_000 and s["kv_1mib_ratio_vs_memcpy"] > 0
+    h = out["handoff"]
+    assert h["plain_mb_s"] > 0 and h["sealed_mb_s"] > 0
+    assert h["sealed_vs_plain"] == pytest.approx(h["sealed_mb_s"] / h["plain_mb_s"], rel=0.05)

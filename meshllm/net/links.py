@@ -47,9 +47,9 @@ from meshllm.net.base import (
     client_ssl,
 )
 from meshllm.wire.auth import NONCE_BYTES, Handshake
-from meshllm.wire.seal import TAG_BYTES, Opener, Sealer
 from meshllm.wire.codec import Codec
 from meshllm.wire.ids import NodeId
+from meshllm.wire.seal import TAG_BYTES, Opener, Sealer
 
 log = logging.getLogger("meshllm.net.links")
 
