@@ -280,8 +280,9 @@ class Node:
                  self.mesh_id, self.opts.advertise_host, self.port)
         if self.opts.mesh_key == DEFAULT_MESH_KEY:
             log.warning("NO MESH KEY: this mesh is open — any machine on the network can join it, receive "
-                        "activations and plans, and take part in elections. Give every node the same "
-                        "--mesh-key-file (`meshllm keygen`) to close it.")
+                        "activations and plans, and take part in elections, and link frames (prompts "
+                        "included) travel unencrypted. Give every node the same --mesh-key-file "
+                        "(`meshllm keygen`) to close it.")
         if self.server is not None and not self.opts.api_key:
             log.warning("no API key: anyone who reaches port %d can send prompts (--api-key-file to require one)",
                         self.port)
