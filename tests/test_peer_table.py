@@ -142,3 +142,46 @@ async def test_ten_thousand_adverts_leave_the_table_bounded_the_log_quiet_and_th
         assert node.dialer.refused_adverts >= 10_000 - MAX_PEERS
     finally:
         await mesh.close()
+
+
+async def test_peer_answers_count_only_with_the_mesh_keys_mac() -> None:
+    """A profile fetched from a peer is taken only when the peer's server MACed it with the mesh
+    key over our fresh challenge; another key's server, or one that does not MAC, gets dropped."""
+    from aiohttp import web
+
+    from meshllm.net.peer_http import AiohttpPeerHttp, http_mac_key
+    from meshllm.net.server import HttpServer, make_app
+
+    class Api:
+        def mesh_view(self) -> dict:
+            return {}
+
+        def profile_view(self) -> dict:
+            return {"node_id": "n1", "profile": {"memory_bytes": 123}}
+
+        def request_replan(self, reason: str) -> dict:
+            return {}
+
+        def operator_token(self) -> str:
+            return "x"
+
+        def probe_token(self) -> str:
+            return "x"
+
+    async def no_link(request: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    servers = {name: HttpServer(make_app(Api(), no_link, mac), "127.0.0.1", 0)
+               for name, mac in (("ours", http_mac_key(b"our key")), ("theirs", http_mac_key(b"their key")),
+                                 ("none", b""))}
+    ports = {name: await s.start() for name, s in servers.items()}
+    client = AiohttpPeerHttp("token", http_mac_key(b"our key"))
+    try:
+        assert await client.fetch_profile("127.0.0.1", ports["ours"]) == Api().profile_view()
+        assert await client.fetch_profile("127.0.0.1", ports["theirs"]) is None
+        assert await client.fetch_profile("127.0.0.1", ports["none"]) is None
+        assert client.rejected == 2
+    finally:
+        await client.close()
+        for s in servers.values():
+            await s.close()
