@@ -122,7 +122,7 @@ def test_bench_wire_reports_sealed_beside_plain(capsys) -> None:
     from meshllm.cli import main
 
     assert main(["bench", "wire", "--json", "--repeats", "1", "--budget-s", "0.001", "--kv-tokens", "8",
-                 "--handoff-mib", "2"]) == 0
+                 "--handoff-mib", "2", "--hop-rounds", "20"]) == 0
     out = json.loads(capsys.readouterr().out)
     for k in out["kinds"].values():
         assert k["seal_us"] > 0 and k["sealed_us"] > 0
@@ -133,3 +133,6 @@ def test_bench_wire_reports_sealed_beside_plain(capsys) -> None:
     h = out["handoff"]
     assert h["plain_mb_s"] > 0 and h["sealed_mb_s"] > 0
     assert h["sealed_vs_plain"] == pytest.approx(h["sealed_mb_s"] / h["plain_mb_s"], rel=0.05)
+    hop = out["hop"]
+    assert hop["frame_bytes"] == out["kinds"]["activation_1x768"]["frame_bytes"] and hop["plain_hop_us"] > 0
+    assert hop["added_us_per_hop"] == pytest.approx(hop["sealed_hop_us"] - hop["plain_hop_us"], abs=0.11)

@@ -15,7 +15,9 @@ same baseline over encode + seal + open + decode. ``sealed.decode_frame_added_us
 adds to a decode-size frame (target <= 30 µs), ``sealed.kv_1mib_ratio_vs_memcpy`` the ratio for
 a 1 MiB KV frame. ``handoff`` sends KV chunks over a real link on loopback (two WebSocket
 transports in this process, the data lane) with a key and without one and reports MB/s of each
-(wall clock, best of ``--repeats``; target: sealed >= 0.5x plain).
+(wall clock, best of ``--repeats``; target: sealed >= 0.5x plain). ``hop`` bounces a decode-size
+frame back and forth over the control lane of such a link (``--hop-rounds`` round trips) and
+reports the mean round trip sealed and plain: what sealing adds to each hop of a decode step.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=0.05,
                    help="rough seconds per run per kind (sets --number per kind)")
     p.add_argument("--handoff-mib", type=int, default=32, help="MiB of KV chunks per hand-off run (0: skip)")
+    p.add_argument("--hop-rounds", type=int, default=500, help="round trips per hop-latency run (0: skip)")
 
 
 def _frames(args: argparse.Namespace) -> dict[str, object]:
@@ -96,9 +99,10 @@ def _best(fn: Callable[[], object], number: int) -> float:
         gc.enable()
 
 
-async def _handoff(frames: int, frame: bytes, sealed: bool) -> float:
+async def _handoff(frames: int, frame: bytes, sealed: bool, ping_pong: bool = False) -> float:
     """Seconds to send ``frames`` copies of ``frame`` over a link's data lane on loopback and have
-    the last one arrive (sealed: with a mesh key; plain: an open mesh)."""
+    the last one arrive (sealed: with a mesh key; plain: an open mesh). ``ping_pong``: over the
+    control lane instead, each frame sent back before the next goes (round trips)."""
     import asyncio
 
     from aiohttp import web
@@ -118,8 +122,13 @@ async def _handoff(frames: int, frame: bytes, sealed: bool) -> float:
         got += 1
         if got == frames:
             done.set()
+        elif ping_pong:
+            b.send("a", data)
 
-    a.set_handlers(lambda p, d: None, lambda p: None, lambda p: None)
+    def on_back(peer: str, data: bytes) -> None:
+        a.send("b", data)
+
+    a.set_handlers(on_back if ping_pong else lambda p, d: None, lambda p: None, lambda p: None)
     b.set_handlers(on_message, lambda p: None, lambda p: None)
     app = web.Application()
     app.router.add_get(LINK_PATH, b.handle)
@@ -128,8 +137,11 @@ async def _handoff(frames: int, frame: bytes, sealed: bool) -> float:
     try:
         await a.dial("127.0.0.1", port)
         t0 = time.perf_counter()
-        for _ in range(frames):
-            await a.send_data("b", frame)
+        if ping_pong:
+            a.send("b", frame)
+        else:
+            for _ in range(frames):
+                await a.send_data("b", frame)
         await asyncio.wait_for(done.wait(), 120)
         return time.perf_counter() - t0
     finally:
@@ -223,5 +235,18 @@ def run(args: argparse.Namespace) -> int:
         result["handoff"] = {"frame_bytes": len(frame), "frames": n, "plain_mb_s": round(p, 1),
                              "sealed_mb_s": round(q, 1), "sealed_vs_plain": round(q / p, 3),
                              "target": HANDOFF_TARGET, "meets_target": q / p >= HANDOFF_TARGET}
+    if args.hop_rounds > 0:
+        import asyncio
+
+        frame = codec.encode(_frames(args)[f"activation_1x{args.hidden}"])  # type: ignore[arg-type]
+        plain_s, sealed_s = [], []
+        for _ in range(max(1, min(args.repeats, 3))):
+            plain_s.append(asyncio.run(_handoff(args.hop_rounds, frame, sealed=False, ping_pong=True)))
+            sealed_s.append(asyncio.run(_handoff(args.hop_rounds, frame, sealed=True, ping_pong=True)))
+        # each round trip is two hops
+        p_us, s_us = min(plain_s) / args.hop_rounds / 2 * 1e6, min(sealed_s) / args.hop_rounds / 2 * 1e6
+        result["hop"] = {"frame_bytes": len(frame), "round_trips": args.hop_rounds,
+                         "plain_hop_us": round(p_us, 1), "sealed_hop_us": round(s_us, 1),
+                         "added_us_per_hop": round(s_us - p_us, 1)}
     print(json.dumps(result, indent=1))
     return 0
