@@ -182,3 +182,25 @@ async def test_the_api_dashboard_and_links_over_tls(tmp_path: Path, tiny_model_d
     finally:
         for n in nodes:
             await n.stop()
+
+
+def test_tls_options_go_in_pairs_and_a_bad_pair_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from meshllm.commands.node import build_options
+    from meshllm.errors import UserError
+    from meshllm.settings import add_arguments
+
+    def opts(*argv: str) -> NodeOptions:
+        import argparse
+
+        p = argparse.ArgumentParser()
+        add_arguments(p)
+        return build_options(p.parse_args(["--model", str(tiny_model_dir), "--state-dir", str(tmp_path),
+                                           "--host", "127.0.0.1", *argv]))
+
+    cert, key = self_signed(tmp_path)
+    o = opts("--tls-cert", str(cert), "--tls-key", str(key))
+    assert (o.tls_cert, o.tls_key) == (str(cert), str(key))
+    with pytest.raises(UserError, match="go together"):
+        opts("--tls-cert", str(cert))
+    with pytest.raises(UserError, match="cannot load the TLS certificate"):
+        opts("--tls-cert", str(key), "--tls-key", str(cert))  # swapped
