@@ -116,6 +116,8 @@ class NodeOptions:
     verify_model: bool = True
     seed: int | None = None  # the control plane's generator (None: from the node id)
     serve: ServeConfig = field(default_factory=ServeConfig)  # the data plane's limits and timeouts
+    tls_cert: str | None = None  # PEM files: the node's port speaks HTTPS (API, dashboard, wss:// links)
+    tls_key: str | None = None
 
 
 class Node:
@@ -206,14 +208,17 @@ class Node:
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def real(cls, opts: NodeOptions) -> Node:
+        from meshllm.net.base import server_ssl
         from meshllm.net.discovery import ZeroconfDiscovery
         from meshllm.net.links import WsTransport
+        from meshllm.net.peer_http import http_mac_key
         from meshllm.net.server import HttpServer, make_app
 
         holder: dict[str, Node] = {}
+        tls = server_ssl(opts.tls_cert, opts.tls_key) if opts.tls_cert and opts.tls_key else None
 
         def make_transport(ident: LinkIdentity, port: int) -> Transport:
-            return WsTransport(ident, name=holder["node"].name, port=port)
+            return WsTransport(ident, name=holder["node"].name, port=port, tls=tls is not None)
 
         disc = (ZeroconfDiscovery(list(opts.interfaces), hint_after=opts.mdns_hint_after,
                                   instance_name=opts.name or None,
@@ -221,9 +226,11 @@ class Node:
                                                          and holder["node"].transport.peers()))
                 if opts.mdns else None)
         node = cls(opts, transport_factory=make_transport, discovery=disc,
-                   peer_http=AiohttpPeerHttp(mesh_token(opts.mesh_key, "probe")))
+                   peer_http=AiohttpPeerHttp(mesh_token(opts.mesh_key, "probe"), http_mac_key(opts.mesh_key),
+                                             tls=tls is not None))
         holder["node"] = node
-        node.server = HttpServer(make_app(node, node._handle_link), opts.host, opts.port)
+        node.server = HttpServer(make_app(node, node._handle_link, http_mac_key(opts.mesh_key)), opts.host,
+                                 opts.port, ssl_context=tls)
         OpenAIApi(node.serving, node.manifest.name, node.manifest.model_id, api_key=opts.api_key).mount(node.server.app)
         node.server.app.router.add_get("/metrics", metrics_handler(node.metrics))
         Dashboard(node.ports, node.serving).mount(node.server.app)  # the page at / and GET /v1/dashboard
@@ -267,8 +274,9 @@ class Node:
                  self.mesh_id, self.opts.advertise_host, self.port)
         if self.opts.mesh_key == DEFAULT_MESH_KEY:
             log.warning("NO MESH KEY: this mesh is open — any machine on the network can join it, receive "
-                        "activations and plans, and take part in elections. Give every node the same "
-                        "--mesh-key-file (`meshllm keygen`) to close it.")
+                        "activations and plans, and take part in elections, and link frames (prompts "
+                        "included) travel unencrypted. Give every node the same --mesh-key-file "
+                        "(`meshllm keygen`) to close it.")
         if self.server is not None and not self.opts.api_key:
             log.warning("no API key: anyone who reaches port %d can send prompts (--api-key-file to require one)",
                         self.port)

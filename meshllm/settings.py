@@ -238,6 +238,9 @@ NODE_OPTIONS: tuple[Option, ...] = (
            "says so)", "--mesh-key-file", metavar="FILE"),
     Option("api_key_file", "str", None, "file holding the key API clients must send as `Authorization: Bearer KEY` "
            "(none: the API is open)", "--api-key-file", metavar="FILE"),
+    Option("tls_cert", "str", None, "PEM certificate (chain) for HTTPS on the node's port: the API, the dashboard "
+           "and the links (wss://); needs --tls-key", "--tls-cert", metavar="FILE"),
+    Option("tls_key", "str", None, "PEM private key of --tls-cert", "--tls-key", metavar="FILE"),
     Option("memory_budget", "size", None, "memory this node may use, in bytes or e.g. 8GB, 512MiB (default: "
            "measured)", "--memory-budget", metavar="BYTES|GB"),
     Option("threads", "int", 1, "onnxruntime threads", "--threads", check=at_least(1)),

@@ -13,12 +13,13 @@ from aiohttp import web
 from waiting import async_wait_until
 
 from meshllm.errors import LocalProtocolError, RemoteProtocolError
-from meshllm.net.base import DATA_QUEUE_BYTES, DEFAULT_MAX_MESSAGE, LinkIdentity
+from meshllm.net.base import DATA_QUEUE_BYTES, DEFAULT_MAX_MESSAGE, DEFAULT_MESH_KEY, LinkIdentity
 from meshllm.net.links import LINK_PATH, WsTransport
 from meshllm.net.server import HttpServer
 from meshllm.wire.auth import Handshake
 from meshllm.wire.codec import Codec
 from meshllm.wire.limits import MAX_MESSAGE_BYTES
+from meshllm.wire.seal import TAG_BYTES, Opener, Sealer
 
 
 class End:
@@ -159,6 +160,7 @@ class RawPeer:
         self.data: list[bytes] = []
         self.session = aiohttp.ClientSession()
         self.tasks: list[asyncio.Task] = []
+        self.keys: dict[str, tuple[bytes, bytes]] = {}
 
     async def _handshake(self, ws, lane: str, pair: bytes) -> Handshake:
         hs = Handshake(key=self.key, node_id=self.node_id, mesh_id=self.mesh, nonce=os.urandom(16),
@@ -177,17 +179,24 @@ class RawPeer:
             if lane == "control":
                 pair = hs.initiator_nonce
             self.ws[lane] = ws
+            self.keys[lane] = hs.frame_keys()
         if "control" in self.ws:
-            self.tasks.append(asyncio.ensure_future(self._read(self.ws["control"], self.control)))
+            self.tasks.append(asyncio.ensure_future(self._read("control", self.control)))
 
     def read_data(self) -> None:
-        self.tasks.append(asyncio.ensure_future(self._read(self.ws["data"], self.data)))
+        self.tasks.append(asyncio.ensure_future(self._read("data", self.data)))
 
-    @staticmethod
-    async def _read(ws, into: list[bytes]) -> None:
-        async for msg in ws:
+    async def _read(self, lane: str, into: list[bytes]) -> None:
+        # the frames are sealed (this peer holds the key), except on an open mesh
+        opener = Opener(self.keys[lane][1]) if self.key != DEFAULT_MESH_KEY else None
+        async for msg in self.ws[lane]:
             if msg.type == aiohttp.WSMsgType.BINARY:
-                into.append(msg.data)
+                into.append(opener.open(msg.data) if opener else msg.data)
+
+    def sealed(self, lane: str, frames: list[bytes]) -> list[bytes]:
+        """``frames`` sealed in order as this peer's end of ``lane`` seals them."""
+        s = Sealer(self.keys[lane][0])
+        return [s.seal(f) for f in frames]
 
     async def close(self) -> None:
         for ws in self.ws.values():
@@ -426,3 +435,50 @@ async def test_memory_a_cancelled_waiting_sender_sends_nothing() -> None:
     assert await asyncio.wait_for(kept, 5.0)
     await async_wait_until(lambda: len(b.got) == 2, "two frames", 5.0)
     assert [d[:1] for d in b.got] == [b"0", b"2"] and a.t.data_backlog("2") == 0
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "replay", "reorder", "plain", "append"])
+@pytest.mark.parametrize("lane", ["control", "data"])
+async def test_a_tampered_sealed_frame_closes_the_link_and_never_reaches_the_decoder(
+        ends, raw_peers, caplog, how: str, lane: str) -> None:
+    a = await ends("a")
+    z = raw_peers(a.port)
+    await z.connect()
+    z.read_data()  # answers the close handshake on both lanes, as a live peer does
+    await a.until(lambda: a.up == ["z"])
+    frames = [b"first", b"second", b"third"]
+    s = z.sealed(lane, frames)
+    good, bad = {
+        "flip": ([s[0]], s[1][:3] + bytes([s[1][3] ^ 0x10]) + s[1][4:]),
+        "truncate": ([s[0]], s[1][:-1]),
+        "replay": ([s[0]], s[0]),
+        "reorder": ([s[0]], s[2]),
+        "plain": ([s[0]], frames[1]),  # an unsealed frame injected into a sealed lane
+        "append": ([s[0]], s[1] + b"\0"),
+    }[how]
+    for x in [*good, bad, s[1]]:
+        await z.ws[lane].send_bytes(x)
+    await a.until(lambda: a.down == ["z"])
+    assert a.got == [("z", b"first")]  # the good frame arrived; nothing of or after the bad one
+    assert a.t.bad_frames == 1 and a.t.peers() == []
+    lines = [r for r in caplog.records if "failed authentication" in r.getMessage()
+             or "shorter than its tag" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+
+
+async def test_frames_on_the_wire_are_sealed_with_a_key_and_plain_on_an_open_mesh(ends, raw_peers) -> None:
+    for key in (b"k" * 32, DEFAULT_MESH_KEY):
+        a = await ends(f"a{len(key)}", key=key)
+        z = raw_peers(a.port, key=key)
+        seen: list[bytes] = []
+        a.t.tap = lambda me, peer, lane, data, seen=seen: seen.append(data)
+        await z.connect()
+        await a.until(lambda a=a: a.up == ["z"])
+        secret = b"the prompt's token ids: 17 4 99 3"
+        assert a.t.send("z", secret)
+        await async_wait_until(lambda z=z, secret=secret: z.control == [secret], "the frame at the peer", 10.0)
+        on_wire = seen[-1]
+        if key == DEFAULT_MESH_KEY:
+            assert on_wire == secret
+        else:
+            assert secret not in on_wire and len(on_wire) == len(secret) + TAG_BYTES

@@ -102,6 +102,12 @@ def build_options(args: argparse.Namespace, conf: Settings | None = None) -> Any
     port = c["port"]
     key = read_key(c["mesh_key_file"], "mesh", c.origins["mesh_key_file"]) or DEFAULT_MESH_KEY
     api = read_key(c["api_key_file"], "api", c.origins["api_key_file"])
+    if bool(c["tls_cert"]) != bool(c["tls_key"]):
+        raise UserError("--tls-cert and --tls-key go together (a certificate and its private key)")
+    if c["tls_cert"]:
+        from meshllm.net.base import server_ssl
+
+        server_ssl(c["tls_cert"], c["tls_key"])  # a bad pair is an error now, not at the first client
     tables: dict[str, Any] = {}
     for name, build in (("serve", lambda kw: ServeConfig(**kw)), ("control", lambda kw: ControlConfig(**kw)),
                         ("workload", Workload.from_dict)):
@@ -118,7 +124,7 @@ def build_options(args: argparse.Namespace, conf: Settings | None = None) -> Any
         memory_budget=c["memory_budget"], threads=c["threads"], slowdown=c["slowdown"], priority=c["priority"],
         control=tables["control"], workload=tables["workload"], islands=c["islands"], strategy=c["strategy"],
         serve=tables["serve"], api_key=api.decode() if api else None, objective=c["objective"],
-        mdns=not c["no_mdns"])
+        mdns=not c["no_mdns"], tls_cert=c["tls_cert"], tls_key=c["tls_key"])
 
 
 async def serve(opts: Any) -> int:
@@ -135,8 +141,9 @@ async def serve(opts: Any) -> int:
             loop.add_signal_handler(sig, stop.set)
     await node.start()
     logging.getLogger("meshllm.node").info(
-        "listening on http://%s:%d: dashboard at /, OpenAI API at /v1, Ollama API at /api, /metrics "
-        "(`meshllm status --node %s:%d`)", opts.advertise_host, node.port, opts.advertise_host, node.port)
+        "listening on %s://%s:%d: dashboard at /, OpenAI API at /v1, Ollama API at /api, /metrics "
+        "(`meshllm status --node %s:%d`)", "https" if opts.tls_cert else "http", opts.advertise_host, node.port,
+        opts.advertise_host, node.port)
     try:
         await stop.wait()
     finally:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
+import ssl
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +63,12 @@ class LinkIdentity:
     node_id: str
     mesh_id: str
     key: bytes
+
+    @property
+    def sealed(self) -> bool:
+        """Whether link frames are sealed: yes with a mesh key of our own, no on an open mesh (the
+        default key is public, so sealing with it would hide nothing)."""
+        return self.key != DEFAULT_MESH_KEY
 
 
 class Transport(abc.ABC):
@@ -251,3 +259,80 @@ class DataQueue:
 # The key a node uses without --mesh-key-file: known to everyone, so such a mesh is open (a node
 # says so loudly in its log and in /v1/mesh).
 DEFAULT_MESH_KEY = b"meshllm-default-mesh-key"
+
+
+def client_ssl() -> ssl.SSLContext:
+    """TLS for connections to a peer's port: encrypted, certificate not verified. What authenticates
+    a peer is the mesh key (the link handshake and its sealed frames, MACs on peer HTTP answers);
+    peers' certificates are usually self-signed, and a mesh has no CA of its own."""
+    global _CLIENT_SSL
+    if _CLIENT_SSL is None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        _CLIENT_SSL = ctx
+    return _CLIENT_SSL
+
+
+_CLIENT_SSL: ssl.SSLContext | None = None
+
+
+def server_ssl(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The TLS context of a node's HTTP port (``--tls-cert``/``--tls-key``, PEM)."""
+    from meshllm.errors import UserError
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise UserError(f"cannot load the TLS certificate {cert_file} with key {key_file}: {e}") from None
+    return ctx
+
+
+class RefusalLog:
+    """Refusals (handshakes, adverts, dials) logged without letting the LAN flood the log: the first
+    refusal from a source in ``window_s`` is logged, later ones from it are counted and reported on
+    its next logged line; at most ``lines_per_window`` lines in all per window (the rest counted
+    too). At most ``max_sources`` sources are remembered. ``now`` is a clock in seconds."""
+
+    def __init__(self, logger: logging.Logger, now: Callable[[], float], *, window_s: float = 60.0,
+                 lines_per_window: int = 5, max_sources: int = 1024, level: int = logging.WARNING) -> None:
+        self.log, self.now, self.window_s = logger, now, window_s
+        self.lines_per_window, self.max_sources, self.level = lines_per_window, max_sources, level
+        self._last: dict[str, float] = {}  # source -> when its last line was logged
+        self._held: Counter[str] = Counter()  # source -> refusals not yet reported
+        self._window_start = -float("inf")
+        self._lines = 0
+        self._held_all = 0  # refusals not logged because of the overall limit
+        self.total = 0
+
+    def refused(self, source: str, message: str) -> bool:
+        """Count one refusal; True when a line was logged for it."""
+        self.total += 1
+        t = self.now()
+        if t - self._window_start >= self.window_s:
+            self._window_start, self._lines = t, 0
+            for s, when in list(self._last.items()):
+                if t - when >= self.window_s and not self._held.get(s):
+                    del self._last[s]
+        last = self._last.get(source)
+        if (last is not None and t - last < self.window_s) or self._lines >= self.lines_per_window:
+            if source in self._last or len(self._last) < self.max_sources:
+                self._held[source] += 1
+                self._last.setdefault(source, -float("inf"))
+            else:
+                self._held_all += 1
+            return False
+        more = self._held.pop(source, 0)
+        self._last[source] = t
+        self._lines += 1
+        extra = []
+        if more:
+            extra.append(f"{more} more from {source} since its last line")
+        elsewhere = self._held_all + sum(self._held.values())
+        if elsewhere:
+            extra.append(f"{elsewhere} more from other sources not logged")
+            self._held_all = 0
+            self._held.clear()
+        self.log.log(self.level, "%s%s", message, f" ({'; '.join(extra)})" if extra else "")
+        return True

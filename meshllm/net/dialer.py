@@ -5,6 +5,12 @@ One ``Dialer`` per node. Discovery (``on_found``/``on_lost``) and the transport 
 feed it; ``run()`` is its maintenance loop (every second, or at once when woken). One link per
 pair: the smaller node id dials at once, the other waits a little, so both rarely dial together
 (and when they do, the transport keeps one link).
+
+What the LAN says is a hint and is treated as one: an advert never moves a peer that has a live
+link (its address is where the link authenticated), the peer table holds at most ``MAX_PEERS``
+entries, an entry that never authenticates expires after ``UNAUTHENTICATED_TTL_S``, a peer that
+keeps failing is redialled less and less often, and refusals are logged at most once a minute
+per source, with counts.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshllm.errors import ProtocolError
-from meshllm.net.base import Advert, Transport, split_host_port
+from meshllm.net.base import Advert, RefusalLog, Transport, split_host_port
 from meshllm.net.peer_http import PeerHttp
 
 log = logging.getLogger("meshllm.net.dialer")
@@ -28,8 +34,20 @@ Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 @dataclass(slots=True)
 class PeerInfo:
     addr: tuple[str, int] | None = None
-    profile: dict[str, Any] | None = None  # the peer's /v1/profile document
+    profile: dict[str, Any] | None = None  # the peer's /v1/profile document (MAC-checked: peer_http)
     fetched_at: float = 0.0
+    found_at: float = 0.0  # when the entry was made
+    authenticated: bool = False  # a link to it has come up at least once
+    failures: int = 0  # dials in a row that failed
+    next_dial: float = 0.0  # not redialled before this time
+
+
+# The peer table's bound: a LAN host can advertise any number of node ids.
+MAX_PEERS = 256
+# An entry that no link ever authenticated is forgotten after this long.
+UNAUTHENTICATED_TTL_S = 120.0
+# Redialling a peer that keeps failing backs off up to this.
+MAX_REDIAL_S = 30.0
 
 
 # How often a linked peer is asked whom it is linked to (``/v1/profile``'s ``peers``): static
@@ -42,7 +60,8 @@ class Dialer:
     ``closed`` says whether the node is stopping. Set ``transport`` before ``run()``."""
 
     def __init__(self, node_id: str, mesh_id: str, peer_http: PeerHttp, seeds: tuple[tuple[str, int], ...],
-                 *, spawn: Spawn, closed: Callable[[], bool], redial_delay: float = 1.0) -> None:
+                 *, spawn: Spawn, closed: Callable[[], bool], redial_delay: float = 1.0,
+                 now: Callable[[], float] | None = None, max_peers: int = MAX_PEERS) -> None:
         self.node_id = node_id
         self.mesh_id = mesh_id
         self.peer_http = peer_http
@@ -56,6 +75,38 @@ class Dialer:
         self._dialing: set[tuple[str, int]] = set()
         self._warned: set[tuple[str, int]] = set()  # seeds already reported as refusing us
         self._wake = asyncio.Event()
+        self.max_peers = max_peers
+        self._now = now
+        self.refused_adverts = 0  # adverts not taken (table full, or naming a linked peer elsewhere)
+        self._refusals = RefusalLog(log, self.now)
+
+    def now(self) -> float:
+        return self._now() if self._now is not None else asyncio.get_running_loop().time()
+
+    def _linked(self) -> set[str]:
+        return set(self.transport.peers()) if self.transport is not None else set()
+
+    def _entry(self, node_id: str, authenticated: bool = False) -> PeerInfo | None:
+        """The table's entry for ``node_id``, made if there is room (an authenticated peer always
+        gets one, in place of the oldest entry that never authenticated); None when full."""
+        info = self.peers.get(node_id)
+        if info is not None:
+            return info
+        if len(self.peers) >= self.max_peers:
+            linked = self._linked()
+            victims = [n for n, i in self.peers.items() if not i.authenticated and n not in linked]
+            if not authenticated or not victims:
+                return None
+            del self.peers[min(victims, key=lambda n: self.peers[n].found_at)]
+        info = self.peers[node_id] = PeerInfo(found_at=self.now())
+        return info
+
+    def expire(self) -> None:
+        """Forget entries that never authenticated within ``UNAUTHENTICATED_TTL_S``."""
+        t, linked = self.now(), self._linked()
+        for nid, info in list(self.peers.items()):
+            if not info.authenticated and nid not in linked and t - info.found_at >= UNAUTHENTICATED_TTL_S:
+                del self.peers[nid]
 
     def wake(self) -> None:
         self._wake.set()
@@ -64,8 +115,25 @@ class Dialer:
     def on_found(self, ad: Advert) -> None:
         if ad.node_id == self.node_id or self._closed():
             return
-        info = self.peers.setdefault(ad.node_id, PeerInfo())
-        info.addr = (ad.host, ad.port)
+        addr = (ad.host, ad.port)
+        if ad.node_id in self._linked():
+            # Linked: its address is where the link authenticated; an advert does not move it.
+            info = self.peers.get(ad.node_id)
+            if info is not None and info.addr != addr:
+                self.refused_adverts += 1
+                self._refusals.refused(ad.host, f"ignored an advert placing linked peer {ad.node_id[:12]} "
+                                                f"at {ad.addr} (its link is up elsewhere)")
+            return
+        info = self._entry(ad.node_id)
+        if info is None:
+            self.refused_adverts += 1
+            self._refusals.refused(ad.host, f"peer table full ({self.max_peers} entries): ignored the "
+                                            f"advert of {ad.node_id[:12]} at {ad.addr}")
+            return
+        if info.addr != addr:  # a new address starts afresh; a repeated advert does not
+            info.addr, info.failures, info.next_dial = addr, 0, 0.0
+        if self.now() < info.next_dial:
+            return
         self._wake.set()
         delay = 0.0 if self.node_id < ad.node_id else self.redial_delay
         self._spawn(self._dial_later(ad.node_id, ad.host, ad.port, delay))
@@ -76,10 +144,15 @@ class Dialer:
             info.addr = None
 
     def on_link_up(self, peer: str) -> None:
-        info = self.peers.setdefault(peer, PeerInfo())
-        if info.addr is None and self.transport is not None:
-            # A peer that dialled us (a --peer seed elsewhere) told us its HTTP port on the link.
-            info.addr = self.transport.peer_addr(peer)
+        info = self._entry(peer, authenticated=True)
+        if info is None:  # a table full of live links: nothing to evict
+            return
+        info.authenticated, info.failures, info.next_dial = True, 0, 0.0
+        if self.transport is not None:
+            # Where the link authenticated: the address we dialled, or for a peer that dialled us,
+            # its address on the connection and the HTTP port it told us in the handshake. Not an
+            # advert's, which anyone can send.
+            info.addr = self.transport.peer_addr(peer) or info.addr
         self._wake.set()
 
     # --- dialling -------------------------------------------------------------------------------
@@ -99,7 +172,10 @@ class Dialer:
             peer = await self.transport.dial(host, port)
             if (host, port) in self.seed_peers:
                 self.seed_peers[(host, port)] = peer
-            self.peers.setdefault(peer, PeerInfo()).addr = (host, port)
+            info = self._entry(peer, authenticated=True)
+            if info is not None:
+                info.addr, info.authenticated = (host, port), True
+            return
         except ProtocolError as e:
             # Refused by the handshake: worth saying for a seed the operator named.
             warn = (host, port) in self.seed_peers and (host, port) not in self._warned
@@ -111,6 +187,10 @@ class Dialer:
             log.debug("dial %s:%d failed: %r", host, port, e)
         finally:
             self._dialing.discard((host, port))
+        info = self.peers.get(node_id) if node_id is not None else None
+        if info is not None and info.addr == (host, port):
+            info.failures += 1
+            info.next_dial = self.now() + min(MAX_REDIAL_S, self.redial_delay * 2 ** min(info.failures, 8))
 
     # --- maintenance ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -120,13 +200,15 @@ class Dialer:
             assert self.transport is not None
             loop = asyncio.get_running_loop()
             linked = set(self.transport.peers())
+            self.expire()
             for (host, port), nid in list(self.seed_peers.items()):
                 if nid is None or nid not in linked:
                     self._spawn(self.dial(nid, host, port))
+            now = self.now()
             for nid, info in list(self.peers.items()):
                 if info.addr is None:
                     continue
-                if nid not in linked and self.node_id < nid:
+                if nid not in linked and self.node_id < nid and now >= info.next_dial:
                     self._spawn(self.dial(nid, *info.addr))
                 if nid in linked and (info.profile is None or info.profile.get("profile") is None
                                       or loop.time() - info.fetched_at >= PEER_EXCHANGE_S):
@@ -162,8 +244,8 @@ class Dialer:
                 host_port = split_host_port(addr)
             except ValueError:
                 continue
-            info = self.peers.setdefault(nid, PeerInfo())
-            if info.addr is None:
+            info = self._entry(nid)
+            if info is not None and info.addr is None:
                 info.addr = host_port
                 self._wake.set()
 

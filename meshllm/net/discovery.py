@@ -2,7 +2,10 @@
 
 The TXT record is small and public: node id, protocol version, port and mesh id (a hash of the
 model and the mesh key, never the key). It is a hint: the link handshake is what proves a peer
-belongs to the mesh. Adverts of another mesh id or protocol version are ignored.
+belongs to the mesh. Adverts of another mesh id or protocol version are ignored (logged a few
+lines a minute, with counts). What a LAN can make this node hold is bounded: at most
+``MAX_RESOLVING`` adverts are being resolved at once (the rest are dropped and counted) and at
+most ``MAX_NAMES`` service names are remembered.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +24,12 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from meshllm.errors import UserError
-from meshllm.net.base import PROTOCOL_VERSION, SERVICE_TYPE, Advert, Discovery, OnFound, OnLost
+from meshllm.net.base import PROTOCOL_VERSION, SERVICE_TYPE, Advert, Discovery, OnFound, OnLost, RefusalLog
 
 log = logging.getLogger("meshllm.net.discovery")
+
+MAX_RESOLVING = 32  # adverts resolved at once
+MAX_NAMES = 1024  # service names remembered (to report a member lost when its name goes)
 
 
 def interface_addresses(names: list[str]) -> list[str]:
@@ -108,6 +115,9 @@ class ZeroconfDiscovery(Discovery):
         self._found_any = asyncio.Event()
         self._on_found: OnFound = lambda ad: None
         self._on_lost: OnLost = lambda nid: None
+        self._resolving = 0
+        self.dropped = 0  # adverts not resolved: too many at once
+        self._refusals = RefusalLog(log, time.monotonic, level=logging.INFO)
 
     async def start(self, advert: Advert, on_found: OnFound, on_lost: OnLost) -> None:
         self._advert, self._on_found, self._on_lost = advert, on_found, on_lost
@@ -169,9 +179,20 @@ class ZeroconfDiscovery(Discovery):
             if nid is not None:
                 self._on_lost(nid)
             return
+        if self._resolving >= MAX_RESOLVING:
+            self.dropped += 1
+            self._refusals.refused("resolve", f"mDNS: more than {MAX_RESOLVING} adverts at once; dropped {name}")
+            return
+        self._resolving += 1
         self._spawn(self._resolve(name))
 
     async def _resolve(self, name: str) -> None:
+        try:
+            await self._resolve_one(name)
+        finally:
+            self._resolving -= 1
+
+    async def _resolve_one(self, name: str) -> None:
         assert self._azc is not None and self._advert is not None
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(self._azc.zeroconf, self.request_timeout_ms):
@@ -184,8 +205,11 @@ class ZeroconfDiscovery(Discovery):
         if ad.node_id == self._advert.node_id:
             return
         if ad.mesh_id != self._advert.mesh_id or ad.proto != PROTOCOL_VERSION:
-            log.info("mDNS: ignoring %s (another mesh or protocol version)", name)
+            self._refusals.refused(ad.host, f"mDNS: ignoring {name} at {ad.addr} (another mesh or protocol version)")
             return
+        self._names.pop(name, None)
         self._names[name] = ad.node_id
+        while len(self._names) > MAX_NAMES:  # forget the oldest
+            del self._names[next(iter(self._names))]
         self._found_any.set()
         self._on_found(ad)

@@ -8,7 +8,14 @@ pairing): the dialer sends ``Hello``, the listener ``HelloReply`` with its proof
 ``Hello`` names the control connection's nonce in ``pair``; the listener holds the control
 connection until its data connection arrives (or gives up after ``HANDSHAKE_TIMEOUT``). The link
 is up, and ``on_up`` fires, only once both are authenticated; it goes down when either closes.
-A peer of another mesh, a wrong key or garbage gets the connection closed and nothing else.
+A peer of another mesh, a wrong key or garbage gets the connection closed and nothing else
+(refusals are logged at most once a minute per source address, with counts).
+
+Every frame after the handshake is sealed (``meshllm.wire.seal``: AES-256-GCM, a key per lane and
+direction derived from the mesh key and both handshake nonces, counter nonces): a frame that fails
+to open — altered, truncated, replayed, reordered or dropped on the way — closes the link with one
+log line, and nothing of it reaches the decoder. An open mesh (the public default key) sends its
+frames in the clear, as sealing them with a key everyone knows would hide nothing.
 Compression is off (activations do not compress, and compression costs CPU the layers need); a
 frame above the size cap closes the link.
 
@@ -22,16 +29,27 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
 
 from meshllm.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from meshllm.net.base import DATA_QUEUE_BYTES, DEFAULT_MAX_MESSAGE, DataQueue, LinkIdentity, Transport
+from meshllm.net.base import (
+    DATA_QUEUE_BYTES,
+    DEFAULT_MAX_MESSAGE,
+    DataQueue,
+    LinkIdentity,
+    RefusalLog,
+    Transport,
+    client_ssl,
+)
 from meshllm.wire.auth import NONCE_BYTES, Handshake
 from meshllm.wire.codec import Codec
 from meshllm.wire.ids import NodeId
+from meshllm.wire.seal import TAG_BYTES, Opener, Sealer
 
 log = logging.getLogger("meshllm.net.links")
 
@@ -40,15 +58,34 @@ HANDSHAKE_TIMEOUT = 5.0
 _HANDSHAKE_MAX = 4096
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+# (our node id, peer node id, lane, the bytes handed to the WebSocket) for every frame a link sends,
+# handshake included: tests record a link's traffic with it.
+Tap = Callable[[str, str, str, bytes], None]
+
+
+class _Lane:
+    """One connection of a link with its sealing state (None on an open mesh)."""
+
+    __slots__ = ("name", "opener", "sealer", "ws")
+
+    def __init__(self, name: str, ws: WebSocket, hs: Handshake, sealed: bool) -> None:
+        self.name, self.ws = name, ws
+        self.sealer: Sealer | None = None
+        self.opener: Opener | None = None
+        if sealed:
+            k_out, k_in = hs.frame_keys()
+            self.sealer, self.opener = Sealer(k_out), Opener(k_in)
 
 
 class _Link:
-    def __init__(self, peer: str, ws: WebSocket, data_ws: WebSocket, dialer: str, data_limit: int,
+    def __init__(self, peer: str, control: _Lane, data: _Lane, dialer: str, data_limit: int,
                  addr: tuple[str, int] | None = None) -> None:
         self.peer = peer
         self.addr = addr  # the peer's HTTP address
-        self.ws = ws  # control lane
-        self.data_ws = data_ws  # data lane
+        self.control = control
+        self.data_lane = data
+        self.ws = control.ws  # control lane
+        self.data_ws = data.ws  # data lane
         self.dialer = dialer  # node id of the end that opened the connections
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()  # control lane, unbounded
         self.data = DataQueue(data_limit)
@@ -61,17 +98,23 @@ class _Pending:
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
-        self.data_ws: asyncio.Future[web.WebSocketResponse] = loop.create_future()
+        self.data_ws: asyncio.Future[tuple[web.WebSocketResponse, Handshake]] = loop.create_future()
         self.link: asyncio.Future[_Link | None] = loop.create_future()
 
 
 class WsTransport(Transport):
     """Links over aiohttp WebSockets. Mount ``handle`` at ``LINK_PATH`` on the node's app."""
 
+    tap: Tap | None = None
+
     def __init__(self, ident: LinkIdentity, *, max_message: int = DEFAULT_MAX_MESSAGE, name: str = "",
-                 port: int = 0, data_queue_bytes: int = DATA_QUEUE_BYTES) -> None:
+                 port: int = 0, data_queue_bytes: int = DATA_QUEUE_BYTES, now: Callable[[], float] = time.monotonic,
+                 tls: bool = False) -> None:
         super().__init__()
         self.ident = ident
+        self.sealed = ident.sealed
+        self.tls = tls  # this node's own port speaks TLS (peers' ports are found out per address)
+        self._schemes: dict[tuple[str, int], str] = {}  # address -> "http"/"https" that worked
         self.name = name
         self.port = port  # our HTTP port, told to peers in the handshake
         self._codec = Codec(max_message_bytes=_HANDSHAKE_MAX)
@@ -83,6 +126,8 @@ class WsTransport(Transport):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self.rejected = 0  # handshakes refused (wrong key, wrong mesh, garbage): for tests and status
+        self.bad_frames = 0  # sealed frames that failed to open (each closed its link)
+        self._refusals = RefusalLog(log, now)
 
     # --- public -------------------------------------------------------------------------------
     def peers(self) -> list[str]:
@@ -132,8 +177,7 @@ class WsTransport(Transport):
             raise ProtocolError("transport is closed")
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        url = f"http://{host}:{port}{LINK_PATH}"
-        ws = await self._connect(url)
+        url, ws = await self._connect_any(host, port)
         data_ws: aiohttp.ClientWebSocketResponse | None = None
         try:
             hs = await asyncio.wait_for(self._client_handshake(ws, "control", b""), HANDSHAKE_TIMEOUT)
@@ -148,8 +192,8 @@ class WsTransport(Transport):
             if data_ws is not None:
                 await data_ws.close()
             raise
-        link = _Link(peer, ws, data_ws, dialer=self.ident.node_id, data_limit=self.data_queue_bytes,
-                     addr=(host, port))
+        link = _Link(peer, _Lane("control", ws, hs, self.sealed), _Lane("data", data_ws, hs_data, self.sealed),
+                     dialer=self.ident.node_id, data_limit=self.data_queue_bytes, addr=(host, port))
         if not self._register(link):
             await ws.close()
             await data_ws.close()
@@ -158,16 +202,41 @@ class WsTransport(Transport):
         link.tasks.append(self._spawn(self._read_loop(link, data_ws)))
         return peer
 
+    @property
+    def _wire_max(self) -> int:
+        """The largest WebSocket message a lane carries: the frame cap plus the seal's tag."""
+        return self.max_message + (TAG_BYTES if self.sealed else 0)
+
+    async def _connect_any(self, host: str, port: int) -> tuple[str, aiohttp.ClientWebSocketResponse]:
+        """The control connection, over the scheme that worked for this address before, else
+        plain HTTP first and then TLS (a peer's port speaks one of them)."""
+        known = self._schemes.get((host, port))
+        schemes = [known] if known else (["https", "http"] if self.tls else ["http", "https"])
+        err: BaseException | None = None
+        for scheme in schemes:
+            url = f"{'wss' if scheme == 'https' else 'ws'}://{host}:{port}{LINK_PATH}"
+            try:
+                ws = await self._connect(url)
+            except (aiohttp.ClientError, OSError) as e:
+                err = err or e
+                continue
+            self._schemes[(host, port)] = scheme
+            return url, ws
+        assert err is not None
+        raise err
+
     async def _connect(self, url: str) -> aiohttp.ClientWebSocketResponse:
         assert self._session is not None
         # aiohttp refuses a message of max_msg_size bytes or more; ours is "more than the cap".
-        return await self._session.ws_connect(url, compress=0, max_msg_size=self.max_message + 1,
+        # TLS to a peer is not verified: the link's handshake and seal are what authenticate it.
+        return await self._session.ws_connect(url, compress=0, max_msg_size=self._wire_max + 1,
                                               autoping=True, heartbeat=None,
+                                              ssl=client_ssl() if url.startswith("wss:") else True,
                                               timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The server end of a link connection, control or data (aiohttp route handler)."""
-        ws = web.WebSocketResponse(compress=False, max_msg_size=self.max_message + 1, autoping=True)
+        ws = web.WebSocketResponse(compress=False, max_msg_size=self._wire_max + 1, autoping=True)
         await ws.prepare(request)
         if self._closing:
             await ws.close()
@@ -176,21 +245,21 @@ class WsTransport(Transport):
             hs = await asyncio.wait_for(self._server_handshake(ws), HANDSHAKE_TIMEOUT)
         except (TimeoutError, ProtocolError) as e:
             self.rejected += 1
-            log.warning("refused link from %s: %s", request.remote, e)
+            self._refusals.refused(request.remote or "?", f"refused link from {request.remote}: {e}")
             await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION)
             return ws
         assert hs.peer is not None and hs.initiator_nonce is not None
         if hs.lane == "data":
-            await self._serve_data(ws, hs.peer, hs.pair, request.remote)
+            await self._serve_data(ws, hs, request.remote)
             return ws
         key = (hs.peer, hs.initiator_nonce)
         pending = self._pending[key] = _Pending()
         try:
-            data_ws = await asyncio.wait_for(asyncio.shield(pending.data_ws), HANDSHAKE_TIMEOUT)
+            data_ws, hs_data = await asyncio.wait_for(asyncio.shield(pending.data_ws), HANDSHAKE_TIMEOUT)
         except TimeoutError:
             self.rejected += 1
-            log.warning("refused link from %s: no data connection within %.0f s", request.remote,
-                        HANDSHAKE_TIMEOUT)
+            self._refusals.refused(request.remote or "?", f"refused link from {request.remote}: no data "
+                                   f"connection within {HANDSHAKE_TIMEOUT:.0f} s")
             pending.link.set_result(None)
             await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION)
             return ws
@@ -198,7 +267,8 @@ class WsTransport(Transport):
             self._pending.pop(key, None)
         peer_port = int(hs.peer_port)
         addr = (request.remote, peer_port) if request.remote and 0 < peer_port < 65536 else None
-        link = _Link(hs.peer, ws, data_ws, dialer=hs.peer, data_limit=self.data_queue_bytes, addr=addr)
+        link = _Link(hs.peer, _Lane("control", ws, hs, self.sealed), _Lane("data", data_ws, hs_data, self.sealed),
+                     dialer=hs.peer, data_limit=self.data_queue_bytes, addr=addr)
         registered = self._register(link)
         pending.link.set_result(link if registered else None)
         if registered:
@@ -207,14 +277,16 @@ class WsTransport(Transport):
             await ws.close()
         return ws
 
-    async def _serve_data(self, ws: web.WebSocketResponse, peer: str, pair: bytes, remote: str | None) -> None:
-        pending = self._pending.get((peer, pair))
+    async def _serve_data(self, ws: web.WebSocketResponse, hs: Handshake, remote: str | None) -> None:
+        assert hs.peer is not None
+        pending = self._pending.get((hs.peer, hs.pair))
         if pending is None or pending.data_ws.done():
             self.rejected += 1
-            log.warning("refused a data connection from %s: no control connection to pair it with", remote)
+            self._refusals.refused(remote or "?", f"refused a data connection from {remote}: no control "
+                                   "connection to pair it with")
             await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION)
             return
-        pending.data_ws.set_result(ws)
+        pending.data_ws.set_result((ws, hs))
         link = await pending.link
         if link is None:
             await ws.close()
@@ -255,19 +327,25 @@ class WsTransport(Transport):
             raise RemoteProtocolError(f"handshake frame of {len(data)} bytes")
         return self._codec.decode(data)
 
+    def _tapped(self, peer: str | None, lane: str, data: bytes) -> bytes:
+        tap = self.tap
+        if tap is not None:
+            tap(self.ident.node_id, peer or "", lane, data)
+        return data
+
     async def _server_handshake(self, ws: web.WebSocketResponse) -> Handshake:
         hs = self._handshake(initiator=False)
         for m in hs.receive(await self._recv(ws)):
-            await ws.send_bytes(self._codec.encode(m))
+            await ws.send_bytes(self._tapped(hs.peer, hs.lane, self._codec.encode(m)))
         hs.receive(await self._recv(ws))
         assert hs.done and hs.peer is not None
         return hs
 
     async def _client_handshake(self, ws: aiohttp.ClientWebSocketResponse, lane: str, pair: bytes) -> Handshake:
         hs = self._handshake(initiator=True, lane=lane, pair=pair)
-        await ws.send_bytes(self._codec.encode(hs.start()))
+        await ws.send_bytes(self._tapped(None, lane, self._codec.encode(hs.start())))
         for m in hs.receive(await self._recv(ws)):
-            await ws.send_bytes(self._codec.encode(m))
+            await ws.send_bytes(self._tapped(hs.peer, lane, self._codec.encode(m)))
         assert hs.done and hs.peer is not None
         return hs
 
@@ -316,7 +394,7 @@ class WsTransport(Transport):
                 data = await link.queue.get()
                 if data is None:
                     return
-                await link.ws.send_bytes(data)
+                await link.ws.send_bytes(self._wire(link, link.control, data))
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
             log.info("link to %s: send failed: %s", link.peer[:12], e)
             self._spawn(self._close_link(link))
@@ -330,19 +408,39 @@ class WsTransport(Transport):
                 try:
                     # Returns once aiohttp's buffer has drained below its high-water mark, so the
                     # bound on the lane also bounds what piles up in the connection.
-                    await link.data_ws.send_bytes(data)
+                    await link.data_ws.send_bytes(self._wire(link, link.data_lane, data))
                 finally:
                     link.data.done(data)
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
             log.info("link to %s: data send failed: %s", link.peer[:12], e)
             self._spawn(self._close_link(link))
 
+    def _wire(self, link: _Link, lane: _Lane, data: bytes) -> bytes:
+        """What goes on the connection for a frame: sealed (keyed mesh) or the frame itself."""
+        out = lane.sealer.seal(data) if lane.sealer is not None else data
+        tap = self.tap
+        if tap is not None:
+            tap(self.ident.node_id, link.peer, lane.name, out)
+        return out
+
     async def _read_loop(self, link: _Link, ws: WebSocket) -> None:
+        lane = link.control if ws is link.ws else link.data_lane
+        opener = lane.opener
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.BINARY:
-                    # aiohttp hands over the message as bytes already: passed on without a copy.
-                    self._on_message(link.peer, msg.data)
+                    # aiohttp hands over the message as bytes already: passed on without a copy
+                    # (opening a sealed frame makes the one copy, the plaintext).
+                    if opener is None:
+                        self._on_message(link.peer, msg.data)
+                        continue
+                    try:
+                        frame = opener.open(msg.data)
+                    except RemoteProtocolError as e:
+                        self.bad_frames += 1
+                        log.warning("link to %s closed: %s lane: %s", link.peer[:12], lane.name, e)
+                        break
+                    self._on_message(link.peer, frame)
                 elif msg.type == WSMsgType.ERROR:
                     log.warning("link to %s closed: %s", link.peer[:12], ws.exception())
                     break

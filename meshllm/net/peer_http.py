@@ -3,6 +3,13 @@
 ``PeerHttp`` is the seam: ``AiohttpPeerHttp`` speaks HTTP to a peer's ``/v1/profile`` and
 ``/v1/probe``; ``MemoryPeerHttp`` looks the nodes of one in-memory mesh up by address (probes are
 not measured there, so plans use the planner's default network).
+
+Every JSON answer a node takes from a peer is authenticated by the mesh key: the request carries
+a fresh challenge (``X-Meshllm-Challenge``), the peer's server answers with
+``X-Meshllm-Mac = HMAC(key, challenge | path | status | body)`` (``meshllm.net.server``), and an
+answer without the right MAC is dropped. So a LAN host that answers at a member's address (a
+forged advert, a spoofed IP) cannot feed planning, routing or the dashboard. A peer's port may
+speak TLS; its certificate is not checked (the MAC is what authenticates the answer).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
+import os
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -18,9 +27,24 @@ PROBE_SMALL = 32 * 1024  # bytes of the small and the large probe fetch
 PROBE_BYTES = 544 * 1024
 
 
+CHALLENGE_HEADER = "X-Meshllm-Challenge"
+MAC_HEADER = "X-Meshllm-Mac"
+CHALLENGE_MAX = 64  # hex digits a server accepts in a challenge
+
+
 def mesh_token(key: bytes, purpose: str) -> str:
     """A bearer token for HTTP calls that need the mesh key (operator replan, link probes)."""
     return hmac.new(key, f"meshllm {purpose}".encode(), hashlib.sha256).hexdigest()
+
+
+def http_mac_key(mesh_key: bytes) -> bytes:
+    """The key that MACs peers' HTTP answers (derived from the mesh key, used for nothing else)."""
+    return hmac.new(mesh_key, b"meshllm peer http mac v1", hashlib.sha256).digest()
+
+
+def response_mac(key: bytes, challenge: str, path: str, status: int, body: bytes) -> str:
+    head = b"\0".join((b"meshllm-http-v1", challenge.encode(), path.encode(), str(status).encode()))
+    return hmac.new(key, len(head).to_bytes(4, "big") + head + body, hashlib.sha256).hexdigest()
 
 
 class PeerHttp:
@@ -42,8 +66,15 @@ class PeerHttp:
 
 
 class AiohttpPeerHttp(PeerHttp):
-    def __init__(self, token: str) -> None:
+    """``token``: the probe token; ``mac_key``: ``http_mac_key(mesh key)``, which every JSON
+    answer must be MACed with."""
+
+    def __init__(self, token: str, mac_key: bytes = b"", *, tls: bool = False) -> None:
         self.token = token
+        self.mac_key = mac_key
+        self.tls = tls  # our own port speaks TLS: try a peer's port with TLS first
+        self.rejected = 0  # answers dropped for a missing or wrong MAC
+        self._schemes: dict[tuple[str, int], str] = {}
         self._session: Any = None
 
     def _s(self) -> Any:
@@ -56,14 +87,42 @@ class AiohttpPeerHttp(PeerHttp):
     async def fetch_profile(self, host: str, port: int) -> dict[str, Any] | None:
         return await self.fetch_json(host, port, "/v1/profile")
 
+    async def _get(self, host: str, port: int, path: str, **kw: Any) -> Any:
+        """``GET`` on a peer's port over the scheme that worked there before, else plain HTTP and
+        then TLS (or the other way round when our port speaks TLS). A context manager's response."""
+        import aiohttp
+
+        from meshllm.net.base import client_ssl
+
+        known = self._schemes.get((host, port))
+        schemes = [known] if known else (["https", "http"] if self.tls else ["http", "https"])
+        err: BaseException | None = None
+        for scheme in schemes:
+            try:
+                r = await self._s().get(f"{scheme}://{host}:{port}{path}",
+                                        ssl=client_ssl() if scheme == "https" else True, **kw)
+            except (aiohttp.ClientError, OSError) as e:
+                err = err or e
+                continue
+            self._schemes[(host, port)] = scheme
+            return r
+        assert err is not None
+        raise err
+
     async def fetch_json(self, host: str, port: int, path: str) -> dict[str, Any] | None:
         import aiohttp
 
+        challenge = os.urandom(16).hex()
         try:
-            async with self._s().get(f"http://{host}:{port}{path}") as r:
+            async with await self._get(host, port, path, headers={CHALLENGE_HEADER: challenge}) as r:
                 if r.status != 200:
                     return None
-                doc = await r.json()
+                body = await r.read()
+                want = response_mac(self.mac_key, challenge, path, r.status, body)
+                if not hmac.compare_digest(r.headers.get(MAC_HEADER, "").encode(), want.encode()):
+                    self.rejected += 1
+                    return None
+                doc = json.loads(body)
                 return doc if isinstance(doc, dict) else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
@@ -76,11 +135,10 @@ class AiohttpPeerHttp(PeerHttp):
         from meshllm.net.server import PROBE_TOKEN_HEADER
 
         hdr = {PROBE_TOKEN_HEADER: self.token}
-        url = f"http://{host}:{port}/v1/probe"
 
         async def fetch(n: int) -> float:
             t0 = time.perf_counter()
-            async with self._s().get(url, params={"bytes": str(n)}, headers=hdr) as r:
+            async with await self._get(host, port, "/v1/probe", params={"bytes": str(n)}, headers=hdr) as r:
                 body = await r.read()
                 if r.status != 200 or len(body) != n:
                     raise aiohttp.ClientError(f"probe answered {r.status}")
@@ -90,7 +148,7 @@ class AiohttpPeerHttp(PeerHttp):
             rtt = min([await fetch(0) for _ in range(3)])
             small = min([await fetch(PROBE_SMALL) for _ in range(3)])
             large = min([await fetch(PROBE_BYTES) for _ in range(3)])
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, OSError, TimeoutError):
             return None
         dt = max(large - small, 1e-5)
         return (PROBE_BYTES - PROBE_SMALL) * 8 / dt / 1e6, rtt * 1000

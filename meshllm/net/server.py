@@ -8,6 +8,11 @@ Routes (more are added by the serving layer, e.g. ``POST /v1/chat/completions``)
 - ``GET  /v1/probe``    ``?bytes=N`` (at most 1 MiB) for link measurements (members only: mesh key)
 - ``GET  /v1/link``     WebSocket upgrade for an authenticated node link
 - ``GET  /healthz``     liveness
+
+A request that carries ``X-Meshllm-Challenge`` gets its answer MACed with the mesh key
+(``X-Meshllm-Mac``, see ``meshllm.net.peer_http``): that is how peers know a profile, a link
+measurement or the dashboard's figures came from a member. With a certificate and key
+(``--tls-cert``/``--tls-key``) the port speaks HTTPS, links (``wss://``) included.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import hmac
 import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from meshllm.net.links import LINK_PATH
+from meshllm.net.peer_http import CHALLENGE_HEADER, CHALLENGE_MAX, MAC_HEADER, response_mac
 
 log = logging.getLogger("meshllm.net.server")
 
@@ -41,8 +48,24 @@ class NodeApi(Protocol):
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_app(api: NodeApi, link_handler: Handler) -> web.Application:
-    app = web.Application(client_max_size=1 << 20)
+def mac_middleware(mac_key: bytes) -> Any:
+    """MAC every complete answer to a request that asks for it with a challenge."""
+
+    @web.middleware
+    async def mac(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resp = await handler(request)
+        challenge = request.headers.get(CHALLENGE_HEADER, "")
+        if (challenge and len(challenge) <= CHALLENGE_MAX and isinstance(resp, web.Response)
+                and isinstance(resp.body, bytes | bytearray)):
+            resp.headers[MAC_HEADER] = response_mac(mac_key, challenge, request.path_qs, resp.status,
+                                                    bytes(resp.body))
+        return resp
+
+    return mac
+
+
+def make_app(api: NodeApi, link_handler: Handler, mac_key: bytes = b"") -> web.Application:
+    app = web.Application(client_max_size=1 << 20, middlewares=[mac_middleware(mac_key)] if mac_key else [])
 
     async def mesh(request: web.Request) -> web.Response:
         return web.json_response(api.mesh_view())
@@ -89,10 +112,11 @@ def make_app(api: NodeApi, link_handler: Handler) -> web.Application:
 class HttpServer:
     """Binds the port first (so port 0 works and the real port can be advertised), then serves."""
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(self, app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context  # HTTPS (and wss:// links) when set
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> int:
@@ -110,7 +134,7 @@ class HttpServer:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=self.ssl_context).start()
         return self.port
 
     async def close(self) -> None:

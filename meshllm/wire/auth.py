@@ -8,7 +8,9 @@ stops a peer reflecting our own proof back at us; both nonces make every proof s
 has two connections (control and data lanes, see ``meshllm.net.links``), each authenticated by
 its own handshake; ``lane`` and ``pair`` (the control connection's initiator nonce, which ties a
 data connection to its control connection) are part of what both proofs sign.
-Until a ``Handshake`` is ``done`` the shell must pass nothing else from that peer on.
+Until a ``Handshake`` is ``done`` the shell must pass nothing else from that peer on; once it is,
+``frame_keys()`` gives the keys that seal the lane's frames (``meshllm.wire.seal``, HKDF over the
+mesh key and both nonces, one key per direction).
 
 ``mesh_id(model_id, key)`` is what mDNS TXT records carry: an HMAC of the model id under the key,
 so nodes of other meshes are filtered out early without the key ever leaving the process.
@@ -22,6 +24,7 @@ import hmac
 from meshllm.errors import LocalProtocolError, RemoteProtocolError
 from meshllm.wire.ids import NodeId
 from meshllm.wire.messages import AuthProof, Hello, HelloReply, Message
+from meshllm.wire.seal import derive_keys
 
 NONCE_BYTES = 16
 _DOMAIN = b"meshllm-auth-v2"
@@ -87,7 +90,22 @@ class Handshake:
     def initiator_nonce(self) -> bytes | None:
         """The initiator's nonce (known to the responder once ``Hello`` arrived): what a data
         connection names its control connection by, in ``pair``."""
-        return self._nonce if self.initiator else self._peer_nonce
+        if self.initiator:
+            return self._nonce
+        return self._peer_nonce
+
+    def frame_keys(self) -> tuple[bytes, bytes]:
+        """``(send key, receive key)`` of this end for sealing the lane's frames
+        (``meshllm.wire.seal``); only once the handshake is done."""
+        if not self.done or self.peer is None or self._peer_nonce is None:
+            raise LocalProtocolError("frame keys exist only after a completed handshake")
+        if self.initiator:
+            i, r, nonce_i, nonce_r = self.node_id, self.peer, self._nonce, self._peer_nonce
+        else:
+            i, r, nonce_i, nonce_r = self.peer, self.node_id, self._peer_nonce, self._nonce
+        i2r, r2i = derive_keys(self._key, mesh=self.mesh_id, initiator=i, responder=r, nonce_i=nonce_i,
+                               nonce_r=nonce_r, lane=self.lane)
+        return (i2r, r2i) if self.initiator else (r2i, i2r)
 
     def _check_peer(self, node_id: str, mesh: str, nonce: bytes) -> None:
         if mesh != self.mesh_id:
@@ -109,6 +127,7 @@ class Handshake:
             if not hmac.compare_digest(want, msg.proof):
                 raise RemoteProtocolError(f"peer {msg.node_id!r} failed authentication (wrong mesh key)")
             self.peer, self.peer_name, self.peer_port, self.done = msg.node_id, msg.name, msg.port, True
+            self._peer_nonce = msg.nonce
             mine = proof(self._key, "initiator", self.mesh_id, self.node_id, msg.node_id,
                          self._nonce, msg.nonce, self.lane, self.pair)
             return [AuthProof(self.node_id, mine)]
