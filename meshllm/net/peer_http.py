@@ -30,6 +30,7 @@ PROBE_BYTES = 544 * 1024
 CHALLENGE_HEADER = "X-Meshllm-Challenge"
 MAC_HEADER = "X-Meshllm-Mac"
 CHALLENGE_MAX = 64  # hex digits a server accepts in a challenge
+PROBE_TOKEN_HEADER = "X-Meshllm-Probe"  # a member's token for GET /v1/probe
 
 
 def mesh_token(key: bytes, purpose: str) -> str:
@@ -132,7 +133,6 @@ class AiohttpPeerHttp(PeerHttp):
         small and the fastest large fetch, so the fixed per-request cost cancels out."""
         import aiohttp
 
-        from meshllm.net.server import PROBE_TOKEN_HEADER
 
         hdr = {PROBE_TOKEN_HEADER: self.token}
 

@@ -28,12 +28,17 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from meshllm.net.links import LINK_PATH
-from meshllm.net.peer_http import CHALLENGE_HEADER, CHALLENGE_MAX, MAC_HEADER, response_mac
+from meshllm.net.peer_http import (
+    CHALLENGE_HEADER,
+    CHALLENGE_MAX,
+    MAC_HEADER,
+    PROBE_TOKEN_HEADER,
+    response_mac,
+)
 
 log = logging.getLogger("meshllm.net.server")
 
 REPLAN_TOKEN_HEADER = "X-Meshllm-Token"
-PROBE_TOKEN_HEADER = "X-Meshllm-Probe"
 PROBE_MAX = 1 << 20
 
 
