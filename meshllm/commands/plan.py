@@ -49,7 +49,7 @@ def model_profile(spec: str) -> ModelProfile:
     if not path.is_dir():
         raise UserError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
     m = load_manifest(path, verify=False)
-    return ModelProfile.from_costs(m.costs, m.name)
+    return ModelProfile.from_costs(m.costs, m.name, m.config.max_position)
 
 
 def length_spec(text: str) -> LengthDist:

@@ -323,7 +323,7 @@ def run_single(args: argparse.Namespace) -> int:
 
         # the profile needs the costs only; checking every block's sha256 is the loader's job
         m = load_manifest(Path(args.model), verify=False)
-        profile = ModelProfile.from_costs(m.costs, name=m.name)
+        profile = ModelProfile.from_costs(m.costs, name=m.name, max_context=m.config.max_position)
     else:
         profile = ModelProfile.from_preset(args.model)
     if args.requests < 1 or args.max_batch < 1:

@@ -205,7 +205,11 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     for k, b in enumerate(both):
         p = perfs[b]
         lam_b = lam * share[k]
-        rho = lam_b * p.busy_mean
+        # the prompt load on the slowest resource, and on each resource: a resource's mean is
+        # at most the pipeline's bottleneck in exact arithmetic, but the two are summed in
+        # different orders, and near saturation one can round to >= 1 while the other is < 1
+        rho_r = lam_b * p.res_m1
+        rho = max(lam_b * p.busy_mean, float(rho_r.max()) if len(rho_r) else 0.0)
         utils.append(rho)
         if rho >= 1:
             continue
@@ -213,7 +217,6 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         # first come first served: it waits for the prompt work queued there, the M/G/1 wait of
         # that resource under the prompt load alone (a 12 MB activation over 50 Mb/s holds a
         # link for 2 s, and every token behind it waits)
-        rho_r = lam_b * p.res_m1
         hol = float(np.sum(lam_b * p.res_m2 / (2 * (1 - rho_r)))) if len(rho_r) else 0.0
         n = _decode_occupancy(lam_b, p.lat_mean + eo1 * hol, eo1, p.tau_l, p.batch)
         s_dec = eo1 * (_tau_at(p.tau_l, n) + hol)
