@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from meshllm.errors import ConfigError, DoesNotFit, PlanError
-from meshllm.planner import cost
+from meshllm.planner import cost, ga, strategies
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.dp import edgeshard_latency
 from meshllm.planner.problem import Problem
-from meshllm.planner.strategies import STRATEGIES, cost_inputs, make_plan
+from meshllm.planner.strategies import STRATEGIES, cost_inputs, make_plan, parse_strategy, plan_problem
 from meshllm.planner.testbed import load_testbed, parse_testbed
 from meshllm.planner.types import (
     Device,
@@ -413,3 +413,47 @@ def test_both_replica_tokens_wait_behind_prompts_on_every_resource():
     dec_bare = e_bare.mean_e2e_s - e_bare.mean_ttft_s
     assert dec_bare == pytest.approx(19 * 0.15, rel=1e-9)
     assert dec_link - dec_bare == pytest.approx(extra, rel=1e-6)
+
+
+@pytest.mark.parametrize(("spec", "msg"), [
+    ("magic", "unknown strategy 'magic'"),
+    ("splitwise:2", "only e2llm takes pinned replicas"),
+    ("e2llm:prefill", "a PREFILL replica needs a DECODER replica"),
+    ("e2llm:decoder,both", "a PREFILL replica needs a DECODER replica"),
+    ("e2llm:prefil,decoder", "roles are prefill, decoder, both"),
+    ("e2llm:0", "at least one replica"),
+])
+def test_pinned_strategies_are_checked(spec, msg):
+    with pytest.raises(PlanError, match=msg) as e:
+        parse_strategy(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_pinned_roles_are_the_best_plan_with_those_roles():
+    tb = HOME
+    w = Workload(0.5, LengthDist.fixed(64), LengthDist.fixed(32), 8)
+    pb = Problem(P7, tb.devices, tb.network, w)
+    free_f = ga.exhaustive(pb)[0]
+    for pin, roles in (("prefill,decoder", [Role.PREFILL, Role.DECODER]), ("both,both", [Role.BOTH] * 2),
+                       ("prefill,prefill,decoder", [Role.PREFILL, Role.PREFILL, Role.DECODER])):
+        plan = plan_problem(f"e2llm:{pin}", pb, "waiting", np.random.default_rng(0))
+        validate_plan(plan, P7, tb.devices, w)
+        assert sorted(r.role.value for r in plan.replicas) == sorted(r.value for r in roles)
+        assert plan.strategy == f"e2llm:{pin}" and "pinned" in plan.note
+        # a restriction of the free search: never better than its optimum
+        assert plan.predicted.mean_wait_s >= 0
+        assert pb.estimate_stages([(r.role, [(pb.index[s.node], s.first, s.end) for s in r.stages])
+                                   for r in plan.replicas]).fitness >= free_f - 1e-12
+
+
+def test_the_best_over_every_pinned_count_is_the_exhaustive_optimum():
+    tb = HOME
+    w = Workload(0.5, LengthDist.fixed(64), LengthDist.fixed(32), 8)
+    pb = Problem(P7, tb.devices, tb.network, w)
+    fits = []
+    for k in range(1, len(tb.devices) + 1):
+        try:
+            fits.append(pb.estimate_stages(strategies.e2llm_pinned(pb, k).replicas).fitness)
+        except DoesNotFit as e:
+            assert f"holds {k} replicas" in str(e)
+    assert len(fits) >= 2 and min(fits) == pytest.approx(ga.exhaustive(pb)[0], rel=1e-12)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from meshllm.errors import ConfigError, UserError
+from meshllm.errors import ConfigError, PlanError, UserError
 from meshllm.model.config import PRESETS
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.problem import Problem
-from meshllm.planner.strategies import OBJECTIVES, STRATEGIES, cost_inputs, plan_problem
+from meshllm.planner.strategies import OBJECTIVES, STRATEGIES, cost_inputs, parse_strategy, plan_problem
 from meshllm.planner.testbed import load_testbed
 from meshllm.planner.types import LengthDist, Plan, Workload
 
@@ -24,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--testbed", required=True, help="testbed TOML file (see tools/testbeds/)")
     p.add_argument("--model", required=True,
                    help=f"a preset ({', '.join(PRESETS)}) or a model directory with manifest.json")
-    p.add_argument("--strategy", default="e2llm", choices=sorted(STRATEGIES))
+    p.add_argument("--strategy", default="e2llm", type=_strategy, metavar="STRATEGY",
+                   help=f"one of {', '.join(sorted(STRATEGIES))} (default %(default)s); for experiments "
+                        "e2llm:ROLES pins the replicas' roles (e2llm:prefill,decoder) and e2llm:N their "
+                        "number, the planner still grouping the devices and splitting the layers")
     p.add_argument("--objective", default="waiting", choices=OBJECTIVES,
                    help="what cloud-edge-opt optimises (the others have their own)")
     p.add_argument("--workload", default="",
@@ -35,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--json", action="store_true", help="the plan and the cost tables it used, as JSON")
     p.set_defaults(func=run)
+
+
+def _strategy(text: str) -> str:
+    try:
+        parse_strategy(text)
+    except PlanError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def model_profile(spec: str) -> ModelProfile:
