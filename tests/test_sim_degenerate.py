@@ -63,3 +63,24 @@ def test_degenerate_workloads_serve_every_request_once_in_order(name, rate, inp,
     else:
         assert math.isfinite(s.tpot_s.mean) and s.tpot_s.mean > 0
     assert s.throughput_tok_s >= 0 and math.isfinite(s.throughput_tok_s)
+
+
+def test_simulate_cli_with_one_output_token_prints_no_nan(capsys) -> None:
+    import json
+    from pathlib import Path
+
+    from meshllm.cli import main
+
+    home = str(Path(__file__).resolve().parents[1] / "tools/testbeds/home.toml")
+    argv = ["simulate", "--testbed", home, "--model", "llama2-7b", "--output-len", "1", "--input-len", "1",
+            "--max-batch", "1", "--requests", "20"]
+    assert main([*argv, "--json"]) == 0
+
+    def no_nan(c: str) -> None:
+        raise AssertionError(f"{c} in JSON")
+
+    doc = json.loads(capsys.readouterr().out, parse_constant=no_nan)
+    assert doc["summary"]["tpot_s"]["mean"] is None and doc["summary"]["requests"] == 20
+    assert main(argv) == 0
+    tpot = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("TPOT s"))
+    assert tpot.split()[2:] == ["-", "-", "-", "-"]

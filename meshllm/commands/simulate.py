@@ -97,12 +97,26 @@ def _plan_fn():
 
 # --- printing -------------------------------------------------------------------------------
 
+def _no_nan(v: Any) -> Any:
+    """``v`` with every NaN float as None (null): JSON has no NaN, and a figure no request has
+    (TPOT when every output is one token) is null."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_no_nan(x) for x in v]
+    return v
+
+
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else ""
     if isinstance(v, float):
+        if math.isnan(v):
+            return "-"  # a figure no request has (TPOT when every output is one token)
         if math.isinf(v):
             return "inf"
         return f"{v:.{nd}f}"
@@ -357,7 +371,7 @@ def run_single(args: argparse.Namespace) -> int:
     res = simulate(model, reqs, SimConfig(pipeline=args.pipeline, routing=args.routing), warmup=len(reqs) // 10)
     s = res.summary
     if args.json:
-        print(json.dumps({"plan": plan.to_dict(), "summary": s.to_dict(), "events": res.events},
+        print(json.dumps(_no_nan({"plan": plan.to_dict(), "summary": s.to_dict(), "events": res.events}),
                          indent=1, default=float))
         return 0
     print(f"plan {args.strategy} on {tb.name}, {profile.name}: "
