@@ -59,8 +59,8 @@ def demo_workload() -> Any:
     prompts are twice as long as their answers (see ``DEMO_WORKLOAD``)."""
     from meshllm.planner.types import LengthDist, Workload
 
-    return Workload(DEMO_WORKLOAD["arrival_rate"], LengthDist.fixed(DEMO_WORKLOAD["input_len"]),
-                    LengthDist.fixed(DEMO_WORKLOAD["output_len"]))
+    return Workload(DEMO_WORKLOAD["arrival_rate"], LengthDist.fixed(int(DEMO_WORKLOAD["input_len"])),
+                    LengthDist.fixed(int(DEMO_WORKLOAD["output_len"])))
 
 
 def demo_budgets(model_dir: Path, nodes: int) -> list[int]:
