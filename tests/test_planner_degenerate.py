@@ -29,7 +29,7 @@ lengths = st.one_of(
     st.lists(st.integers(1, 150), min_size=1, max_size=4).map(LengthDist.empirical),
     st.tuples(st.floats(1, 100), st.floats(0, 1.5)).map(lambda t: LengthDist.lognormal(t[0], t[1], 200)),
 )
-rates = st.one_of(st.just(0.0), st.just(1e-9), st.floats(1e-6, 1e4))
+rates = st.one_of(st.just(0.0), st.just(1e-9), st.floats(1e-6, 1e4), st.just(1e300))
 workloads = st.builds(Workload, rates, lengths, lengths, st.integers(1, 8))
 
 
@@ -57,7 +57,10 @@ def test_every_grouping_has_a_number_and_a_saturation_rate(mesh, w, seed) -> Non
         a, r = ga.normalise(rng.integers(0, m + 1, size=m), rng.integers(0, 3, size=m))
         est, stages = ga.decode(pb, a, r)
         assert est.fitness >= 0  # (NaN fails this)
-        if est.fitness >= INFEASIBLE:
+        roles = {role for role, _ in stages}
+        fits = bool(stages) and all(st_ for _, st_ in stages) and (Role.PREFILL in roles) == (Role.DECODER in roles)
+        assert (est.fitness < INFEASIBLE) == fits  # overloaded at any rate, never "does not fit"
+        if not fits:
             continue
         pr = est.predicted
         for x in (pr.mean_wait_s, pr.mean_ttft_s, pr.mean_e2e_s, pr.latency_ms_per_token, pr.throughput_tps):

@@ -23,9 +23,12 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshllm.errors import MeshError, UserError
+
+if TYPE_CHECKING:
+    from meshllm.planner.types import Workload
 
 DEMO_PROMPT = "class Stack:\n    def __init__(self"
 # What the planner is told to expect: a stream of requests (0.6 a second, Poisson) with prompts of
@@ -54,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def demo_workload() -> Any:
+def demo_workload() -> Workload:
     """The workload the demo tells its planner to expect: a steady stream of requests whose
     prompts are twice as long as their answers (see ``DEMO_WORKLOAD``)."""
     from meshllm.planner.types import LengthDist, Workload
