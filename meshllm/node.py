@@ -164,7 +164,7 @@ class Node:
         self.name = opts.name or self.node_id[:8]
         self.mesh_id = make_mesh_id(self.manifest.model_id, opts.mesh_key)
         # the planner charges each block's weights as they sit in memory once loaded, not as stored
-        self.model_profile = ModelProfile.from_costs(resident_costs(self.manifest), self.manifest.name, self.manifest.config.max_position)
+        self.model_profile = ModelProfile.from_costs(resident_costs(self.manifest), self.manifest.name)
         self.codec = Codec()
         self._transport_factory = transport_factory
         self.transport: Transport | None = None

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from meshllm.errors import ConfigError, DoesNotFit
 from meshllm.planner import ga
 from meshllm.planner.cost import ModelProfile
-from meshllm.planner.problem import Problem
+from meshllm.planner.problem import Problem, check_workload
 from meshllm.planner.queueing import INFEASIBLE, OVERLOAD, estimate, saturation_rate
 from meshllm.planner.strategies import plan_problem
 from meshllm.planner.types import Device, LengthDist, Network, Role, Workload
@@ -111,8 +111,8 @@ def test_one_output_token_near_saturation_is_a_number() -> None:
                                           (LengthDist.fixed(1), LengthDist.fixed(512)),
                                           (LengthDist.lognormal(300, 1.5), LengthDist.fixed(8))])
 def test_sequences_longer_than_the_context_are_refused_in_one_line(inp, out) -> None:
-    devs = (Device.from_spec("a", 8, 10, 400, source=True),)
     with pytest.raises(ConfigError, match=r"exceed the model's context of 512 tokens") as e:
-        Problem(TINY, devs, Network(), Workload(1.0, inp, out))
+        check_workload(Workload(1.0, inp, out), TINY.max_context)
     assert "\n" not in str(e.value)
-    Problem(TINY, devs, Network(), Workload(1.0, LengthDist.fixed(500), LengthDist.fixed(12)))  # fits exactly
+    check_workload(Workload(1.0, LengthDist.fixed(500), LengthDist.fixed(12)), TINY.max_context)  # fits exactly
+    check_workload(Workload(1.0, inp, out), 0)  # a context not known: nothing to check

@@ -12,7 +12,7 @@ import numpy as np
 from meshllm.errors import ConfigError, PlanError, UserError
 from meshllm.model.config import PRESETS
 from meshllm.planner.cost import ModelProfile
-from meshllm.planner.problem import Problem
+from meshllm.planner.problem import Problem, check_workload
 from meshllm.planner.strategies import OBJECTIVES, STRATEGIES, cost_inputs, parse_strategy, plan_problem
 from meshllm.planner.testbed import load_testbed
 from meshllm.planner.types import LengthDist, Plan, Workload
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     tb = load_testbed(args.testbed)
     prof = model_profile(args.model)
     w = workload_from(tb.workload, args.workload)
+    check_workload(w, prof.max_context)
     pb = Problem(prof, tb.devices, tb.network, w)
     plan = plan_problem(args.strategy, pb, args.objective, np.random.default_rng(args.seed), args.epoch)
     if args.json:

@@ -323,6 +323,7 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 def run_single(args: argparse.Namespace) -> int:
     from meshllm.planner.cost import ModelProfile
+    from meshllm.planner.problem import check_workload
     from meshllm.planner.types import Workload
     from meshllm.sim.adapter import to_sim_model
     from meshllm.sim.model import SimConfig
@@ -365,6 +366,7 @@ def run_single(args: argparse.Namespace) -> int:
             reqs = bursty(rate, args.requests, inp, out, rng, mean_on_s=args.burst_on,
                           mean_off_s=args.burst_off)
     wl = Workload(rate, inp, out, args.max_batch)
+    check_workload(wl, profile.max_context)
     plan = _plan_fn()(args.strategy, profile, tb.devices, tb.network, wl, args.objective,
                       np.random.default_rng(args.seed))
     model = to_sim_model(plan, profile, tb.by_name, tb.network, wl, entry=tb.source)

@@ -22,7 +22,9 @@ N_QUANT = 32  # representative prompt lengths for the prefill moments
 
 def check_workload(w: Workload, max_context: int = 0) -> None:
     """Refuse, with one line, a workload no plan can serve: a sequence longer than the model's
-    context window (at the percentile whose KV the plan sizes memory for)."""
+    context window (at the percentile whose KV the plan sizes memory for). The commands that
+    plan what an operator asks (``meshllm plan``, ``meshllm simulate``) call it; a node plans its
+    configured workload regardless (the serving layer refuses a request beyond the context)."""
     if max_context > 0 and w.target_len > max_context:
         i, o = w.input_len.percentile(w.kv_percentile), w.output_len.percentile(w.kv_percentile)
         raise ConfigError(f"workload: a prompt of {i} tokens and an output of {o} (p{w.kv_percentile:g}) "
@@ -63,7 +65,6 @@ class Problem:
         if len(set(names)) != len(names):
             raise PlanError("device names must be unique")
         p, w = self.profile, self.workload
-        check_workload(w, p.max_context)
         q = w.input_len.quantiles(N_QUANT)
         self.t_in = q
         self.pre = np.stack([cost.prefill_table(p, self.devices, float(t), self.eff) for t in q])
