@@ -170,10 +170,15 @@ def peers(v: Any) -> None:
 
 
 def strategy(v: Any) -> None:
-    from meshllm.planner.strategies import STRATEGIES
+    from meshllm.errors import PlanError
+    from meshllm.planner.strategies import STRATEGIES, parse_strategy
 
-    if v not in STRATEGIES:
+    if str(v).partition(":")[0] not in STRATEGIES:
         raise Bad(f"known strategies are {', '.join(STRATEGIES)}")
+    try:
+        parse_strategy(v)
+    except PlanError as e:
+        raise Bad(str(e)) from None
 
 
 def objective(v: Any) -> None:
@@ -247,7 +252,8 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("slowdown", "float", 1.0, "make compute F times slower, to try heterogeneous meshes on one machine",
            "--slowdown", check=at_least(1), metavar="F"),
     Option("strategy", "str", "e2llm", "placement strategy the leader uses (e2llm: the GA as islands on the "
-           "members; see `meshllm plan --help`)", "--strategy", check=strategy),
+           "members; see `meshllm plan --help`); for experiments e2llm:ROLES pins the replicas' roles "
+           "(e2llm:prefill,decoder, e2llm:both,both) and e2llm:N their number", "--strategy", check=strategy),
     Option("objective", "str", "waiting", "what the planner minimises: latency, throughput or waiting",
            "--objective", check=objective),
     Option("priority", "int", 0, "leader preference (higher wins)", "--priority"),

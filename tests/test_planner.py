@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from meshllm.errors import ConfigError, DoesNotFit, PlanError
-from meshllm.planner import cost
+from meshllm.planner import cost, ga, strategies
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.dp import edgeshard_latency
 from meshllm.planner.problem import Problem
-from meshllm.planner.strategies import STRATEGIES, cost_inputs, make_plan
+from meshllm.planner.queueing import estimate
+from meshllm.planner.strategies import STRATEGIES, cost_inputs, make_plan, parse_strategy, plan_problem
 from meshllm.planner.testbed import load_testbed, parse_testbed
 from meshllm.planner.types import (
     Device,
@@ -396,7 +397,7 @@ def test_both_replica_tokens_wait_behind_prompts_on_every_resource():
     # a BOTH replica whose prompts hold a link for 2 s: the estimate's decode time grows with the
     # prompt load there (tokens queue behind prompts first come first served); without that
     # resource it does not
-    from meshllm.planner.queueing import ReplicaPerf, estimate
+    from meshllm.planner.queueing import ReplicaPerf
     w = Workload(arrival_rate=0.2, input_len=LengthDist.fixed(768), output_len=LengthDist.fixed(20),
                  max_batch=8)
     tau = np.concatenate([[math.inf], np.full(8, 0.15)])
@@ -413,3 +414,69 @@ def test_both_replica_tokens_wait_behind_prompts_on_every_resource():
     dec_bare = e_bare.mean_e2e_s - e_bare.mean_ttft_s
     assert dec_bare == pytest.approx(19 * 0.15, rel=1e-9)
     assert dec_link - dec_bare == pytest.approx(extra, rel=1e-6)
+
+
+@pytest.mark.parametrize(("spec", "msg"), [
+    ("magic", "unknown strategy 'magic'"),
+    ("splitwise:2", "only e2llm takes pinned replicas"),
+    ("e2llm:prefill", "a PREFILL replica needs a DECODER replica"),
+    ("e2llm:decoder,both", "a PREFILL replica needs a DECODER replica"),
+    ("e2llm:prefil,decoder", "roles are prefill, decoder, both"),
+    ("e2llm:0", "at least one replica"),
+])
+def test_pinned_strategies_are_checked(spec, msg):
+    with pytest.raises(PlanError, match=msg) as e:
+        parse_strategy(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_pinned_roles_are_the_best_plan_with_those_roles():
+    tb = HOME
+    w = Workload(0.5, LengthDist.fixed(64), LengthDist.fixed(32), 8)
+    pb = Problem(P7, tb.devices, tb.network, w)
+    free_f = ga.exhaustive(pb)[0]
+    for pin, roles in (("prefill,decoder", [Role.PREFILL, Role.DECODER]), ("both,both", [Role.BOTH] * 2),
+                       ("prefill,prefill,decoder", [Role.PREFILL, Role.PREFILL, Role.DECODER])):
+        plan = plan_problem(f"e2llm:{pin}", pb, "waiting", np.random.default_rng(0))
+        validate_plan(plan, P7, tb.devices, w)
+        assert sorted(r.role.value for r in plan.replicas) == sorted(r.value for r in roles)
+        assert plan.strategy == f"e2llm:{pin}" and "pinned" in plan.note
+        # a restriction of the free search: never better than its optimum
+        assert plan.predicted.mean_wait_s >= 0
+        assert pb.estimate_stages([(r.role, [(pb.index[s.node], s.first, s.end) for s in r.stages])
+                                   for r in plan.replicas]).fitness >= free_f - 1e-12
+
+
+def test_the_best_over_every_pinned_count_is_the_exhaustive_optimum():
+    tb = HOME
+    w = Workload(0.5, LengthDist.fixed(64), LengthDist.fixed(32), 8)
+    pb = Problem(P7, tb.devices, tb.network, w)
+    fits = []
+    for k in range(1, len(tb.devices) + 1):
+        try:
+            fits.append(pb.estimate_stages(strategies.e2llm_pinned(pb, k).replicas).fitness)
+        except DoesNotFit as e:
+            assert f"holds {k} replicas" in str(e)
+    assert len(fits) >= 2 and min(fits) == pytest.approx(ga.exhaustive(pb)[0], rel=1e-12)
+
+
+def test_worst_utilisation_grows_with_the_rate_past_saturation():
+    # one BOTH replica whose KV slots bind first: past the rate where its prompts saturate too,
+    # the slots' offered load must still count, or a plan would look less overloaded at a
+    # higher rate and the GA would trade capacity away under heavy load
+    w = Workload(1.0, LengthDist.fixed(32), LengthDist.fixed(256), 1)
+    pb = Problem(P7, (Device.from_spec("a", 48, 10, 400, source=True),), Network(), w)
+    perf = pb.perf([(0, 0, P7.n_blocks)], Role.BOTH)
+    sat = 1 / (perf.lat_mean + 255 * perf.tau_l[1])  # one slot: one request at a time
+    assert sat < 0.2 / perf.busy_mean  # the slot binds long before the prompts
+    u1 = estimate([perf], w.with_rate(2 * sat), np.zeros((1, 1))).max_util
+    u2 = estimate([perf], w.with_rate(20 / perf.busy_mean), np.zeros((1, 1))).max_util
+    assert u1 == pytest.approx(2.0, rel=0.05)
+    assert u2 == pytest.approx(20 / perf.busy_mean / sat, rel=0.05)
+
+
+def test_an_absurd_rate_is_overloaded_not_unfit():
+    tb = HOME
+    w = Workload(1e300, LengthDist.fixed(32), LengthDist.fixed(96), 8)
+    plan = make_plan("e2llm", P7, tb.devices, tb.network, w)
+    assert math.isinf(plan.predicted.mean_wait_s) and plan.predicted.saturation_rps > 0

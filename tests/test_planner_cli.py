@@ -67,3 +67,34 @@ def test_length_and_workload_specs():
     assert w.arrival_rate == 3 and w.max_batch == 2 and w.input_len == LengthDist.fixed(32)
     with pytest.raises(ConfigError):
         workload_from(None, "speed=3")
+
+
+def test_plan_with_pinned_roles(capsys):
+    assert main(["plan", "--testbed", HOME, "--model", "llama2-7b", "--strategy", "e2llm:both,both"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split()[1] for ln in out.splitlines() if ln.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
+    assert rows == ["both", "both"], out
+    assert "strategy e2llm:both,both" in out and "replicas pinned by the operator" in out
+
+
+def test_a_node_refuses_a_bad_pinned_strategy_in_one_line():
+    import argparse
+
+    from meshllm.settings import add_arguments, resolve
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(ConfigError) as e:
+        resolve(p.parse_args(["--strategy", "e2llm:prefill"]), {})
+    assert str(e.value) == ("--strategy e2llm:prefill: strategy 'e2llm:prefill': a PREFILL replica needs a "
+                            "DECODER replica and the other way round")
+    assert resolve(p.parse_args(["--strategy", "e2llm:prefill,decoder"]), {})["strategy"] == "e2llm:prefill,decoder"
+
+
+def test_workloads_beyond_the_context_are_one_line_errors(capsys):
+    assert main(["plan", "--testbed", HOME, "--model", "llama2-7b", "--workload", "input=5000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("meshllm plan: error: workload: a prompt of 5000 tokens") and "\n" not in err
+    assert "context of 4096 tokens" in err
+    assert main(["plan", "--testbed", HOME, "--model", "llama2-7b", "--workload", "output=1,input=1,rate=1e-9,batch=1"]) == 0
+    assert "mean wait          0.000 s" in capsys.readouterr().out

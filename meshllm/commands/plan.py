@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from meshllm.errors import ConfigError, UserError
+from meshllm.errors import ConfigError, PlanError, UserError
 from meshllm.model.config import PRESETS
 from meshllm.planner.cost import ModelProfile
-from meshllm.planner.problem import Problem
-from meshllm.planner.strategies import OBJECTIVES, STRATEGIES, cost_inputs, plan_problem
+from meshllm.planner.problem import Problem, check_workload
+from meshllm.planner.strategies import OBJECTIVES, STRATEGIES, cost_inputs, parse_strategy, plan_problem
 from meshllm.planner.testbed import load_testbed
 from meshllm.planner.types import LengthDist, Plan, Workload
 
@@ -24,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--testbed", required=True, help="testbed TOML file (see tools/testbeds/)")
     p.add_argument("--model", required=True,
                    help=f"a preset ({', '.join(PRESETS)}) or a model directory with manifest.json")
-    p.add_argument("--strategy", default="e2llm", choices=sorted(STRATEGIES))
+    p.add_argument("--strategy", default="e2llm", type=_strategy, metavar="STRATEGY",
+                   help=f"one of {', '.join(sorted(STRATEGIES))} (default %(default)s); for experiments "
+                        "e2llm:ROLES pins the replicas' roles (e2llm:prefill,decoder) and e2llm:N their "
+                        "number, the planner still grouping the devices and splitting the layers")
     p.add_argument("--objective", default="waiting", choices=OBJECTIVES,
                    help="what cloud-edge-opt optimises (the others have their own)")
     p.add_argument("--workload", default="",
@@ -35,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--json", action="store_true", help="the plan and the cost tables it used, as JSON")
     p.set_defaults(func=run)
+
+
+def _strategy(text: str) -> str:
+    try:
+        parse_strategy(text)
+    except PlanError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def model_profile(spec: str) -> ModelProfile:
@@ -49,7 +60,7 @@ def model_profile(spec: str) -> ModelProfile:
     if not path.is_dir():
         raise UserError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
     m = load_manifest(path, verify=False)
-    return ModelProfile.from_costs(m.costs, m.name)
+    return ModelProfile.from_costs(m.costs, m.name, m.config.max_position)
 
 
 def length_spec(text: str) -> LengthDist:
@@ -140,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     tb = load_testbed(args.testbed)
     prof = model_profile(args.model)
     w = workload_from(tb.workload, args.workload)
+    check_workload(w, prof.max_context)
     pb = Problem(prof, tb.devices, tb.network, w)
     plan = plan_problem(args.strategy, pb, args.objective, np.random.default_rng(args.seed), args.epoch)
     if args.json:

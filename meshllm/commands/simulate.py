@@ -97,12 +97,26 @@ def _plan_fn():
 
 # --- printing -------------------------------------------------------------------------------
 
+def _no_nan(v: Any) -> Any:
+    """``v`` with every NaN float as None (null): JSON has no NaN, and a figure no request has
+    (TPOT when every output is one token) is null."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_no_nan(x) for x in v]
+    return v
+
+
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else ""
     if isinstance(v, float):
+        if math.isnan(v):
+            return "-"  # a figure no request has (TPOT when every output is one token)
         if math.isinf(v):
             return "inf"
         return f"{v:.{nd}f}"
@@ -309,6 +323,7 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 def run_single(args: argparse.Namespace) -> int:
     from meshllm.planner.cost import ModelProfile
+    from meshllm.planner.problem import check_workload
     from meshllm.planner.types import Workload
     from meshllm.sim.adapter import to_sim_model
     from meshllm.sim.model import SimConfig
@@ -323,7 +338,7 @@ def run_single(args: argparse.Namespace) -> int:
 
         # the profile needs the costs only; checking every block's sha256 is the loader's job
         m = load_manifest(Path(args.model), verify=False)
-        profile = ModelProfile.from_costs(m.costs, name=m.name)
+        profile = ModelProfile.from_costs(m.costs, name=m.name, max_context=m.config.max_position)
     else:
         profile = ModelProfile.from_preset(args.model)
     if args.requests < 1 or args.max_batch < 1:
@@ -351,13 +366,14 @@ def run_single(args: argparse.Namespace) -> int:
             reqs = bursty(rate, args.requests, inp, out, rng, mean_on_s=args.burst_on,
                           mean_off_s=args.burst_off)
     wl = Workload(rate, inp, out, args.max_batch)
+    check_workload(wl, profile.max_context)
     plan = _plan_fn()(args.strategy, profile, tb.devices, tb.network, wl, args.objective,
                       np.random.default_rng(args.seed))
     model = to_sim_model(plan, profile, tb.by_name, tb.network, wl, entry=tb.source)
     res = simulate(model, reqs, SimConfig(pipeline=args.pipeline, routing=args.routing), warmup=len(reqs) // 10)
     s = res.summary
     if args.json:
-        print(json.dumps({"plan": plan.to_dict(), "summary": s.to_dict(), "events": res.events},
+        print(json.dumps(_no_nan({"plan": plan.to_dict(), "summary": s.to_dict(), "events": res.events}),
                          indent=1, default=float))
         return 0
     print(f"plan {args.strategy} on {tb.name}, {profile.name}: "

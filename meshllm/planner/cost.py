@@ -63,6 +63,7 @@ class ModelProfile:
     kv: np.ndarray = field(init=False)  # (N,) KV bytes per token
     read_fixed: np.ndarray = field(init=False)  # (N,) weight bytes read per call (0 for embed)
     read_per_token: np.ndarray = field(init=False)  # (N,) extra bytes read per token (embed rows)
+    max_context: int = 0  # tokens of context a sequence may hold (prompt + output); 0: unknown
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -81,16 +82,17 @@ class ModelProfile:
         object.__setattr__(self, "read_per_token", np.where(is_embed, self.act, 0.0))
 
     @classmethod
-    def from_costs(cls, costs: Sequence[BlockCost], name: str = "") -> ModelProfile:
-        """From ``block_costs(cfg)`` or ``load_manifest(dir).costs``."""
-        return cls(name, tuple(costs))
+    def from_costs(cls, costs: Sequence[BlockCost], name: str = "", max_context: int = 0) -> ModelProfile:
+        """From ``block_costs(cfg)`` or ``load_manifest(dir).costs``; ``max_context`` is the
+        model's context window (``config.max_position``; 0 when not known)."""
+        return cls(name, tuple(costs), max_context=int(max_context))
 
     @classmethod
     def from_preset(cls, name: str) -> ModelProfile:
         """From a named preset in :data:`meshllm.model.config.PRESETS`."""
         if name not in PRESETS:
             raise PlanError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(name, tuple(block_costs(PRESETS[name])))
+        return cls(name, tuple(block_costs(PRESETS[name])), max_context=PRESETS[name].max_position)
 
     @property
     def n_blocks(self) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from meshllm.errors import DoesNotFit, PlanError
+from meshllm.errors import ConfigError, DoesNotFit, PlanError
 from meshllm.planner import cost
 from meshllm.planner.cost import EFFICIENCY, TOKEN_BYTES, Efficiency, ModelProfile
 from meshllm.planner.dp import Partition, split_partition
@@ -18,6 +18,18 @@ from meshllm.planner.queueing import Estimate, ReplicaPerf, estimate, saturation
 from meshllm.planner.types import Device, Network, Predicted, Replica, Role, Stage, Workload
 
 N_QUANT = 32  # representative prompt lengths for the prefill moments
+
+
+def check_workload(w: Workload, max_context: int = 0) -> None:
+    """Refuse, with one line, a workload no plan can serve: a sequence longer than the model's
+    context window (at the percentile whose KV the plan sizes memory for). The commands that
+    plan what an operator asks (``meshllm plan``, ``meshllm simulate``) call it; a node plans its
+    configured workload regardless (the serving layer refuses a request beyond the context)."""
+    if max_context > 0 and w.target_len > max_context:
+        i, o = w.input_len.percentile(w.kv_percentile), w.output_len.percentile(w.kv_percentile)
+        raise ConfigError(f"workload: a prompt of {i} tokens and an output of {o} (p{w.kv_percentile:g}) "
+                          f"exceed the model's context of {max_context} tokens; shorten them "
+                          "(or clip a lognormal length with its MAX)")
 
 
 @dataclass(eq=False)

@@ -159,7 +159,8 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     in proportion to their capacities.
     Fitness = mean_wait_s + ``tie_break`` * mean_e2e_s when every server is below saturation
     (the small end-to-end term orders plans that all wait ~0 at light load), else
-    OVERLOAD * (1 + worst utilisation); INFEASIBLE-scaled when memory or a phase is missing.
+    OVERLOAD * (1 + worst utilisation) (:func:`overload_fitness`); INFEASIBLE-scaled when memory
+    or a phase is missing.
     """
     lam = workload.arrival_rate
     eo1, cv2 = _decode_steps(workload.output_len)
@@ -205,15 +206,21 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     for k, b in enumerate(both):
         p = perfs[b]
         lam_b = lam * share[k]
-        rho = lam_b * p.busy_mean
+        # the prompt load on the slowest resource, and on each resource: a resource's mean is
+        # at most the pipeline's bottleneck in exact arithmetic, but the two are summed in
+        # different orders, and near saturation one can round to >= 1 while the other is < 1
+        rho_r = lam_b * p.res_m1
+        rho = max(lam_b * p.busy_mean, float(rho_r.max()) if len(rho_r) else 0.0)
         utils.append(rho)
         if rho >= 1:
+            # past saturation the offered load still counts on the slots too (at a full batch),
+            # so the worst utilisation keeps growing with the rate whichever resource binds
+            utils.append(lam_b * (p.lat_mean + eo1 * p.tau_l[p.batch]) / p.batch)
             continue
         # every token's micro-batch meets the prompts at each resource (device compute, link)
         # first come first served: it waits for the prompt work queued there, the M/G/1 wait of
         # that resource under the prompt load alone (a 12 MB activation over 50 Mb/s holds a
         # link for 2 s, and every token behind it waits)
-        rho_r = lam_b * p.res_m1
         hol = float(np.sum(lam_b * p.res_m2 / (2 * (1 - rho_r)))) if len(rho_r) else 0.0
         n = _decode_occupancy(lam_b, p.lat_mean + eo1 * hol, eo1, p.tau_l, p.batch)
         s_dec = eo1 * (_tau_at(p.tau_l, n) + hol)
@@ -289,8 +296,17 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
                      mean_wait_s=math.inf if overloaded else float(wait),
                      mean_ttft_s=math.inf if overloaded else float(ttft),
                      mean_e2e_s=math.inf if overloaded else float(e2e))
-    fitness = OVERLOAD * (1 + max_util) if overloaded else wait + tie_break * e2e
+    fitness = overload_fitness(max_util) if overloaded else wait + tie_break * e2e
     return Estimate(float(fitness), pred, float(max_util))
+
+
+def overload_fitness(max_util: float) -> float:
+    """OVERLOAD x (1 + worst utilisation), up to a utilisation of 100; above it the growth is
+    logarithmic (still increasing, so the least overloaded plan still wins) and stays below
+    INFEASIBLE: a rate 10^300 times what any plan serves is an overloaded plan, not one that
+    does not fit."""
+    u = min(max_util, 100.0) + math.log1p(max(max_util - 100.0, 0.0))
+    return OVERLOAD * (1 + min(u, 900.0))
 
 
 def saturation_rate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,

@@ -19,6 +19,7 @@ estimate, so plans compare on equal terms; a model that fits nowhere raises
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -277,6 +278,70 @@ def e2llm(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[R
     return [(role, list(st)) for role, st in reps]
 
 
+MAX_PINNED = 8  # devices a pinned search enumerates every grouping of
+
+
+def parse_strategy(spec: str) -> tuple[str, tuple[Role, ...] | int | None]:
+    """``NAME`` or, for experiments, ``e2llm:ROLES`` / ``e2llm:N``: the GA's search with the
+    replicas pinned — ``e2llm:prefill,decoder`` plans exactly one PREFILL and one DECODER
+    replica, ``e2llm:both,both`` two BOTH replicas, ``e2llm:2`` two replicas of any roles. The
+    planner still groups the devices and splits the layers. Raises :class:`PlanError`."""
+    name, sep, pin = spec.partition(":")
+    if name not in STRATEGIES:
+        raise PlanError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    if not sep:
+        return name, None
+    if name != "e2llm":
+        raise PlanError(f"strategy {spec!r}: only e2llm takes pinned replicas (e2llm:prefill,decoder or e2llm:N)")
+    if pin.strip().isdigit():
+        if int(pin) < 1:
+            raise PlanError(f"strategy {spec!r}: at least one replica")
+        return name, int(pin)
+    words = [w.strip().lower() for w in pin.split(",")]
+    try:
+        roles = tuple(Role(w) for w in words)
+    except ValueError:
+        raise PlanError(f"strategy {spec!r}: roles are {', '.join(r.value for r in Role)} "
+                        "(e2llm:prefill,decoder), or a replica count (e2llm:2)") from None
+    if (Role.PREFILL in roles) != (Role.DECODER in roles):
+        raise PlanError(f"strategy {spec!r}: a PREFILL replica needs a DECODER replica and the other way round")
+    return name, roles
+
+
+def e2llm_pinned(pb: Problem, pin: tuple[Role, ...] | int) -> Placed:
+    """The GA's fitness minimised over the plans with the pinned replicas, exactly: every
+    grouping of the devices into that many replicas (one more group may stay idle) and every
+    way of giving them the pinned roles (every role, for a count)."""
+    m = len(pb.devices)
+    k = pin if isinstance(pin, int) else len(pin)
+    if m > MAX_PINNED:
+        raise PlanError(f"pinned replicas are found by enumeration: at most {MAX_PINNED} devices, not {m}")
+    if k > m:
+        raise DoesNotFit(f"e2llm: does not fit: {k} replicas need at least {k} devices, there are {m}")
+    codes = {r: i for i, r in enumerate(ga.ROLES)}
+    role_sets = list(itertools.product(range(3), repeat=k)) if isinstance(pin, int) \
+        else sorted(set(itertools.permutations(codes[r] for r in pin)))
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for labels, groups in ga._set_partitions(m):
+        if groups not in (k, k + 1):
+            continue
+        for idle in ([None] if groups == k else range(groups)):
+            live = [g for g in range(groups) if g != idle]
+            slot = {g: i + 1 for i, g in enumerate(live)}
+            a = np.array([0 if g == idle else slot[g] for g in labels], dtype=np.int64)
+            for rs in role_sets:
+                r = np.zeros(m, dtype=np.int64)
+                r[:k] = rs
+                f = ga.fitness(pb, a, r)
+                if best is None or f < best[0]:
+                    best = (f, a, r)
+    if best is None or best[0] >= ga.INFEASIBLE:
+        what = f"{pin} replicas" if isinstance(pin, int) else "replicas " + ", ".join(r.value.upper() for r in pin)
+        raise DoesNotFit(f"e2llm: does not fit: no grouping of these devices holds {what}")
+    _, reps = ga.decode(pb, best[1], best[2])
+    return Placed([(role, list(st)) for role, st in reps], "replicas pinned by the operator")
+
+
 STRATEGIES: dict[str, StrategyFn] = {
     "edge-solo": edge_solo,
     "cloud-edge-even": cloud_edge_even,
@@ -297,8 +362,7 @@ def make_plan(strategy: str, model_profile: ModelProfile, devices: Sequence[Devi
     ``cloud-edge-opt``; the other strategies have their own. ``rng`` drives the GA (default:
     ``default_rng(0)``). The plan passes :func:`validate_plan` and carries predicted figures.
     Raises :class:`DoesNotFit` when the model fits nowhere, :class:`PlanError` for bad input."""
-    if strategy not in STRATEGIES:
-        raise PlanError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    parse_strategy(strategy)
     if objective not in OBJECTIVES:
         raise PlanError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     pb = Problem(model_profile, tuple(devices), network, workload)
@@ -306,8 +370,10 @@ def make_plan(strategy: str, model_profile: ModelProfile, devices: Sequence[Devi
 
 
 def plan_problem(strategy: str, pb: Problem, objective: str, rng: np.random.Generator, epoch: int = 0) -> Plan:
-    """:func:`make_plan` on a prepared :class:`Problem` (its tables reused)."""
-    got = STRATEGIES[strategy](pb, objective, rng)
+    """:func:`make_plan` on a prepared :class:`Problem` (its tables reused). ``strategy`` may
+    pin the replicas (:func:`parse_strategy`)."""
+    name, pin = parse_strategy(strategy)
+    got = STRATEGIES[name](pb, objective, rng) if pin is None else e2llm_pinned(pb, pin)
     reps, note = (got.replicas, got.note) if isinstance(got, Placed) else (got, "")
     est = pb.estimate_stages(reps, with_saturation=True)
     plan = Plan(epoch, pb.to_replicas(reps), est.predicted, strategy, note)
