@@ -21,7 +21,7 @@ def test_the_trace_is_seeded_and_fits_the_context() -> None:
     a = make_trace(np.random.default_rng(3), 50, CHAT_MIX, 49152, 8192)
     assert a == make_trace(np.random.default_rng(3), 50, CHAT_MIX, 49152, 8192)
     assert a != make_trace(np.random.default_rng(4), 50, CHAT_MIX, 49152, 8192)
-    assert all(16 <= len(p) < 640 and 16 <= n < 192 for p, n in a)
+    assert all(16 <= len(p) < 384 and 16 <= n < 128 for p, n in a)
     small = make_trace(np.random.default_rng(3), 50, CHAT_MIX, 4096, 128)
     assert all(len(p) + n <= 127 and all(0 <= t < 4096 for t in p) for p, n in small)
 
