@@ -6,8 +6,9 @@ The trace (prompt and answer lengths from a seeded mix, answers of exactly their
 at each rate for at most ``--duration`` seconds and ``--count`` requests, over every node's API in
 turn. Per rate: time to first token and per output token (p50, p99), tokens/s, completed, refused
 for load (429) and failed requests. With no ``--rate`` it sweeps: rates from half the one-at-a-time
-rate, doubling until p99 TTFT passes 2 s (or a request fails), one step between the last rate that
-held and the first that did not, and a run at 80% of the capacity found. Reported:
+rate, doubling until p99 TTFT passes 2 s (or a request fails or is refused) — halving instead when
+the first rate does not hold — then one rate between the last rate that held and the first that
+did not, and a run at 80% of the capacity found. Reported:
 
 - ``idle_ttft_ms``: the median TTFT of the trace served one request at a time;
 - ``capacity_req_s``: the highest rate whose p99 TTFT stayed within 2 s with no error or 429
@@ -214,10 +215,14 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(row)
                 if _holds(row):
                     held = row
+                    if failed is not None:  # came down from a rate that did not hold
+                        break
                     rate *= 2
                 else:
                     failed = row
-                    break
+                    if held is not None:
+                        break
+                    rate /= 2  # even the first rate did not hold: look below it
             if held is not None and failed is not None and not args.quick:
                 row = _rate_run(urls, trace, (held["rate_req_s"] * failed["rate_req_s"]) ** 0.5, args, args.count,
                                 args.duration)
