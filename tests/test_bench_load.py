@@ -28,9 +28,12 @@ def test_the_trace_is_seeded_and_fits_the_context() -> None:
 
 def test_arrivals_are_poisson_within_the_bounds() -> None:
     at = arrivals(np.random.default_rng(0), 50.0, 100.0, 10_000)
-    assert at == sorted(at) and at[-1] < 100.0
+    assert at[0] == 0.0 and at == sorted(at) and at[-1] < 100.0
     assert 4500 < len(at) < 5500  # 50/s for 100 s
     assert len(arrivals(np.random.default_rng(0), 50.0, 100.0, 7)) == 7
+    # every rate the same pattern, stretched
+    slow = arrivals(np.random.default_rng(1), 2.0, 1000.0, 20)
+    assert arrivals(np.random.default_rng(1), 4.0, 1000.0, 20) == pytest.approx([t / 2 for t in slow])
 
 
 def test_summarize_counts_outcomes_and_times() -> None:

@@ -82,15 +82,16 @@ def make_trace(rng: np.random.Generator, count: int, mix: list[tuple[float, tupl
 
 
 def arrivals(rng: np.random.Generator, rate: float, duration: float, count: int) -> list[float]:
-    """Poisson arrival times (seconds from the start) within ``duration``, ``count`` at most."""
-    t = 0.0
-    out: list[float] = []
+    """Poisson arrival times (seconds from the first arrival, which is at 0) within ``duration``,
+    ``count`` at most. The same generator state gives every rate the same pattern, stretched: a
+    higher rate sends the same requests sooner, and more of them within the duration."""
+    t, out = 0.0, [0.0]
     while len(out) < count:
-        t += float(rng.exponential(1.0 / rate))
+        t += float(rng.standard_exponential()) / rate
         if t >= duration:
             break
         out.append(t)
-    return out or [0.0]
+    return out
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -144,7 +145,7 @@ async def _send(urls: list[str], trace: list[tuple[list[int], int]], at: list[fl
 
 def _rate_run(urls: list[str], trace: list[tuple[list[int], int]], rate: float, args: argparse.Namespace,
               count: int, duration: float) -> dict[str, Any]:
-    at = arrivals(np.random.default_rng([args.seed, 1, round(rate * 1000)]), rate, duration, count)
+    at = arrivals(np.random.default_rng([args.seed, 1]), rate, duration, count)
     sub = trace[:len(at)]
     results, wall = asyncio.run(_send(urls, sub, at, args.request_timeout))
     return {"rate_req_s": round(rate, 3), **summarize(results, [n for _, n in sub], wall)}
