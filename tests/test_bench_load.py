@@ -31,6 +31,9 @@ def test_arrivals_are_poisson_within_the_bounds() -> None:
     assert at[0] == 0.0 and at == sorted(at) and at[-1] < 100.0
     assert 4500 < len(at) < 5500  # 50/s for 100 s
     assert len(arrivals(np.random.default_rng(0), 50.0, 100.0, 7)) == 7
+    # a slow rate still sends at_least requests, past the duration
+    assert len(arrivals(np.random.default_rng(0), 0.01, 1.0, 20)) == 1
+    assert len(arrivals(np.random.default_rng(0), 0.01, 1.0, 20, at_least=5)) == 5
     # every rate the same pattern, stretched
     slow = arrivals(np.random.default_rng(1), 2.0, 1000.0, 20)
     assert arrivals(np.random.default_rng(1), 4.0, 1000.0, 20) == pytest.approx([t / 2 for t in slow])

@@ -49,6 +49,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=None, help="requests/s; without it, sweep to capacity")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate (default %(default)s)")
     p.add_argument("--count", type=int, default=32, help="requests per rate at most (default %(default)s)")
+    p.add_argument("--min-requests", type=int, default=6,
+                   help="requests per rate at least, past the duration if need be (default %(default)s)")
     p.add_argument("--max-rates", type=int, default=5, help="rates a sweep tries at most (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trace and the arrivals")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per node (default 1)")
@@ -81,14 +83,15 @@ def make_trace(rng: np.random.Generator, count: int, mix: list[tuple[float, tupl
     return out
 
 
-def arrivals(rng: np.random.Generator, rate: float, duration: float, count: int) -> list[float]:
-    """Poisson arrival times (seconds from the first arrival, which is at 0) within ``duration``,
-    ``count`` at most. The same generator state gives every rate the same pattern, stretched: a
-    higher rate sends the same requests sooner, and more of them within the duration."""
+def arrivals(rng: np.random.Generator, rate: float, duration: float, count: int, at_least: int = 1) -> list[float]:
+    """Poisson arrival times (seconds from the first arrival, which is at 0) within ``duration``
+    (or past it until there are ``at_least``), ``count`` at most. The same generator state gives
+    every rate the same pattern, stretched: a higher rate sends the same requests sooner, and more
+    of them within the duration."""
     t, out = 0.0, [0.0]
     while len(out) < count:
         t += float(rng.standard_exponential()) / rate
-        if t >= duration:
+        if t >= duration and len(out) >= at_least:
             break
         out.append(t)
     return out
@@ -145,7 +148,7 @@ async def _send(urls: list[str], trace: list[tuple[list[int], int]], at: list[fl
 
 def _rate_run(urls: list[str], trace: list[tuple[list[int], int]], rate: float, args: argparse.Namespace,
               count: int, duration: float) -> dict[str, Any]:
-    at = arrivals(np.random.default_rng([args.seed, 1]), rate, duration, count)
+    at = arrivals(np.random.default_rng([args.seed, 1]), rate, duration, count, args.min_requests)
     sub = trace[:len(at)]
     results, wall = asyncio.run(_send(urls, sub, at, args.request_timeout))
     return {"rate_req_s": round(rate, 3), **summarize(results, [n for _, n in sub], wall)}
@@ -176,8 +179,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.count, args.duration, args.max_rates = min(args.count, 8), min(args.duration, 4.0), min(args.max_rates, 2)
-    if args.count < 1 or args.duration <= 0 or args.max_rates < 1:
-        raise UserError("--count and --max-rates must be at least 1 and --duration positive")
+        args.min_requests = min(args.min_requests, 4)
+    if args.count < 1 or args.duration <= 0 or args.max_rates < 1 or args.min_requests < 1:
+        raise UserError("--count, --min-requests and --max-rates must be at least 1 and --duration positive")
     if args.rate is not None and not args.rate > 0:
         raise UserError("--rate must be positive")
     model, note = resolve_model(args.model)
@@ -230,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(row)
                 if _holds(row):
                     held = row
-            best = held if held is not None else rows[0]
+            # no rate held: the lowest one tried is the nearest
+            best = held if held is not None else min(rows, key=lambda r: r["rate_req_s"])
             capacity = held["rate_req_s"] if held is not None else None
             # every rate tried held: the capacity is at least the last one
             out["capacity_is_lower_bound"] = failed is None
