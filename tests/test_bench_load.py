@@ -69,4 +69,4 @@ def test_bench_load_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["capacity_req_s"] is None or out["capacity_req_s"] in rates
     assert out["speedup_vs_sequential"] == pytest.approx(
         next(r["tok_s"] for r in out["rates"] if r["rate_req_s"] == out["rate_req_s"]) / out["sequential"]["tok_s"],
-        rel=0.01)
+        abs=0.01)
