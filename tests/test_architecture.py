@@ -128,6 +128,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "planning_service.py": {"errors", "model", "planner", "wire", "control", "runtime", "obs"},
     # views read a node through its ports, never the Node class
     "views.py": {"errors", "planner", "net", "ports"},
+    # the HTTP client the commands and the benchmarks share: it talks to a node, it builds none
+    "client.py": {"errors"},
     # the dashboard: a node's ports and its serving layer; node.py mounts it
     "web": {"errors", "planner", "net", "serve", "ports", "views", "web"},
 }

@@ -123,7 +123,7 @@ class Lab:
 
 
 def _view(addr: str) -> dict | None:
-    from meshllm.commands.up import get_json
+    from meshllm.client import get_json
 
     return get_json(f"http://{addr}:7070/v1/mesh")
 
@@ -132,7 +132,7 @@ def _timed_request(addr: str, prompt: list[int], tokens: int) -> tuple[float, fl
     """(seconds to the first token, seconds per token after it) of one greedy streamed request."""
     import time
 
-    from meshllm.commands.prompt import ask, sse_events
+    from meshllm.client import ask, sse_events
 
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     t0 = time.perf_counter()
@@ -230,7 +230,7 @@ FAULTS = ("kill-decoder", "kill-prefill", "kill-leader", "link-flap", "add-node"
 def _stream_tokens(addr: str, prompt: list[int], tokens: int, timeout: float = 120.0) -> tuple[list[int], str | None]:
     """(token ids, error code or None) of one greedy streamed request; raises ``ConnectionError``
     (or ``MeshError`` when it cannot connect) on no answer at all."""
-    from meshllm.commands.prompt import ask, sse_events
+    from meshllm.client import ask, sse_events
 
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     ids: list[int] = []

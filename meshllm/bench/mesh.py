@@ -63,7 +63,7 @@ def rss_mb(pid: int) -> float | None:
 
 def _stream(url: str, prompt: list[int], tokens: int) -> list[float]:
     """Arrival times of the streamed tokens of one greedy request (EOS ignored)."""
-    from meshllm.commands.prompt import ask, sse_events
+    from meshllm.client import ask, sse_events
 
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     times = []
@@ -78,7 +78,7 @@ def _stream(url: str, prompt: list[int], tokens: int) -> list[float]:
 
 def _compute(url: str) -> tuple[float, int]:
     """A node's decode compute so far: (seconds in onnxruntime, decode steps)."""
-    from meshllm.commands.up import get_json
+    from meshllm.client import get_json
 
     st = ((get_json(url + "/v1/mesh") or {}).get("serving") or {}).get("stage") or {}
     return float(st.get("decode_compute_s", 0.0)), int(st.get("decode_calls", 0))
@@ -104,7 +104,8 @@ def _single_process(model_dir: Path, threads: int, prompt: list[int], steps: int
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshllm.commands.up import LocalMesh, get_json
+    from meshllm.client import get_json
+    from meshllm.commands.up import LocalMesh
     from meshllm.model.config import PRESETS
     from meshllm.model.export import export_model, random_weights
 

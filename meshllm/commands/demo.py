@@ -216,7 +216,7 @@ def served_lines(view: dict[str, Any], ids: list[str | None], before: list[dict[
 
 def _stream_from_mesh(url: str, prompt: str, chat: bool, args: argparse.Namespace, temperature: float) -> dict:
     """Stream the answer to stdout; return its token ids."""
-    from meshllm.commands.prompt import stream_answer
+    from meshllm.client import stream_answer
 
     body: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": temperature, "top_p": 1.0,
                             "seed": args.seed}

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from meshllm.commands.status import DEFAULT_NODE, fetch_json, node_url
+from meshllm.client import DEFAULT_NODE, fetch_json, node_url
 from meshllm.errors import UserError
 from meshllm.net.server import REPLAN_TOKEN_HEADER
 from meshllm.node import mesh_token

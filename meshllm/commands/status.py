@@ -5,46 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
-from meshllm.errors import MeshError, UserError
-
-DEFAULT_NODE = "http://127.0.0.1:7070"
-
-
-class NodeUnreachable(MeshError):
-    """The node's HTTP API did not answer."""
-
-
-def node_url(url: str) -> str:
-    url = url.rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    return url
-
-
-def fetch_json(url: str, *, method: str = "GET", timeout: float = 5.0,
-               headers: dict[str, str] | None = None) -> dict[str, Any]:
-    req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            detail = json.loads(e.read()).get("error", "")
-        except (ValueError, AttributeError):
-            detail = ""
-        raise NodeUnreachable(f"{url}: HTTP {e.code} {detail}".rstrip()) from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise NodeUnreachable(f"cannot reach {url}: {reason} (is `meshllm node` running there?)") from None
+from meshllm.client import DEFAULT_NODE, NodeUnreachable, fetch_json, node_url, ssl_context
+from meshllm.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show the mesh: members, leader, plan, readiness")
-    p.add_argument("--node", default=DEFAULT_NODE, help=f"a node's HTTP address (default {DEFAULT_NODE})")
+    p.add_argument("--node", default=DEFAULT_NODE,
+                   help=f"a node's URL (http:// or https://) or HOST:PORT (default {DEFAULT_NODE})")
+    p.add_argument("--cacert", default=None, metavar="FILE",
+                   help="CA certificate(s) to verify an https:// node with (default: the system's)")
     p.add_argument("--json", action="store_true", help="print the raw /v1/mesh JSON")
     p.add_argument("--wait-ready", type=float, default=None, metavar="SECONDS",
                    help="wait until the mesh has an active plan on live nodes; exit 1 on timeout")
@@ -104,6 +76,7 @@ def format_table(view: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     url = node_url(args.node) + "/v1/mesh"
+    context = ssl_context(getattr(args, "cacert", None))
     if args.wait_ready is not None:
         if args.wait_ready < 0:
             raise UserError("--wait-ready must be >= 0 seconds")
@@ -111,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         view: dict[str, Any] = {}
         while True:
             try:
-                view = fetch_json(url, timeout=2.0)
+                view = fetch_json(url, timeout=2.0, context=context)
                 if view.get("ready"):
                     break
             except NodeUnreachable:
@@ -123,6 +96,6 @@ def run(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.5)
     else:
-        view = fetch_json(url)
+        view = fetch_json(url, context=context)
     print(json.dumps(view, indent=1) if args.json else format_table(view))
     return 0

@@ -22,11 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+from meshllm.client import get_json
 from meshllm.errors import MeshError, UserError
 
 
@@ -61,14 +60,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def get_json(url: str, timeout: float = 2.0) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return json.loads(r.read())
-    except (OSError, urllib.error.URLError, json.JSONDecodeError):
-        return None
 
 
 def per_node(text: str | None, n: int, what: str) -> list[str | None]:
