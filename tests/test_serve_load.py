@@ -154,17 +154,22 @@ async def leave(session: aiohttp.ClientSession, url: str, kind: str, rng: np.ran
              "nonstream": rng.uniform(0.1, 1.5)}.get(kind, 10.0)
     tokens = 0
     try:
-        async with asyncio.timeout(limit):
-            async with session.post(url + "/v1/completions", json=body) as r:
-                if r.status != 200:
-                    return f"{kind}: HTTP {r.status}"
-                async for raw in r.content:
-                    line = raw.strip()
-                    if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
-                        tokens += len(json.loads(line[5:]).get("meshllm", {}).get("token_ids") or [])
-                        if after_tokens is not None and tokens >= after_tokens:
-                            return f"{kind}: left after {tokens} tokens"
-                return f"{kind}: the answer ended ({tokens} tokens)"
+        # a session of its own, closed as the client leaves: its connection closes as a client
+        # process's would (a shared session would keep it open in its pool)
+        async with asyncio.timeout(limit), aiohttp.ClientSession() as own, \
+                own.post(url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                return f"{kind}: HTTP {r.status}"
+            async for raw in r.content:
+                line = raw.strip()
+                if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+                    tokens += len(json.loads(line[5:]).get("meshllm", {}).get("token_ids") or [])
+                    if after_tokens is not None and tokens >= after_tokens:
+                        # leave as a client process would: close the connection (returning from
+                        # the block would hand it back to the session's pool, still open)
+                        r.close()
+                        return f"{kind}: left after {tokens} tokens"
+            return f"{kind}: the answer ended ({tokens} tokens)"
     except TimeoutError:
         return f"{kind}: left after {limit:.2f} s, {tokens} tokens"
 

@@ -274,7 +274,6 @@ class OpenAIApi:
                       headers: dict[str, str]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no", **headers})
-        await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = 0
         offset = 0
@@ -299,8 +298,9 @@ class OpenAIApi:
                 d["usage"] = None
             return b"data: " + json.dumps(d).encode() + b"\n\n"
 
-        async with events:
+        async with events:  # however this ends (the client gone before the headers too), the request ends
             try:
+                await resp.prepare(request)
                 if chat:
                     await resp.write(chunk("", None, role=True))
                 async for ev in self.front.events(events, first):

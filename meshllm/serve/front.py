@@ -364,15 +364,15 @@ class Front:
         ends everywhere instead of going on for nobody."""
         waited = 0.0
         while True:
+            transport = client.transport
+            if transport is None or transport.is_closing():
+                await events.aclose()
+                raise ApiError(499, "the client closed the connection", "invalid_request_error", "client_gone")
             step = CLIENT_CHECK_S if idle_after is None else min(CLIENT_CHECK_S, idle_after - waited)
             ev = await events.next(step)
             if ev is not IDLE:
                 return ev
             waited += step
-            transport = client.transport
-            if transport is None or transport.is_closing():
-                await events.aclose()
-                raise ApiError(499, "the client closed the connection", "invalid_request_error", "client_gone")
             if idle_after is not None and waited >= idle_after:
                 return IDLE
 

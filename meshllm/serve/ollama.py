@@ -277,14 +277,14 @@ class OllamaApi:
                       clock: _Clock, headers: dict[str, str]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no", **headers})
-        await resp.prepare(request)
 
         async def send(d: dict[str, Any]) -> None:
             await resp.write(json.dumps(d).encode() + b"\n")
 
         tokens: list[int] = []
-        async with events:
+        async with events:  # however this ends (the client gone before the headers too), the request ends
             try:
+                await resp.prepare(request)
                 async for ev in self.front.events(events, first):
                     if not isinstance(ev, Event):
                         await send(line(""))
