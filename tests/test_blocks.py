@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -210,3 +211,68 @@ def test_external_weight_files_match_reference_and_are_verified(tmp_path: Path, 
     data.write_bytes(bytes(raw))
     with pytest.raises(ModelError, match="sha256 mismatch"):
         load_manifest(tmp_path)
+
+
+def _ops(model: onnx.ModelProto) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in model.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+def test_residual_adds_and_norms_fuse_within_and_across_layers(tiny_config: ModelConfig,
+                                                               tiny_weights: dict[str, np.ndarray]) -> None:
+    """A layer block emits its middle residual add + norm as one SkipSimplifiedLayerNormalization;
+    a fused range (and the monolithic graph) also joins each layer's last add with the next
+    layer's first norm, so no Add feeds a norm any more. The numbers stay the reference's."""
+    from meshllm.model.blocks import fuse_blocks
+
+    L = tiny_config.num_layers
+    layer = build_block(tiny_weights, tiny_config, 1)
+    assert _ops(layer)["SkipSimplifiedLayerNormalization"] == 1
+    assert _ops(layer)["SimplifiedLayerNormalization"] == 1
+    body = list(range(0, L + 1))
+    fused = fuse_blocks([build_block(tiny_weights, tiny_config, b) for b in body], body)
+    ops = _ops(fused)
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * L - 1  # in every layer, and between layers
+    assert ops["SimplifiedLayerNormalization"] == 1  # the first layer's input norm
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    norms = [n for n in fused.graph.node if n.op_type.endswith("SimplifiedLayerNormalization")]
+    assert not any(producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "Add"
+                   for n in norms)
+    mono = _ops(build_monolithic(tiny_weights, tiny_config))
+    assert mono["SkipSimplifiedLayerNormalization"] == 2 * L and mono["SimplifiedLayerNormalization"] == 1
+
+
+def test_fused_range_equals_per_block_sessions(tiny_manifest: Manifest) -> None:
+    """The cross-layer fusion is the same arithmetic: a fused runner and one session per block
+    give the same logits, prefill and decode."""
+    cfg = tiny_manifest.config
+    ids = _ids(cfg, 10)
+    outs = []
+    for fuse in (True, False):
+        r = StageRunner(tiny_manifest, 0, cfg.num_blocks, threads=1, max_seqs=1, fuse=fuse)
+        assert r.fused == fuse
+        r.alloc(0, 12)
+        pre = r.prefill(0, ids, last_only=False)
+        outs.append((pre, r.decode([0], np.array([3]))))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-5, rtol=0)
+
+
+def test_kernels_per_step_are_counted(tiny_manifest: Manifest, tmp_path: Path) -> None:
+    """The profiler's count of a decode step: one attention kernel per layer, no Add feeding a
+    norm; and a runner without profiling refuses to count."""
+    cfg = tiny_manifest.config
+    r = StageRunner(tiny_manifest, 0, cfg.num_blocks, threads=1, max_seqs=1, profile_prefix=str(tmp_path / "p"))
+    r.alloc(0, 16)
+    r.prefill(0, _ids(cfg, 8))
+    for _ in range(3):
+        r.decode([0], np.array([5]))
+    total, by_op = r.kernels_per_step(3)
+    assert by_op["GroupQueryAttention"] == pytest.approx(cfg.num_layers)
+    assert by_op["SkipSimplifiedLayerNormalization"] == pytest.approx(2 * cfg.num_layers - 1)
+    assert total == pytest.approx(sum(by_op.values())) and total > 3 * cfg.num_layers
+    plain = StageRunner(tiny_manifest, 0, cfg.num_blocks, threads=1, max_seqs=1)
+    with pytest.raises(ModelError, match="profile_prefix"):
+        plain.kernels_per_step(1)
