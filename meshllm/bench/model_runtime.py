@@ -29,8 +29,12 @@ TARGETS_INT4 = {"ratio_vs_llamacpp": ">= 1.25 (aim 1.8)", "ratio_vs_ortgenai": "
                 "fast_agreement": ">= 0.98 (aim 1.0)", "rss_over_stored": "<= 1.2 (aim 1.1)"}
 AGREEMENT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
                      "Give me a tip for writing clean code.", "What is 17 times 3?", "Name three colours.",
-                     "Summarise the plot of Hamlet in one sentence.", "How do I boil an egg?"]
-AGREEMENT_TOKENS = 32
+                     "Summarise the plot of Hamlet in one sentence.", "How do I boil an egg?",
+                     "Why is the sky blue?", "Write a short poem about autumn leaves.",
+                     "List two benefits of regular exercise.", "What does a compiler do?",
+                     "Translate 'good morning' into French.", "Describe a cat in three words.",
+                     "What is the boiling point of water at sea level?", "Suggest a name for a pet fish."]
+AGREEMENT_TOKENS = 48  # 16 prompts x 48 positions: one flipped near-tie moves the figure by 0.0013
 
 
 def bytes_per_token(manifest: Any, context: int) -> int:
