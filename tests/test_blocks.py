@@ -276,3 +276,15 @@ def test_kernels_per_step_are_counted(tiny_manifest: Manifest, tmp_path: Path) -
     plain = StageRunner(tiny_manifest, 0, cfg.num_blocks, threads=1, max_seqs=1)
     with pytest.raises(ModelError, match="profile_prefix"):
         plain.kernels_per_step(1)
+
+
+def test_spinning_threads_change_no_number(tiny_manifest: Manifest) -> None:
+    cfg = tiny_manifest.config
+    ids = _ids(cfg, 6)
+    outs = []
+    for spin in (False, True):
+        r = StageRunner(tiny_manifest, 0, cfg.num_blocks, threads=2, max_seqs=1, spin=spin)
+        r.alloc(0, 8)
+        outs.append((r.prefill(0, ids), r.decode([0], np.array([2]))))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])

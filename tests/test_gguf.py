@@ -289,7 +289,7 @@ def test_bench_runtime_on_a_model_dir(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "meshllm.cli", "bench", "runtime", "--model", str(tmp_path / "out"),
          "--gguf", str(src), "--json", "--steps", "2", "--reps", "1", "--context", "8", "--prefill", "16",
-         "--threads", "1", "--no-transformers", "--no-ortgenai"],
+         "--threads", "1", "--no-transformers", "--no-ortgenai", "--no-spin"],
         capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)

@@ -124,12 +124,13 @@ class RunnerEngine:
     session, the default) or one session per block."""
 
     def __init__(self, model_dir: Path, threads: int, max_len: int, fuse: bool = True,
-                 name: str | None = None) -> None:
+                 name: str | None = None, spin: bool = False) -> None:
         from meshllm.model.manifest import load_manifest
 
         m = load_manifest(model_dir)
         self.name = name or ("runner" if fuse else "runner_per_block")
-        self.runner = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=BATCH + 1, fuse=fuse)
+        self.runner = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=BATCH + 1, fuse=fuse,
+                                  spin=spin)
         self.max_len = max_len
         self.seqs: list[int] = []
         self._next = 0

@@ -83,6 +83,8 @@ def run_model(args: argparse.Namespace) -> int:
     runner = RunnerEngine(model_dir, threads, max_len)
     rss_runner = rss_mb()
     engines: list[Any] = [InProcess(runner)]
+    if not args.no_spin:  # the same runner with onnxruntime's threads waiting busy between kernels
+        engines.append(InProcess(RunnerEngine(model_dir, threads, max_len, name="runner_spin", spin=True)))
     notes: dict[str, str] = {}
     foreign: list[tuple[str, dict[str, Any]]] = []
     if gguf is None:
@@ -118,7 +120,7 @@ def run_model(args: argparse.Namespace) -> int:
     t1 = blocked_decode(engines, rng.integers(0, cfg.vocab_size, (1, args.context)),
                         rng.integers(0, cfg.vocab_size, (n + 1, 1)), rng, block, notes)
     log(f"decode, batch {BATCH} (meshllm and transformers)")
-    batched = [eng for eng in engines if eng.name in ("runner", "transformers")]
+    batched = [eng for eng in engines if eng.name in ("runner", "runner_spin", "transformers")]
     tB = blocked_decode(batched, rng.integers(0, cfg.vocab_size, (BATCH, args.context)),
                         rng.integers(0, cfg.vocab_size, (n + 1, BATCH)), rng, block, notes)
     engines = [eng for eng in engines if eng.name not in notes]
@@ -202,6 +204,12 @@ def run_model(args: argparse.Namespace) -> int:
         og = figures["ortgenai"]
         result.update(ortgenai_decode_tok_s_b1=og["decode_tok_s_b1"], ortgenai_prefill_tok_s=og["prefill_tok_s"],
                       ratio_vs_ortgenai=r["decode_tok_s_b1"] / og["decode_tok_s_b1"])
+    if "runner_spin" in figures:
+        sp = figures["runner_spin"]
+        result["runner_spin"] = sp
+        for base in ("llamacpp", "ortgenai"):
+            if base in figures:
+                result[f"spin_ratio_vs_{base}"] = sp["decode_tok_s_b1"] / figures[base]["decode_tok_s_b1"]
     if "transformers" in figures:
         result["ratio_vs_transformers"] = r["decode_tok_s_b1"] / figures["transformers"]["decode_tok_s_b1"]
     if args.json:

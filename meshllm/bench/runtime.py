@@ -68,6 +68,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ortgenai", action="store_true",
                    help="with --gguf: skip onnxruntime-genai (its builder's model is built once, cached)")
     p.add_argument("--no-kernels", action="store_true", help="with --model: skip counting kernels per token")
+    p.add_argument("--no-spin", action="store_true",
+                   help="with --model: skip the runner_spin column (onnxruntime threads waiting busy)")
     p.add_argument("--exact-model", default=None,
                    help="with --model (a fast int4 import): the exact import of the same file, for fast_agreement")
     p.add_argument("--seed", type=int, default=0)
