@@ -373,23 +373,3 @@ def _absent_engine() -> None:
             "'{\"gguf\": \"x\", \"threads\": 1, \"n_ctx\": 8}']; from meshllm.bench import foreign; "
             "sys.exit(foreign.main(sys.argv[1:]))")
     ForeignEngine("llamacpp", "absent", command=[sys.executable, "-c", code])
-
-
-def test_recenter_keeps_the_weights_and_shrinks_the_offsets() -> None:
-    """Q4_1 blocks (float offset, zero point 0) get the integer zero point that takes most of the
-    offset: the dequantized matrix is the same, the residual offsets at most half a step where
-    the block spans zero."""
-    from meshllm.model.quant import QuantMatrix, quantize4, recenter
-
-    rng = np.random.default_rng(3)
-    N, K = 8, 64
-    scale = rng.uniform(0.01, 0.1, (N, K // 32)).astype(np.float32)
-    mins = (-scale * rng.uniform(0, 15, scale.shape)).astype(np.float32)  # blocks spanning zero
-    q = rng.integers(0, 16, (N, K), dtype=np.uint8)
-    m = QuantMatrix(q, scale, np.zeros(scale.shape, np.uint8), mins, 4, "Q4_1")
-    r = recenter(m)
-    np.testing.assert_allclose(r.dequantize(), m.dequantize(), rtol=0, atol=1e-6)
-    assert r.mins is not None and np.all(np.abs(r.mins) <= scale / 2 + 1e-7)
-    assert r.zero.any()
-    plain = quantize4(rng.standard_normal((N, K)).astype(np.float32))
-    assert recenter(plain) is plain  # integer zero points already, no offsets: unchanged

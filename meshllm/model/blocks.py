@@ -45,7 +45,6 @@ from meshllm.model.quant import (
     concat_rows,
     fold_offsets,
     quantize4,
-    recenter,
     split8,
 )
 
@@ -178,12 +177,10 @@ class _Graph:
         if m.mins is not None and self.accuracy_level > 0:
             # int8 activations are approximate anyway: fold the offsets into the one MatMulNBits
             # as extra input columns (the input's block sums, twice) against the offsets held in
-            # 8 bits as two 4-bit halves; saves the separate MatMul and Add per projection. First
-            # an integer zero point per block takes most of each offset (recenter): the int8
-            # kernel's error is then centred and what is left to fold is small
+            # 8 bits as two 4-bit halves; saves the separate MatMul and Add per projection
             x = self.node("Concat", [x, self.block_sums_nbits(x, m.shape[1]),
                                      self.block_sums_nbits(x, m.shape[1])], axis=-1)[0]
-            m = fold_offsets(recenter(m))
+            m = fold_offsets(m)
         N, K = m.shape
         self.tensor(name + ".q", m.packed())
         self.tensor(name + ".scales", m.scale)

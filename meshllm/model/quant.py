@@ -129,20 +129,6 @@ def block_indicator(k: int) -> QuantMatrix:
     return QuantMatrix(q, np.ones((P, nb), np.float32), np.zeros((P, nb), np.uint8), None, 4, "indicator")
 
 
-def recenter(m: QuantMatrix) -> QuantMatrix:
-    """The same matrix with an integer zero point per block chosen to absorb most of its offset:
-    zero = round(-mins / scale) in [0, 15], mins' = mins + zero * scale (|mins'| <= scale / 2
-    where the block spans 0). Exactly the same weights (up to float32 rounding of mins'); what
-    changes is how the int8-activation kernel's error falls: it is proportional to q - zero,
-    centred, instead of to q in [0, 15], and the residual offsets term is small. Matrices
-    without offsets, 8-bit ones and ones with zero points already are returned as they are."""
-    if m.mins is None or m.bits != 4 or m.zero.any():
-        return m
-    zero = np.clip(np.round(-m.mins / m.scale), 0, 15).astype(np.uint8)
-    mins = (m.mins + zero.astype(np.float32) * m.scale).astype(np.float32)
-    return QuantMatrix(m.q, m.scale, zero, mins, 4, m.source)
-
-
 def fold_offsets(m: QuantMatrix) -> QuantMatrix:
     """A matrix with offsets as one without, for the input ``[x, s, s]`` where s holds the block
     sums of x padded to a whole block: the offsets become 8-bit columns (symmetric per block of
