@@ -440,37 +440,7 @@ def build_monolithic(weights: Mapping[str, Weight], cfg: ModelConfig,
         outputs += [_vi(f"present_key.{i}", F, _kv_shape(cfg, "present")),
                     _vi(f"present_value.{i}", F, _kv_shape(cfg, "present"))]
     _emit_head(g, cfg, weights, f"h{cfg.num_layers}", "logits")
-    g.nodes = fuse_skip_norms(g.nodes)
     return _model(g, "model", inputs, outputs)
-
-
-def fuse_skip_norms(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """Every residual ``Add`` that feeds a ``SimplifiedLayerNormalization`` becomes one
-    ``SkipSimplifiedLayerNormalization`` (the sum stays available under the Add's output name, for
-    the residual path). Within a layer the builder emits that already; across layers it is only
-    possible once blocks share a graph (a layer's last Add, the next layer's first norm), and
-    graphs stored by older versions get their in-layer pairs fused here too. Both inputs of such
-    an Add are the (B, S, H) residual stream in every graph meshllm builds."""
-    producer = {o: n for n in nodes for o in n.output if o}
-    position = {id(n): i for i, n in enumerate(nodes)}
-    fused: dict[int, onnx.NodeProto] = {}  # id of a norm node -> its replacement
-    dropped: set[int] = set()  # ids of the Adds folded away
-    for n in nodes:
-        if n.op_type != "SimplifiedLayerNormalization" or n.domain not in ("", "ai.onnx"):
-            continue
-        add = producer.get(n.input[0])
-        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or id(add) in dropped:
-            continue
-        a, b = position[id(add)], position[id(n)]
-        if any(add.output[0] in m.input for m in nodes[a + 1:b]):
-            continue  # the sum is read before the norm's place, where the fused node would go
-        eps = next((at.f for at in n.attribute if at.name == "epsilon"), 1e-5)
-        fused[id(n)] = helper.make_node(
-            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], n.input[1]],
-            [n.output[0], "", "", add.output[0]], name=n.name + "/skip", domain=MS_DOMAIN, epsilon=eps)
-        dropped.add(id(add))
-    # the fused node takes the norm's place: every input it reads is produced before the norm
-    return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
 
 
 # Interface tensors of a layer block that stay shared (or get a per-layer name) when blocks are
@@ -540,8 +510,11 @@ def fuse_blocks(models: list[onnx.ModelProto], indices: list[int]) -> onnx.Model
             nn.input[:] = [name(x) for x in node.input]
             nn.output[:] = [name(x) for x in node.output]
             nodes.append(nn)
-    graph = helper.make_graph(fuse_skip_norms(nodes), "fused", list(inputs.values()), outputs,
-                              initializer=list(inits.values()))
+    # no fusion across the blocks' seams (a layer's last Add with the next layer's first norm):
+    # SkipSimplifiedLayerNormalization rounds differently from Add + norm, so where a range
+    # happens to be cut would change the numbers, and a split mesh must compute, bit for bit,
+    # what one process computes
+    graph = helper.make_graph(nodes, "fused", list(inputs.values()), outputs, initializer=list(inits.values()))
     fused = helper.make_model(graph, opset_imports=list(models[0].opset_import), producer_name="meshllm")
     fused.ir_version = models[0].ir_version
     return fused
