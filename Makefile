@@ -27,10 +27,18 @@ test: install
 demo: install
 	$(BIN)/meshllm demo --model "$$($(BIN)/meshllm fetch smollm2 --quiet || echo models/tiny)"
 
+# llama.cpp built for the instruction sets named here, not for the build machine's (-march=native):
+# a VM may advertise AMX and then refuse it (SIGILL); the benchmark reports such a crash either way
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON
+
 bench: install
+	$(BIN)/python -c 'import llama_cpp' 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(BIN)/python -m pip install -q --no-binary llama-cpp-python 'llama-cpp-python>=0.3'
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/meshllm bench runtime --json
 	$(BIN)/meshllm bench runtime --json --model "$$($(BIN)/meshllm fetch smollm2 --quiet)" \
+		--exact-model "$$($(BIN)/meshllm fetch smollm2 --quiet --int4-mode exact)" \
 		--gguf "$$($(BIN)/meshllm fetch smollm2 --quiet --gguf)"
 	$(BIN)/meshllm bench planner --json
 	$(BIN)/meshllm bench wire --json

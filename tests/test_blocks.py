@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -210,3 +211,93 @@ def test_external_weight_files_match_reference_and_are_verified(tmp_path: Path, 
     data.write_bytes(bytes(raw))
     with pytest.raises(ModelError, match="sha256 mismatch"):
         load_manifest(tmp_path)
+
+
+def _ops(model: onnx.ModelProto) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in model.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+def test_residual_add_and_norm_fuse_within_a_layer(tiny_config: ModelConfig,
+                                                   tiny_weights: dict[str, np.ndarray]) -> None:
+    """A layer block emits its middle residual add + norm as one SkipSimplifiedLayerNormalization;
+    a fused range keeps each block's graph as it is (no fusion across the seams between blocks)."""
+    from meshllm.model.blocks import fuse_blocks
+
+    L = tiny_config.num_layers
+    layer = build_block(tiny_weights, tiny_config, 1)
+    assert _ops(layer)["SkipSimplifiedLayerNormalization"] == 1
+    assert _ops(layer)["SimplifiedLayerNormalization"] == 1
+    body = list(range(0, L + 1))
+    fused = fuse_blocks([build_block(tiny_weights, tiny_config, b) for b in body], body)
+    ops = _ops(fused)
+    assert ops["SkipSimplifiedLayerNormalization"] == L and ops["SimplifiedLayerNormalization"] == L
+
+
+@pytest.mark.parametrize("stored", ["bundled", "fresh"])
+def test_a_split_range_computes_what_one_range_computes_bit_for_bit(
+        stored: str, bundled_manifest: Manifest, tiny_config: ModelConfig, tiny_weights: dict[str, np.ndarray],
+        tmp_path: Path) -> None:
+    """Wherever a model is cut into stages, the stages compute exactly what one process does
+    (prefill and decode), for a model stored by an earlier version (models/tiny) and one exported
+    now; and one session per block equals the fused range."""
+    if stored == "bundled":
+        m = bundled_manifest
+    else:
+        export_model(tiny_weights, tiny_config, tmp_path / "m", name="t", progress=False)
+        m = load_manifest(tmp_path / "m")
+    n = m.config.num_blocks
+    ids = _ids(m.config, 9)
+
+    def run(ranges: list[tuple[int, int]], fuse: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        rs = [StageRunner(m, a, b, threads=1, max_seqs=1, fuse=fuse) for a, b in ranges]
+        for r in rs:
+            r.alloc(0, 11)
+        x: np.ndarray = ids
+        for r in rs:
+            x = r.prefill(0, x, last_only=False)
+        y: np.ndarray = np.array([4])
+        for r in rs:
+            y = r.decode([0], y)
+        return x, y
+
+    whole = run([(0, n)])
+    for ranges, fuse in (([(0, 2), (2, n)], True), ([(0, 1), (1, n - 1), (n - 1, n)], True), ([(0, n)], False)):
+        got = run(ranges, fuse)
+        np.testing.assert_array_equal(got[0], whole[0])
+        np.testing.assert_array_equal(got[1], whole[1])
+
+
+def test_kernels_per_step_are_counted(tiny_manifest: Manifest, tiny_weights: dict[str, np.ndarray],
+                                      tmp_path: Path) -> None:
+    """The profiler's count of a decode step: one attention kernel and one fused residual norm
+    per layer; and a runner without profiling refuses to count."""
+    cfg = tiny_manifest.config
+    export_model(tiny_weights, cfg, tmp_path / "m", name="t", progress=False)
+    m = load_manifest(tmp_path / "m")
+    r = StageRunner(m, 0, cfg.num_blocks, threads=1, max_seqs=1, profile_prefix=str(tmp_path / "p"))
+    r.alloc(0, 16)
+    r.prefill(0, _ids(cfg, 8))
+    for _ in range(3):
+        r.decode([0], np.array([5]))
+    total, by_op = r.kernels_per_step(3)
+    assert by_op["GroupQueryAttention"] == pytest.approx(cfg.num_layers)
+    assert by_op["SkipSimplifiedLayerNormalization"] == pytest.approx(cfg.num_layers)
+    assert total == pytest.approx(sum(by_op.values())) and total > 3 * cfg.num_layers
+    plain = StageRunner(tiny_manifest, 0, cfg.num_blocks, threads=1, max_seqs=1)
+    with pytest.raises(ModelError, match="profile_prefix"):
+        plain.kernels_per_step(1)
+
+
+def test_spinning_threads_change_no_number(tiny_manifest: Manifest) -> None:
+    cfg = tiny_manifest.config
+    ids = _ids(cfg, 6)
+    outs = []
+    for spin in (False, True):
+        r = StageRunner(tiny_manifest, 0, cfg.num_blocks, threads=2, max_seqs=1, spin=spin)
+        r.alloc(0, 8)
+        outs.append((r.prefill(0, ids), r.decode([0], np.array([2]))))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])

@@ -289,7 +289,7 @@ def test_bench_runtime_on_a_model_dir(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "meshllm.cli", "bench", "runtime", "--model", str(tmp_path / "out"),
          "--gguf", str(src), "--json", "--steps", "2", "--reps", "1", "--context", "8", "--prefill", "16",
-         "--threads", "1", "--no-transformers"],
+         "--threads", "1", "--no-transformers", "--no-ortgenai", "--no-spin"],
         capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
@@ -297,9 +297,79 @@ def test_bench_runtime_on_a_model_dir(tmp_path: Path) -> None:
         assert r[k] > 0, k
     assert r["rss_mb"] > r["stored_weight_mb"] > 0
     assert r["dtype"] == "int4" and r["int4_mode"] == "fast"
+    assert r["kernels_per_token"]["by_op"]["GroupQueryAttention"] == CFG.num_layers
+    assert r["block_steps"] == 2 and "ortgenai" not in r["notes"]  # skipped as asked, not failed
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None:
         assert r["ratio_vs_llamacpp"] is None and "not installed" in r["notes"]["llamacpp"]
     else:
         assert r["llamacpp_decode_tok_s_b1"] > 0 and r["ratio_vs_llamacpp"] > 0
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q4_1], ids=lambda t: t.name)
+def test_int4_embedding_gathers_exact_rows(tmp_path: Path, qtype: T) -> None:
+    """The quantized embedding dequantizes only the gathered rows, to exactly the values the
+    ``gguf`` package dequantizes: one GatherBlockQuantized kernel where the blocks have integer
+    zero points (Q4_0, Q8_0), the gather spelled out for Q4_1's float offsets."""
+    import onnx
+    import onnxruntime as ort
+
+    truth = write_model(tmp_path / "m.gguf", qtype)
+    m = import_gguf(tmp_path / "m.gguf", tmp_path / "out", weight_dtype="int4", int4_mode="fast", progress=False)
+    graph = onnx.load(str(m.block_path(0)))
+    ops = [n.op_type for n in graph.graph.node]
+    assert (ops == ["GatherBlockQuantized"]) == (qtype != T.Q4_1), ops
+    sess = ort.InferenceSession(str(m.block_path(0)), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, CFG.vocab_size - 1, 5]])
+    got = sess.run(None, {"input_ids": ids})[0]
+    np.testing.assert_array_equal(got[0], truth["embed_tokens.weight"][ids[0]].astype(np.float32))
+
+
+_CRASH_ON_STEPS = """
+import json, os, signal, sys
+for line in sys.stdin:
+    if json.loads(line)["op"] == "steps":
+        os.kill(os.getpid(), signal.SIGILL)
+    print(json.dumps({"rss_mb": 1.0}), flush=True)
+"""
+
+
+def test_a_foreign_engine_that_crashes_is_reported_not_fatal() -> None:
+    """A foreign engine dying of SIGILL mid-benchmark (a native build using an instruction the
+    machine refuses) is dropped with the reason; the other engines' figures stand."""
+    import sys
+
+    from meshllm.bench.harness import EngineFailed, ForeignEngine, blocked_decode
+
+    class Counter:
+        name = "counter"
+
+        def start(self, prompts: np.ndarray) -> None:
+            pass
+
+        def steps(self, tokens: np.ndarray) -> list[float]:
+            return [1.0] * len(tokens)
+
+    crash = ForeignEngine("x", "crashy", command=[sys.executable, "-c", _CRASH_ON_STEPS])
+    engines = [Counter(), crash]
+    failed: dict[str, str] = {}
+    times = blocked_decode(engines, np.zeros((1, 4), np.int64), np.zeros((9, 1), np.int64),
+                           np.random.default_rng(0), block=4, failed=failed)
+    assert times == {"counter": [1.0] * 8}
+    assert [e.name for e in engines] == ["counter"]
+    assert "SIGILL" in failed["crashy"]
+    with pytest.raises(EngineFailed, match="llama_cpp is not installed"):
+        _absent_engine()
+
+
+def _absent_engine() -> None:
+    """An engine whose module cannot be imported answers why, and the parent raises it."""
+    import sys
+
+    from meshllm.bench.harness import ForeignEngine
+
+    code = ("import sys; sys.modules['llama_cpp'] = None; sys.argv = ['x', 'llamacpp', "
+            "'{\"gguf\": \"x\", \"threads\": 1, \"n_ctx\": 8}']; from meshllm.bench import foreign; "
+            "sys.exit(foreign.main(sys.argv[1:]))")
+    ForeignEngine("llamacpp", "absent", command=[sys.executable, "-c", code])

@@ -13,90 +13,28 @@ after loading the runner, before any other engine is loaded (``VmRSS`` in ``/pro
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from meshllm.errors import UserError
+from meshllm.bench.foreign import rss_mb
+from meshllm.bench.harness import EngineFailed
+from meshllm.errors import MeshError, UserError
 
-BATCH = 8
-TARGETS_INT4 = {"ratio_vs_llamacpp": ">= 1.0 (aim 1.25)", "prefill_ratio_vs_llamacpp": ">= 2.0",
-                "b8_vs_llamacpp_b1": ">= 4.0"}
-
-
-def rss_mb() -> float:
-    """Resident memory of this process in MiB (Linux; NaN elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python on the GGUF file: batch 1 only."""
-
-    name = "llamacpp"
-
-    def __init__(self, gguf: Path, threads: int, n_ctx: int) -> None:
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, verbose=False)
-
-    def close(self) -> None:
-        self.llm.close()  # frees the model now, not in a finalizer at some later collection
-
-    def start(self, prompts: np.ndarray) -> None:
-        if prompts.shape[0] != 1:
-            raise ValueError("the llama.cpp engine runs batch 1")
-        self.llm.reset()
-        self.llm.eval([int(t) for t in prompts[0]])
-
-    def step(self, tokens: np.ndarray) -> None:
-        self.llm.eval([int(tokens[0])])
-
-    def prefill_logits(self, ids: np.ndarray) -> None:
-        self.llm.reset()
-        self.llm.eval([int(t) for t in ids])
-
-
-class TransformersGGUFEngine:
-    """transformers loading the same GGUF file (dequantized to float32)."""
-
-    name = "transformers"
-
-    def __init__(self, gguf: Path, threads: int) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32).eval()
-        self.past: Any = None
-
-    def start(self, prompts: np.ndarray) -> None:
-        with self.torch.inference_mode():
-            out = self.model(input_ids=self.torch.from_numpy(prompts.astype(np.int64)), use_cache=True)
-        self.past = out.past_key_values
-
-    def step(self, tokens: np.ndarray) -> None:
-        with self.torch.inference_mode():
-            out = self.model(input_ids=self.torch.from_numpy(tokens.astype(np.int64)[:, None]),
-                             past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
-
-    def prefill_logits(self, ids: np.ndarray) -> None:
-        with self.torch.inference_mode():
-            self.model(input_ids=self.torch.from_numpy(ids.astype(np.int64)[None]), use_cache=True)
+TARGETS_INT4 = {"ratio_vs_llamacpp": ">= 1.25 (aim 1.8)", "ratio_vs_ortgenai": ">= 1.0 (aim 1.1)",
+                "b8_vs_llamacpp_b1": ">= 4 (aim 5)", "prefill_ratio_vs_llamacpp": ">= 3 (aim 4)",
+                "fast_agreement": ">= 0.98 (aim 1.0)", "rss_over_stored": "<= 1.2 (aim 1.1)"}
+AGREEMENT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
+                     "Give me a tip for writing clean code.", "What is 17 times 3?", "Name three colours.",
+                     "Summarise the plot of Hamlet in one sentence.", "How do I boil an egg?",
+                     "Why is the sky blue?", "Write a short poem about autumn leaves.",
+                     "List two benefits of regular exercise.", "What does a compiler do?",
+                     "Translate 'good morning' into French.", "Describe a cat in three words.",
+                     "What is the boiling point of water at sea level?", "Suggest a name for a pet fish."]
+AGREEMENT_TOKENS = 48  # 16 prompts x 48 positions: one flipped near-tie moves the figure by 0.0013
 
 
 def bytes_per_token(manifest: Any, context: int) -> int:
@@ -111,14 +49,18 @@ def bytes_per_token(manifest: Any, context: int) -> int:
 
 
 def run_model(args: argparse.Namespace) -> int:
-    from meshllm.bench.runtime import (
+    from meshllm.bench.harness import (
+        BATCH,
+        ForeignEngine,
+        InProcess,
         RunnerEngine,
         _median,
-        _timed,
         bandwidth_samplers,
-        interleaved_decode,
+        blocked_decode,
+        kernels_per_token,
         sample_bandwidth,
         stat,
+        teacher_forced_agreement,
     )
     from meshllm.model.manifest import load_manifest
     from meshllm.runtime.runner import default_threads
@@ -131,6 +73,7 @@ def run_model(args: argparse.Namespace) -> int:
         raise UserError(f"--gguf {gguf}: no such file")
     threads = args.threads or default_threads()
     rng = np.random.default_rng(args.seed)
+    block = args.steps
     n = args.steps * args.reps
     prefill = args.prefill or 300
     max_len = min(cfg.max_position, max(args.context, prefill) + n + 2)
@@ -139,73 +82,115 @@ def run_model(args: argparse.Namespace) -> int:
     rss0 = rss_mb()
     runner = RunnerEngine(model_dir, threads, max_len)
     rss_runner = rss_mb()
-    engines: list[Any] = [runner]
+    engines: list[Any] = [InProcess(runner)]
+    if not args.no_spin:  # the same runner with onnxruntime's threads waiting busy between kernels
+        engines.append(InProcess(RunnerEngine(model_dir, threads, max_len, name="runner_spin", spin=True)))
     notes: dict[str, str] = {}
+    foreign: list[tuple[str, dict[str, Any]]] = []
     if gguf is None:
-        notes["llamacpp"] = notes["transformers"] = "no --gguf file given"
+        notes["llamacpp"] = notes["transformers"] = notes["ortgenai"] = "no --gguf file given"
     else:
-        try:
-            engines.append(LlamaCppEngine(gguf, threads, max_len + 8))
-        except ImportError:
-            notes["llamacpp"] = "llama-cpp-python is not installed (make bench installs it)"
-        if not args.no_transformers:
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        foreign.append(("llamacpp", {"gguf": str(gguf), "threads": threads, "n_ctx": max_len + 8}))
+        if not args.no_ortgenai:
             try:
-                engines.append(TransformersGGUFEngine(gguf, threads))
-            except ImportError as e:
-                notes["transformers"] = f"transformers not installed ({e.name})"
+                from meshllm.bench.ortgenai import ensure_ortgenai_model
+                from meshllm.model.fetch import cache_root
+
+                log("onnxruntime-genai: its builder's int4 CPU model of the same weights (built once)")
+                og_dir = ensure_ortgenai_model(gguf, cache_root())
+                foreign.append(("ortgenai", {"model_dir": str(og_dir), "threads": threads, "n_ctx": max_len + 8}))
+            except (ImportError, MeshError, OSError) as e:
+                notes["ortgenai"] = str(e)
+        if not args.no_transformers:
+            foreign.append(("transformers", {"gguf": str(gguf), "threads": threads, "n_ctx": max_len}))
+    foreign_rss: dict[str, float] = {}
+    for kind, options in foreign:
+        try:
+            eng = ForeignEngine(kind, kind, **options)
+            foreign_rss[kind] = eng.info.get("rss_mb", float("nan"))
+            engines.append(eng)
+        except EngineFailed as e:
+            notes[kind] = str(e)
     names = [eng.name for eng in engines]
     log(f"engines: {', '.join(names)}; read bandwidth")
     samplers = bandwidth_samplers()
     tbw: dict[str, list[float]] = {}
-    sample_bandwidth(samplers, args.steps, rng, tbw)
-    log("decode, batch 1")
-    t1 = interleaved_decode(engines, rng.integers(0, cfg.vocab_size, (1, args.context)),
-                            rng.integers(0, cfg.vocab_size, (n + 1, 1)), rng, samplers, tbw)
-    log(f"decode, batch {BATCH} (runner and transformers)")
-    batched = [eng for eng in engines if eng.name != "llamacpp"]
-    tB = interleaved_decode(batched, rng.integers(0, cfg.vocab_size, (BATCH, args.context)),
-                            rng.integers(0, cfg.vocab_size, (n + 1, BATCH)), rng)
+    sample_bandwidth(samplers, max(4, args.reps), rng, tbw)
+    log(f"decode, batch 1: {args.reps} rounds of {block}-step blocks per engine")
+    t1 = blocked_decode(engines, rng.integers(0, cfg.vocab_size, (1, args.context)),
+                        rng.integers(0, cfg.vocab_size, (n + 1, 1)), rng, block, notes)
+    log(f"decode, batch {BATCH} (meshllm and transformers)")
+    batched = [eng for eng in engines if eng.name in ("runner", "runner_spin", "transformers")]
+    tB = blocked_decode(batched, rng.integers(0, cfg.vocab_size, (BATCH, args.context)),
+                        rng.integers(0, cfg.vocab_size, (n + 1, BATCH)), rng, block, notes)
+    engines = [eng for eng in engines if eng.name not in notes]
     log(f"prefill of {prefill} tokens")
     pre = rng.integers(0, cfg.vocab_size, prefill)
     tp: dict[str, list[float]] = {eng.name: [] for eng in engines}
+    for rep in range(max(4, args.reps) + 1):  # the first is a warm-up
+        for eng in [engines[j] for j in rng.permutation(len(engines))]:
+            try:
+                s = eng.prefill_s(pre)
+            except EngineFailed as e:
+                notes[eng.name] = str(e)
+                engines.remove(eng)
+                continue
+            if rep:
+                tp[eng.name].append(s)
+    sample_bandwidth(samplers, max(4, args.reps), rng, tbw)
     for eng in engines:
-        eng.prefill_logits(pre)  # warm
-    for _ in range(max(4, args.reps)):
-        for j in rng.permutation(len(engines)):
-            tp[engines[j].name].append(_timed(functools.partial(engines[j].prefill_logits, pre)))
-    sample_bandwidth(samplers, args.steps, rng, tbw)
-    for eng in engines:
-        if isinstance(eng, LlamaCppEngine):
-            eng.close()
+        eng.close()
+    live = [name for name in names if name in t1 and tp.get(name)]
+
+    extra: dict[str, Any] = {}
+    if not args.no_kernels:
+        log("kernels per decode step (onnxruntime's profiler)")
+        extra["kernels_per_token"] = kernels_per_token(model_dir, threads, args.context)
+    if args.exact_model:
+        log("the fast mode's teacher-forced agreement with the exact mode")
+        from meshllm.model.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_manifest(manifest)
+        prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in AGREEMENT_PROMPTS]
+        same, total = teacher_forced_agreement(Path(args.exact_model), model_dir, prompts, AGREEMENT_TOKENS, threads)
+        extra["fast_agreement"] = same / total
+        extra["fast_agreement_counts"] = [same, total]
+        if not args.no_kernels:
+            extra["kernels_per_token_exact"] = kernels_per_token(Path(args.exact_model), threads, args.context)
 
     bandwidth = max((1 << 28) / stat(v) for v in tbw.values())
     bpt = bytes_per_token(manifest, args.context + n // 2)
     roofline = bandwidth / bpt
     figures: dict[str, dict[str, float]] = {}
     medians: dict[str, dict[str, float]] = {}
-    for name in names:
+    for name in live:
         for table, f in ((figures, stat), (medians, _median)):
             row = {"decode_tok_s_b1": 1 / f(t1[name]), "prefill_tok_s": prefill / f(tp[name])}
             if name in tB:
                 row[f"decode_tok_s_b{BATCH}"] = BATCH / f(tB[name])
             table[name] = row
     r = figures["runner"]
+    stored = sum(b.cost.param_bytes for b in manifest.blocks)
     result: dict[str, Any] = {
         "model": str(model_dir), "name": manifest.name, "dtype": cfg.weight_dtype,
         "int4_mode": (manifest.provenance or {}).get("int4_mode"), "threads": threads,
-        "context": args.context, "prefill_tokens": prefill, "timed_steps": n,
-        "statistic": "10th-percentile step time, engines taking turns step by step in shuffled order; "
+        "context": args.context, "prefill_tokens": prefill, "timed_steps": n, "block_steps": block,
+        "statistic": f"10th-percentile step time; engines take turns in blocks of {block} steps "
+                     f"(shuffled order, {args.reps} rounds); foreign engines run in child processes; "
                      "'medians' holds the same figures from median times",
         "decode_tok_s_b1": r["decode_tok_s_b1"], f"decode_tok_s_b{BATCH}": r[f"decode_tok_s_b{BATCH}"],
         "prefill_tok_s": r["prefill_tok_s"],
-        "stored_weight_mb": sum(b.cost.param_bytes for b in manifest.blocks) / 2**20,
+        "stored_weight_mb": stored / 2**20,
         "rss_mb": rss_runner, "rss_mb_before_load": rss0,
+        "rss_over_stored": (rss_runner - rss0) * 2**20 / stored,
         "read_bandwidth_gb_s": bandwidth / 1e9, "bytes_per_token_b1": bpt,
         "roofline_tok_s_b1": roofline, "roofline_fraction": r["decode_tok_s_b1"] / roofline,
         "llamacpp_decode_tok_s_b1": None, "llamacpp_prefill_tok_s": None, "ratio_vs_llamacpp": None,
         "prefill_ratio_vs_llamacpp": None, "b8_vs_llamacpp_b1": None,
+        "ortgenai_decode_tok_s_b1": None, "ortgenai_prefill_tok_s": None, "ratio_vs_ortgenai": None,
         "transformers": figures.get("transformers"), "ratio_vs_transformers": None,
+        "foreign_rss_mb": foreign_rss,
+        **extra,
         "targets": TARGETS_INT4 if cfg.weight_dtype == "int4" else {},
         "medians": medians, "notes": notes,
     }
@@ -215,17 +200,30 @@ def run_model(args: argparse.Namespace) -> int:
                       ratio_vs_llamacpp=r["decode_tok_s_b1"] / lc["decode_tok_s_b1"],
                       prefill_ratio_vs_llamacpp=r["prefill_tok_s"] / lc["prefill_tok_s"],
                       b8_vs_llamacpp_b1=r[f"decode_tok_s_b{BATCH}"] / lc["decode_tok_s_b1"])
+    if "ortgenai" in figures:
+        og = figures["ortgenai"]
+        result.update(ortgenai_decode_tok_s_b1=og["decode_tok_s_b1"], ortgenai_prefill_tok_s=og["prefill_tok_s"],
+                      ratio_vs_ortgenai=r["decode_tok_s_b1"] / og["decode_tok_s_b1"])
+    if "runner_spin" in figures:
+        sp = figures["runner_spin"]
+        result["runner_spin"] = sp
+        for base in ("llamacpp", "ortgenai"):
+            if base in figures:
+                result[f"spin_ratio_vs_{base}"] = sp["decode_tok_s_b1"] / figures[base]["decode_tok_s_b1"]
     if "transformers" in figures:
         result["ratio_vs_transformers"] = r["decode_tok_s_b1"] / figures["transformers"]["decode_tok_s_b1"]
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         for k in ("decode_tok_s_b1", f"decode_tok_s_b{BATCH}", "prefill_tok_s", "llamacpp_decode_tok_s_b1",
-                  "llamacpp_prefill_tok_s", "ratio_vs_llamacpp", "prefill_ratio_vs_llamacpp",
-                  "b8_vs_llamacpp_b1", "roofline_fraction", "rss_mb", "stored_weight_mb"):
-            v = result[k]
+                  "llamacpp_prefill_tok_s", "ortgenai_decode_tok_s_b1", "ortgenai_prefill_tok_s",
+                  "ratio_vs_llamacpp", "ratio_vs_ortgenai", "prefill_ratio_vs_llamacpp", "b8_vs_llamacpp_b1",
+                  "fast_agreement", "rss_over_stored", "roofline_fraction", "rss_mb", "stored_weight_mb"):
+            v = result.get(k)
             target = result["targets"].get(k, "")
             print(f"{k:28} {'n/a' if v is None else f'{v:.2f}':>10}   {target}")
+        if "kernels_per_token" in result:
+            print(f"{'kernels_per_token':28} {result['kernels_per_token']['total']:>10}")
         for k, note in notes.items():
             print(f"{k}: {note}")
     return 0

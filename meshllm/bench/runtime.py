@@ -1,13 +1,15 @@
 """Runtime speed: the per-layer runner vs one monolithic ONNX graph vs transformers, and the roofline.
 
-Everything is measured in one process, side by side, because the machines are shared and noisy:
-the engines take turns step by step (one decode step of each, in a shuffled order, then again),
-so a burst of load from other processes falls on all of them alike, and the 10th-percentile step
-time counts (medians are reported too). Memory read bandwidth is sampled before, during (taking
-turns with batch-1 decode) and after the engines: numpy matrix-vector product, sum, and a dot
+Everything is measured in one run, side by side, because the machines are shared and noisy: the
+engines take turns in blocks of decode steps (``harness.blocked_decode``: ``--steps`` steps of one
+engine, then of the next, shuffled, ``--reps`` rounds), so each block runs with its own weights
+warm, as a user's run would, while a burst of load from other processes still falls on all of
+them alike; the 10th-percentile step time counts (medians are reported too). Memory read
+bandwidth is sampled before and after the engines: numpy matrix-vector product, sum, and a dot
 product of an array with itself, each over 256 MiB of float32; the highest counts. Batch-1 decode
 is compared with the roofline it implies: bytes read per token / bandwidth.
-The model is a random one of the chosen preset, exported to a temporary directory.
+The model is a random one of the chosen preset, exported to a temporary directory. With
+``--model DIR`` a real model directory is measured instead (``model_runtime``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,25 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from meshllm.bench.harness import (
+    BATCH,
+    InProcess,
+    RunnerEngine,
+    _median,
+    _timed,
+    bandwidth_samplers,
+    blocked_decode,
+    sample_bandwidth,
+    stat,
+)
 from meshllm.errors import UserError
 from meshllm.model.blocks import build_monolithic
 from meshllm.model.config import PRESETS, ModelConfig, param_count
 from meshllm.model.export import export_model, random_weights
-from meshllm.runtime.runner import StageRunner, bind_buffer, default_threads, session_options
+from meshllm.runtime.runner import bind_buffer, default_threads, session_options
 
 TARGETS = {"ratio_vs_monolithic": ">= 0.9", "ratio_vs_transformers": ">= 1.0",
            "roofline_fraction": ">= 0.6", "ctx_growth": "<= 1.5"}
-BATCH = 8
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -43,8 +53,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="model shape (random weights); default: bench (~125M parameters)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--threads", type=int, default=None, help="threads per engine (default: all cores)")
-    p.add_argument("--steps", type=int, default=24, help="decode steps per repetition")
-    p.add_argument("--reps", type=int, default=3, help="repetitions of the decode steps")
+    p.add_argument("--steps", type=int, default=64,
+                   help="decode steps per block (engines take turns a block at a time)")
+    p.add_argument("--reps", type=int, default=3, help="rounds of blocks per engine")
     p.add_argument("--context", type=int, default=64, help="prompt length before decode is timed")
     p.add_argument("--long-context", type=int, default=1024, help="context for ctx_growth")
     p.add_argument("--prefill", type=int, default=None,
@@ -54,47 +65,17 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", default=None,
                    help="with --model: the GGUF file it came from, for llama.cpp and transformers side by side")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--no-ortgenai", action="store_true",
+                   help="with --gguf: skip onnxruntime-genai (its builder's model is built once, cached)")
+    p.add_argument("--no-kernels", action="store_true", help="with --model: skip counting kernels per token")
+    p.add_argument("--no-spin", action="store_true",
+                   help="with --model: skip the runner_spin column (onnxruntime threads waiting busy)")
+    p.add_argument("--exact-model", default=None,
+                   help="with --model (a fast int4 import): the exact import of the same file, for fast_agreement")
     p.add_argument("--seed", type=int, default=0)
 
 
-# --- engines ----------------------------------------------------------------------------------
-class RunnerEngine:
-    """meshllm's StageRunner over the whole model: fused (the blocks before the head as one
-    session, the default) or one session per block."""
-
-    def __init__(self, model_dir: Path, threads: int, max_len: int, fuse: bool = True) -> None:
-        from meshllm.model.manifest import load_manifest
-
-        m = load_manifest(model_dir)
-        self.name = "runner" if fuse else "runner_per_block"
-        self.runner = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=BATCH + 1, fuse=fuse)
-        self.max_len = max_len
-        self.seqs: list[int] = []
-        self._next = 0
-
-    def start(self, prompts: np.ndarray) -> None:
-        """Free previous sequences and prefill one per row of prompts (B, T)."""
-        for s in self.seqs:
-            self.runner.free(s)
-        self.seqs = []
-        for p in prompts:
-            self._next += 1
-            self.runner.alloc(self._next, self.max_len)
-            self.runner.prefill(self._next, p)
-            self.seqs.append(self._next)
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        return self.runner.decode(self.seqs, tokens)  # (B, V)
-
-    def prefill_logits(self, ids: np.ndarray) -> np.ndarray:
-        self._next += 1
-        self.runner.alloc(self._next, len(ids))
-        try:
-            return self.runner.prefill(self._next, ids)  # (V,)
-        finally:
-            self.runner.free(self._next)
-
-
+# --- engines ---------------------------------------------------------------------------------
 class MonolithicEngine:
     """The same model as one ONNX graph, run by onnxruntime directly (KV buffers shared in place)."""
 
@@ -188,73 +169,6 @@ class TransformersEngine:
 
 
 # --- measurements -----------------------------------------------------------------------------
-def _timed(f: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    f()
-    return time.perf_counter() - t0
-
-
-def bandwidth_samplers(nbytes: int = 1 << 28) -> dict[str, Callable[[], float]]:
-    """Timers of one full read of a float32 array of ``nbytes`` by numpy, three ways (a matrix-
-    vector product, a sum, a dot product of the array with itself: each element read once)."""
-    a = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
-    mat = a.reshape(-1, 4096)  # (N, 4096)
-    x = np.ones(4096, np.float32)
-    tests: dict[str, Callable[[], object]] = {"matvec": functools.partial(np.matmul, mat, x),
-                                              "sum": a.sum, "dot": functools.partial(np.dot, a, a)}
-    out: dict[str, Callable[[], float]] = {}
-    for name, f in tests.items():
-        f()
-        out[f"bw:{name}"] = functools.partial(_timed, f)
-    return out
-
-
-def _median(xs: list[float]) -> float:
-    return float(np.median(np.asarray(xs)))
-
-
-def stat(xs: list[float]) -> float:
-    """The headline statistic: the 10th-percentile time. On a machine shared with other
-    processes the fast samples are the least disturbed ones, for every engine alike; the 10th
-    percentile is close to undisturbed speed without resting on a single lucky sample."""
-    return float(np.percentile(np.asarray(xs), 10))
-
-
-def interleaved_decode(engines: list[Any], prompts: np.ndarray, tokens: np.ndarray, rng: np.random.Generator,
-                       samplers: dict[str, Callable[[], float]] | None = None,
-                       into: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """Per-step seconds of every engine, the engines taking turns step by step so that load from
-    other processes falls on all of them alike. The order is shuffled every step: thread pools
-    that linger after work (OpenMP, BLAS) must not always hit the same engine. ``samplers``
-    (bandwidth reads) take the same shuffled turns; their seconds go to ``into``."""
-    for e in engines:
-        e.start(prompts)
-        e.step(tokens[0])  # warm
-    times: dict[str, list[float]] = {e.name: [] for e in engines}
-    turns: list[Any] = list(engines) + list((samplers or {}).items())
-    for t in tokens[1:]:
-        for j in rng.permutation(len(turns)):
-            turn = turns[j]
-            if isinstance(turn, tuple):
-                name, sampler = turn
-                (into if into is not None else times).setdefault(name, []).append(sampler())
-                continue
-            t0 = time.perf_counter()
-            turn.step(t)
-            times[turn.name].append(time.perf_counter() - t0)
-    return times
-
-
-def sample_bandwidth(samplers: dict[str, Callable[[], float]], n: int, rng: np.random.Generator,
-                     into: dict[str, list[float]]) -> None:
-    """n timed reads by every sampler, in shuffled turns. Kept apart from the engines' turns:
-    OpenBLAS threads spin for a while after a call and would slow whatever runs next."""
-    names = list(samplers)
-    for _ in range(n):
-        for j in rng.permutation(len(names)):
-            into.setdefault(names[j], []).append(samplers[names[j]]())
-
-
 def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         from meshllm.bench.model_runtime import run_model
@@ -300,12 +214,13 @@ def run(args: argparse.Namespace) -> int:
         samplers = bandwidth_samplers()
         tbw: dict[str, list[float]] = {}
         sample_bandwidth(samplers, args.steps, rng, tbw)
-        log("decode, batch 1 (bandwidth reads take turns too)")
-        t1 = interleaved_decode(engines, rng.integers(0, cfg.vocab_size, (1, args.context)),
-                                rng.integers(0, cfg.vocab_size, (n + 1, 1)), rng, samplers, tbw)
+        log(f"decode, batch 1: {args.reps} rounds of {args.steps}-step blocks per engine")
+        blocks = [InProcess(e) for e in engines]
+        t1 = blocked_decode(list(blocks), rng.integers(0, cfg.vocab_size, (1, args.context)),
+                            rng.integers(0, cfg.vocab_size, (n + 1, 1)), rng, args.steps)
         log(f"decode, batch {BATCH}")
-        tB = interleaved_decode(engines, rng.integers(0, cfg.vocab_size, (BATCH, args.context)),
-                                rng.integers(0, cfg.vocab_size, (n + 1, BATCH)), rng)
+        tB = blocked_decode(list(blocks), rng.integers(0, cfg.vocab_size, (BATCH, args.context)),
+                            rng.integers(0, cfg.vocab_size, (n + 1, BATCH)), rng, args.steps)
         log("prefill")
         pre = rng.integers(0, cfg.vocab_size, args.prefill)
         tp: dict[str, list[float]] = {e.name: [] for e in engines}
@@ -358,9 +273,10 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "preset": args.preset, "parameters": param_count(cfg), "threads": threads,
         "context": args.context, "timed_steps": n, "reps": args.reps,
-        "statistic": "10th-percentile step time (the least disturbed by other processes), engines "
-                     "taking turns step by step in shuffled order; 'medians' holds the same figures "
-                     "from median times",
+        "statistic": f"10th-percentile step time (the least disturbed by other processes); engines "
+                     f"take turns in blocks of {args.steps} steps (shuffled order, {args.reps} rounds); "
+                     "'medians' holds the same figures from median times",
+        "block_steps": args.steps,
         "runner": run_b, "runner_per_block": best["runner_per_block"], "monolithic": mono,
         "transformers": best.get("transformers"),
         "max_abs_logit_diff": agree,

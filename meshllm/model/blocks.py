@@ -241,6 +241,17 @@ def _rms(g: _Graph, x: str, weight: Weight, wname: str, eps: float) -> str:
     return g.node("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=float(eps))[0]
 
 
+def _skip_rms(g: _Graph, x: str, skip: str, weight: Weight, wname: str, eps: float) -> tuple[str, str]:
+    """The residual add and the RMSNorm after it as one kernel: returns (norm(x + skip), x + skip)."""
+    if isinstance(weight, QuantMatrix):
+        raise ModelError(f"weight {wname} is a norm: it cannot be quantized")
+    w = g.init(wname, weight)
+    normed, total = g.name("skipnorm"), g.name("residual")
+    g.node("SkipSimplifiedLayerNormalization", [x, skip, w], [normed, "", "", total], domain=MS_DOMAIN,
+           epsilon=float(eps))
+    return normed, total
+
+
 def _emit_embed(g: _Graph, cfg: ModelConfig, weights: Mapping[str, Weight], ids: str, out: str) -> None:
     emb = _w(weights, "embed_tokens.weight")  # (V, H)
     if g.accuracy_level is not None:
@@ -256,8 +267,19 @@ def _emit_embed(g: _Graph, cfg: ModelConfig, weights: Mapping[str, Weight], ids:
 
 
 def _emit_quant_embed(g: _Graph, m: QuantMatrix, ids: str, out: str) -> None:
-    """Gather the quantized rows of the ids, then dequantize only those rows."""
+    """Gather the quantized rows of the ids, then dequantize only those rows: one
+    ``GatherBlockQuantized`` kernel, or, for blocks with float offsets (which it does not take), a
+    gather and the dequantization spelled out."""
     H = m.shape[1]
+    if m.mins is None:
+        V = m.shape[0]
+        g.tensor("embed_tokens.weight.q", m.packed().reshape(V, -1))  # (V, H * bits / 8)
+        g.tensor("embed_tokens.weight.scales", m.scale)  # (V, nb)
+        g.tensor("embed_tokens.weight.zero_points", m.packed_zero().reshape(V, -1))
+        g.node("GatherBlockQuantized", ["embed_tokens.weight.q", ids, "embed_tokens.weight.scales",
+                                        "embed_tokens.weight.zero_points"], [out], domain=MS_DOMAIN,
+               gather_axis=0, quantize_axis=1, block_size=BLOCK, bits=m.bits)
+        return
     rows = g.node("Gather", [_tensor_name(g, "embed_tokens.weight.q", m.packed()), ids])[0]  # (B, S, nb, bytes)
     if m.bits == 4:
         xi = g.node("Cast", [rows], to=TensorProto.INT32)[0]
@@ -307,9 +329,9 @@ def _emit_layer(g: _Graph, cfg: ModelConfig, weights: Mapping[str, Weight], i: i
                   num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1,
                   rotary_interleaved=0, scale=float(cfg.head_dim ** -0.5))[0]  # (B, S, q)
     o = g.linear(attn, a + "o_proj.weight", [_w(weights, a + "o_proj.weight")])
-    x2 = g.node("Add", [x, o])[0]  # (B, S, H)
-    h2 = _rms(g, x2, _w(weights, p + "post_attention_layernorm.weight"),
-              p + "post_attention_layernorm.weight", cfg.rms_norm_eps)
+    # x2 = x + o (B, S, H), h2 = its norm
+    h2, x2 = _skip_rms(g, o, x, _w(weights, p + "post_attention_layernorm.weight"),
+                       p + "post_attention_layernorm.weight", cfg.rms_norm_eps)
     m = p + "mlp."
     gu = g.linear(h2, m + "gate_up_proj.weight",
                   [_w(weights, m + "gate_proj.weight"), _w(weights, m + "up_proj.weight")])  # (B, S, 2I)
@@ -488,6 +510,10 @@ def fuse_blocks(models: list[onnx.ModelProto], indices: list[int]) -> onnx.Model
             nn.input[:] = [name(x) for x in node.input]
             nn.output[:] = [name(x) for x in node.output]
             nodes.append(nn)
+    # no fusion across the blocks' seams (a layer's last Add with the next layer's first norm):
+    # SkipSimplifiedLayerNormalization rounds differently from Add + norm, so where a range
+    # happens to be cut would change the numbers, and a split mesh must compute, bit for bit,
+    # what one process computes
     graph = helper.make_graph(nodes, "fused", list(inputs.values()), outputs, initializer=list(inits.values()))
     fused = helper.make_model(graph, opset_imports=list(models[0].opset_import), producer_name="meshllm")
     fused.ir_version = models[0].ir_version

@@ -38,7 +38,9 @@ docs/runtime.md). Prepacking of the weights stays on: it replaces the original t
 memory) and without it a batch-8 decode step measured twice as slow.
 
 Beyond the shared contract (all keyword-only, with defaults): ``fuse``, ``slot_len`` (positions
-per slot; default the model's context), ``has_seq``, ``kv_bytes_per_token``, ``last_compute_s``.
+per slot; default the model's context), ``has_seq``, ``kv_bytes_per_token``, ``last_compute_s``,
+``spin`` (onnxruntime's pool threads wait busy: for a process with its cores to itself),
+``profile_prefix`` with ``kernels_per_step`` (the kernels a step runs).
 """
 
 from __future__ import annotations
@@ -96,24 +98,32 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, profile_prefix: str | None = None, spin: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
+    if profile_prefix is not None:  # onnxruntime's per-kernel trace (see kernels_per_step)
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning threads burn the cores other node processes on the same machine need.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spinning threads burn the cores other node processes on the same machine need; a process
+    # that has its cores to itself may spin (``spin``): the pool's threads then wait for the next
+    # kernel busy instead of asleep, and a step of hundreds of small kernels stops paying a
+    # wake-up per kernel (see docs/runtime.md)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3
     return so
 
 
-def load_session(model: Path | bytes, threads: int) -> ort.InferenceSession:
+def load_session(model: Path | bytes, threads: int, profile_prefix: str | None = None,
+                 spin: bool = False) -> ort.InferenceSession:
     """A CPU session for a model file (or serialized model bytes)."""
     src = model if isinstance(model, bytes) else str(model)
     try:
-        sess = ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(src, session_options(threads, profile_prefix, spin),
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
         what = "the fused blocks" if isinstance(model, bytes) else str(model)
         raise ModelError(f"cannot load {what}: {str(e).splitlines()[0][:200]}") from None
@@ -187,7 +197,8 @@ def bind_buffer(io: ort.IOBinding, name: str, arr: np.ndarray, output: bool) -> 
 class StageRunner:
     def __init__(self, manifest: Manifest, first: int, end: int, *, threads: int | None = None,
                  kv_budget_bytes: int | None = None, max_seqs: int = 64, slowdown: float = 1.0,
-                 fuse: bool = FUSE_DEFAULT, slot_len: int | None = None, prefill_chunk: int = 512) -> None:
+                 fuse: bool = FUSE_DEFAULT, slot_len: int | None = None, prefill_chunk: int = 512,
+                 profile_prefix: str | None = None, spin: bool = False) -> None:
         cfg = manifest.config
         if not 0 <= first < end <= cfg.num_blocks:
             raise ModelError(f"block range [{first}, {end}) is not inside [0, {cfg.num_blocks})")
@@ -213,6 +224,8 @@ class StageRunner:
         self.has_embed = first == 0
         self.has_head = end == cfg.num_blocks
         self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
+        self._profile_prefix = profile_prefix
+        self._spin = spin
         self.units = self._load_units(fuse)
         _trim_heap()
         self.weight_bytes_resident = weight_bytes_resident(manifest, first, end)
@@ -398,7 +411,8 @@ class StageRunner:
         # a fused graph is handed to onnxruntime as one serialized protobuf, which cannot exceed
         # 2 GiB: bigger ranges run a session per block (measured within noise of fused there)
         if not fuse or len(body) < 2 or size > FUSE_MAX_BYTES:
-            return [_Unit([b], load_session(self.manifest.block_path(b), self.threads), False)
+            return [_Unit([b], load_session(self.manifest.block_path(b), self.threads, self._profile_prefix,
+                                            self._spin), False)
                     for b in range(self.first, self.end)]
         try:
             models = [onnx.load(str(self.manifest.block_path(b))) for b in body]
@@ -406,9 +420,11 @@ class StageRunner:
             raise ModelError(f"cannot load the blocks of [{self.first}, {self.end}): {e}") from None
         fused = fuse_blocks(models, body)
         del models
-        units = [_Unit(body, load_session(fused.SerializeToString(), self.threads), True)]
+        units = [_Unit(body, load_session(fused.SerializeToString(), self.threads, self._profile_prefix,
+                                          self._spin), True)]
         if self.has_head:
-            units.append(_Unit([head], load_session(self.manifest.block_path(head), self.threads), False))
+            units.append(_Unit([head], load_session(self.manifest.block_path(head), self.threads,
+                                                    self._profile_prefix, self._spin), False))
         return units
 
     def _out_shape(self, unit: _Unit, B: int, S: int) -> tuple[int, int, int]:
@@ -479,6 +495,28 @@ class StageRunner:
         for unit, io in zip(self.units, step.ios, strict=True):
             unit.session.run_with_iobinding(io)
         return step.outs[-1]
+
+    def kernels_per_step(self, steps: int) -> tuple[float, dict[str, float]]:
+        """With ``profile_prefix``: the kernels onnxruntime ran per step over the last ``steps``
+        runs of every session (call after ``steps`` decode steps), in all and per operator.
+        Ends profiling."""
+        if self._profile_prefix is None:
+            raise ModelError("kernels_per_step needs a runner made with profile_prefix")
+        import json
+
+        by_op: dict[str, float] = {}
+        for unit in self.units:
+            path = unit.session.end_profiling()
+            events = json.loads(Path(path).read_text())
+            runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")[-steps:]
+            if not runs:
+                continue
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= runs[0]:
+                    op = str(e.get("args", {}).get("op_name", "?"))
+                    by_op[op] = by_op.get(op, 0.0) + 1.0 / steps
+            Path(path).unlink(missing_ok=True)
+        return sum(by_op.values()), dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
 
     # --- KV hand-off ------------------------------------------------------------------------
     def _check_block(self, block: int) -> None:
