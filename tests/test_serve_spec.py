@@ -1,0 +1,153 @@
+"""Speculative decoding through the pipeline: the same tokens as without it, more per step.
+
+Stage 0 of a decoder ring drafts by prompt lookup (``serve/spec.py``), every stage computes the
+drafts in the step, the head keeps those it samples itself. These tests hold the result to the
+single-process loop (no speculation there), on one node and on a 3-stage ring, greedy and seeded,
+with drafts that hold and drafts that fail in the same batch, and through a lost node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_serve import PLANS, make_mesh, reference, settled  # noqa: F401  (make_mesh: a fixture)
+
+from meshllm.model.manifest import Manifest
+from meshllm.runtime.sampling import SamplingParams
+from meshllm.serve.config import ServeConfig
+from meshllm.serve.spec import DraftLength, PromptLookup
+
+THREE = [("both", [("a", 0, 2), ("b", 2, 4), ("c", 4, 5)])]
+REPEAT = [5, 6, 7, 8, 9] * 5  # drafts hold often
+FREE = [31, 77, 4, 58, 12, 90, 23, 66]  # little to look up
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=24, ignore_eos=True)
+
+
+def spec_stats(mesh) -> dict[str, int]:
+    out = {"spec_rows": 0, "spec_drafted": 0, "spec_accepted": 0}
+    for n in mesh.nodes.values():
+        for k in out:
+            out[k] += n.serving.stage.stats[k]
+    return out
+
+
+async def tokens_of(entry, prompt, params) -> list[int]:
+    got = []
+    async for ev in entry.generate(prompt, params):
+        assert ev.error is None, ev.error
+        got.append(ev.token_id)
+    return got
+
+
+# --- the proposer and the draft length, pure ----------------------------------------------------------
+
+def test_prompt_lookup_continues_the_latest_match_of_the_longest_suffix() -> None:
+    p = PromptLookup([1, 2, 3, 4, 9, 2, 3, 5])
+    assert p.propose(3) == ()  # the suffix (5) never occurred before
+    p.extend([1, 2, 3])
+    assert p.propose(2) == (4, 9)  # the longest suffix wins: "1 2 3" continued with 4 9
+    p.extend([7, 2, 3])
+    assert p.propose(2) == (7, 2)  # "7 2 3" is new; "2 3" last continued with 7 (not 4, not 5)
+    assert p.propose(0) == ()
+    p2 = PromptLookup([7, 8, 7])
+    assert p2.propose(4) == (8, 7)  # "7" occurred at 0, continued by what followed, up to the end
+
+
+def test_draft_length_grows_on_hits_and_drops_to_zero_on_misses() -> None:
+    d = DraftLength(4)
+    assert d.want() == 4
+    d.update(4, 4)
+    assert d.k == 4
+    d.update(4, 1)
+    assert d.k == 1
+    d.update(1, 1)
+    assert d.k == 2
+    for _ in range(3):
+        d.update(d.want() or 1, 0)
+    assert d.k == 0 and d.want() == 0
+    for _ in range(d.backoff):
+        d.want()
+    assert d.k == 1  # tried again after a while
+    assert d.drafted > d.accepted > 0
+
+
+# --- the same tokens, more per step ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("plan", ["one-node", "three-stages", "split-differently"])
+async def test_speculation_gives_the_tokens_of_one_process(make_mesh, tiny_manifest: Manifest,  # noqa: F811
+                                                           plan: str) -> None:
+    mesh = await make_mesh(THREE if plan == "three-stages" else PLANS[plan])
+    entry = mesh.node("a").serving.entry
+    for params in (GREEDY, SEEDED):
+        for prompt in (REPEAT, FREE):
+            got = await tokens_of(entry, prompt, params)
+            assert got == reference(tiny_manifest, prompt, params), (params, prompt)
+    s = spec_stats(mesh)
+    assert s["spec_accepted"] > 0, s  # drafts held: steps yielded several tokens
+    assert s["spec_drafted"] > s["spec_accepted"], s  # and some failed: rejection was exercised
+    await settled(mesh)
+
+
+async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+    mesh = await make_mesh(THREE)
+    entry = mesh.node("a").serving.entry
+    off = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, speculate=False)
+    assert await tokens_of(entry, REPEAT, off) == reference(tiny_manifest, REPEAT, off)
+    assert spec_stats(mesh)["spec_drafted"] == 0
+    await settled(mesh)
+    mesh2 = await make_mesh(THREE, ServeConfig(speculate=False))
+    assert await tokens_of(mesh2.node("a").serving.entry, REPEAT, GREEDY) == reference(tiny_manifest, REPEAT, GREEDY)
+    assert spec_stats(mesh2)["spec_drafted"] == 0
+    on = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, speculate=True)  # the request overrides
+    assert await tokens_of(mesh2.node("a").serving.entry, REPEAT, on) == reference(tiny_manifest, REPEAT, on)
+    assert spec_stats(mesh2)["spec_drafted"] > 0
+    await settled(mesh2)
+
+
+async def test_rows_that_keep_and_reject_drafts_share_a_batch(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+    mesh = await make_mesh(THREE)
+    entry = mesh.node("a").serving.entry
+    jobs = [(REPEAT, GREEDY), (FREE, SEEDED), ([3, 4, 3, 4, 3, 4, 3], GREEDY),
+            (FREE[::-1], SamplingParams(temperature=1.0, seed=3, max_tokens=20, ignore_eos=True,
+                                        frequency_penalty=0.5)),
+            (REPEAT[:12], SamplingParams(temperature=0.0, max_tokens=9))]  # EOS allowed, short: ends mid-draft
+    got = await asyncio.gather(*(tokens_of(entry, p, q) for p, q in jobs))
+    for (p, q), toks in zip(jobs, got, strict=True):
+        assert toks == reference(tiny_manifest, p, q)
+    s = spec_stats(mesh)
+    assert s["spec_accepted"] > 0 and s["spec_drafted"] > s["spec_accepted"], s
+    await settled(mesh)
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_mesh, tiny_manifest: Manifest,  # noqa: F811
+                                                                       sampling: str) -> None:
+    spec = [("prefill", [("a", 0, 5)]), ("decoder", [("b", 0, 2), ("c", 2, 5)]), ("decoder", [("d", 0, 5)])]
+    mesh = await make_mesh(spec)
+    entry = mesh.node("a").serving.entry
+    params = GREEDY if sampling == "greedy" else SEEDED
+    params = SamplingParams(**{**params.to_dict(), "max_tokens": 30})
+    tokens: list[int] = []
+    async for ev in entry.generate(REPEAT, params):
+        assert ev.error is None, ev.error
+        tokens.append(ev.token_id)
+        if len(tokens) == 6:
+            holder = next(n for n in "bcd" if mesh.node(n).serving.stage.held_count())
+            await mesh.kill(holder)
+    assert tokens == reference(tiny_manifest, REPEAT, params)
+    assert entry.stats["migrations"] == 1 and entry.stats["failed"] == 0
+    await settled(mesh)
+
+
+async def test_cancel_and_stop_strings_mid_speculation(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+    mesh = await make_mesh(THREE)
+    entry = mesh.node("a").serving.entry
+    gen = entry.generate(REPEAT, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    first = [await anext(gen), await anext(gen)]
+    assert all(e.error is None for e in first)
+    await gen.aclose()  # the client goes away while drafts are in flight
+    await settled(mesh)
+    ref = reference(tiny_manifest, REPEAT, GREEDY)
+    assert [e.token_id for e in first] == ref[:2]
