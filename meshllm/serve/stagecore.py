@@ -86,6 +86,7 @@ class Send:
     to: str
     msg: Message
     lane: str = "control"  # "data": bulk (KV, a prompt's activations), bounded and awaited
+    held: bool = False  # the shell held it already (the lab's per-hop delay)
 
 
 @dataclass(frozen=True, slots=True)
