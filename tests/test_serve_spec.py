@@ -16,8 +16,10 @@ from test_serve import PLANS, make_mesh, reference, settled  # noqa: F401  (make
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve.config import ServeConfig
-from meshllm.serve.spec import DraftLength, PromptLookup
+from meshllm.serve.spec import DraftLength, PromptLookup, StepCost
 
+# drafts at the length adapted to acceptance, whatever the steps cost here: every test drafts
+ON = ServeConfig(spec_cost_aware=False)
 THREE = [("both", [("a", 0, 2), ("b", 2, 4), ("c", 4, 5)])]
 REPEAT = [5, 6, 7, 8, 9] * 5  # drafts hold often
 FREE = [31, 77, 4, 58, 12, 90, 23, 66]  # little to look up
@@ -73,12 +75,30 @@ def test_draft_length_grows_on_hits_and_drops_to_zero_on_misses() -> None:
     assert d.drafted > d.accepted > 0
 
 
+def test_step_cost_drafts_only_what_pays() -> None:
+    c = StepCost()
+    assert c.best_k(4, 0.6) == 4  # nothing measured yet: the adapted length
+    c.observe(1, 0.010)
+    c.observe(3, 0.030)  # every position costs a full step: compute dominates
+    assert c.best_k(4, 0.9) == 0
+    trip = StepCost()
+    trip.observe(1, 0.100)
+    trip.observe(5, 0.120)  # a slow trip, cheap positions: drafts pay
+    assert trip.best_k(4, 0.7) == 4 and trip.best_k(4, 0.05) == 0
+    assert not trip.plain_due()
+    for _ in range(StepCost.PLAIN_EVERY):
+        trip.observe(3, 0.11)
+    assert trip.plain_due()  # time to measure a step without drafts again
+    trip.observe(1, 0.1)
+    assert not trip.plain_due()
+
+
 # --- the same tokens, more per step ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("plan", ["one-node", "three-stages", "split-differently"])
 async def test_speculation_gives_the_tokens_of_one_process(make_mesh, tiny_manifest: Manifest,  # noqa: F811
                                                            plan: str) -> None:
-    mesh = await make_mesh(THREE if plan == "three-stages" else PLANS[plan])
+    mesh = await make_mesh(THREE if plan == "three-stages" else PLANS[plan], ON)
     entry = mesh.node("a").serving.entry
     for params in (GREEDY, SEEDED):
         for prompt in (REPEAT, FREE):
@@ -91,13 +111,13 @@ async def test_speculation_gives_the_tokens_of_one_process(make_mesh, tiny_manif
 
 
 async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
-    mesh = await make_mesh(THREE)
+    mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
     off = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, speculate=False)
     assert await tokens_of(entry, REPEAT, off) == reference(tiny_manifest, REPEAT, off)
     assert spec_stats(mesh)["spec_drafted"] == 0
     await settled(mesh)
-    mesh2 = await make_mesh(THREE, ServeConfig(speculate=False))
+    mesh2 = await make_mesh(THREE, ServeConfig(speculate=False, spec_cost_aware=False))
     assert await tokens_of(mesh2.node("a").serving.entry, REPEAT, GREEDY) == reference(tiny_manifest, REPEAT, GREEDY)
     assert spec_stats(mesh2)["spec_drafted"] == 0
     on = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, speculate=True)  # the request overrides
@@ -107,7 +127,7 @@ async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: 
 
 
 async def test_rows_that_keep_and_reject_drafts_share_a_batch(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
-    mesh = await make_mesh(THREE)
+    mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
     jobs = [(REPEAT, GREEDY), (FREE, SEEDED), ([3, 4, 3, 4, 3, 4, 3], GREEDY),
             (FREE[::-1], SamplingParams(temperature=1.0, seed=3, max_tokens=20, ignore_eos=True,
@@ -125,7 +145,7 @@ async def test_rows_that_keep_and_reject_drafts_share_a_batch(make_mesh, tiny_ma
 async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_mesh, tiny_manifest: Manifest,  # noqa: F811
                                                                        sampling: str) -> None:
     spec = [("prefill", [("a", 0, 5)]), ("decoder", [("b", 0, 2), ("c", 2, 5)]), ("decoder", [("d", 0, 5)])]
-    mesh = await make_mesh(spec)
+    mesh = await make_mesh(spec, ON)
     entry = mesh.node("a").serving.entry
     params = GREEDY if sampling == "greedy" else SEEDED
     params = SamplingParams(**{**params.to_dict(), "max_tokens": 30})
@@ -142,7 +162,7 @@ async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_me
 
 
 async def test_cancel_and_stop_strings_mid_speculation(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
-    mesh = await make_mesh(THREE)
+    mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
     gen = entry.generate(REPEAT, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
     first = [await anext(gen), await anext(gen)]

@@ -52,6 +52,9 @@ class ServeConfig:
     # `speculate` overrides it.
     speculate: bool = True
     spec_max_draft: int = 4
+    # draft only as much as pays at the step costs measured on the ring (StepCost); off: always the
+    # length adapted to acceptance alone
+    spec_cost_aware: bool = True
     # verify a row's drafts in one multi-position pass instead of one-position steps: less compute
     # per step, but a multi-position pass rounds differently from a one-token step (measured in
     # docs/serving.md), so greedy tokens can flip on near-ties. Off: tokens equal by construction.

@@ -16,6 +16,15 @@ all held, down to the accepted count after a miss, and to 0 after ``patience`` d
 a row that kept none; then it tries one draft again after ``backoff`` steps (text turns
 repetitive later, e.g. a list).
 
+``StepCost`` is what a ring's step costs, measured at its stage 0 from the time a step takes to come
+back (the core's ``now``, no clock): ``T(d) = O + C * d`` for a step whose longest row carries
+``d`` positions (drafts are computed position after position, each a one-token step). A request
+drafts the ``k`` (up to its adapted length) that maximises its expected tokens per second,
+``(1 + a + a^2 + ... + a^k) / (O + C (k + 1))`` with ``a`` its measured chance that a draft holds.
+Where compute dominates (``O`` small: one node, fast links) that is ``k = 0``: the step would
+compute drafts that cost as much as the tokens they might save. Where the trip dominates (slow
+links, the serving path's per-step costs) drafts pay.
+
 A second proposer (a small draft model running beside stage 0) fits the same shape: anything with
 ``propose(k) -> tuple[int, ...]`` and ``extend(tokens)``.
 """
@@ -78,6 +87,8 @@ class DraftLength:
     backoff: int = 16  # steps at k = 0 before one draft is tried again
     misses: int = 0
     idle: int = 0
+    kept: float = 0.0  # decayed counts of drafts kept and of drafts reached (kept, or the first miss)
+    reached: float = 0.0
     drafted: int = 0  # totals, for the figures
     accepted: int = 0
     steps: int = 0
@@ -94,6 +105,10 @@ class DraftLength:
                 self.k = 1 if self.max_k else 0
         return self.k
 
+    def hold_rate(self) -> float:
+        """The chance that a draft holds, given the ones before it did (a prior of 1/2)."""
+        return (self.kept + 1.0) / (self.reached + 2.0)
+
     def update(self, drafted: int, accepted: int) -> None:
         """The head kept ``accepted`` of ``drafted`` drafts of one step."""
         if drafted <= 0:
@@ -101,6 +116,8 @@ class DraftLength:
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
+        self.kept = self.kept * 0.8 + accepted
+        self.reached = self.reached * 0.8 + accepted + (1 if accepted < drafted else 0)
         if accepted == 0:
             self.misses += 1
             if self.misses >= self.patience:
@@ -113,3 +130,52 @@ class DraftLength:
             self.k = min(self.max_k, max(self.k, drafted) + 1)
         else:
             self.k = max(1, accepted)
+
+
+class StepCost:
+    """A ring's step time as ``O + C * d`` (``d``: the positions of its longest row), from steps
+    measured at its stage 0; exponentially weighted, so it follows load."""
+
+    PLAIN_EVERY = 32  # steps after which one without drafts is due (to measure ``O + C`` afresh)
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.t1: float | None = None  # a step of one position per row
+        self.c: float | None = None  # each further position
+        self.since_plain = 0
+
+    def _ema(self, old: float | None, x: float) -> float:
+        return x if old is None else old + self.weight * (x - old)
+
+    def observe(self, depth: int, seconds: float) -> None:
+        if seconds < 0 or depth < 1:
+            return
+        if depth == 1:
+            self.t1 = self._ema(self.t1, seconds)
+            self.since_plain = 0
+            return
+        self.since_plain += 1
+        if self.t1 is not None:
+            self.c = self._ema(self.c, max(0.0, (seconds - self.t1) / (depth - 1)))
+
+    def plain_due(self) -> bool:
+        """No one-position step measured lately: the next step should carry no drafts."""
+        return self.since_plain >= self.PLAIN_EVERY
+
+    def best_k(self, cap: int, hold: float) -> int:
+        """The draft length up to ``cap`` with the most expected tokens per second (``cap`` while
+        the cost of a position is not known yet)."""
+        if cap <= 0:
+            return 0
+        if self.t1 is None or self.c is None:
+            return cap
+        c = max(self.c, 1e-9)
+        o = max(self.t1 - c, 0.0)
+        best_k, best, tokens, p = 0, 1.0 / (o + c), 1.0, 1.0
+        for k in range(1, cap + 1):
+            p *= hold
+            tokens += p
+            rate = tokens / (o + c * (k + 1))
+            if rate > best * 1.02:  # a draft must pay clearly, not by noise
+                best_k, best = k, rate
+        return best_k
