@@ -17,6 +17,15 @@ all of them (``--strategy ring`` by default: every node a stage). Reported:
   plan (its prefill included, at the workload's lengths) beside the same figure measured with
   a request of those lengths;
 - ``rss_mb``: each node's resident memory after the runs.
+
+``--speculate`` measures speculative decoding instead (``serve/spec.py``), on ``--model`` (a chat
+model with a tokenizer, e.g. SmolLM2): the prompt sets of ``bench/spec_prompts.py`` ("echo-heavy":
+rewrite or edit what the prompt gives; "free": open questions), each prompt answered with
+speculation off and on, one after the other, on a ``--nodes``-stage mesh whose stages hold every
+frame they send ``--hop-delay-ms`` (``serve.hop_delay_ms``: netem is not available on loopback) and
+on one node. Keys: ``echo_mesh_speedup``, ``echo_one_node_speedup``, ``free_speedup`` (tok/s with /
+without), ``tokens_identical`` (greedy and seeded, every prompt), ``acceptance`` (drafts kept per
+drafted step, per set).
 """
 
 from __future__ import annotations
@@ -52,6 +61,12 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", action="store_true",
                    help="speculative decoding with / without, side by side: the echo-heavy and free prompt sets "
                         "(chat, needs --model with a tokenizer, e.g. SmolLM2) on the mesh and on one node")
+    p.add_argument("--one-pass", action="store_true",
+                   help="with --speculate: the nodes verify drafts in one multi-position pass (serve.spec_one_pass: "
+                        "faster, tokens not guaranteed identical)")
+    p.add_argument("--no-cost-aware", action="store_true",
+                   help="with --speculate: draft the acceptance-adapted length whatever the steps cost "
+                        "(serve.spec_cost_aware = false)")
     p.add_argument("--hop-delay-ms", type=float, default=2.0,
                    help="with --speculate: every stage holds each frame it sends to another node this long "
                         "(default %(default)s)")
@@ -179,7 +194,9 @@ def _spec_side_by_side(urls: list[str], tokens: int) -> dict[str, Any]:
 
 def run_speculate(args: argparse.Namespace) -> int:
     """``--speculate``: the mesh (``--nodes`` stages, ``--hop-delay-ms`` per hop) and one node, each
-    serving both prompt sets with speculation off and on (a request's ``speculate``), side by side."""
+    serving both prompt sets with speculation off and on (a request's ``speculate``), side by side.
+    ``acceptance``: drafts kept per step that carried drafts (with the cost-aware length on, a
+    compute-bound mesh drafts little; ``--no-cost-aware`` shows what the proposer would keep)."""
     import os
 
     from meshllm.commands.up import LocalMesh
@@ -188,6 +205,9 @@ def run_speculate(args: argparse.Namespace) -> int:
         raise SystemExit("--speculate needs --model (a model with a tokenizer and chat template, e.g. "
                          "`meshllm fetch smollm2`)")
     out: dict[str, Any] = {"nodes": args.nodes, "hop_delay_ms": args.hop_delay_ms, "tokens": args.tokens}
+    out.update({"one_pass": bool(args.one_pass), "cost_aware": not args.no_cost_aware})
+    os.environ["MESHLLM_SERVE_SPEC_ONE_PASS"] = "true" if args.one_pass else "false"
+    os.environ["MESHLLM_SERVE_SPEC_COST_AWARE"] = "false" if args.no_cost_aware else "true"
     for label, nodes, delay in (("mesh", args.nodes, args.hop_delay_ms), ("one_node", 1, 0.0)):
         os.environ["MESHLLM_SERVE_HOP_DELAY_MS"] = str(delay)
         try:
