@@ -1352,6 +1352,12 @@ def _decode_positions(op: DecodeOp, stats: dict[str, Any]) -> tuple[np.ndarray, 
     at = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     x = np.asarray(op.x)
     live = [i for i, s in enumerate(op.seqs) if s not in errors]
+    if all(c == 1 for c in counts):  # no drafts: one step, as without speculation
+        if not live:
+            return np.empty((0, 0), np.float32), [], errors
+        out, ok, errs = runner.decode_rows([op.seqs[i] for i in live], x if len(live) == len(op.seqs) else x[live])
+        errors.update(errs)
+        return out, [live[k] for k in ok], errors
     parts: dict[int, list[np.ndarray]] = {i: [] for i in live}
     if op.one_pass:
         single = [i for i in live if counts[i] == 1]
