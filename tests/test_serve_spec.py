@@ -161,7 +161,7 @@ async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_me
     await settled(mesh)
 
 
-async def test_cancel_and_stop_strings_mid_speculation(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+async def test_a_client_gone_mid_speculation_frees_everything(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
     mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
     gen = entry.generate(REPEAT, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
@@ -184,3 +184,34 @@ async def test_one_pass_verification_runs_every_row_through(make_mesh, tiny_mani
     assert got[0][0] == reference(tiny_manifest, REPEAT, GREEDY)[0]  # token 0 comes from the prefill
     assert spec_stats(mesh)["spec_accepted"] > 0
     await settled(mesh)
+
+
+async def test_a_stop_string_ends_the_answer_mid_speculation(tiny_manifest: Manifest) -> None:
+    from servemesh import DataMesh
+
+    from meshllm.model.manifest import load_manifest
+    from meshllm.model.paths import BUNDLED_MODEL
+    from meshllm.model.tokenizer import Tokenizer
+    from meshllm.runtime.generate import generate
+    from meshllm.runtime.runner import StageRunner
+
+    bundled = load_manifest(BUNDLED_MODEL)  # the bundled code model: its answers repeat what it saw
+    tok = Tokenizer.from_manifest(bundled)
+    prompt = tok.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(")
+    plain = SamplingParams(temperature=0.0, max_tokens=40)
+    full = generate(StageRunner(bundled, 0, bundled.config.num_blocks, threads=1), prompt, plain, tokenizer=tok)
+    stop = full.text.strip()[len(full.text.strip()) // 2:][:3] or "return"
+    params = SamplingParams(temperature=0.0, max_tokens=40, stop=(stop,))
+    ref = generate(StageRunner(bundled, 0, bundled.config.num_blocks, threads=1), prompt, params, tokenizer=tok)
+    mesh = DataMesh(bundled, ["a", "b", "c"], config=ON)
+    await mesh.start([("both", [("a", 0, 3), ("b", 3, 6), ("c", 6, 8)])])
+    try:
+        got = []
+        async for ev in mesh.node("a").serving.entry.generate(prompt, params):
+            assert ev.error is None, ev.error
+            got.append(ev)
+        assert "".join(e.text for e in got) == ref.text and got[-1].finish_reason == "stop"
+        assert spec_stats(mesh)["spec_accepted"] > 0  # the answer was speculated when the stop came
+        await settled(mesh)
+    finally:
+        await mesh.close()
