@@ -158,6 +158,9 @@ async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_me
             await mesh.kill(holder)
     assert tokens == reference(tiny_manifest, REPEAT, params)
     assert entry.stats["migrations"] == 1 and entry.stats["failed"] == 0
+    # the replica that took over replayed the streamed tokens as drafts, several per step
+    d = mesh.node("d").serving.stage.stats
+    assert 0 < d["decode_steps"] < len(tokens) - 1 and d["decode_rows"] == d["decode_steps"]
     await settled(mesh)
 
 
@@ -215,3 +218,15 @@ async def test_a_stop_string_ends_the_answer_mid_speculation(tiny_manifest: Mani
         await settled(mesh)
     finally:
         await mesh.close()
+
+
+async def test_the_lab_hop_delay_holds_every_frame_between_stages(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+    mesh = await make_mesh(THREE, ServeConfig(hop_delay_ms=40.0, speculate=False))
+    entry = mesh.node("a").serving.entry
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await tokens_of(entry, REPEAT, params) == reference(tiny_manifest, REPEAT, params)
+    # the prompt crosses 2 hops, each of the 3 decode steps 3 (a -> b -> c -> a): 11 hops of 40 ms at least
+    assert loop.time() - t0 >= 11 * 0.040
+    await settled(mesh)
