@@ -93,6 +93,16 @@ def test_step_cost_drafts_only_what_pays() -> None:
     assert not trip.plain_due()
 
 
+def test_a_requests_speculate_travels_and_is_checked() -> None:
+    from meshllm.errors import SamplingError
+
+    for p in (SamplingParams(), SamplingParams(speculate=False), SamplingParams(speculate=True)):
+        assert SamplingParams.from_dict(p.to_dict()) == p
+    assert "speculate" not in SamplingParams().to_dict()  # the default leaves frames as they were
+    with pytest.raises(SamplingError, match="speculate"):
+        SamplingParams(speculate="yes")  # type: ignore[arg-type]
+
+
 # --- the same tokens, more per step ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("plan", ["one-node", "three-stages", "split-differently"])

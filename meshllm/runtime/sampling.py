@@ -97,6 +97,12 @@ class SamplingParams:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
+        d = self._dict()
+        if self.speculate is None:  # the default: frames stay as they were before the field existed
+            del d["speculate"]
+        return d
+
+    def _dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
                 "seed": self.seed, "max_tokens": self.max_tokens, "stop": list(self.stop),
                 "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
