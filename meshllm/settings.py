@@ -287,6 +287,14 @@ SERVE_HELP = {
     "max_migrations": "times a request whose replica fails may resume elsewhere",
     "migrate_wait_s": "seconds a resumed request waits for an intact replica",
     "keepalive_s": "a streaming answer idle this many seconds gets a keep-alive (SSE comment, empty NDJSON chunk)",
+    "speculate": "speculative decoding by prompt lookup on this node's decoder rings (a request's speculate "
+                 "overrides it; the tokens are the same either way)",
+    "spec_max_draft": "draft tokens a decode step may carry per request (adapted to its acceptance)",
+    "spec_cost_aware": "draft only as much as pays at the step times measured on the ring (off: the length "
+                       "adapted to acceptance alone)",
+    "spec_one_pass": "verify drafts in one multi-position pass (less compute, but rounds differently from "
+                     "one-token steps: greedy tokens can flip on near-ties)",
+    "hop_delay_ms": "lab only: hold every control frame a stage sends to another node this many ms",
 }
 CONTROL_HELP = {
     "heartbeat_interval": "seconds between heartbeats",

@@ -75,11 +75,11 @@ def test_pure_cores_read_no_clock_and_no_global_random(pkg: str) -> None:
     assert not bad, "\n".join(bad)
 
 
-SERVING_CORES = ["serve/request.py", "serve/stagecore.py", "serve/entrycore.py", "serve/router.py",
+SERVING_CORES = ["serve/request.py", "serve/spec.py", "serve/stagecore.py", "serve/entrycore.py", "serve/router.py",
                  "serve/routes.py"]
 # what the serving cores may take from the shells' packages: each other, their config and the pure
 # sampling rules of the runtime (the token an index draws, when generation ends)
-SERVING_CORE_MAY = {"meshllm.serve.config", "meshllm.serve.request", "meshllm.serve.router", "meshllm.serve.routes",
+SERVING_CORE_MAY = {"meshllm.serve.config", "meshllm.serve.spec", "meshllm.serve.request", "meshllm.serve.router", "meshllm.serve.routes",
                     "meshllm.serve.stagecore", "meshllm.runtime.sampling", "meshllm.runtime.generate"}
 
 

@@ -162,7 +162,8 @@ async def test_queue_running_kv_refusals_and_cancellation_are_counted(tiny_manif
         gate = mesh.node("a").hold_inference()  # the prompt waits on its prefill node
         async with aiohttp.ClientSession() as s:
             held = s.post(servers["c"].make_url("/v1/completions"),
-                          json={"prompt": [5, 6, 7, 8], "max_tokens": 5, "temperature": 0, "ignore_eos": True},
+                          json={"prompt": [5, 6, 7, 8], "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                                "speculate": False},  # one token per step, counted below
                           headers={"X-Request-Id": "held-1"})
             import asyncio
 
@@ -211,6 +212,7 @@ async def test_queue_running_kv_refusals_and_cancellation_are_counted(tiny_manif
     assert value(a2, "meshllm_kv_transfer_bytes_total", direction="out") == sum(kv_in) and min(kv_in) > 0
     assert value(a2, "meshllm_stage_prefill_tokens_total") == 4 + 2
     assert value(b2, "meshllm_stage_decode_steps_total") >= 4  # token 0 comes from the prefill replica
+    assert value(b2, "meshllm_spec_draft_tokens_total", outcome="drafted") == 0  # the request said no
 
 
 # --- the pieces -----------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ SCRIPTS = sorted(HERE.glob("*.txt"))
 LAYERS, VOCAB, HIDDEN = 2, 16, 4
 
 
+TRUNCATED: list[str] = []  # what the fake runners dropped during a `run` (speculation's rejected drafts)
+
+
 class FakeRunner:
     """Counts positions per sequence like a StageRunner; no arithmetic."""
 
@@ -77,6 +80,13 @@ class FakeRunner:
 
     def has_seq(self, seq: str) -> bool:
         return seq in self.len
+
+    def seq_len(self, seq: str) -> int:
+        return self.len[seq]
+
+    def truncate(self, seq: str, length: int) -> None:
+        TRUNCATED.append(f"truncate {seq} {self.len[seq]}->{length}")
+        self.len[seq] = length
 
     def free(self, seq: str) -> None:
         self.kv.reserved -= self.max.pop(seq)
@@ -165,9 +175,11 @@ def make_message(tag: str, kv: dict[str, str]) -> Message:
             args[k] = SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True).to_dict()
         elif v == "-":
             args[k] = None
+        elif tp.startswith("tuple[tuple"):  # rows split by "|": drafts=5,6|7
+            args[k] = tuple(tuple(int(x) for x in row.split(",") if x) for row in v.split("|"))
         elif tp.startswith("tuple"):
             items = [x for x in v.split(",") if x]
-            args[k] = tuple(int(x) if "int" in tp else x for x in items)
+            args[k] = tuple(int(x) if "int" in tp else x in ("1", "true") if "bool" in tp else x for x in items)
         elif tp == "bool":
             args[k] = v in ("1", "true")
         elif tp == "int":
@@ -191,6 +203,8 @@ def fmt_msg(m: Message) -> str:
             v = "(" + ",".join(str(d) for d in v.array().shape) + ")"
         elif isinstance(v, dict):
             v = "{…}"
+        elif isinstance(v, tuple) and v and isinstance(v[0], tuple):
+            v = "|".join(",".join(str(x) for x in row) for row in v)
         elif isinstance(v, tuple):
             v = ",".join(str(int(x)) if isinstance(x, bool) else str(x) for x in v) or "()"
         elif isinstance(v, float):
@@ -211,7 +225,9 @@ def fmt_op(op: Any) -> str:
         return f"prefill {op.hold.req}@{op.hold.attempt} [{c.offset},{c.offset + len(c.x)})"
     assert isinstance(op, DecodeOp)
     kind = f"ring micro={op.micro} step={op.step}" if op.ring is not None else "fwd"
-    return f"decode {kind} " + ",".join(f"{h.req}@{h.attempt}" for h in op.holds)
+    counts = op.counts or [1] * len(op.holds)
+    return f"decode {kind} " + ",".join(f"{h.req}@{h.attempt}" + (f"+{c - 1}" if c > 1 else "")
+                                        for h, c in zip(op.holds, counts, strict=True))
 
 
 class Transcript:
@@ -302,8 +318,9 @@ class Transcript:
             it = self.stage.schedule(self.now)
             if it is None:
                 return ["(nothing to run)"]
+            TRUNCATED.clear()
             results = [run_op(op, {"decode_compute_s": 0.0, "decode_calls": 0}, lambda: 0.0) for op in it.ops]
-            lines = ["ops: " + " | ".join(fmt_op(op) for op in it.ops)]
+            lines = ["ops: " + " | ".join(fmt_op(op) for op in it.ops)] + [f"   {t}" for t in TRUNCATED]
             for op, res in zip(it.ops, results, strict=True):
                 if res.error is not None:
                     lines.append(f"   {fmt_op(op).split()[0]} failed ({res.kind}): {res.error}")

@@ -17,6 +17,15 @@ all of them (``--strategy ring`` by default: every node a stage). Reported:
   plan (its prefill included, at the workload's lengths) beside the same figure measured with
   a request of those lengths;
 - ``rss_mb``: each node's resident memory after the runs.
+
+``--speculate`` measures speculative decoding instead (``serve/spec.py``), on ``--model`` (a chat
+model with a tokenizer, e.g. SmolLM2): the prompt sets of ``bench/spec_prompts.py`` ("echo-heavy":
+rewrite or edit what the prompt gives; "free": open questions), each prompt answered with
+speculation off and on, one after the other, on a ``--nodes``-stage mesh whose stages hold every
+frame they send ``--hop-delay-ms`` (``serve.hop_delay_ms``: netem is not available on loopback) and
+on one node. Keys: ``echo_mesh_speedup``, ``echo_one_node_speedup``, ``free_speedup`` (tok/s with /
+without), ``tokens_identical`` (greedy and seeded, every prompt), ``acceptance`` (drafts kept per
+drafted step, per set).
 """
 
 from __future__ import annotations
@@ -49,6 +58,18 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrent", type=int, default=8, help="requests at once for the aggregate figure")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--speculate", action="store_true",
+                   help="speculative decoding with / without, side by side: the echo-heavy and free prompt sets "
+                        "(chat, needs --model with a tokenizer, e.g. SmolLM2) on the mesh and on one node")
+    p.add_argument("--one-pass", action="store_true",
+                   help="with --speculate: the nodes verify drafts in one multi-position pass (serve.spec_one_pass: "
+                        "faster, tokens not guaranteed identical)")
+    p.add_argument("--no-cost-aware", action="store_true",
+                   help="with --speculate: draft the acceptance-adapted length whatever the steps cost "
+                        "(serve.spec_cost_aware = false)")
+    p.add_argument("--hop-delay-ms", type=float, default=2.0,
+                   help="with --speculate: every stage holds each frame it sends to another node this long "
+                        "(default %(default)s)")
 
 
 def rss_mb(pid: int) -> float | None:
@@ -103,9 +124,118 @@ def _single_process(model_dir: Path, threads: int, prompt: list[int], steps: int
     return statistics.median(times) * 1000
 
 
+SPEC_TARGETS = {"echo_mesh_speedup": ">= 1.5 (aim 2)", "echo_one_node_speedup": ">= 1.3 (aim 1.6)",
+                "free_speedup": ">= 0.95 (aim 1.05)", "tokens_identical": "true"}
+
+
+def _chat(url: str, text: str, tokens: int, speculate: bool, seed: int | None) -> tuple[list[int], float]:
+    """One streamed chat answer: its token ids and its decode time (first token to last)."""
+    from meshllm.client import ask, sse_events
+
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": text}], "max_tokens": tokens,
+                            "speculate": speculate, "ignore_eos": True}
+    body.update({"temperature": 0} if seed is None else {"temperature": 0.8, "seed": seed})
+    ids: list[int] = []
+    times: list[float] = []
+    with ask(url, body, chat=True, stream=True, timeout=600) as r:
+        for ev in sse_events(r):
+            if "error" in ev:
+                raise RuntimeError(ev["error"]["message"])
+            got = ev.get("meshllm", {}).get("token_ids")
+            if got:
+                ids += list(got)
+                times.append(time.perf_counter())
+    return ids, (times[-1] - times[0]) if len(times) > 1 else 0.0
+
+
+def _spec_stats(urls: list[str]) -> tuple[int, int, int]:
+    from meshllm.client import get_json
+
+    rows = drafted = accepted = 0
+    for u in urls:
+        st = ((get_json(u + "/v1/mesh") or {}).get("serving") or {}).get("stage") or {}
+        rows += int(st.get("spec_rows", 0))
+        drafted += int(st.get("spec_drafted", 0))
+        accepted += int(st.get("spec_accepted", 0))
+    return rows, drafted, accepted
+
+
+def _spec_side_by_side(urls: list[str], tokens: int) -> dict[str, Any]:
+    """Each prompt set with speculation off and on, interleaved prompt by prompt (greedy, timed),
+    then seeded (tokens compared only): tok/s per set and mode, whether the tokens are identical,
+    and the mean number of drafts kept per drafted step."""
+    from meshllm.bench.spec_prompts import SETS
+
+    out: dict[str, Any] = {}
+    identical = True
+    for name, prompts in SETS.items():
+        n = {False: 0, True: 0}
+        t = {False: 0.0, True: 0.0}
+        before = _spec_stats(urls)
+        for p in prompts:
+            ids = {}
+            for spec in (False, True):
+                ids[spec], dt = _chat(urls[0], p, tokens, spec, None)
+                n[spec] += len(ids[spec]) - 1
+                t[spec] += dt
+            identical &= ids[False] == ids[True]
+        after = _spec_stats(urls)
+        for p in prompts[:2]:
+            seeded = [_chat(urls[0], p, tokens // 2, spec, 1234)[0] for spec in (False, True)]
+            identical &= seeded[0] == seeded[1]
+        rows, drafted, accepted = (a - b for a, b in zip(after, before, strict=True))
+        off, on = n[False] / max(t[False], 1e-9), n[True] / max(t[True], 1e-9)
+        out[name] = {"tok_s_off": round(off, 2), "tok_s_on": round(on, 2), "speedup": round(on / off, 3),
+                     "acceptance": round(accepted / rows, 3) if rows else 0.0,
+                     "draft_acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0}
+    out["tokens_identical"] = identical
+    return out
+
+
+def run_speculate(args: argparse.Namespace) -> int:
+    """``--speculate``: the mesh (``--nodes`` stages, ``--hop-delay-ms`` per hop) and one node, each
+    serving both prompt sets with speculation off and on (a request's ``speculate``), side by side.
+    ``acceptance``: drafts kept per step that carried drafts (with the cost-aware length on, a
+    compute-bound mesh drafts little; ``--no-cost-aware`` shows what the proposer would keep)."""
+    import os
+
+    from meshllm.commands.up import LocalMesh
+
+    if not args.model:
+        raise SystemExit("--speculate needs --model (a model with a tokenizer and chat template, e.g. "
+                         "`meshllm fetch smollm2`)")
+    out: dict[str, Any] = {"nodes": args.nodes, "hop_delay_ms": args.hop_delay_ms, "tokens": args.tokens}
+    out.update({"one_pass": bool(args.one_pass), "cost_aware": not args.no_cost_aware})
+    os.environ["MESHLLM_SERVE_SPEC_ONE_PASS"] = "true" if args.one_pass else "false"
+    os.environ["MESHLLM_SERVE_SPEC_COST_AWARE"] = "false" if args.no_cost_aware else "true"
+    for label, nodes, delay in (("mesh", args.nodes, args.hop_delay_ms), ("one_node", 1, 0.0)):
+        os.environ["MESHLLM_SERVE_HOP_DELAY_MS"] = str(delay)
+        try:
+            with LocalMesh(nodes, model=args.model, threads=args.threads, strategy=args.strategy) as mesh:
+                view = mesh.wait_ready(args.timeout)
+                out[f"{label}_stages"] = max(len(r["stages"]) for r in view["plan"]["replicas"])
+                _chat(mesh.urls[0], "Hello", 4, True, None)  # warm up every stage's sessions
+                out[label] = _spec_side_by_side(mesh.urls, args.tokens)
+        finally:
+            os.environ.pop("MESHLLM_SERVE_HOP_DELAY_MS", None)
+    out.update({
+        "echo_mesh_speedup": out["mesh"]["echo-heavy"]["speedup"],
+        "echo_one_node_speedup": out["one_node"]["echo-heavy"]["speedup"],
+        "free_speedup": min(out["mesh"]["free"]["speedup"], out["one_node"]["free"]["speedup"]),
+        "tokens_identical": out["mesh"]["tokens_identical"] and out["one_node"]["tokens_identical"],
+        "acceptance": {k: out["mesh"][k]["acceptance"] for k in ("echo-heavy", "free")},
+        "targets": SPEC_TARGETS,
+    })
+    print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+    sys.stdout.flush()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from meshllm.client import get_json
     from meshllm.commands.up import LocalMesh
+    if getattr(args, "speculate", False):
+        return run_speculate(args)
     from meshllm.model.config import PRESETS
     from meshllm.model.export import export_model, random_weights
 

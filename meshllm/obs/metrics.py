@@ -184,6 +184,13 @@ class ServingCollector(Collector):
                        ss.get("prefill_tokens", 0))
         yield _counter("meshllm_stage_decode_steps", "Decode steps this node ran as a decoder replica's stage 0",
                        ss.get("decode_steps", 0))
+        spec = CounterMetricFamily("meshllm_spec_draft_tokens", "Draft tokens of speculative decoding this node's "
+                                   "decoder rings sent through a step, and those the head kept", labels=["outcome"])
+        spec.add_metric(["drafted"], ss.get("spec_drafted", 0))
+        spec.add_metric(["accepted"], ss.get("spec_accepted", 0))
+        yield spec
+        yield _counter("meshllm_spec_steps", "Rows of decode steps that carried drafts (speculative decoding)",
+                       ss.get("spec_rows", 0))
         kv = CounterMetricFamily("meshllm_kv_transfer_bytes", "Prompt KV handed off between replicas, by direction",
                                  labels=["direction"])
         kv.add_metric(["in"], ss.get("kv_in_bytes", 0))

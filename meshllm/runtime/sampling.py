@@ -56,6 +56,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
+    # speculative decoding on a decoder ring: None follows the node's default; it never changes
+    # the tokens, only how many a decode step may yield
+    speculate: bool | None = None
 
     def __post_init__(self) -> None:
         # Accept a list (JSON) or a single string for `stop`, store a tuple so the object hashes.
@@ -94,11 +97,18 @@ class SamplingParams:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
+        d = self._dict()
+        if self.speculate is None:  # the default: frames stay as they were before the field existed
+            del d["speculate"]
+        return d
+
+    def _dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
                 "seed": self.seed, "max_tokens": self.max_tokens, "stop": list(self.stop),
                 "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty,
-                "logit_bias": [[t, b] for t, b in self.logit_bias], "logprobs": self.logprobs}
+                "logit_bias": [[t, b] for t, b in self.logit_bias], "logprobs": self.logprobs,
+                "speculate": self.speculate}
 
 
 def _bias_pairs(bias: Any) -> Any:
@@ -145,6 +155,8 @@ def _problems(p: SamplingParams) -> list[str]:
         out.append(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
     if not isinstance(p.ignore_eos, bool):
         out.append(f"ignore_eos must be true or false, got {p.ignore_eos!r}")
+    if p.speculate is not None and not isinstance(p.speculate, bool):
+        out.append(f"speculate must be true, false or null, got {p.speculate!r}")
     for name in ("presence_penalty", "frequency_penalty"):
         v = getattr(p, name)
         if not _is_real(v) or not math.isfinite(v) or not -2.0 <= v <= 2.0:

@@ -10,7 +10,7 @@ on the same front.
 
 Both take ``temperature``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``,
 ``frequency_penalty``, ``logit_bias``, ``stream`` and ``stream_options.include_usage`` (a last
-chunk with the usage), ``user`` (logged); extensions ``top_k``, ``ignore_eos``. Each body is
+chunk with the usage), ``user`` (logged); extensions ``top_k``, ``ignore_eos``, ``speculate``. Each body is
 validated by its schema (``serve/schema.py``): a known field with a bad value is a 400 whose
 ``param`` names it; unknown fields are ignored, as OpenAI does. What the mesh cannot do is
 refused with a 400 naming the field, never ignored: ``n`` or ``best_of`` > 1, ``tools``,
@@ -105,7 +105,8 @@ class OpenAIApi:
         return self.front.params(
             max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
             stop=body.stop, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, logit_bias=body.logit_bias, logprobs=logprobs)
+            frequency_penalty=body.frequency_penalty, logit_bias=body.logit_bias, logprobs=logprobs,
+            speculate=body.speculate)
 
     @staticmethod
     def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

@@ -46,6 +46,22 @@ class ServeConfig:
     # a streaming answer idle this long (a long prefill, a wait for room, a slow token) gets a
     # keep-alive (an SSE comment, an empty NDJSON chunk) so proxies do not cut the connection
     keepalive_s: float = 10.0
+    # speculative decoding (serve/spec.py): a decoder ring's stage 0 drafts up to spec_max_draft
+    # tokens per request by prompt lookup and the head keeps those it samples itself, so a step
+    # may yield several tokens with the tokens unchanged. The node's default; a request's
+    # `speculate` overrides it.
+    speculate: bool = True
+    spec_max_draft: int = 4
+    # draft only as much as pays at the step costs measured on the ring (StepCost); off: always the
+    # length adapted to acceptance alone
+    spec_cost_aware: bool = True
+    # verify a row's drafts in one multi-position pass instead of one-position steps: less compute
+    # per step, but a multi-position pass rounds differently from a one-token step (measured in
+    # docs/serving.md), so greedy tokens can flip on near-ties. Off: tokens equal by construction.
+    spec_one_pass: bool = False
+    # lab only: hold every control frame a stage sends to another node this long (a per-hop delay
+    # on loopback, where netem is not available)
+    hop_delay_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1:
@@ -63,5 +79,9 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.max_migrations < 0:
             raise ConfigError(f"max_migrations must be >= 0, got {self.max_migrations}")
+        if not 0 <= self.spec_max_draft <= 16:
+            raise ConfigError(f"spec_max_draft must be in [0, 16], got {self.spec_max_draft}")
+        if not 0 <= self.hop_delay_ms <= 10_000:
+            raise ConfigError(f"hop_delay_ms must be in [0, 10000], got {self.hop_delay_ms}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")

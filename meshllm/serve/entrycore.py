@@ -345,7 +345,9 @@ class EntryCore:
         # far through the decoder's steps: the same arithmetic as the first time, so the same tokens
         self._send(d0.node, Reserve(RequestId(r.id), epoch, d, 0, len(r.prompt) + r.params.max_tokens,
                                     len(r.prompt), NodeId(self.node_id), r.params.to_dict(), r.seed, -1,
-                                    tuple(r.tokens), r.attempt))
+                                    tuple(r.tokens), r.attempt,
+                                    # stage 0 drafts from the prompt (speculation), unless the request said no
+                                    tuple(r.prompt) if r.params.speculate is not False else ()))
         # A one-stage replica that prefills its own decodes gets the prompt right behind the
         # reservation, on the same lane: its stage allocates and prefills in one iteration (or
         # refuses both), which saves a round trip and an iteration of the time to first token.

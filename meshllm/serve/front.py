@@ -278,12 +278,13 @@ class Front:
                top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                stop: str | list[str] | None = None, ignore_eos: bool | None = None,
                presence_penalty: float | None = None, frequency_penalty: float | None = None,
-               logit_bias: dict[str, float] | None = None, logprobs: int | None = None) -> SamplingParams:
+               logit_bias: dict[str, float] | None = None, logprobs: int | None = None,
+               speculate: bool | None = None) -> SamplingParams:
         """A request's sampling parameters from its fields (both dialects' names are OpenAI's);
         ``prefix`` is where the fields sit in the body (Ollama's ``options.``), for the errors."""
         kw: dict[str, Any] = {"max_tokens": max_tokens}
         for name, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),
-                        ("stop", stop), ("ignore_eos", ignore_eos), ("logprobs", logprobs)):
+                        ("stop", stop), ("ignore_eos", ignore_eos), ("logprobs", logprobs), ("speculate", speculate)):
             if v is not None:
                 kw[name] = v
         for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):

@@ -80,6 +80,7 @@ class OpenAICommon(Body):
     # extensions (vLLM's spelling)
     top_k: Annotated[int, Field(ge=0)] | None = None
     ignore_eos: bool | None = None
+    speculate: bool | None = None  # meshllm: speculative decoding for this request (None: the node's default)
 
 
 class ChatRequest(OpenAICommon):

@@ -87,6 +87,7 @@ class StageServer:
                               eos_ids=eos_ids, hidden_size=hidden_size)
         self._lanes: dict[str, deque[Message]] = {}  # data frames waiting per peer, in order
         self._senders: dict[str, asyncio.Task[None]] = {}
+        self._delayed: dict[str, deque[tuple[float, Send]]] = {}  # hop_delay_ms: frames held per peer
         self._running: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = INF
@@ -182,6 +183,9 @@ class StageServer:
             self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
 
     def _send(self, o: Send) -> None:
+        if self.config.hop_delay_ms > 0 and o.to != self.node_id and not o.held:
+            self._hold_frame(o)
+            return
         if o.lane == "control":
             if not self.net.send(o.to, o.msg):
                 self._apply(self.core.undeliverable(o.to, o.msg, self._now()))
@@ -190,6 +194,23 @@ class StageServer:
         q.append(o.msg)
         if o.to not in self._senders:
             self._senders[o.to] = asyncio.ensure_future(self._drain(o.to, q))
+
+    def _hold_frame(self, o: Send) -> None:
+        """Lab only (``hop_delay_ms``): a frame to another node leaves that much later, frames to
+        one peer in the order they were sent (a per-hop delay on loopback, where netem is not)."""
+        q = self._delayed.setdefault(o.to, deque())
+        q.append((self._now() + self.config.hop_delay_ms / 1000.0, o))
+        if len(q) == 1:
+            asyncio.get_running_loop().call_at(q[0][0], self._release_held, o.to)
+
+    def _release_held(self, peer: str) -> None:
+        q = self._delayed.get(peer)
+        now = self._now()
+        while q and q[0][0] <= now and not self.closed:
+            _, o = q.popleft()
+            self._send(Send(o.to, o.msg, o.lane, held=True))
+        if q and not self.closed:
+            asyncio.get_running_loop().call_at(q[0][0], self._release_held, peer)
 
     async def _drain(self, peer: str, q: deque[Message]) -> None:
         """One peer's data frames, in order, each awaiting room on the link's data lane."""

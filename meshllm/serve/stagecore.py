@@ -51,6 +51,7 @@ from meshllm.runtime.sampling import SamplingParams, logprobs_of, prompt_logprob
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.request import finish_reason
 from meshllm.serve.routes import Routes, StageRef, layer_blocks
+from meshllm.serve.spec import DraftLength, PromptLookup, StepCost
 from meshllm.wire.ids import NodeId, RequestId
 from meshllm.wire.limits import chunk_tokens
 from meshllm.wire.messages import (
@@ -85,6 +86,7 @@ class Send:
     to: str
     msg: Message
     lane: str = "control"  # "data": bulk (KV, a prompt's activations), bounded and awaited
+    held: bool = False  # the shell held it already (the lab's per-hop delay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,11 @@ class DecodeOp:
     batch: DecodeBatch | None = None  # a later stage: the frame this step continues
     ref: StageRef | None = None
     holds: list[Hold] = field(default_factory=list)
+    # speculation: positions per row (1 + its drafts; x holds them row after row), and where each
+    # row's first position goes (a row longer than that drops its rejected drafts' KV first)
+    counts: list[int] | None = None
+    starts: list[int] | None = None
+    one_pass: bool = False  # verify a row's positions in one pass (else one-position steps)
 
 
 Op = AllocOp | FreeOp | ImportOp | PrefillOp | DecodeOp
@@ -226,6 +233,12 @@ class Member:
     index: int = 0
     started: bool = False
     replay: tuple[int, ...] = ()
+    max_tokens: int = 0
+    prompt_len: int = 0  # tokens of the prompt the lookup holds
+    lookup: PromptLookup | None = None  # speculation: the prompt and tokens so far, for drafts
+    length: DraftLength | None = None
+    drafts: tuple[int, ...] = ()  # the drafts of the step in flight
+    guessed: bool = False  # they came from the lookup (not a resumed request's replay)
 
 
 class Ring:
@@ -244,6 +257,8 @@ class Ring:
         self.deadline: list[float] = [INF] * self.nmicro
         self.inflight: list[list[str]] = [[] for _ in range(self.nmicro)]
         self.steps = 0
+        self.sent: list[tuple[float, int]] = [(0.0, 0)] * self.nmicro  # when the step in flight left, its depth
+        self.cost = StepCost()  # speculation: what a step costs, by its depth
 
     def pick_micro(self) -> int:
         counts = [0] * self.nmicro
@@ -260,7 +275,9 @@ class Ring:
 def _stats() -> dict[str, Any]:
     return {"prefill_tokens": 0, "decode_steps": 0, "decode_rows": 0, "kv_in_bytes": 0, "kv_out_bytes": 0,
             "refused": 0, "unreserved_kv": 0, "stale": 0, "stale_attempt": 0, "after_free": 0, "errors": 0,
-            "iterations": 0, "step_timeouts": 0, "decode_compute_s": 0.0, "decode_calls": 0}
+            "iterations": 0, "step_timeouts": 0, "decode_compute_s": 0.0, "decode_calls": 0,
+            # speculation at a ring's stage 0: steps whose row carried drafts, drafts sent, drafts kept
+            "spec_rows": 0, "spec_drafted": 0, "spec_accepted": 0, "spec_truncated": 0}
 
 
 class StageCore:
@@ -420,13 +437,13 @@ class StageCore:
                 dop = self._ring_op(ring, micro)
                 if dop is not None:
                     ops.append(dop)
-                    rows += len(dop.seqs)
+                    rows += sum(dop.counts) if dop.counts else len(dop.seqs)
         while self._fwd:
             m, ref, runner = self._fwd.popleft()
             dop = self._fwd_op(m, ref, runner)
             if dop is not None:
                 ops.append(dop)
-                rows += len(dop.seqs)
+                rows += sum(dop.counts) if dop.counts else len(dop.seqs)
         budget = self.config.step_token_budget - rows
         prefill = 0
         for _ in range(len(self._rr)):
@@ -493,9 +510,35 @@ class StageCore:
         ring.busy[micro] = step
         ring.deadline[micro] = self.now + self.config.step_timeout_s
         ring.inflight[micro] = [r for r, _ in live]
-        tokens = np.array([ring.members[r].token for r, _ in live], dtype=np.int64)  # (B,)
+        mems = [ring.members[r] for r, _ in live]
+        plain = self.config.spec_cost_aware and ring.cost.plain_due()
+        for mem in mems:
+            mem.drafts, mem.guessed = ((), False) if plain else self._drafts(ring, mem)
+        counts = [1 + len(mem.drafts) for mem in mems]
+        ring.sent[micro] = (self.now, max(counts))
+        tokens = np.array([t for mem in mems for t in (mem.token, *mem.drafts)], dtype=np.int64)  # (sum counts,)
+        starts = [h.prompt_len + mem.index for (_, h), mem in zip(live, mems, strict=True)]
         return DecodeOp(live[0][1].runner, [r for r, _ in live], tokens, ring=ring, micro=micro, step=step,
-                        holds=[h for _, h in live])
+                        holds=[h for _, h in live], counts=counts, starts=starts,
+                        one_pass=self.config.spec_one_pass)
+
+    def _drafts(self, ring: Ring, mem: Member) -> tuple[tuple[int, ...], bool]:
+        """The tokens a member's next step feeds after its token: a resumed request's replay (known
+        tokens, all kept), else the lookup's proposal at its adapted length; never past the last
+        position its reservation holds (token max_tokens - 1 is never fed)."""
+        if mem.length is None:
+            return (), False
+        room = mem.max_tokens - 2 - mem.index
+        if room <= 0:
+            return (), False
+        if mem.index + 1 < len(mem.replay):
+            return tuple(mem.replay[mem.index + 1:mem.index + 1 + min(room, mem.length.max_k)]), False
+        k = min(room, mem.length.want())
+        if self.config.spec_cost_aware:
+            k = ring.cost.best_k(k, mem.length.hold_rate())
+        if k <= 0 or mem.lookup is None:
+            return (), False
+        return mem.lookup.propose(k), True
 
     def _fwd_op(self, m: DecodeBatch, ref: StageRef, runner: Any) -> DecodeOp | None:
         seqs: list[str] = []
@@ -516,11 +559,17 @@ class StageCore:
                 self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, (), (), (), m.step))
             return None
         x = m.hidden.array()
-        x = x if len(rows) == len(m.reqs) else x[rows]
+        counts = [1 + len(m.drafts[i]) for i in rows] if m.drafts else [1] * len(rows)
+        if len(rows) != len(m.reqs):
+            at = np.concatenate([[0], np.cumsum([1 + len(d) for d in m.drafts])]) if m.drafts else np.arange(len(m.reqs) + 1)
+            x = x[np.concatenate([np.arange(at[i], at[i + 1]) for i in rows])]
         sub = DecodeBatch(m.epoch, m.replica, m.micro, m.first_block, tuple(RequestId(s) for s in seqs),
                           tuple(m.indexes[i] for i in rows), m.hidden, tuple(attempts[i] for i in rows), m.step,
-                          tuple(m.tokens[i] for i in rows) if m.tokens else ())
-        return DecodeOp(runner, seqs, x, batch=sub, ref=ref, holds=holds)
+                          tuple(m.tokens[i] for i in rows) if m.tokens else (),
+                          tuple(m.drafts[i] for i in rows) if m.drafts else ())
+        starts = [h.prompt_len + m.indexes[i] for h, i in zip(holds, rows, strict=True)]
+        return DecodeOp(runner, seqs, x, batch=sub, ref=ref, holds=holds, counts=counts, starts=starts,
+                        one_pass=self.config.spec_one_pass)
 
     def _prefill_op(self, h: Hold, c: Chunk) -> PrefillOp:
         handoff = c.msg.decoder != c.msg.replica
@@ -598,7 +647,13 @@ class StageCore:
                 refuse(f"replica {m.replica} decodes {len(ring.members)} requests, its limit", "capacity")
                 return
             micro = ring.pick_micro()
-            ring.members[m.req] = Member(m.req, m.attempt, micro, m.entry, replay=tuple(m.replay))
+            mem = ring.members[m.req] = Member(m.req, m.attempt, micro, m.entry, replay=tuple(m.replay),
+                                               max_tokens=params.max_tokens)
+            on = self.config.speculate if params.speculate is None else params.speculate
+            if on and self.config.spec_max_draft > 0:
+                mem.lookup = PromptLookup(m.prompt)
+                mem.prompt_len = len(mem.lookup)
+                mem.length = DraftLength(self.config.spec_max_draft)
         h = Hold(m.req, m.attempt, m.epoch, m.replica, ref, runner, m.entry, True, m.prompt_len, params, m.seed,
                  replay=tuple(m.replay))
         self._hold(key, h)
@@ -891,6 +946,8 @@ class StageCore:
         if found is not None:
             ring, mem = found
             mem.token, mem.index = (mem.replay[0] if mem.replay else m.token), m.index
+            if mem.lookup is not None and len(mem.lookup) == mem.prompt_len:
+                mem.lookup.extend([mem.token])
             self._maybe_join(ring, mem)
 
     def _maybe_join(self, ring: Ring, mem: Member) -> None:
@@ -912,9 +969,10 @@ class StageCore:
             return
         out, ok, errors = res.value
         self._row_errors(errors, ring.replica, 0)
+        counts = op.counts or [1] * len(op.seqs)
         keep = [i for i, j in enumerate(ok) if op.seqs[j] in ring.members]  # not freed meanwhile
         if len(keep) != len(ok):
-            out = out[keep]
+            out = _select(out, [counts[j] for j in ok], keep)
             ok = [ok[i] for i in keep]
         okreqs = [op.seqs[i] for i in ok]
         self.stats["decode_steps"] += 1
@@ -923,18 +981,20 @@ class StageCore:
             self._ring_tokens(ring, micro, op.step, [], [], [])
             return
         okidx = tuple(ring.members[r].index for r in okreqs)
+        drafts = tuple(ring.members[r].drafts for r in okreqs)
+        drafts = drafts if any(drafts) else ()
         nxt = ring.routes.next_stage(ring.stages[0])
         if nxt is None:  # stage 0 holds the head too: sample here
             fed = tuple(int(ring.members[r].token) for r in okreqs)
-            toks, done = self._sample_rows(ring.replica, 0, okreqs, okidx, out, fed)
-            self._ring_tokens(ring, micro, op.step, okreqs, toks, done)
+            toks, done, acc = self._sample_rows(ring.replica, 0, okreqs, okidx, out, fed, drafts)
+            self._ring_tokens(ring, micro, op.step, okreqs, toks, done, acc)
             return
         ring.inflight[micro] = okreqs
         attempts = tuple(ring.members[r].attempt for r in okreqs)
         fed = tuple(int(ring.members[r].token) for r in okreqs)
         self._send(nxt.node, DecodeBatch(ring.epoch, ring.replica, micro, nxt.first,
                                          tuple(RequestId(r) for r in okreqs), okidx, Tensor.from_array(out),
-                                         attempts, op.step, fed))
+                                         attempts, op.step, fed, drafts))
 
     def _ring_clear(self, ring: Ring, micro: int) -> None:
         ring.busy[micro] = 0
@@ -962,34 +1022,50 @@ class StageCore:
         if ring.busy[m.micro] != m.step:
             self.stats["stale"] += 1  # an answer to a step given up on
             return
-        if not (len(m.reqs) == len(m.tokens) == len(m.done)):
+        if not (len(m.reqs) == len(m.tokens) == len(m.done)) or (m.accepted and len(m.accepted) != len(m.reqs)):
             log.warning("malformed token batch (%d reqs, %d tokens): failing its rows", len(m.reqs), len(m.tokens))
             rows = list(ring.inflight[m.micro])
             self._ring_clear(ring, m.micro)
             for r in rows:
                 self._fail_member(ring, r, "the head answered a malformed token batch", "stage_error")
             return
-        self._ring_tokens(ring, m.micro, m.step, list(m.reqs), list(m.tokens), list(m.done))
+        self._ring_tokens(ring, m.micro, m.step, list(m.reqs), list(m.tokens), list(m.done), list(m.accepted))
 
     def _ring_tokens(self, ring: Ring, micro: int, step: int, reqs: list[str], tokens: list[int],
-                     done: list[bool]) -> None:
+                     done: list[bool], accepted: list[int] | None = None) -> None:
         got = set(reqs)
         for r in ring.inflight[micro]:
             if r not in got and r in ring.members:
                 # dropped on the way: the stage that dropped it told the entry (or the request was freed)
                 ring.remove(r)
                 self._release_req(r, None)
+        if reqs and ring.busy[micro] == step:
+            t0, depth = ring.sent[micro]
+            ring.cost.observe(depth, self.now - t0)
         self._ring_clear(ring, micro)
-        for r, t, d in zip(reqs, tokens, done, strict=True):
+        for i, (r, t, d) in enumerate(zip(reqs, tokens, done, strict=True)):
             mem = ring.members.get(r)
             if mem is None:
                 continue
+            a = min(max(0, int(accepted[i])), len(mem.drafts)) if accepted else 0
+            if mem.drafts:
+                if mem.guessed and mem.length is not None:
+                    mem.length.update(len(mem.drafts), a)
+                    self.stats["spec_rows"] += 1
+                    self.stats["spec_drafted"] += len(mem.drafts)
+                    self.stats["spec_accepted"] += a
+                if a < len(mem.drafts) and not d:
+                    self.stats["spec_truncated"] += 1  # the next step drops the rejected drafts' KV
+            new = (*mem.drafts[:a], int(t))
+            mem.drafts = ()
             if d:
                 ring.remove(r)
                 self._release_req(r, None)
             else:
                 mem.token = int(t)
-                mem.index += 1
+                mem.index += len(new)
+                if mem.lookup is not None:
+                    mem.lookup.extend(new)
 
     # --- later decoder stages --------------------------------------------------------------------------
     def _on_decode_batch(self, m: DecodeBatch) -> None:
@@ -1000,8 +1076,11 @@ class StageCore:
             ref = self._my_stage(routes, m.replica, first_block=m.first_block)
             runner = self.runners.runner(m.epoch, ref.first)
             x = m.hidden.array()
-            if x.ndim != 2 or x.shape != (len(m.reqs), self.hidden_size) or len(m.indexes) != len(m.reqs):
-                raise PlanError(f"hidden {x.shape} for {len(m.reqs)} requests")
+            if m.drafts and len(m.drafts) != len(m.reqs):
+                raise PlanError(f"{len(m.drafts)} draft rows for {len(m.reqs)} requests")
+            n = len(m.reqs) + sum(len(d) for d in m.drafts)
+            if x.ndim != 2 or x.shape != (n, self.hidden_size) or len(m.indexes) != len(m.reqs):
+                raise PlanError(f"hidden {x.shape} for {len(m.reqs)} requests ({n} positions)")
             if m.attempts and len(m.attempts) != len(m.reqs):
                 raise PlanError(f"{len(m.attempts)} attempts for {len(m.reqs)} requests")
             if runner is None:
@@ -1039,48 +1118,65 @@ class StageCore:
         okidx = tuple(m.indexes[i] for i in ok)
         oka = tuple(m.attempts[i] for i in ok) if m.attempts else ()
         fed = tuple(m.tokens[i] for i in ok) if m.tokens else ()
+        drafts = tuple(m.drafts[i] for i in ok) if m.drafts else ()
         nxt = routes.next_stage(ref)
         if not okreqs:
             self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, (), (), (), m.step))
             return
         if nxt is None:
-            toks, done = self._sample_rows(m.replica, ref.index, okreqs, okidx, out, fed)
+            toks, done, acc = self._sample_rows(m.replica, ref.index, okreqs, okidx, out, fed, drafts)
             self._send(d0.node, TokenBatch(m.epoch, m.replica, m.micro, tuple(okreqs), tuple(toks), tuple(done),
-                                           m.step))
+                                           m.step, tuple(acc) if drafts else ()))
             for r, d in zip(okreqs, done, strict=True):
                 if d:
                     self._release((r, m.replica, ref.index))
             return
         self._send(nxt.node, DecodeBatch(m.epoch, m.replica, m.micro, nxt.first, tuple(okreqs), okidx,
-                                         Tensor.from_array(out), oka, m.step, fed))
+                                         Tensor.from_array(out), oka, m.step, fed, drafts))
 
     def _sample_rows(self, replica: int, stage: int, reqs: list[str], indexes: tuple[int, ...],
-                     logits: np.ndarray, fed: tuple[int, ...] = ()) -> tuple[list[int], list[bool]]:
+                     logits: np.ndarray, fed: tuple[int, ...] = (),
+                     drafts: tuple[tuple[int, ...], ...] = ()) -> tuple[list[int], list[bool], list[int]]:
         """The head of a decoder replica: sample each row's next token, send it to its entry.
         ``fed``: the tokens stage 0 fed this step (token ``indexes[i]`` of each row), which extend the
-        head's history of the request (the penalties)."""
-        toks, done = [], []
+        head's history of the request (the penalties). ``drafts``: what each row fed after its token;
+        ``logits`` then holds 1 + len(drafts[i]) rows for row i, and position j samples token
+        indexes[i] + 1 + j exactly as a one-token step would (``token_rng(seed, index)``, the history
+        so far); a draft is kept only while it equals the token sampled before it. Returns each row's
+        last token, whether it ended, and how many drafts it kept (the tokens before the last)."""
+        toks, done, kept = [], [], []
+        at = 0
         for i, r in enumerate(reqs):
+            d = drafts[i] if drafts else ()
+            rows = logits[at:at + 1 + len(d)]
+            at += 1 + len(d)
             h = self.holds.get((r, replica, stage))
             if h is None or h.params is None:
                 toks.append(-1)
                 done.append(True)
+                kept.append(0)
                 continue
             if fed:
                 del h.history[indexes[i]:]
                 h.history.extend([h.replay[j] if j < len(h.replay) else -1 for j in range(len(h.history), indexes[i])])
                 h.history.append(int(fed[i]))
-            index = indexes[i] + 1
-            if index < len(h.replay):  # resumed: this token was streamed before; feed it again
-                toks.append(h.replay[index])
-                done.append(False)
-                continue
-            tok, extra = self._head_sample(h, logits[i], index)
-            reason = finish_reason(tok, index, h.params, self.eos)
-            self._send(h.entry, Token(RequestId(r), tok, index, reason is not None, reason or "", h.attempt, **extra))
-            toks.append(tok)
-            done.append(reason is not None)
-        return toks, done
+            for j in range(1 + len(d)):
+                if j:
+                    h.history.append(int(d[j - 1]))  # the draft fed at this position was kept
+                index = indexes[i] + 1 + j
+                if index < len(h.replay):  # resumed: this token was streamed before; feed it again
+                    tok, reason = h.replay[index], None
+                else:
+                    tok, extra = self._head_sample(h, rows[j], index)
+                    reason = finish_reason(tok, index, h.params, self.eos)
+                    self._send(h.entry, Token(RequestId(r), tok, index, reason is not None, reason or "", h.attempt,
+                                              **extra))
+                if reason is not None or j == len(d) or tok != d[j]:
+                    toks.append(tok)
+                    done.append(reason is not None)
+                    kept.append(j)
+                    break
+        return toks, done, kept
 
     # --- freeing ---------------------------------------------------------------------------------------
     def free(self, req: str, attempt: int, now: float) -> None:
@@ -1173,6 +1269,14 @@ class StageCore:
                 "requests": len(self._in_flight), **self.stats}
 
 
+def _select(out: np.ndarray, counts: list[int], rows: list[int]) -> np.ndarray:
+    """The positions of ``rows`` out of an output holding ``counts[i]`` positions per row, in order."""
+    at = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    if not rows:
+        return out[:0]
+    return out[np.concatenate([np.arange(at[i], at[i + 1]) for i in rows])]
+
+
 def _op_holds(op: Op) -> list[Hold]:
     if isinstance(op, (AllocOp, ImportOp, PrefillOp)):
         return [op.hold]
@@ -1209,7 +1313,10 @@ def run_op(op: Op, stats: dict[str, Any], clock: Callable[[], float]) -> Result:
                 kvs[b] = (np.ascontiguousarray(k, dtype=op.kv_dtype), np.ascontiguousarray(v, dtype=op.kv_dtype))
             return Result((out, kvs))
         t0 = clock()
-        out, ok, errors = op.runner.decode_rows(op.seqs, op.x)
+        if op.starts is not None or (op.counts is not None and any(c > 1 for c in op.counts)):
+            out, ok, errors = _decode_positions(op, stats)
+        else:
+            out, ok, errors = op.runner.decode_rows(op.seqs, op.x)
         stats["decode_compute_s"] += clock() - t0  # this stage's share of a token's time
         stats["decode_calls"] += 1
         return Result((np.array(out, copy=True), list(ok), {k: str(e) for k, e in dict(errors).items()}))
@@ -1220,3 +1327,60 @@ def run_op(op: Op, stats: dict[str, Any], clock: Callable[[], float]) -> Result:
     except (ValueError, TypeError, IndexError, RuntimeError) as e:  # onnxruntime raises RuntimeError subclasses
         log.exception("serving op %s raised", type(op).__name__)
         return Result(error=f"{type(e).__name__}: {e}", kind="error")
+
+
+def _decode_positions(op: DecodeOp, stats: dict[str, Any]) -> tuple[np.ndarray, list[int], dict[Any, Any]]:
+    """A decode step whose rows may carry several positions (a token and its drafts).
+
+    First each row whose sequence is longer than where its step starts (drafts the head rejected
+    last step) drops those positions' KV (``truncate``). Then, by default, position j of every row
+    that has one runs as a batched one-position step (``decode_rows``), j = 0, 1, ...: the same
+    arithmetic as decoding without drafts, so the tokens cannot differ. With ``one_pass`` a row's
+    positions run in one multi-position pass (``prefill(..., last_only=False)``): less compute, but
+    it rounds differently from one-position steps. Returns (the rows' outputs, their positions in
+    order; the indices of the rows that ran; seq -> error of those that did not)."""
+    runner = op.runner
+    counts = op.counts or [1] * len(op.seqs)
+    errors: dict[Any, Any] = {}
+    if op.starts is not None:
+        for s, start in zip(op.seqs, op.starts, strict=True):
+            try:
+                if runner.has_seq(s) and runner.seq_len(s) > start:
+                    runner.truncate(s, start)
+            except MeshError as e:
+                errors[s] = e
+    at = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    x = np.asarray(op.x)
+    live = [i for i, s in enumerate(op.seqs) if s not in errors]
+    if all(c == 1 for c in counts):  # no drafts: one step, as without speculation
+        if not live:
+            return np.empty((0, 0), np.float32), [], errors
+        out, ok, errs = runner.decode_rows([op.seqs[i] for i in live], x if len(live) == len(op.seqs) else x[live])
+        errors.update(errs)
+        return out, [live[k] for k in ok], errors
+    parts: dict[int, list[np.ndarray]] = {i: [] for i in live}
+    if op.one_pass:
+        single = [i for i in live if counts[i] == 1]
+        for i in live:
+            if counts[i] > 1:
+                try:
+                    parts[i].append(np.array(runner.prefill(op.seqs[i], x[at[i]:at[i + 1]], last_only=False)))
+                except MeshError as e:
+                    errors[op.seqs[i]] = e
+        steps = [single] if single else []
+    else:
+        steps = [[i for i in live if counts[i] > j] for j in range(max((counts[i] for i in live), default=0))]
+    for j, rows in enumerate(steps):
+        rows = [i for i in rows if op.seqs[i] not in errors]
+        if not rows:
+            continue
+        pos = at[rows] + (0 if op.one_pass else j)
+        out, ok, errs = runner.decode_rows([op.seqs[i] for i in rows], x[pos])
+        errors.update(errs)
+        for n, k in enumerate(ok):
+            parts[rows[k]].append(np.array(out[n:n + 1], copy=True))
+    ok_rows = [i for i in live if op.seqs[i] not in errors]
+    if not ok_rows:
+        width = x.shape[1] if x.ndim == 2 else 0
+        return np.empty((0, width), np.float32), [], errors
+    return np.concatenate([a for i in ok_rows for a in parts[i]]), ok_rows, errors

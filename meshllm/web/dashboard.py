@@ -200,11 +200,16 @@ class Dashboard:
             for r in stages.runners(e):
                 weights += int(getattr(r, "weight_bytes_resident", 0) or 0)
                 kv += int(getattr(getattr(r, "kv", None), "reserved", 0) or 0)
+        ss = self.serving.stage.stats
+        rows, kept = int(ss.get("spec_rows", 0)), int(ss.get("spec_accepted", 0))
         entry = self.serving.entry
         me = self.ports.identity
         return {"id": me.node_id, "name": me.name,
                 "memory": {"budget": int(stages.budget_bytes), "weights": weights, "kv": kv, "used": weights + kv},
                 "held": self.serving.stage.held_count(), "entry_requests": len(entry.requests),
+                # speculative decoding on the rings this node is stage 0 of: drafts kept per drafted step
+                "speculation": {"steps": rows, "drafted": int(ss.get("spec_drafted", 0)), "accepted": kept,
+                                "per_step": round(kept / rows, 3) if rows else None},
                 "epochs": stages.epochs(), "links": dict(self.ports.peers.link_stats()),
                 "measured": self.summary()}
 
@@ -304,7 +309,8 @@ class Dashboard:
                 "device": {"threads": prof.get("threads"), "slowdown": prof.get("slowdown"),
                            "tflops": prof.get("tflops"), "mem_bw_gbs": prof.get("mem_bw_gbs"),
                            "decode_ms_per_token": 1000 * dpt if dpt else None} if prof else None,
-                "memory": memory, "held": rep.get("held") if rep else None}
+                "memory": memory, "held": rep.get("held") if rep else None,
+                "speculation": rep.get("speculation") if rep else None}
 
     def _links(self, members: list[dict[str, Any]], reported: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """Every measured pair once (the slower direction when both ends measured it): what each

@@ -271,6 +271,9 @@ class Reserve(Message):
     # exactly what it computed before and samples the next token as the lost replica would have.
     replay: tuple[int, ...] = ()
     attempt: int = 0
+    # the prompt's token ids, for stage 0's draft proposals (speculative decoding); only the entry's
+    # frame to stage 0 carries them
+    prompt: tuple[int, ...] = ()
 
 
 @data("reserved")
@@ -375,6 +378,9 @@ class DecodeBatch(Message):
     attempts: tuple[int, ...] = ()
     step: int = 0
     tokens: tuple[int, ...] = ()  # the token ids stage 0 fed (the head's history, for penalties)
+    # speculation: the draft tokens row i feeds after tokens[i] (positions indexes[i] + 1, ...);
+    # ``hidden`` then holds sum(1 + len(drafts[i])) rows, row i's positions in order
+    drafts: tuple[tuple[int, ...], ...] = ()
 
 
 @data("token_batch")
@@ -390,6 +396,9 @@ class TokenBatch(Message):
     tokens: tuple[int, ...]
     done: tuple[bool, ...]
     step: int = 0
+    # speculation: how many of row i's drafts the head kept; the row's new tokens are those drafts
+    # followed by tokens[i]
+    accepted: tuple[int, ...] = ()
 
 
 @data("token")

@@ -1,0 +1,242 @@
+"""Speculative decoding through the pipeline: the same tokens as without it, more per step.
+
+Stage 0 of a decoder ring drafts by prompt lookup (``serve/spec.py``), every stage computes the
+drafts in the step, the head keeps those it samples itself. These tests hold the result to the
+single-process loop (no speculation there), on one node and on a 3-stage ring, greedy and seeded,
+with drafts that hold and drafts that fail in the same batch, and through a lost node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_serve import PLANS, make_mesh, reference, settled  # noqa: F401  (make_mesh: a fixture)
+
+from meshllm.model.manifest import Manifest
+from meshllm.runtime.sampling import SamplingParams
+from meshllm.serve.config import ServeConfig
+from meshllm.serve.spec import DraftLength, PromptLookup, StepCost
+
+# drafts at the length adapted to acceptance, whatever the steps cost here: every test drafts
+ON = ServeConfig(spec_cost_aware=False)
+THREE = [("both", [("a", 0, 2), ("b", 2, 4), ("c", 4, 5)])]
+REPEAT = [5, 6, 7, 8, 9] * 5  # drafts hold often
+FREE = [31, 77, 4, 58, 12, 90, 23, 66]  # little to look up
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=24, ignore_eos=True)
+
+
+def spec_stats(mesh) -> dict[str, int]:
+    out = {"spec_rows": 0, "spec_drafted": 0, "spec_accepted": 0}
+    for n in mesh.nodes.values():
+        for k in out:
+            out[k] += n.serving.stage.stats[k]
+    return out
+
+
+async def tokens_of(entry, prompt, params) -> list[int]:
+    got = []
+    async for ev in entry.generate(prompt, params):
+        assert ev.error is None, ev.error
+        got.append(ev.token_id)
+    return got
+
+
+# --- the proposer and the draft length, pure ----------------------------------------------------------
+
+def test_prompt_lookup_continues_the_latest_match_of_the_longest_suffix() -> None:
+    p = PromptLookup([1, 2, 3, 4, 9, 2, 3, 5])
+    assert p.propose(3) == ()  # the suffix (5) never occurred before
+    p.extend([1, 2, 3])
+    assert p.propose(2) == (4, 9)  # the longest suffix wins: "1 2 3" continued with 4 9
+    p.extend([7, 2, 3])
+    assert p.propose(2) == (7, 2)  # "7 2 3" is new; "2 3" last continued with 7 (not 4, not 5)
+    assert p.propose(0) == ()
+    p2 = PromptLookup([7, 8, 7])
+    assert p2.propose(4) == (8, 7)  # "7" occurred at 0, continued by what followed, up to the end
+
+
+def test_draft_length_grows_on_hits_and_drops_to_zero_on_misses() -> None:
+    d = DraftLength(4)
+    assert d.want() == 4
+    d.update(4, 4)
+    assert d.k == 4
+    d.update(4, 1)
+    assert d.k == 1
+    d.update(1, 1)
+    assert d.k == 2
+    for _ in range(3):
+        d.update(d.want() or 1, 0)
+    assert d.k == 0 and d.want() == 0
+    for _ in range(d.backoff):
+        d.want()
+    assert d.k == 1  # tried again after a while
+    assert d.drafted > d.accepted > 0
+
+
+def test_step_cost_drafts_only_what_pays() -> None:
+    c = StepCost()
+    assert c.best_k(4, 0.6) == 4  # nothing measured yet: the adapted length
+    c.observe(1, 0.010)
+    c.observe(3, 0.030)  # every position costs a full step: compute dominates
+    assert c.best_k(4, 0.9) == 0
+    trip = StepCost()
+    trip.observe(1, 0.100)
+    trip.observe(5, 0.120)  # a slow trip, cheap positions: drafts pay
+    assert trip.best_k(4, 0.7) == 4 and trip.best_k(4, 0.05) == 0
+    assert not trip.plain_due()
+    for _ in range(StepCost.PLAIN_EVERY):
+        trip.observe(3, 0.11)
+    assert trip.plain_due()  # time to measure a step without drafts again
+    trip.observe(1, 0.1)
+    assert not trip.plain_due()
+
+
+def test_a_requests_speculate_travels_and_is_checked() -> None:
+    from meshllm.errors import SamplingError
+
+    for p in (SamplingParams(), SamplingParams(speculate=False), SamplingParams(speculate=True)):
+        assert SamplingParams.from_dict(p.to_dict()) == p
+    assert "speculate" not in SamplingParams().to_dict()  # the default leaves frames as they were
+    with pytest.raises(SamplingError, match="speculate"):
+        SamplingParams(speculate="yes")  # type: ignore[arg-type]
+
+
+# --- the same tokens, more per step ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("plan", ["one-node", "three-stages", "split-differently"])
+async def test_speculation_gives_the_tokens_of_one_process(make_mesh, tiny_manifest: Manifest,  # noqa: F811
+                                                           plan: str) -> None:
+    mesh = await make_mesh(THREE if plan == "three-stages" else PLANS[plan], ON)
+    entry = mesh.node("a").serving.entry
+    for params in (GREEDY, SEEDED):
+        for prompt in (REPEAT, FREE):
+            got = await tokens_of(entry, prompt, params)
+            assert got == reference(tiny_manifest, prompt, params), (params, prompt)
+    s = spec_stats(mesh)
+    assert s["spec_accepted"] > 0, s  # drafts held: steps yielded several tokens
+    assert s["spec_drafted"] > s["spec_accepted"], s  # and some failed: rejection was exercised
+    await settled(mesh)
+
+
+async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+    mesh = await make_mesh(THREE, ON)
+    entry = mesh.node("a").serving.entry
+    off = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, speculate=False)
+    assert await tokens_of(entry, REPEAT, off) == reference(tiny_manifest, REPEAT, off)
+    assert spec_stats(mesh)["spec_drafted"] == 0
+    await settled(mesh)
+    mesh2 = await make_mesh(THREE, ServeConfig(speculate=False, spec_cost_aware=False))
+    assert await tokens_of(mesh2.node("a").serving.entry, REPEAT, GREEDY) == reference(tiny_manifest, REPEAT, GREEDY)
+    assert spec_stats(mesh2)["spec_drafted"] == 0
+    on = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, speculate=True)  # the request overrides
+    assert await tokens_of(mesh2.node("a").serving.entry, REPEAT, on) == reference(tiny_manifest, REPEAT, on)
+    assert spec_stats(mesh2)["spec_drafted"] > 0
+    await settled(mesh2)
+
+
+async def test_rows_that_keep_and_reject_drafts_share_a_batch(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+    mesh = await make_mesh(THREE, ON)
+    entry = mesh.node("a").serving.entry
+    jobs = [(REPEAT, GREEDY), (FREE, SEEDED), ([3, 4, 3, 4, 3, 4, 3], GREEDY),
+            (FREE[::-1], SamplingParams(temperature=1.0, seed=3, max_tokens=20, ignore_eos=True,
+                                        frequency_penalty=0.5)),
+            (REPEAT[:12], SamplingParams(temperature=0.0, max_tokens=9))]  # EOS allowed, short: ends mid-draft
+    got = await asyncio.gather(*(tokens_of(entry, p, q) for p, q in jobs))
+    for (p, q), toks in zip(jobs, got, strict=True):
+        assert toks == reference(tiny_manifest, p, q)
+    s = spec_stats(mesh)
+    assert s["spec_accepted"] > 0 and s["spec_drafted"] > s["spec_accepted"], s
+    await settled(mesh)
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_mesh, tiny_manifest: Manifest,  # noqa: F811
+                                                                       sampling: str) -> None:
+    spec = [("prefill", [("a", 0, 5)]), ("decoder", [("b", 0, 2), ("c", 2, 5)]), ("decoder", [("d", 0, 5)])]
+    mesh = await make_mesh(spec, ON)
+    entry = mesh.node("a").serving.entry
+    params = GREEDY if sampling == "greedy" else SEEDED
+    params = SamplingParams(**{**params.to_dict(), "max_tokens": 30})
+    tokens: list[int] = []
+    async for ev in entry.generate(REPEAT, params):
+        assert ev.error is None, ev.error
+        tokens.append(ev.token_id)
+        if len(tokens) == 6:
+            holder = next(n for n in "bcd" if mesh.node(n).serving.stage.held_count())
+            await mesh.kill(holder)
+    assert tokens == reference(tiny_manifest, REPEAT, params)
+    assert entry.stats["migrations"] == 1 and entry.stats["failed"] == 0
+    # the replica that took over replayed the streamed tokens as drafts, several per step
+    d = mesh.node("d").serving.stage.stats
+    assert 0 < d["decode_steps"] < len(tokens) - 1 and d["decode_rows"] == d["decode_steps"]
+    await settled(mesh)
+
+
+async def test_a_client_gone_mid_speculation_frees_everything(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+    mesh = await make_mesh(THREE, ON)
+    entry = mesh.node("a").serving.entry
+    gen = entry.generate(REPEAT, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    first = [await anext(gen), await anext(gen)]
+    assert all(e.error is None for e in first)
+    await gen.aclose()  # the client goes away while drafts are in flight
+    await settled(mesh)
+    ref = reference(tiny_manifest, REPEAT, GREEDY)
+    assert [e.token_id for e in first] == ref[:2]
+
+
+async def test_one_pass_verification_runs_every_row_through(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+    # one multi-position pass per row rounds differently from one-token steps (docs/serving.md), so
+    # its tokens are not held to the reference here: the rows finish, drafts are verified, KV is freed
+    mesh = await make_mesh(THREE, ServeConfig(spec_cost_aware=False, spec_one_pass=True))
+    entry = mesh.node("a").serving.entry
+    jobs = [(REPEAT, GREEDY), (FREE, SEEDED), (REPEAT[:12], SamplingParams(temperature=0.0, max_tokens=9))]
+    got = await asyncio.gather(*(tokens_of(entry, p, q) for p, q in jobs))
+    assert [len(t) for t in got[:2]] == [24, 24] and 1 <= len(got[2]) <= 9
+    assert got[0][0] == reference(tiny_manifest, REPEAT, GREEDY)[0]  # token 0 comes from the prefill
+    assert spec_stats(mesh)["spec_accepted"] > 0
+    await settled(mesh)
+
+
+async def test_a_stop_string_ends_the_answer_mid_speculation(tiny_manifest: Manifest) -> None:
+    from servemesh import DataMesh
+
+    from meshllm.model.manifest import load_manifest
+    from meshllm.model.paths import BUNDLED_MODEL
+    from meshllm.model.tokenizer import Tokenizer
+    from meshllm.runtime.generate import generate
+    from meshllm.runtime.runner import StageRunner
+
+    bundled = load_manifest(BUNDLED_MODEL)  # the bundled code model: its answers repeat what it saw
+    tok = Tokenizer.from_manifest(bundled)
+    prompt = tok.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(")
+    plain = SamplingParams(temperature=0.0, max_tokens=40)
+    full = generate(StageRunner(bundled, 0, bundled.config.num_blocks, threads=1), prompt, plain, tokenizer=tok)
+    stop = full.text.strip()[len(full.text.strip()) // 2:][:3] or "return"
+    params = SamplingParams(temperature=0.0, max_tokens=40, stop=(stop,))
+    ref = generate(StageRunner(bundled, 0, bundled.config.num_blocks, threads=1), prompt, params, tokenizer=tok)
+    mesh = DataMesh(bundled, ["a", "b", "c"], config=ON)
+    await mesh.start([("both", [("a", 0, 3), ("b", 3, 6), ("c", 6, 8)])])
+    try:
+        got = []
+        async for ev in mesh.node("a").serving.entry.generate(prompt, params):
+            assert ev.error is None, ev.error
+            got.append(ev)
+        assert "".join(e.text for e in got) == ref.text and got[-1].finish_reason == "stop"
+        assert spec_stats(mesh)["spec_accepted"] > 0  # the answer was speculated when the stop came
+        await settled(mesh)
+    finally:
+        await mesh.close()
+
+
+async def test_the_lab_hop_delay_holds_every_frame_between_stages(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+    mesh = await make_mesh(THREE, ServeConfig(hop_delay_ms=40.0, speculate=False))
+    entry = mesh.node("a").serving.entry
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await tokens_of(entry, REPEAT, params) == reference(tiny_manifest, REPEAT, params)
+    # the prompt crosses 2 hops, each of the 3 decode steps 3 (a -> b -> c -> a): 11 hops of 40 ms at least
+    assert loop.time() - t0 >= 11 * 0.040
+    await settled(mesh)
