@@ -223,11 +223,8 @@ def cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
     return sorted(found)
 
 
-# Circles still being taken apart (issue 16). The list only shrinks: a circle not listed fails,
-# and so does a listed one that is gone (delete its line).
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    ("meshllm.bench.model_runtime", "meshllm.bench.runtime"),
-}
+# Circles allowed to remain: none. A new one fails the test.
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def test_the_import_graph_has_no_new_circles() -> None:
