@@ -3,6 +3,8 @@ the mesh must answer what one process answers."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from meshllm.cli import main
@@ -23,7 +25,10 @@ def test_demo_answers_through_a_mesh_what_one_process_answers(capsys: pytest.Cap
     pre = next(ln for ln in served.splitlines() if " PREFILL " in ln)
     dec = next(ln for ln in served.splitlines() if " DECODER " in ln)
     assert "prefilled the prompt" in pre and "sent" in pre and "decoded" not in pre, served
-    assert "decoded (15 steps)" in dec and "received" in dec and "prefilled" not in dec, served
+    # 15 tokens after the prefill's first, in at most 15 steps (fewer when speculation's drafts are kept)
+    steps = re.search(r"decoded \((\d+) steps\)", dec)
+    assert steps is not None and 1 <= int(steps.group(1)) <= 15, served
+    assert "received" in dec and "prefilled" not in dec, served
     sent = float(pre.split("sent ")[1].split(" KiB")[0])
     assert sent > 0 and f"received {sent:.1f} KiB" in dec, served
     assert "the mesh answered token for token what one process answered" in mesh
