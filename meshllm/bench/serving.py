@@ -63,6 +63,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-scale", type=float, default=0.125,
                    help="prompt and answer lengths of the mixes times this (default %(default)s)")
     p.add_argument("--count", type=int, default=12, help="requests per load (default %(default)s)")
+    p.add_argument("--idle", type=int, default=4,
+                   help="requests sent one at a time first, as load 0 (default %(default)s; 0: none)")
     p.add_argument("--max-batch", type=int, default=8, help="the workload's max batch (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per node (default 1)")
@@ -237,7 +239,7 @@ def saturation(plan: Any, mp: Any, devices: dict[str, Any], network: Any, worklo
 # --- the shell ----------------------------------------------------------------------------------------
 
 async def _send(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int,
-                limit_s: float) -> tuple[list[Timed], float]:
+                limit_s: float, one_at_a_time: bool = False) -> tuple[list[Timed], float]:
     import aiohttp
 
     rng = np.random.default_rng([seed, 7])
@@ -251,7 +253,13 @@ async def _send(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int,
             body = {"prompt": prompts[i], "max_tokens": reqs[i].output_tokens, "temperature": 0, "ignore_eos": True}
             return await stream_timed(session, urls[i % len(urls)], body, limit_s=limit_s)
 
-        results = list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
+        if one_at_a_time:
+            results = [await stream_timed(session, urls[i % len(urls)],
+                                          {"prompt": prompts[i], "max_tokens": reqs[i].output_tokens,
+                                           "temperature": 0, "ignore_eos": True}, limit_s=limit_s)
+                       for i in range(len(reqs))]
+        else:
+            results = list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
     ends = [r.token_times[-1] for r in results if r.token_times]
     return results, (max(ends) if ends else time.perf_counter()) - t0
 
@@ -262,9 +270,11 @@ def _metrics(urls: Sequence[str]) -> list[dict[str, float]]:
     return [metric_values(get_text(u + "/metrics", timeout=10.0) or "") for u in urls]
 
 
-def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float) -> dict[str, Any]:
+def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float,
+            one_at_a_time: bool = False) -> dict[str, Any]:
     before = _metrics(urls)
-    results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s))
+    load0 = os.getloadavg()[0]
+    results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s, one_at_a_time))
     after = _metrics(urls)
     wmean, wp99 = hist_delta(before, after, WAIT_METRIC)
     ok = [r for r, q in zip(results, reqs, strict=True)
@@ -272,6 +282,8 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     side = figures([], [t for r in ok if (t := r.ttft) is not None], [t for r in ok if (t := r.tpot) is not None],
                    sum(len(r.token_times) for r in ok), wall, len(ok), sum(r.outcome == "429" for r in results),
                    len(results) - len(ok) - sum(r.outcome == "429" for r in results), wmean, wp99)
+    # the machine's contention while the cell ran (1-minute load average, before and after)
+    side["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     errs = sorted({r.detail or "answer cut short" for r in results if r.outcome == "error"})
     if errs:
         side["error_examples"] = errs[:3]
@@ -298,9 +310,10 @@ def run(args: argparse.Namespace) -> int:
     from meshllm.errors import UserError
     from meshllm.model.manifest import load_manifest
     from meshllm.planner.types import Plan, Workload
+    from meshllm.sim.workload import Request
 
     if args.quick:
-        args.nodes, args.count = min(args.nodes, 2), min(args.count, 4)
+        args.nodes, args.count, args.idle = min(args.nodes, 2), min(args.count, 4), min(args.idle, 2)
         args.mixes, args.loads = args.mixes.split(",")[0], args.loads.split(",")[0]
         args.slowdowns = ",".join(args.slowdowns.split(",")[:2])
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -354,11 +367,18 @@ def run(args: argparse.Namespace) -> int:
                     # one warm-up request per node: sessions and caches are ready before the trace
                     asyncio.run(_send(mesh.urls, requests_for(inp, outl, 1.0, len(mesh.urls), args.seed + 9, room),
                                       cfg.vocab_size, args.seed, args.request_timeout))
-                    for load in loads:
-                        reqs = requests_for(inp, outl, load * sat, args.count, args.seed, room)
-                        measured = measure(mesh.urls, reqs, cfg.vocab_size, args.seed, args.request_timeout)
+                    for load in ([0.0] if args.idle > 0 else []) + loads:
+                        if load == 0.0:  # one request at a time: the model's error without queueing
+                            reqs = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens) for i, r in
+                                    enumerate(requests_for(inp, outl, 1.0, args.idle, args.seed, room))]
+                        else:
+                            reqs = requests_for(inp, outl, load * sat, args.count, args.seed, room)
+                        measured = measure(mesh.urls, reqs, cfg.vocab_size, args.seed, args.request_timeout,
+                                           one_at_a_time=load == 0.0)
                         predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing)
-                        out["cells"].append({"mix": mix, "load": load, "rate_rps": round(load * sat, 3),
+                        if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
+                            predicted["tok_s"] = measured["tok_s"] = None
+                        out["cells"].append({"mix": mix, "load": load, "rate_rps": round(load * sat, 3) if load else 0.0,
                                              "strategy": strat, "measured": measured, "predicted": predicted,
                                              "error_pct": error_pct(measured, predicted)})
                         print(json.dumps(out["cells"][-1]), file=sys.stderr, flush=True)
@@ -402,6 +422,9 @@ def judge(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["cells_within_15pct"] = sum(
         1 for c in cells if all(c["error_pct"].get(k) is not None and abs(c["error_pct"][k]) <= 15
                                 for k in ("ttft_ms", "tpot_ms")))
+    idle = [abs(v) for c in cells if c["load"] == 0 for k, v in c["error_pct"].items()
+            if k in ("ttft_ms", "tpot_ms") and v is not None]
+    out["max_abs_error_pct_ttft_tpot_one_at_a_time"] = max(idle) if idle else None
     out["cells"] = len(cells)
     return out
 
