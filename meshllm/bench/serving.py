@@ -12,11 +12,18 @@ saturation rate (the simulator's definition of load in ``e2llm-vs-splitwise``): 
 
 Per cell (mix, load, strategy), ``measured`` and ``predicted`` carry the same keys:
 
-- ``wait_ms`` / ``wait_p99_ms``: waiting time. The simulator's is from arrival to the start of the
-  request's first prefill micro-batch; the measured one is the entry's
-  ``meshllm_request_waiting_seconds`` (from acceptance to the prompt sent to a prefill replica:
-  queue and admission), summed over every node's ``/metrics`` before and after the cell (its p99
-  interpolated in the histogram's buckets, so coarse);
+- ``wait_ms`` / ``wait_p99_ms``: waiting time, defined alike on both sides as each request's TTFT
+  minus the TTFT of the same request alone (the mesh otherwise idle: measured by sending every
+  prompt of the trace one at a time first; predicted by simulating the requests 1000 s apart).
+  Where a prompt runs uninterrupted once started, that is the simulator's waiting (arrival to the
+  start of the first prefill micro-batch, also given as ``predicted.sim_wait_ms``); it also counts
+  time a prompt's chunks wait behind other work once started, which the real scheduler interleaves.
+  ``measured.entry_wait_ms`` is the entry's ``meshllm_request_waiting_seconds`` (acceptance to the
+  prompt sent to a prefill replica, summed over every node's ``/metrics``, p99 interpolated in its
+  buckets): it misses the time a prompt waits at its stage, which is all of a one-stage BOTH
+  replica's waiting (its prompt goes with its reservation), so it cannot compare strategies;
+- load 0 is the first ``--idle`` requests of the trace one at a time (its ``wait_ms`` is the
+  run-to-run noise of TTFT alone);
 - ``ttft_ms`` / ``ttft_p99_ms``, ``tpot_ms`` / ``tpot_p99_ms``: means and p99 over completed
   requests (TPOT over requests with two tokens or more);
 - ``tok_s``: tokens of completed requests over the time from the first arrival to the last token;
@@ -33,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -204,19 +212,26 @@ def mesh_problem(urls: Sequence[str], manifest: Any) -> tuple[Any, dict[str, Any
 
 def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any,
             reqs: Sequence[Any], routing: str) -> tuple[dict[str, Any], Any]:
-    """The simulator's side of a cell, and its result."""
+    """The simulator's side of a cell, and its result. Its ``wait_ms`` is defined as the measured
+    one (each request's TTFT minus its TTFT alone, see ``alone``); ``sim_wait_ms`` is the
+    simulator's own (arrival to the first prefill micro-batch's start)."""
     from meshllm.sim.adapter import to_sim_model
     from meshllm.sim.model import SimConfig
     from meshllm.sim.serving import simulate
+    from meshllm.sim.workload import Request
 
     model = to_sim_model(plan, mp, devices, network, workload)
-    res = simulate(model, list(reqs), SimConfig(routing=routing))
+    config = SimConfig(routing=routing)
+    res = simulate(model, list(reqs), config)
     recs = res.records
+    apart = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens) for i, r in enumerate(reqs)]
+    alone = {r.id: r.ttft_s for r in simulate(model, apart, config).records}
     first = min(r.arrival for r in recs)
     wall = max(r.finish for r in recs) - first
-    side = figures([r.waiting_s for r in recs], [r.ttft_s for r in recs],
+    side = figures([max(0.0, r.ttft_s - alone[r.id]) for r in recs], [r.ttft_s for r in recs],
                    [t for r in recs if (t := r.tpot_s) is not None], sum(r.output_tokens for r in recs), wall,
                    len(recs), 0, 0)
+    side["sim_wait_ms"] = _ms(float(np.mean([r.waiting_s for r in recs])))
     return side, res
 
 
@@ -270,8 +285,16 @@ def _metrics(urls: Sequence[str]) -> list[dict[str, float]]:
     return [metric_values(get_text(u + "/metrics", timeout=10.0) or "") for u in urls]
 
 
+def alone(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float) -> list[float | None]:
+    """Each request's TTFT with the mesh otherwise idle: the same prompt (and entry), two tokens
+    asked, one request at a time."""
+    two = [type(r)(r.id, 0.0, r.input_tokens, 2) for r in reqs]
+    results, _ = asyncio.run(_send(urls, two, vocab, seed, limit_s, one_at_a_time=True))
+    return [r.ttft if r.outcome == "ok" else None for r in results]
+
+
 def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float,
-            one_at_a_time: bool = False) -> dict[str, Any]:
+            one_at_a_time: bool = False, alone_ttft: Sequence[float | None] | None = None) -> dict[str, Any]:
     before = _metrics(urls)
     load0 = os.getloadavg()[0]
     results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s, one_at_a_time))
@@ -279,9 +302,14 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     wmean, wp99 = hist_delta(before, after, WAIT_METRIC)
     ok = [r for r, q in zip(results, reqs, strict=True)
           if r.outcome == "ok" and len(r.token_times) == q.output_tokens]
-    side = figures([], [t for r in ok if (t := r.ttft) is not None], [t for r in ok if (t := r.tpot) is not None],
+    waits = [max(0.0, r.ttft - a) for r, q, a in zip(results, reqs, alone_ttft or [None] * len(reqs), strict=True)
+             if r.outcome == "ok" and len(r.token_times) == q.output_tokens and r.ttft is not None and a is not None]
+    side = figures(waits, [t for r in ok if (t := r.ttft) is not None], [t for r in ok if (t := r.tpot) is not None],
                    sum(len(r.token_times) for r in ok), wall, len(ok), sum(r.outcome == "429" for r in results),
-                   len(results) - len(ok) - sum(r.outcome == "429" for r in results), wmean, wp99)
+                   len(results) - len(ok) - sum(r.outcome == "429" for r in results))
+    # the entry's own histogram: acceptance to the prompt sent to a prefill replica (where the
+    # prompt then waits at its stage is not in it)
+    side["entry_wait_ms"], side["entry_wait_p99_ms"] = _ms(wmean), _ms(wp99)
     # the machine's contention while the cell ran (1-minute load average, before and after)
     side["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     errs = sorted({r.detail or "answer cut short" for r in results if r.outcome == "error"})
@@ -337,6 +365,8 @@ def run(args: argparse.Namespace) -> int:
     if note:
         out["note"] = note
     t_start = time.perf_counter()
+    # a terminated bench still stops its nodes (the meshes are context managers)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     profiles_dir: Path | None = None
     env_before = dict(os.environ)
     try:
@@ -367,14 +397,18 @@ def run(args: argparse.Namespace) -> int:
                     # one warm-up request per node: sessions and caches are ready before the trace
                     asyncio.run(_send(mesh.urls, requests_for(inp, outl, 1.0, len(mesh.urls), args.seed + 9, room),
                                       cfg.vocab_size, args.seed, args.request_timeout))
+                    # every load sends the same prompts (only the arrivals differ): their TTFT alone
+                    base = requests_for(inp, outl, 1.0, args.count, args.seed, room)
+                    ttft_alone = alone(mesh.urls, base, cfg.vocab_size, args.seed, args.request_timeout)
                     for load in ([0.0] if args.idle > 0 else []) + loads:
                         if load == 0.0:  # one request at a time: the model's error without queueing
-                            reqs = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens) for i, r in
-                                    enumerate(requests_for(inp, outl, 1.0, args.idle, args.seed, room))]
+                            reqs = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens)
+                                    for i, r in enumerate(base[:args.idle])]
                         else:
                             reqs = requests_for(inp, outl, load * sat, args.count, args.seed, room)
                         measured = measure(mesh.urls, reqs, cfg.vocab_size, args.seed, args.request_timeout,
-                                           one_at_a_time=load == 0.0)
+                                           one_at_a_time=load == 0.0,
+                                           alone_ttft=ttft_alone[:len(reqs)])
                         predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing)
                         if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
                             predicted["tok_s"] = measured["tok_s"] = None
