@@ -178,10 +178,12 @@ class _Sim:
         iv = self.node_iv.get(node)
         if iv is None:
             nf = self.node_free.get(node, 0.0)
-            end = (ready if ready > nf else nf) + dur
+            start = ready if ready > nf else nf
+            end = start + dur * self._sharing(node, start)
             self.node_free[node] = end
             return end
         now = self.q.now
+        dur *= self._sharing(node, ready)
         while iv and iv[0][1] <= now:  # past reservations cannot hold anything up any more
             iv.pop(0)
         t = ready
@@ -197,6 +199,16 @@ class _Sim:
             k += 1
         iv.insert(k, (t, t + dur))
         return t + dur
+
+    def _sharing(self, node: str, start: float) -> float:
+        """How much longer work on ``node`` from ``start`` takes when the nodes share
+        ``config.shared_cores`` cores: the nodes computing then, this one included, over the cores."""
+        cores = self.cfg.shared_cores
+        if cores <= 0:
+            return 1.0
+        k = 1 + sum(1 for n, f in self.node_free.items() if n != node and f > start)
+        k += sum(1 for n, iv in self.node_iv.items() if n != node and any(a <= start < b for a, b in iv))
+        return max(1.0, k / cores)
 
     def _hop(self, src: str, dst: str, nbytes: float = TOKEN_BYTES) -> float:
         """A small control message: latency only, no link queueing."""
