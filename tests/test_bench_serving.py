@@ -70,13 +70,15 @@ def test_errors_and_judgement() -> None:
 def test_bench_serving_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "serving", "--quick", "--model", TINY, "--strategies", "splitwise", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["model"] == "tiny" and out["nodes"] == 2 and len(out["cells"]) == 1
-    c = out["cells"][0]
+    assert out["model"] == "tiny" and out["nodes"] == 2 and [c["load"] for c in out["cells"]] == [0.0, 0.5]
+    idle, c = out["cells"]
+    assert idle["rate_rps"] == 0.0 and idle["measured"]["completed"] == idle["predicted"]["completed"] == 2
     assert c["strategy"] == "splitwise" and c["rate_rps"] == pytest.approx(c["load"] * out["saturation_rps"][c["mix"]],
                                                                           rel=0.01)
     roles = sorted(r["role"] for r in out["plans"][c["mix"]]["splitwise"])
     assert roles == ["decoder", "prefill"]
-    for side in ("measured", "predicted"):
+    assert c["predicted_shared_cores"]["completed"] == 4 and "busy_nodes" in c["predicted"]
+    for side in ("measured", "predicted", "predicted_shared_cores"):
         for k in KEYS:
             assert k in c[side], (side, k)
         assert c[side]["completed"] == 4 and c[side]["errors"] == 0
@@ -84,3 +86,4 @@ def test_bench_serving_quick(capsys: pytest.CaptureFixture[str]) -> None:
         assert 0 < c[side]["tpot_ms"] < 60_000 and c[side]["tok_s"] > 0
         assert c[side]["wait_ms"] is not None and c[side]["wait_ms"] >= 0
     assert all(v is None or math.isfinite(v) for v in c["error_pct"].values())
+    assert c["measured"]["entry_wait_ms"] is not None and out["step_token_budget"] > 0

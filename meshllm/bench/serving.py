@@ -215,7 +215,8 @@ def mesh_problem(urls: Sequence[str], manifest: Any) -> tuple[Any, dict[str, Any
 
 
 def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any,
-            reqs: Sequence[Any], routing: str, shared_cores: float = 0.0) -> tuple[dict[str, Any], Any]:
+            reqs: Sequence[Any], routing: str, shared_cores: float = 0.0,
+            step_token_budget: int = 0) -> tuple[dict[str, Any], Any]:
     """The simulator's side of a cell, and its result. Its ``wait_ms`` is defined as the measured
     one (each request's TTFT minus its TTFT alone, see ``alone``); ``sim_wait_ms`` is the
     simulator's own (arrival to the first prefill micro-batch's start)."""
@@ -225,7 +226,7 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     from meshllm.sim.workload import Request
 
     model = to_sim_model(plan, mp, devices, network, workload)
-    config = SimConfig(routing=routing, shared_cores=shared_cores)
+    config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget)
     res = simulate(model, list(reqs), config)
     recs = res.records
     apart = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens) for i, r in enumerate(reqs)]
@@ -344,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
     from meshllm.errors import UserError
     from meshllm.model.manifest import load_manifest
     from meshllm.planner.types import Plan, Workload
+    from meshllm.serve.config import ServeConfig
     from meshllm.sim.workload import Request
 
     if args.quick:
@@ -365,9 +367,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = manifest.config
     room = cfg.max_position - 1
     routing = "start"  # the nodes' default objective is waiting, whose router policy is "start"
+    # the stages interleave prompt chunks with decode steps under this budget: the simulator too
+    budget = ServeConfig().step_token_budget
     out: dict[str, Any] = {"bench": "serving", "model": Path(model).name, "nodes": args.nodes,
                            "slowdowns": args.slowdowns, "length_scale": args.length_scale, "count": args.count,
-                           "seed": args.seed, "routing": routing, "cells": [], "plans": {}, "saturation_rps": {}}
+                           "seed": args.seed, "routing": routing, "step_token_budget": budget,
+                           "cells": [], "plans": {}, "saturation_rps": {}}
     if note:
         out["note"] = note
     t_start = time.perf_counter()
@@ -415,9 +420,11 @@ def run(args: argparse.Namespace) -> int:
                         measured = measure(mesh.urls, reqs, cfg.vocab_size, args.seed, args.request_timeout,
                                            one_at_a_time=load == 0.0,
                                            alone_ttft=ttft_alone[:len(reqs)])
-                        predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing)
+                        predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing,
+                                               step_token_budget=budget)
                         # the same, told that the nodes share this machine's cores
-                        shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, float(os.cpu_count() or 1))
+                        shared, _ = predict(plan, mp, devices, network, wl, reqs, routing,
+                                            float(os.cpu_count() or 1), budget)
                         if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
                             predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
                         out["cells"].append({"mix": mix, "load": load, "rate_rps": round(load * sat, 3) if load else 0.0,
