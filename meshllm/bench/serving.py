@@ -483,6 +483,10 @@ def judge(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def plot(cells: Sequence[dict[str, Any]], path: str) -> None:
     """Measured (filled) vs predicted (hollow) mean wait, TTFT and TPOT per strategy and load, a row
     per mix."""
@@ -502,12 +506,12 @@ def plot(cells: Sequence[dict[str, Any]], path: str) -> None:
             for s in strats:
                 cs = sorted((c for c in cells if c["mix"] == mix and c["strategy"] == s), key=lambda c: c["load"])
                 xs = [c["load"] for c in cs]
-                ax.plot(xs, [c["measured"].get(k) or float("nan") for c in cs], "o-", color=colors[s],
+                ax.plot(xs, [_nan(c["measured"].get(k)) for c in cs], "o-", color=colors[s],
                         label=f"{s} measured")
-                ax.plot(xs, [c["predicted"].get(k) or float("nan") for c in cs], "s--", color=colors[s],
+                ax.plot(xs, [_nan(c["predicted"].get(k)) for c in cs], "s--", color=colors[s],
                         mfc="none", label=f"{s} predicted")
                 if all("predicted_shared_cores" in c for c in cs):
-                    ax.plot(xs, [c["predicted_shared_cores"].get(k) or float("nan") for c in cs], "x:",
+                    ax.plot(xs, [_nan(c["predicted_shared_cores"].get(k)) for c in cs], "x:",
                             color=colors[s], label=f"{s} predicted, cores shared")
             ax.set_title(f"{mix}: {label}", fontsize=9)
             ax.set_xlabel("load (fraction of splitwise's predicted saturation)", fontsize=8)
