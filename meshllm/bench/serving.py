@@ -437,8 +437,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         os.environ.clear()
         os.environ.update(env_before)
-    if profiles_dir is not None:
-        shutil.rmtree(profiles_dir, ignore_errors=True)
+        if profiles_dir is not None:  # the profiles kept for the run's later meshes
+            shutil.rmtree(profiles_dir, ignore_errors=True)
     out["judged"] = judge(out["cells"])
     out["bench_s"] = round(time.perf_counter() - t_start, 1)
     out["targets"] = TARGETS
