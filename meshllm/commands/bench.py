@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # name -> module under meshllm/bench with register(parser) and run(args) -> int
-BENCHES = ["runtime", "planner", "sim", "mesh", "wire", "load"]
+BENCHES = ["runtime", "planner", "sim", "mesh", "wire", "load", "serving"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

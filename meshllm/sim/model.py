@@ -84,11 +84,24 @@ class SimConfig:
     prefill_chunk_tokens: int = 512  # prompt micro-batch size through the prefill pipeline
     max_groups: int = 0  # decode micro-batches in flight per replica; 0 = number of stages
     routing: str = "completion"  # routing policy (meshllm.sim.routing.POLICIES)
+    # 0: every node has its own hardware. n > 0: the nodes share n cores (a mesh of processes on
+    # one machine, as `meshllm up` and the benchmarks run): work that starts while k nodes are
+    # computing takes max(1, k / n) times as long (processor sharing, frozen at the start)
+    shared_cores: float = 0.0
+    # 0: stage 0 of a BOTH replica serves prompts and decode micro-batches first come, first
+    # served (a decode step waits for every prompt that arrived before it came back). n > 0: as
+    # the serving core's scheduler (serve/stagecore.py, step_token_budget): a decode micro-batch
+    # that is back waits for at most n prompt tokens of prefill (and always at least one chunk)
+    step_token_budget: int = 0
 
     def __post_init__(self) -> None:
         if self.pipeline not in ("no-bubbles", "bubbles"):
             raise SimError(f"unknown pipeline mode {self.pipeline!r}")
         if self.routing not in POLICIES:
             raise SimError(f"unknown routing policy {self.routing!r}; known: {', '.join(POLICIES)}")
+        if self.step_token_budget < 0:
+            raise SimError("step_token_budget must be >= 0")
+        if not self.shared_cores >= 0:
+            raise SimError("shared_cores must be >= 0")
         if self.prefill_chunk_tokens <= 0:
             raise SimError("prefill_chunk_tokens must be positive")

@@ -86,7 +86,7 @@ class _Stage:
 
 
 class _Rep:
-    __slots__ = ("backlog_s", "groups", "joiners", "kv_used", "pending", "returned", "s0_end",
+    __slots__ = ("backlog_s", "groups", "joiners", "kv_used", "pending", "pre_tokens", "returned", "s0_end",
                  "seqs", "spec", "stages", "tpot_obs")
 
     def __init__(self, spec: SimReplica) -> None:
@@ -101,6 +101,7 @@ class _Rep:
         self.returned: set[int] = set()  # group ids waiting at the Bubbles barrier
         self.tpot_obs = 0.0  # observed seconds per token of its sequences (moving average)
         self.s0_end = 0.0  # when the job its first stage is running ends
+        self.pre_tokens = 0  # prompt tokens its first stage prefilled since its last decode step
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,10 +179,12 @@ class _Sim:
         iv = self.node_iv.get(node)
         if iv is None:
             nf = self.node_free.get(node, 0.0)
-            end = (ready if ready > nf else nf) + dur
+            start = ready if ready > nf else nf
+            end = start + dur * self._sharing(node, start)
             self.node_free[node] = end
             return end
         now = self.q.now
+        dur *= self._sharing(node, ready)
         while iv and iv[0][1] <= now:  # past reservations cannot hold anything up any more
             iv.pop(0)
         t = ready
@@ -197,6 +200,16 @@ class _Sim:
             k += 1
         iv.insert(k, (t, t + dur))
         return t + dur
+
+    def _sharing(self, node: str, start: float) -> float:
+        """How much longer work on ``node`` from ``start`` takes when the nodes share
+        ``config.shared_cores`` cores: the nodes computing then, this one included, over the cores."""
+        cores = self.cfg.shared_cores
+        if cores <= 0:
+            return 1.0
+        k = 1 + sum(1 for n, f in self.node_free.items() if n != node and f > start)
+        k += sum(1 for n, iv in self.node_iv.items() if n != node and any(a <= start < b for a, b in iv))
+        return max(1.0, k / cores)
 
     def _hop(self, src: str, dst: str, nbytes: float = TOKEN_BYTES) -> float:
         """A small control message: latency only, no link queueing."""
@@ -319,24 +332,54 @@ class _Sim:
             return self.t.prefill_s(rep.spec, s, tokens, k * c)
         return self._decode_durs(rep, job[1])[s]
 
+    def _admit_next(self, rep: _Rep) -> tuple | None:
+        """The first prompt waiting on ``rep`` as a job, if a decoder has room for it."""
+        rq = rep.pending[0][1]
+        if not self._admit(rep, rq):
+            return None
+        heapq.heappop(rep.pending)
+        _, worst = self._prefill_est(rep, rq.r.input_tokens)
+        rep.backlog_s = max(0.0, rep.backlog_s - worst)
+        rq.prefill_start = self.q.now
+        self._log("prefill_start", rq.r.id)
+        return ("prefill", rq, 0)
+
     def _try_start(self, rep: _Rep, s: int = 0) -> None:
         st = rep.stages[0]
         if st.busy:
             return
         job = None
-        if rep.pending and (not st.queue or rep.pending[0][0] < st.queue[0][0]):
-            rq = rep.pending[0][1]
-            if self._admit(rep, rq):
-                heapq.heappop(rep.pending)
-                _, worst = self._prefill_est(rep, rq.r.input_tokens)
-                rep.backlog_s = max(0.0, rep.backlog_s - worst)
-                rq.prefill_start = self.q.now
-                self._log("prefill_start", rq.r.id)
-                job = ("prefill", rq, 0)
+        budget = self.cfg.step_token_budget
+        if budget > 0 and rep.pre_tokens >= budget:
+            # the serving core's iteration: the decode steps that are back go before more prompt
+            k = next((i for i, e in enumerate(st.queue) if e[2][0] == "decode"), None)
+            if k is not None:
+                job = st.queue.pop(k)[2]
+                heapq.heapify(st.queue)
+        if job is not None:
+            pass
+        elif budget > 0 and (rep.pending or any(e[2][0] == "prefill" for e in st.queue)):
+            # within the budget: prompt work first (a chunk already started, else a new prompt)
+            k = next((i for i, e in enumerate(st.queue) if e[2][0] == "prefill"), None)
+            if k is not None and (not rep.pending or st.queue[k][0] <= rep.pending[0][0]):
+                job = st.queue.pop(k)[2]
+                heapq.heapify(st.queue)
+            elif rep.pending:
+                job = self._admit_next(rep)
+                if job is None and k is not None:
+                    job = st.queue.pop(k)[2]
+                    heapq.heapify(st.queue)
+        elif rep.pending and (not st.queue or rep.pending[0][0] < st.queue[0][0]):
+            job = self._admit_next(rep)
         if job is None and st.queue:
             job = heapq.heappop(st.queue)[2]
         if job is None:
             return
+        if job[0] == "prefill":
+            c = self.cfg.prefill_chunk_tokens
+            rep.pre_tokens += min(c, job[1].r.input_tokens - job[2] * c)
+        else:
+            rep.pre_tokens = 0
         dur = self._dur(rep, 0, job)
         st.busy = True
         self.busy[st.node] += dur

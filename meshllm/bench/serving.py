@@ -1,0 +1,523 @@
+"""Serving by strategy on real processes, beside the simulator: a heterogeneous mesh of node
+processes on loopback serves one seeded trace under each strategy's plan, and the simulator serves
+the same trace on the same plan with the profiles and links the nodes measured.
+
+For each workload mix (the simulator's ``e2llm-vs-splitwise`` mixes, lengths scaled by
+``--length-scale`` to fit a small model on a small machine) and each strategy, a mesh of ``--nodes``
+processes with ``--slowdowns`` starts, planning for that mix (its lengths, and the highest load as
+its arrival rate); the profiles are measured once, one node at a time, and every mesh reuses them,
+so every strategy plans for the same devices. Loads are fractions of the splitwise plan's predicted
+saturation rate (the simulator's definition of load in ``e2llm-vs-splitwise``): the same requests
+(prompt and answer lengths, Poisson arrival times) for every strategy at a load.
+
+Per cell (mix, load, strategy), ``measured`` and ``predicted`` carry the same keys:
+
+- ``wait_ms`` / ``wait_p99_ms``: waiting time, defined alike on both sides as each request's TTFT
+  minus the TTFT of the same request alone (the mesh otherwise idle: measured by sending every
+  prompt of the trace one at a time first; predicted by simulating the requests 1000 s apart).
+  Where a prompt runs uninterrupted once started, that is the simulator's waiting (arrival to the
+  start of the first prefill micro-batch, also given as ``predicted.sim_wait_ms``); it also counts
+  time a prompt's chunks wait behind other work once started, which the real scheduler interleaves.
+  ``measured.entry_wait_ms`` is the entry's ``meshllm_request_waiting_seconds`` (acceptance to the
+  prompt sent to a prefill replica, summed over every node's ``/metrics``, p99 interpolated in its
+  buckets): it misses the time a prompt waits at its stage, which is all of a one-stage BOTH
+  replica's waiting (its prompt goes with its reservation), so it cannot compare strategies;
+- ``predicted_shared_cores`` (and ``error_pct_shared_cores``): the simulator told that the nodes
+  share this machine's cores (``SimConfig.shared_cores``), as they do here; ``predicted`` is the
+  simulator as it models a real mesh, every node on its own hardware; ``predicted.busy_nodes`` is
+  how many nodes compute at once on average;
+- load 0 is the first ``--idle`` requests of the trace one at a time (its ``wait_ms`` is the
+  run-to-run noise of TTFT alone);
+- ``ttft_ms`` / ``ttft_p99_ms``, ``tpot_ms`` / ``tpot_p99_ms``: means and p99 over completed
+  requests (TPOT over requests with two tokens or more);
+- ``tok_s``: tokens of completed requests over the time from the first arrival to the last token;
+- ``completed``, ``rejected`` (429), ``errors``.
+
+``error_pct`` gives the simulator's error on mean TTFT and TPOT, (predicted - measured) / measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshllm.bench.load import resolve_model
+from meshllm.client import Timed, get_json, get_text, stream_timed
+
+STRATEGIES = ("e2llm", "splitwise", "edgeshard-throughput")
+DEFAULT_MIXES = ("short-in/long-out", "long-in/short-out")
+TARGETS = {"e2llm_wait_vs_splitwise": "<= 0.5 at the highest load where splitwise's mean wait >= 10 ms",
+           "sim_error_ttft_tpot": "within 15% (aim 10%) for every strategy and load"}
+WAIT_METRIC = "meshllm_request_waiting_seconds"
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=4, help="node processes (default %(default)s)")
+    p.add_argument("--slowdowns", default="1,1.5,2,3", help="compute slowdown per node (default %(default)s)")
+    p.add_argument("--budgets", default=None, help="memory budget per node (default: none)")
+    p.add_argument("--model", default=None, help="model directory (default: SmolLM2 int4, else the bundled one)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="compared strategies (default %(default)s)")
+    p.add_argument("--mixes", default=",".join(DEFAULT_MIXES),
+                   help="workload mixes of `meshllm simulate e2llm-vs-splitwise` (default %(default)s)")
+    p.add_argument("--loads", default="0.5,1.0", help="fractions of splitwise's predicted saturation rate")
+    p.add_argument("--length-scale", type=float, default=0.125,
+                   help="prompt and answer lengths of the mixes times this (default %(default)s)")
+    p.add_argument("--count", type=int, default=12, help="requests per load (default %(default)s)")
+    p.add_argument("--idle", type=int, default=4,
+                   help="requests sent one at a time first, as load 0 (default %(default)s; 0: none)")
+    p.add_argument("--max-batch", type=int, default=8, help="the workload's max batch (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per node (default 1)")
+    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an active plan")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw measured vs predicted here")
+    p.add_argument("--quick", action="store_true", help="2 nodes, one mix, one load, 4 requests (for tests)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+# --- the trace (pure) -------------------------------------------------------------------------------
+
+def scaled_mix(mix: str, scale: float) -> tuple[Any, Any]:
+    """The simulator's mix ``mix`` with every length times ``scale`` (at least 1 prompt token and
+    2 answer tokens, so TPOT is defined)."""
+    from meshllm.planner.types import LengthDist
+    from meshllm.sim.experiments import MIXES
+
+    def sc(d: LengthDist, floor: int) -> LengthDist:
+        if d.kind == "uniform":
+            return LengthDist.uniform(max(floor, round(d.low * scale)), max(floor, round(d.high * scale)))
+        if d.kind == "lognormal":
+            return LengthDist.lognormal(max(floor, d.mean_ * scale), d.sigma, max(floor, round(d.high * scale)))
+        if d.kind == "fixed":
+            return LengthDist.fixed(max(floor, round(d.mean * scale)))
+        raise ValueError(f"cannot scale a {d.kind} length")
+
+    if mix not in MIXES:
+        from meshllm.errors import UserError
+        raise UserError(f"unknown mix {mix!r}; known: {', '.join(MIXES)}")
+    inp, out = MIXES[mix]
+    return sc(inp, 1), sc(out, 2)
+
+
+def requests_for(inp: Any, out: Any, rate: float, count: int, seed: int, room: int) -> list[Any]:
+    """``count`` requests with Poisson arrivals at ``rate`` (the first at 0), lengths from the mix,
+    each fitting ``room`` tokens of context. The same seed gives every rate the same lengths and
+    the same arrival pattern, stretched."""
+    from meshllm.sim.workload import Request, poisson
+
+    base = poisson(1.0, count, inp, out, np.random.default_rng(seed))
+    t0 = base[0].arrival
+    out_reqs = []
+    for r in base:
+        n_in, n_out = r.input_tokens, max(2, r.output_tokens)
+        if n_in + n_out > room:
+            s = room / (n_in + n_out)
+            n_in, n_out = max(1, int(n_in * s)), max(2, int(n_out * s))
+        out_reqs.append(Request(r.id, (r.arrival - t0) / rate, n_in, n_out))
+    return out_reqs
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(1000.0 * x, 2)
+
+
+def figures(waits: Sequence[float], ttfts: Sequence[float], tpots: Sequence[float], tokens: int, wall_s: float,
+            completed: int, rejected: int, errors: int, wait_mean: float | None = None,
+            wait_p99: float | None = None) -> dict[str, Any]:
+    """One side of a cell (seconds in, milliseconds out)."""
+    def mean(xs: Sequence[float]) -> float | None:
+        return float(np.mean(xs)) if len(xs) else None
+
+    def p99(xs: Sequence[float]) -> float | None:
+        return float(np.percentile(xs, 99)) if len(xs) else None
+
+    return {"wait_ms": _ms(wait_mean if wait_mean is not None else mean(waits)),
+            "wait_p99_ms": _ms(wait_p99 if wait_p99 is not None else p99(waits)),
+            "ttft_ms": _ms(mean(ttfts)), "ttft_p99_ms": _ms(p99(ttfts)),
+            "tpot_ms": _ms(mean(tpots)), "tpot_p99_ms": _ms(p99(tpots)),
+            "tok_s": round(tokens / wall_s, 2) if wall_s > 0 else None,
+            "completed": completed, "rejected": rejected, "errors": errors}
+
+
+def histogram(metrics: dict[str, float], name: str) -> tuple[float, float, list[tuple[float, float]]]:
+    """(sum, count, [(upper bound, cumulative count)]) of a histogram in ``metric_values`` form."""
+    buckets = []
+    for k, v in metrics.items():
+        if k.startswith(name + "_bucket{"):
+            le = k.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((math.inf if le == "+Inf" else float(le), v))
+    return metrics.get(name + "_sum", 0.0), metrics.get(name + "_count", 0.0), sorted(buckets)
+
+
+def hist_delta(before: Sequence[dict[str, float]], after: Sequence[dict[str, float]],
+               name: str) -> tuple[float | None, float | None]:
+    """Mean and p99 (interpolated linearly within its bucket) of the observations a histogram got
+    between ``before`` and ``after``, summed over nodes."""
+    tot_sum, tot_n = 0.0, 0.0
+    cum: dict[float, float] = {}
+    for b, a in zip(before, after, strict=True):
+        sb, nb, bb = histogram(b, name)
+        sa, na, ba = histogram(a, name)
+        tot_sum += sa - sb
+        tot_n += na - nb
+        prev = dict(bb)
+        for le, c in ba:
+            cum[le] = cum.get(le, 0.0) + c - prev.get(le, 0.0)
+    if tot_n <= 0:
+        return None, None
+    target, lo, lo_c = 0.99 * tot_n, 0.0, 0.0
+    for le, c in sorted(cum.items()):
+        if c >= target:
+            if math.isinf(le):
+                return tot_sum / tot_n, lo
+            return tot_sum / tot_n, lo + (le - lo) * ((target - lo_c) / max(c - lo_c, 1e-12))
+        lo, lo_c = le, c
+    return tot_sum / tot_n, lo
+
+
+def error_pct(measured: dict[str, Any], predicted: dict[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k in ("ttft_ms", "tpot_ms", "wait_ms"):
+        m, p = measured.get(k), predicted.get(k)
+        out[k] = round(100.0 * (p - m) / m, 1) if m and p is not None else None
+    return out
+
+
+# --- the simulator on a live plan ---------------------------------------------------------------------
+
+def mesh_problem(urls: Sequence[str], manifest: Any) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+    """(model profile, devices, network, profile documents) of a running mesh, as its nodes report
+    them on ``GET /v1/profile``."""
+    from meshllm.control.planning import known_devices, network_from_links
+    from meshllm.errors import MeshError
+    from meshllm.planner.cost import ModelProfile
+    from meshllm.runtime.runner import resident_costs
+
+    docs = [get_json(u + "/v1/profile", timeout=10.0) for u in urls]
+    if any(not d or not d.get("profile") for d in docs):
+        raise MeshError("a node did not report its profile")
+    devices = known_devices({d["node_id"]: d["profile"] for d in docs})
+    network = network_from_links(sorted(devices), {d["node_id"]: d.get("links") or {} for d in docs})
+    mp = ModelProfile.from_costs(resident_costs(manifest), manifest.name)
+    return mp, devices, network, {d["node_id"]: d["profile"] for d in docs}
+
+
+def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any,
+            reqs: Sequence[Any], routing: str, shared_cores: float = 0.0,
+            step_token_budget: int = 0) -> tuple[dict[str, Any], Any]:
+    """The simulator's side of a cell, and its result. Its ``wait_ms`` is defined as the measured
+    one (each request's TTFT minus its TTFT alone, see ``alone``); ``sim_wait_ms`` is the
+    simulator's own (arrival to the first prefill micro-batch's start)."""
+    from meshllm.sim.adapter import to_sim_model
+    from meshllm.sim.model import SimConfig
+    from meshllm.sim.serving import simulate
+    from meshllm.sim.workload import Request
+
+    model = to_sim_model(plan, mp, devices, network, workload)
+    config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget)
+    res = simulate(model, list(reqs), config)
+    recs = res.records
+    apart = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens) for i, r in enumerate(reqs)]
+    alone = {r.id: r.ttft_s for r in simulate(model, apart, config).records}
+    first = min(r.arrival for r in recs)
+    wall = max(r.finish for r in recs) - first
+    side = figures([max(0.0, r.ttft_s - alone[r.id]) for r in recs], [r.ttft_s for r in recs],
+                   [t for r in recs if (t := r.tpot_s) is not None], sum(r.output_tokens for r in recs), wall,
+                   len(recs), 0, 0)
+    side["sim_wait_ms"] = _ms(float(np.mean([r.waiting_s for r in recs])))
+    # nodes computing at once, on average over the cell: on one machine they share its cores
+    side["busy_nodes"] = round(sum(res.busy_s.values()) / wall, 2) if wall > 0 else None
+    return side, res
+
+
+def saturation(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any, inp: Any, out: Any,
+               room: int, seed: int, routing: str) -> float:
+    """The plan's predicted saturation rate for the mix (``experiments.saturation_rate``: a batch
+    that all arrives at once, its completion rate between the 10th and 90th percentile)."""
+    from meshllm.sim.adapter import to_sim_model
+    from meshllm.sim.experiments import saturation_rate
+    from meshllm.sim.model import SimConfig
+    from meshllm.sim.serving import simulate
+    from meshllm.sim.workload import Request
+
+    reqs = [Request(r.id, 0.0, r.input_tokens, r.output_tokens)
+            for r in requests_for(inp, out, 1.0, 60, seed + 1, room)]
+    model = to_sim_model(plan, mp, devices, network, workload)
+    return saturation_rate(simulate(model, reqs, SimConfig(routing=routing)))
+
+
+# --- the shell ----------------------------------------------------------------------------------------
+
+async def _send(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int,
+                limit_s: float, one_at_a_time: bool = False) -> tuple[list[Timed], float]:
+    import aiohttp
+
+    rng = np.random.default_rng([seed, 7])
+    lo, hi = min(100, vocab // 4), max(min(100, vocab // 4) + 1, vocab - 100)
+    prompts = [[int(x) for x in rng.integers(lo, hi, size=r.input_tokens)] for r in reqs]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        t0 = time.perf_counter()
+
+        async def one(i: int) -> Timed:
+            await asyncio.sleep(max(0.0, t0 + reqs[i].arrival - time.perf_counter()))
+            body = {"prompt": prompts[i], "max_tokens": reqs[i].output_tokens, "temperature": 0, "ignore_eos": True}
+            return await stream_timed(session, urls[i % len(urls)], body, limit_s=limit_s)
+
+        if one_at_a_time:
+            results = [await stream_timed(session, urls[i % len(urls)],
+                                          {"prompt": prompts[i], "max_tokens": reqs[i].output_tokens,
+                                           "temperature": 0, "ignore_eos": True}, limit_s=limit_s)
+                       for i in range(len(reqs))]
+        else:
+            results = list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
+    ends = [r.token_times[-1] for r in results if r.token_times]
+    return results, (max(ends) if ends else time.perf_counter()) - t0
+
+
+def _metrics(urls: Sequence[str]) -> list[dict[str, float]]:
+    from meshllm.client import metric_values
+
+    return [metric_values(get_text(u + "/metrics", timeout=10.0) or "") for u in urls]
+
+
+def alone(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float) -> list[float | None]:
+    """Each request's TTFT with the mesh otherwise idle: the same prompt (and entry), two tokens
+    asked, one request at a time."""
+    two = [type(r)(r.id, 0.0, r.input_tokens, 2) for r in reqs]
+    results, _ = asyncio.run(_send(urls, two, vocab, seed, limit_s, one_at_a_time=True))
+    return [r.ttft if r.outcome == "ok" else None for r in results]
+
+
+def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float,
+            one_at_a_time: bool = False, alone_ttft: Sequence[float | None] | None = None) -> dict[str, Any]:
+    before = _metrics(urls)
+    load0 = os.getloadavg()[0]
+    results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s, one_at_a_time))
+    after = _metrics(urls)
+    wmean, wp99 = hist_delta(before, after, WAIT_METRIC)
+    ok = [r for r, q in zip(results, reqs, strict=True)
+          if r.outcome == "ok" and len(r.token_times) == q.output_tokens]
+    waits = [max(0.0, r.ttft - a) for r, q, a in zip(results, reqs, alone_ttft or [None] * len(reqs), strict=True)
+             if r.outcome == "ok" and len(r.token_times) == q.output_tokens and r.ttft is not None and a is not None]
+    side = figures(waits, [t for r in ok if (t := r.ttft) is not None], [t for r in ok if (t := r.tpot) is not None],
+                   sum(len(r.token_times) for r in ok), wall, len(ok), sum(r.outcome == "429" for r in results),
+                   len(results) - len(ok) - sum(r.outcome == "429" for r in results))
+    # the entry's own histogram: acceptance to the prompt sent to a prefill replica (where the
+    # prompt then waits at its stage is not in it)
+    side["entry_wait_ms"], side["entry_wait_p99_ms"] = _ms(wmean), _ms(wp99)
+    # the machine's contention while the cell ran (1-minute load average, before and after)
+    side["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    errs = sorted({r.detail or "answer cut short" for r in results if r.outcome == "error"})
+    if errs:
+        side["error_examples"] = errs[:3]
+    return side
+
+
+def _copy_profiles(src: Path | None, mesh: Any) -> Path:
+    """Measure each node's profile once (one node at a time), then give every later mesh a copy."""
+    root = Path(mesh._tmp.name)
+    if src is None:
+        mesh.premeasure()
+        keep = Path(mesh._tmp.name).parent / f"meshllm-bench-serving-profiles-{os.getpid()}"
+        shutil.rmtree(keep, ignore_errors=True)
+        for i in range(mesh.n):
+            shutil.copytree(root / f"state-{i}" / "profiles", keep / f"state-{i}" / "profiles")
+        return keep
+    for i in range(mesh.n):
+        shutil.copytree(src / f"state-{i}" / "profiles", root / f"state-{i}" / "profiles", dirs_exist_ok=True)
+    return src
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshllm.commands.up import LocalMesh
+    from meshllm.errors import UserError
+    from meshllm.model.manifest import load_manifest
+    from meshllm.planner.types import Plan, Workload
+    from meshllm.serve.config import ServeConfig
+    from meshllm.sim.workload import Request
+
+    if args.quick:
+        args.nodes, args.count, args.idle = min(args.nodes, 2), min(args.count, 4), min(args.idle, 2)
+        args.mixes, args.loads = args.mixes.split(",")[0], args.loads.split(",")[0]
+        args.slowdowns = ",".join(args.slowdowns.split(",")[:2])
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
+    try:
+        loads = sorted(float(x) for x in args.loads.split(",") if x.strip())
+    except ValueError:
+        raise UserError("--loads: comma-separated fractions, e.g. 0.5,1.0") from None
+    if not strategies or not mixes or not loads or min(loads) <= 0 or args.count < 2 or args.length_scale <= 0:
+        raise UserError("need strategies, mixes, positive loads, --count >= 2 and a positive --length-scale")
+    # the simulator's load axis is splitwise's saturation: it runs first
+    order = sorted(strategies, key=lambda s: s != "splitwise")
+    model, note = resolve_model(args.model)
+    manifest = load_manifest(Path(model), verify=False)
+    cfg = manifest.config
+    room = cfg.max_position - 1
+    routing = "start"  # the nodes' default objective is waiting, whose router policy is "start"
+    # the stages interleave prompt chunks with decode steps under this budget: the simulator too
+    budget = ServeConfig().step_token_budget
+    out: dict[str, Any] = {"bench": "serving", "model": Path(model).name, "nodes": args.nodes,
+                           "slowdowns": args.slowdowns, "length_scale": args.length_scale, "count": args.count,
+                           "seed": args.seed, "routing": routing, "step_token_budget": budget,
+                           "cells": [], "plans": {}, "saturation_rps": {}}
+    if note:
+        out["note"] = note
+    t_start = time.perf_counter()
+    # a terminated bench still stops its nodes (the meshes are context managers)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    profiles_dir: Path | None = None
+    env_before = dict(os.environ)
+    try:
+        for mix in mixes:
+            inp, outl = scaled_mix(mix, args.length_scale)
+            sat: float | None = None
+            for strat in order:
+                wl = Workload(arrival_rate=1.0, input_len=inp, output_len=outl, max_batch=args.max_batch)
+                # the nodes plan for this mix (its lengths; the highest load's rate once known)
+                rate_hi = (sat or 1.0) * max(loads)
+                os.environ.update({"MESHLLM_WORKLOAD_INPUT_LEN": json.dumps(inp.to_dict()),
+                                   "MESHLLM_WORKLOAD_OUTPUT_LEN": json.dumps(outl.to_dict()),
+                                   "MESHLLM_WORKLOAD_ARRIVAL_RATE": f"{rate_hi:.6g}",
+                                   "MESHLLM_WORKLOAD_MAX_BATCH": str(args.max_batch)})
+                mesh = LocalMesh(args.nodes, model=model, slowdowns=args.slowdowns, budgets=args.budgets,
+                                 threads=args.threads, strategy=strat, measure_first=False)
+                profiles_dir = _copy_profiles(profiles_dir, mesh)
+                with mesh:
+                    view = mesh.wait_ready(args.timeout)
+                    plan = Plan.from_dict(view["plan"])
+                    out["plans"].setdefault(mix, {})[strat] = [
+                        {"role": r.role.value, "stages": [[s.node[:8], s.first, s.end] for s in r.stages]}
+                        for r in plan.replicas]
+                    mp, devices, network, _ = mesh_problem(mesh.urls, manifest)
+                    if sat is None:
+                        sat = saturation(plan, mp, devices, network, wl, inp, outl, room, args.seed, routing)
+                        out["saturation_rps"][mix] = round(sat, 3)
+                    # one warm-up request per node: sessions and caches are ready before the trace
+                    asyncio.run(_send(mesh.urls, requests_for(inp, outl, 1.0, len(mesh.urls), args.seed + 9, room),
+                                      cfg.vocab_size, args.seed, args.request_timeout))
+                    # every load sends the same prompts (only the arrivals differ): their TTFT alone
+                    base = requests_for(inp, outl, 1.0, args.count, args.seed, room)
+                    ttft_alone = alone(mesh.urls, base, cfg.vocab_size, args.seed, args.request_timeout)
+                    for load in ([0.0] if args.idle > 0 else []) + loads:
+                        if load == 0.0:  # one request at a time: the model's error without queueing
+                            reqs = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens)
+                                    for i, r in enumerate(base[:args.idle])]
+                        else:
+                            reqs = requests_for(inp, outl, load * sat, args.count, args.seed, room)
+                        measured = measure(mesh.urls, reqs, cfg.vocab_size, args.seed, args.request_timeout,
+                                           one_at_a_time=load == 0.0,
+                                           alone_ttft=ttft_alone[:len(reqs)])
+                        predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing,
+                                               step_token_budget=budget)
+                        # the same, told that the nodes share this machine's cores
+                        shared, _ = predict(plan, mp, devices, network, wl, reqs, routing,
+                                            float(os.cpu_count() or 1), budget)
+                        if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
+                            predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
+                        out["cells"].append({"mix": mix, "load": load, "rate_rps": round(load * sat, 3) if load else 0.0,
+                                             "strategy": strat, "measured": measured, "predicted": predicted,
+                                             "predicted_shared_cores": shared,
+                                             "error_pct": error_pct(measured, predicted),
+                                             "error_pct_shared_cores": error_pct(measured, shared)})
+                        print(json.dumps(out["cells"][-1]), file=sys.stderr, flush=True)
+                    mesh.check_alive()
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+        if profiles_dir is not None:  # the profiles kept for the run's later meshes
+            shutil.rmtree(profiles_dir, ignore_errors=True)
+    out["judged"] = judge(out["cells"])
+    out["bench_s"] = round(time.perf_counter() - t_start, 1)
+    out["targets"] = TARGETS
+    if args.plot:
+        plot(out["cells"], args.plot)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for c in out["cells"]:
+            m, p = c["measured"], c["predicted"]
+            print(f"{c['mix']:18s} load {c['load']:<4g} {c['strategy']:21s} "
+                  + " ".join(f"{k} {m.get(k)}/{p.get(k)}" for k in ("wait_ms", "ttft_ms", "tpot_ms", "tok_s")))
+        print(json.dumps(out["judged"]))
+    sys.stdout.flush()
+    return 0
+
+
+def judge(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per mix at its highest load: e2llm's measured mean wait over splitwise's; and the worst
+    simulator error on mean TTFT and TPOT over every cell."""
+    out: dict[str, Any] = {"wait_ratio_at_highest_load": {}}
+    for mix in sorted({c["mix"] for c in cells}):
+        top = max(c["load"] for c in cells if c["mix"] == mix)
+        w = {c["strategy"]: c["measured"].get("wait_ms") for c in cells if c["mix"] == mix and c["load"] == top}
+        e, s = w.get("e2llm"), w.get("splitwise")
+        out["wait_ratio_at_highest_load"][mix] = {
+            "load": top, "e2llm_wait_ms": e, "splitwise_wait_ms": s,
+            "ratio": round(e / s, 3) if e is not None and s else None,
+            "splitwise_queues": bool(s is not None and s >= 10.0)}
+    errs = [abs(v) for c in cells for k, v in c["error_pct"].items() if k in ("ttft_ms", "tpot_ms") and v is not None]
+    out["max_abs_error_pct_ttft_tpot"] = max(errs) if errs else None
+    out["cells_within_15pct"] = sum(
+        1 for c in cells if all(c["error_pct"].get(k) is not None and abs(c["error_pct"][k]) <= 15
+                                for k in ("ttft_ms", "tpot_ms")))
+    shared = [abs(v) for c in cells for k, v in (c.get("error_pct_shared_cores") or {}).items()
+              if k in ("ttft_ms", "tpot_ms") and v is not None]
+    out["max_abs_error_pct_ttft_tpot_shared_cores"] = max(shared) if shared else None
+    idle = [abs(v) for c in cells if c["load"] == 0 for k, v in c["error_pct"].items()
+            if k in ("ttft_ms", "tpot_ms") and v is not None]
+    out["max_abs_error_pct_ttft_tpot_one_at_a_time"] = max(idle) if idle else None
+    out["cells"] = len(cells)
+    return out
+
+
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def plot(cells: Sequence[dict[str, Any]], path: str) -> None:
+    """Measured (filled) vs predicted (hollow) mean wait, TTFT and TPOT per strategy and load, a row
+    per mix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixes = sorted({c["mix"] for c in cells})
+    strats = list(dict.fromkeys(c["strategy"] for c in cells))
+    keys = (("wait_ms", "mean wait (ms)"), ("ttft_ms", "mean TTFT (ms)"), ("tpot_ms", "mean TPOT (ms)"))
+    fig, axes = plt.subplots(len(mixes), 3, figsize=(12, 3.2 * len(mixes)), squeeze=False)
+    colors = dict(zip(strats, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=False))
+    for i, mix in enumerate(mixes):
+        for j, (k, label) in enumerate(keys):
+            ax = axes[i][j]
+            for s in strats:
+                cs = sorted((c for c in cells if c["mix"] == mix and c["strategy"] == s), key=lambda c: c["load"])
+                xs = [c["load"] for c in cs]
+                ax.plot(xs, [_nan(c["measured"].get(k)) for c in cs], "o-", color=colors[s],
+                        label=f"{s} measured")
+                ax.plot(xs, [_nan(c["predicted"].get(k)) for c in cs], "s--", color=colors[s],
+                        mfc="none", label=f"{s} predicted")
+                if all("predicted_shared_cores" in c for c in cs):
+                    ax.plot(xs, [_nan(c["predicted_shared_cores"].get(k)) for c in cs], "x:",
+                            color=colors[s], label=f"{s} predicted, cores shared")
+            ax.set_title(f"{mix}: {label}", fontsize=9)
+            ax.set_xlabel("load (fraction of splitwise's predicted saturation)", fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,89 @@
+"""``meshllm bench serving``: its trace, histogram arithmetic and judgement (pure parts), and a
+quick run on the bundled model through two real node processes beside the simulator."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from meshllm.bench.serving import error_pct, hist_delta, judge, requests_for, scaled_mix
+from meshllm.cli import main
+from meshllm.errors import UserError
+
+TINY = str(Path(__file__).resolve().parents[1] / "models" / "tiny")
+KEYS = ("wait_ms", "wait_p99_ms", "ttft_ms", "ttft_p99_ms", "tpot_ms", "tpot_p99_ms", "tok_s", "completed",
+        "rejected", "errors")
+
+
+def test_scaled_mixes_and_the_trace() -> None:
+    inp, out = scaled_mix("long-in/short-out", 0.125)
+    assert inp.kind == "lognormal" and inp.mean_ == pytest.approx(96) and inp.high == 256
+    assert out.kind == "uniform" and (out.low, out.high) == (2, 4)  # at least 2 answer tokens
+    with pytest.raises(UserError):
+        scaled_mix("no-such-mix", 1.0)
+    slow = requests_for(inp, out, 2.0, 30, 5, 128)
+    fast = requests_for(inp, out, 4.0, 30, 5, 128)
+    assert slow[0].arrival == 0.0 and [r.arrival for r in slow] == sorted(r.arrival for r in slow)
+    # the same requests at every rate, arrivals stretched
+    assert [(r.input_tokens, r.output_tokens) for r in slow] == [(r.input_tokens, r.output_tokens) for r in fast]
+    assert [r.arrival for r in fast] == pytest.approx([r.arrival / 2 for r in slow])
+    assert all(r.input_tokens + r.output_tokens <= 128 and r.output_tokens >= 2 for r in slow)
+
+
+def _hist(sum_: float, count: float, buckets: dict[str, float]) -> dict[str, float]:
+    name = "meshllm_request_waiting_seconds"
+    return {f"{name}_sum": sum_, f"{name}_count": count,
+            **{f'{name}_bucket{{le="{le}"}}': c for le, c in buckets.items()}}
+
+
+def test_histogram_delta_over_nodes() -> None:
+    b = [_hist(1.0, 2, {"0.01": 1, "0.1": 2, "+Inf": 2}), _hist(0.0, 0, {"0.01": 0, "0.1": 0, "+Inf": 0})]
+    # node 0 got 2 more (0.005 and 0.05 s), node 1 got one of 0.05 s
+    a = [_hist(1.055, 4, {"0.01": 2, "0.1": 4, "+Inf": 4}), _hist(0.05, 1, {"0.01": 0, "0.1": 1, "+Inf": 1})]
+    mean, p99 = hist_delta(b, a, "meshllm_request_waiting_seconds")
+    assert mean == pytest.approx(0.105 / 3)
+    assert 0.01 < p99 <= 0.1  # within the bucket that holds the 99th percentile
+    assert hist_delta(b, b, "meshllm_request_waiting_seconds") == (None, None)
+
+
+def test_errors_and_judgement() -> None:
+    def cell(strategy: str, load: float, wait: float, ttft: float, tpot: float) -> dict:
+        m = {"wait_ms": wait, "ttft_ms": ttft, "tpot_ms": tpot}
+        p = {"wait_ms": wait, "ttft_ms": ttft * 1.1, "tpot_ms": tpot * 0.5}
+        return {"mix": "m", "load": load, "strategy": strategy, "measured": m, "predicted": p,
+                "error_pct": error_pct(m, p)}
+
+    cells = [cell("e2llm", 1.0, 20.0, 100, 10), cell("splitwise", 1.0, 50.0, 100, 10),
+             cell("splitwise", 0.5, 1.0, 100, 10)]
+    assert cells[0]["error_pct"] == {"ttft_ms": 10.0, "tpot_ms": -50.0, "wait_ms": 0.0}
+    j = judge(cells)
+    w = j["wait_ratio_at_highest_load"]["m"]
+    assert w["ratio"] == 0.4 and w["splitwise_queues"] and w["load"] == 1.0
+    assert j["max_abs_error_pct_ttft_tpot"] == 50.0 and j["cells_within_15pct"] == 0
+    assert error_pct({"ttft_ms": 0}, {"ttft_ms": 3})["ttft_ms"] is None
+
+
+@pytest.mark.slow
+def test_bench_serving_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "serving", "--quick", "--model", TINY, "--strategies", "splitwise", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "tiny" and out["nodes"] == 2 and [c["load"] for c in out["cells"]] == [0.0, 0.5]
+    idle, c = out["cells"]
+    assert idle["rate_rps"] == 0.0 and idle["measured"]["completed"] == idle["predicted"]["completed"] == 2
+    assert c["strategy"] == "splitwise" and c["rate_rps"] == pytest.approx(c["load"] * out["saturation_rps"][c["mix"]],
+                                                                          rel=0.01)
+    roles = sorted(r["role"] for r in out["plans"][c["mix"]]["splitwise"])
+    assert roles == ["decoder", "prefill"]
+    assert c["predicted_shared_cores"]["completed"] == 4 and "busy_nodes" in c["predicted"]
+    for side in ("measured", "predicted", "predicted_shared_cores"):
+        for k in KEYS:
+            assert k in c[side], (side, k)
+        assert c[side]["completed"] == 4 and c[side]["errors"] == 0
+        assert 0 < c[side]["ttft_ms"] <= c[side]["ttft_p99_ms"] < 60_000
+        assert 0 < c[side]["tpot_ms"] < 60_000 and c[side]["tok_s"] > 0
+        assert c[side]["wait_ms"] is not None and c[side]["wait_ms"] >= 0
+    assert all(v is None or math.isfinite(v) for v in c["error_pct"].values())
+    assert c["measured"]["entry_wait_ms"] is not None and out["step_token_budget"] > 0
