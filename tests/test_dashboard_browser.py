@@ -152,7 +152,7 @@ def test_the_page_shows_the_mesh_streams_a_chat_and_stops_it(browser: Any, tmp_p
                                timeout=10_000)
         # ... and so does the freeing: no node holds a request, no decoder reports one decoding
         page.wait_for_function(
-            "[...document.querySelectorAll('.node-row td:last-child')].every(td => td.textContent === '0')"
+            "[...document.querySelectorAll('.node-row td.held')].every(td => td.textContent === '0')"
             " && [...document.querySelectorAll('.decoding')].every(s => s.textContent.startsWith('0 /'))",
             timeout=15_000)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -195,7 +195,7 @@ function renderNodes(d) {
             el("div", { style: `width:${(100 * frac).toFixed(1)}%` })),
          m.source === "planned" ? el("div", { class: "muted small" }, "planned") : null),
       el("td", { class: "small" }, (n.layers || []).map((l) => `[${l[0]}, ${l[1]})`).join(" ") || "–"),
-      el("td", { class: "num" }, n.held ?? "–"),
+      el("td", { class: "num held" }, n.held ?? "–"),
       el("td", { class: "num", title: "speculative decoding: draft tokens kept per drafted step (rings this node is stage 0 of)" },
          n.speculation && n.speculation.steps ? `${fmtNum(n.speculation.per_step, 2)} · ` +
            `${fmtNum(100 * n.speculation.accepted / Math.max(1, n.speculation.drafted), 0)}%` : "–"));
