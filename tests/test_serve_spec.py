@@ -19,7 +19,7 @@ from meshllm.serve.config import ServeConfig
 from meshllm.serve.spec import DraftLength, PromptLookup, StepCost
 
 # drafts at the length adapted to acceptance, whatever the steps cost here: every test drafts
-ON = ServeConfig(spec_cost_aware=False)
+ON = ServeConfig(speculate=True, spec_cost_aware=False)
 THREE = [("both", [("a", 0, 2), ("b", 2, 4), ("c", 4, 5)])]
 REPEAT = [5, 6, 7, 8, 9] * 5  # drafts hold often
 FREE = [31, 77, 4, 58, 12, 90, 23, 66]  # little to look up
@@ -189,7 +189,7 @@ async def test_a_client_gone_mid_speculation_frees_everything(make_mesh, tiny_ma
 async def test_one_pass_verification_runs_every_row_through(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
     # one multi-position pass per row rounds differently from one-token steps (docs/serving.md), so
     # its tokens are not held to the reference here: the rows finish, drafts are verified, KV is freed
-    mesh = await make_mesh(THREE, ServeConfig(spec_cost_aware=False, spec_one_pass=True))
+    mesh = await make_mesh(THREE, ServeConfig(speculate=True, spec_cost_aware=False, spec_one_pass=True))
     entry = mesh.node("a").serving.entry
     jobs = [(REPEAT, GREEDY), (FREE, SEEDED), (REPEAT[:12], SamplingParams(temperature=0.0, max_tokens=9))]
     got = await asyncio.gather(*(tokens_of(entry, p, q) for p, q in jobs))

@@ -273,7 +273,11 @@ class Transcript:
         cmd, args = words[0], words[1:]
         kv = dict(a.split("=", 1) for a in args if "=" in a)
         if cmd == "config":
-            self.cfg.update({k: type(getattr(ServeConfig(), k))(v) for k, v in kv.items()})
+            def value(k: str, v: str) -> Any:
+                kind = type(getattr(ServeConfig(), k))
+                return v in ("1", "true", "True") if kind is bool else kind(v)
+
+            self.cfg.update({k: value(k, v) for k, v in kv.items()})
             return []
         if cmd == "stage":
             self.node = args[0]

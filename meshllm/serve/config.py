@@ -49,8 +49,10 @@ class ServeConfig:
     # speculative decoding (serve/spec.py): a decoder ring's stage 0 drafts up to spec_max_draft
     # tokens per request by prompt lookup and the head keeps those it samples itself, so a step
     # may yield several tokens with the tokens unchanged. The node's default; a request's
-    # `speculate` overrides it.
-    speculate: bool = True
+    # `speculate` overrides it. Off by default: exact verification costs a full one-token step per
+    # draft on a CPU, and measured side by side (`bench mesh`, SmolLM2, 2 nodes) it took 8
+    # concurrent streams from 158 to 106-112 tok/s, while it pays only on slow hops.
+    speculate: bool = False
     spec_max_draft: int = 4
     # draft only as much as pays at the step costs measured on the ring (StepCost); off: always the
     # length adapted to acceptance alone
