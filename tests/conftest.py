@@ -57,3 +57,22 @@ def bundled_manifest() -> Manifest:
     from meshllm.model.paths import BUNDLED_MODEL
 
     return load_manifest(BUNDLED_MODEL)
+
+
+@pytest.fixture
+async def make_mesh(tiny_manifest: Manifest):
+    """``await make_mesh(spec, config=None, budget=...)``: a started in-memory data-plane mesh
+    (tests/servemesh.py) under the plan ``spec``; every mesh made is closed after the test."""
+    from servemesh import DataMesh, names
+
+    meshes = []
+
+    async def make(spec, config=None, budget: int = 1 << 30):
+        m = DataMesh(tiny_manifest, names(spec), config=config, budget=budget)
+        meshes.append(m)
+        await m.start(spec)
+        return m
+
+    yield make
+    for m in meshes:
+        await m.close()

@@ -30,6 +30,16 @@ from meshllm.wire.ids import NodeId
 PlanSpec = Sequence[tuple[str, Sequence[tuple[str, int, int]]]]
 
 
+def names(spec: PlanSpec) -> list[str]:
+    """The nodes a plan spec names, in order of first appearance."""
+    out: list[str] = []
+    for _, stages in spec:
+        for n, _, _ in stages:
+            if n not in out:
+                out.append(n)
+    return out
+
+
 class _Control:
     def __init__(self) -> None:
         self.plans: dict[int, tuple[tuple[int, str], dict[str, Any]]] = {}

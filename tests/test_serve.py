@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from servemesh import DataMesh, PlanSpec
+from servemesh import DataMesh, PlanSpec, names
 from waiting import async_wait_until
 
 from meshllm.errors import ContextLengthError, UserError
@@ -34,15 +34,6 @@ PLANS: dict[str, PlanSpec] = {
                        ("both", [("d", 0, 5)])],
     "revisit": [("both", [("a", 0, 2), ("b", 2, 3), ("a", 3, 5)])],
 }
-
-
-def names(spec: PlanSpec) -> list[str]:
-    out: list[str] = []
-    for _, stages in spec:
-        for n, _, _ in stages:
-            if n not in out:
-                out.append(n)
-    return out
 
 
 def reference(manifest: Manifest, prompt: Sequence[int], params: SamplingParams) -> list[int]:
@@ -71,21 +62,6 @@ async def settled(mesh: DataMesh) -> None:
     await async_wait_until(lambda: not any(mesh.kv_in_use().values()) and not any(mesh.held().values()),
                            "every node to free every request", 5.0,
                            describe=lambda: f"kv {mesh.kv_in_use()} held {mesh.held()}")
-
-
-@pytest.fixture
-async def make_mesh(tiny_manifest: Manifest):
-    meshes: list[DataMesh] = []
-
-    async def make(spec: PlanSpec, config: ServeConfig | None = None, budget: int = 1 << 30) -> DataMesh:
-        m = DataMesh(tiny_manifest, names(spec), config=config, budget=budget)
-        meshes.append(m)
-        await m.start(spec)
-        return m
-
-    yield make
-    for m in meshes:
-        await m.close()
 
 
 @pytest.mark.parametrize("plan", list(PLANS))

@@ -24,21 +24,6 @@ from meshllm.wire.ids import RequestId
 from meshllm.wire.messages import Error, Token
 
 
-@pytest.fixture
-async def make_mesh(tiny_manifest: Manifest):
-    meshes: list[DataMesh] = []
-
-    async def make(spec, config: ServeConfig | None = None, budget: int = 1 << 30) -> DataMesh:
-        m = DataMesh(tiny_manifest, names(spec), config=config, budget=budget)
-        meshes.append(m)
-        await m.start(spec)
-        return m
-
-    yield make
-    for m in meshes:
-        await m.close()
-
-
 @pytest.mark.parametrize("plan", ["one-node", "both-split"])
 async def test_a_short_request_is_not_held_back_by_a_long_stream(make_mesh, tiny_manifest: Manifest,
                                                                  plan: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_serve import PLANS, make_mesh, reference, settled  # noqa: F401  (make_mesh: a fixture)
+from test_serve import PLANS, reference, settled
 
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.sampling import SamplingParams
@@ -106,7 +106,7 @@ def test_a_requests_speculate_travels_and_is_checked() -> None:
 # --- the same tokens, more per step ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("plan", ["one-node", "three-stages", "split-differently"])
-async def test_speculation_gives_the_tokens_of_one_process(make_mesh, tiny_manifest: Manifest,  # noqa: F811
+async def test_speculation_gives_the_tokens_of_one_process(make_mesh, tiny_manifest: Manifest,
                                                            plan: str) -> None:
     mesh = await make_mesh(THREE if plan == "three-stages" else PLANS[plan], ON)
     entry = mesh.node("a").serving.entry
@@ -120,7 +120,7 @@ async def test_speculation_gives_the_tokens_of_one_process(make_mesh, tiny_manif
     await settled(mesh)
 
 
-async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: Manifest) -> None:
     mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
     off = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, speculate=False)
@@ -136,7 +136,7 @@ async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: 
     await settled(mesh2)
 
 
-async def test_rows_that_keep_and_reject_drafts_share_a_batch(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+async def test_rows_that_keep_and_reject_drafts_share_a_batch(make_mesh, tiny_manifest: Manifest) -> None:
     mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
     jobs = [(REPEAT, GREEDY), (FREE, SEEDED), ([3, 4, 3, 4, 3, 4, 3], GREEDY),
@@ -152,7 +152,7 @@ async def test_rows_that_keep_and_reject_drafts_share_a_batch(make_mesh, tiny_ma
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded"])
-async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_mesh, tiny_manifest: Manifest,  # noqa: F811
+async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_mesh, tiny_manifest: Manifest,
                                                                        sampling: str) -> None:
     spec = [("prefill", [("a", 0, 5)]), ("decoder", [("b", 0, 2), ("c", 2, 5)]), ("decoder", [("d", 0, 5)])]
     mesh = await make_mesh(spec, ON)
@@ -174,7 +174,7 @@ async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_me
     await settled(mesh)
 
 
-async def test_a_client_gone_mid_speculation_frees_everything(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+async def test_a_client_gone_mid_speculation_frees_everything(make_mesh, tiny_manifest: Manifest) -> None:
     mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
     gen = entry.generate(REPEAT, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
@@ -186,7 +186,7 @@ async def test_a_client_gone_mid_speculation_frees_everything(make_mesh, tiny_ma
     assert [e.token_id for e in first] == ref[:2]
 
 
-async def test_one_pass_verification_runs_every_row_through(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+async def test_one_pass_verification_runs_every_row_through(make_mesh, tiny_manifest: Manifest) -> None:
     # one multi-position pass per row rounds differently from one-token steps (docs/serving.md), so
     # its tokens are not held to the reference here: the rows finish, drafts are verified, KV is freed
     mesh = await make_mesh(THREE, ServeConfig(speculate=True, spec_cost_aware=False, spec_one_pass=True))
@@ -230,7 +230,7 @@ async def test_a_stop_string_ends_the_answer_mid_speculation(tiny_manifest: Mani
         await mesh.close()
 
 
-async def test_the_lab_hop_delay_holds_every_frame_between_stages(make_mesh, tiny_manifest: Manifest) -> None:  # noqa: F811
+async def test_the_lab_hop_delay_holds_every_frame_between_stages(make_mesh, tiny_manifest: Manifest) -> None:
     mesh = await make_mesh(THREE, ServeConfig(hop_delay_ms=40.0, speculate=False))
     entry = mesh.node("a").serving.entry
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)

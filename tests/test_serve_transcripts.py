@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-from test_control_transcripts import parse
+from test_control_transcripts import check_transcript
 
 from meshllm.errors import CapacityError
 from meshllm.planner.types import Plan, Replica, Role, Stage
@@ -350,19 +349,7 @@ class Transcript:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
 def test_serve_transcript(script: Path) -> None:
-    blocks = parse(script.read_text())
-    t = Transcript()
-    rewritten, failures = [], []
-    for comments, command, expected in blocks:
-        got = t.run(command) or ["(no output)"]
-        rewritten += [*comments, command, "----", *got, ""]
-        if got != expected:
-            failures.append(f"{command}\n  expected:\n    " + "\n    ".join(expected)
-                            + "\n  got:\n    " + "\n    ".join(got))
-    if os.environ.get("MESHLLM_REWRITE_TRANSCRIPTS"):
-        script.write_text("\n".join(rewritten).rstrip("\n") + "\n")
-        return
-    assert not failures, f"{script.name}: " + "\n".join(failures[:3])
+    check_transcript(script, Transcript())
 
 
 def test_every_finding_has_a_transcript() -> None:

@@ -125,11 +125,7 @@ class StageServer:
 
     async def close(self) -> None:
         self.closed = True
-        for key in list(self.core.holds):
-            h = self.core.holds.get(key)
-            if h is not None:
-                self.core._release_req(h.req, None)
-        self.core._flush()
+        self.core.release_all()
         if self._timer is not None:
             self._timer.cancel()
         tasks = [t for t in [self._running, *self._senders.values()] if t is not None]
@@ -150,8 +146,7 @@ class StageServer:
         self._apply(self.core.step(peer, msg, self._now()))
 
     def free(self, req: str, attempt: int = 1 << 30) -> None:
-        self.core.free(req, attempt, self._now())
-        self._apply(self.core._flush())
+        self._apply(self.core.free(req, attempt, self._now()))
 
     def fail_peer(self, peer: str) -> None:
         self._apply(self.core.link_down(peer, self._now()))

@@ -321,7 +321,7 @@ class StageCore:
         elif isinstance(msg, TokenBatch):
             self._on_token_batch(msg)
         elif isinstance(msg, Free):
-            self.free(msg.req, msg.attempt, now)
+            self._free(msg.req, msg.attempt, now)
         return self._flush()
 
     def tick(self, now: float) -> list[Output]:
@@ -1179,8 +1179,19 @@ class StageCore:
         return toks, done, kept
 
     # --- freeing ---------------------------------------------------------------------------------------
-    def free(self, req: str, attempt: int, now: float) -> None:
+    def free(self, req: str, attempt: int, now: float) -> list[Output]:
         """Release what this node holds for ``req`` up to ``attempt`` (idempotent) and remember it."""
+        self._free(req, attempt, now)
+        return self._flush()
+
+    def release_all(self) -> None:
+        """The node is closing: forget every hold (nothing will run or be sent any more)."""
+        for req in {k[0] for k in self.holds}:
+            self._release_req(req, None)
+        self._meta.clear()
+        self._flush()
+
+    def _free(self, req: str, attempt: int, now: float) -> None:
         self.now = now
         self._release_req(req, attempt)
         t = self.tombs.pop(req, None)
