@@ -81,6 +81,74 @@ def test_int4_fast_mode_is_close(tmp_path: Path) -> None:
     _check_close(got, want, 0.05)
 
 
+def test_int4_fast_mode_runs_without_zero_points(tmp_path: Path) -> None:
+    """The fast mode folds Q4_1's offsets so that every MatMulNBits has the default zero point
+    and no zero-point input (onnxruntime's plainest int8 path)."""
+    import onnx
+
+    write_model(tmp_path / "m.gguf", T.Q4_1)
+    m = import_gguf(tmp_path / "m.gguf", tmp_path / "out", weight_dtype="int4", int4_mode="fast", progress=False)
+    for b in range(1, m.config.num_blocks):
+        nodes = [n for n in onnx.load(str(m.block_path(b))).graph.node if n.op_type == "MatMulNBits"]
+        assert nodes and all(len(n.input) == 3 for n in nodes), b
+
+
+def test_fold_offsets_keeps_the_matrix() -> None:
+    """[x, s, s] against the folded matrix equals x against the matrix with offsets, up to the
+    8-bit rounding of the residuals (at most half a step of each block's residual scale)."""
+    from meshllm.model.quant import BLOCK, QuantMatrix, block_indicator, fold_offsets
+
+    rng = np.random.default_rng(5)
+    N, K = 7, 3 * BLOCK
+    d = (rng.random((N, K // BLOCK)) * 0.1 + 0.01).astype(np.float32)
+    mins = (-rng.random((N, K // BLOCK)) * 15 * d).astype(np.float32)
+    m = QuantMatrix(rng.integers(0, 16, (N, K)).astype(np.uint8), d, np.zeros(d.shape, np.uint8), mins, 4, "Q4_1")
+    f = fold_offsets(m)
+    assert f.mins is None and f.default_zero and f.q.max() <= 15
+    ind = block_indicator(K)
+    assert ind.default_zero
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    s = x @ ind.dequantize().T  # (3, P) block sums, zero-padded
+    np.testing.assert_allclose(s[:, :K // BLOCK], x.reshape(3, -1, BLOCK).sum(-1), rtol=1e-5, atol=1e-5)
+    got = np.concatenate([x, s, s], axis=1) @ f.dequantize().T
+    resid_step = np.abs(mins + 8 * d).max(axis=1) / 119  # (N,): one residual scale per row here
+    bound = np.abs(s).sum(axis=1, keepdims=True) * resid_step[None, :] / 2  # (3, N)
+    assert np.all(np.abs(got - x @ m.dequantize().T) <= bound + 1e-4)
+
+
+def test_compact_mode_is_plain_4_bits(tmp_path: Path) -> None:
+    """int4 "compact": every matrix 4-bit with integer zero points and no offsets (Q4_1 blocks
+    keep their values and take the nearest zero point; Q8_0 is re-quantized) — fewer bytes and
+    kernels than the fast mode, an approximation of the file's weights."""
+    import onnx
+
+    from meshllm.model.quant import QuantMatrix, compact4
+
+    truth = write_model(tmp_path / "m.gguf", T.Q4_1, tensor_types={"lm_head.weight": T.Q8_0})
+    fast = import_gguf(tmp_path / "m.gguf", tmp_path / "fast", weight_dtype="int4", int4_mode="fast", progress=False)
+    m = import_gguf(tmp_path / "m.gguf", tmp_path / "out", weight_dtype="int4", int4_mode="compact", progress=False)
+    assert m.provenance is not None and m.provenance["int4_mode"] == "compact"
+    layer = onnx.load(str(m.block_path(1))).graph
+    ops = [n.op_type for n in layer.node]
+    assert "Concat" not in ops and ops.count("MatMulNBits") == 4  # no block sums, no offsets
+    assert all(n.attribute[[a.name for a in n.attribute].index("bits")].i == 4
+               for b in (1, m.config.num_blocks - 1)
+               for n in onnx.load(str(m.block_path(b))).graph.node if n.op_type == "MatMulNBits")
+    assert sum(b.cost.param_bytes for b in m.blocks[1:]) < sum(b.cost.param_bytes for b in fast.blocks[1:])
+    want = reference.forward(IDS, truth, m.config)
+    got = _logits(m)
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9
+    # a Q4_1 block keeps its values and scale; only the zero point moves it, by at most d/2
+    rng = np.random.default_rng(6)
+    d = (rng.random((4, 2)) * 0.1 + 0.01).astype(np.float32)
+    mins = (-rng.random((4, 2)) * 15 * d).astype(np.float32)
+    q4_1 = QuantMatrix(rng.integers(0, 16, (4, 64)).astype(np.uint8), d, np.zeros(d.shape, np.uint8), mins, 4, "Q4_1")
+    c = compact4(q4_1)
+    assert c.mins is None and np.array_equal(c.q, q4_1.q) and np.array_equal(c.scale, d)
+    shift = c.dequantize() - q4_1.dequantize()
+    assert np.all(np.abs(shift) <= np.repeat(d, 32, axis=1) / 2 + 1e-6)
+
+
 @pytest.mark.parametrize("qtype", [T.Q6_K, T.F16], ids=lambda t: t.name)
 def test_int4_requantizes_other_types(tmp_path: Path, qtype: T) -> None:
     truth = write_model(tmp_path / "m.gguf", qtype)

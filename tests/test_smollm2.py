@@ -101,10 +101,12 @@ def test_fast_mode_agreement_is_reported(hf_greedy: dict[str, tuple[list[int], l
 
 def test_chat_answers_the_question(capsys: pytest.CaptureFixture[str]) -> None:
     d = ensure_smollm2()
-    rc = main(["generate", "--chat", "What is the capital of France?", "--model", str(d),
+    # not "the capital of France": there the exact computation itself prefers "The" over "L" by
+    # only 0.08 logits, and the fast mode's int8 activations may take either (docs/models.md)
+    rc = main(["generate", "--chat", "What is the capital city of Japan?", "--model", str(d),
                "--temperature", "0", "--max-tokens", "16", "--threads", "2"])
     assert rc == 0
-    assert "Paris" in capsys.readouterr().out
+    assert "Tokyo" in capsys.readouterr().out
 
 
 def test_streaming_multibyte_characters() -> None:

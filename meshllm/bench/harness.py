@@ -280,17 +280,15 @@ def kernels_per_token(model_dir: Path, threads: int, context: int = 64, steps: i
     return {"total": round(total, 1), "by_op": {k: round(v, 1) for k, v in by_op.items()}}
 
 
-def teacher_forced_agreement(exact_dir: Path, fast_dir: Path, prompts: list[list[int]], new_tokens: int,
-                             threads: int) -> tuple[int, int]:
-    """Top-1 agreement of the fast model with the exact one, teacher-forced: the exact model
-    continues each prompt greedily; both models then read prompt + continuation in one prefill,
-    and their argmax is compared at each continuation position. Returns (equal, positions)."""
+def exact_continuations(exact_dir: Path, prompts: list[list[int]], new_tokens: int,
+                        threads: int) -> tuple[StageRunner, list[list[int]]]:
+    """The exact model's greedy continuation of each prompt (prompt + ``new_tokens`` ids), and its
+    runner (for its own teacher-forced picks)."""
     from meshllm.model.manifest import load_manifest
 
-    exact, fast = load_manifest(exact_dir), load_manifest(fast_dir)
+    exact = load_manifest(exact_dir)
     rx = StageRunner(exact, 0, exact.config.num_blocks, threads=threads, max_seqs=1)
-    rf = StageRunner(fast, 0, fast.config.num_blocks, threads=threads, max_seqs=1)
-    same = total = 0
+    seqs = []
     for i, ids in enumerate(prompts):
         seq = list(ids)
         rx.alloc(i, len(ids) + new_tokens + 1)
@@ -299,12 +297,57 @@ def teacher_forced_agreement(exact_dir: Path, fast_dir: Path, prompts: list[list
             seq.append(int(np.argmax(logits)))
             logits = rx.decode([i], np.array([seq[-1]]))[0]
         rx.free(i)
-        picks = []
-        for r in (rx, rf):
-            r.alloc(("tf", i), len(seq))
-            out = r.prefill(("tf", i), np.array(seq[:-1], np.int64), last_only=False)  # (T - 1, V)
-            r.free(("tf", i))
-            picks.append(np.argmax(out[len(ids) - 1:], axis=-1))
-        same += int((picks[0] == picks[1]).sum())
-        total += len(picks[0])
-    return same, total
+        seqs.append(seq)
+    return rx, seqs
+
+
+def runner_picks(r: StageRunner, prompts: list[list[int]], seqs: list[list[int]]) -> list[np.ndarray]:
+    """Teacher-forced argmax at every continuation position: each sequence read in one prefill."""
+    picks = []
+    for i, (ids, seq) in enumerate(zip(prompts, seqs, strict=True)):
+        r.alloc(("tf", i), len(seq))
+        out = r.prefill(("tf", i), np.array(seq[:-1], np.int64), last_only=False)  # (T - 1, V)
+        r.free(("tf", i))
+        picks.append(np.argmax(out[len(ids) - 1:], axis=-1))
+    return picks
+
+
+def ortgenai_picks(model_dir: Path, prompts: list[list[int]], seqs: list[list[int]], threads: int) -> list[np.ndarray]:
+    """``runner_picks`` for onnxruntime-genai's model (its ``model.onnx`` run directly by
+    onnxruntime: a prompt with an empty past returns every position's logits)."""
+    import json
+
+    import onnxruntime as ort
+
+    from meshllm.runtime.runner import session_options
+
+    dec = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    sess = ort.InferenceSession(str(model_dir / dec["filename"]), session_options(threads),
+                                providers=["CPUExecutionProvider"])
+    empty = np.zeros((1, dec["num_key_value_heads"], 0, dec["head_size"]), np.float32)
+    picks = []
+    for ids, seq in zip(prompts, seqs, strict=True):
+        feeds: dict[str, np.ndarray] = {"input_ids": np.array([seq[:-1]], np.int64),
+                                        "attention_mask": np.ones((1, len(seq) - 1), np.int64)}
+        feeds.update({i.name: empty for i in sess.get_inputs() if i.name.startswith("past_key_values")})
+        logits = sess.run(["logits"], feeds)[0][0]  # (T - 1, V)
+        picks.append(np.argmax(logits[len(ids) - 1:], axis=-1))
+    return picks
+
+
+def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[int, int]:
+    """(positions where the two pick the same token, positions)."""
+    return sum(int((x == y).sum()) for x, y in zip(a, b, strict=True)), sum(len(x) for x in a)
+
+
+def teacher_forced_agreement(exact_dir: Path, fast_dir: Path, prompts: list[list[int]], new_tokens: int,
+                             threads: int) -> tuple[int, int]:
+    """Top-1 agreement of the fast model with the exact one, teacher-forced: the exact model
+    continues each prompt greedily; both models then read prompt + continuation in one prefill,
+    and their argmax is compared at each continuation position. Returns (equal, positions)."""
+    from meshllm.model.manifest import load_manifest
+
+    rx, seqs = exact_continuations(exact_dir, prompts, new_tokens, threads)
+    fast = load_manifest(fast_dir)
+    rf = StageRunner(fast, 0, fast.config.num_blocks, threads=threads, max_seqs=1)
+    return agreement(runner_picks(rx, prompts, seqs), runner_picks(rf, prompts, seqs))

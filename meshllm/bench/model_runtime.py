@@ -55,15 +55,18 @@ def run_model(args: argparse.Namespace) -> int:
         InProcess,
         RunnerEngine,
         _median,
+        agreement,
         bandwidth_samplers,
         blocked_decode,
+        exact_continuations,
         kernels_per_token,
+        ortgenai_picks,
+        runner_picks,
         sample_bandwidth,
         stat,
-        teacher_forced_agreement,
     )
     from meshllm.model.manifest import load_manifest
-    from meshllm.runtime.runner import default_threads
+    from meshllm.runtime.runner import StageRunner, default_threads
 
     model_dir = Path(args.model)
     manifest = load_manifest(model_dir)
@@ -87,6 +90,7 @@ def run_model(args: argparse.Namespace) -> int:
         engines.append(InProcess(RunnerEngine(model_dir, threads, max_len, name="runner_spin", spin=True)))
     notes: dict[str, str] = {}
     foreign: list[tuple[str, dict[str, Any]]] = []
+    og_dir: Path | None = None
     if gguf is None:
         notes["llamacpp"] = notes["transformers"] = notes["ortgenai"] = "no --gguf file given"
     else:
@@ -152,9 +156,20 @@ def run_model(args: argparse.Namespace) -> int:
 
         tok = Tokenizer.from_manifest(manifest)
         prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in AGREEMENT_PROMPTS]
-        same, total = teacher_forced_agreement(Path(args.exact_model), model_dir, prompts, AGREEMENT_TOKENS, threads)
+        rx, seqs = exact_continuations(Path(args.exact_model), prompts, AGREEMENT_TOKENS, threads)
+        exact_picks = runner_picks(rx, prompts, seqs)
+        rf = StageRunner(manifest, 0, cfg.num_blocks, threads=threads, max_seqs=1)
+        same, total = agreement(exact_picks, runner_picks(rf, prompts, seqs))
+        del rx, rf
         extra["fast_agreement"] = same / total
         extra["fast_agreement_counts"] = [same, total]
+        if og_dir is not None:  # the same measure for onnxruntime-genai's build of the same file
+            try:
+                same, total = agreement(exact_picks, ortgenai_picks(og_dir, prompts, seqs, threads))
+                extra["ortgenai_agreement"] = same / total
+                extra["ortgenai_agreement_counts"] = [same, total]
+            except Exception as e:  # onnxruntime raises its own types; the figure is optional
+                notes["ortgenai_agreement"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if not args.no_kernels:
             extra["kernels_per_token_exact"] = kernels_per_token(Path(args.exact_model), threads, args.context)
 

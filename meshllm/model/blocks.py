@@ -42,6 +42,7 @@ from meshllm.model.quant import (
     BLOCK,
     QuantMatrix,
     block_indicator,
+    compact4,
     concat_rows,
     fold_offsets,
     quantize4,
@@ -97,6 +98,7 @@ class _Graph:
     weight_dtype: np.dtype
     external: ExternalData | None = None
     accuracy_level: int | None = None  # MatMulNBits accuracy level; None: float matrices
+    compact: bool = False  # int4 "compact": every matrix as plain 4 bits (quant.compact4)
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[onnx.TensorProto] = field(default_factory=list)
     _n: int = 0
@@ -159,13 +161,19 @@ class _Graph:
         if key not in self._block_sums:
             ind = block_indicator(k)
             name = self.name("block_sums")
-            self.tensor(name + ".q", ind.packed())
-            self.tensor(name + ".scales", ind.scale)
-            self.tensor(name + ".zero_points", ind.packed_zero())
-            self._block_sums[key] = self.node(
-                "MatMulNBits", [x, name + ".q", name + ".scales", name + ".zero_points"], domain=MS_DOMAIN,
-                K=k, N=ind.shape[0], bits=4, block_size=BLOCK, accuracy_level=self.accuracy_level)[0]
+            self._block_sums[key] = self._matmul_nbits(x, name, ind)
         return self._block_sums[key]
+
+    def _matmul_nbits(self, x: str, name: str, m: QuantMatrix, out: str | None = None) -> str:
+        self.tensor(name + ".q", m.packed())
+        self.tensor(name + ".scales", m.scale)
+        inputs = [x, name + ".q", name + ".scales"]
+        if not m.default_zero:
+            self.tensor(name + ".zero_points", m.packed_zero())
+            inputs.append(name + ".zero_points")
+        N, K = m.shape
+        return self.node("MatMulNBits", inputs, [out] if out else None, domain=MS_DOMAIN,
+                         K=K, N=N, bits=m.bits, block_size=BLOCK, accuracy_level=self.accuracy_level)[0]
 
     def qmatmul(self, x: str, name: str, m: QuantMatrix, out: str | None = None) -> str:
         """x (B, S, K) @ m.T -> (B, S, N) with MatMulNBits, plus the exact ``mins`` term."""
@@ -177,19 +185,15 @@ class _Graph:
         if m.mins is not None and self.accuracy_level > 0:
             # int8 activations are approximate anyway: fold the offsets into the one MatMulNBits
             # as extra input columns (the input's block sums, twice) against the offsets held in
-            # 8 bits as two 4-bit halves; saves the separate MatMul and Add per projection
+            # 8 bits as two 4-bit halves; saves the separate MatMul and Add per projection. The
+            # folded matrix has the default zero point everywhere (see fold_offsets)
             x = self.node("Concat", [x, self.block_sums_nbits(x, m.shape[1]),
                                      self.block_sums_nbits(x, m.shape[1])], axis=-1)[0]
             m = fold_offsets(m)
-        N, K = m.shape
-        self.tensor(name + ".q", m.packed())
-        self.tensor(name + ".scales", m.scale)
-        self.tensor(name + ".zero_points", m.packed_zero())
-        y = self.node("MatMulNBits", [x, name + ".q", name + ".scales", name + ".zero_points"],
-                      None if m.mins is not None else ([out] if out else None), domain=MS_DOMAIN,
-                      K=K, N=N, bits=m.bits, block_size=BLOCK, accuracy_level=self.accuracy_level)[0]
         if m.mins is None:
-            return y
+            return self._matmul_nbits(x, name, m, out)
+        K = m.shape[1]
+        y = self._matmul_nbits(x, name, m)
         # sum_k (scale (q - zero) + min_b) x_k = MatMulNBits(x) + sum_b min_b * (block sum of x)_b
         mins = self.f32_init(name + ".mins", np.ascontiguousarray(m.mins.T))  # (nb, N)
         corr = self.node("MatMul", [self.block_sums(x, K), mins])[0]  # (B, S, N)
@@ -201,6 +205,8 @@ class _Graph:
             w = np.concatenate([_dense(m) for m in mats], axis=0).T  # (K, sum N_i)
             return self.node("MatMul", [x, self.init(name, w)], [out] if out else None)[0]
         qs = [m if isinstance(m, QuantMatrix) else quantize4(m) for m in mats]
+        if self.compact:
+            qs = [compact4(m) for m in qs]
         if len({m.bits for m in qs}) == 1:
             return self.qmatmul(x, name, concat_rows(qs) if len(qs) > 1 else qs[0], out)
         parts = [self.qmatmul(x, f"{name}.{i}", m) for i, m in enumerate(qs)]
@@ -393,7 +399,7 @@ def build_block(weights: Mapping[str, Weight], cfg: ModelConfig, index: int,
     with MatMulNBits (``QuantMatrix`` weights as they are, float ones quantized to 4 bits) in
     ``int4_mode`` (see ``INT4_MODES``)."""
     check_supported(cfg)
-    g = _Graph(_dtype(weight_dtype), external, _accuracy(weight_dtype, int4_mode))
+    g = _Graph(_dtype(weight_dtype), external, _accuracy(weight_dtype, int4_mode), compact=int4_mode == "compact")
     F, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     hidden: list[str | int | None] = ["batch", "seq", cfg.hidden_size]
     if index == 0:
@@ -423,7 +429,7 @@ def build_monolithic(weights: Mapping[str, Weight], cfg: ModelConfig,
     """The whole model as one graph: ``input_ids``, ``seqlens_k``, ``total_sequence_length``,
     ``past_key.{i}``/``past_value.{i}`` -> ``logits``, ``present_key.{i}``/``present_value.{i}``."""
     check_supported(cfg)
-    g = _Graph(_dtype(weight_dtype), None, _accuracy(weight_dtype, int4_mode))
+    g = _Graph(_dtype(weight_dtype), None, _accuracy(weight_dtype, int4_mode), compact=int4_mode == "compact")
     F, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     cos, sin = rope_tables(cfg)
     g.f32_init("cos_cache", cos)

@@ -25,7 +25,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2}
 # int4 blocks run their matrices with MatMulNBits at one of two accuracy levels: "exact" computes
 # in float32 on the dequantized blocks (level 0), "fast" quantizes the activations to int8 per
 # block and uses integer dot products (level 4). docs/models.md holds the measured agreement.
-INT4_MODES = {"exact": 0, "fast": 4}
+INT4_MODES = {"exact": 0, "fast": 4, "compact": 4}
 DEFAULT_INT4_MODE = "fast"
 MATRIX_BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "int4": 0.5 + (4 + 0.5) / 32}
 

@@ -31,7 +31,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DTYPE = "int4"
 # Part of the cached model's directory name: bump it when the blocks an import writes change, so
 # that caches made by older code are not reused.
-IMPORT_FORMAT = 6
+IMPORT_FORMAT = 7
 DTYPES = ("float32", "float16", "int4")
 
 

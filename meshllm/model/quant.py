@@ -90,6 +90,12 @@ class QuantMatrix:
         return np.ascontiguousarray((z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1))
 
     @property
+    def default_zero(self) -> bool:
+        """Every zero point is MatMulNBits' default (8 for 4 bits, 128 for 8): the zero points
+        input can be left out, and the kernel skips their correction."""
+        return bool((self.zero == (1 << (self.bits - 1))).all())
+
+    @property
     def nbytes(self) -> int:
         """Bytes as stored for MatMulNBits (packed values, float32 scales, zero points, mins)."""
         n = self.packed().nbytes + self.scale.nbytes + self.packed_zero().nbytes
@@ -120,32 +126,43 @@ def _padded_blocks(n_blocks: int) -> int:
 
 
 def block_indicator(k: int) -> QuantMatrix:
-    """(P, K) 0/1 matrix, row b selecting block b of the input (rows past K / BLOCK all zero)."""
+    """(P, K) 0/1 matrix, row b selecting block b of the input (rows past K / BLOCK all zero),
+    stored with the default zero point (8: values 8 and 9)."""
     nb = k // BLOCK
     P = _padded_blocks(nb)
-    q = np.zeros((P, k), np.uint8)
+    q = np.full((P, k), 8, np.uint8)
     for b in range(nb):
-        q[b, b * BLOCK:(b + 1) * BLOCK] = 1
-    return QuantMatrix(q, np.ones((P, nb), np.float32), np.zeros((P, nb), np.uint8), None, 4, "indicator")
+        q[b, b * BLOCK:(b + 1) * BLOCK] = 9
+    return QuantMatrix(q, np.ones((P, nb), np.float32), np.full((P, nb), 8, np.uint8), None, 4, "indicator")
 
 
 def fold_offsets(m: QuantMatrix) -> QuantMatrix:
     """A matrix with offsets as one without, for the input ``[x, s, s]`` where s holds the block
-    sums of x padded to a whole block: the offsets become 8-bit columns (symmetric per block of
-    BLOCK, the one approximation) split into two 4-bit halves (``split8``)."""
+    sums of x padded to a whole block.
+
+    Every block first takes the default zero point 8: ``scale·(q − zero) + mins`` is
+    ``scale·(q − 8) + r`` with the residual ``r = mins + scale·(8 − zero)`` (for Q4_1, ``m + 8d``:
+    about the centre of the block's range, so much smaller than ``m``). The residuals become 8-bit
+    columns (symmetric per block of BLOCK, at most 119 steps: the one approximation) held as two
+    4-bit halves ``v = 16h + l``, h and l in [−8, 8), both with zero point 8. So the whole matrix
+    has the default zero point and MatMulNBits runs without a zero-point input — its cheapest
+    int8 path, and a closer one: the residuals' rounding is relative to their size."""
     if m.mins is None:
         return m
     N, nb = m.mins.shape
+    resid = m.mins + m.scale * (np.float32(8) - m.zero.astype(np.float32))
     P = _padded_blocks(nb)
-    mins = np.zeros((N, P), np.float32)
-    mins[:, :nb] = m.mins
-    blocks = mins.reshape(N, P // BLOCK, BLOCK)
-    scale = np.abs(blocks).max(axis=2) / 127.0  # (N, P / BLOCK)
+    padded = np.zeros((N, P), np.float32)
+    padded[:, :nb] = resid
+    blocks = padded.reshape(N, P // BLOCK, BLOCK)
+    scale = np.abs(blocks).max(axis=2) / 119.0  # (N, P / BLOCK)
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = (np.clip(np.round(blocks / scale[:, :, None]), -127, 127) + 128).astype(np.uint8).reshape(N, P)
-    extra = split8(QuantMatrix(q, scale, np.full(scale.shape, 128, np.uint8), None, 8, "offsets"))
-    return QuantMatrix(np.concatenate([m.q, extra.q], axis=1), np.concatenate([m.scale, extra.scale], axis=1),
-                       np.concatenate([m.zero, extra.zero], axis=1), None, 4, m.source + " offsets folded")
+    v = np.clip(np.round(blocks / scale[:, :, None]), -119, 119).astype(np.int16).reshape(N, P)
+    hi = np.floor_divide(v + 8, 16)  # [-7, 7]
+    lo = v - 16 * hi  # [-8, 8)
+    q = np.concatenate([m.q, (hi + 8).astype(np.uint8), (lo + 8).astype(np.uint8)], axis=1)
+    sc = np.concatenate([m.scale, scale * np.float32(16), scale], axis=1)
+    return QuantMatrix(q, sc, np.full(sc.shape, 8, np.uint8), None, 4, m.source + " offsets folded")
 
 
 def concat_rows(mats: list[QuantMatrix]) -> QuantMatrix:
@@ -183,6 +200,21 @@ def from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantM
         return QuantMatrix(q, d, np.full((N, nb), 8, np.uint8), None, 4, type_name)
     m = blocks[:, :, 2:4].copy().view("<f2")[:, :, 0].astype(np.float32)
     return QuantMatrix(q, d, np.zeros((N, nb), np.uint8), m, 4, type_name)
+
+
+def compact4(m: QuantMatrix) -> QuantMatrix:
+    """A matrix in MatMulNBits' plainest form (the int4 "compact" mode): 4 bits, an integer zero
+    point, no offsets — the shape onnxruntime-genai's builder gives every matrix, at the cost of
+    exactness. An 8-bit matrix is re-quantized to 4 bits; a Q4_1 block (``d·q + m``) keeps its
+    values and scale and takes the nearest zero point ``round(-m/d)``: each weight of the block
+    moves by the same ``m + zero·d`` (at most d/2 when that zero point is in [0, 15]). Measured on
+    SmolLM2 this keeps more than re-quantizing the block's float values (docs/models.md)."""
+    if m.bits == 8:
+        return quantize4(m.dequantize())
+    if m.mins is None:
+        return m
+    zero = np.clip(np.round(-m.mins / m.scale), 0, 15).astype(np.uint8)
+    return QuantMatrix(m.q, m.scale, zero, None, 4, m.source + " recentred")
 
 
 def quantize4(w: np.ndarray) -> QuantMatrix:
