@@ -46,10 +46,11 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -325,23 +326,64 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     return side
 
 
-def _copy_profiles(src: Path | None, mesh: Any) -> Path:
+class Shell(Protocol):
+    """A mesh of node processes the experiment drives: ``LocalMesh`` on loopback, or the network
+    lab's mesh in namespaces (``tools/netlab.py serve``). Not started until entered."""
+
+    n: int
+
+    @property
+    def urls(self) -> list[str]: ...
+
+    def state_dir(self, i: int) -> Path: ...
+
+    def premeasure(self) -> None: ...
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]: ...
+
+    def check_alive(self) -> None: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+Launch = Callable[[str], Shell]
+"""A strategy's mesh, not yet started (the nodes read the workload from the environment)."""
+
+
+def _copy_profiles(src: Path | None, mesh: Shell) -> Path:
     """Measure each node's profile once (one node at a time), then give every later mesh a copy."""
-    root = Path(mesh._tmp.name)
     if src is None:
         mesh.premeasure()
-        keep = Path(mesh._tmp.name).parent / f"meshllm-bench-serving-profiles-{os.getpid()}"
-        shutil.rmtree(keep, ignore_errors=True)
+        keep = Path(tempfile.mkdtemp(prefix="meshllm-bench-serving-profiles-"))
         for i in range(mesh.n):
-            shutil.copytree(root / f"state-{i}" / "profiles", keep / f"state-{i}" / "profiles")
+            shutil.copytree(mesh.state_dir(i) / "profiles", keep / f"state-{i}" / "profiles")
         return keep
     for i in range(mesh.n):
-        shutil.copytree(src / f"state-{i}" / "profiles", root / f"state-{i}" / "profiles", dirs_exist_ok=True)
+        shutil.copytree(src / f"state-{i}" / "profiles", mesh.state_dir(i) / "profiles", dirs_exist_ok=True)
     return src
 
 
 def run(args: argparse.Namespace) -> int:
+    """``meshllm bench serving``: the experiment on loopback."""
     from meshllm.commands.up import LocalMesh
+
+    if args.quick:
+        args.slowdowns = ",".join(args.slowdowns.split(",")[:2])
+
+    def launch(strategy: str) -> Shell:
+        return LocalMesh(args.nodes, model=args.model, slowdowns=args.slowdowns, budgets=args.budgets,
+                         threads=args.threads, strategy=strategy, measure_first=False)
+
+    return experiment(args, launch, {"mesh": "loopback", "slowdowns": args.slowdowns})
+
+
+def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) -> int:
+    """The serving experiment on the meshes ``launch`` makes (one per mix and strategy; ``args`` as
+    ``register`` defines them; ``args.model`` is resolved to a directory before the first launch):
+    the trace, the driver, the simulator on each live plan and the judgement. ``about`` (how the
+    mesh is made) goes into the output as it is."""
     from meshllm.errors import UserError
     from meshllm.model.manifest import load_manifest
     from meshllm.planner.types import Plan, Workload
@@ -351,7 +393,6 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.nodes, args.count, args.idle = min(args.nodes, 2), min(args.count, 4), min(args.idle, 2)
         args.mixes, args.loads = args.mixes.split(",")[0], args.loads.split(",")[0]
-        args.slowdowns = ",".join(args.slowdowns.split(",")[:2])
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
     try:
@@ -369,10 +410,11 @@ def run(args: argparse.Namespace) -> int:
     routing = "start"  # the nodes' default objective is waiting, whose router policy is "start"
     # the stages interleave prompt chunks with decode steps under this budget: the simulator too
     budget = ServeConfig().step_token_budget
-    out: dict[str, Any] = {"bench": "serving", "model": Path(model).name, "nodes": args.nodes,
-                           "slowdowns": args.slowdowns, "length_scale": args.length_scale, "count": args.count,
+    args.model = model
+    out: dict[str, Any] = {"bench": "serving", "model": Path(model).name, "nodes": args.nodes, **about,
+                           "length_scale": args.length_scale, "count": args.count,
                            "seed": args.seed, "routing": routing, "step_token_budget": budget,
-                           "cells": [], "plans": {}, "saturation_rps": {}}
+                           "cells": [], "plans": {}, "links_mbps": {}, "saturation_rps": {}}
     if note:
         out["note"] = note
     t_start = time.perf_counter()
@@ -392,8 +434,7 @@ def run(args: argparse.Namespace) -> int:
                                    "MESHLLM_WORKLOAD_OUTPUT_LEN": json.dumps(outl.to_dict()),
                                    "MESHLLM_WORKLOAD_ARRIVAL_RATE": f"{rate_hi:.6g}",
                                    "MESHLLM_WORKLOAD_MAX_BATCH": str(args.max_batch)})
-                mesh = LocalMesh(args.nodes, model=model, slowdowns=args.slowdowns, budgets=args.budgets,
-                                 threads=args.threads, strategy=strat, measure_first=False)
+                mesh = launch(strat)
                 profiles_dir = _copy_profiles(profiles_dir, mesh)
                 with mesh:
                     view = mesh.wait_ready(args.timeout)
@@ -402,6 +443,9 @@ def run(args: argparse.Namespace) -> int:
                         {"role": r.role.value, "stages": [[s.node[:8], s.first, s.end] for s in r.stages]}
                         for r in plan.replicas]
                     mp, devices, network, _ = mesh_problem(mesh.urls, manifest)
+                    # the links the nodes measured, which the simulator is given
+                    out["links_mbps"].setdefault(mix, {})[strat] = {
+                        f"{ln.a[:8]}-{ln.b[:8]}": round(ln.mbps, 1) for ln in network.links}
                     if sat is None:
                         sat = saturation(plan, mp, devices, network, wl, inp, outl, room, args.seed, routing)
                         out["saturation_rps"][mix] = round(sat, 3)
