@@ -140,7 +140,7 @@ def test_serving_experiment_in_namespaces(tmp_path: Path, tiny_model_dir: Path,
     tb.write_text(SLOW_PAIR)
     assert netlab.main(["serve", "--quick", "--model", str(tiny_model_dir), "--strategies", "splitwise",
                         "--testbed", str(tb), "--prefix", f"ms{os.getpid() % 10000}",
-                        "--net", str(150 + os.getpid() % 60), "--json"]) == 0
+                        "--net", str(150 + os.getpid() % 60), "--json", "--record", str(tmp_path / "run.json")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mesh"] == "netns" and out["devices"] == ["fast", "slow"] and out["slowdowns"] == [1.0, 2.0]
     assert out["link_mbps"] == {"fast-slow": 12.0}
@@ -159,6 +159,12 @@ def test_serving_experiment_in_namespaces(tmp_path: Path, tiny_model_dir: Path,
         assert 0 < c[side]["tpot_ms"] < 60_000 and c[side]["wait_ms"] >= 0
     assert set(c["error_pct"]) == {"ttft_ms", "tpot_ms", "wait_ms"}
     assert out["judged"]["cells"] == 2
+    # the recorded run predicts the same again without a mesh (--replay: the simulator on the
+    # run's plans, profiles, links and trace)
+    assert netlab.main(["serve", "--replay", str(tmp_path / "run.json"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [(c["predicted"], c["measured"]) for c in again["cells"]] == [(c["predicted"], c["measured"])
+                                                                         for c in out["cells"]]
     # the lab is gone
     assert f"ms{os.getpid() % 10000}ns0" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                                 text=True).stdout

@@ -86,6 +86,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="PNG", help="draw measured vs predicted here")
     p.add_argument("--quick", action="store_true", help="2 nodes, one mix, one load, 4 requests (for tests)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="write the run's plans, profiles, links, trace and measurements here, for --replay")
+    p.add_argument("--replay", default=None, metavar="FILE",
+                   help="start no mesh: the simulator (as it is now) on a recorded run, beside its measurements")
 
 
 # --- the trace (pure) -------------------------------------------------------------------------------
@@ -198,21 +202,27 @@ def error_pct(measured: dict[str, Any], predicted: dict[str, Any]) -> dict[str, 
 
 # --- the simulator on a live plan ---------------------------------------------------------------------
 
-def mesh_problem(urls: Sequence[str], manifest: Any) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+def mesh_problem(urls: Sequence[str], manifest: Any) -> tuple[Any, dict[str, Any], Any, list[dict[str, Any]]]:
     """(model profile, devices, network, profile documents) of a running mesh, as its nodes report
     them on ``GET /v1/profile``."""
-    from meshllm.control.planning import known_devices, network_from_links
     from meshllm.errors import MeshError
-    from meshllm.planner.cost import ModelProfile
-    from meshllm.runtime.runner import resident_costs
 
     docs = [get_json(u + "/v1/profile", timeout=10.0) for u in urls]
     if any(not d or not d.get("profile") for d in docs):
         raise MeshError("a node did not report its profile")
+    return (*problem_from_docs(docs, manifest), docs)
+
+
+def problem_from_docs(docs: Sequence[dict[str, Any]], manifest: Any) -> tuple[Any, dict[str, Any], Any]:
+    """(model profile, devices, network) from the nodes' ``/v1/profile`` documents (pure)."""
+    from meshllm.control.planning import known_devices, network_from_links
+    from meshllm.planner.cost import ModelProfile
+    from meshllm.runtime.runner import resident_costs
+
     devices = known_devices({d["node_id"]: d["profile"] for d in docs})
     network = network_from_links(sorted(devices), {d["node_id"]: d.get("links") or {} for d in docs})
     mp = ModelProfile.from_costs(resident_costs(manifest), manifest.name)
-    return mp, devices, network, {d["node_id"]: d["profile"] for d in docs}
+    return mp, devices, network
 
 
 def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any,
@@ -302,7 +312,10 @@ def alone(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit
 
 
 def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float,
-            one_at_a_time: bool = False, alone_ttft: Sequence[float | None] | None = None) -> dict[str, Any]:
+            one_at_a_time: bool = False, alone_ttft: Sequence[float | None] | None = None
+            ) -> tuple[dict[str, Any], list[list[float | None]]]:
+    """One side of a cell, and per request [TTFT, TPOT, TTFT alone] in seconds (None where it
+    did not complete)."""
     before = _metrics(urls)
     load0 = os.getloadavg()[0]
     results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s, one_at_a_time))
@@ -323,7 +336,10 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     errs = sorted({r.detail or "answer cut short" for r in results if r.outcome == "error"})
     if errs:
         side["error_examples"] = errs[:3]
-    return side
+    per = [[r.ttft if done else None, r.tpot if done else None, a]
+           for r, q, a in zip(results, reqs, alone_ttft or [None] * len(reqs), strict=True)
+           for done in [r.outcome == "ok" and len(r.token_times) == q.output_tokens]]
+    return side, per
 
 
 class Shell(Protocol):
@@ -365,6 +381,45 @@ def _copy_profiles(src: Path | None, mesh: Shell) -> Path:
     return src
 
 
+def judged_cell(mix: str, load: float, rate: float, strategy: str, measured: dict[str, Any], plan: Any, mp: Any,
+                devices: dict[str, Any], network: Any, wl: Any, reqs: Sequence[Any], routing: str, budget: int,
+                cores: float) -> dict[str, Any]:
+    """A cell: what was measured, the simulator's prediction (each node on its own hardware), the
+    same told that the nodes share ``cores`` (as on one machine), and the errors."""
+    measured = dict(measured)
+    predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing, step_token_budget=budget)
+    shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget)
+    if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
+        predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
+    return {"mix": mix, "load": load, "rate_rps": rate, "strategy": strategy, "measured": measured,
+            "predicted": predicted, "predicted_shared_cores": shared, "error_pct": error_pct(measured, predicted),
+            "error_pct_shared_cores": error_pct(measured, shared)}
+
+
+def replay(record: dict[str, Any]) -> dict[str, Any]:
+    """The simulator as it is now on a recorded run (``--record``): every cell predicted again on
+    the run's plans, profiles, measured links and trace, beside the run's measurements (pure but
+    for reading the model's manifest)."""
+    from meshllm.model.manifest import load_manifest
+    from meshllm.planner.types import Plan, Workload
+    from meshllm.sim.workload import Request
+
+    manifest = load_manifest(Path(record["model"]), verify=False)
+    problems = {}
+    for mix, by_strat in record["meshes"].items():
+        for strat, m in by_strat.items():
+            problems[mix, strat] = (Plan.from_dict(m["plan"]), *problem_from_docs(m["profiles"], manifest),
+                                    Workload.from_dict(m["workload"]))
+    cells = []
+    for c in record["cells"]:
+        plan, mp, devices, network, wl = problems[c["mix"], c["strategy"]]
+        reqs = [Request(int(i), float(a), int(n_in), int(n_out)) for i, a, n_in, n_out in c["requests"]]
+        cells.append(judged_cell(c["mix"], c["load"], c.get("rate_rps", 0.0), c["strategy"], c["measured"], plan, mp,
+                                 devices, network, wl, reqs, record["routing"], record["step_token_budget"],
+                                 float(record["cores"])))
+    return {"bench": "serving", "replay": True, **record["about"], "cells": cells, "judged": judge(cells)}
+
+
 def run(args: argparse.Namespace) -> int:
     """``meshllm bench serving``: the experiment on loopback."""
     from meshllm.commands.up import LocalMesh
@@ -383,8 +438,18 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
     """The serving experiment on the meshes ``launch`` makes (one per mix and strategy; ``args`` as
     ``register`` defines them; ``args.model`` is resolved to a directory before the first launch):
     the trace, the driver, the simulator on each live plan and the judgement. ``about`` (how the
-    mesh is made) goes into the output as it is."""
+    mesh is made) goes into the output as it is. With ``args.replay``, no mesh: ``replay``."""
     from meshllm.errors import UserError
+
+    if args.replay:
+        try:
+            out = replay(json.loads(Path(args.replay).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--replay {args.replay}: not a recorded run ({type(e).__name__}: {e})") from None
+        if args.plot:
+            plot(out["cells"], args.plot)
+        print(json.dumps(out) if args.json else json.dumps(out["judged"]))
+        return 0
     from meshllm.model.manifest import load_manifest
     from meshllm.planner.types import Plan, Workload
     from meshllm.serve.config import ServeConfig
@@ -422,6 +487,9 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     profiles_dir: Path | None = None
     env_before = dict(os.environ)
+    # what the simulator needs to predict every cell again, and what was measured (``--replay``)
+    record: dict[str, Any] = {"model": model, "routing": routing, "step_token_budget": budget,
+                              "cores": os.cpu_count() or 1, "about": about, "meshes": {}, "cells": []}
     try:
         for mix in mixes:
             inp, outl = scaled_mix(mix, args.length_scale)
@@ -442,7 +510,9 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
                     out["plans"].setdefault(mix, {})[strat] = [
                         {"role": r.role.value, "stages": [[s.node[:8], s.first, s.end] for s in r.stages]}
                         for r in plan.replicas]
-                    mp, devices, network, _ = mesh_problem(mesh.urls, manifest)
+                    mp, devices, network, docs = mesh_problem(mesh.urls, manifest)
+                    record["meshes"].setdefault(mix, {})[strat] = {"plan": view["plan"], "profiles": docs,
+                                                                   "workload": wl.to_dict()}
                     # the links the nodes measured, which the simulator is given
                     out["links_mbps"].setdefault(mix, {})[strat] = {
                         f"{ln.a[:8]}-{ln.b[:8]}": round(ln.mbps, 1) for ln in network.links}
@@ -461,21 +531,17 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
                                     for i, r in enumerate(base[:args.idle])]
                         else:
                             reqs = requests_for(inp, outl, load * sat, args.count, args.seed, room)
-                        measured = measure(mesh.urls, reqs, cfg.vocab_size, args.seed, args.request_timeout,
-                                           one_at_a_time=load == 0.0,
-                                           alone_ttft=ttft_alone[:len(reqs)])
-                        predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing,
-                                               step_token_budget=budget)
-                        # the same, told that the nodes share this machine's cores
-                        shared, _ = predict(plan, mp, devices, network, wl, reqs, routing,
-                                            float(os.cpu_count() or 1), budget)
-                        if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
-                            predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
-                        out["cells"].append({"mix": mix, "load": load, "rate_rps": round(load * sat, 3) if load else 0.0,
-                                             "strategy": strat, "measured": measured, "predicted": predicted,
-                                             "predicted_shared_cores": shared,
-                                             "error_pct": error_pct(measured, predicted),
-                                             "error_pct_shared_cores": error_pct(measured, shared)})
+                        measured, per = measure(mesh.urls, reqs, cfg.vocab_size, args.seed,
+                                                args.request_timeout, one_at_a_time=load == 0.0,
+                                                alone_ttft=ttft_alone[:len(reqs)])
+                        out["cells"].append(judged_cell(mix, load, round(load * sat, 3) if load else 0.0, strat,
+                                                        measured, plan, mp, devices, network, wl, reqs, routing,
+                                                        budget, float(os.cpu_count() or 1)))
+                        record["cells"].append({"mix": mix, "load": load, "strategy": strat,
+                                                "rate_rps": out["cells"][-1]["rate_rps"],
+                                                "requests": [[r.id, r.arrival, r.input_tokens, r.output_tokens]
+                                                             for r in reqs],
+                                                "measured": measured, "per_request": per})
                         print(json.dumps(out["cells"][-1]), file=sys.stderr, flush=True)
                     mesh.check_alive()
     finally:
@@ -485,6 +551,8 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
             shutil.rmtree(profiles_dir, ignore_errors=True)
     out["judged"] = judge(out["cells"])
     out["bench_s"] = round(time.perf_counter() - t_start, 1)
+    if args.record:
+        Path(args.record).write_text(json.dumps(record))
     out["targets"] = TARGETS
     if args.plot:
         plot(out["cells"], args.plot)
