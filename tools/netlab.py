@@ -332,6 +332,10 @@ class NetMesh:
         except OSError:
             return ""
 
+    def pids(self) -> list[int]:
+        """The node processes (``ip netns exec`` becomes the node: same pid)."""
+        return [p.pid for p in self.lab.procs]
+
     def check_alive(self) -> None:
         from meshllm.errors import MeshError
 

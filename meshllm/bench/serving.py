@@ -213,6 +213,11 @@ def mesh_problem(urls: Sequence[str], manifest: Any) -> tuple[Any, dict[str, Any
     return (*problem_from_docs(docs, manifest), docs)
 
 
+def slowdowns_of(docs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Each node's ``--slowdown``, as its profile document says."""
+    return {d["node_id"]: float(d["profile"].get("slowdown", 1.0)) for d in docs}
+
+
 def problem_from_docs(docs: Sequence[dict[str, Any]], manifest: Any) -> tuple[Any, dict[str, Any], Any]:
     """(model profile, devices, network) from the nodes' ``/v1/profile`` documents (pure)."""
     from meshllm.control.planning import known_devices, network_from_links
@@ -227,7 +232,7 @@ def problem_from_docs(docs: Sequence[dict[str, Any]], manifest: Any) -> tuple[An
 
 def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any,
             reqs: Sequence[Any], routing: str, shared_cores: float = 0.0,
-            step_token_budget: int = 0) -> tuple[dict[str, Any], Any]:
+            step_token_budget: int = 0, slowdowns: dict[str, float] | None = None) -> tuple[dict[str, Any], Any]:
     """The simulator's side of a cell, and its result. Its ``wait_ms`` is defined as the measured
     one (each request's TTFT minus its TTFT alone, see ``alone``); ``sim_wait_ms`` is the
     simulator's own (arrival to the first prefill micro-batch's start)."""
@@ -250,6 +255,8 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     side["sim_wait_ms"] = _ms(float(np.mean([r.waiting_s for r in recs])))
     # nodes computing at once, on average over the cell: on one machine they share its cores
     side["busy_nodes"] = round(sum(res.busy_s.values()) / wall, 2) if wall > 0 else None
+    if slowdowns is not None:  # a slowed node computes for busy / slowdown and sleeps the rest
+        side["compute_cpu_s"] = round(sum(b / slowdowns.get(n, 1.0) for n, b in res.busy_s.items()), 3)
     return side, res
 
 
@@ -297,6 +304,19 @@ async def _send(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int,
     return results, (max(ends) if ends else time.perf_counter()) - t0
 
 
+def cpu_seconds(pids: Sequence[int]) -> list[float | None]:
+    """User plus system CPU seconds each process has used so far (None where it is gone)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: list[float | None] = []
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            out.append(None)
+    return out
+
+
 def _metrics(urls: Sequence[str]) -> list[dict[str, float]]:
     from meshllm.client import metric_values
 
@@ -312,13 +332,15 @@ def alone(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit
 
 
 def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float,
-            one_at_a_time: bool = False, alone_ttft: Sequence[float | None] | None = None
-            ) -> tuple[dict[str, Any], list[list[float | None]]]:
+            one_at_a_time: bool = False, alone_ttft: Sequence[float | None] | None = None,
+            pids: Sequence[int] = ()) -> tuple[dict[str, Any], list[list[float | None]]]:
     """One side of a cell, and per request [TTFT, TPOT, TTFT alone] in seconds (None where it
-    did not complete)."""
+    did not complete). ``pids``: the node processes, whose CPU time during the cell is counted."""
     before = _metrics(urls)
+    cpu0 = cpu_seconds(pids)
     load0 = os.getloadavg()[0]
     results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s, one_at_a_time))
+    cpu1 = cpu_seconds(pids)
     after = _metrics(urls)
     wmean, wp99 = hist_delta(before, after, WAIT_METRIC)
     ok = [r for r, q in zip(results, reqs, strict=True)
@@ -331,6 +353,9 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     # the entry's own histogram: acceptance to the prompt sent to a prefill replica (where the
     # prompt then waits at its stage is not in it)
     side["entry_wait_ms"], side["entry_wait_p99_ms"] = _ms(wmean), _ms(wp99)
+    # CPU seconds the node processes used during the cell (the model's compute and the shells')
+    if pids:
+        side["cpu_s"] = [None if a is None or b is None else round(b - a, 3) for a, b in zip(cpu0, cpu1, strict=True)]
     # the machine's contention while the cell ran (1-minute load average, before and after)
     side["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     errs = sorted({r.detail or "answer cut short" for r in results if r.outcome == "error"})
@@ -359,6 +384,8 @@ class Shell(Protocol):
 
     def check_alive(self) -> None: ...
 
+    def pids(self) -> list[int]: ...
+
     def __enter__(self) -> Any: ...
 
     def __exit__(self, *exc: object) -> None: ...
@@ -383,12 +410,15 @@ def _copy_profiles(src: Path | None, mesh: Shell) -> Path:
 
 def judged_cell(mix: str, load: float, rate: float, strategy: str, measured: dict[str, Any], plan: Any, mp: Any,
                 devices: dict[str, Any], network: Any, wl: Any, reqs: Sequence[Any], routing: str, budget: int,
-                cores: float) -> dict[str, Any]:
+                cores: float, slowdowns: dict[str, float] | None = None) -> dict[str, Any]:
     """A cell: what was measured, the simulator's prediction (each node on its own hardware), the
-    same told that the nodes share ``cores`` (as on one machine), and the errors."""
+    same told that the nodes share ``cores`` (as on one machine), and the errors. ``slowdowns``
+    (per node) turn the simulator's busy time into the CPU time its compute takes
+    (``compute_cpu_s``, beside the measured ``cpu_s``)."""
     measured = dict(measured)
-    predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing, step_token_budget=budget)
-    shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget)
+    predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing, step_token_budget=budget,
+                           slowdowns=slowdowns)
+    shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget, slowdowns)
     if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
         predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
     return {"mix": mix, "load": load, "rate_rps": rate, "strategy": strategy, "measured": measured,
@@ -409,14 +439,14 @@ def replay(record: dict[str, Any]) -> dict[str, Any]:
     for mix, by_strat in record["meshes"].items():
         for strat, m in by_strat.items():
             problems[mix, strat] = (Plan.from_dict(m["plan"]), *problem_from_docs(m["profiles"], manifest),
-                                    Workload.from_dict(m["workload"]))
+                                    Workload.from_dict(m["workload"]), slowdowns_of(m["profiles"]))
     cells = []
     for c in record["cells"]:
-        plan, mp, devices, network, wl = problems[c["mix"], c["strategy"]]
+        plan, mp, devices, network, wl, slow = problems[c["mix"], c["strategy"]]
         reqs = [Request(int(i), float(a), int(n_in), int(n_out)) for i, a, n_in, n_out in c["requests"]]
         cells.append(judged_cell(c["mix"], c["load"], c.get("rate_rps", 0.0), c["strategy"], c["measured"], plan, mp,
                                  devices, network, wl, reqs, record["routing"], record["step_token_budget"],
-                                 float(record["cores"])))
+                                 float(record["cores"]), slow))
     return {"bench": "serving", "replay": True, **record["about"], "cells": cells, "judged": judge(cells)}
 
 
@@ -443,12 +473,12 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
 
     if args.replay:
         try:
-            out = replay(json.loads(Path(args.replay).read_text()))
+            again = replay(json.loads(Path(args.replay).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"--replay {args.replay}: not a recorded run ({type(e).__name__}: {e})") from None
         if args.plot:
-            plot(out["cells"], args.plot)
-        print(json.dumps(out) if args.json else json.dumps(out["judged"]))
+            plot(again["cells"], args.plot)
+        print(json.dumps(again) if args.json else json.dumps(again["judged"]))
         return 0
     from meshllm.model.manifest import load_manifest
     from meshllm.planner.types import Plan, Workload
@@ -533,10 +563,10 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
                             reqs = requests_for(inp, outl, load * sat, args.count, args.seed, room)
                         measured, per = measure(mesh.urls, reqs, cfg.vocab_size, args.seed,
                                                 args.request_timeout, one_at_a_time=load == 0.0,
-                                                alone_ttft=ttft_alone[:len(reqs)])
+                                                alone_ttft=ttft_alone[:len(reqs)], pids=mesh.pids())
                         out["cells"].append(judged_cell(mix, load, round(load * sat, 3) if load else 0.0, strat,
                                                         measured, plan, mp, devices, network, wl, reqs, routing,
-                                                        budget, float(os.cpu_count() or 1)))
+                                                        budget, float(os.cpu_count() or 1), slowdowns_of(docs)))
                         record["cells"].append({"mix": mix, "load": load, "strategy": strat,
                                                 "rate_rps": out["cells"][-1]["rate_rps"],
                                                 "requests": [[r.id, r.arrival, r.input_tokens, r.output_tokens]

@@ -173,6 +173,10 @@ class LocalMesh:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def pids(self) -> list[int]:
+        """The node processes' ids, in node order."""
+        return [p.pid for p in self.procs]
+
     def check_alive(self) -> None:
         for i, p in enumerate(self.procs):
             if p.poll() is not None:
