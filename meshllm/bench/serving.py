@@ -62,6 +62,7 @@ DEFAULT_MIXES = ("short-in/long-out", "long-in/short-out")
 TARGETS = {"e2llm_wait_vs_splitwise": "<= 0.5 at the highest load where splitwise's mean wait >= 10 ms",
            "sim_error_ttft_tpot": "within 15% (aim 10%) for every strategy and load"}
 WAIT_METRIC = "meshllm_request_waiting_seconds"
+TTFT_METRIC = "meshllm_time_to_first_token_seconds"
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -242,7 +243,11 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     from meshllm.sim.workload import Request
 
     model = to_sim_model(plan, mp, devices, network, workload)
-    config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget)
+    # the stages' scheduler as the serving core runs it (iterations under the token budget); on
+    # shared cores a slowed node computes 1/slowdown of its busy time and sleeps the rest
+    config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget,
+                       iterations=step_token_budget > 0,
+                       core_share=tuple((n, 1.0 / max(1.0, f)) for n, f in sorted((slowdowns or {}).items())))
     res = simulate(model, list(reqs), config)
     recs = res.records
     apart = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens) for i, r in enumerate(reqs)]
@@ -353,6 +358,9 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     # the entry's own histogram: acceptance to the prompt sent to a prefill replica (where the
     # prompt then waits at its stage is not in it)
     side["entry_wait_ms"], side["entry_wait_p99_ms"] = _ms(wmean), _ms(wp99)
+    # the entries' own TTFT (acceptance to the first token at the entry): the client's TTFT less
+    # this is HTTP, SSE and the client, on the same cores
+    side["entry_ttft_ms"] = _ms(hist_delta(before, after, TTFT_METRIC)[0])
     # CPU seconds the node processes used during the cell (the model's compute and the shells')
     if pids:
         side["cpu_s"] = [None if a is None or b is None else round(b - a, 3) for a, b in zip(cpu0, cpu1, strict=True)]
