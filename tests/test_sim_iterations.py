@@ -93,3 +93,18 @@ def test_every_request_finishes_with_iterations(seed: int) -> None:
     assert len(res.records) == len(reqs)
     for r in res.records:
         assert r.arrival <= r.prefill_start <= r.first_token <= r.finish
+
+
+def test_a_prompt_for_a_busy_decoder_waits_for_its_reservation() -> None:
+    # a prefill replica and a decoder stepping a stream (0.1 s per step); a prompt arrives mid-step
+    pre = SimReplica(0, "prefill", (SimStage("p", 0, 2),), 10**9, 8)
+    dec = SimReplica(1, "decoder", (SimStage("d", 0, 2),), 10**9, 8)
+    model = SimModel((pre, dec), ConstTiming(p=0.1 / 32, d=0.1))
+    reqs = [Request(0, 0.0, 1, 40), Request(1, 0.35, 32, 2)]
+    rec = simulate(model, reqs, ITER).records
+    # the stream's steps end at 0.003125 + 0.1 k: the decoder allocates the prompt's room in the
+    # iteration after the one running at 0.35, which ends at 0.503125; only then is it prefilled
+    assert rec[1].prefill_start == pytest.approx(0.503125, abs=1e-6)
+    # with nothing decoding, the room is there at once
+    alone = simulate(model, [Request(1, 0.35, 32, 2)], ITER).records
+    assert alone[0].prefill_start == pytest.approx(0.35)

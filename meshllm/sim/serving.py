@@ -86,8 +86,8 @@ class _Stage:
 
 
 class _Rep:
-    __slots__ = ("backlog_s", "groups", "joiners", "kv_used", "pending", "pre_tokens", "ready", "returned",
-                 "s0_end", "seqs", "spec", "stages", "tpot_obs")
+    __slots__ = ("admitting", "backlog_s", "groups", "joiners", "kv_used", "pending", "pre_tokens", "ready",
+                 "returned", "s0_end", "seqs", "spec", "stages", "tpot_obs")
 
     def __init__(self, spec: SimReplica) -> None:
         self.spec = spec
@@ -103,6 +103,7 @@ class _Rep:
         self.s0_end = 0.0  # when the job its first stage is running ends
         self.pre_tokens = 0  # prompt tokens its first stage prefilled since its last decode step
         self.ready: list[tuple] = []  # iterations: prompt micro-batches admitted, to run (round-robin)
+        self.admitting: list[tuple] = []  # iterations: prompts whose decoder reserved their room
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,12 +406,17 @@ class _Sim:
         while True:
             # metadata first: every waiting prompt that has room is admitted; it runs from the
             # next iteration on (its allocation is this iteration's op)
-            admitted = []
+            admitted, rep.admitting = rep.admitting, []
             while rep.pending and self._admit(rep, rep.pending[0][1]):
                 rq = heapq.heappop(rep.pending)[1]
                 _, worst = self._prefill_est(rep, rq.r.input_tokens)
                 rep.backlog_s = max(0.0, rep.backlog_s - worst)
-                admitted.append(("prefill", rq, 0))
+                d = self.reps[rq.d]
+                at = self._reserved_at(d, rep) if d is not rep else self.q.now
+                if at > self.q.now:  # its decoder reserves the room first
+                    self.q.push(at, "reserved", (rep, ("prefill", rq, 0)))
+                else:
+                    admitted.append(("prefill", rq, 0))
             jobs = [e[2] for e in st.queue]  # every decode micro-batch that is back
             st.queue.clear()
             budget = self.cfg.step_token_budget - sum(len(j[1].seqs) for j in jobs)
@@ -438,6 +444,22 @@ class _Sim:
         self.busy[st.node] += dur
         rep.s0_end = self._book(st.node, self.q.now, dur)
         self.q.push(rep.s0_end, "done", (rep, job))
+
+    def _reserved_at(self, d: _Rep, rep: _Rep) -> float:
+        """When decoder ``d`` has reserved a prompt's room, asked now from ``rep``'s first stage:
+        its stage 0 allocates in its next iteration (after the one it is running), which also
+        steps the micro-batches that are back; the answer goes back over the link."""
+        hop = self._hop(rep.spec.stages[0].node, d.spec.stages[0].node)
+        t = self.q.now + hop
+        if d.stages[0].busy and d.s0_end > t:
+            t = d.s0_end
+        t += sum(self._decode_durs(d, g)[0] for g in d.groups if g.seqs)
+        return t + hop
+
+    def reserved(self, rep: _Rep, job: tuple) -> None:
+        """A prompt's decoder reserved its room: the prompt is allocated in ``rep``'s next iteration."""
+        rep.admitting.append(job)
+        self._try_start(rep)
 
     def _at(self, t: float, kind: str, payload: object) -> None:
         """An event at ``t``; with iterations, one due now is handled now, so that what an
@@ -731,6 +753,8 @@ class _Sim:
                 self.arrive(p)
             elif kind == "at_prefill":
                 self.at_prefill(p)
+            elif kind == "reserved":
+                self.reserved(*p)
             else:  # pragma: no cover - every push above uses one of these kinds
                 raise SimError(f"unknown event {kind!r}")
         if len(self.finished) != len(order):
