@@ -10,10 +10,14 @@ gets 10.<net>.0.254 so the host can reach every node's HTTP API.
     sudo tools/netlab.py up --nodes 3 [--rate-mbit 50] [--prefix mlab]
     sudo tools/netlab.py exec 0 -- .venv/bin/meshllm node --host 10.77.0.1 --interface 10.77.0.1
     sudo tools/netlab.py down [--prefix mlab]
+    sudo tools/netlab.py serve [--testbed tools/testbeds/lan.toml] [--nodes 4] [bench serving's options] [--json]
     sudo tools/netlab.py serve-bench [--nodes 3] [--rate-mbit 50] [--slowdowns 1,2,4] [--json]
     sudo tools/netlab.py chaos [--nodes 5] [--requests 60] [--rate 50] [--faults kill-decoder,...] [--json]
 
-``serve-bench`` runs the same requests through a mesh in the lab under two placements, the
+``serve`` is ``meshllm bench serving``'s experiment (the same trace, strategies, simulator and JSON,
+``meshllm.bench.serving.experiment``) on a lab mesh: the testbed's first ``--nodes`` devices, each
+node slowed by the fastest device's memory bandwidth over its own, each pair's link limited to the
+testbed's rate (``htb``, a class per peer). ``serve-bench`` runs the same requests through a mesh in the lab under two placements, the
 planner's DP (``edgeshard-latency``) and an even split (``edgeshard-even``), and prints, for each,
 the measured time per token beside the plan's predicted figure. ``chaos`` drives greedy streamed
 requests through a lab mesh while it kills a decoder stage, a prefill stage and the leader (kill -9),

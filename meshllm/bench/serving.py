@@ -233,7 +233,8 @@ def problem_from_docs(docs: Sequence[dict[str, Any]], manifest: Any) -> tuple[An
 
 def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any,
             reqs: Sequence[Any], routing: str, shared_cores: float = 0.0,
-            step_token_budget: int = 0, slowdowns: dict[str, float] | None = None) -> tuple[dict[str, Any], Any]:
+            step_token_budget: int = 0, slowdowns: dict[str, float] | None = None,
+            max_batch: int | None = None) -> tuple[dict[str, Any], Any]:
     """The simulator's side of a cell, and its result. Its ``wait_ms`` is defined as the measured
     one (each request's TTFT minus its TTFT alone, see ``alone``); ``sim_wait_ms`` is the
     simulator's own (arrival to the first prefill micro-batch's start)."""
@@ -242,7 +243,9 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     from meshllm.sim.serving import simulate
     from meshllm.sim.workload import Request
 
-    model = to_sim_model(plan, mp, devices, network, workload)
+    # a decoder replica takes as many sequences as its nodes let it (ServeConfig.max_batch), not
+    # the workload's planning figure
+    model = to_sim_model(plan, mp, devices, network, workload, max_batch=max_batch)
     # the stages' scheduler as the serving core runs it (iterations under the token budget); on
     # shared cores a slowed node computes 1/slowdown of its busy time and sleeps the rest
     config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget,
@@ -418,15 +421,16 @@ def _copy_profiles(src: Path | None, mesh: Shell) -> Path:
 
 def judged_cell(mix: str, load: float, rate: float, strategy: str, measured: dict[str, Any], plan: Any, mp: Any,
                 devices: dict[str, Any], network: Any, wl: Any, reqs: Sequence[Any], routing: str, budget: int,
-                cores: float, slowdowns: dict[str, float] | None = None) -> dict[str, Any]:
+                cores: float, slowdowns: dict[str, float] | None = None,
+                max_batch: int | None = None) -> dict[str, Any]:
     """A cell: what was measured, the simulator's prediction (each node on its own hardware), the
     same told that the nodes share ``cores`` (as on one machine), and the errors. ``slowdowns``
     (per node) turn the simulator's busy time into the CPU time its compute takes
     (``compute_cpu_s``, beside the measured ``cpu_s``)."""
     measured = dict(measured)
     predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing, step_token_budget=budget,
-                           slowdowns=slowdowns)
-    shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget, slowdowns)
+                           slowdowns=slowdowns, max_batch=max_batch)
+    shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget, slowdowns, max_batch)
     if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
         predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
     return {"mix": mix, "load": load, "rate_rps": rate, "strategy": strategy, "measured": measured,
@@ -440,9 +444,11 @@ def replay(record: dict[str, Any]) -> dict[str, Any]:
     for reading the model's manifest)."""
     from meshllm.model.manifest import load_manifest
     from meshllm.planner.types import Plan, Workload
+    from meshllm.serve.config import ServeConfig
     from meshllm.sim.workload import Request
 
     manifest = load_manifest(Path(record["model"]), verify=False)
+    max_batch = ServeConfig().max_batch  # what the nodes ran with when the record does not say
     problems = {}
     for mix, by_strat in record["meshes"].items():
         for strat, m in by_strat.items():
@@ -454,7 +460,7 @@ def replay(record: dict[str, Any]) -> dict[str, Any]:
         reqs = [Request(int(i), float(a), int(n_in), int(n_out)) for i, a, n_in, n_out in c["requests"]]
         cells.append(judged_cell(c["mix"], c["load"], c.get("rate_rps", 0.0), c["strategy"], c["measured"], plan, mp,
                                  devices, network, wl, reqs, record["routing"], record["step_token_budget"],
-                                 float(record["cores"]), slow))
+                                 float(record["cores"]), slow, int(record.get("max_batch", max_batch))))
     return {"bench": "serving", "replay": True, **record["about"], "cells": cells, "judged": judge(cells)}
 
 
@@ -513,6 +519,7 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
     routing = "start"  # the nodes' default objective is waiting, whose router policy is "start"
     # the stages interleave prompt chunks with decode steps under this budget: the simulator too
     budget = ServeConfig().step_token_budget
+    max_batch = ServeConfig().max_batch  # sequences a decoder replica's nodes take at once
     args.model = model
     out: dict[str, Any] = {"bench": "serving", "model": Path(model).name, "nodes": args.nodes, **about,
                            "length_scale": args.length_scale, "count": args.count,
@@ -526,7 +533,7 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
     profiles_dir: Path | None = None
     env_before = dict(os.environ)
     # what the simulator needs to predict every cell again, and what was measured (``--replay``)
-    record: dict[str, Any] = {"model": model, "routing": routing, "step_token_budget": budget,
+    record: dict[str, Any] = {"model": model, "routing": routing, "step_token_budget": budget, "max_batch": max_batch,
                               "cores": os.cpu_count() or 1, "about": about, "meshes": {}, "cells": []}
     try:
         for mix in mixes:
@@ -574,7 +581,8 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
                                                 alone_ttft=ttft_alone[:len(reqs)], pids=mesh.pids())
                         out["cells"].append(judged_cell(mix, load, round(load * sat, 3) if load else 0.0, strat,
                                                         measured, plan, mp, devices, network, wl, reqs, routing,
-                                                        budget, float(os.cpu_count() or 1), slowdowns_of(docs)))
+                                                        budget, float(os.cpu_count() or 1), slowdowns_of(docs),
+                                                        max_batch))
                         record["cells"].append({"mix": mix, "load": load, "strategy": strat,
                                                 "rate_rps": out["cells"][-1]["rate_rps"],
                                                 "requests": [[r.id, r.arrival, r.input_tokens, r.output_tokens]
