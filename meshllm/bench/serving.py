@@ -631,6 +631,9 @@ def judge(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["cells_within_15pct"] = sum(
         1 for c in cells if all(c["error_pct"].get(k) is not None and abs(c["error_pct"][k]) <= 15
                                 for k in ("ttft_ms", "tpot_ms")))
+    out["cells_within_15pct_shared_cores"] = sum(
+        1 for c in cells if all((c.get("error_pct_shared_cores") or {}).get(k) is not None
+                                and abs(c["error_pct_shared_cores"][k]) <= 15 for k in ("ttft_ms", "tpot_ms")))
     shared = [abs(v) for c in cells for k, v in (c.get("error_pct_shared_cores") or {}).items()
               if k in ("ttft_ms", "tpot_ms") and v is not None]
     out["max_abs_error_pct_ttft_tpot_shared_cores"] = max(shared) if shared else None
