@@ -375,6 +375,8 @@ def serve(args: argparse.Namespace) -> int:
     devices (slowdowns, per-pair link rates), the same trace, strategies, simulator and JSON."""
     from meshllm.bench.serving import experiment
 
+    if args.replay:  # no mesh: the simulator on a recorded run
+        return experiment(args, lambda strategy: None, {})  # type: ignore[arg-type,return-value]
     if args.quick:
         args.nodes = min(args.nodes, 2)
     names, slowdowns, pairs = testbed_lab(args.testbed, args.nodes)
