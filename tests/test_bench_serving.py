@@ -67,8 +67,9 @@ def test_errors_and_judgement() -> None:
 
 
 @pytest.mark.slow
-def test_bench_serving_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "serving", "--quick", "--model", TINY, "--strategies", "splitwise", "--json"]) == 0
+def test_bench_serving_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["bench", "serving", "--quick", "--model", TINY, "--strategies", "splitwise", "--json",
+                 "--record", str(tmp_path / "run.json")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "tiny" and out["nodes"] == 2 and [c["load"] for c in out["cells"]] == [0.0, 0.5]
     idle, c = out["cells"]
@@ -87,3 +88,13 @@ def test_bench_serving_quick(capsys: pytest.CaptureFixture[str]) -> None:
         assert c[side]["wait_ms"] is not None and c[side]["wait_ms"] >= 0
     assert all(v is None or math.isfinite(v) for v in c["error_pct"].values())
     assert c["measured"]["entry_wait_ms"] is not None and out["step_token_budget"] > 0
+    assert c["measured"]["entry_ttft_ms"] is not None and len(c["measured"]["cpu_s"]) == 2
+    assert c["predicted"]["compute_cpu_s"] > 0
+    # the record predicts the same again without a mesh
+    assert main(["bench", "serving", "--replay", str(tmp_path / "run.json"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [x["predicted"] for x in again["cells"]] == [x["predicted"] for x in out["cells"]]
+    assert again["judged"]["cells_within_15pct"] == out["judged"]["cells_within_15pct"]
+    # a bad record is one clear line
+    assert main(["bench", "serving", "--replay", str(tmp_path / "missing.json")]) != 0
+    assert "not a recorded run" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -109,3 +110,61 @@ def test_nodes_in_namespaces_find_each_other_by_mdns(tmp_path: Path, tiny_model_
             with urllib.request.urlopen(req, timeout=60) as r:
                 doc = json.loads(r.read())
             assert doc["meshllm"]["token_ids"] == want, a
+
+
+SLOW_PAIR = """
+[[device]]
+name = "fast"
+memory_gb = 8
+tflops = 1.0
+mem_bw_gbs = 60
+source = true
+
+[[device]]
+name = "slow"
+memory_gb = 8
+tflops = 0.5
+mem_bw_gbs = 30
+
+[network]
+default_mbps = 12
+"""
+
+
+def test_serving_experiment_in_namespaces(tmp_path: Path, tiny_model_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``netlab.py serve --quick``: bench serving's experiment on two namespaced nodes made from a
+    testbed (slowdowns from memory bandwidth, the pair's link limited by htb), the simulator on the
+    plan, profiles and links the nodes measured."""
+    tb = tmp_path / "pair.toml"
+    tb.write_text(SLOW_PAIR)
+    assert netlab.main(["serve", "--quick", "--model", str(tiny_model_dir), "--strategies", "splitwise",
+                        "--testbed", str(tb), "--prefix", f"ms{os.getpid() % 10000}",
+                        "--net", str(150 + os.getpid() % 60), "--json", "--record", str(tmp_path / "run.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mesh"] == "netns" and out["devices"] == ["fast", "slow"] and out["slowdowns"] == [1.0, 2.0]
+    assert out["link_mbps"] == {"fast-slow": 12.0}
+    assert [c["load"] for c in out["cells"]] == [0.0, 0.5]
+    mix = out["cells"][0]["mix"]
+    assert sorted(r["role"] for r in out["plans"][mix]["splitwise"]) == ["decoder", "prefill"]
+    # the simulator got the shaped link as the nodes measured it (unshaped, a veth measures
+    # hundreds of Mb/s or more)
+    (measured_link,) = out["links_mbps"][mix]["splitwise"].values()
+    assert 1 < measured_link < 100, measured_link
+    c = out["cells"][1]
+    assert c["strategy"] == "splitwise" and c["rate_rps"] > 0
+    for side in ("measured", "predicted", "predicted_shared_cores"):
+        assert c[side]["completed"] == 4 and c[side]["errors"] == 0 and c[side]["rejected"] == 0
+        assert 0 < c[side]["ttft_ms"] <= c[side]["ttft_p99_ms"] < 60_000
+        assert 0 < c[side]["tpot_ms"] < 60_000 and c[side]["wait_ms"] >= 0
+    assert set(c["error_pct"]) == {"ttft_ms", "tpot_ms", "wait_ms"}
+    assert out["judged"]["cells"] == 2
+    # the recorded run predicts the same again without a mesh (--replay: the simulator on the
+    # run's plans, profiles, links and trace)
+    assert netlab.main(["serve", "--replay", str(tmp_path / "run.json"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [(c["predicted"], c["measured"]) for c in again["cells"]] == [(c["predicted"], c["measured"])
+                                                                         for c in out["cells"]]
+    # the lab is gone
+    assert f"ms{os.getpid() % 10000}ns0" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                                text=True).stdout

@@ -10,10 +10,14 @@ gets 10.<net>.0.254 so the host can reach every node's HTTP API.
     sudo tools/netlab.py up --nodes 3 [--rate-mbit 50] [--prefix mlab]
     sudo tools/netlab.py exec 0 -- .venv/bin/meshllm node --host 10.77.0.1 --interface 10.77.0.1
     sudo tools/netlab.py down [--prefix mlab]
+    sudo tools/netlab.py serve [--testbed tools/testbeds/lan.toml] [--nodes 4] [bench serving's options] [--json]
     sudo tools/netlab.py serve-bench [--nodes 3] [--rate-mbit 50] [--slowdowns 1,2,4] [--json]
     sudo tools/netlab.py chaos [--nodes 5] [--requests 60] [--rate 50] [--faults kill-decoder,...] [--json]
 
-``serve-bench`` runs the same requests through a mesh in the lab under two placements, the
+``serve`` is ``meshllm bench serving``'s experiment (the same trace, strategies, simulator and JSON,
+``meshllm.bench.serving.experiment``) on a lab mesh: the testbed's first ``--nodes`` devices, each
+node slowed by the fastest device's memory bandwidth over its own, each pair's link limited to the
+testbed's rate (``htb``, a class per peer). ``serve-bench`` runs the same requests through a mesh in the lab under two placements, the
 planner's DP (``edgeshard-latency``) and an even split (``edgeshard-even``), and prints, for each,
 the measured time per token beside the plan's predicted figure. ``chaos`` drives greedy streamed
 requests through a lab mesh while it kills a decoder stage, a prefill stage and the leader (kill -9),
@@ -33,6 +37,9 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+TESTBEDS = Path(__file__).resolve().parent / "testbeds"
 
 
 def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -55,10 +62,18 @@ def why_unavailable() -> str | None:
 
 
 class Lab:
-    def __init__(self, prefix: str, nodes: int, *, net: int = 77, rate_mbit: float | None = None) -> None:
+    def __init__(self, prefix: str, nodes: int, *, net: int = 77, rate_mbit: float | None = None,
+                 pair_mbit: dict[tuple[int, int], float] | None = None) -> None:
+        """``rate_mbit``: a ``tbf`` rate on every node's side of its link; ``pair_mbit``: instead,
+        a rate per pair of nodes (``htb``, a class per peer chosen by destination address, so
+        node i sends to node j at ``pair_mbit[(i, j)]`` or ``pair_mbit[(j, i)]``; unlisted
+        pairs and the host are not limited)."""
         if len(prefix) > 6:
             raise ValueError("prefix must be at most 6 characters (interface names are limited to 15)")
+        if rate_mbit and pair_mbit:
+            raise ValueError("give rate_mbit or pair_mbit, not both")
         self.prefix, self.n, self.net, self.rate = prefix, nodes, net, rate_mbit
+        self.pairs = {frozenset(k): v for k, v in (pair_mbit or {}).items()}
         self.bridge = f"{prefix}br"
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -94,10 +109,28 @@ class Lab:
                     subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ns_end, "root",
                                     "tbf", "rate", f"{self.rate}mbit", "burst", "32kbit", "latency", "400ms"],
                                    check=True, capture_output=True, text=True)
+                elif self.pairs:
+                    self._shape_pairs(i, ns, ns_end)
         except subprocess.CalledProcessError as e:
             self.down()
             raise RuntimeError(f"netlab: {' '.join(e.cmd)} failed: {(e.stderr or '').strip()}") from None
         return self
+
+    def _shape_pairs(self, i: int, ns: str, dev: str) -> None:
+        def tc(*args: str) -> None:
+            subprocess.run(["ip", "netns", "exec", ns, "tc", *args], check=True, capture_output=True, text=True)
+
+        tc("qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
+        tc("class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", "10gbit")
+        for j in range(self.n):
+            mbit = self.pairs.get(frozenset((i, j)))
+            if j == i or mbit is None:
+                continue
+            cls = f"1:{j + 16:x}"
+            tc("class", "add", "dev", dev, "parent", "1:", "classid", cls, "htb", "rate", f"{mbit}mbit",
+               "ceil", f"{mbit}mbit")
+            tc("filter", "add", "dev", dev, "protocol", "ip", "parent", "1:", "prio", "1", "u32", "match", "ip",
+               "dst", f"{self.addr(j)}/32", "flowid", cls)
 
     def popen(self, i: int, argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(["ip", "netns", "exec", self.ns(i), *argv], **kw)  # type: ignore[call-overload]
@@ -210,6 +243,150 @@ def serve_bench(nodes: int, rate: float, slowdowns: list[float], model: str | No
     out["dp_speedup_vs_even"] = round(even["measured_ms_per_token"] / dp["measured_ms_per_token"], 3)
     print(json.dumps(out))
     return out
+
+
+def testbed_lab(path: str, nodes: int) -> tuple[list[str], list[float], dict[tuple[int, int], float]]:
+    """The first ``nodes`` devices of a testbed file as a lab: (names, slowdowns, per-pair Mb/s).
+    Node i computes max(mem_bw_gbs) / mem_bw_gbs(i) times slower than this machine (decoding on a
+    CPU is bound by memory bandwidth; the fastest device is this machine); every pair's link is
+    the testbed's rate for it (its default where it lists none). Round-trip times are left out:
+    there is no ``netem`` to add delay."""
+    from meshllm.errors import UserError
+    from meshllm.planner.testbed import load_testbed
+    from meshllm.planner.types import MBIT
+
+    tb = load_testbed(path)
+    if not 1 <= nodes <= len(tb.devices):
+        raise UserError(f"{path} has {len(tb.devices)} devices; asked for {nodes}")
+    devs = tb.devices[:nodes]
+    fastest = max(d.mem_bw_gbs for d in devs)
+    slowdowns = [round(fastest / d.mem_bw_gbs, 3) for d in devs]
+    pairs = {(i, j): tb.network.bandwidth(a.name, b.name) / MBIT
+             for i, a in enumerate(devs) for j, b in enumerate(devs) if i < j}
+    return [d.name for d in devs], slowdowns, pairs
+
+
+class NetMesh:
+    """A strategy's mesh in the lab, for the serving experiment (``meshllm.bench.serving.Shell``):
+    node i in namespace i at ``10.<net>.0.<i+1>:7070``, its slowdown and its per-pair link rates
+    from the testbed. Each mesh makes its own lab and removes it when it stops."""
+
+    def __init__(self, prefix: str, net: int, names: Sequence[str], slowdowns: Sequence[float],
+                 pairs: dict[tuple[int, int], float], model: str, strategy: str, threads: int = 1) -> None:
+        import tempfile
+
+        self.n = len(names)
+        self.names, self.slowdowns, self.model, self.strategy, self.threads = (
+            list(names), list(slowdowns), model, strategy, threads)
+        self.lab = Lab(prefix, self.n, net=net, pair_mbit=pairs)
+        self._tmp = tempfile.TemporaryDirectory(prefix="netlab-serve-")
+        self.dir = Path(self._tmp.name)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{self.lab.addr(i)}:7070" for i in range(self.n)]
+
+    def state_dir(self, i: int) -> Path:
+        return self.dir / f"state-{i}"
+
+    def premeasure(self) -> None:
+        from meshllm.commands.up import premeasure_states
+
+        premeasure_states(self.model, [self.state_dir(i) for i in range(self.n)], self.slowdowns, self.threads)
+
+    def __enter__(self) -> NetMesh:
+        import uuid
+
+        key = self.dir / "mesh.key"
+        key.write_text(uuid.uuid4().hex)
+        self.lab.up()
+        try:
+            for i in range(self.n):
+                a = self.lab.addr(i)
+                argv = [sys.executable, "-m", "meshllm.cli", "node", "--name", self.names[i], "--host", a,
+                        "--interface", a, "--port", "7070", "--state-dir", str(self.state_dir(i)),
+                        "--mesh-key-file", str(key), "--threads", str(self.threads), "--slowdown",
+                        str(self.slowdowns[i]), "--strategy", self.strategy, "--model", self.model]
+                argv += [x for j in range(self.n) if j != i for x in ("--peer", f"{self.lab.addr(j)}:7070")]
+                with open(self.dir / f"node-{i}.log", "wb") as log:
+                    self.lab.popen(i, argv, stdout=log, stderr=subprocess.STDOUT)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for p in self.lab.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.lab.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.lab.down()
+        self._tmp.cleanup()
+
+    def log_tail(self, i: int, n: int = 3000) -> str:
+        try:
+            return (self.dir / f"node-{i}.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def pids(self) -> list[int]:
+        """The node processes (``ip netns exec`` becomes the node: same pid)."""
+        return [p.pid for p in self.lab.procs]
+
+    def check_alive(self) -> None:
+        from meshllm.errors import MeshError
+
+        for i, p in enumerate(self.lab.procs):
+            if p.poll() is not None:
+                raise MeshError(f"{self.names[i]} exited with {p.returncode}:\n{self.log_tail(i)}")
+
+    def wait_ready(self, timeout: float) -> dict:
+        """The first node's view once every node is in it, every node has measured its links to
+        the others (the simulator runs on the measured links) and all agree on an active plan."""
+        import time
+
+        from meshllm.client import get_json
+        from meshllm.errors import MeshError
+
+        deadline = time.monotonic() + timeout
+        view: dict | None = None
+        while time.monotonic() < deadline:
+            self.check_alive()
+            views = [get_json(u + "/v1/mesh") for u in self.urls]
+            view = views[0]
+            if all(v and v.get("ready") and sum(m.get("state") == "alive" for m in v.get("members", [])) == self.n
+                   and all(m.get("link") for m in v["members"] if not m.get("self")) for v in views) \
+                    and len({v["epoch"] for v in views if v}) == 1:
+                return dict(views[0])  # type: ignore[arg-type]
+            time.sleep(0.25)
+        why = (view or {}).get("why_not_ready") or "no answer"
+        raise MeshError(f"the lab mesh was not ready within {timeout:.0f} s ({why})")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``meshllm bench serving``'s experiment on a lab mesh: the testbed's first ``--nodes``
+    devices (slowdowns, per-pair link rates), the same trace, strategies, simulator and JSON."""
+    from meshllm.bench.serving import experiment
+
+    if args.replay:  # no mesh: the simulator on a recorded run
+        return experiment(args, lambda strategy: None, {})  # type: ignore[arg-type,return-value]
+    if args.quick:
+        args.nodes = min(args.nodes, 2)
+    names, slowdowns, pairs = testbed_lab(args.testbed, args.nodes)
+
+    def launch(strategy: str) -> NetMesh:
+        return NetMesh(args.prefix, args.net, names, slowdowns, pairs, args.model, strategy, args.threads)
+
+    about = {"mesh": "netns", "testbed": args.testbed, "devices": names, "slowdowns": slowdowns,
+             "link_mbps": {f"{names[i]}-{names[j]}": round(v, 1) for (i, j), v in sorted(pairs.items())}}
+    return experiment(args, launch, about)
 
 
 CHAOS_CONFIG = """
@@ -466,6 +643,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--json", action="store_true", help="(the output is always one JSON object)")
     c.add_argument("--prefix", default="mlch")
     c.add_argument("--net", type=int, default=79)
+    v = sub.add_parser("serve", help="meshllm bench serving's experiment on a lab mesh made from a testbed")
+    from meshllm.bench.serving import register as register_serving
+
+    register_serving(v)
+    v.set_defaults(nodes=4)
+    v.add_argument("--testbed", default=str(TESTBEDS / "lan.toml"),
+                   help="devices (slowdowns from memory bandwidth) and link rates (default %(default)s)")
+    v.add_argument("--prefix", default="mlsv")
+    v.add_argument("--net", type=int, default=80)
     e = sub._name_parser_map["exec"]  # type: ignore[attr-defined]
     e.add_argument("index", type=int)
     e.add_argument("argv", nargs=argparse.REMAINDER)
@@ -482,6 +668,14 @@ def main(argv: list[str] | None = None) -> int:
         chaos(a.nodes, a.requests, a.rate, [f for f in a.faults.split(",") if f], a.model, a.prefix, a.net,
               tokens=a.tokens)
         return 0
+    if a.cmd == "serve":
+        from meshllm.errors import MeshError
+
+        try:
+            return serve(a)
+        except MeshError as err:
+            print(f"netlab serve: {err}", file=sys.stderr)
+            return 1
     if a.cmd == "serve-bench":
         serve_bench(a.nodes, a.rate_mbit, [float(x) for x in a.slowdowns.split(",")], a.model, a.prefix, a.net)
         return 0

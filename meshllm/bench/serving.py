@@ -46,10 +46,11 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -61,6 +62,7 @@ DEFAULT_MIXES = ("short-in/long-out", "long-in/short-out")
 TARGETS = {"e2llm_wait_vs_splitwise": "<= 0.5 at the highest load where splitwise's mean wait >= 10 ms",
            "sim_error_ttft_tpot": "within 15% (aim 10%) for every strategy and load"}
 WAIT_METRIC = "meshllm_request_waiting_seconds"
+TTFT_METRIC = "meshllm_time_to_first_token_seconds"
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -85,6 +87,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="PNG", help="draw measured vs predicted here")
     p.add_argument("--quick", action="store_true", help="2 nodes, one mix, one load, 4 requests (for tests)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="write the run's plans, profiles, links, trace and measurements here, for --replay")
+    p.add_argument("--replay", default=None, metavar="FILE",
+                   help="start no mesh: the simulator (as it is now) on a recorded run, beside its measurements")
 
 
 # --- the trace (pure) -------------------------------------------------------------------------------
@@ -197,26 +203,38 @@ def error_pct(measured: dict[str, Any], predicted: dict[str, Any]) -> dict[str, 
 
 # --- the simulator on a live plan ---------------------------------------------------------------------
 
-def mesh_problem(urls: Sequence[str], manifest: Any) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+def mesh_problem(urls: Sequence[str], manifest: Any) -> tuple[Any, dict[str, Any], Any, list[dict[str, Any]]]:
     """(model profile, devices, network, profile documents) of a running mesh, as its nodes report
     them on ``GET /v1/profile``."""
-    from meshllm.control.planning import known_devices, network_from_links
     from meshllm.errors import MeshError
-    from meshllm.planner.cost import ModelProfile
-    from meshllm.runtime.runner import resident_costs
 
     docs = [get_json(u + "/v1/profile", timeout=10.0) for u in urls]
     if any(not d or not d.get("profile") for d in docs):
         raise MeshError("a node did not report its profile")
+    return (*problem_from_docs(docs, manifest), docs)
+
+
+def slowdowns_of(docs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Each node's ``--slowdown``, as its profile document says."""
+    return {d["node_id"]: float(d["profile"].get("slowdown", 1.0)) for d in docs}
+
+
+def problem_from_docs(docs: Sequence[dict[str, Any]], manifest: Any) -> tuple[Any, dict[str, Any], Any]:
+    """(model profile, devices, network) from the nodes' ``/v1/profile`` documents (pure)."""
+    from meshllm.control.planning import known_devices, network_from_links
+    from meshllm.planner.cost import ModelProfile
+    from meshllm.runtime.runner import resident_costs
+
     devices = known_devices({d["node_id"]: d["profile"] for d in docs})
     network = network_from_links(sorted(devices), {d["node_id"]: d.get("links") or {} for d in docs})
     mp = ModelProfile.from_costs(resident_costs(manifest), manifest.name)
-    return mp, devices, network, {d["node_id"]: d["profile"] for d in docs}
+    return mp, devices, network
 
 
 def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any,
             reqs: Sequence[Any], routing: str, shared_cores: float = 0.0,
-            step_token_budget: int = 0) -> tuple[dict[str, Any], Any]:
+            step_token_budget: int = 0, slowdowns: dict[str, float] | None = None,
+            max_batch: int | None = None) -> tuple[dict[str, Any], Any]:
     """The simulator's side of a cell, and its result. Its ``wait_ms`` is defined as the measured
     one (each request's TTFT minus its TTFT alone, see ``alone``); ``sim_wait_ms`` is the
     simulator's own (arrival to the first prefill micro-batch's start)."""
@@ -225,8 +243,14 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     from meshllm.sim.serving import simulate
     from meshllm.sim.workload import Request
 
-    model = to_sim_model(plan, mp, devices, network, workload)
-    config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget)
+    # a decoder replica takes as many sequences as its nodes let it (ServeConfig.max_batch), not
+    # the workload's planning figure
+    model = to_sim_model(plan, mp, devices, network, workload, max_batch=max_batch)
+    # the stages' scheduler as the serving core runs it (iterations under the token budget); on
+    # shared cores a slowed node computes 1/slowdown of its busy time and sleeps the rest
+    config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget,
+                       iterations=step_token_budget > 0,
+                       core_share=tuple((n, 1.0 / max(1.0, f)) for n, f in sorted((slowdowns or {}).items())))
     res = simulate(model, list(reqs), config)
     recs = res.records
     apart = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens) for i, r in enumerate(reqs)]
@@ -239,6 +263,8 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     side["sim_wait_ms"] = _ms(float(np.mean([r.waiting_s for r in recs])))
     # nodes computing at once, on average over the cell: on one machine they share its cores
     side["busy_nodes"] = round(sum(res.busy_s.values()) / wall, 2) if wall > 0 else None
+    if slowdowns is not None:  # a slowed node computes for busy / slowdown and sleeps the rest
+        side["compute_cpu_s"] = round(sum(b / slowdowns.get(n, 1.0) for n, b in res.busy_s.items()), 3)
     return side, res
 
 
@@ -286,6 +312,19 @@ async def _send(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int,
     return results, (max(ends) if ends else time.perf_counter()) - t0
 
 
+def cpu_seconds(pids: Sequence[int]) -> list[float | None]:
+    """User plus system CPU seconds each process has used so far (None where it is gone)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: list[float | None] = []
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            out.append(None)
+    return out
+
+
 def _metrics(urls: Sequence[str]) -> list[dict[str, float]]:
     from meshllm.client import metric_values
 
@@ -301,10 +340,15 @@ def alone(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit
 
 
 def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float,
-            one_at_a_time: bool = False, alone_ttft: Sequence[float | None] | None = None) -> dict[str, Any]:
+            one_at_a_time: bool = False, alone_ttft: Sequence[float | None] | None = None,
+            pids: Sequence[int] = ()) -> tuple[dict[str, Any], list[list[float | None]]]:
+    """One side of a cell, and per request [TTFT, TPOT, TTFT alone] in seconds (None where it
+    did not complete). ``pids``: the node processes, whose CPU time during the cell is counted."""
     before = _metrics(urls)
+    cpu0 = cpu_seconds(pids)
     load0 = os.getloadavg()[0]
     results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s, one_at_a_time))
+    cpu1 = cpu_seconds(pids)
     after = _metrics(urls)
     wmean, wp99 = hist_delta(before, after, WAIT_METRIC)
     ok = [r for r, q in zip(results, reqs, strict=True)
@@ -317,32 +361,139 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     # the entry's own histogram: acceptance to the prompt sent to a prefill replica (where the
     # prompt then waits at its stage is not in it)
     side["entry_wait_ms"], side["entry_wait_p99_ms"] = _ms(wmean), _ms(wp99)
+    # the entries' own TTFT (acceptance to the first token at the entry): the client's TTFT less
+    # this is HTTP, SSE and the client, on the same cores
+    side["entry_ttft_ms"] = _ms(hist_delta(before, after, TTFT_METRIC)[0])
+    # CPU seconds the node processes used during the cell (the model's compute and the shells')
+    if pids:
+        side["cpu_s"] = [None if a is None or b is None else round(b - a, 3) for a, b in zip(cpu0, cpu1, strict=True)]
     # the machine's contention while the cell ran (1-minute load average, before and after)
     side["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     errs = sorted({r.detail or "answer cut short" for r in results if r.outcome == "error"})
     if errs:
         side["error_examples"] = errs[:3]
-    return side
+    per = [[r.ttft if done else None, r.tpot if done else None, a]
+           for r, q, a in zip(results, reqs, alone_ttft or [None] * len(reqs), strict=True)
+           for done in [r.outcome == "ok" and len(r.token_times) == q.output_tokens]]
+    return side, per
 
 
-def _copy_profiles(src: Path | None, mesh: Any) -> Path:
+class Shell(Protocol):
+    """A mesh of node processes the experiment drives: ``LocalMesh`` on loopback, or the network
+    lab's mesh in namespaces (``tools/netlab.py serve``). Not started until entered."""
+
+    n: int
+
+    @property
+    def urls(self) -> list[str]: ...
+
+    def state_dir(self, i: int) -> Path: ...
+
+    def premeasure(self) -> None: ...
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]: ...
+
+    def check_alive(self) -> None: ...
+
+    def pids(self) -> list[int]: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+Launch = Callable[[str], Shell]
+"""A strategy's mesh, not yet started (the nodes read the workload from the environment)."""
+
+
+def _copy_profiles(src: Path | None, mesh: Shell) -> Path:
     """Measure each node's profile once (one node at a time), then give every later mesh a copy."""
-    root = Path(mesh._tmp.name)
     if src is None:
         mesh.premeasure()
-        keep = Path(mesh._tmp.name).parent / f"meshllm-bench-serving-profiles-{os.getpid()}"
-        shutil.rmtree(keep, ignore_errors=True)
+        keep = Path(tempfile.mkdtemp(prefix="meshllm-bench-serving-profiles-"))
         for i in range(mesh.n):
-            shutil.copytree(root / f"state-{i}" / "profiles", keep / f"state-{i}" / "profiles")
+            shutil.copytree(mesh.state_dir(i) / "profiles", keep / f"state-{i}" / "profiles")
         return keep
     for i in range(mesh.n):
-        shutil.copytree(src / f"state-{i}" / "profiles", root / f"state-{i}" / "profiles", dirs_exist_ok=True)
+        shutil.copytree(src / f"state-{i}" / "profiles", mesh.state_dir(i) / "profiles", dirs_exist_ok=True)
     return src
 
 
+def judged_cell(mix: str, load: float, rate: float, strategy: str, measured: dict[str, Any], plan: Any, mp: Any,
+                devices: dict[str, Any], network: Any, wl: Any, reqs: Sequence[Any], routing: str, budget: int,
+                cores: float, slowdowns: dict[str, float] | None = None,
+                max_batch: int | None = None) -> dict[str, Any]:
+    """A cell: what was measured, the simulator's prediction (each node on its own hardware), the
+    same told that the nodes share ``cores`` (as on one machine), and the errors. ``slowdowns``
+    (per node) turn the simulator's busy time into the CPU time its compute takes
+    (``compute_cpu_s``, beside the measured ``cpu_s``)."""
+    measured = dict(measured)
+    predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing, step_token_budget=budget,
+                           slowdowns=slowdowns, max_batch=max_batch)
+    shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget, slowdowns, max_batch)
+    if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
+        predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
+    return {"mix": mix, "load": load, "rate_rps": rate, "strategy": strategy, "measured": measured,
+            "predicted": predicted, "predicted_shared_cores": shared, "error_pct": error_pct(measured, predicted),
+            "error_pct_shared_cores": error_pct(measured, shared)}
+
+
+def replay(record: dict[str, Any]) -> dict[str, Any]:
+    """The simulator as it is now on a recorded run (``--record``): every cell predicted again on
+    the run's plans, profiles, measured links and trace, beside the run's measurements (pure but
+    for reading the model's manifest)."""
+    from meshllm.model.manifest import load_manifest
+    from meshllm.planner.types import Plan, Workload
+    from meshllm.serve.config import ServeConfig
+    from meshllm.sim.workload import Request
+
+    manifest = load_manifest(Path(record["model"]), verify=False)
+    max_batch = ServeConfig().max_batch  # what the nodes ran with when the record does not say
+    problems = {}
+    for mix, by_strat in record["meshes"].items():
+        for strat, m in by_strat.items():
+            problems[mix, strat] = (Plan.from_dict(m["plan"]), *problem_from_docs(m["profiles"], manifest),
+                                    Workload.from_dict(m["workload"]), slowdowns_of(m["profiles"]))
+    cells = []
+    for c in record["cells"]:
+        plan, mp, devices, network, wl, slow = problems[c["mix"], c["strategy"]]
+        reqs = [Request(int(i), float(a), int(n_in), int(n_out)) for i, a, n_in, n_out in c["requests"]]
+        cells.append(judged_cell(c["mix"], c["load"], c.get("rate_rps", 0.0), c["strategy"], c["measured"], plan, mp,
+                                 devices, network, wl, reqs, record["routing"], record["step_token_budget"],
+                                 float(record["cores"]), slow, int(record.get("max_batch", max_batch))))
+    return {"bench": "serving", "replay": True, **record["about"], "cells": cells, "judged": judge(cells)}
+
+
 def run(args: argparse.Namespace) -> int:
+    """``meshllm bench serving``: the experiment on loopback."""
     from meshllm.commands.up import LocalMesh
+
+    if args.quick:
+        args.slowdowns = ",".join(args.slowdowns.split(",")[:2])
+
+    def launch(strategy: str) -> Shell:
+        return LocalMesh(args.nodes, model=args.model, slowdowns=args.slowdowns, budgets=args.budgets,
+                         threads=args.threads, strategy=strategy, measure_first=False)
+
+    return experiment(args, launch, {"mesh": "loopback", "slowdowns": args.slowdowns})
+
+
+def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) -> int:
+    """The serving experiment on the meshes ``launch`` makes (one per mix and strategy; ``args`` as
+    ``register`` defines them; ``args.model`` is resolved to a directory before the first launch):
+    the trace, the driver, the simulator on each live plan and the judgement. ``about`` (how the
+    mesh is made) goes into the output as it is. With ``args.replay``, no mesh: ``replay``."""
     from meshllm.errors import UserError
+
+    if args.replay:
+        try:
+            again = replay(json.loads(Path(args.replay).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--replay {args.replay}: not a recorded run ({type(e).__name__}: {e})") from None
+        if args.plot:
+            plot(again["cells"], args.plot)
+        print(json.dumps(again) if args.json else json.dumps(again["judged"]))
+        return 0
     from meshllm.model.manifest import load_manifest
     from meshllm.planner.types import Plan, Workload
     from meshllm.serve.config import ServeConfig
@@ -351,7 +502,6 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.nodes, args.count, args.idle = min(args.nodes, 2), min(args.count, 4), min(args.idle, 2)
         args.mixes, args.loads = args.mixes.split(",")[0], args.loads.split(",")[0]
-        args.slowdowns = ",".join(args.slowdowns.split(",")[:2])
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
     try:
@@ -369,10 +519,12 @@ def run(args: argparse.Namespace) -> int:
     routing = "start"  # the nodes' default objective is waiting, whose router policy is "start"
     # the stages interleave prompt chunks with decode steps under this budget: the simulator too
     budget = ServeConfig().step_token_budget
-    out: dict[str, Any] = {"bench": "serving", "model": Path(model).name, "nodes": args.nodes,
-                           "slowdowns": args.slowdowns, "length_scale": args.length_scale, "count": args.count,
+    max_batch = ServeConfig().max_batch  # sequences a decoder replica's nodes take at once
+    args.model = model
+    out: dict[str, Any] = {"bench": "serving", "model": Path(model).name, "nodes": args.nodes, **about,
+                           "length_scale": args.length_scale, "count": args.count,
                            "seed": args.seed, "routing": routing, "step_token_budget": budget,
-                           "cells": [], "plans": {}, "saturation_rps": {}}
+                           "cells": [], "plans": {}, "links_mbps": {}, "saturation_rps": {}}
     if note:
         out["note"] = note
     t_start = time.perf_counter()
@@ -380,6 +532,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     profiles_dir: Path | None = None
     env_before = dict(os.environ)
+    # what the simulator needs to predict every cell again, and what was measured (``--replay``)
+    record: dict[str, Any] = {"model": model, "routing": routing, "step_token_budget": budget, "max_batch": max_batch,
+                              "cores": os.cpu_count() or 1, "about": about, "meshes": {}, "cells": []}
     try:
         for mix in mixes:
             inp, outl = scaled_mix(mix, args.length_scale)
@@ -392,8 +547,7 @@ def run(args: argparse.Namespace) -> int:
                                    "MESHLLM_WORKLOAD_OUTPUT_LEN": json.dumps(outl.to_dict()),
                                    "MESHLLM_WORKLOAD_ARRIVAL_RATE": f"{rate_hi:.6g}",
                                    "MESHLLM_WORKLOAD_MAX_BATCH": str(args.max_batch)})
-                mesh = LocalMesh(args.nodes, model=model, slowdowns=args.slowdowns, budgets=args.budgets,
-                                 threads=args.threads, strategy=strat, measure_first=False)
+                mesh = launch(strat)
                 profiles_dir = _copy_profiles(profiles_dir, mesh)
                 with mesh:
                     view = mesh.wait_ready(args.timeout)
@@ -401,7 +555,12 @@ def run(args: argparse.Namespace) -> int:
                     out["plans"].setdefault(mix, {})[strat] = [
                         {"role": r.role.value, "stages": [[s.node[:8], s.first, s.end] for s in r.stages]}
                         for r in plan.replicas]
-                    mp, devices, network, _ = mesh_problem(mesh.urls, manifest)
+                    mp, devices, network, docs = mesh_problem(mesh.urls, manifest)
+                    record["meshes"].setdefault(mix, {})[strat] = {"plan": view["plan"], "profiles": docs,
+                                                                   "workload": wl.to_dict()}
+                    # the links the nodes measured, which the simulator is given
+                    out["links_mbps"].setdefault(mix, {})[strat] = {
+                        f"{ln.a[:8]}-{ln.b[:8]}": round(ln.mbps, 1) for ln in network.links}
                     if sat is None:
                         sat = saturation(plan, mp, devices, network, wl, inp, outl, room, args.seed, routing)
                         out["saturation_rps"][mix] = round(sat, 3)
@@ -417,21 +576,18 @@ def run(args: argparse.Namespace) -> int:
                                     for i, r in enumerate(base[:args.idle])]
                         else:
                             reqs = requests_for(inp, outl, load * sat, args.count, args.seed, room)
-                        measured = measure(mesh.urls, reqs, cfg.vocab_size, args.seed, args.request_timeout,
-                                           one_at_a_time=load == 0.0,
-                                           alone_ttft=ttft_alone[:len(reqs)])
-                        predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing,
-                                               step_token_budget=budget)
-                        # the same, told that the nodes share this machine's cores
-                        shared, _ = predict(plan, mp, devices, network, wl, reqs, routing,
-                                            float(os.cpu_count() or 1), budget)
-                        if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
-                            predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
-                        out["cells"].append({"mix": mix, "load": load, "rate_rps": round(load * sat, 3) if load else 0.0,
-                                             "strategy": strat, "measured": measured, "predicted": predicted,
-                                             "predicted_shared_cores": shared,
-                                             "error_pct": error_pct(measured, predicted),
-                                             "error_pct_shared_cores": error_pct(measured, shared)})
+                        measured, per = measure(mesh.urls, reqs, cfg.vocab_size, args.seed,
+                                                args.request_timeout, one_at_a_time=load == 0.0,
+                                                alone_ttft=ttft_alone[:len(reqs)], pids=mesh.pids())
+                        out["cells"].append(judged_cell(mix, load, round(load * sat, 3) if load else 0.0, strat,
+                                                        measured, plan, mp, devices, network, wl, reqs, routing,
+                                                        budget, float(os.cpu_count() or 1), slowdowns_of(docs),
+                                                        max_batch))
+                        record["cells"].append({"mix": mix, "load": load, "strategy": strat,
+                                                "rate_rps": out["cells"][-1]["rate_rps"],
+                                                "requests": [[r.id, r.arrival, r.input_tokens, r.output_tokens]
+                                                             for r in reqs],
+                                                "measured": measured, "per_request": per})
                         print(json.dumps(out["cells"][-1]), file=sys.stderr, flush=True)
                     mesh.check_alive()
     finally:
@@ -441,6 +597,8 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(profiles_dir, ignore_errors=True)
     out["judged"] = judge(out["cells"])
     out["bench_s"] = round(time.perf_counter() - t_start, 1)
+    if args.record:
+        Path(args.record).write_text(json.dumps(record))
     out["targets"] = TARGETS
     if args.plot:
         plot(out["cells"], args.plot)
@@ -473,6 +631,9 @@ def judge(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["cells_within_15pct"] = sum(
         1 for c in cells if all(c["error_pct"].get(k) is not None and abs(c["error_pct"][k]) <= 15
                                 for k in ("ttft_ms", "tpot_ms")))
+    out["cells_within_15pct_shared_cores"] = sum(
+        1 for c in cells if all((c.get("error_pct_shared_cores") or {}).get(k) is not None
+                                and abs(c["error_pct_shared_cores"][k]) <= 15 for k in ("ttft_ms", "tpot_ms")))
     shared = [abs(v) for c in cells for k, v in (c.get("error_pct_shared_cores") or {}).items()
               if k in ("ttft_ms", "tpot_ms") and v is not None]
     out["max_abs_error_pct_ttft_tpot_shared_cores"] = max(shared) if shared else None

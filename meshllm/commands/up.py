@@ -74,6 +74,29 @@ def per_node(text: str | None, n: int, what: str) -> list[str | None]:
     return out
 
 
+def premeasure_states(model: str | None, states: list[Path], slowdowns: list[float], threads: int) -> None:
+    """Profile each node (its state directory ``states[i]``, its ``slowdowns[i]``) here, one after
+    another, before the nodes start: nodes that measured themselves at once on one machine would
+    share its cores and memory bandwidth and all look slower than they are (on real devices each
+    measures alone). Nodes of one slowdown share one measurement; each node finds its profile in
+    its state directory's cache."""
+    from meshllm.model.manifest import load_manifest
+    from meshllm.model.paths import resolve_model_dir
+    from meshllm.runtime.profile import load_or_measure
+
+    manifest = load_manifest(resolve_model_dir(model), verify=False)
+    done: dict[float, tuple[Path, Path]] = {}
+    for state, slowdown in zip(states, slowdowns, strict=True):
+        if slowdown in done:
+            first, src = done[slowdown]
+            dst = state / src.relative_to(first)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+            continue
+        load_or_measure(manifest, state, threads=threads, slowdown=slowdown, memory_bytes=1)
+        done[slowdown] = (state, next((state / "profiles").glob("*.json")))
+
+
 class LocalMesh:
     """N node processes on loopback; a context manager that always stops them."""
 
@@ -97,7 +120,6 @@ class LocalMesh:
         self.key_file = key_file
         self.extra = extra or []
         self.measure_first = measure_first
-        self._first: dict[float, int] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="meshllm-up-")
         self.dir = Path(log_dir) if log_dir else Path(self._tmp.name)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -108,29 +130,15 @@ class LocalMesh:
     def urls(self) -> list[str]:
         return [f"http://127.0.0.1:{p}" for p in self.ports]
 
-    def premeasure(self) -> None:
-        """Profile each node here, one after another, before the nodes start: nodes that measured
-        themselves at once on one machine would share its cores and memory bandwidth and all look
-        slower than they are (on real devices each measures alone). Each node finds its profile
-        in its state directory's cache."""
-        from meshllm.model.manifest import load_manifest
-        from meshllm.model.paths import resolve_model_dir
-        from meshllm.runtime.profile import load_or_measure
+    def state_dir(self, i: int) -> Path:
+        """Node ``i``'s state directory (its profile cache is under it)."""
+        return Path(self._tmp.name) / f"state-{i}"
 
-        manifest = load_manifest(resolve_model_dir(self.model), verify=False)
-        done: dict[float, Path] = {}
-        for i in range(self.n):
-            slowdown = float(self.slowdowns[i] or 1.0)
-            state = Path(self._tmp.name) / f"state-{i}"
-            if slowdown in done:
-                src = done[slowdown]
-                dst = state / src.relative_to(Path(self._tmp.name) / f"state-{self._first[slowdown]}")
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(src.read_bytes())
-                continue
-            load_or_measure(manifest, state, threads=self.threads, slowdown=slowdown, memory_bytes=1)
-            self._first[slowdown] = i
-            done[slowdown] = next((state / "profiles").glob("*.json"))
+    def premeasure(self) -> None:
+        """Profile each node here, one after another, before the nodes start (see
+        ``premeasure_states``)."""
+        premeasure_states(self.model, [self.state_dir(i) for i in range(self.n)],
+                          [float(s or 1.0) for s in self.slowdowns], self.threads)
 
     def __enter__(self) -> LocalMesh:
         if self.measure_first:
@@ -144,7 +152,7 @@ class LocalMesh:
             for i, port in enumerate(self.ports):
                 cmd = [sys.executable, "-m", "meshllm.cli", "node", "--name", f"node-{i}", "--host", "127.0.0.1",
                        "--port", str(port), "--threads", str(self.threads), "--mesh-key-file", key,
-                       "--state-dir", str(Path(self._tmp.name) / f"state-{i}")]
+                       "--state-dir", str(self.state_dir(i))]
                 if self.model:
                     cmd += ["--model", self.model]
                 if self.budgets[i]:
@@ -164,6 +172,10 @@ class LocalMesh:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def pids(self) -> list[int]:
+        """The node processes' ids, in node order."""
+        return [p.pid for p in self.procs]
 
     def check_alive(self) -> None:
         for i, p in enumerate(self.procs):

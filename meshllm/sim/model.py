@@ -93,6 +93,18 @@ class SimConfig:
     # the serving core's scheduler (serve/stagecore.py, step_token_budget): a decode micro-batch
     # that is back waits for at most n prompt tokens of prefill (and always at least one chunk)
     step_token_budget: int = 0
+    # False: each job (a prompt's micro-batch, a decode micro-batch) is served on its own and its
+    # output leaves when it ends. True (needs step_token_budget > 0): stage work in the serving
+    # core's iterations (serve/stagecore.py ``schedule``): an iteration takes every decode
+    # micro-batch that is back and prompt micro-batches while the budget lasts (at least one),
+    # computes them one after another and sends every output when the last ends; a prompt is
+    # admitted (its KV room allocated) in one iteration and computed from the next; at later
+    # stages an iteration's work arrives together and is computed together
+    iterations: bool = False
+    # with shared_cores: the share of a core each node uses while it computes (1/F for a node
+    # slowed F times, which sleeps the rest), as (node, share) pairs; unlisted nodes use a whole
+    # core. Work stretches by the cores' sharing only in its computing share
+    core_share: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.pipeline not in ("no-bubbles", "bubbles"):
@@ -103,5 +115,9 @@ class SimConfig:
             raise SimError("step_token_budget must be >= 0")
         if not self.shared_cores >= 0:
             raise SimError("shared_cores must be >= 0")
+        if self.iterations and self.step_token_budget <= 0:
+            raise SimError("iterations need a step_token_budget > 0")
+        if any(not 0 < x <= 1 for _, x in self.core_share):
+            raise SimError("a node's core share must be in (0, 1]")
         if self.prefill_chunk_tokens <= 0:
             raise SimError("prefill_chunk_tokens must be positive")

@@ -86,8 +86,8 @@ class _Stage:
 
 
 class _Rep:
-    __slots__ = ("backlog_s", "groups", "joiners", "kv_used", "pending", "pre_tokens", "returned", "s0_end",
-                 "seqs", "spec", "stages", "tpot_obs")
+    __slots__ = ("admitting", "backlog_s", "groups", "joiners", "kv_used", "pending", "pre_tokens", "ready",
+                 "returned", "s0_end", "seqs", "spec", "stages", "tpot_obs")
 
     def __init__(self, spec: SimReplica) -> None:
         self.spec = spec
@@ -102,6 +102,8 @@ class _Rep:
         self.tpot_obs = 0.0  # observed seconds per token of its sequences (moving average)
         self.s0_end = 0.0  # when the job its first stage is running ends
         self.pre_tokens = 0  # prompt tokens its first stage prefilled since its last decode step
+        self.ready: list[tuple] = []  # iterations: prompt micro-batches admitted, to run (round-robin)
+        self.admitting: list[tuple] = []  # iterations: prompts whose decoder reserved their room
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,7 @@ class _Sim:
                 if names.count(node) > 1:
                     self.node_iv[node] = []
         self.link_free: dict[tuple[str, str], float] = {}
+        self.share = dict(config.core_share)
         self.trace = trace
         self.tie = 0
         self.gid = 0
@@ -180,11 +183,11 @@ class _Sim:
         if iv is None:
             nf = self.node_free.get(node, 0.0)
             start = ready if ready > nf else nf
-            end = start + dur * self._sharing(node, start)
+            end = start + self._stretch(node, dur, start)
             self.node_free[node] = end
             return end
         now = self.q.now
-        dur *= self._sharing(node, ready)
+        dur = self._stretch(node, dur, ready)
         while iv and iv[0][1] <= now:  # past reservations cannot hold anything up any more
             iv.pop(0)
         t = ready
@@ -201,15 +204,20 @@ class _Sim:
         iv.insert(k, (t, t + dur))
         return t + dur
 
-    def _sharing(self, node: str, start: float) -> float:
-        """How much longer work on ``node`` from ``start`` takes when the nodes share
-        ``config.shared_cores`` cores: the nodes computing then, this one included, over the cores."""
+    def _stretch(self, node: str, dur: float, start: float) -> float:
+        """How long ``dur`` seconds of work on ``node`` from ``start`` take when the nodes share
+        ``config.shared_cores`` cores: the cores the nodes computing then ask for (each its
+        ``core_share``, this one included) over the cores, applied to this node's computing share."""
         cores = self.cfg.shared_cores
         if cores <= 0:
-            return 1.0
-        k = 1 + sum(1 for n, f in self.node_free.items() if n != node and f > start)
-        k += sum(1 for n, iv in self.node_iv.items() if n != node and any(a <= start < b for a, b in iv))
-        return max(1.0, k / cores)
+            return dur
+        share = self.share
+        k = share.get(node, 1.0)
+        k += sum(share.get(n, 1.0) for n, f in self.node_free.items() if n != node and f > start)
+        k += sum(share.get(n, 1.0) for n, iv in self.node_iv.items()
+                 if n != node and any(a <= start < b for a, b in iv))
+        mine = share.get(node, 1.0)
+        return dur * (mine * max(1.0, k / cores) + (1.0 - mine))
 
     def _hop(self, src: str, dst: str, nbytes: float = TOKEN_BYTES) -> float:
         """A small control message: latency only, no link queueing."""
@@ -325,6 +333,8 @@ class _Sim:
     # passage through them is computed in one step when it leaves stage 0 (exactly what
     # stage-by-stage events would give, with two events per job instead of two per stage).
     def _dur(self, rep: _Rep, s: int, job: tuple) -> float:
+        if job[0] == "iter":
+            return sum(self._dur(rep, s, j) for j in job[1])
         if job[0] == "prefill":
             rq, k = job[1], job[2]
             c = self.cfg.prefill_chunk_tokens
@@ -347,6 +357,9 @@ class _Sim:
     def _try_start(self, rep: _Rep, s: int = 0) -> None:
         st = rep.stages[0]
         if st.busy:
+            return
+        if self.cfg.iterations:
+            self._start_iteration(rep)
             return
         job = None
         budget = self.cfg.step_token_budget
@@ -387,7 +400,94 @@ class _Sim:
         rep.s0_end = self._book(st.node, self.q.now, dur)
         self.q.push(rep.s0_end, "done", (rep, job))
 
+    def _start_iteration(self, rep: _Rep) -> None:
+        """Stage 0 of ``rep`` is idle: its next iteration, as the serving core schedules one."""
+        st = rep.stages[0]
+        while True:
+            # metadata first: every waiting prompt that has room is admitted; it runs from the
+            # next iteration on (its allocation is this iteration's op)
+            admitted, rep.admitting = rep.admitting, []
+            while rep.pending and self._admit(rep, rep.pending[0][1]):
+                rq = heapq.heappop(rep.pending)[1]
+                _, worst = self._prefill_est(rep, rq.r.input_tokens)
+                rep.backlog_s = max(0.0, rep.backlog_s - worst)
+                d = self.reps[rq.d]
+                at = self._reserved_at(d, rep) if d is not rep else self.q.now
+                if at > self.q.now:  # its decoder reserves the room first
+                    self.q.push(at, "reserved", (rep, ("prefill", rq, 0)))
+                else:
+                    admitted.append(("prefill", rq, 0))
+            jobs = [e[2] for e in st.queue]  # every decode micro-batch that is back
+            st.queue.clear()
+            budget = self.cfg.step_token_budget - sum(len(j[1].seqs) for j in jobs)
+            c = self.cfg.prefill_chunk_tokens
+            tokens = 0
+            while rep.ready:
+                rq, k = rep.ready[0][1], rep.ready[0][2]
+                n = min(c, rq.r.input_tokens - k * c)
+                if tokens and n > budget - tokens:
+                    break
+                jobs.append(rep.ready.pop(0))
+                tokens += n
+                if k == 0:
+                    rq.prefill_start = self.q.now
+                    self._log("prefill_start", rq.r.id)
+            rep.ready.extend(admitted)
+            if jobs:
+                break
+            if not admitted:
+                return
+            # an iteration of allocations only takes no compute: the next one starts now
+        job = ("iter", tuple(jobs))
+        dur = self._dur(rep, 0, job)
+        st.busy = True
+        self.busy[st.node] += dur
+        rep.s0_end = self._book(st.node, self.q.now, dur)
+        self.q.push(rep.s0_end, "done", (rep, job))
+
+    def _reserved_at(self, d: _Rep, rep: _Rep) -> float:
+        """When decoder ``d`` has reserved a prompt's room, asked now from ``rep``'s first stage:
+        its stage 0 allocates in its next iteration (after the one it is running), which also
+        steps the micro-batches that are back; the answer goes back over the link."""
+        hop = self._hop(rep.spec.stages[0].node, d.spec.stages[0].node)
+        t = self.q.now + hop
+        if d.stages[0].busy and d.s0_end > t:
+            t = d.s0_end
+        t += sum(self._decode_durs(d, g)[0] for g in d.groups if g.seqs)
+        return t + hop
+
+    def reserved(self, rep: _Rep, job: tuple) -> None:
+        """A prompt's decoder reserved its room: the prompt is allocated in ``rep``'s next iteration."""
+        rep.admitting.append(job)
+        self._try_start(rep)
+
+    def _at(self, t: float, kind: str, payload: object) -> None:
+        """An event at ``t``; with iterations, one due now is handled now, so that what an
+        iteration's end makes ready (a one-stage replica's decode micro-batch, a prompt's first
+        token on a BOTH replica) is in the next iteration, as the serving core schedules it."""
+        if self.cfg.iterations and t <= self.q.now:
+            if kind == "decoded":
+                self.decoded(*payload)  # type: ignore[misc]
+            elif kind == "back":
+                self.back(*payload)  # type: ignore[misc]
+            elif kind == "prefilled":
+                self.prefilled(*payload)  # type: ignore[misc]
+            else:
+                self.piece(payload)  # type: ignore[arg-type]
+            return
+        self.q.push(t, kind, payload)
+
     def done(self, rep: _Rep, job: tuple) -> None:
+        if job[0] == "iter":
+            for j in job[1]:
+                if j[0] == "prefill" and j[2] + 1 < j[1].chunks:
+                    rep.ready.append(("prefill", j[1], j[2] + 1))  # round-robin: to the back
+            # stage 0 stays taken while the iteration's outputs are handled: what they make
+            # ready joins the next iteration, which starts once they are all in
+            self._passage(rep, job)
+            rep.stages[0].busy = False
+            self._try_start(rep)
+            return
         rep.stages[0].busy = False
         if job[0] == "prefill":
             rq, k = job[1], job[2]
@@ -427,6 +527,9 @@ class _Sim:
         t = self.q.now
         stages = rep.stages
         n = len(stages)
+        if job[0] == "iter":
+            self._passage_iteration(rep, job[1])
+            return
         is_prefill = job[0] == "prefill"
         if is_prefill:
             rq, k = job[1], job[2]
@@ -459,6 +562,36 @@ class _Sim:
         else:
             self.q.push(t, "decoded", (rep, job[1]))
 
+    def _passage_iteration(self, rep: _Rep, jobs: tuple) -> None:
+        """Carry an iteration's work (just finished on stage 0) through the remaining stages: at
+        each, its outputs cross the link together and are computed together; each prompt
+        micro-batch's KV leaves as its stage's iteration ends."""
+        c = self.cfg.prefill_chunk_tokens
+        pre = [j for j in jobs if j[0] == "prefill"]
+        tokens = sum(min(c, j[1].r.input_tokens - j[2] * c) for j in pre)
+        tokens += sum(len(j[1].seqs) for j in jobs if j[0] == "decode")
+        t = self.q.now
+        for j in pre:
+            self._send_kv(rep, 0, j[1], j[2], t)
+        if len(rep.stages) > 1:
+            links = self._links(rep)
+            for s in range(1, len(rep.stages)):
+                src, dst, lat, per_byte, act = links[s - 1]
+                occ = tokens * act * per_byte
+                start = max(t, self.link_free.get((src, dst), 0.0))
+                self.link_free[(src, dst)] = start + occ
+                node = rep.stages[s].node
+                dur = sum(self._dur(rep, s, j) for j in jobs)
+                t = self._book(node, start + occ + lat, dur)
+                self.busy[node] += dur
+                for j in pre:
+                    self._send_kv(rep, s, j[1], j[2], t)
+        for j in jobs:
+            if j[0] == "decode":
+                self._at(t, "decoded", (rep, j[1]))
+            elif j[2] + 1 == j[1].chunks:
+                self._at(t, "prefilled", (rep, j[1]))
+
     def _send_kv(self, rep: _Rep, s: int, rq: _Req, k: int, t: float) -> None:
         """Layer-wise KV of micro-batch ``k`` from prefill stage ``s`` (done at ``t``) to the
         decoder nodes that own those layers."""
@@ -490,7 +623,7 @@ class _Sim:
             return
         rq.prefill_done = True
         rq.pending += 1
-        self.q.push(self.q.now + self._hop(last, d.spec.stages[0].node), "piece", rq)
+        self._at(self.q.now + self._hop(last, d.spec.stages[0].node), "piece", rq)
 
     def piece(self, rq: _Req) -> None:
         rq.pending -= 1
@@ -542,7 +675,7 @@ class _Sim:
                 keep.append(rq)
         g.seqs = keep
         back = self.q.now + self._hop(last, spec.stages[0].node, TOKEN_BYTES * max(1, len(keep)))
-        self.q.push(back, "back", (rep, g))
+        self._at(back, "back", (rep, g))
 
     def back(self, rep: _Rep, g: _Group) -> None:
         if self.cfg.pipeline == "no-bubbles":
@@ -620,6 +753,8 @@ class _Sim:
                 self.arrive(p)
             elif kind == "at_prefill":
                 self.at_prefill(p)
+            elif kind == "reserved":
+                self.reserved(*p)
             else:  # pragma: no cover - every push above uses one of these kinds
                 raise SimError(f"unknown event {kind!r}")
         if len(self.finished) != len(order):
