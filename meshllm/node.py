@@ -104,6 +104,7 @@ class NodeOptions:
     peers: tuple[tuple[str, int], ...] = ()  # static seeds
     memory_budget: int | None = None
     threads: int = 1
+    spin: bool = False  # onnxruntime's threads wait busy between kernels (a device to itself)
     slowdown: float = 1.0
     priority: int = 0
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -150,7 +151,7 @@ class Node:
         self.dialer = Dialer(self.node_id, self.mesh_id, peer_http, opts.peers, spawn=self._spawn,
                              closed=lambda: self.closed)
         self.stages = StageHost(self.manifest, threads=opts.threads, slowdown=opts.slowdown,
-                                budget_bytes=self._budget())
+                                budget_bytes=self._budget(), spin=opts.spin)
         self.planning = PlanningService(
             self.model_profile, name=self.name, workload=opts.workload, strategy=opts.strategy,
             objective=opts.objective, islands=opts.islands, step=self.step,

@@ -249,6 +249,9 @@ NODE_OPTIONS: tuple[Option, ...] = (
     Option("memory_budget", "size", None, "memory this node may use, in bytes or e.g. 8GB, 512MiB (default: "
            "measured)", "--memory-budget", metavar="BYTES|GB"),
     Option("threads", "int", 1, "onnxruntime threads", "--threads", check=at_least(1)),
+    Option("spin", "bool", False, "onnxruntime's threads wait for the next kernel busy instead of asleep: a "
+           "faster decode step with --threads 2 or more, for a device that runs this node and nothing else "
+           "(never where nodes share cores)", "--spin"),
     Option("slowdown", "float", 1.0, "make compute F times slower, to try heterogeneous meshes on one machine",
            "--slowdown", check=at_least(1), metavar="F"),
     Option("strategy", "str", "e2llm", "placement strategy the leader uses (e2llm: the GA as islands on the "

@@ -42,13 +42,14 @@ def _args(**kw):
 
 def test_config_file_then_flags(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = tmp_path / "n.toml"
-    cfg.write_text('name = "from-file"\nthreads = 2\npeer = ["10.0.0.9:7071"]\nmemory-budget = "2GiB"\n'
+    cfg.write_text('name = "from-file"\nthreads = 2\nspin = true\npeer = ["10.0.0.9:7071"]\nmemory-budget = "2GiB"\n'
                    "[control]\nheartbeat_interval = 0.5\n[workload]\narrival_rate = 3.0\n")
     key = tmp_path / "k"
     key.write_text("a-long-enough-mesh-key\n")
     o = build_options(_args(model=str(tiny_model_dir), config=str(cfg), threads=3, port=0,
                             state_dir=str(tmp_path / "s"), mesh_key_file=str(key)))
     assert (o.name, o.threads, o.memory_budget, o.peers) == ("from-file", 3, 2 << 30, (("10.0.0.9", 7071),))
+    assert o.spin  # the device runs this node alone: onnxruntime's threads may wait busy
     assert o.control.heartbeat_interval == 0.5 and o.workload.arrival_rate == 3.0
     assert o.mesh_key == b"a-long-enough-mesh-key"
     # No --host or --interface: listen on all addresses, announce the default route's.

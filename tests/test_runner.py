@@ -27,8 +27,8 @@ def _runner(m: Manifest, first: int = 0, end: int | None = None, **kw: object) -
     return StageRunner(m, first, m.config.num_blocks if end is None else end, threads=1, **kw)  # type: ignore[arg-type]
 
 
-# every compute test runs both ways a stage can run its range: one fused session for the blocks
-# before the head (the default) and one session per block
+# every compute test runs both ways a stage can run its range: one fused session for the whole
+# range, the head included (the default), and one session per block
 both = pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per_block"])
 
 
@@ -286,12 +286,33 @@ def test_sessions_use_given_threads_and_no_spinning() -> None:
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-def test_fused_range_is_one_session_plus_head(tiny_manifest: Manifest) -> None:
+def test_fused_range_is_one_session(tiny_manifest: Manifest) -> None:
     cfg = tiny_manifest.config
-    assert [u.blocks for u in _runner(tiny_manifest, fuse=True).units] == [list(range(cfg.num_layers + 1)),
-                                                                            [cfg.num_layers + 1]]
+    fused = _runner(tiny_manifest, fuse=True)
+    assert [u.blocks for u in fused.units] == [list(range(cfg.num_blocks))] and fused.units[0].rows
     assert len(_runner(tiny_manifest, fuse=False).units) == cfg.num_blocks
     assert len(_runner(tiny_manifest, 1, 3, fuse=True).units) == 1
+
+
+def test_fused_head_computes_the_rows_asked(tiny_manifest: Manifest) -> None:
+    """The head inside the stage's one session runs on the last position of a prompt (every
+    position with ``last_only=False``), across chunks, with the numbers of a separate head."""
+    cfg = tiny_manifest.config
+    ids = np.arange(1, 12) % cfg.vocab_size
+    outs = {}
+    for fuse in (True, False):
+        r = _runner(tiny_manifest, fuse=fuse, prefill_chunk=4)
+        r.alloc("a", 20)
+        r.alloc("b", 20)
+        last = r.prefill("a", ids)
+        full = r.prefill("b", ids, last_only=False)
+        step = r.decode(["a", "b"], np.array([3, 4]))
+        outs[fuse] = (last, full, step)
+    for got, want in zip(outs[True], outs[False], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    last, full, _ = outs[True]
+    assert last.shape == (cfg.vocab_size,) and full.shape == (len(ids), cfg.vocab_size)
+    np.testing.assert_allclose(full[-1], last, rtol=1e-5, atol=1e-5)
 
 
 @given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "batch"]), st.integers(0, 9),

@@ -1,7 +1,7 @@
 """``meshllm generate``: complete a prompt with one model on this machine, streaming the text.
 
     meshllm generate [--model DIR] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]
-                     [--seed S] [--stop STR ...] [--threads N] [--json] [--chat] PROMPT
+                     [--seed S] [--stop STR ...] [--threads N] [--no-spin] [--json] [--chat] PROMPT
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop when this text appears (repeatable; not included in the output)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--no-spin", action="store_true",
+                   help="let onnxruntime's threads sleep between kernels (default: they wait busy, the faster "
+                        "step for one process on its machine)")
     p.add_argument("--chat", action="store_true",
                    help="wrap PROMPT as a user message in the model's chat template")
     p.add_argument("--json", action="store_true",
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from meshllm.runtime.runner import StageRunner
 
-    runner = StageRunner(manifest, 0, cfg.num_blocks, threads=args.threads, max_seqs=1)
+    runner = StageRunner(manifest, 0, cfg.num_blocks, threads=args.threads, max_seqs=1, spin=not args.no_spin)
     events = generate_stream(runner, prompt_ids, params, tokenizer=tokenizer)
     tokens: list[int] = []
     parts: list[str] = []

@@ -121,7 +121,7 @@ def build_options(args: argparse.Namespace, conf: Settings | None = None) -> Any
     return NodeOptions(
         model_dir=model_dir, state_dir=state_dir, mesh_key=key, name=c["name"] or "", host=host,
         advertise_host=advertise, port=port, interfaces=tuple(addrs), peers=tuple(parse_peer(x) for x in c["peer"]),
-        memory_budget=c["memory_budget"], threads=c["threads"], slowdown=c["slowdown"], priority=c["priority"],
+        memory_budget=c["memory_budget"], threads=c["threads"], spin=c["spin"], slowdown=c["slowdown"], priority=c["priority"],
         control=tables["control"], workload=tables["workload"], islands=c["islands"], strategy=c["strategy"],
         serve=tables["serve"], api_key=api.decode() if api else None, objective=c["objective"],
         mdns=not c["no_mdns"], tls_cert=c["tls_cert"], tls_key=c["tls_key"])

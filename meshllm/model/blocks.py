@@ -454,13 +454,15 @@ def build_monolithic(weights: Mapping[str, Weight], cfg: ModelConfig,
 _SHARED = {"seqlens_k", "total_sequence_length", "cos_cache", "sin_cache", ""}
 
 
-def fuse_blocks(models: list[onnx.ModelProto], indices: list[int]) -> onnx.ModelProto:
+def fuse_blocks(models: list[onnx.ModelProto], indices: list[int], *, select_logits: bool = False) -> onnx.ModelProto:
     """Chain consecutive block models into one graph (a stage's range as one session).
 
     Inputs: the first block's (``input_ids`` or ``hidden``), then for each layer block ``b``
     ``past_key.{b}``/``past_value.{b}``, plus ``seqlens_k``/``total_sequence_length`` once.
     Outputs: the last block's (``hidden_out`` or ``logits``) and ``present_key.{b}``/
-    ``present_value.{b}`` per layer block.
+    ``present_value.{b}`` per layer block. With ``select_logits`` (the last block being the head,
+    after others) the head reads only the positions listed in the input ``logit_rows`` (int64,
+    (R,)): logits are (B, R, V).
     """
     if len(models) != len(indices) or not models:
         raise ModelError("fuse_blocks: one model per block index, at least one")
@@ -477,6 +479,12 @@ def fuse_blocks(models: list[onnx.ModelProto], indices: list[int]) -> onnx.Model
             n = vi.name
             if n in ("past_key", "past_value"):
                 ren[n] = f"{n}.{b}"
+            elif n in ("hidden", "input_ids") and prev_out is not None and select_logits and last:
+                # the head, on the selected positions only
+                ren[n] = f"{prev_out}.rows"
+                sel = helper.make_node("Gather", [prev_out, "logit_rows"], [ren[n]], name="select_logit_rows", axis=1)
+                nodes.append(sel)
+                inputs["logit_rows"] = helper.make_tensor_value_info("logit_rows", TensorProto.INT64, ["rows"])
             elif n in ("hidden", "input_ids") and prev_out is not None:
                 ren[n] = prev_out
             else:

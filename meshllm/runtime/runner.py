@@ -76,6 +76,9 @@ class _Unit:
     blocks: list[int]  # consecutive block indices this session runs
     session: ort.InferenceSession
     fused: bool  # KV tensors are named per layer (past_key.{b}) in a fused graph
+    # the head is fused in too: the session reads ``logit_rows`` (the positions whose logits it
+    # computes, so a prompt's prefill runs the head on its last position only)
+    rows: bool = False
 
 
 @dataclass(slots=True)
@@ -86,6 +89,7 @@ class _Step:
     x: np.ndarray  # (B, 1) ids or (B, 1, H) hidden
     seqlens: np.ndarray  # (B,) int32
     total: np.ndarray  # () int32
+    rows: np.ndarray  # (1,) int64: position 0, for a unit with the head fused in
     ios: list[ort.IOBinding]
     outs: list[np.ndarray]
 
@@ -401,13 +405,14 @@ class StageRunner:
                 pass
 
     def _load_units(self, fuse: bool) -> list[_Unit]:
-        """Sessions for the range: one per block, or (fused) one for every block before the head
-        plus the head on its own (so prefill can ask for the last position's logits only)."""
-        head = self.config.num_layers + 1
-        body = list(range(self.first, min(self.end, head)))
-        size = sum(p.stat().st_size for b in body
+        """Sessions for the range: one per block, or (fused) one for the whole range, the head
+        included: a stage is one session, so a decode step is one run and one thread pool (two
+        sessions' pools, each spinning after its run, would fight over the cores)."""
+        blocks = list(range(self.first, self.end))
+        size = sum(p.stat().st_size for b in blocks
                    for p in (self.manifest.block_path(b), Path(f"{self.manifest.block_path(b)}.data"))
                    if p.exists())
+        body = [b for b in blocks if b != self.config.num_layers + 1]
         # a fused graph is handed to onnxruntime as one serialized protobuf, which cannot exceed
         # 2 GiB: bigger ranges run a session per block (measured within noise of fused there)
         if not fuse or len(body) < 2 or size > FUSE_MAX_BYTES:
@@ -415,28 +420,27 @@ class StageRunner:
                                             self._spin), False)
                     for b in range(self.first, self.end)]
         try:
-            models = [onnx.load(str(self.manifest.block_path(b))) for b in body]
+            models = [onnx.load(str(self.manifest.block_path(b))) for b in blocks]
         except Exception as e:  # onnx raises protobuf errors for unreadable files
             raise ModelError(f"cannot load the blocks of [{self.first}, {self.end}): {e}") from None
-        fused = fuse_blocks(models, body)
+        fused = fuse_blocks(models, blocks, select_logits=self.has_head)
         del models
-        units = [_Unit(body, load_session(fused.SerializeToString(), self.threads, self._profile_prefix,
-                                          self._spin), True)]
-        if self.has_head:
-            units.append(_Unit([head], load_session(self.manifest.block_path(head), self.threads,
-                                                    self._profile_prefix, self._spin), False))
-        return units
+        return [_Unit(blocks, load_session(fused.SerializeToString(), self.threads, self._profile_prefix,
+                                           self._spin), True, rows=self.has_head)]
 
-    def _out_shape(self, unit: _Unit, B: int, S: int) -> tuple[int, int, int]:
+    def _out_shape(self, unit: _Unit, B: int, S: int, R: int) -> tuple[int, int, int]:
         last = unit.blocks[-1]
-        width = self.config.vocab_size if last == self.config.num_layers + 1 else self.config.hidden_size
-        return (B, S, width)  # (B, S, V) logits or (B, S, H) hidden
+        if last == self.config.num_layers + 1:
+            return (B, R if unit.rows else S, self.config.vocab_size)  # logits
+        return (B, S, self.config.hidden_size)  # hidden
 
     def _bind_unit(self, io: ort.IOBinding, unit: _Unit, h: np.ndarray, out: np.ndarray, s0: int,
-                   seqlens: np.ndarray, total: np.ndarray) -> None:
+                   seqlens: np.ndarray, total: np.ndarray, rows: np.ndarray) -> None:
         L = self.config.num_layers
         B = h.shape[0]
         bind_buffer(io, "input_ids" if unit.blocks[0] == 0 else "hidden", h, output=False)
+        if unit.rows:
+            bind_buffer(io, "logit_rows", rows, output=False)
         bind_buffer(io, "logits" if unit.blocks[-1] == L + 1 else "hidden_out", out, output=True)
         layers = [b for b in unit.blocks if 1 <= b <= L]
         if layers:
@@ -458,14 +462,18 @@ class StageRunner:
         (a fresh array), or the hidden states before the head when ``head`` is false."""
         h = np.ascontiguousarray(x)
         total_arr = np.array(total, np.int32)
+        S = h.shape[1]
+        # a fused head computes the last position only where that is all that is wanted (and
+        # where the head's output is not wanted at all: a prompt's earlier chunks)
+        rows = np.arange(S - 1 if last_only or not head else 0, S, dtype=np.int64)
         for unit in self.units:
             if unit.blocks[0] == self.config.num_layers + 1 and not head:
                 break
             if unit.blocks[0] == self.config.num_layers + 1 and last_only:
                 h = np.ascontiguousarray(h[:, -1:])  # (B, 1, H): only the last position's logits
-            out = np.empty(self._out_shape(unit, h.shape[0], h.shape[1]), np.float32)
+            out = np.empty(self._out_shape(unit, h.shape[0], h.shape[1], len(rows)), np.float32)
             io = unit.session.io_binding()
-            self._bind_unit(io, unit, h, out, s0, seqlens, total_arr)
+            self._bind_unit(io, unit, h, out, s0, seqlens, total_arr, rows)
             unit.session.run_with_iobinding(io)
             h = out
         return h
@@ -479,12 +487,13 @@ class StageRunner:
         if step is None:
             if len(self._steps) >= 64:  # batch shapes come and go; keep the table small
                 self._steps.clear()
-            step = _Step(np.empty(x.shape, x.dtype), np.empty(B, np.int32), np.empty((), np.int32), [], [])
+            step = _Step(np.empty(x.shape, x.dtype), np.empty(B, np.int32), np.empty((), np.int32),
+                         np.zeros(1, np.int64), [], [])
             h = step.x
             for unit in self.units:
-                out = np.empty(self._out_shape(unit, B, 1), np.float32)
+                out = np.empty(self._out_shape(unit, B, 1, 1), np.float32)
                 io = unit.session.io_binding()
-                self._bind_unit(io, unit, h, out, s0, step.seqlens, step.total)
+                self._bind_unit(io, unit, h, out, s0, step.seqlens, step.total, step.rows)
                 step.ios.append(io)
                 step.outs.append(out)
                 h = out

@@ -64,9 +64,11 @@ class StageHost:
     """This node's loaded block ranges per plan epoch, their runners, the one inference thread that
     owns every call into a StageRunner, and the in-flight requests per epoch that drive draining."""
 
-    def __init__(self, manifest: Manifest, *, threads: int, slowdown: float, budget_bytes: int) -> None:
+    def __init__(self, manifest: Manifest, *, threads: int, slowdown: float, budget_bytes: int,
+                 spin: bool = False) -> None:
         self.manifest = manifest
         self.threads = threads
+        self.spin = spin
         self.slowdown = slowdown
         self.budget_bytes = budget_bytes
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshllm-infer")
@@ -116,7 +118,8 @@ class StageHost:
             runners = []
             with bar(desc=f"load {self.manifest.name}", total=sum(b - a for a, b in ranges), unit="block") as shown:
                 for a, b in ranges:
-                    runners.append(StageRunner(self.manifest, a, b, threads=self.threads, slowdown=self.slowdown,
+                    runners.append(StageRunner(self.manifest, a, b, threads=self.threads, spin=self.spin,
+                                               slowdown=self.slowdown,
                                                kv_budget_bytes=first_guess))
                     shown.update(b - a)
             # Charge the weights as they sit in memory when the runner knows it (onnxruntime may hold
