@@ -8,9 +8,13 @@ Model (stated in full in ``docs/planner.md``), following how requests are served
   capacities; inside the pool, prompts split over the PREFILL replicas in proportion to their
   prefill capacity and hand-offs over the DECODER replicas in proportion to their decode
   capacity, so replicas of a kind run at about the same utilisation.
-- A replica's prefill pipeline is an M/G/1 server whose service time is the pipeline's slowest
-  resource for that prompt (``busy``); the rest of the pass (``lat - busy``) is a pure delay.
-  Pollaczek–Khinchine: Wq = λ_i E[busy²] / (2 (1 - ρ_i)).
+- A replica's prefill pipeline is a server whose service time is the pipeline's slowest
+  resource for that prompt (``busy``; the stages are separate nodes and overlap different
+  prompts); the rest of the pass (``lat - busy``) is a pure delay. The router starts a prompt
+  on whichever replica can start it first, so the PREFILL replicas are one M/G/c queue: Erlang
+  C with the Allen–Cunneen correction, the servers' rates summed; with one replica,
+  Pollaczek–Khinchine: Wq = λ E[busy²] / (2 (1 - ρ)). (BOTH replicas still queue apart, each
+  M/G/1 with its share of the prompts: see docs/planner.md.)
 - A prompt's KV goes from its prefill replica to its decoder over the links between them;
   each (prefill, decoder) pair is an M/G/1 queue of hand-offs (links are first come first
   served).
@@ -220,11 +224,6 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     wait = ttft = e2e = 0.0
 
     # --- BOTH replicas: their own prompts, their own slots ----------------------------------
-    both_pool = None
-    if len(both) > 1:
-        sb = share[:len(both)]
-        both_pool = _pool_wait(lam * float(sb.sum()), [perfs[b].busy_mean for b in both],
-                               [perfs[b].busy_m2 for b in both], sb / sb.sum())
     for k, b in enumerate(both):
         p = perfs[b]
         lam_b = lam * share[k]
@@ -249,9 +248,10 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         hold = p.lat_mean + s_dec
         a = lam_b * hold
         utils.append(a / p.batch)
-        # with several BOTH replicas the router starts a prompt on whichever can start it first
-        # (one multi-server queue over their prompt servers, as for PREFILL replicas below)
-        wq = lam_b * p.busy_m2 / (2 * (1 - rho)) if both_pool is None else both_pool
+        # each BOTH replica its own queue (a share of the prompts in proportion to capacity):
+        # the router pools them as it pools PREFILL replicas, which this does not model yet
+        # (docs/planner.md, "Queueing estimate")
+        wq = lam_b * p.busy_m2 / (2 * (1 - rho))
         if len(p.ahead) > 1 and eo1 > 0:
             # a prompt queues behind the decode micro-batches at the bottleneck stage
             wq += _tau_at(p.ahead_l, n) * min(1.0, a)
