@@ -618,7 +618,7 @@ def _no_gc() -> Iterator[None]:
 
 def run(problem: Problem, rng: np.random.Generator, generations: int = 100, islands: int = 1,
         epoch_len: int = 5, patience: int = 5, config: GAConfig = GAConfig(),
-        search_evals: int = 2400, race: int = 2, race_evals: int = 600, restarts: int = 2,
+        search_evals: int = 2900, race: int = 3, race_evals: int = 500, restarts: int = 2,
         restart_evals: int = 550) -> Island:
     """The planner's search end to end (a memetic GA):
 

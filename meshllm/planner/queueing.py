@@ -8,9 +8,13 @@ Model (stated in full in ``docs/planner.md``), following how requests are served
   capacities; inside the pool, prompts split over the PREFILL replicas in proportion to their
   prefill capacity and hand-offs over the DECODER replicas in proportion to their decode
   capacity, so replicas of a kind run at about the same utilisation.
-- A replica's prefill pipeline is an M/G/1 server whose service time is the pipeline's slowest
-  resource for that prompt (``busy``); the rest of the pass (``lat - busy``) is a pure delay.
-  Pollaczek–Khinchine: Wq = λ_i E[busy²] / (2 (1 - ρ_i)).
+- A replica's prefill pipeline is a server whose service time is the pipeline's slowest
+  resource for that prompt (``busy``; the stages are separate nodes and overlap different
+  prompts); the rest of the pass (``lat - busy``) is a pure delay. The router starts a prompt
+  on whichever replica can start it first, so the PREFILL replicas are one M/G/c queue: Erlang
+  C with the Allen–Cunneen correction, the servers' rates summed; with one replica,
+  Pollaczek–Khinchine: Wq = λ E[busy²] / (2 (1 - ρ)). (BOTH replicas still queue apart, each
+  M/G/1 with its share of the prompts: see docs/planner.md.)
 - A prompt's KV goes from its prefill replica to its decoder over the links between them;
   each (prefill, decoder) pair is an M/G/1 queue of hand-offs (links are first come first
   served).
@@ -149,6 +153,23 @@ def _slot_wait(slots: int, load: float, lam: float, dec_work: float, cv2: float)
     return erlang_c(slots, load) * hold_mean / (slots - load) * (1 + cv2_hold) / 2
 
 
+def _pool_wait(lam: float, means: Sequence[float], m2s: Sequence[float], x: np.ndarray) -> float:
+    """Mean wait for a server in a pool of c servers that share one queue (the router's
+    ``"start"`` policy: a prompt goes to whichever replica can start it first, never queues for
+    one while another is free): M/G/c, Erlang C with the Allen–Cunneen correction, the servers'
+    rates summed (heterogeneous servers: the queue drains at the pool's rate once all are busy).
+    ``means`` / ``m2s``: each server's service time moments; ``x``: the share of prompts each
+    serves (in proportion to its rate). With one server this is Pollaczek–Khinchine."""
+    mu = float(sum(1 / s for s in means))
+    if lam <= 0 or lam >= mu:
+        return 0.0
+    c = len(means)
+    es = float(np.dot(x, means))
+    es2 = float(np.dot(x, m2s))
+    cv2 = max(es2 / (es * es) - 1, 0.0) if es > 0 else 0.0
+    return erlang_c(c, c * lam / mu) * (1 + cv2) / 2 / (mu - lam)
+
+
 def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
              tie_break: float = 1e-3) -> Estimate:
     """Predicted figures and the GA fitness for ``perfs`` under ``workload``.
@@ -227,6 +248,9 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         hold = p.lat_mean + s_dec
         a = lam_b * hold
         utils.append(a / p.batch)
+        # each BOTH replica its own queue (a share of the prompts in proportion to capacity):
+        # the router pools them as it pools PREFILL replicas, which this does not model yet
+        # (docs/planner.md, "Queueing estimate")
         wq = lam_b * p.busy_m2 / (2 * (1 - rho))
         if len(p.ahead) > 1 and eo1 > 0:
             # a prompt queues behind the decode micro-batches at the bottleneck stage
@@ -274,7 +298,11 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
             load += a
             dec_work += lam_j * s_d[q]
         # the router takes any decoder with room: the decoders' slots form one pool
-        wq = float(x @ wq_p) + _slot_wait(slots, load, lam_pd, dec_work, cv2)
+        # the router starts a prompt on whichever PREFILL replica can start it first: the
+        # replicas are one multi-server queue, not each its own (see :func:`_pool_wait`)
+        wq_pre = float(x @ wq_p) if len(pre) == 1 else _pool_wait(
+            lam_pd, [perfs[i].busy_mean for i in pre], [perfs[i].busy_m2 for i in pre], x)
+        wq = wq_pre + _slot_wait(slots, load, lam_pd, dec_work, cv2)
         handoff = float(x @ (kv + w_kv) @ y)
         wait += share[-1] * wq
         ttft += share[-1] * (wq + float(x @ lat_p))
