@@ -186,16 +186,31 @@ async def test_a_client_gone_mid_speculation_frees_everything(make_mesh, tiny_ma
     assert [e.token_id for e in first] == ref[:2]
 
 
-async def test_one_pass_verification_runs_every_row_through(make_mesh, tiny_manifest: Manifest) -> None:
-    # one multi-position pass per row rounds differently from one-token steps (docs/serving.md), so
-    # its tokens are not held to the reference here: the rows finish, drafts are verified, KV is freed
-    mesh = await make_mesh(THREE, ServeConfig(speculate=True, spec_cost_aware=False, spec_one_pass=True))
+async def test_rows_with_different_draft_counts_share_one_pass_and_keep_the_reference_tokens(
+        make_mesh, tiny_manifest: Manifest, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a step's rows, each with its own number of drafts, run as one pass on every stage (one
+    # decode_rows call with their counts): the tokens are still the single-process loop's
+    from meshllm.runtime.runner import StageRunner
+
+    passes: list[list[int]] = []
+    decode_rows = StageRunner.decode_rows
+
+    def counting(self, seq_ids, x, *, counts=None):  # type: ignore[no-untyped-def]
+        passes.append(list(counts or [1] * len(seq_ids)))
+        return decode_rows(self, seq_ids, x, counts=counts)
+
+    monkeypatch.setattr(StageRunner, "decode_rows", counting)
+    mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
-    jobs = [(REPEAT, GREEDY), (FREE, SEEDED), (REPEAT[:12], SamplingParams(temperature=0.0, max_tokens=9))]
+    short = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    jobs = [(REPEAT, GREEDY), (FREE, SEEDED), (REPEAT[:12], short), ([3, 4, 3, 4, 3, 4, 3], GREEDY),
+            (REPEAT[3:], SEEDED), (FREE[::-1], GREEDY)]
     got = await asyncio.gather(*(tokens_of(entry, p, q) for p, q in jobs))
-    assert [len(t) for t in got[:2]] == [24, 24] and 1 <= len(got[2]) <= 9
-    assert got[0][0] == reference(tiny_manifest, REPEAT, GREEDY)[0]  # token 0 comes from the prefill
+    assert got == [reference(tiny_manifest, p, q) for p, q in jobs]
     assert spec_stats(mesh)["spec_accepted"] > 0
+    assert any(len(set(c)) > 1 for c in passes)  # rows with different draft counts shared a pass
+    steps = sum(n.serving.stage.stats["decode_calls"] for n in mesh.nodes.values())
+    assert len(passes) == steps  # one runner pass per step and stage, drafts or not
     await settled(mesh)
 
 
