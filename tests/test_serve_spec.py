@@ -16,7 +16,7 @@ from test_serve import PLANS, reference, settled
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve.config import ServeConfig
-from meshllm.serve.spec import DraftLength, PromptLookup, StepCost
+from meshllm.serve.spec import DraftLength, PromptLookup, StepCost, expected_kept
 
 # drafts at the length adapted to acceptance, whatever the steps cost here: every test drafts
 ON = ServeConfig(speculate=True, spec_cost_aware=False)
@@ -78,19 +78,34 @@ def test_draft_length_grows_on_hits_and_drops_to_zero_on_misses() -> None:
 def test_step_cost_drafts_only_what_pays() -> None:
     c = StepCost()
     assert c.best_k(4, 0.6) == 4  # nothing measured yet: the adapted length
-    c.observe(1, 0.010)
-    c.observe(3, 0.030)  # every position costs a full step: compute dominates
+    c.observe(0, 0.010)
+    c.observe(2, 0.030)  # every draft costs a full step: compute dominates
     assert c.best_k(4, 0.9) == 0
     trip = StepCost()
-    trip.observe(1, 0.100)
-    trip.observe(5, 0.120)  # a slow trip, cheap positions: drafts pay
+    trip.observe(0, 0.100)
+    trip.observe(4, 0.120)  # a slow trip, cheap drafts: drafts pay
     assert trip.best_k(4, 0.7) == 4 and trip.best_k(4, 0.05) == 0
     assert not trip.plain_due()
     for _ in range(StepCost.PLAIN_EVERY):
-        trip.observe(3, 0.11)
+        trip.observe(2, 0.11)
     assert trip.plain_due()  # time to measure a step without drafts again
-    trip.observe(1, 0.1)
+    trip.observe(0, 0.1)
     assert not trip.plain_due()
+
+
+def test_step_cost_weighs_a_draft_against_the_whole_batch() -> None:
+    # one pass: a plain step 20 ms, each draft 3.5 ms more (SmolLM2 int4, one node)
+    c = StepCost()
+    c.observe(0, 0.020)
+    c.observe(4, 0.034)
+    assert c.best_k(4, 0.6) >= 2  # one stream: a draft that holds 60% of the time pays
+    assert c.best_k(4, 0.6, tokens=8.0) == 0  # 8 rows: it would slow 8 tokens to win 0.6
+    assert c.best_k(4, 0.99, tokens=4.0) > 0  # 4 rows: near-certain drafts still pay
+    # rows decided earlier in the step raise the bar for the later ones
+    first = c.best_k(4, 0.95, tokens=4.0)
+    later = c.best_k(4, 0.95, tokens=4.0 + expected_kept(first, 0.95), drafts=first)
+    assert first > 0 and later <= first
+    assert expected_kept(3, 0.5) == 0.5 + 0.25 + 0.125 and expected_kept(0, 0.9) == 0
 
 
 def test_a_requests_speculate_travels_and_is_checked() -> None:

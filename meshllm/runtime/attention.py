@@ -17,24 +17,33 @@ The rewrite, per node (block files keep the kernel; only the runner's sessions c
 * write the new keys and values into the cache by ``ScatterND`` at (row, head, position). The
   runner binds ``present_*`` to the ``past_*`` memory; onnxruntime's ScatterND then copies
   nothing and writes only the new positions, in place, as GQA did;
-* scores = q·Kᵀ over the first T cache positions, with a query row per (position, head of the
-  group): M = positions x group >= 2 always (a group of one gets a zero row appended), so every
-  pass, one position or many, runs MLAS's blocked kernel, whose rounding of one output row does
-  not depend on the other rows;
+* scores = q·Kᵀ over the first T cache positions as one small product per (row, position, kv
+  head), over the heads of its group: every product has the same shape (M = group) whether the
+  pass carries one position or many, so the same MLAS kernel computes it the same way (a group of
+  one gets a zero query row: M = 2, the blocked kernel, as for every other model);
 * an additive causal mask (0 where the key's position <= the query's, -inf elsewhere: masked
   weights come out of Softmax as exact zeros, and zeros add nothing to a sum), Softmax, and the
-  weights times V (M again positions x group).
+  weights times V (again one product per row, position and kv head).
 
 Row b, position s of a pass therefore computes exactly what a one-position step at that position
 computes, whatever else is in the pass: one-pass verification of drafts is bitwise equal to
 decoding them one at a time, and rows with different draft counts share one pass (a shorter row
 repeats its last position: the same input at the same position writes the same bytes).
 
+The pass's tensors outside attention are (1, N, .): its N positions, every row's one after
+another, so the matrix products compute each real position once (a row padded to the longest
+costs nothing there; the products are row-invariant for float matrices and int4 "fast", see
+``StageRunner.one_pass_exact``); attention gathers them into rows (B, S) and back.
+
+Cost: about 20 small kernels per layer where GQA was one, and a copy of the first T cached
+positions (Slice); on SmolLM2-135M int4 (30 layers, one thread) a decode step measured 3-7 %
+slower at 100-500 positions and the same at 1500 (docs/runtime.md).
+
 Graph inputs (replacing ``seqlens_k``/``total_sequence_length``; ``inputs`` computes them):
-``attn_positions`` (B, S) int64, ``attn_kv_index`` (B, S, kv_heads, 3) int64,
-``attn_query_pos`` (B, 1, R, 1) int64 (each query row's position; R = S x group, + 1 for a group
-of one), ``attn_key_pos`` (T,) int64 (0..T-1: the cache positions attended, T = the pass's
-longest row).
+``attn_gather`` (B, S) int64 (the entry of each row's position among the N), ``attn_scatter``
+(N,) int64 (the place of each entry among the B x S), ``attn_positions`` (B, S) int64,
+``attn_kv_index`` (B, S, kv_heads, 3) int64 (cache places to write), ``attn_key_pos`` (T,) int64
+(0..T-1: the cache positions attended, T = the pass's longest row).
 """
 
 from __future__ import annotations
@@ -47,34 +56,30 @@ from onnx import TensorProto, helper, numpy_helper
 
 from meshllm.errors import ModelError
 
-INPUTS = ("attn_positions", "attn_kv_index", "attn_query_pos", "attn_key_pos")
+INPUTS = ("attn_gather", "attn_scatter", "attn_positions", "attn_kv_index", "attn_key_pos")
 _REPLACED = ("seqlens_k", "total_sequence_length")
 MS_DOMAIN = "com.microsoft"
 
 
-def query_rows(num_heads: int, num_kv_heads: int, positions: int) -> int:
-    """R, the query rows per (row, kv head) of a pass of ``positions`` positions."""
-    group = num_heads // num_kv_heads
-    return positions * group + (1 if group == 1 else 0)
-
-
-def inputs(positions: np.ndarray, num_heads: int, num_kv_heads: int,
-           key_pos: np.ndarray) -> dict[str, np.ndarray]:
-    """The attention inputs of a pass: ``positions`` (B, S) int64 of every new position (a row's
-    padding repeats its last position); ``key_pos`` an arange of at least the longest row's
-    length, whose prefix is bound."""
+def inputs(positions: np.ndarray, num_heads: int, num_kv_heads: int, key_pos: np.ndarray,
+           counts: list[int] | None = None) -> dict[str, np.ndarray]:
+    """The attention inputs of a pass: ``positions`` (B, S) int64 of every new position (a row
+    of ``counts[b]`` < S positions pads with its last one); ``key_pos`` an arange of at least
+    the longest row's length, whose prefix is bound. The pass's N = sum(counts) positions are
+    its rows' real positions one after another."""
     B, S = positions.shape
-    group = num_heads // num_kv_heads
+    n = [S] * B if counts is None else counts
+    at = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    gather = np.minimum(np.arange(S)[None, :], np.array(n)[:, None] - 1) + at[:-1, None]  # (B, S)
+    scatter = np.concatenate([b * S + np.arange(c) for b, c in enumerate(n)]).astype(np.int64)  # (N,)
     idx = np.empty((B, S, num_kv_heads, 3), np.int64)
     idx[..., 0] = np.arange(B)[:, None, None]
     idx[..., 1] = np.arange(num_kv_heads)[None, None, :]
     idx[..., 2] = positions[:, :, None]
-    q = np.repeat(positions, group, axis=1)  # (B, S * group): rows ordered position-major
-    if group == 1:
-        q = np.concatenate([q, positions[:, -1:]], axis=1)
     total = int(positions.max()) + 1
-    return {"attn_positions": np.ascontiguousarray(positions, np.int64), "attn_kv_index": idx,
-            "attn_query_pos": np.ascontiguousarray(q[:, None, :, None]), "attn_key_pos": key_pos[:total]}
+    return {"attn_gather": np.ascontiguousarray(gather, np.int64), "attn_scatter": scatter,
+            "attn_positions": np.ascontiguousarray(positions, np.int64), "attn_kv_index": idx,
+            "attn_key_pos": key_pos[:total]}
 
 
 def _attr(node: onnx.NodeProto, name: str, default: float | int | None = None) -> float | int:
@@ -108,10 +113,11 @@ def rewrite(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
         return name
 
     new: list[onnx.NodeProto] = []
-    zero, two, minus1 = const(np.array([0], np.int64)), const(np.array([2], np.int64)), const(np.array([-1], np.int64))
-    # shared by every layer: T (the attended length) and the (B, 1, R, T) additive causal mask
+    zero, one, two = (const(np.array([i], np.int64)) for i in range(3))
+    # shared by every layer: T (the attended length) and the (B, S, 1, 1, T) additive causal mask
     total = node("Shape", ["attn_key_pos"], "attn/total")
-    allowed = node("LessOrEqual", ["attn_key_pos", "attn_query_pos"])  # (B, 1, R, T)
+    query_pos = node("Reshape", ["attn_positions", const(np.array([0, 0, 1, 1, 1], np.int64))])
+    allowed = node("LessOrEqual", ["attn_key_pos", query_pos])  # (B, S, 1, 1, T)
     mask = node("Where", [allowed, const(np.array(0.0, np.float32)), const(np.array(-np.inf, np.float32))],
                 "attn/mask")
     d = head_dim
@@ -126,8 +132,10 @@ def rewrite(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
             raise ModelError(f"{n.name}: only packed q|k|v is supported")
         scale = float(_attr(n, "scale", 0.0)) or d ** -0.5
         group = heads // kvh
-        qkv, past_k, past_v, cos, sin = n.input[0], n.input[3], n.input[4], n.input[7], n.input[8]
+        past_k, past_v, cos, sin = n.input[3], n.input[4], n.input[7], n.input[8]
         out, present_k, present_v = n.output[0], n.output[1], n.output[2]
+        # the pass's N positions (1, N, .) laid out as rows (B, S, .) for attention
+        qkv = node("Squeeze", [node("Gather", [n.input[0], "attn_gather"], axis=1), zero])
         split = const(np.array([heads * d, kvh * d, kvh * d], np.int64))
         counter[0] += 1
         q, k, v = (f"attn/{c}_{counter[0]}" for c in "qkv")
@@ -138,34 +146,41 @@ def rewrite(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
         for new_x, past, present in ((k, past_k, present_k), (v, past_v, present_v)):
             # (B, S, kvh, d) rows go to cache[b, head, position]: attn_kv_index is (B, S, kvh, 3)
             node("ScatterND", [past, "attn_kv_index", node("Reshape", [new_x, kv_shape])], present)
-        keys = node("Slice", [present_k, zero, total, two])  # (B, kvh, T, d)
-        values = node("Slice", [present_v, zero, total, two])
-        # (B, S, heads * d) -> (B, kvh, S * group, d): query rows position-major within a kv head
+        # the first T cache positions, (B, 1, kvh, T, d): broadcast over the pass's positions
+        keys = node("Unsqueeze", [node("Slice", [present_k, zero, total, two]), one])
+        values = node("Unsqueeze", [node("Slice", [present_v, zero, total, two]), one])
+        # one product per (row, position, kv head) over its group's heads: (B, S, kvh, group, .)
         q5 = node("Reshape", [q, const(np.array([0, 0, kvh, group, d], np.int64))])
-        qg = node("Reshape", [node("Transpose", [q5], perm=[0, 2, 1, 3, 4]),
-                              const(np.array([0, kvh, -1, d], np.int64))])
-        if group == 1:  # M >= 2: a zero query row, dropped after
-            qg = node("Pad", [qg, const(np.array([0, 0, 0, 0, 0, 0, 1, 0], np.int64))])
-        scores = node("Mul", [node("MatMul", [qg, node("Transpose", [keys], perm=[0, 1, 3, 2])]),
-                              const(np.array(scale, np.float32))])
+        if group == 1:  # M >= 2 (see above): a zero query row, dropped after
+            q5 = node("Pad", [q5, const(np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 0], np.int64))])
+        scores = node("Mul", [node("MatMul", [q5, node("Transpose", [keys], perm=[0, 1, 2, 4, 3])]),
+                              const(np.array(scale, np.float32))])  # (B, S, kvh, group, T)
         probs = node("Softmax", [node("Add", [scores, mask])], axis=-1)
-        o = node("MatMul", [probs, values])  # (B, kvh, R, d)
+        o = node("MatMul", [probs, values])  # (B, S, kvh, group, d)
         if group == 1:
-            o = node("Slice", [o, zero, minus1, two])
-        o5 = node("Reshape", [o, const(np.array([0, kvh, -1, group, d], np.int64))])
-        node("Reshape", [node("Transpose", [o5], perm=[0, 2, 1, 3, 4]),
-                         const(np.array([0, 0, heads * d], np.int64))], out)
+            o = node("Slice", [o, zero, one, const(np.array([3], np.int64))])
+        rows = node("Reshape", [o, const(np.array([1, -1, heads * d], np.int64))])  # (1, B * S, heads * d)
+        node("Gather", [rows, "attn_scatter"], out, axis=1)  # back to the pass's N positions
     del g.node[:]
     g.node.extend(new)
     g.initializer.extend(inits)
     kept = [vi for vi in g.input if vi.name not in _REPLACED]
     I64 = TensorProto.INT64
-    kept += [helper.make_tensor_value_info("attn_positions", I64, ["batch", "seq"]),
+    kept += [helper.make_tensor_value_info("attn_gather", I64, ["batch", "seq"]),
+             helper.make_tensor_value_info("attn_scatter", I64, ["positions"]),
+             helper.make_tensor_value_info("attn_positions", I64, ["batch", "seq"]),
              helper.make_tensor_value_info("attn_kv_index", I64, ["batch", "seq", None, 3]),
-             helper.make_tensor_value_info("attn_query_pos", I64, ["batch", 1, "rows", 1]),
              helper.make_tensor_value_info("attn_key_pos", I64, ["total"])]
     del g.input[:]
     g.input.extend(kept)
+    # outside attention the batch axis holds 1 and the sequence axis the pass's N positions: the
+    # block's shared dim names (the cache's rows are "batch" too) would tie them together
+    for vi in [*g.input, *g.output]:
+        if not vi.name.startswith(("past_", "present_", "attn_")):
+            for dim in vi.type.tensor_type.shape.dim:
+                if dim.dim_param in ("batch", "seq"):
+                    dim.dim_param = "pass_" + dim.dim_param
+    del g.value_info[:]
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model

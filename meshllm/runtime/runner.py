@@ -397,13 +397,12 @@ class StageRunner:
         order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
         S = max(counts)
         at = np.concatenate([[0], np.cumsum(counts)]).astype(int)
-        take = np.array([[at[i] + min(j, counts[i] - 1) for j in range(S)] for i in order])  # (B, S)
+        take = np.concatenate([np.arange(at[i], at[i + 1]) for i in order])  # the rows in slot order
         positions = np.array([[states[i].length + min(j, counts[i] - 1) for j in range(S)] for i in order],
                              np.int64)
-        h = self._run(x[take], s0, positions, last_only=False)  # (B, S, H|V)
+        h = self._run(x[take][None], s0, positions, last_only=False, counts=[counts[i] for i in order])
         out = np.empty((len(x), h.shape[-1]), np.float32)
-        for r, i in enumerate(order):
-            out[at[i]:at[i + 1]] = h[r, :counts[i]]
+        out[take] = h[0]  # (N, H|V) back in input order
         for st, c in zip(states, counts, strict=True):
             self._advance([st], c)
         self._pace(t0)
@@ -416,9 +415,9 @@ class StageRunner:
         # row j of the batch runs on slot s0 + j
         order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
         positions = np.array([[states[i].length] for i in order], np.int64)  # (B, 1)
-        h = self._run_step(x[order][:, None], s0, positions)  # (B, 1, H|V)
+        h = self._run_step(x[order][None], s0, positions)  # (1, B, H|V)
         out = np.empty((len(seq_ids), h.shape[-1]), np.float32)
-        out[order] = h[:, 0]
+        out[order] = h[0]
         self._advance(states, 1)
         self._pace(t0)
         return out
@@ -485,14 +484,14 @@ class StageRunner:
         width = self.config.vocab_size if last == self.config.num_layers + 1 else self.config.hidden_size
         return (B, S, width)  # (B, S, V) logits or (B, S, H) hidden
 
-    def _attn_inputs(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    def _attn_inputs(self, positions: np.ndarray, counts: list[int] | None = None) -> dict[str, np.ndarray]:
         cfg = self.config
-        return attention.inputs(positions, cfg.num_heads, cfg.num_kv_heads, self._key_pos)
+        return attention.inputs(positions, cfg.num_heads, cfg.num_kv_heads, self._key_pos, counts)
 
     def _bind_unit(self, io: ort.IOBinding, unit: _Unit, h: np.ndarray, out: np.ndarray, s0: int,
                    attn: dict[str, np.ndarray]) -> None:
         L = self.config.num_layers
-        B = h.shape[0]
+        B = attn["attn_positions"].shape[0]  # rows; h is (1, N[, H]), their positions
         bind_buffer(io, "input_ids" if unit.blocks[0] == 0 else "hidden", h, output=False)
         bind_buffer(io, "logits" if unit.blocks[-1] == L + 1 else "hidden_out", out, output=True)
         layers = [b for b in unit.blocks if 1 <= b <= L]
@@ -510,12 +509,13 @@ class StageRunner:
             bind_buffer(io, "present_value" + sfx, v, output=True)
 
     def _run(self, x: np.ndarray, s0: int, positions: np.ndarray, last_only: bool,
-             head: bool = True) -> np.ndarray:
-        """x: (B, S) ids or (B, S, H) hidden for slots [s0, s0 + B) at ``positions`` (B, S);
-        returns the range's output (a fresh array), or the hidden states before the head when
-        ``head`` is false."""
+             head: bool = True, counts: list[int] | None = None) -> np.ndarray:
+        """x: (1, N) ids or (1, N, H) hidden, the positions of rows on slots [s0, s0 + B) one
+        row after another (``counts`` per row, default S each) at ``positions`` (B, S); returns
+        the range's output (1, N, H|V) (a fresh array; the last position's only with
+        ``last_only``), or the hidden states before the head when ``head`` is false."""
         h = np.ascontiguousarray(x)
-        attn = self._attn_inputs(positions)
+        attn = self._attn_inputs(positions, counts)
         for unit in self.units:
             if unit.blocks[0] == self.config.num_layers + 1 and not head:
                 break
@@ -529,11 +529,11 @@ class StageRunner:
         return h
 
     def _run_step(self, x: np.ndarray, s0: int, positions: np.ndarray) -> np.ndarray:
-        """One decode step, x (B, 1[, H]) at ``positions`` (B, 1) on slots [s0, s0 + B). The
+        """One decode step, x (1, B[, H]) at ``positions`` (B, 1) on slots [s0, s0 + B). The
         bindings for a slot range are made once and reused (the slot buffers never move), so a
         step only copies its inputs in (and binds the attended length). Returns the range's output
         in a buffer the next step overwrites."""
-        B = x.shape[0]
+        B = x.shape[1]
         attn = self._attn_inputs(positions)
         key_pos = attn.pop("attn_key_pos")
         step = self._steps.get((s0, B))
@@ -543,7 +543,7 @@ class StageRunner:
             step = _Step(np.empty(x.shape, x.dtype), {k: np.empty_like(v) for k, v in attn.items()}, [], [])
             h = step.x
             for unit in self.units:
-                out = np.empty(self._out_shape(unit, B, 1), np.float32)
+                out = np.empty(self._out_shape(unit, 1, B), np.float32)
                 io = unit.session.io_binding()
                 self._bind_unit(io, unit, h, out, s0, {**step.attn, "attn_key_pos": key_pos})
                 step.ios.append(io)

@@ -51,7 +51,7 @@ from meshllm.runtime.sampling import SamplingParams, logprobs_of, prompt_logprob
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.request import finish_reason
 from meshllm.serve.routes import Routes, StageRef, layer_blocks
-from meshllm.serve.spec import DraftLength, PromptLookup, StepCost
+from meshllm.serve.spec import DraftLength, PromptLookup, StepCost, expected_kept
 from meshllm.wire.ids import NodeId, RequestId
 from meshllm.wire.limits import chunk_tokens
 from meshllm.wire.messages import (
@@ -256,8 +256,8 @@ class Ring:
         self.deadline: list[float] = [INF] * self.nmicro
         self.inflight: list[list[str]] = [[] for _ in range(self.nmicro)]
         self.steps = 0
-        self.sent: list[tuple[float, int]] = [(0.0, 0)] * self.nmicro  # when the step in flight left, its depth
-        self.cost = StepCost()  # speculation: what a step costs, by its depth
+        self.sent: list[tuple[float, int]] = [(0.0, 0)] * self.nmicro  # when the step in flight left, its drafts
+        self.cost = StepCost()  # speculation: what a step costs, by the drafts it carries
 
     def pick_micro(self) -> int:
         counts = [0] * self.nmicro
@@ -511,19 +511,25 @@ class StageCore:
         ring.inflight[micro] = [r for r, _ in live]
         mems = [ring.members[r] for r, _ in live]
         plain = self.config.spec_cost_aware and ring.cost.plain_due()
+        expect, planned = float(len(mems)), 0  # the step so far: expected tokens, drafts
         for mem in mems:
-            mem.drafts, mem.guessed = ((), False) if plain else self._drafts(ring, mem)
+            mem.drafts, mem.guessed = ((), False) if plain else self._drafts(ring, mem, expect, planned)
+            planned += len(mem.drafts)
+            expect += (expected_kept(len(mem.drafts), mem.length.hold_rate()) if mem.guessed and mem.length
+                       else len(mem.drafts))  # a replay's drafts are all kept
         counts = [1 + len(mem.drafts) for mem in mems]
-        ring.sent[micro] = (self.now, max(counts))
+        ring.sent[micro] = (self.now, planned)
         tokens = np.array([t for mem in mems for t in (mem.token, *mem.drafts)], dtype=np.int64)  # (sum counts,)
         starts = [h.prompt_len + mem.index for (_, h), mem in zip(live, mems, strict=True)]
         return DecodeOp(live[0][1].runner, [r for r, _ in live], tokens, ring=ring, micro=micro, step=step,
                         holds=[h for _, h in live], counts=counts, starts=starts)
 
-    def _drafts(self, ring: Ring, mem: Member) -> tuple[tuple[int, ...], bool]:
+    def _drafts(self, ring: Ring, mem: Member, expect: float = 1.0,
+                planned: int = 0) -> tuple[tuple[int, ...], bool]:
         """The tokens a member's next step feeds after its token: a resumed request's replay (known
-        tokens, all kept), else the lookup's proposal at its adapted length; never past the last
-        position its reservation holds (token max_tokens - 1 is never fed)."""
+        tokens, all kept), else the lookup's proposal at its adapted length (cost-aware: at what
+        pays for the step, whose rows so far give ``expect`` tokens with ``planned`` drafts);
+        never past the last position its reservation holds (token max_tokens - 1 is never fed)."""
         if mem.length is None:
             return (), False
         room = mem.max_tokens - 2 - mem.index
@@ -533,7 +539,7 @@ class StageCore:
             return tuple(mem.replay[mem.index + 1:mem.index + 1 + min(room, mem.length.max_k)]), False
         k = min(room, mem.length.want())
         if self.config.spec_cost_aware:
-            k = ring.cost.best_k(k, mem.length.hold_rate())
+            k = ring.cost.best_k(k, mem.length.hold_rate(), expect, planned)
         if k <= 0 or mem.lookup is None:
             return (), False
         return mem.lookup.propose(k), True
@@ -1037,8 +1043,8 @@ class StageCore:
                 ring.remove(r)
                 self._release_req(r, None)
         if reqs and ring.busy[micro] == step:
-            t0, depth = ring.sent[micro]
-            ring.cost.observe(depth, self.now - t0)
+            t0, drafts = ring.sent[micro]
+            ring.cost.observe(drafts, self.now - t0)
         self._ring_clear(ring, micro)
         for i, (r, t, d) in enumerate(zip(reqs, tokens, done, strict=True)):
             mem = ring.members.get(r)
