@@ -5,10 +5,11 @@ machine's cores). By default the blocks before the head are fused into one sessi
 keeps its own, so prefill computes logits for the last position only); ``fuse=False`` runs a
 session per block. The runtime benchmark measures both: fused removes a session run per block.
 
-The decoder layers' KV cache lives in preallocated slots (``kv.KVCache``); attention reads the
-past from the slot buffer and writes only the new positions into it, in place, through IOBinding
-(``present_*`` bound to the ``past_*`` memory), so a decode step costs the weights plus the
-attention over the context, never a cache copy. A decode step's bindings are made once per slot
+The decoder layers' KV cache lives in preallocated slots (``kv.KVCache``); attention (the block
+files' GroupQueryAttention, run as the plain operators of ``attention``) writes only the new
+positions into the slot buffer, in place, through IOBinding (``present_*`` bound to the
+``past_*`` memory), and reads the first positions of the context from it, so a decode step costs
+the weights plus the attention over the context, never a copy of the whole slot. A decode step's bindings are made once per slot
 range and reused.
 
 A runner is not thread-safe: call it from one thread at a time.
@@ -22,7 +23,11 @@ Interface (the one the rest of meshllm codes against):
   hidden, or, if the range ends with the head, logits (V,) for the last position or (T, V).
 * ``decode(seq_ids, x)``: one token per sequence, sequences of any lengths: x (B,) int64 or
   (B, H) float32 -> (B, H) hidden or (B, V) logits. ``decode_rows`` is the same step reporting
-  bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors).
+  bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors);
+  with ``counts=`` each row carries several positions (a token and its drafts) in the same pass.
+  A pass computes every position bit for bit as a one-position step at that position does,
+  whatever else it carries (``attention``; ``one_pass_exact`` is false for int4 "exact" blocks,
+  whose matrix kernel is not row-invariant).
 * ``kv_export(seq_id, block, start=0, end=None)`` -> (k, v), each (end - start, kv_heads,
   head_dim), copying only that range; ``kv_import`` the reverse (``start=`` appends a later
   chunk), which is how a prefill node hands a sequence to a decode node.
