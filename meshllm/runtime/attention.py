@@ -36,8 +36,8 @@ costs nothing there; the products are row-invariant for float matrices and int4 
 ``StageRunner.one_pass_exact``); attention gathers them into rows (B, S) and back.
 
 Cost: about 20 small kernels per layer where GQA was one, and a copy of the first T cached
-positions (Slice); on SmolLM2-135M int4 (30 layers, one thread) a decode step measured 3-7 %
-slower at 100-500 positions and the same at 1500 (docs/runtime.md).
+positions (Slice); on SmolLM2-135M int4 (30 layers, one thread) a decode step measured about 5 %
+slower (3-10 % over alternated runs at 100-500 positions, 0-5 % at 1500; docs/runtime.md).
 
 Graph inputs (replacing ``seqlens_k``/``total_sequence_length``; ``inputs`` computes them):
 ``attn_gather`` (B, S) int64 (the entry of each row's position among the N), ``attn_scatter``
