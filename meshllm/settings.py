@@ -295,8 +295,6 @@ SERVE_HELP = {
     "spec_max_draft": "draft tokens a decode step may carry per request (adapted to its acceptance)",
     "spec_cost_aware": "draft only as much as pays at the step times measured on the ring (off: the length "
                        "adapted to acceptance alone)",
-    "spec_one_pass": "verify drafts in one multi-position pass (less compute, but rounds differently from "
-                     "one-token steps: greedy tokens can flip on near-ties)",
     "hop_delay_ms": "lab only: hold every control frame a stage sends to another node this many ms",
 }
 CONTROL_HELP = {

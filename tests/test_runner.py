@@ -643,3 +643,70 @@ def test_weight_bytes_resident_counts_weights_as_they_sit_in_memory(tmp_path: Pa
             assert abs(got - want) <= 0.02 * want, (first, end, got, want)
         else:
             assert got == want, (first, end)
+
+
+# --- several positions per row in one pass (speculation's verification) -------------------------------
+
+def _one_pass_cases(m: Manifest, r: StageRunner) -> None:
+    """Logits of positions computed in one pass (prefill of several, rows of different counts and
+    lengths in one ``decode_rows``) equal, bit for bit, the same positions decoded one at a time."""
+    prompt, toks = _ids(m, 7, 3), _ids(m, 8, 4)
+    r.alloc("steps", 20)
+    r.prefill("steps", prompt)
+    steps = [r.decode(["steps"], toks[i:i + 1])[0].copy() for i in range(8)]
+    for s in ("pass", "c5", "c1", "late", "b1", "b2"):
+        r.alloc(s, 20)
+        r.prefill(s, prompt)
+    np.testing.assert_array_equal(r.prefill("pass", toks[:6], last_only=False), np.stack(steps[:6]))
+    r.prefill("late", toks[:2], last_only=False)  # a longer row in the same pass
+    x = np.concatenate([toks[:5], toks[:1], toks[2:5]])
+    out, ok, errors = r.decode_rows(["c5", "c1", "late"], x, counts=[5, 1, 3])
+    assert ok == [0, 1, 2] and not errors
+    np.testing.assert_array_equal(out, np.stack(steps[:5] + steps[:1] + steps[2:5]))
+    assert [r.seq_len(s) for s in ("c5", "c1", "late")] == [12, 8, 12]
+    out, ok, _ = r.decode_rows(["b1", "b2"], toks[:2])  # a batch of one-position rows, too
+    np.testing.assert_array_equal(out[0], steps[0])
+
+
+@pytest.mark.parametrize(("dtype", "mode", "kv_heads"), [
+    ("float32", None, 2), ("int4", "fast", 2), ("float32", None, 4)], ids=["float32", "int4-fast", "one-head-groups"])
+def test_a_pass_of_several_positions_equals_one_position_steps_bitwise(
+        tmp_path: Path, tiny_weights, tiny_config, dtype: str, mode: str | None, kv_heads: int) -> None:
+    from dataclasses import replace
+
+    from meshllm.model.export import export_model, random_weights
+
+    cfg, w = tiny_config, tiny_weights
+    if kv_heads != cfg.num_kv_heads:  # one kv head per head: the attention pads its query rows
+        cfg = replace(cfg, num_kv_heads=kv_heads)
+        w = random_weights(cfg, np.random.default_rng(5))
+    m = export_model(w, cfg, tmp_path / "m", name="t", weight_dtype=dtype, progress=False,
+                     **({"int4_mode": mode} if mode else {}))
+    for fuse in (True, False):
+        r = StageRunner(m, 0, cfg.num_blocks, threads=2, fuse=fuse)
+        assert r.one_pass_exact
+        _one_pass_cases(m, r)
+
+
+def test_int4_exact_does_not_claim_one_pass_exactness(tmp_path: Path, tiny_weights, tiny_config) -> None:
+    from meshllm.model.export import export_model
+
+    m = export_model(tiny_weights, tiny_config, tmp_path / "m", name="t", weight_dtype="int4",
+                     int4_mode="exact", progress=False)
+    assert not StageRunner(m, 0, tiny_config.num_blocks, threads=1).one_pass_exact
+
+
+def test_decode_rows_with_counts_checks_them(tiny_manifest: Manifest) -> None:
+    r = _runner(tiny_manifest, max_seqs=4)
+    for s in ("a", "b", "short"):
+        r.alloc(s, 10 if s != "short" else 8)
+        r.prefill(s, _ids(tiny_manifest, 6, 1))
+    with pytest.raises(ModelError, match="counts"):
+        r.decode_rows(["a", "b"], np.array([1, 2, 3]), counts=[3, 0])
+    with pytest.raises(ModelError, match="positions"):
+        r.decode_rows(["a", "b"], np.array([1, 2, 3]), counts=[1, 1])
+    # a row whose positions do not fit its reservation fails alone
+    out, ok, errors = r.decode_rows(["a", "short"], np.array([1, 2, 3, 4, 5, 6]), counts=[3, 3])
+    assert ok == [0] and out.shape == (3, tiny_manifest.config.vocab_size)
+    assert set(errors) == {"short"} and isinstance(errors["short"], CapacityError)
+    assert r.seq_len("a") == 9 and r.seq_len("short") == 6

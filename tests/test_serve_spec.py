@@ -16,7 +16,7 @@ from test_serve import PLANS, reference, settled
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve.config import ServeConfig
-from meshllm.serve.spec import DraftLength, PromptLookup, StepCost
+from meshllm.serve.spec import DraftLength, PromptLookup, StepCost, expected_kept
 
 # drafts at the length adapted to acceptance, whatever the steps cost here: every test drafts
 ON = ServeConfig(speculate=True, spec_cost_aware=False)
@@ -78,19 +78,34 @@ def test_draft_length_grows_on_hits_and_drops_to_zero_on_misses() -> None:
 def test_step_cost_drafts_only_what_pays() -> None:
     c = StepCost()
     assert c.best_k(4, 0.6) == 4  # nothing measured yet: the adapted length
-    c.observe(1, 0.010)
-    c.observe(3, 0.030)  # every position costs a full step: compute dominates
+    c.observe(0, 0.010)
+    c.observe(2, 0.030)  # every draft costs a full step: compute dominates
     assert c.best_k(4, 0.9) == 0
     trip = StepCost()
-    trip.observe(1, 0.100)
-    trip.observe(5, 0.120)  # a slow trip, cheap positions: drafts pay
+    trip.observe(0, 0.100)
+    trip.observe(4, 0.120)  # a slow trip, cheap drafts: drafts pay
     assert trip.best_k(4, 0.7) == 4 and trip.best_k(4, 0.05) == 0
     assert not trip.plain_due()
     for _ in range(StepCost.PLAIN_EVERY):
-        trip.observe(3, 0.11)
+        trip.observe(2, 0.11)
     assert trip.plain_due()  # time to measure a step without drafts again
-    trip.observe(1, 0.1)
+    trip.observe(0, 0.1)
     assert not trip.plain_due()
+
+
+def test_step_cost_weighs_a_draft_against_the_whole_batch() -> None:
+    # one pass: a plain step 20 ms, each draft 3.5 ms more (SmolLM2 int4, one node)
+    c = StepCost()
+    c.observe(0, 0.020)
+    c.observe(4, 0.034)
+    assert c.best_k(4, 0.6) >= 2  # one stream: a draft that holds 60% of the time pays
+    assert c.best_k(4, 0.6, tokens=8.0) == 0  # 8 rows: it would slow 8 tokens to win 0.6
+    assert c.best_k(4, 0.99, tokens=4.0) > 0  # 4 rows: near-certain drafts still pay
+    # rows decided earlier in the step raise the bar for the later ones
+    first = c.best_k(4, 0.95, tokens=4.0)
+    later = c.best_k(4, 0.95, tokens=4.0 + expected_kept(first, 0.95), drafts=first)
+    assert first > 0 and later <= first
+    assert expected_kept(3, 0.5) == 0.5 + 0.25 + 0.125 and expected_kept(0, 0.9) == 0
 
 
 def test_a_requests_speculate_travels_and_is_checked() -> None:
@@ -186,16 +201,31 @@ async def test_a_client_gone_mid_speculation_frees_everything(make_mesh, tiny_ma
     assert [e.token_id for e in first] == ref[:2]
 
 
-async def test_one_pass_verification_runs_every_row_through(make_mesh, tiny_manifest: Manifest) -> None:
-    # one multi-position pass per row rounds differently from one-token steps (docs/serving.md), so
-    # its tokens are not held to the reference here: the rows finish, drafts are verified, KV is freed
-    mesh = await make_mesh(THREE, ServeConfig(speculate=True, spec_cost_aware=False, spec_one_pass=True))
+async def test_rows_with_different_draft_counts_share_one_pass_and_keep_the_reference_tokens(
+        make_mesh, tiny_manifest: Manifest, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a step's rows, each with its own number of drafts, run as one pass on every stage (one
+    # decode_rows call with their counts): the tokens are still the single-process loop's
+    from meshllm.runtime.runner import StageRunner
+
+    passes: list[list[int]] = []
+    decode_rows = StageRunner.decode_rows
+
+    def counting(self, seq_ids, x, *, counts=None):  # type: ignore[no-untyped-def]
+        passes.append(list(counts or [1] * len(seq_ids)))
+        return decode_rows(self, seq_ids, x, counts=counts)
+
+    monkeypatch.setattr(StageRunner, "decode_rows", counting)
+    mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
-    jobs = [(REPEAT, GREEDY), (FREE, SEEDED), (REPEAT[:12], SamplingParams(temperature=0.0, max_tokens=9))]
+    short = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    jobs = [(REPEAT, GREEDY), (FREE, SEEDED), (REPEAT[:12], short), ([3, 4, 3, 4, 3, 4, 3], GREEDY),
+            (REPEAT[3:], SEEDED), (FREE[::-1], GREEDY)]
     got = await asyncio.gather(*(tokens_of(entry, p, q) for p, q in jobs))
-    assert [len(t) for t in got[:2]] == [24, 24] and 1 <= len(got[2]) <= 9
-    assert got[0][0] == reference(tiny_manifest, REPEAT, GREEDY)[0]  # token 0 comes from the prefill
+    assert got == [reference(tiny_manifest, p, q) for p, q in jobs]
     assert spec_stats(mesh)["spec_accepted"] > 0
+    assert any(len(set(c)) > 1 for c in passes)  # rows with different draft counts shared a pass
+    steps = sum(n.serving.stage.stats["decode_calls"] for n in mesh.nodes.values())
+    assert len(passes) == steps  # one runner pass per step and stage, drafts or not
     await settled(mesh)
 
 

@@ -121,3 +121,52 @@ def test_streaming_multibyte_characters() -> None:
     assert not any("\ufffd" in p for p in parts)
     # an emoji is several byte-level tokens: some pushes must have held text back
     assert "" in parts[:-1]
+
+
+def test_one_pass_verification_is_one_position_steps_bit_for_bit_on_int4_fast() -> None:
+    """The default import (int4 fast: int8 activations, where a 1e-7 difference in attention
+    becomes whole quantization steps): a pass of 8 positions, and rows of different counts and
+    lengths in one pass, give the logits of one-position steps exactly; greedy decoding that
+    verifies prompt-lookup drafts in one pass gives the plain loop's tokens."""
+    from meshllm.serve.spec import PromptLookup
+
+    m = _model("int4", "fast")
+    tok = Tokenizer.from_manifest(m)
+    r = StageRunner(m, 0, m.config.num_blocks, threads=2, max_seqs=8)
+    assert r.one_pass_exact
+    ids = np.array(tok.encode_chat([{"role": "user", "content": "Repeat this line exactly: "
+                                     "def area(r): return 3.14159 * r * r  # the area of a circle"}]))
+    n = len(ids)
+    r.alloc("steps", n + 80)
+    plain = [int(r.prefill("steps", ids).argmax())]
+    steps = []
+    while len(plain) < 48:
+        steps.append(r.decode(["steps"], np.array(plain[-1:]))[0].copy())
+        plain.append(int(steps[-1].argmax()))
+    for s in ("pass", "late"):
+        r.alloc(s, n + 20)
+        r.prefill(s, ids)
+    r.prefill("late", np.array(plain[:3]), last_only=False)
+    out, ok, _ = r.decode_rows(["pass", "late"], np.array(plain[:8] + plain[3:6]), counts=[8, 3])
+    assert ok == [0, 1]
+    np.testing.assert_array_equal(out, np.stack(steps[:8] + steps[3:6]))
+    r.alloc("spec", n + 80)
+    got = [int(r.prefill("spec", ids).argmax())]
+    look = PromptLookup(ids.tolist())
+    look.extend(got)
+    passes = 0
+    while len(got) < 48:
+        drafts = look.propose(min(4, 47 - len(got)))
+        start = r.seq_len("spec")
+        logits = r.decode_rows(["spec"], np.array([got[-1], *drafts]), counts=[len(drafts) + 1])[0]
+        new = []
+        for j in range(len(drafts) + 1):  # keep drafts while each equals the token sampled before it
+            new.append(int(logits[j].argmax()))
+            if j == len(drafts) or new[-1] != drafts[j]:
+                break
+        r.truncate("spec", start + len(new))
+        got += new
+        look.extend(new)
+        passes += 1
+    assert got[:48] == plain
+    assert passes < 40  # drafts held: fewer passes than tokens

@@ -2,10 +2,10 @@
 
 For a model directory: (1) the logits of 8 positions computed in one pass
 (``prefill(seq, x, last_only=False)``) against the same positions decoded one at a time, and a
-batch of one-token rows against one row alone (max |Δ logit|); (2) greedy tokens of plain decoding
-against a speculative loop that verifies prompt-lookup drafts in one pass, per prompt (first
-differing token). docs/serving.md reports the figures; ``serve.spec_one_pass`` is the mode they
-judge.
+batch of one-token rows against one row alone (max |Δ logit|; 0 where the runner is exact by
+construction, ``runner.one_pass_exact``); (2) greedy tokens of plain decoding against a speculative
+loop that verifies prompt-lookup drafts in one pass (``decode_rows(..., counts=)``), per prompt
+(first differing token). docs/serving.md reports the figures.
 
     .venv/bin/python tools/spec_numerics.py models/tiny --tokens 64
 """
@@ -52,8 +52,7 @@ def greedy(r: StageRunner, prompt: list[int], n: int, one_pass: bool, k: int = 4
     while len(toks) < n:
         d = look.propose(min(k, n - len(toks) - 1)) if one_pass else ()
         start = r.seq_len("s")
-        out = (r.prefill("s", np.array([toks[-1], *d]), last_only=False) if d
-               else r.decode(["s"], np.array([toks[-1]])))
+        out = r.decode_rows(["s"], np.array([toks[-1], *d]), counts=[len(d) + 1])[0]
         new = []
         for j in range(len(d) + 1):
             new.append(int(out[j].argmax()))
@@ -88,7 +87,8 @@ def main() -> None:
         first = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
         same += first is None
         print(("identical" if first is None else f"differs from token {first}") + f" ({steps} one-pass steps)")
-    print(f"{same}/{len(prompts)} prompts: greedy tokens identical with one-pass verification")
+    print(f"{same}/{len(prompts)} prompts: greedy tokens identical with one-pass verification "
+          f"(runner.one_pass_exact: {r.one_pass_exact})")
 
 
 if __name__ == "__main__":

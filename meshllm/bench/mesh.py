@@ -61,9 +61,6 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", action="store_true",
                    help="speculative decoding with / without, side by side: the echo-heavy and free prompt sets "
                         "(chat, needs --model with a tokenizer, e.g. SmolLM2) on the mesh and on one node")
-    p.add_argument("--one-pass", action="store_true",
-                   help="with --speculate: the nodes verify drafts in one multi-position pass (serve.spec_one_pass: "
-                        "faster, tokens not guaranteed identical)")
     p.add_argument("--no-cost-aware", action="store_true",
                    help="with --speculate: draft the acceptance-adapted length whatever the steps cost "
                         "(serve.spec_cost_aware = false)")
@@ -205,8 +202,7 @@ def run_speculate(args: argparse.Namespace) -> int:
         raise SystemExit("--speculate needs --model (a model with a tokenizer and chat template, e.g. "
                          "`meshllm fetch smollm2`)")
     out: dict[str, Any] = {"nodes": args.nodes, "hop_delay_ms": args.hop_delay_ms, "tokens": args.tokens}
-    out.update({"one_pass": bool(args.one_pass), "cost_aware": not args.no_cost_aware})
-    os.environ["MESHLLM_SERVE_SPEC_ONE_PASS"] = "true" if args.one_pass else "false"
+    out.update({"cost_aware": not args.no_cost_aware})
     os.environ["MESHLLM_SERVE_SPEC_COST_AWARE"] = "false" if args.no_cost_aware else "true"
     for label, nodes, delay in (("mesh", args.nodes, args.hop_delay_ms), ("one_node", 1, 0.0)):
         os.environ["MESHLLM_SERVE_HOP_DELAY_MS"] = str(delay)

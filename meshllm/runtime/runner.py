@@ -1,14 +1,16 @@
 """``StageRunner``: run a contiguous range of blocks ``[first, end)`` on onnxruntime.
 
-Sessions have an explicit intra-op thread count and spinning off (several nodes may share a
-machine's cores). By default the blocks before the head are fused into one session (the head
-keeps its own, so prefill computes logits for the last position only); ``fuse=False`` runs a
-session per block. The runtime benchmark measures both: fused removes a session run per block.
+Sessions have an explicit intra-op thread count and spinning off unless asked (several nodes
+may share a machine's cores). By default the range is one fused session, the head included (it
+reads only the positions in ``logit_rows``, so prefill computes logits for the last position
+only); ``fuse=False`` runs a session per block. The runtime benchmark measures both: fused
+removes a session run per block.
 
-The decoder layers' KV cache lives in preallocated slots (``kv.KVCache``); attention reads the
-past from the slot buffer and writes only the new positions into it, in place, through IOBinding
-(``present_*`` bound to the ``past_*`` memory), so a decode step costs the weights plus the
-attention over the context, never a cache copy. A decode step's bindings are made once per slot
+The decoder layers' KV cache lives in preallocated slots (``kv.KVCache``); attention (the block
+files' GroupQueryAttention, run as the plain operators of ``attention``) writes only the new
+positions into the slot buffer, in place, through IOBinding (``present_*`` bound to the
+``past_*`` memory), and reads the first positions of the context from it, so a decode step costs
+the weights plus the attention over the context, never a copy of the whole slot. A decode step's bindings are made once per slot
 range and reused.
 
 A runner is not thread-safe: call it from one thread at a time.
@@ -22,7 +24,11 @@ Interface (the one the rest of meshllm codes against):
   hidden, or, if the range ends with the head, logits (V,) for the last position or (T, V).
 * ``decode(seq_ids, x)``: one token per sequence, sequences of any lengths: x (B,) int64 or
   (B, H) float32 -> (B, H) hidden or (B, V) logits. ``decode_rows`` is the same step reporting
-  bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors).
+  bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors);
+  with ``counts=`` each row carries several positions (a token and its drafts) in the same pass.
+  A pass computes every position bit for bit as a one-position step at that position does,
+  whatever else it carries (``attention``; ``one_pass_exact`` is false for int4 "exact" blocks,
+  whose matrix kernel is not row-invariant).
 * ``kv_export(seq_id, block, start=0, end=None)`` -> (k, v), each (end - start, kv_heads,
   head_dim), copying only that range; ``kv_import`` the reverse (``start=`` appends a later
   chunk), which is how a prefill node hands a sequence to a decode node.
@@ -59,8 +65,9 @@ import onnxruntime as ort
 
 from meshllm.errors import CapacityError, ConfigError, MeshError, ModelError
 from meshllm.model.blocks import fuse_blocks
-from meshllm.model.config import DEFAULT_INT4_MODE, BlockCost
+from meshllm.model.config import DEFAULT_INT4_MODE, INT4_MODES, BlockCost
 from meshllm.model.manifest import Manifest
+from meshllm.runtime import attention
 from meshllm.runtime.kv import KVCache, SeqState
 
 # Fusing a stage's blocks into one session: see the runtime benchmark for the measurement.
@@ -83,13 +90,12 @@ class _Unit:
 
 @dataclass(slots=True)
 class _Step:
-    """Reusable bindings of a decode step on one slot range: inputs are copied into x/seqlens/
-    total, each unit's output buffer is the next unit's bound input."""
+    """Reusable bindings of a decode step on one slot range: inputs are copied into x and the
+    attention inputs, each unit's output buffer is the next unit's bound input."""
 
     x: np.ndarray  # (B, 1) ids or (B, 1, H) hidden
-    seqlens: np.ndarray  # (B,) int32
-    total: np.ndarray  # () int32
-    rows: np.ndarray  # (1,) int64: position 0, for a unit with the head fused in
+    attn: dict[str, np.ndarray]  # attention.INPUTS but attn_key_pos, whose length varies
+    rows: np.ndarray  # (B,) int64: every position, for a unit with the head fused in
     ios: list[ort.IOBinding]
     outs: list[np.ndarray]
 
@@ -237,6 +243,14 @@ class StageRunner:
         self._steps: dict[tuple[int, int], _Step] = {}
         self.kv = KVCache(self.layer_blocks, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                           slot_len=slot_len, max_seqs=max_seqs, budget_bytes=kv_budget_bytes)
+        self._key_pos = np.arange(slot_len, dtype=np.int64)  # attn_key_pos binds a prefix of it
+        # Whether a pass computes each position bit for bit as a one-position step does, whatever
+        # else it carries (positions, rows): attention always (see ``attention``); float matrices
+        # (prepacked MatMul) and int4 "fast" (MatMulNBits on int8 activations) are row-invariant;
+        # int4 "exact" (accuracy level 0) runs one row through its own kernel, which rounds
+        # differently from several (a batch of 4 rows vs one row alone: 8e-5 on SmolLM2's logits)
+        mode = (manifest.provenance or {}).get("int4_mode", DEFAULT_INT4_MODE)
+        self.one_pass_exact = not (cfg.weight_dtype == "int4" and INT4_MODES.get(mode) == 0)
         self.last_compute_s = 0.0  # compute time of the last prefill/decode, before any slowdown
 
     # --- sequences --------------------------------------------------------------------------
@@ -304,11 +318,10 @@ class StageRunner:
         for a in range(0, T, self.prefill_chunk):
             c = x[a:a + self.prefill_chunk]
             n = c.shape[0]
-            seqlens = np.array([st.length + n - 1], np.int32)  # (1,): total length - 1
+            positions = st.length + np.arange(n, dtype=np.int64)[None]  # (1, n)
             final = a + n == T
             # with last_only the head runs once, on the last position of the last chunk
-            h = self._run(c[None], st.slot, seqlens, st.length + n, last_only,
-                          head=final or not last_only)  # (1, n|1, H|V)
+            h = self._run(c[None], st.slot, positions, last_only, head=final or not last_only)  # (1, n|1, H|V)
             self._advance([st], n)
             outs.append(h[0])
         self._pace(t0)
@@ -329,13 +342,18 @@ class StageRunner:
                 raise CapacityError(f"sequence {s!r} is full: {st.length} of {st.max_len} reserved positions")
         return self._decode(seq_ids, states, x)
 
-    def decode_rows(self, seq_ids: Sequence[Hashable],
-                    x: np.ndarray) -> tuple[np.ndarray, list[int], dict[Hashable, MeshError]]:
+    def decode_rows(self, seq_ids: Sequence[Hashable], x: np.ndarray, *,
+                    counts: Sequence[int] | None = None) -> tuple[np.ndarray, list[int], dict[Hashable, MeshError]]:
         """``decode`` that fails rows, not the batch: every row is checked first (unknown or freed
         sequence, incomplete KV, sequence full, token id out of range); failing rows are left out
         and reported, the rest run as one batch. Returns (outputs of the rows that ran, in input
         order: (n_ok, H) or (n_ok, V); their row indices; seq_id -> error). A malformed call
-        (empty batch, a sequence twice, wrong shape or dtype of ``x``) still raises."""
+        (empty batch, a sequence twice, wrong shape or dtype of ``x``) still raises.
+
+        ``counts``: positions per row (a token and its drafts): ``x`` holds the rows' positions
+        one after another (``sum(counts)`` entries) and so do the outputs of the rows that ran.
+        Every row's positions run in the same pass, each computed bit for bit as a one-position
+        step at that position would compute it (see ``attention``)."""
         seq_ids = list(seq_ids)
         if not seq_ids:
             raise ModelError("decode: empty batch")
@@ -347,17 +365,23 @@ class StageRunner:
         if not self.has_embed and (x.ndim != 2 or x.shape[1] != self.config.hidden_size or x.dtype.kind != "f"):
             raise ModelError(f"decode: expected float hidden states (n, {self.config.hidden_size}), "
                              f"got {x.dtype} {x.shape}")
-        if x.shape[0] != len(seq_ids):
-            raise ModelError(f"decode: {x.shape[0]} rows for {len(seq_ids)} sequences")
+        n = [1] * len(seq_ids) if counts is None else [int(c) for c in counts]
+        if len(n) != len(seq_ids) or any(c < 1 for c in n):
+            raise ModelError(f"decode: counts must give each of the {len(seq_ids)} rows at least one position")
+        if x.shape[0] != sum(n):
+            raise ModelError(f"decode: {x.shape[0]} rows for {len(seq_ids)} sequences" if counts is None else
+                             f"decode: {x.shape[0]} rows for {sum(n)} positions (counts) of {len(seq_ids)} sequences")
+        at = np.concatenate([[0], np.cumsum(n)]).astype(int)
         ok: list[int] = []
         states: list[SeqState] = []
         errors: dict[Hashable, MeshError] = {}
         for i, s in enumerate(seq_ids):
             try:
-                self._check_input(x[i:i + 1], 1, "decode")
+                self._check_input(x[at[i]:at[i + 1]], n[i], "decode")
                 st = self._ready(s)
-                if st.length + 1 > st.max_len:
-                    raise CapacityError(f"sequence {s!r} is full: {st.length} of {st.max_len} reserved positions")
+                if st.length + n[i] > st.max_len:
+                    raise CapacityError(f"sequence {s!r} is full: {st.length} of {st.max_len} reserved positions"
+                                        + (f", {n[i]} more asked" if n[i] > 1 else ""))
             except MeshError as e:
                 errors[s] = e
                 continue
@@ -366,8 +390,33 @@ class StageRunner:
         width = self.config.vocab_size if self.has_head else self.config.hidden_size
         if not ok:
             return np.empty((0, width), np.float32), ok, errors
-        xs = self._check_input(x[ok], len(ok), "decode")
-        return self._decode([seq_ids[i] for i in ok], states, xs), ok, errors
+        if all(c == 1 for c in n):
+            xs = self._check_input(x[ok], len(ok), "decode")
+            return self._decode([seq_ids[i] for i in ok], states, xs), ok, errors
+        rows = [np.arange(at[i], at[i + 1]) for i in ok]
+        xs = self._check_input(x[np.concatenate(rows)], None, "decode")
+        return self._decode_multi([seq_ids[i] for i in ok], states, xs, [n[i] for i in ok]), ok, errors
+
+    def _decode_multi(self, seq_ids: list[Hashable], states: list[SeqState], x: np.ndarray,
+                      counts: list[int]) -> np.ndarray:
+        """One pass for checked rows of several positions each (x: their positions in order). A
+        row shorter than the longest repeats its last position (input and position): the same
+        bytes written twice to the same KV place, its extra outputs dropped."""
+        t0 = time.perf_counter()
+        s0 = self.kv.arrange(seq_ids) if self.layer_blocks else 0
+        order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
+        S = max(counts)
+        at = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        take = np.concatenate([np.arange(at[i], at[i + 1]) for i in order])  # the rows in slot order
+        positions = np.array([[states[i].length + min(j, counts[i] - 1) for j in range(S)] for i in order],
+                             np.int64)
+        h = self._run(x[take][None], s0, positions, last_only=False, counts=[counts[i] for i in order])
+        out = np.empty((len(x), h.shape[-1]), np.float32)
+        out[take] = h[0]  # (N, H|V) back in input order
+        for st, c in zip(states, counts, strict=True):
+            self._advance([st], c)
+        self._pace(t0)
+        return out
 
     def _decode(self, seq_ids: list[Hashable], states: list[SeqState], x: np.ndarray) -> np.ndarray:
         """One step for checked rows."""
@@ -375,10 +424,10 @@ class StageRunner:
         s0 = self.kv.arrange(seq_ids) if self.layer_blocks else 0
         # row j of the batch runs on slot s0 + j
         order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
-        lens = np.array([states[i].length for i in order], np.int32)  # (B,)
-        h = self._run_step(x[order][:, None], s0, lens, int(lens.max()) + 1)  # (B, 1, H|V)
+        positions = np.array([[states[i].length] for i in order], np.int64)  # (B, 1)
+        h = self._run_step(x[order][None], s0, positions)  # (1, B, H|V)
         out = np.empty((len(seq_ids), h.shape[-1]), np.float32)
-        out[order] = h[:, 0]
+        out[order] = h[0]
         self._advance(states, 1)
         self._pace(t0)
         return out
@@ -416,17 +465,26 @@ class StageRunner:
         # a fused graph is handed to onnxruntime as one serialized protobuf, which cannot exceed
         # 2 GiB: bigger ranges run a session per block (measured within noise of fused there)
         if not fuse or len(body) < 2 or size > FUSE_MAX_BYTES:
-            return [_Unit([b], load_session(self.manifest.block_path(b), self.threads, self._profile_prefix,
-                                            self._spin), False)
+            return [_Unit([b], load_session(self._layer_bytes(b) if b in self.layer_blocks
+                                            else self.manifest.block_path(b), self.threads,
+                                            self._profile_prefix, self._spin), False)
                     for b in range(self.first, self.end)]
         try:
             models = [onnx.load(str(self.manifest.block_path(b))) for b in blocks]
         except Exception as e:  # onnx raises protobuf errors for unreadable files
             raise ModelError(f"cannot load the blocks of [{self.first}, {self.end}): {e}") from None
-        fused = fuse_blocks(models, blocks, select_logits=self.has_head)
+        fused = attention.rewrite(fuse_blocks(models, blocks, select_logits=self.has_head), self.config.head_dim)
         del models
         return [_Unit(blocks, load_session(fused.SerializeToString(), self.threads, self._profile_prefix,
                                            self._spin), True, rows=self.has_head)]
+
+    def _layer_bytes(self, b: int) -> bytes:
+        """A layer block's graph with its attention as the runner runs it (``attention``)."""
+        try:
+            model = onnx.load(str(self.manifest.block_path(b)))
+        except Exception as e:  # onnx raises protobuf errors for unreadable files
+            raise ModelError(f"cannot load block {b}: {e}") from None
+        return attention.rewrite(model, self.config.head_dim).SerializeToString()
 
     def _out_shape(self, unit: _Unit, B: int, S: int, R: int) -> tuple[int, int, int]:
         last = unit.blocks[-1]
@@ -434,18 +492,22 @@ class StageRunner:
             return (B, R if unit.rows else S, self.config.vocab_size)  # logits
         return (B, S, self.config.hidden_size)  # hidden
 
+    def _attn_inputs(self, positions: np.ndarray, counts: list[int] | None = None) -> dict[str, np.ndarray]:
+        cfg = self.config
+        return attention.inputs(positions, cfg.num_heads, cfg.num_kv_heads, self._key_pos, counts)
+
     def _bind_unit(self, io: ort.IOBinding, unit: _Unit, h: np.ndarray, out: np.ndarray, s0: int,
-                   seqlens: np.ndarray, total: np.ndarray, rows: np.ndarray) -> None:
+                   attn: dict[str, np.ndarray], rows: np.ndarray) -> None:
         L = self.config.num_layers
-        B = h.shape[0]
+        B = attn["attn_positions"].shape[0]  # rows; h is (1, N[, H]), their positions
         bind_buffer(io, "input_ids" if unit.blocks[0] == 0 else "hidden", h, output=False)
         if unit.rows:
             bind_buffer(io, "logit_rows", rows, output=False)
         bind_buffer(io, "logits" if unit.blocks[-1] == L + 1 else "hidden_out", out, output=True)
         layers = [b for b in unit.blocks if 1 <= b <= L]
         if layers:
-            bind_buffer(io, "seqlens_k", seqlens, output=False)
-            bind_buffer(io, "total_sequence_length", total, output=False)
+            for name, arr in attn.items():
+                bind_buffer(io, name, arr, output=False)
         for b in layers:
             sfx = f".{b}" if unit.fused else ""
             k = self.kv.k[b][s0:s0 + B]  # (B, kvh, slot_len, d): a view, no copy
@@ -456,12 +518,14 @@ class StageRunner:
             bind_buffer(io, "present_key" + sfx, k, output=True)
             bind_buffer(io, "present_value" + sfx, v, output=True)
 
-    def _run(self, x: np.ndarray, s0: int, seqlens: np.ndarray, total: int, last_only: bool,
-             head: bool = True) -> np.ndarray:
-        """x: (B, S) ids or (B, S, H) hidden for slots [s0, s0 + B); returns the range's output
-        (a fresh array), or the hidden states before the head when ``head`` is false."""
+    def _run(self, x: np.ndarray, s0: int, positions: np.ndarray, last_only: bool,
+             head: bool = True, counts: list[int] | None = None) -> np.ndarray:
+        """x: (1, N) ids or (1, N, H) hidden, the positions of rows on slots [s0, s0 + B) one
+        row after another (``counts`` per row, default S each) at ``positions`` (B, S); returns
+        the range's output (1, N, H|V) (a fresh array; the last position's only with
+        ``last_only``), or the hidden states before the head when ``head`` is false."""
         h = np.ascontiguousarray(x)
-        total_arr = np.array(total, np.int32)
+        attn = self._attn_inputs(positions, counts)
         S = h.shape[1]
         # a fused head computes the last position only where that is all that is wanted (and
         # where the head's output is not wanted at all: a prompt's earlier chunks)
@@ -473,35 +537,40 @@ class StageRunner:
                 h = np.ascontiguousarray(h[:, -1:])  # (B, 1, H): only the last position's logits
             out = np.empty(self._out_shape(unit, h.shape[0], h.shape[1], len(rows)), np.float32)
             io = unit.session.io_binding()
-            self._bind_unit(io, unit, h, out, s0, seqlens, total_arr, rows)
+            self._bind_unit(io, unit, h, out, s0, attn, rows)
             unit.session.run_with_iobinding(io)
             h = out
         return h
 
-    def _run_step(self, x: np.ndarray, s0: int, seqlens: np.ndarray, total: int) -> np.ndarray:
-        """One decode step, x (B, 1[, H]) on slots [s0, s0 + B). The bindings for a slot range are
-        made once and reused (the slot buffers never move), so a step only copies its inputs in.
-        Returns the range's output in a buffer the next step overwrites."""
-        B = x.shape[0]
+    def _run_step(self, x: np.ndarray, s0: int, positions: np.ndarray) -> np.ndarray:
+        """One decode step, x (1, B[, H]) at ``positions`` (B, 1) on slots [s0, s0 + B). The
+        bindings for a slot range are made once and reused (the slot buffers never move), so a
+        step only copies its inputs in (and binds the attended length). Returns the range's output
+        in a buffer the next step overwrites."""
+        B = x.shape[1]
+        attn = self._attn_inputs(positions)
+        key_pos = attn.pop("attn_key_pos")
         step = self._steps.get((s0, B))
         if step is None:
             if len(self._steps) >= 64:  # batch shapes come and go; keep the table small
                 self._steps.clear()
-            step = _Step(np.empty(x.shape, x.dtype), np.empty(B, np.int32), np.empty((), np.int32),
-                         np.zeros(1, np.int64), [], [])
+            step = _Step(np.empty(x.shape, x.dtype), {k: np.empty_like(v) for k, v in attn.items()},
+                         np.arange(B, dtype=np.int64), [], [])
             h = step.x
             for unit in self.units:
-                out = np.empty(self._out_shape(unit, B, 1, 1), np.float32)
+                out = np.empty(self._out_shape(unit, 1, B, B), np.float32)
                 io = unit.session.io_binding()
-                self._bind_unit(io, unit, h, out, s0, step.seqlens, step.total, step.rows)
+                self._bind_unit(io, unit, h, out, s0, {**step.attn, "attn_key_pos": key_pos}, step.rows)
                 step.ios.append(io)
                 step.outs.append(out)
                 h = out
             self._steps[(s0, B)] = step
         step.x[...] = x
-        step.seqlens[...] = seqlens
-        step.total[...] = total
+        for k, v in attn.items():
+            step.attn[k][...] = v
         for unit, io in zip(self.units, step.ios, strict=True):
+            if any(1 <= b <= self.config.num_layers for b in unit.blocks):
+                bind_buffer(io, "attn_key_pos", key_pos, output=False)  # a prefix of one array: no copy
             unit.session.run_with_iobinding(io)
         return step.outs[-1]
 

@@ -57,10 +57,6 @@ class ServeConfig:
     # draft only as much as pays at the step costs measured on the ring (StepCost); off: always the
     # length adapted to acceptance alone
     spec_cost_aware: bool = True
-    # verify a row's drafts in one multi-position pass instead of one-position steps: less compute
-    # per step, but a multi-position pass rounds differently from a one-token step (measured in
-    # docs/serving.md), so greedy tokens can flip on near-ties. Off: tokens equal by construction.
-    spec_one_pass: bool = False
     # lab only: hold every control frame a stage sends to another node this long (a per-hop delay
     # on loopback, where netem is not available)
     hop_delay_ms: float = 0.0

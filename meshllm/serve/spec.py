@@ -17,13 +17,15 @@ a row that kept none; then it tries one draft again after ``backoff`` steps (tex
 repetitive later, e.g. a list).
 
 ``StepCost`` is what a ring's step costs, measured at its stage 0 from the time a step takes to come
-back (the core's ``now``, no clock): ``T(d) = O + C * d`` for a step whose longest row carries
-``d`` positions (drafts are computed position after position, each a one-token step). A request
-drafts the ``k`` (up to its adapted length) that maximises its expected tokens per second,
-``(1 + a + a^2 + ... + a^k) / (O + C (k + 1))`` with ``a`` its measured chance that a draft holds.
-Where compute dominates (``O`` small: one node, fast links) that is ``k = 0``: the step would
-compute drafts that cost as much as the tokens they might save. Where the trip dominates (slow
-links, the serving path's per-step costs) drafts pay.
+back (the core's ``now``, no clock): ``T = T1 + C * D`` for a step that carries ``D`` drafts in
+all (every row's positions run in one pass; a draft adds one row to every matrix product), ``T1``
+the step without drafts. The rows of a step are given drafts one after another, each the ``k``
+(up to its adapted length) that maximises the step's expected tokens per second,
+``(N + E + a + a^2 + ... + a^k) / (T1 + C (D + k))``: ``N`` the rows (a token each), ``E`` and
+``D`` the expected kept drafts and the drafts of the rows before, ``a`` the row's measured chance
+that a draft holds. A draft pays when its chance beats the step's cost per token: on one stream
+where the trip or the weights' streaming dominate (``C`` small against ``T1``), not in a batch
+whose compute already grows with every row (8 rows: ``a`` must beat about ``8 C / T1``).
 
 A second proposer (a small draft model running beside stage 0) fits the same shape: anything with
 ``propose(k) -> tuple[int, ...]`` and ``extend(tokens)``.
@@ -132,50 +134,58 @@ class DraftLength:
             self.k = max(1, accepted)
 
 
+def expected_kept(k: int, hold: float) -> float:
+    """Drafts expected to hold of ``k``, each holding with chance ``hold`` given the ones before."""
+    return sum(hold ** j for j in range(1, k + 1))
+
+
 class StepCost:
-    """A ring's step time as ``O + C * d`` (``d``: the positions of its longest row), from steps
-    measured at its stage 0; exponentially weighted, so it follows load."""
+    """A ring's step time as ``T1 + C * D`` (``D``: the drafts the step carried, all rows), from
+    steps measured at its stage 0; exponentially weighted, so it follows load."""
 
     PLAIN_EVERY = 32  # steps after which one without drafts is due (to measure ``O + C`` afresh)
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
         self.t1: float | None = None  # a step of one position per row
-        self.c: float | None = None  # each further position
+        self.c: float | None = None  # each draft
         self.since_plain = 0
 
     def _ema(self, old: float | None, x: float) -> float:
         return x if old is None else old + self.weight * (x - old)
 
-    def observe(self, depth: int, seconds: float) -> None:
-        if seconds < 0 or depth < 1:
+    def observe(self, drafts: int, seconds: float) -> None:
+        """A step that carried ``drafts`` drafts (all rows) came back after ``seconds``."""
+        if seconds < 0 or drafts < 0:
             return
-        if depth == 1:
+        if drafts == 0:
             self.t1 = self._ema(self.t1, seconds)
             self.since_plain = 0
             return
         self.since_plain += 1
         if self.t1 is not None:
-            self.c = self._ema(self.c, max(0.0, (seconds - self.t1) / (depth - 1)))
+            self.c = self._ema(self.c, max(0.0, (seconds - self.t1) / drafts))
 
     def plain_due(self) -> bool:
         """No one-position step measured lately: the next step should carry no drafts."""
         return self.since_plain >= self.PLAIN_EVERY
 
-    def best_k(self, cap: int, hold: float) -> int:
-        """The draft length up to ``cap`` with the most expected tokens per second (``cap`` while
-        the cost of a position is not known yet)."""
+    def best_k(self, cap: int, hold: float, tokens: float = 1.0, drafts: int = 0) -> int:
+        """The draft length up to ``cap`` for a row with the most expected tokens per second for
+        its step, where the rows decided so far give ``tokens`` expected tokens (one per row of
+        the step, plus their expected kept drafts) with ``drafts`` drafts (``cap`` while the cost
+        of a draft is not known yet)."""
         if cap <= 0:
             return 0
         if self.t1 is None or self.c is None:
             return cap
         c = max(self.c, 1e-9)
-        o = max(self.t1 - c, 0.0)
-        best_k, best, tokens, p = 0, 1.0 / (o + c), 1.0, 1.0
+        t1 = max(self.t1, c)
+        best_k, best, p = 0, tokens / (t1 + c * drafts), 1.0
         for k in range(1, cap + 1):
             p *= hold
             tokens += p
-            rate = tokens / (o + c * (k + 1))
+            rate = tokens / (t1 + c * (drafts + k))
             if rate > best * 1.02:  # a draft must pay clearly, not by noise
                 best_k, best = k, rate
         return best_k

@@ -51,7 +51,7 @@ from meshllm.runtime.sampling import SamplingParams, logprobs_of, prompt_logprob
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.request import finish_reason
 from meshllm.serve.routes import Routes, StageRef, layer_blocks
-from meshllm.serve.spec import DraftLength, PromptLookup, StepCost
+from meshllm.serve.spec import DraftLength, PromptLookup, StepCost, expected_kept
 from meshllm.wire.ids import NodeId, RequestId
 from meshllm.wire.limits import chunk_tokens
 from meshllm.wire.messages import (
@@ -155,7 +155,6 @@ class DecodeOp:
     # row's first position goes (a row longer than that drops its rejected drafts' KV first)
     counts: list[int] | None = None
     starts: list[int] | None = None
-    one_pass: bool = False  # verify a row's positions in one pass (else one-position steps)
 
 
 Op = AllocOp | FreeOp | ImportOp | PrefillOp | DecodeOp
@@ -257,8 +256,8 @@ class Ring:
         self.deadline: list[float] = [INF] * self.nmicro
         self.inflight: list[list[str]] = [[] for _ in range(self.nmicro)]
         self.steps = 0
-        self.sent: list[tuple[float, int]] = [(0.0, 0)] * self.nmicro  # when the step in flight left, its depth
-        self.cost = StepCost()  # speculation: what a step costs, by its depth
+        self.sent: list[tuple[float, int]] = [(0.0, 0)] * self.nmicro  # when the step in flight left, its drafts
+        self.cost = StepCost()  # speculation: what a step costs, by the drafts it carries
 
     def pick_micro(self) -> int:
         counts = [0] * self.nmicro
@@ -512,20 +511,25 @@ class StageCore:
         ring.inflight[micro] = [r for r, _ in live]
         mems = [ring.members[r] for r, _ in live]
         plain = self.config.spec_cost_aware and ring.cost.plain_due()
+        expect, planned = float(len(mems)), 0  # the step so far: expected tokens, drafts
         for mem in mems:
-            mem.drafts, mem.guessed = ((), False) if plain else self._drafts(ring, mem)
+            mem.drafts, mem.guessed = ((), False) if plain else self._drafts(ring, mem, expect, planned)
+            planned += len(mem.drafts)
+            expect += (expected_kept(len(mem.drafts), mem.length.hold_rate()) if mem.guessed and mem.length
+                       else len(mem.drafts))  # a replay's drafts are all kept
         counts = [1 + len(mem.drafts) for mem in mems]
-        ring.sent[micro] = (self.now, max(counts))
+        ring.sent[micro] = (self.now, planned)
         tokens = np.array([t for mem in mems for t in (mem.token, *mem.drafts)], dtype=np.int64)  # (sum counts,)
         starts = [h.prompt_len + mem.index for (_, h), mem in zip(live, mems, strict=True)]
         return DecodeOp(live[0][1].runner, [r for r, _ in live], tokens, ring=ring, micro=micro, step=step,
-                        holds=[h for _, h in live], counts=counts, starts=starts,
-                        one_pass=self.config.spec_one_pass)
+                        holds=[h for _, h in live], counts=counts, starts=starts)
 
-    def _drafts(self, ring: Ring, mem: Member) -> tuple[tuple[int, ...], bool]:
+    def _drafts(self, ring: Ring, mem: Member, expect: float = 1.0,
+                planned: int = 0) -> tuple[tuple[int, ...], bool]:
         """The tokens a member's next step feeds after its token: a resumed request's replay (known
-        tokens, all kept), else the lookup's proposal at its adapted length; never past the last
-        position its reservation holds (token max_tokens - 1 is never fed)."""
+        tokens, all kept), else the lookup's proposal at its adapted length (cost-aware: at what
+        pays for the step, whose rows so far give ``expect`` tokens with ``planned`` drafts);
+        never past the last position its reservation holds (token max_tokens - 1 is never fed)."""
         if mem.length is None:
             return (), False
         room = mem.max_tokens - 2 - mem.index
@@ -535,7 +539,7 @@ class StageCore:
             return tuple(mem.replay[mem.index + 1:mem.index + 1 + min(room, mem.length.max_k)]), False
         k = min(room, mem.length.want())
         if self.config.spec_cost_aware:
-            k = ring.cost.best_k(k, mem.length.hold_rate())
+            k = ring.cost.best_k(k, mem.length.hold_rate(), expect, planned)
         if k <= 0 or mem.lookup is None:
             return (), False
         return mem.lookup.propose(k), True
@@ -568,8 +572,7 @@ class StageCore:
                           tuple(m.tokens[i] for i in rows) if m.tokens else (),
                           tuple(m.drafts[i] for i in rows) if m.drafts else ())
         starts = [h.prompt_len + m.indexes[i] for h, i in zip(holds, rows, strict=True)]
-        return DecodeOp(runner, seqs, x, batch=sub, ref=ref, holds=holds, counts=counts, starts=starts,
-                        one_pass=self.config.spec_one_pass)
+        return DecodeOp(runner, seqs, x, batch=sub, ref=ref, holds=holds, counts=counts, starts=starts)
 
     def _prefill_op(self, h: Hold, c: Chunk) -> PrefillOp:
         handoff = c.msg.decoder != c.msg.replica
@@ -1040,8 +1043,8 @@ class StageCore:
                 ring.remove(r)
                 self._release_req(r, None)
         if reqs and ring.busy[micro] == step:
-            t0, depth = ring.sent[micro]
-            ring.cost.observe(depth, self.now - t0)
+            t0, drafts = ring.sent[micro]
+            ring.cost.observe(drafts, self.now - t0)
         self._ring_clear(ring, micro)
         for i, (r, t, d) in enumerate(zip(reqs, tokens, done, strict=True)):
             mem = ring.members.get(r)
@@ -1344,12 +1347,14 @@ def _decode_positions(op: DecodeOp, stats: dict[str, Any]) -> tuple[np.ndarray, 
     """A decode step whose rows may carry several positions (a token and its drafts).
 
     First each row whose sequence is longer than where its step starts (drafts the head rejected
-    last step) drops those positions' KV (``truncate``). Then, by default, position j of every row
-    that has one runs as a batched one-position step (``decode_rows``), j = 0, 1, ...: the same
-    arithmetic as decoding without drafts, so the tokens cannot differ. With ``one_pass`` a row's
-    positions run in one multi-position pass (``prefill(..., last_only=False)``): less compute, but
-    it rounds differently from one-position steps. Returns (the rows' outputs, their positions in
-    order; the indices of the rows that ran; seq -> error of those that did not)."""
+    last step) drops those positions' KV (``truncate``). Then every row's positions run in one
+    pass (``decode_rows(..., counts=)``): the runner computes each position bit for bit as a
+    one-position step would (``runtime/attention``), so the tokens cannot differ from decoding
+    without drafts. Where its blocks do not (``runner.one_pass_exact`` false: int4 "exact",
+    whose matrix kernel rounds a one-row product differently from a several-row one), position j
+    of every row that has one runs as a batched one-position step instead, j = 0, 1, ...
+    Returns (the rows' outputs, their positions in order; the indices of the rows that ran;
+    seq -> error of those that did not)."""
     runner = op.runner
     counts = op.counts or [1] * len(op.seqs)
     errors: dict[Any, Any] = {}
@@ -1369,23 +1374,20 @@ def _decode_positions(op: DecodeOp, stats: dict[str, Any]) -> tuple[np.ndarray, 
         out, ok, errs = runner.decode_rows([op.seqs[i] for i in live], x if len(live) == len(op.seqs) else x[live])
         errors.update(errs)
         return out, [live[k] for k in ok], errors
+    if getattr(runner, "one_pass_exact", False):
+        if not live:
+            return np.empty((0, 0), np.float32), [], errors
+        xs = x[np.concatenate([np.arange(at[i], at[i + 1]) for i in live])]
+        out, ok, errs = runner.decode_rows([op.seqs[i] for i in live], xs, counts=[counts[i] for i in live])
+        errors.update(errs)
+        return out, [live[k] for k in ok], errors
     parts: dict[int, list[np.ndarray]] = {i: [] for i in live}
-    if op.one_pass:
-        single = [i for i in live if counts[i] == 1]
-        for i in live:
-            if counts[i] > 1:
-                try:
-                    parts[i].append(np.array(runner.prefill(op.seqs[i], x[at[i]:at[i + 1]], last_only=False)))
-                except MeshError as e:
-                    errors[op.seqs[i]] = e
-        steps = [single] if single else []
-    else:
-        steps = [[i for i in live if counts[i] > j] for j in range(max((counts[i] for i in live), default=0))]
+    steps = [[i for i in live if counts[i] > j] for j in range(max((counts[i] for i in live), default=0))]
     for j, rows in enumerate(steps):
         rows = [i for i in rows if op.seqs[i] not in errors]
         if not rows:
             continue
-        pos = at[rows] + (0 if op.one_pass else j)
+        pos = at[rows] + j
         out, ok, errs = runner.decode_rows([op.seqs[i] for i in rows], x[pos])
         errors.update(errs)
         for n, k in enumerate(ok):
