@@ -294,6 +294,8 @@ SERVE_HELP = {
                        "adapted to acceptance alone)",
     "spec_one_pass": "verify drafts in one multi-position pass (less compute, but rounds differently from "
                      "one-token steps: greedy tokens can flip on near-ties)",
+    "inline_step_ms": "a decode step expected to take at most this many ms runs on the event loop where its frame "
+                      "landed instead of the inference thread (0: always the thread)",
     "hop_delay_ms": "lab only: hold every control frame a stage sends to another node this many ms",
 }
 CONTROL_HELP = {
