@@ -296,8 +296,6 @@ SERVE_HELP = {
                      "one-token steps: greedy tokens can flip on near-ties)",
     "inline_step_ms": "a decode step expected to take at most this many ms runs on the event loop where its frame "
                       "landed instead of the inference thread (0: always the thread)",
-    "poll_ms": "after a short decode step, poll the links this many ms around when the ring's next frame is due "
-               "instead of sleeping (0: never)",
     "hop_delay_ms": "lab only: hold every control frame a stage sends to another node this many ms",
 }
 CONTROL_HELP = {

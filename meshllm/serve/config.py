@@ -65,9 +65,6 @@ class ServeConfig:
     # on the event loop where its frame landed, not on the inference thread: a hop then pays no
     # thread switch. Control frames wait behind it that long at most; 0: always the thread.
     inline_step_ms: float = 25.0
-    # after a short decode step, poll the links instead of sleeping for this long around when the
-    # ring's next frame is due (a sleeping process pays the kernel's wake-up when it lands); 0: never
-    poll_ms: float = 1.0
     # lab only: hold every control frame a stage sends to another node this long (a per-hop delay
     # on loopback, where netem is not available)
     hop_delay_ms: float = 0.0
@@ -94,7 +91,5 @@ class ServeConfig:
             raise ConfigError(f"hop_delay_ms must be in [0, 10000], got {self.hop_delay_ms}")
         if not 0 <= self.inline_step_ms <= 1000:
             raise ConfigError(f"inline_step_ms must be in [0, 1000], got {self.inline_step_ms}")
-        if not 0 <= self.poll_ms <= 100:
-            raise ConfigError(f"poll_ms must be in [0, 100], got {self.poll_ms}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")

@@ -45,7 +45,7 @@ from meshllm.serve.stagecore import (
     StageCore,
     run_op,
 )
-from meshllm.wire.messages import DecodeBatch, LoadReport, Message, TokenBatch
+from meshllm.wire.messages import LoadReport, Message
 
 log = logging.getLogger("meshllm.serve.stage")
 
@@ -109,12 +109,6 @@ class StageServer:
         self._inline: asyncio.Handle | None = None  # an iteration about to run on the loop
         self._decode_s = INF  # how long the last decode-only iteration took (INF: none yet)
         self.core.stats["inline_iterations"] = 0
-        # polling for a ring's next frame (see _poll_soon)
-        self._waiting_since = 0.0  # when the last short iteration ended (0: no ring frame awaited)
-        self._gap = 0.0  # how long a ring frame takes to come after that (a running mean; 0: unknown)
-        self._poll_timer: asyncio.TimerHandle | None = None
-        self._polling = False
-        self.core.stats["poll_s"] = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = INF
         self._node = node_var.get()
@@ -156,9 +150,6 @@ class StageServer:
             self._timer.cancel()
         if self._inline is not None:
             self._inline.cancel()
-        if self._poll_timer is not None:
-            self._poll_timer.cancel()
-        self._polling = False
         tasks = [t for t in [self._running, *self._senders.values()] if t is not None]
         for t in tasks:
             t.cancel()
@@ -174,10 +165,7 @@ class StageServer:
     def handle(self, peer: str, msg: Message) -> None:
         if self.closed:
             return
-        now = self._now()
-        if isinstance(msg, DecodeBatch | TokenBatch):
-            self._ring_frame(now)
-        self._apply(self.core.step(peer, msg, now))
+        self._apply(self.core.step(peer, msg, self._now()))
 
     def free(self, req: str, attempt: int = 1 << 30) -> None:
         self._apply(self.core.free(req, attempt, self._now()))
@@ -292,49 +280,6 @@ class StageServer:
         finally:
             self._inline = None
         self._apply(outs)
-        self._poll_soon()
-
-    # --- polling for the ring's next frame -----------------------------------------------------------
-    def _ring_frame(self, now: float) -> None:
-        """A decode frame of a ring landed: learn how long it took, stop polling."""
-        if self._waiting_since:
-            gap = now - self._waiting_since
-            self._gap = gap if not self._gap else 0.8 * self._gap + 0.2 * gap
-            self._waiting_since = 0.0
-        self._polling = False
-        if self._poll_timer is not None:
-            self._poll_timer.cancel()
-            self._poll_timer = None
-
-    def _poll_soon(self) -> None:
-        """After a short iteration the ring's next frame is due in about ``_gap``: from ``poll_ms`` / 2
-        before then, the loop polls its sockets without sleeping, for ``poll_ms`` at most. A process
-        that sleeps is woken by the kernel when the frame lands (0.2-0.4 ms on this virtual machine);
-        one that polls takes it at once. Bounded so that nodes sharing cores give them back."""
-        span = self.config.poll_ms / 1000.0
-        if span <= 0 or self.closed or self._inline is not None or self._running is not None:
-            return
-        now = self._now()
-        self._waiting_since = now
-        if not self._gap:
-            return  # the first gap is measured sleeping
-        if self._poll_timer is not None:
-            self._poll_timer.cancel()
-        start = now + max(0.0, self._gap - span / 2)
-        self._poll_timer = asyncio.get_running_loop().call_at(start, self._poll, start + span)
-
-    def _poll(self, until: float) -> None:
-        self._poll_timer = None
-        self._polling = True
-        self._spin(self._now(), until)
-
-    def _spin(self, began: float, until: float) -> None:
-        now = self._now()
-        if not self._polling or self.closed or now >= until:
-            self._polling = False
-            self.core.stats["poll_s"] += now - began
-            return
-        asyncio.get_running_loop().call_soon(self._spin, began, until)
 
     async def _run(self, it: Iteration, short: bool) -> None:
         try:
