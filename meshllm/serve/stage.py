@@ -12,7 +12,8 @@ a hop then costs no thread switch (the loop waking the inference thread, and the
 the loop with the result, measured at 0.1-0.5 ms each on a shared 2-core machine). Everything
 else (prefill chunks, KV imports, admissions, a decode step measured slower than that) runs on the
 inference thread, so control frames never wait behind a long step. The expectation is the last
-measured decode-only iteration of this stage; the first one runs on the thread.
+measured decode-only iteration of this stage; the first one runs on the thread, and a step that
+ran long on the loop (a batch that suddenly grew) sends the next ones back to the thread.
 """
 
 from __future__ import annotations
