@@ -295,6 +295,8 @@ SERVE_HELP = {
     "spec_max_draft": "draft tokens a decode step may carry per request (adapted to its acceptance)",
     "spec_cost_aware": "draft only as much as pays at the step times measured on the ring (off: the length "
                        "adapted to acceptance alone)",
+    "inline_step_ms": "a decode step expected to take at most this many ms runs on the event loop where its frame "
+                      "landed instead of the inference thread (0: always the thread)",
     "hop_delay_ms": "lab only: hold every control frame a stage sends to another node this many ms",
 }
 CONTROL_HELP = {

@@ -170,7 +170,7 @@ class RawPeer:
             await ws.send_bytes(self.codec.encode(m))
         return hs
 
-    async def connect(self, lanes: tuple[str, ...] = ("control", "data")) -> None:
+    async def connect(self, lanes: tuple[str, ...] = ("control", "data"), *, read_control: bool = True) -> None:
         pair = os.urandom(16)  # a data lane opened alone names a control connection that does not exist
         self.ws = {}
         for lane in lanes:
@@ -180,8 +180,11 @@ class RawPeer:
                 pair = hs.initiator_nonce
             self.ws[lane] = ws
             self.keys[lane] = hs.frame_keys()
-        if "control" in self.ws:
-            self.tasks.append(asyncio.ensure_future(self._read("control", self.control)))
+        if "control" in self.ws and read_control:
+            self.read_control()
+
+    def read_control(self) -> None:
+        self.tasks.append(asyncio.ensure_future(self._read("control", self.control)))
 
     def read_data(self) -> None:
         self.tasks.append(asyncio.ensure_future(self._read("data", self.data)))
@@ -269,6 +272,27 @@ async def test_stalled_peer_backpressure_control_overtakes_and_resume(ends, raw_
     await asyncio.wait_for(producer, 30.0)
     await async_wait_until(lambda: len(z.data) == total, "every data frame", 30.0)
     assert all(len(d) == frame for d in z.data) and a.t.data_backlog("z") == 0
+
+
+async def test_control_frames_written_at_once_keep_their_order_through_a_stalled_peer(ends, raw_peers) -> None:
+    # A control frame with nothing ahead of it is written on the sender's turn; once the peer stops
+    # reading and the connection must drain, that write finishes in a task and later frames queue
+    # behind it. Sealed with counter nonces, a frame out of order would not even open.
+    frame, n = 64 * 1024, 400  # 25 MiB: more than the socket buffers between the two ends hold
+    a = await ends("a", cap=1 << 20)
+    z = raw_peers(a.port)
+    await z.connect(read_control=False)
+    await a.until(lambda: a.up == ["z"])
+    for i in range(n):
+        assert a.t.send("z", i.to_bytes(4, "little") + bytes(frame))
+    await asyncio.sleep(0)
+    assert not z.control
+    z.read_control()
+    await async_wait_until(lambda: len(z.control) == n, "every control frame", 30.0,
+                           describe=lambda: f"{len(z.control)} of {n}")
+    assert [int.from_bytes(d[:4], "little") for d in z.control] == list(range(n))
+    assert a.t.send("z", b"after")  # the lane is idle again: written at once
+    await async_wait_until(lambda: z.control[-1:] == [b"after"], "the frame after the stall", 10.0)
 
 
 async def test_send_data_returns_false_when_the_link_drops_while_waiting(ends, raw_peers) -> None:

@@ -76,6 +76,27 @@ async def test_greedy_answers_equal_one_process(make_mesh, tiny_manifest: Manife
     await settled(mesh)
 
 
+@pytest.mark.parametrize("inline_ms", [25.0, 0.0])
+async def test_short_decode_steps_run_where_their_frame_lands_with_the_same_tokens(
+        make_mesh, tiny_manifest: Manifest, inline_ms: float) -> None:
+    # inline_step_ms 0: every iteration on the inference thread, as before; else a decode step
+    # measured short runs on the event loop (the first is measured on the thread). The tokens are
+    # the same either way.
+    mesh = await make_mesh(PLANS["both-split"], ServeConfig(inline_step_ms=inline_ms))
+    for p in prompts(2, seed=5):
+        tokens, _, error = await answer(mesh.node("a").serving.entry, p, GREEDY)
+        assert error is None
+        assert tokens == reference(tiny_manifest, p, GREEDY)
+    await settled(mesh)
+    stages = [mesh.node(n).serving.stage for n in "ab"]
+    inline = [s.stats["inline_iterations"] for s in stages]
+    if inline_ms:
+        assert all(n > 0 for n in inline), inline
+        assert all(s.stats["inline_iterations"] < s.stats["iterations"] for s in stages)  # the first: threaded
+    else:
+        assert inline == [0, 0]
+
+
 async def test_concurrent_requests_get_the_tokens_they_get_alone(make_mesh, tiny_manifest: Manifest) -> None:
     mesh = await make_mesh(PLANS["split-differently"])
     ps = prompts(16, seed=7)

@@ -88,6 +88,10 @@ class _Link:
         self.data_ws = data.ws  # data lane
         self.dialer = dialer  # node id of the end that opened the connections
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()  # control lane, unbounded
+        # the control lane's write in progress: its writer is waiting for the connection to drain,
+        # or a frame written at once is (frames sent meanwhile queue behind it)
+        self.writing = False
+        self.finishing: asyncio.Task[None] | None = None
         self.data = DataQueue(data_limit)
         self.tasks: list[asyncio.Task[None]] = []
         self.closed = asyncio.Event()
@@ -152,9 +156,49 @@ class WsTransport(Transport):
         link = self._links.get(peer)
         if link is None or link.closed.is_set():
             return False
-        link.queue.put_nowait(data)
         self.bytes_sent[peer] += len(data)
+        if link.writing or link.finishing is not None or not link.queue.empty():
+            link.queue.put_nowait(data)  # behind the frames before it
+        else:
+            self._write_now(link, data)
         return True
+
+    def _write_now(self, link: _Link, data: bytes) -> None:
+        """Write a control frame on the caller's turn of the loop when nothing is ahead of it:
+        a decode step's frame leaves as soon as it exists, not a loop turn (and the rest of the
+        caller's work) later. aiohttp writes a frame to the socket without waiting unless the
+        connection has to drain; then a task finishes the write, and frames sent meanwhile
+        queue behind it."""
+        coro = link.ws.send_bytes(self._wire(link, link.control, data))
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
+            log.info("link to %s: send failed: %s", link.peer[:12], e)
+            self._spawn(self._close_link(link))
+            return
+        link.finishing = self._spawn(self._finish_write(link, coro, waiting))
+
+    async def _finish_write(self, link: _Link, coro: Any, waiting: Any) -> None:
+        """Drive a write ``_write_now`` started to its end: each time it waits on a future, wait
+        for that future here, then resume it (what a task does with a coroutine)."""
+        try:
+            while True:
+                if waiting is None:
+                    await asyncio.sleep(0)
+                else:
+                    await asyncio.wait([waiting])
+                try:
+                    waiting = coro.send(None)
+                except StopIteration:
+                    return
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
+            log.info("link to %s: send failed: %s", link.peer[:12], e)
+            self._spawn(self._close_link(link))
+        finally:
+            coro.close()
+            link.finishing = None
 
     async def send_data(self, peer: str, data: bytes) -> bool:
         self._check_size(data)
@@ -394,7 +438,13 @@ class WsTransport(Transport):
                 data = await link.queue.get()
                 if data is None:
                     return
-                await link.ws.send_bytes(self._wire(link, link.control, data))
+                link.writing = True
+                try:
+                    if link.finishing is not None:  # a frame written at once is still going out
+                        await asyncio.wait([link.finishing])
+                    await link.ws.send_bytes(self._wire(link, link.control, data))
+                finally:
+                    link.writing = False
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
             log.info("link to %s: send failed: %s", link.peer[:12], e)
             self._spawn(self._close_link(link))

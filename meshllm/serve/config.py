@@ -57,6 +57,10 @@ class ServeConfig:
     # draft only as much as pays at the step costs measured on the ring (StepCost); off: always the
     # length adapted to acceptance alone
     spec_cost_aware: bool = True
+    # a decode-only iteration expected to take at most this long (the stage's last one did) runs
+    # on the event loop where its frame landed, not on the inference thread: a hop then pays no
+    # thread switch. Control frames wait behind it that long at most; 0: always the thread.
+    inline_step_ms: float = 25.0
     # lab only: hold every control frame a stage sends to another node this long (a per-hop delay
     # on loopback, where netem is not available)
     hop_delay_ms: float = 0.0
@@ -81,5 +85,7 @@ class ServeConfig:
             raise ConfigError(f"spec_max_draft must be in [0, 16], got {self.spec_max_draft}")
         if not 0 <= self.hop_delay_ms <= 10_000:
             raise ConfigError(f"hop_delay_ms must be in [0, 10000], got {self.hop_delay_ms}")
+        if not 0 <= self.inline_step_ms <= 1000:
+            raise ConfigError(f"inline_step_ms must be in [0, 1000], got {self.inline_step_ms}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")

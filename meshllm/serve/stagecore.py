@@ -271,6 +271,9 @@ class Ring:
             self.micro[m.micro].remove(req)
 
 
+_GREEDY_RNG = np.random.Generator(np.random.Philox(0))  # passed for greedy rows, never drawn from
+
+
 def _stats() -> dict[str, Any]:
     return {"prefill_tokens": 0, "decode_steps": 0, "decode_rows": 0, "kv_in_bytes": 0, "kv_out_bytes": 0,
             "refused": 0, "unreserved_kv": 0, "stale": 0, "stale_attempt": 0, "after_free": 0, "errors": 0,
@@ -840,7 +843,9 @@ class StageCore:
         of what it generated so far; its logprobs when the request asked for them."""
         params = h.params
         assert params is not None
-        tok = sample_one(logits, params, token_rng(h.seed, index), history=h.history)
+        # a greedy token draws nothing: no generator is made for it (one costs ~15 us a token)
+        rng = _GREEDY_RNG if params.greedy else token_rng(h.seed, index)
+        tok = sample_one(logits, params, rng, history=h.history)
         extra: dict[str, Any] = {}
         if params.logprobs is not None:
             lp, top = logprobs_of(logits, params, tok, history=h.history)

@@ -2,9 +2,11 @@
 inference thread that owns every call into a runner, and the requests in flight per epoch.
 
 - **One owner thread.** A ``StageRunner`` is not thread-safe. Every call into one goes through
-  ``StageHost.call`` and runs on the host's single inference thread (``meshllm-infer``); runners
-  are built there too. Planning, GA islands and profiling run on another executor, so a decode
-  step never waits behind them.
+  ``StageHost.call``, which runs it on the host's single inference thread (``meshllm-infer``;
+  runners are built there too), or ``StageHost.call_here``, which runs it on the event loop: the
+  serving layer runs a short decode step where its frame landed, saving two thread switches per
+  hop, and never while an iteration of its own is on the inference thread. Planning, GA islands
+  and profiling run on another executor, so a decode step never waits behind them.
 - **Epochs.** ``load(epoch, ranges)`` builds the runners of an epoch, or reuses those of a loaded
   epoch with the same ranges (re-plans often keep them). ``unload(epoch)`` first tells the
   ``on_unload`` hooks (the serving layer fails what remains of that epoch), then drops the epoch;
@@ -183,6 +185,14 @@ class StageHost:
             if self._closed:  # the executor refused new work because it shut down
                 raise StageHostClosed("the stage host is closed") from e
             raise
+
+    def call_here(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the calling thread (the event loop), for work short enough to run where
+        a frame lands. The caller keeps calls into a runner one at a time: the serving layer runs
+        one iteration at a time, here or on the inference thread, never both."""
+        if self._closed:
+            raise StageHostClosed("the stage host is closed")
+        return fn(*args)
 
     # --- requests in flight -----------------------------------------------------------------------
     def begin(self, epoch: int, req: str) -> None:
