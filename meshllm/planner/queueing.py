@@ -226,10 +226,11 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
 
     # --- BOTH replicas: one queue for their prompts, one pool of their slots -----------------
     # the router sends a request to whichever BOTH replica can start it soonest (the simulator's
-    # "start" policy: its queued prompts and its wait for a slot of its own), or to the one with
-    # the fewest sequences decoding that has room (the serving router's rank): never to a
-    # replica with a queue while another could start it at once. So, as for PREFILL replicas,
-    # the BOTH replicas' prompts are one M/G/c queue and their slots one pool, not each its own
+    # "start" policy: its queued prompts and its wait for a slot of its own), or serving to the
+    # least loaded one with room (``serve/router.py``: the least predicted decode time, scaled by
+    # the sequences it runs): the load follows whichever replica is free, as one queue would. So,
+    # as for PREFILL replicas, the BOTH replicas' prompts are one M/G/c queue and their slots one
+    # pool, not each its own
     b_lam, b_mean, b_m2, b_extra, b_lat, b_dec = [], [], [], [], [], []
     b_slots, b_load, b_work = 0, 0.0, 0.0
     b_ok = True
