@@ -233,7 +233,7 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     # pool, not each its own
     b_lam, b_mean, b_m2, b_extra, b_lat, b_dec = [], [], [], [], [], []
     b_slots, b_load, b_work = 0, 0.0, 0.0
-    b_ok = True
+    b_ok, b_rho = True, 0.0
     for k, b in enumerate(both):
         p = perfs[b]
         lam_b = lam * share[k]
@@ -260,6 +260,7 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         utils.append(a / p.batch)
         # a prompt queues behind the decode micro-batches at its replica's bottleneck stage
         extra = _tau_at(p.ahead_l, n) * min(1.0, a) if len(p.ahead) > 1 and eo1 > 0 else 0.0
+        b_rho = rho  # (the one replica's, read when there is only one)
         b_lam.append(lam_b)
         b_mean.append(p.busy_mean)
         b_m2.append(p.busy_m2)
@@ -270,10 +271,13 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         b_load += a
         b_work += lam_b * s_dec
     if both and b_ok:
-        lam_B = float(sum(b_lam))
-        xb = np.array(b_lam) / lam_B if lam_B > 0 else np.full(len(b_lam), 1 / len(b_lam))
-        # with one replica this is Pollaczek–Khinchine, its own M/G/1 queue
-        wq_B = _pool_wait(lam_B, b_mean, b_m2, xb) + _slot_wait(b_slots, b_load, lam_B, b_work, cv2)
+        lam_B = sum(b_lam)
+        if len(both) == 1:  # Pollaczek–Khinchine, its own M/G/1 queue (what _pool_wait gives for one)
+            wq_B = lam_B * b_m2[0] / (2 * (1 - b_rho))
+        else:
+            xb = np.array(b_lam) / lam_B if lam_B > 0 else np.full(len(b_lam), 1 / len(b_lam))
+            wq_B = _pool_wait(lam_B, b_mean, b_m2, xb)
+        wq_B += _slot_wait(b_slots, b_load, lam_B, b_work, cv2)
         for k in range(len(both)):
             wq = wq_B + b_extra[k]
             wait += share[k] * wq
