@@ -3,8 +3,8 @@
 1. It answers a prompt in one process (``meshllm generate``), streaming the text.
 2. It starts a mesh of ``meshllm node`` processes on loopback (``meshllm up``) whose memory
    budgets leave the planner no room for a whole replica on every node: one node holds a full
-   replica, two others hold one between them. It tells the planner to expect a stream of
-   requests with long prompts (``DEMO_WORKLOAD``). The nodes find each other by mDNS, elect a
+   replica, two others hold one between them. It tells the planner to expect a stream of chat
+   requests, short prompts and longer answers (``DEMO_WORKLOAD``). The nodes find each other by mDNS, elect a
    leader, measure themselves, and the leader's GA groups them into replicas and gives them
    roles: for that stream a PREFILL and a DECODER replica wait less than BOTH replicas
    (docs/planner.md, "The demo's mesh"), and nothing forces them.
@@ -34,13 +34,14 @@ DEMO_PROMPT = "class Stack:\n    def __init__(self"
 # a question SmolLM2 answers the same in every int4 mode (its exact answer to "What is the capital
 # of France?" hangs on a 0.08-logit near-tie in the first token: docs/models.md)
 DEMO_QUESTION = "What is the capital city of Japan?"
-# What the planner is told to expect: a stream of requests (0.6 a second, Poisson) with prompts of
-# 128 tokens and answers of 64, well inside what three nodes sharing one machine can serve. A BOTH
-# replica's prompts would wait behind its decode steps and its tokens behind its prompts; the
-# planner finds a PREFILL and a DECODER replica wait less, from 0.1 to 1.5 requests/s with SmolLM2
-# profiles measured on a 2-core machine (docs/planner.md, "The demo's mesh"): a margin for
-# machines several times faster or slower. Nothing forces the roles.
-DEMO_WORKLOAD = {"arrival_rate": 0.6, "input_len": 128, "output_len": 64}
+# What the planner is told to expect: a stream of chat requests (0.4 a second, Poisson) with short
+# prompts (32 tokens) and longer answers (96), well inside what three nodes sharing one machine can
+# serve. A BOTH replica's prompts wait behind its decode micro-batches; a PREFILL replica's never
+# do. With the BOTH replicas pooled as the router pools them, the planner finds a PREFILL and a
+# DECODER replica wait less from 0.05 to 0.6 requests/s with SmolLM2 profiles measured on a 2-core
+# machine, and the simulator agrees from 0.3 to 0.5 (docs/planner.md, "The demo's mesh"). For long
+# prompts two BOTH replicas wait less: there the planner does not split. Nothing forces the roles.
+DEMO_WORKLOAD = {"arrival_rate": 0.4, "input_len": 32, "output_len": 96}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,8 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def demo_workload() -> Workload:
-    """The workload the demo tells its planner to expect: a steady stream of requests whose
-    prompts are twice as long as their answers (see ``DEMO_WORKLOAD``)."""
+    """The workload the demo tells its planner to expect: a steady stream of chat requests whose
+    answers are three times as long as their prompts (see ``DEMO_WORKLOAD``)."""
     from meshllm.planner.types import LengthDist, Workload
 
     return Workload(DEMO_WORKLOAD["arrival_rate"], LengthDist.fixed(int(DEMO_WORKLOAD["input_len"])),

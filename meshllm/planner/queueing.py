@@ -13,8 +13,9 @@ Model (stated in full in ``docs/planner.md``), following how requests are served
   prompts); the rest of the pass (``lat - busy``) is a pure delay. The router starts a prompt
   on whichever replica can start it first, so the PREFILL replicas are one M/G/c queue: Erlang
   C with the Allen–Cunneen correction, the servers' rates summed; with one replica,
-  Pollaczek–Khinchine: Wq = λ E[busy²] / (2 (1 - ρ)). (BOTH replicas still queue apart, each
-  M/G/1 with its share of the prompts: see docs/planner.md.)
+  Pollaczek–Khinchine: Wq = λ E[busy²] / (2 (1 - ρ)). The BOTH replicas, likewise, are one
+  M/G/c queue of prompts (the router sends a request to the BOTH replica that can start it
+  soonest).
 - A prompt's KV goes from its prefill replica to its decoder over the links between them;
   each (prefill, decoder) pair is an M/G/1 queue of hand-offs (links are first come first
   served).
@@ -23,7 +24,7 @@ Model (stated in full in ``docs/planner.md``), following how requests are served
   hand-off and its queueing, and (O - 1) x τ(n) seconds of decoding, τ(n) being the time per
   token when n sequences are active (micro-batched over the stages, "No-Bubbles"). The
   occupancy n solves Little's law n = λ_j E[hold(n)]. The router takes any decoder with room,
-  so the decoders' slots form one pool (a BOTH replica's slots are its own): the wait for a
+  so the decoders' slots form one pool (and the BOTH replicas' slots another): the wait for a
   slot is Erlang C with c = the pool's slots, corrected for the variability of O by
   Allen–Cunneen ((1 + cv²) / 2). A prompt waits for both: the simulator and the serving router
   admit a prompt only when a decoder has room for it.
@@ -223,7 +224,16 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     utils: list[float] = []
     wait = ttft = e2e = 0.0
 
-    # --- BOTH replicas: their own prompts, their own slots ----------------------------------
+    # --- BOTH replicas: one queue for their prompts, one pool of their slots -----------------
+    # the router sends a request to whichever BOTH replica can start it soonest (the simulator's
+    # "start" policy: its queued prompts and its wait for a slot of its own), or serving to the
+    # least loaded one with room (``serve/router.py``: the least predicted decode time, scaled by
+    # the sequences it runs): the load follows whichever replica is free, as one queue would. So,
+    # as for PREFILL replicas, the BOTH replicas' prompts are one M/G/c queue and their slots one
+    # pool, not each its own
+    b_lam, b_mean, b_m2, b_extra, b_lat, b_dec = [], [], [], [], [], []
+    b_slots, b_load, b_work = 0, 0.0, 0.0
+    b_ok, b_rho = True, 0.0
     for k, b in enumerate(both):
         p = perfs[b]
         lam_b = lam * share[k]
@@ -237,6 +247,7 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
             # past saturation the offered load still counts on the slots too (at a full batch),
             # so the worst utilisation keeps growing with the rate whichever resource binds
             utils.append(lam_b * (p.lat_mean + eo1 * p.tau_l[p.batch]) / p.batch)
+            b_ok = False
             continue
         # every token's micro-batch meets the prompts at each resource (device compute, link)
         # first come first served: it waits for the prompt work queued there, the M/G/1 wait of
@@ -245,20 +256,33 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         hol = float(np.sum(lam_b * p.res_m2 / (2 * (1 - rho_r)))) if len(rho_r) else 0.0
         n = _decode_occupancy(lam_b, p.lat_mean + eo1 * hol, eo1, p.tau_l, p.batch)
         s_dec = eo1 * (_tau_at(p.tau_l, n) + hol)
-        hold = p.lat_mean + s_dec
-        a = lam_b * hold
+        a = lam_b * (p.lat_mean + s_dec)
         utils.append(a / p.batch)
-        # each BOTH replica its own queue (a share of the prompts in proportion to capacity):
-        # the router pools them as it pools PREFILL replicas, which this does not model yet
-        # (docs/planner.md, "Queueing estimate")
-        wq = lam_b * p.busy_m2 / (2 * (1 - rho))
-        if len(p.ahead) > 1 and eo1 > 0:
-            # a prompt queues behind the decode micro-batches at the bottleneck stage
-            wq += _tau_at(p.ahead_l, n) * min(1.0, a)
-        wq += _slot_wait(p.batch, a, lam_b, lam_b * s_dec, cv2)
-        wait += share[k] * wq
-        ttft += share[k] * (wq + p.lat_mean)
-        e2e += share[k] * (wq + p.lat_mean + s_dec)
+        # a prompt queues behind the decode micro-batches at its replica's bottleneck stage
+        extra = _tau_at(p.ahead_l, n) * min(1.0, a) if len(p.ahead) > 1 and eo1 > 0 else 0.0
+        b_rho = rho  # (the one replica's, read when there is only one)
+        b_lam.append(lam_b)
+        b_mean.append(p.busy_mean)
+        b_m2.append(p.busy_m2)
+        b_extra.append(extra)
+        b_lat.append(p.lat_mean)
+        b_dec.append(s_dec)
+        b_slots += p.batch
+        b_load += a
+        b_work += lam_b * s_dec
+    if both and b_ok:
+        lam_B = sum(b_lam)
+        if len(both) == 1:  # Pollaczek–Khinchine, its own M/G/1 queue (what _pool_wait gives for one)
+            wq_B = lam_B * b_m2[0] / (2 * (1 - b_rho))
+        else:
+            xb = np.array(b_lam) / lam_B if lam_B > 0 else np.full(len(b_lam), 1 / len(b_lam))
+            wq_B = _pool_wait(lam_B, b_mean, b_m2, xb)
+        wq_B += _slot_wait(b_slots, b_load, lam_B, b_work, cv2)
+        for k in range(len(both)):
+            wq = wq_B + b_extra[k]
+            wait += share[k] * wq
+            ttft += share[k] * (wq + b_lat[k])
+            e2e += share[k] * (wq + b_lat[k] + b_dec[k])
 
     # --- the prefill/decoder pool -------------------------------------------------------------
     handoff = 0.0
