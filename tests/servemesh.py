@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from meshllm.model.manifest import Manifest
 from meshllm.net.base import LinkIdentity
 from meshllm.net.memory import MemoryNetwork, MemoryTransport
 from meshllm.planner.types import Plan, Replica, Role, Stage
 from meshllm.ports import Identity, Peers, Plans, ServingPorts
+from meshllm.serve.api import OpenAIApi
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.service import Serving
 from meshllm.serve.stages import StageHost
@@ -28,6 +32,10 @@ from meshllm.wire.ids import NodeId
 
 # (role, [(node name, first block, end block), ...]) per replica
 PlanSpec = Sequence[tuple[str, Sequence[tuple[str, int, int]]]]
+
+
+# the API tests' mesh: a PREFILL replica on a, a DECODER split over b and c (c samples and serves)
+API_SPEC: PlanSpec = [("prefill", [("a", 0, 8)]), ("decoder", [("b", 0, 4), ("c", 4, 8)])]
 
 
 def names(spec: PlanSpec) -> list[str]:
@@ -168,3 +176,19 @@ class DataMesh:
             with contextlib.suppress(Exception):
                 await n.transport.close()
         await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def openai_front(manifest: Manifest, config: ServeConfig) -> AsyncIterator[tuple[DataMesh, str]]:
+    """``API_SPEC``'s mesh with the OpenAI API of node c on a local HTTP server: (mesh, its root URL)."""
+    mesh = DataMesh(manifest, names(API_SPEC), config=config)
+    await mesh.start(API_SPEC)
+    app = web.Application(client_max_size=1 << 16)
+    OpenAIApi(mesh.node("c").serving, manifest.name, manifest.model_id).mount(app)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield mesh, str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+        await mesh.close()

@@ -21,9 +21,7 @@ import numpy as np
 import ollama
 import openai
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from servemesh import DataMesh
+from servemesh import DataMesh, openai_front
 from test_serve_core import reference_logprobs
 from waiting import async_wait_until
 
@@ -33,10 +31,8 @@ from meshllm.model.tokenizer import Tokenizer
 from meshllm.runtime.generate import generate
 from meshllm.runtime.runner import StageRunner
 from meshllm.runtime.sampling import SamplingParams, prompt_logprobs
-from meshllm.serve.api import OpenAIApi
 from meshllm.serve.config import ServeConfig
 
-SPEC = [("prefill", [("a", 0, 8)]), ("decoder", [("b", 0, 4), ("c", 4, 8)])]
 TOL = 1e-4
 
 
@@ -66,18 +62,11 @@ class Served:
 
 @pytest.fixture
 async def served(bundled: Manifest) -> AsyncIterator[Served]:
-    mesh = DataMesh(bundled, ["a", "b", "c"], config=ServeConfig(max_queue=4, queue_timeout_s=5.0))
-    await mesh.start(SPEC)
-    app = web.Application(client_max_size=1 << 16)
-    OpenAIApi(mesh.node("c").serving, bundled.name, bundled.model_id).mount(app)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    s = Served(mesh, str(server.make_url("")).rstrip("/"))
-    yield s
-    await s.openai.close()
-    await s.ollama.close()
-    await server.close()
-    await mesh.close()
+    async with openai_front(bundled, ServeConfig(max_queue=4, queue_timeout_s=5.0)) as (mesh, root):
+        s = Served(mesh, root)
+        yield s
+        await s.openai.close()
+        await s.ollama.close()
 
 
 def one_process(manifest: Manifest, prompt: list[int], params: SamplingParams) -> tuple[list[int], str]:

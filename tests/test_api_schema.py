@@ -20,12 +20,10 @@ import aiohttp
 import ollama
 import openai
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemabodies import DEEP, dumps, huge, invalid, valid
-from servemesh import DataMesh
+from servemesh import DataMesh, openai_front
 from waiting import async_wait_until
 
 from meshllm.model.manifest import Manifest, load_manifest
@@ -34,11 +32,9 @@ from meshllm.model.tokenizer import Tokenizer
 from meshllm.runtime.generate import generate
 from meshllm.runtime.runner import StageRunner
 from meshllm.runtime.sampling import SamplingParams
-from meshllm.serve.api import OpenAIApi
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.schema import ChatRequest, CompletionRequest, OllamaChatRequest, OllamaGenerateRequest
 
-SPEC = [("prefill", [("a", 0, 8)]), ("decoder", [("b", 0, 4), ("c", 4, 8)])]
 ENDPOINTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest,
              "/api/chat": OllamaChatRequest, "/api/generate": OllamaGenerateRequest}
 
@@ -64,15 +60,8 @@ class Served:
 
 @pytest.fixture
 async def served(bundled: Manifest) -> AsyncIterator[Served]:
-    mesh = DataMesh(bundled, ["a", "b", "c"], config=ServeConfig(max_queue=4, queue_timeout_s=1.0))
-    await mesh.start(SPEC)
-    app = web.Application(client_max_size=1 << 16)
-    OpenAIApi(mesh.node("c").serving, bundled.name, bundled.model_id).mount(app)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield Served(mesh, str(server.make_url("")).rstrip("/"))
-    await server.close()
-    await mesh.close()
+    async with openai_front(bundled, ServeConfig(max_queue=4, queue_timeout_s=1.0)) as (mesh, root):
+        yield Served(mesh, root)
 
 
 def _drawn(strategy: st.SearchStrategy[Any], n: int) -> list[Any]:

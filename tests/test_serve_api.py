@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import strategies as st
-from servemesh import DataMesh
+from servemesh import DataMesh, openai_front
 from waiting import async_wait_until
 
 from meshllm.model.manifest import Manifest, load_manifest
@@ -27,7 +27,6 @@ from meshllm.serve.api import OpenAIApi
 from meshllm.serve.config import ServeConfig
 
 # the bundled model: 6 layers, blocks 0..7; prefill on a, decoder split over b and c
-SPEC = [("prefill", [("a", 0, 8)]), ("decoder", [("b", 0, 4), ("c", 4, 8)])]
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +36,11 @@ def bundled() -> Manifest:
 
 @pytest.fixture
 async def api(bundled: Manifest) -> AsyncIterator[tuple[DataMesh, str]]:
-    mesh = DataMesh(bundled, ["a", "b", "c"], config=ServeConfig(max_queue=4, queue_timeout_s=1.0))
-    await mesh.start(SPEC)
-    app = web.Application(client_max_size=1 << 16)
-    OpenAIApi(mesh.node("c").serving, bundled.name, bundled.model_id).mount(app)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield mesh, str(server.make_url("/v1"))
-    for c in _clients:
-        await c.close()
-    _clients.clear()
-    await server.close()
-    await mesh.close()
+    async with openai_front(bundled, ServeConfig(max_queue=4, queue_timeout_s=1.0)) as (mesh, root):
+        yield mesh, root + "/v1"
+        for c in _clients:
+            await c.close()
+        _clients.clear()
 
 
 _clients: list[openai.AsyncOpenAI] = []

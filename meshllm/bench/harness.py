@@ -338,16 +338,3 @@ def ortgenai_picks(model_dir: Path, prompts: list[list[int]], seqs: list[list[in
 def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[int, int]:
     """(positions where the two pick the same token, positions)."""
     return sum(int((x == y).sum()) for x, y in zip(a, b, strict=True)), sum(len(x) for x in a)
-
-
-def teacher_forced_agreement(exact_dir: Path, fast_dir: Path, prompts: list[list[int]], new_tokens: int,
-                             threads: int) -> tuple[int, int]:
-    """Top-1 agreement of the fast model with the exact one, teacher-forced: the exact model
-    continues each prompt greedily; both models then read prompt + continuation in one prefill,
-    and their argmax is compared at each continuation position. Returns (equal, positions)."""
-    from meshllm.model.manifest import load_manifest
-
-    rx, seqs = exact_continuations(exact_dir, prompts, new_tokens, threads)
-    fast = load_manifest(fast_dir)
-    rf = StageRunner(fast, 0, fast.config.num_blocks, threads=threads, max_seqs=1)
-    return agreement(runner_picks(rx, prompts, seqs), runner_picks(rf, prompts, seqs))

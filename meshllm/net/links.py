@@ -175,8 +175,7 @@ class WsTransport(Transport):
         except StopIteration:
             return
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
-            log.info("link to %s: send failed: %s", link.peer[:12], e)
-            self._spawn(self._close_link(link))
+            self._send_failed(link, e)
             return
         link.finishing = self._spawn(self._finish_write(link, coro, waiting))
 
@@ -194,11 +193,15 @@ class WsTransport(Transport):
                 except StopIteration:
                     return
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
-            log.info("link to %s: send failed: %s", link.peer[:12], e)
-            self._spawn(self._close_link(link))
+            self._send_failed(link, e)
         finally:
             coro.close()
             link.finishing = None
+
+    def _send_failed(self, link: _Link, e: BaseException, what: str = "send") -> None:
+        """A write to the link failed: say so and close the link (its requests fail over)."""
+        log.info("link to %s: %s failed: %s", link.peer[:12], what, e)
+        self._spawn(self._close_link(link))
 
     async def send_data(self, peer: str, data: bytes) -> bool:
         self._check_size(data)
@@ -446,8 +449,7 @@ class WsTransport(Transport):
                 finally:
                     link.writing = False
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
-            log.info("link to %s: send failed: %s", link.peer[:12], e)
-            self._spawn(self._close_link(link))
+            self._send_failed(link, e)
 
     async def _data_write_loop(self, link: _Link) -> None:
         try:
@@ -462,8 +464,7 @@ class WsTransport(Transport):
                 finally:
                     link.data.done(data)
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
-            log.info("link to %s: data send failed: %s", link.peer[:12], e)
-            self._spawn(self._close_link(link))
+            self._send_failed(link, e, "data send")
 
     def _wire(self, link: _Link, lane: _Lane, data: bytes) -> bytes:
         """What goes on the connection for a frame: sealed (keyed mesh) or the frame itself."""
