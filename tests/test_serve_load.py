@@ -1,9 +1,9 @@
 """Serving under concurrent use, on real ``meshllm node`` processes over loopback (the bundled
 model, compute slowed with ``--slowdown`` so it takes real time):
 
-- a short request sent while a long greedy answer streams gets its first token within twice its
-  idle time to first token plus one decode step, and finishes first (no request waits for
-  another one's whole answer);
+- a short request sent while a long greedy answer streams gets its first token while the long
+  answer takes at most a few steps (counted in the long stream's tokens, so a loaded machine
+  slows both alike), and finishes first (no request waits for another one's whole answer);
 - 40 clients that leave at random moments (at admission, during prefill, at the hand-off, while
   decoding, and non-streaming requests whose client times out) leave, within 2 s, no KV in use,
   no request held and no request running or waiting on any node.
@@ -35,6 +35,10 @@ pytestmark = [pytest.mark.slow]
 
 TINY = str(Path(__file__).resolve().parents[1] / "models" / "tiny")
 SLOWDOWN = "20"  # the bundled model's decode step (~3 ms) becomes ~60 ms: compute, not noise, dominates
+# steps the long stream may take while the short request waits for its first token: the step
+# running when it arrives, the prefill of its 16 tokens joining the batch, one more for the reply
+# to leave; a scheduler that let the long answer run first would show over a hundred
+MAX_STEPS_WAITED = 4
 HELD = ("meshllm_kv_bytes_in_use", "meshllm_stage_requests_held", "meshllm_requests_running",
         "meshllm_requests_queued")
 
@@ -114,12 +118,17 @@ def test_a_short_request_is_not_held_behind_a_long_stream() -> None:
             s.join(40)
             assert len(s.times) == 8
             long_done_first = long.finished is not None and long.finished < s.finished  # type: ignore[operator]
-            bound = 2 * idle_ttft + step
-            assert s.ttft <= bound, (
-                f"the short request's first token came after {s.ttft * 1000:.0f} ms during the long stream; "
-                f"allowed 2 x {idle_ttft * 1000:.0f} ms (its idle TTFT) + {step * 1000:.0f} ms (one decode step) "
-                f"= {bound * 1000:.0f} ms; the long stream had {len(long.times)} of 130 tokens when the short one "
-                f"finished" + (" and ended before it" if long_done_first else ""))
+            # the long stream's tokens that came while the short request waited for its first: a
+            # count of the node's steps, so a loaded machine slows both sides alike
+            during = sum(1 for t in long.times if s.sent < t < s.times[0])
+            print(f"short request: TTFT {s.ttft * 1000:.0f} ms (idle {idle_ttft * 1000:.0f} ms, step "
+                  f"{step * 1000:.0f} ms), {during} long-stream tokens while it waited")
+            assert during <= MAX_STEPS_WAITED, (
+                f"the long stream emitted {during} tokens while the short request waited "
+                f"{s.ttft * 1000:.0f} ms for its first token (allowed {MAX_STEPS_WAITED}; idle TTFT "
+                f"{idle_ttft * 1000:.0f} ms, one step {step * 1000:.0f} ms); the long stream had "
+                f"{len(long.times)} of 130 tokens when the short one finished"
+                + (" and ended before it" if long_done_first else ""))
             assert not long_done_first, "the short request finished after the long stream"
         finally:
             long.stop()
