@@ -11,6 +11,7 @@ same request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -179,6 +180,34 @@ async def test_logprobs_penalties_and_echo_through_the_mesh(served: Served) -> N
     lp = json.loads(raw)["choices"][0]["logprobs"]
     assert lp["token_logprobs"][0] is None and all(x <= 0 for x in lp["token_logprobs"][1:])
     assert len(lp["token_logprobs"]) == len(lp["tokens"]) >= 3
+    await async_wait_until(lambda: not any(s.held().values()), "every request freed", 10, describe=lambda: str(s.held()))
+
+
+async def test_a_token_that_cannot_be_sampled_fails_its_request_alone(served: Served,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head cannot sample one request's token (a numeric failure in its parameters): that
+    request ends with an error naming it, the request beside it in the same steps finishes, and the
+    mesh serves the next one. Vanishing temperatures, which once raised here, are greedy."""
+    import meshllm.serve.stagecore as stagecore
+
+    real = stagecore.sample_one
+
+    def failing(logits: Any, params: SamplingParams, rng: Any, *, history: Any = None) -> int:
+        if params.seed == 666 and history:  # its second token, mid-decode
+            raise FloatingPointError("overflow encountered in divide")
+        return real(logits, params, rng, history=history)
+
+    monkeypatch.setattr(stagecore, "sample_one", failing)
+    s = served
+    body = {"prompt": "one two three", "max_tokens": 12, "temperature": 0.8, "ignore_eos": True}
+    bad, good = await asyncio.gather(s.post("/v1/completions", {**body, "seed": 666}),
+                                     s.post("/v1/completions", {**body, "seed": 1}))
+    assert bad[0] >= 400 and "could not be sampled" in json.loads(bad[1])["error"]["message"], bad[:2]
+    assert good[0] == 200 and json.loads(good[1])["usage"]["completion_tokens"] == 12, good[:2]
+    tiny = {**body, "temperature": 5e-324, "seed": 2}
+    got, raw, _ = await s.post("/v1/completions", tiny)
+    greedy, raw0, _ = await s.post("/v1/completions", {**body, "temperature": 0})
+    assert got == greedy == 200 and json.loads(raw)["choices"][0]["text"] == json.loads(raw0)["choices"][0]["text"]
     await async_wait_until(lambda: not any(s.held().values()), "every request freed", 10, describe=lambda: str(s.held()))
 
 

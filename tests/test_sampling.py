@@ -9,6 +9,7 @@ from meshllm.errors import SamplingError, UserError
 from meshllm.runtime.sampling import (
     SamplingParams,
     adjust,
+    candidates,
     filtered_probs,
     logprobs_of,
     prompt_logprobs,
@@ -253,3 +254,16 @@ def test_masked_logits_are_never_drawn() -> None:
     p = SamplingParams(temperature=1.0, seed=0)
     g = make_rng(p)
     assert {sample_one(logits, p, g) for _ in range(200)} == {2, 7}
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-310, 1e-300])
+def test_a_vanishing_temperature_is_greedy_not_nan(temperature: float) -> None:
+    """logits / T overflows for a subnormal T: its limit is the likeliest token (ties shared), not
+    NaN probabilities (a numpy warning, and garbage drawn where warnings are not errors)."""
+    logits = np.random.default_rng(0).standard_normal(300).astype(np.float32)
+    logits[7] = logits[123] = logits.max() + 1.0
+    for p in (SamplingParams(temperature=temperature), SamplingParams(temperature=temperature, top_p=1e-300),
+              SamplingParams(temperature=temperature, top_k=5, presence_penalty=5e-324)):
+        ids, probs = candidates(adjust(logits, p, [1]), p)
+        assert np.isfinite(probs).all() and set(ids[probs > 0].tolist()) <= {7, 123}
+        assert sample_one(logits, p, np.random.default_rng(3), history=[1]) in (7, 123)

@@ -210,7 +210,15 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     """
     if params.temperature <= 0:
         raise SamplingError("candidates() is for temperature > 0")
-    z = logits.astype(np.float64) / params.temperature  # (V,)
+    x = logits.astype(np.float64)  # (V,)
+    with np.errstate(over="ignore"):
+        z = x / params.temperature  # (V,)
+    if np.isposinf(z).any() or (np.isneginf(z) & np.isfinite(x)).any():
+        # a temperature so small (a subnormal, say) that logits / T overflow: its limit, every
+        # token but the likeliest (and their ties) at -inf; dividing the distances to the largest
+        # keeps the likeliest at 0 where x / T - max(x / T) would be inf - inf = nan
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = (x - np.max(x)) / params.temperature
     v = z.shape[0]
     ids: np.ndarray | None = None
     if params.top_k and params.top_k < v:

@@ -266,7 +266,11 @@ class StageServer:
             results, took = got
             if short:
                 self._decode_s = took
-        return self.core.update_from_output(it, results, self._now())
+        try:
+            return self.core.update_from_output(it, results, self._now())
+        except Exception:  # a bug: say so and keep serving (the entries' stall timers fail its requests over)
+            log.exception("the results of a serving iteration could not be taken in")
+            return []
 
     def _run_here(self, it: Iteration) -> None:
         try:

@@ -852,6 +852,18 @@ class StageCore:
             extra = {"logprob": lp, "top_ids": tuple(t for t, _ in top), "top_lps": tuple(x for _, x in top)}
         return tok, extra
 
+    def _try_sample(self, h: Hold, req: RequestId, logits: np.ndarray,
+                    index: int) -> tuple[int, dict[str, Any]] | None:
+        """``_head_sample``, or None after telling the request's entry why its token could not be
+        sampled (the request fails alone; the other rows of the step and the node go on)."""
+        try:
+            return self._head_sample(h, logits, index)
+        except (MeshError, ArithmeticError, ValueError, IndexError) as e:
+            log.exception("request %s: token %d could not be sampled", req, index)
+            self._send(h.entry, Error(req, f"token {index} could not be sampled: {type(e).__name__}: {e}",
+                                      "sampling", h.attempt))
+            return None
+
     def _first_token(self, routes: Routes, m: PrefillChunk, h: Hold, logits: np.ndarray) -> None:
         """The prefill replica's head: sample the token after the prompt, hand it to the decoder."""
         index = 0
@@ -860,7 +872,10 @@ class StageCore:
         if m.forced >= 0:  # resumed: token 0 was streamed already; replay it
             tok = m.forced
         else:
-            tok, extra = self._head_sample(h, logits, index)
+            got = self._try_sample(h, m.req, logits, index)
+            if got is None:
+                return
+            tok, extra = got
             if m.prompt_logprobs:
                 extra["prompt_lps"] = tuple(lp for lp, _ in h.prompt_lps)
                 extra["prompt_top_ids"] = tuple(t for _, top in h.prompt_lps for t, _ in top)
@@ -1175,7 +1190,13 @@ class StageCore:
                 if index < len(h.replay):  # resumed: this token was streamed before; feed it again
                     tok, reason = h.replay[index], None
                 else:
-                    tok, extra = self._head_sample(h, rows[j], index)
+                    got = self._try_sample(h, RequestId(r), rows[j], index)
+                    if got is None:  # the entry was told; it frees the request everywhere
+                        toks.append(-1)
+                        done.append(True)
+                        kept.append(j)
+                        break
+                    tok, extra = got
                     reason = finish_reason(tok, index, h.params, self.eos)
                     self._send(h.entry, Token(RequestId(r), tok, index, reason is not None, reason or "", h.attempt,
                                               **extra))
