@@ -118,8 +118,7 @@ def test_other_traffic_gets_other_figures(home) -> None:
                                                planned.output_len, planned.max_batch, planned.kv_percentile))
     assert base and idle and longer
     assert idle.mean_wait_s < base.mean_wait_s  # less traffic waits less
-    if any(r.role in (Role.PREFILL, Role.BOTH) for r in routes.plan.replicas):
-        assert longer.mean_ttft_s - longer.mean_wait_s > base.mean_ttft_s - base.mean_wait_s  # longer prompts
+    assert longer.mean_ttft_s - longer.mean_wait_s > base.mean_ttft_s - base.mean_wait_s  # longer prompts
     assert est.plan_figures(routes, planned) is base  # cached
 
 
@@ -127,3 +126,14 @@ def test_no_figures_while_a_profile_is_unknown(home) -> None:
     est, routes, planned = home
     blind = PlanEstimator(est.profile, dict, est.network, planned)
     assert blind.plan_figures(routes, planned) is None
+
+
+def test_the_hand_off_grows_with_the_prompt_and_is_nothing_within_one_replica(home) -> None:
+    est, routes, _ = home
+    ids = [r.id for r in routes.plan.replicas]
+    assert all(est.handoff_s(routes, i, i, 100) == 0.0 for i in ids)
+    roles = {r.role: r.id for r in routes.plan.replicas}
+    a, b = roles[Role.PREFILL], roles[Role.DECODER]  # the home testbed's plan splits the roles
+    assert 0.0 < est.handoff_s(routes, a, b, 100) < est.handoff_s(routes, a, b, 200)
+    blind = PlanEstimator(est.profile, dict, est.network, est.workload)
+    assert blind.handoff_s(routes, ids[0], ids[-1], 100) == 0.0

@@ -76,6 +76,16 @@ class PlanEstimator:
             ctx = self.workload.input_len.mean + self.workload.output_len.mean / 2
         return estimates.step_estimate(m.timing, rep, max(1, batch), ctx)
 
+    def handoff_s(self, routes: Routes, prefill: int, decoder: int, tokens: int) -> float:
+        """Seconds of KV hand-off a ``tokens``-token prompt waits for between the two replicas
+        (0 when one replica does both, or without a model)."""
+        m = self.model(routes)
+        pre = None if m is None else self._rep(m, prefill)
+        dec = None if m is None else self._rep(m, decoder)
+        if m is None or pre is None or dec is None:
+            return 0.0
+        return estimates.handoff_time(m.timing, pre, dec, max(1, tokens))
+
     def plan_figures(self, routes: Routes, workload: Workload) -> Predicted | None:
         """The planner's queueing estimate (``Problem.estimate_stages``, what the plan's own
         ``predicted`` came from) for the epoch's plan under ``workload``; None while a profile of

@@ -163,7 +163,10 @@ class Dashboard:
             # at this request's own context: its prompt and half its answer
             step = est.decode_s(routes, f.decode, max(1, load.decoding if load is not None else 1),
                                 f.prompt_tokens + f.tokens / 2)
-            pred_tps = 1.0 / step if step and step > 0 else None
+            # the tokens after the first, and the KV hand-off the second one waits for
+            after = f.tokens - 1
+            hand = est.handoff_s(routes, f.prefill, f.decode, f.prompt_tokens) if f.prefill >= 0 and after > 0 else 0.0
+            pred_tps = (after / (hand + after * step) if after > 0 else 1.0 / step) if step and step > 0 else None
         tps = None
         if f.t_first is not None and f.tokens >= 2 and f.t_end > f.t_first:
             tps = (f.tokens - 1) / (f.t_end - f.t_first)
