@@ -102,6 +102,17 @@ async def test_the_view_shows_every_node_replica_and_figure_beside_its_predictio
     measured = d["plan"]["measured"]
     assert measured["entries"] == 3 and measured["requests"] == 3 and measured["ttft_s"] > 0
     assert measured["tokens_per_s"] > 0
+    # the traffic measured (three prompts of 3, 5 and 2 tokens, twelve tokens each), and the plan's
+    # queueing estimate again for it, each figure judged against its prediction
+    assert measured["mean_input_len"] == pytest.approx(10 / 3) and measured["mean_output_len"] == 12
+    assert measured["arrival_rate"] > 0  # node 0's two requests, one after the other
+    ft = d["plan"]["predicted_for_traffic"]
+    assert ft["mean_input_len"] == 3 and ft["mean_output_len"] == 12
+    assert ft["arrival_rate"] == float(f"{measured['arrival_rate']:.2g}") and ft["mean_ttft_s"] > 0
+    assert set(d["plan"]["compare"]) == {"wait_s", "ttft_s", "tokens_per_s"}
+    for v in d["plan"]["compare"].values():
+        assert v["off"] == (v["note"] is not None)
+    assert d["plan"]["compare"]["ttft_s"]["predicted"] == ft["mean_ttft_s"]
     # replicas: as planned, each with its figures measured beside predicted
     assert [(r["id"], r["role"], [s["layers"] for s in r["stages"]]) for r in d["replicas"]] == \
         [(r["id"], r["role"], [s["layers"] for s in r["stages"]]) for r in plan["replicas"]]
@@ -112,11 +123,13 @@ async def test_the_view_shows_every_node_replica_and_figure_beside_its_predictio
     for r in prefill:
         if r["measured"]["prefilled"]:
             assert r["measured"]["prefill_s"] > 0 and r["predicted"]["prefill_s"] > 0
+            assert r["compare"]["prefill_s"]["ratio"] == pytest.approx(r["measured"]["prefill_s"] / r["predicted"]["prefill_s"])
             assert r["measured"]["wait_s"] >= 0 and r["measured"]["ttft_s"] >= r["measured"]["prefill_s"]
     for r in decode:
         assert r["live"]["max_batch"] is not None or r["live"]["decoding"] is None
         if r["measured"]["decoded"]:
             assert r["measured"]["tokens_per_s"] > 0 and r["predicted"]["tokens_per_s"] > 0
+            assert r["compare"]["tokens_per_s"]["measured"] == r["measured"]["tokens_per_s"]
     assert d["entry"]["outcomes"] == {"completed": 2} and d["entry"]["tokens"] == 24  # node 0's own
     assert d["entries"]["outcomes"] == {"completed": 3} and d["entries"]["measured"] == 3
     # a member that stops answering: its memory is the planned weights, its figures drop out

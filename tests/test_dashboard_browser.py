@@ -59,6 +59,19 @@ document.addEventListener("DOMContentLoaded", () => {
 """
 
 
+# what the page drew from the last document it polled: every off verdict of the JSON (where, key,
+# note) and every warning the page shows (where, key, text)
+JUDGED = """() => {
+  const want = [];
+  for (const [k, v] of Object.entries(last.plan.compare || {})) if (v.off) want.push(["plan", k, v.note]);
+  for (const r of last.replicas) for (const [k, v] of Object.entries(r.compare || {})) if (v.off) want.push([String(r.id), k, v.note]);
+  const shown = [...document.querySelectorAll("#plan .verdict.off")].map(e => ["plan", e.closest("[data-key]").dataset.key, e.textContent])
+    .concat([...document.querySelectorAll(".replica-card .verdict.off")].map(
+      e => [e.closest(".replica-card").dataset.replica, e.dataset.key, e.textContent]));
+  return [want, shown];
+}"""
+
+
 def chat_api(url: str, messages: list[dict[str, str]], max_tokens: int) -> str:
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
@@ -155,6 +168,32 @@ def test_the_page_shows_the_mesh_streams_a_chat_and_stops_it(browser: Any, tmp_p
             "[...document.querySelectorAll('.node-row td.held')].every(td => td.textContent === '0')"
             " && [...document.querySelectorAll('.decoding')].every(s => s.textContent.startsWith('0 /'))",
             timeout=15_000)
+        # each measured figure beside a prediction of the same thing: the traffic measured is shown,
+        # the plan's figures are predicted for it, and every pair off by more than 20% says which
+        # estimate is off (the page's text is the JSON's note, read from the document it drew)
+        page.wait_for_selector("#plan-traffic", timeout=10_000)
+        assert "req/s" in page.text_content("#plan-workload") and "req/s" in page.text_content("#plan-traffic")
+        assert "predicted for it" in page.text_content("#plan-figures")
+        want, shown = page.evaluate(JUDGED)
+        assert sorted(map(tuple, shown)) == sorted((w[0], w[1], "⚠ " + w[2]) for w in want)
+        assert all(" estimate " in note for _, _, note in want), want
+        assert "of the predicted capacity" in page.text_content("#plan-figures") or any(k == "tokens_per_s" for _, k, _ in want)
+
+        # a figure off by more than 20% (forced here, whatever this machine measured) shows its note
+        note = "measured 1.39× predicted (+45.3 ms): prefill +25.8 ms (prefill estimate low)"
+
+        def off_ttft(route: Any) -> None:
+            doc = route.fetch().json()
+            doc["plan"]["compare"]["ttft_s"] = {**doc["plan"]["compare"]["ttft_s"], "off": True, "note": note}
+            route.fulfill(json=doc)
+
+        page.route("**/v1/dashboard", off_ttft)
+        page.wait_for_function("document.querySelector('#plan tr.verdict[data-key=ttft_s] .off')?.textContent === "
+                               + json.dumps("⚠ " + note), timeout=10_000)
+        page.unroute("**/v1/dashboard")
+        page.wait_for_function("document.querySelector('#plan tr.verdict[data-key=ttft_s] .off')?.textContent !== "
+                               + json.dumps("⚠ " + note), timeout=10_000)  # the mesh's own figures again
+
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)

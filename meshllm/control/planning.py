@@ -115,10 +115,12 @@ def plan_from_individual(problem: Problem, ind: tuple[int, ...], strategy: str =
 
 
 def plan_document(plan: Plan, workload: Workload, reason: str = "") -> dict[str, Any]:
-    """``Plan.to_dict()`` plus the lengths it was made for (the drift detector compares them) and
-    why the leader planned again (``reason``: a join, a loss, drift, an operator; shown to people)."""
+    """``Plan.to_dict()`` plus the workload it was made for (the mean lengths, which the drift
+    detector compares, and the arrival rate) and why the leader planned again (``reason``: a join,
+    a loss, drift, an operator; shown to people)."""
     d = plan.to_dict()
-    d["workload"] = {"mean_input_len": workload.input_len.mean, "mean_output_len": workload.output_len.mean}
+    d["workload"] = {"mean_input_len": workload.input_len.mean, "mean_output_len": workload.output_len.mean,
+                     "arrival_rate": workload.arrival_rate}
     if reason:
         d["reason"] = reason
     return d

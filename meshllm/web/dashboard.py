@@ -16,8 +16,10 @@ Each entry measures the requests that came in through it, over its last ``window
 requests; a dashboard adds up the figures of every member that answers (sums and counts, so the
 means are over all their requests). The decoders' load (requests decoding, batch limit, free KV)
 is what each decoder replica reports to every entry. Predictions are the planner's: the plan's
-own figures and, per request, the simulator's estimates for the replica that served it
-(``PlanEstimator``), averaged over the same requests.
+queueing estimate again for the traffic the entries measured (arrival rate, mean prompt and answer
+lengths), and, per request, the simulator's estimates for the replica that served it
+(``PlanEstimator``), averaged over the same requests. ``compare.py`` judges each pair and says
+which estimate is off, and by how much, where they differ by more than 20%.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from meshllm.serve.entry import Finished
 from meshllm.serve.request import Status
 from meshllm.serve.service import Serving
 from meshllm.views import mesh_view
+from meshllm.web import compare
 
 log = logging.getLogger("meshllm.web")
 
@@ -62,7 +65,9 @@ class Sample:
     the replicas that served it (None where a figure does not apply or is unknown)."""
 
     epoch: int
+    t_start: float
     t_end: float
+    prompt_tokens: int
     tokens: int
     wait_s: float | None  # arrival -> prompt sent to the prefill replica
     ttft_s: float | None  # arrival -> first token
@@ -84,7 +89,7 @@ def _finite(x: Any) -> float | None:
 
 PREFILL_FIELDS = ("wait_s", "ttft_s", "prefill_s", "predicted_prefill_s")
 DECODE_FIELDS = ("decode_tps", "predicted_tps")
-PLAN_FIELDS = ("wait_s", "ttft_s")
+PLAN_FIELDS = ("wait_s", "ttft_s", "prompt_tokens", "tokens")
 KEEP_EPOCHS = 4  # per-replica figures kept for the latest epochs only
 
 
@@ -112,6 +117,16 @@ def _add(into: dict[str, Any], doc: dict[str, Any]) -> None:
 
 def _avg(pair: Any) -> float | None:
     return float(pair[0]) / pair[1] if isinstance(pair, list) and len(pair) == 2 and pair[1] else None
+
+
+def _arrival_rate(samples: list[Sample]) -> float | None:
+    """Requests per second arriving at this entry over these requests: (n - 1) over the time from
+    the first arrival to the last (the entries' rates add up to the mesh's)."""
+    if len(samples) < 2:
+        return None
+    t = [s.t_start for s in samples]
+    span = max(t) - min(t)
+    return (len(t) - 1) / span if span > 0 else None
 
 
 class Dashboard:
@@ -145,12 +160,17 @@ class Dashboard:
             pred_prefill = _finite(est.prefill_s(routes, f.prefill, f.prompt_tokens))
         if got is not None and f.decode >= 0:
             load = self.serving.router.loads.get((f.epoch, f.decode))
-            step = est.decode_s(routes, f.decode, max(1, load.decoding if load is not None else 1))
-            pred_tps = 1.0 / step if step and step > 0 else None
+            # at this request's own context: its prompt and half its answer
+            step = est.decode_s(routes, f.decode, max(1, load.decoding if load is not None else 1),
+                                f.prompt_tokens + f.tokens / 2)
+            # the tokens after the first, and the KV hand-off the second one waits for
+            after = f.tokens - 1
+            hand = est.handoff_s(routes, f.prefill, f.decode, f.prompt_tokens) if f.prefill >= 0 and after > 0 else 0.0
+            pred_tps = (after / (hand + after * step) if after > 0 else 1.0 / step) if step and step > 0 else None
         tps = None
         if f.t_first is not None and f.tokens >= 2 and f.t_end > f.t_first:
             tps = (f.tokens - 1) / (f.t_end - f.t_first)
-        s = Sample(f.epoch, f.t_end, f.tokens,
+        s = Sample(f.epoch, f.t_start, f.t_end, f.prompt_tokens, f.tokens,
                    f.t_sent - f.t_start if f.t_sent is not None else None,
                    f.t_first - f.t_start if f.t_first is not None else None,
                    f.t_first - f.t_sent if f.t_first is not None and f.t_sent is not None else None,
@@ -184,8 +204,9 @@ class Dashboard:
         plans: dict[str, dict[str, Any]] = {}
         for e in sorted({s.epoch for s in self.recent}):
             recent = [s for s in self.recent if s.epoch == e]
-            rate = self._rate(recent)
-            plans[str(e)] = {"n": len(recent), **_sums(recent, PLAN_FIELDS), **({"rate": rate} if rate is not None else {})}
+            rate, arrivals = self._rate(recent), _arrival_rate(recent)
+            plans[str(e)] = {"n": len(recent), **_sums(recent, PLAN_FIELDS), **({"rate": rate} if rate is not None else {}),
+                             **({"arrival_rate": arrivals} if arrivals is not None else {})}
         return {"replicas": reps, "plans": plans,
                 "waiting": sum(1 for q in list(self.serving.entry.requests.values())
                                if q.status in (Status.WAITING, Status.RESERVING)),
@@ -344,10 +365,24 @@ class Dashboard:
               entries: int) -> dict[str, Any] | None:
         if not doc or plan is None:
             return None
+        measured = {"entries": entries, "requests": int(m.get("n", 0)), "wait_s": _avg(m.get("wait_s")),
+                    "ttft_s": _avg(m.get("ttft_s")), "tokens_per_s": m.get("rate"),
+                    "arrival_rate": m.get("arrival_rate"), "mean_input_len": _avg(m.get("prompt_tokens")),
+                    "mean_output_len": _avg(m.get("tokens"))}
+        # the plan's queueing estimate again, for the traffic measured rather than the one planned
+        for_traffic: dict[str, Any] = {}
+        got = self._estimates(plan.epoch)
+        wl = None if got is None else compare.measured_workload(
+            got[1].workload, measured["arrival_rate"], measured["mean_input_len"], measured["mean_output_len"])
+        if got is not None and wl is not None:
+            pr = got[1].plan_figures(got[0], wl)
+            if pr is not None:
+                for_traffic = {"arrival_rate": wl.arrival_rate, "mean_input_len": wl.input_len.mean,
+                               "mean_output_len": wl.output_len.mean, **pr.to_dict()}
         return {"epoch": plan.epoch, "strategy": plan.strategy, "reason": doc.get("reason"), "note": plan.note,
                 "workload": doc.get("workload"), "predicted": plan.predicted.to_dict(),
-                "measured": {"entries": entries, "requests": int(m.get("n", 0)), "wait_s": _avg(m.get("wait_s")),
-                             "ttft_s": _avg(m.get("ttft_s")), "tokens_per_s": m.get("rate")}}
+                "predicted_for_traffic": for_traffic or None, "measured": measured,
+                "compare": compare.plan_comparison(measured, for_traffic, plan.predicted.throughput_tps)}
 
     def _rate(self, samples: list[Sample]) -> float | None:
         """Generated tokens per second over the requests that ended in the last minute."""
@@ -383,10 +418,15 @@ class Dashboard:
                              "tokens_per_s_total": dec.get("rate")})
             predicted["tokens_per_s"] = (_avg(dec.get("predicted_tps")) if dec.get("n")
                                          else self._predict_tps(epoch, r.id))
+        judged: dict[str, Any] = {}
+        if "prefill_s" in predicted:
+            judged["prefill_s"] = compare.judge_time(measured.get("prefill_s"), predicted["prefill_s"], compare.PREFILL)
+        if "tokens_per_s" in predicted:
+            judged["tokens_per_s"] = compare.judge_rate(measured.get("tokens_per_s"), predicted["tokens_per_s"])
         return {"id": r.id, "role": role,
                 "stages": [{"node": s.node, "name": names.get(s.node, s.node[:8]), "layers": [s.first, s.end]}
                            for s in r.stages],
-                "live": live, "measured": measured, "predicted": predicted}
+                "live": live, "measured": measured, "predicted": predicted, "compare": judged}
 
     def _estimates(self, epoch: int) -> tuple[Any, Any] | None:
         routes = self.serving.routes_for(epoch)

@@ -155,27 +155,51 @@ function cmpRow(label, measured, predicted, fmt) {
   return el("tr", {}, el("td", {}, label), el("td", { class: "num" }, fmt(measured)), el("td", { class: "num" }, fmt(predicted)));
 }
 
+// a measured figure judged against its prediction (the server's web/compare.py): the note says
+// which estimate is off, and by how much, when they differ by more than 20%
+function verdictRow(key, v) {
+  if (!v || !v.off || !v.note) return null;
+  return el("tr", { class: "verdict", "data-key": key }, el("td", { colspan: 3, class: "verdict off" }, "⚠ " + v.note));
+}
+function fmtTraffic(rate, inLen, outLen) {
+  return (rate === null || rate === undefined ? "" : `${fmtNum(rate, 2)} req/s, `) +
+    `${fmtNum(inLen, 0)} prompt tokens, ${fmtNum(outLen, 0)} generated (means)`;
+}
+
 function renderPlan(d) {
   const p = d.plan, box = $("plan");
   if (!p) {
     box.replaceChildren(el("p", { class: "muted" }, d.why_not_ready || "no active plan"));
     return;
   }
-  const pr = p.predicted || {}, me = p.measured || {};
+  const pr = p.predicted || {}, me = p.measured || {}, ft = p.predicted_for_traffic || {}, cmp = p.compare || {};
+  const cap = cmp.tokens_per_s || {};
   box.replaceChildren(
     el("table", {},
       el("tr", {}, el("th", {}, "epoch"), el("td", { id: "plan-epoch" }, p.epoch)),
       el("tr", {}, el("th", {}, "strategy"), el("td", { id: "plan-strategy" }, p.strategy || "?")),
       el("tr", {}, el("th", {}, "why this plan"), el("td", { id: "plan-reason" }, p.reason || "–")),
       p.note ? el("tr", {}, el("th", {}, "note"), el("td", {}, p.note)) : null,
-      p.workload ? el("tr", {}, el("th", {}, "planned for"), el("td", {},
-        `${fmtNum(p.workload.mean_input_len, 0)} prompt tokens, ${fmtNum(p.workload.mean_output_len, 0)} generated (means)`)) : null),
-    el("table", { style: "margin-top:8px" },
+      p.workload ? el("tr", {}, el("th", {}, "planned for"), el("td", { id: "plan-workload" },
+        fmtTraffic(p.workload.arrival_rate, p.workload.mean_input_len, p.workload.mean_output_len))) : null,
+      me.requests ? el("tr", {}, el("th", {}, "traffic measured"), el("td", { id: "plan-traffic" },
+        fmtTraffic(me.arrival_rate, me.mean_input_len, me.mean_output_len))) : null),
+    el("table", { style: "margin-top:8px", id: "plan-figures" },
       el("tr", {}, el("th", {}, `last ${me.requests || 0} requests at ${me.entries || 0} entries`), el("th", { class: "num" }, "measured"),
-         el("th", { class: "num" }, "predicted")),
-      cmpRow("waiting time", me.wait_s, pr.mean_wait_s, fmtS),
-      cmpRow("time to first token", me.ttft_s, pr.mean_ttft_s, fmtS),
-      cmpRow("tokens/s (predicted: every decoder at its batch)", me.tokens_per_s, pr.throughput_tps, (x) => fmtNum(x, 1)),
+         el("th", { class: "num", title: "the planner's queueing estimate for the traffic measured" },
+            p.predicted_for_traffic ? "predicted for it" : "predicted")),
+      // before any traffic (or a rate) is measured: the plan's own figures, for the planned workload
+      cmpRow("waiting time", me.wait_s, p.predicted_for_traffic ? ft.mean_wait_s : pr.mean_wait_s, fmtS),
+      verdictRow("wait_s", cmp.wait_s),
+      cmpRow("time to first token", me.ttft_s, p.predicted_for_traffic ? ft.mean_ttft_s : pr.mean_ttft_s, fmtS),
+      verdictRow("ttft_s", cmp.ttft_s),
+      el("tr", {}, el("td", {}, "tokens/s"), el("td", { class: "num" }, fmtNum(me.tokens_per_s, 1)),
+         el("td", { class: "num", title: "a capacity: every decoder at its full batch" }, "≤ " + fmtNum(pr.throughput_tps, 1))),
+      cap.used !== null && cap.used !== undefined && !cap.off ? el("tr", { class: "verdict", "data-key": "tokens_per_s" },
+        el("td", { colspan: 3, class: "verdict" },
+           `${fmtNum(100 * cap.used, 0)}% of the predicted capacity (every decoder at its full batch)`)) : null,
+      verdictRow("tokens_per_s", cap),
+      ft.overloaded ? el("tr", {}, el("td", { colspan: 3, class: "state dead" }, "the planner predicts overload at the rate measured")) : null,
       pr.overloaded ? el("tr", {}, el("td", { colspan: 3, class: "state dead" }, "the planner predicts overload at the planned rate")) : null));
 }
 
@@ -212,9 +236,13 @@ function renderReplicas(d) {
     return;
   }
   box.replaceChildren(...d.replicas.map((r) => {
-    const live = r.live || {}, me = r.measured || {}, pr = r.predicted || {};
+    const live = r.live || {}, me = r.measured || {}, pr = r.predicted || {}, cmp = r.compare || {};
     const rows = [el("span", { class: "h" }, ""), el("span", { class: "h" }, "measured"), el("span", { class: "h" }, "predicted")];
-    const add = (label, m, p, fmt) => rows.push(el("span", {}, label), el("span", {}, fmt(m)), el("span", {}, p === undefined ? "" : fmt(p)));
+    const add = (label, m, p, fmt, key) => {
+      rows.push(el("span", {}, label), el("span", {}, fmt(m)), el("span", {}, p === undefined ? "" : fmt(p)));
+      const v = key && cmp[key];
+      if (v && v.off && v.note) rows.push(el("span", { class: "verdict off", "data-key": key }, "⚠ " + v.note));
+    };
     const liveRows = [];
     if (r.role !== "decoder") liveRows.push(el("span", {}, "prefilling"), el("span", { class: "prefilling" }, live.prefilling ?? 0), el("span", {}, ""));
     if (r.role !== "prefill") {
@@ -226,9 +254,9 @@ function renderReplicas(d) {
     if (r.role !== "decoder") {
       add("waiting time", me.wait_s, undefined, fmtS);
       add("time to first token", me.ttft_s, undefined, fmtS);
-      add("prefill + hand-off", me.prefill_s, pr.prefill_s, fmtS);
+      add("prefill (prompt sent → first token)", me.prefill_s, pr.prefill_s, fmtS, "prefill_s");
     }
-    if (r.role !== "prefill") add("tokens/s per request", me.tokens_per_s, pr.tokens_per_s, (x) => fmtNum(x, 1));
+    if (r.role !== "prefill") add("tokens/s per request", me.tokens_per_s, pr.tokens_per_s, (x) => fmtNum(x, 1), "tokens_per_s");
     const count = r.role === "prefill" ? me.prefilled : r.role === "decoder" ? me.decoded : Math.max(me.prefilled || 0, me.decoded || 0);
     return el("div", { class: "card replica-card", "data-replica": r.id, "data-role": r.role },
       el("h3", {}, `replica ${r.id}`, el("span", { class: "role " + r.role }, r.role.toUpperCase()),
