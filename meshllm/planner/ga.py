@@ -35,7 +35,7 @@ import numpy as np
 
 from meshllm.planner.problem import Problem
 from meshllm.planner.queueing import INFEASIBLE, Estimate, ReplicaPerf, estimate
-from meshllm.planner.types import Role
+from meshllm.planner.types import Predicted, Role
 
 ROLES = (Role.PREFILL, Role.DECODER, Role.BOTH)
 
@@ -110,8 +110,17 @@ def groups_of(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> list[t
 
 
 def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Estimate, list[tuple[Role, tuple]]]:
-    """Estimate of an individual and its replicas as (role, stages by device index).
-    Infeasible replicas are reported with empty stages."""
+    """Estimate of an individual (with its predicted figures) and its replicas as (role, stages
+    by device index). Infeasible replicas are reported with empty stages."""
+    est, stages = _evaluate(problem, assign, roles)
+    if est.fitness < INFEASIBLE:
+        est = problem.estimate_stages(stages)  # the same fitness, with the headline figures
+    return est, stages
+
+
+def _evaluate(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Estimate, list[tuple[Role, tuple]]]:
+    """:func:`decode` as the search needs it, memoised: the fitness and the worst utilisation
+    (no headline figures) and the replicas' stages."""
     raw = ("raw", assign.tobytes(), roles[: int(assign.max())].tobytes())
     hit = problem._cache.get(raw)
     if hit is not None:
@@ -135,22 +144,27 @@ def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Est
             stages.append((role, r[1]))
     if bad or not reps:
         # graded: fewer unfit replicas is better, so the search can climb out
-        est = Estimate(INFEASIBLE * (1 + bad + (not reps)), estimate([], problem.workload, np.zeros((0, 0))).predicted,
-                       math.inf)
+        est = Estimate(INFEASIBLE * (1 + bad + (not reps)), Predicted(), math.inf)
     else:
-        # the estimate reads only prefill -> decoder hand-offs (none in all-BOTH plans)
+        # the estimate reads only prefill -> decoder hand-offs (none in all-BOTH plans), each
+        # memoised per pair of replicas
+        kv = np.zeros((len(stages), len(stages)))
         pre = [i for i, (role, _) in enumerate(reps) if role == Role.PREFILL]
-        dec = [i for i, (role, _) in enumerate(reps) if role == Role.DECODER]
-        kv = problem.kv_seconds([st for _, st in stages], (pre, dec)) if pre and dec \
-            else np.zeros((len(stages), len(stages)))
-        est = estimate(perfs, problem.workload, kv)
+        if pre:
+            dec = [i for i, (role, _) in enumerate(reps) if role == Role.DECODER]
+            for i in pre:
+                for j in dec:
+                    kv[i, j] = problem.kv_pair(stages[i][1], stages[j][1])
+        # the search needs the fitness only: the headline figures are the plan's, computed
+        # once for the answer (``Problem.estimate_stages``)
+        est = estimate(perfs, problem.workload, kv, figures=False)
     problem._cache[key] = problem._cache[raw] = (est, stages)
     return est, stages
 
 
 def fitness(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> float:
     """Lower is better; see :func:`meshllm.planner.queueing.estimate`."""
-    return decode(problem, assign, roles)[0].fitness
+    return _evaluate(problem, assign, roles)[0].fitness
 
 
 def normalise(assign: np.ndarray, roles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

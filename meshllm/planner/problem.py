@@ -82,6 +82,8 @@ class Problem:
         self.index = {n: j for j, n in enumerate(names)}
         self.t_mean = w.input_len.mean
         self._kv_prefix = np.concatenate([[0.0], np.cumsum(p.kv)])
+        self._kv_prefix_l = self._kv_prefix.tolist()
+        self._bw_l, self._rtt_l = self.bw.tolist(), self.rtt.tolist()
         self.in_pct = w.input_len.percentile(w.kv_percentile)
         self.target_len = w.target_len
 
@@ -149,9 +151,12 @@ class Problem:
         b_ = np.array([b for _, _, b in stages])
         # prefill, per representative prompt length
         comp = self._pre_prefix[:, dev, b_] - self._pre_prefix[:, dev, a_]  # (K, S)
+        # each link into a stage carries the activations at its first block; a device to
+        # itself costs nothing (:meth:`link`)
+        hop = dev[:-1] != dev[1:]
+        hop_act, hop_bw, hop_rtt = p.act[a_[1:] - 1], self.bw[dev[:-1], dev[1:]], self.rtt[dev[:-1], dev[1:]]
         comm = np.zeros_like(comp)
-        for s in range(1, s_n):
-            comm[:, s] = self.link(p.act[a_[s] - 1] * self.t_in, dev[s - 1], dev[s])
+        comm[:, 1:] = np.where(hop, hop_rtt / 2 + (hop_act * self.t_in[:, None]) / hop_bw, 0.0)
         ret = float(self.link(float(TOKEN_BYTES), dev[-1], dev[0]))
         # a device holding several stages (the source with embedding and head) is one server:
         # its stages' compute adds up before the slowest resource is taken
@@ -181,8 +186,7 @@ class Problem:
             dcomp = self._dec_prefix[x[:, None], dev[None, :], b_[None, :]] \
                 - self._dec_prefix[x[:, None], dev[None, :], a_[None, :]]  # (B, S)
             dcomm = np.zeros_like(dcomp)
-            for s in range(1, s_n):
-                dcomm[:, s] = self.link(p.act[a_[s] - 1] * x, dev[s - 1], dev[s])
+            dcomm[:, 1:] = np.where(hop, hop_rtt / 2 + (hop_act * x[:, None]) / hop_bw, 0.0)
             dret = self.link(TOKEN_BYTES * x.astype(float), dev[-1], dev[0])
             one_pass = dcomp.sum(axis=1) + dcomm.sum(axis=1) + dret
             dnode = np.ascontiguousarray(dcomp) if distinct \
@@ -191,42 +195,54 @@ class Problem:
             tau = np.concatenate([[math.inf], np.maximum(one_pass, g * slow)])
             # work a prompt finds ahead of it at the bottleneck stage: half the micro-batches
             stage_busy = np.concatenate([[0.0], 0.5 * g * slow])
+        k = len(res)
         return ReplicaPerf(role, feasible, batch, busy, lat, tau, stage_busy,
-                           res.mean(axis=0), (res * res).mean(axis=0))
+                           res.sum(axis=0) / k, (res * res).sum(axis=0) / k)  # (the means)
 
     def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]],
                    pairs: tuple[Sequence[int], Sequence[int]] | None = None) -> np.ndarray:
-        """(R, R) KV hand-off seconds of a mean-length prompt between replicas: each block's
-        KV goes from the device holding it to the device holding it on the other side; distinct
-        device pairs transfer in parallel (as :func:`meshllm.planner.cost.kv_transfer_time`).
-        A device holding several stages of one replica is counted per stage. With ``pairs``
-        (senders, receivers) only those entries are computed, the rest left 0 (the GA reads
-        only prefill -> decoder hand-offs)."""
+        """(R, R) KV hand-off seconds of a mean-length prompt between replicas
+        (:meth:`kv_pair` for each ordered pair of distinct replicas). With ``pairs`` (senders,
+        receivers) only those entries are computed, the rest left 0 (the GA reads only prefill
+        -> decoder hand-offs)."""
         r = len(reps)
         out = np.zeros((r, r))
         src, dst = pairs if pairs is not None else (range(r), range(r))
-        fs = [(i, j, a, b) for i in src for j, a, b in reps[i]]
-        fd = [(i, j, a, b) for i in dst for j, a, b in reps[i]]
-        if r < 2 or not fs or not fd:
-            return out
-        rep_s = np.array([f[0] for f in fs])
-        dev_s = np.array([f[1] for f in fs])
-        a_s = np.array([f[2] for f in fs])
-        b_s = np.array([f[3] for f in fs])
-        rep_d = np.array([f[0] for f in fd])
-        dev_d = np.array([f[1] for f in fd])
-        a_d = np.array([f[2] for f in fd])
-        b_d = np.array([f[3] for f in fd])
-        lo = np.maximum(a_s[:, None], a_d[None, :])  # (Ts, Td) overlap of stage s's and stage d's blocks
-        hi = np.minimum(b_s[:, None], b_d[None, :])
-        nbytes = np.where(hi > lo, (self._kv_prefix[np.maximum(hi, lo)] - self._kv_prefix[lo]), 0.0) \
-            * self.t_mean
-        bw = self.bw[dev_s[:, None], dev_d[None, :]]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = self.rtt[dev_s[:, None], dev_d[None, :]] / 2 + nbytes / bw
-        t = np.where((nbytes > 0) & np.isfinite(bw), t, 0.0)
-        np.maximum.at(out, (rep_s[:, None].repeat(len(fd), 1), rep_d[None, :].repeat(len(fs), 0)), t)
-        np.fill_diagonal(out, 0.0)
+        keys = [tuple(tuple(s) for s in st) for st in reps]
+        for i in src:
+            for j in dst:
+                if i != j:
+                    out[i, j] = self.kv_pair(keys[i], keys[j])
+        return out
+
+    def kv_pair(self, send: tuple[tuple[int, int, int], ...], recv: tuple[tuple[int, int, int], ...]) -> float:
+        """KV hand-off seconds of a mean-length prompt from the replica of stages ``send`` to
+        the one of stages ``recv``: each block's KV goes from the device holding it to the
+        device holding it on the other side; distinct device pairs transfer in parallel (as
+        :func:`meshllm.planner.cost.kv_transfer_time`), so the slowest pair's time counts. A
+        device holding several stages of one replica is counted per stage. Memoised per pair:
+        a GA move changes one or two replicas, and the other pairs' hand-offs stay."""
+        key = ("kv", send, recv)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if not send or not recv:
+            self._cache[key] = 0.0
+            return 0.0
+        # a handful of stages on each side: Python floats beat numpy's per-call cost here
+        kvp, t_mean, bw, rtt = self._kv_prefix_l, self.t_mean, self._bw_l, self._rtt_l
+        out = 0.0
+        for j, a, b in send:
+            bw_j, rtt_j = bw[j], rtt[j]
+            for k, c, d in recv:
+                lo, hi = max(a, c), min(b, d)
+                if hi <= lo:
+                    continue
+                nbytes = (kvp[hi] - kvp[lo]) * t_mean
+                link = bw_j[k]
+                if nbytes > 0 and math.isfinite(link):
+                    out = max(out, rtt_j[k] / 2 + nbytes / link if link > 0 else math.inf)
+        self._cache[key] = out
         return out
 
     # --- DP inside a replica --------------------------------------------------------------
