@@ -288,11 +288,15 @@ class Problem:
     def _bottleneck(self, members: Sequence[int], unit: tuple, comp: np.ndarray, out_bytes: np.ndarray,
                     kv_tokens: float, ret_bytes: float) -> Partition:
         """:func:`meshllm.planner.dp.bottleneck_split` with its per-device tables memoised per
-        unit of work (``unit`` names ``comp``): the GA splits thousands of device groups drawn
-        from the same few devices, so each device's (first, end) block-time and memory-fit
-        matrices are built once. Same arithmetic, same answer (tests check it)."""
+        unit of work (``unit`` names ``comp`` and ``out_bytes``): the GA splits thousands of
+        device groups drawn from the same few devices, so each device's (first, end) block-time
+        matrix, with the splits that do not fit its memory ruled out, is built once. The DP's
+        row after each stage depends only on the devices up to it, so it is memoised per prefix
+        of the order too: groups that start alike (the source and its fastest links, in
+        :func:`meshllm.planner.ga.chain_order`) share their first stages. Same arithmetic, same
+        answer (tests check it)."""
         n = self.n_blocks
-        order = list(members)
+        order = tuple(members)
         s_count = len(order)
         if s_count == 0 or s_count > n:
             raise DoesNotFit(f"cannot split {n} blocks over {s_count} devices")
@@ -303,40 +307,48 @@ class Problem:
             np.cumsum(comp, axis=-1, out=pc[:, 1:])
             tab = self._cache[tkey] = (pc, {})
         pc, segs = tab
-        segs_: dict[int, np.ndarray] = segs
+        segs_: dict[tuple[float, int], np.ndarray] = segs
         mkey = ("fits", kv_tokens)
         fits = self._cache.get(mkey)
         if fits is None:
             pr = np.zeros(n + 1)
             np.cumsum(self.req(kv_tokens), out=pr[1:])
             a_idx = np.arange(n + 1)
-            fits = self._cache[mkey] = (pr, pr[None, :] - pr[:, None], a_idx[:, None] < a_idx[None, :], {})
-        pr, seg_mem, valid, oks = fits
-        oks_: dict[int, np.ndarray] = oks
+            fits = self._cache[mkey] = (pr, pr[None, :] - pr[:, None], a_idx[:, None] < a_idx[None, :])
+        pr, seg_mem, valid = fits
         a_idx = np.arange(n + 1)
         first = order[0]
-        d = np.full(n + 1, np.inf)
-        d[1:] = np.where(pr[1:] <= self.mem[first], pc[first, 1:], np.inf)
         choice = np.full((s_count, n + 1), -1, dtype=np.int64)
-        comm = np.zeros(n + 1)
+        rows: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = \
+            self._cache.setdefault(("rows", unit, kv_tokens), {})
+        got = rows.get(order[:1])
+        if got is None:
+            d = np.full(n + 1, np.inf)
+            d[1:] = np.where(pr[1:] <= self.mem[first], pc[first, 1:], np.inf)
+            got = rows[order[:1]] = (d, choice[0].copy())
+        d = got[0]
         for s in range(1, s_count):
+            hit = rows.get(order[:s + 1])
+            if hit is not None:
+                d, choice[s] = hit
+                continue
             dev, prv = order[s], order[s - 1]
-            seg = segs_.get(dev)
-            if seg is None:
-                seg = segs_[dev] = pc[dev][None, :] - pc[dev][:, None]  # (a, b)
-            ok = oks_.get(dev)
-            if ok is None:
-                ok = oks_[dev] = valid & (seg_mem <= self.mem[dev])
+            seg = segs_.get((kv_tokens, dev))
+            if seg is None:  # (a, b): stage time of blocks [a, b) on dev; inf where they do not fit
+                seg = segs_[(kv_tokens, dev)] = np.where(valid & (seg_mem <= self.mem[dev]),
+                                                          pc[dev][None, :] - pc[dev][:, None], np.inf)
             bw = self.bw[prv, dev]
+            comm = np.zeros(n + 1)
             comm[1:] = 0.0 if np.isinf(bw) else self.rtt[prv, dev] / 2 + out_bytes / bw
-            cand = np.where(ok, np.maximum(np.maximum(d, comm)[:, None], seg), np.inf)  # (a, b)
+            cand = np.maximum(np.maximum(d, comm)[:, None], seg)  # (a, b)
             am = cand.argmin(axis=0)
             d = cand[am, a_idx]
             choice[s] = am
+            rows[order[:s + 1]] = (d, am)
         last = order[-1]
         bw = self.bw[last, first]
         ret = 0.0 if np.isinf(bw) else float(self.rtt[last, first] / 2 + ret_bytes / bw)
-        return split_partition(max(float(d[n]), ret), order, choice)
+        return split_partition(max(float(d[n]), ret), list(order), choice)
 
     def replica_perf(self, members: Sequence[int], role: Role) -> tuple[ReplicaPerf, tuple] | None:
         """DP split + performance of a replica of ``members`` (ordered); None if it cannot fit."""
