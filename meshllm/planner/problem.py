@@ -83,6 +83,8 @@ class Problem:
         self.t_mean = w.input_len.mean
         self._kv_prefix = np.concatenate([[0.0], np.cumsum(p.kv)])
         self._kv_prefix_l = self._kv_prefix.tolist()
+        self._ranges: dict[tuple[int, int], tuple[float, float]] = {}
+        self._source = next((j for j, d in enumerate(self.devices) if d.source), None)
         self._bw_l, self._rtt_l = self.bw.tolist(), self.rtt.tolist()
         self.in_pct = w.input_len.percentile(w.kv_percentile)
         self.target_len = w.target_len
@@ -98,7 +100,7 @@ class Problem:
     @property
     def source(self) -> int | None:
         """Index of the first device flagged as the source, or None."""
-        return next((j for j, d in enumerate(self.devices) if d.source), None)
+        return self._source
 
     def link(self, nbytes: np.ndarray | float, a: int, b: int) -> np.ndarray | float:
         """Transfer seconds of ``nbytes`` from device a to device b (cost.transfer_time)."""
@@ -118,12 +120,12 @@ class Problem:
         room is reserved per request at its real length, first come first served, so a long
         request at the head of the queue blocks the ones behind it; a replica whose room holds
         only a few long requests really does serve like a replica with few slots."""
-        p, w = self.profile, self.workload
-        best = w.max_batch
+        best = self.workload.max_batch
         per_dev: dict[int, tuple[float, float]] = {}
         for j, a, b in stages:
             wb, kv = per_dev.get(j, (0.0, 0.0))
-            per_dev[j] = (wb + p.weight_bytes(a, b), kv + p.kv_bytes_per_token(a, b))
+            rw, rk = self._range_bytes(a, b)
+            per_dev[j] = (wb + rw, kv + rk)
         for j, (wb, kv) in per_dev.items():
             free = self.mem[j] - wb
             if free < 0:
@@ -134,21 +136,26 @@ class Problem:
 
     def prefill_fits(self, stages: Sequence[tuple[int, int, int]]) -> bool:
         """Weights + KV of one prompt (at the prompt percentile) fit."""
-        p = self.profile
         tokens = self.in_pct
         per_dev: dict[int, float] = {}
         for j, a, b in stages:
-            per_dev[j] = per_dev.get(j, 0.0) + p.weight_bytes(a, b) + p.kv_bytes_per_token(a, b) * tokens
+            rw, rk = self._range_bytes(a, b)
+            per_dev[j] = per_dev.get(j, 0.0) + rw + rk * tokens
         return all(v <= self.mem[j] for j, v in per_dev.items())
+
+    def _range_bytes(self, a: int, b: int) -> tuple[float, float]:
+        """Weight bytes and KV bytes per token of blocks ``[a, b)`` (memoised per range)."""
+        got = self._ranges.get((a, b))
+        if got is None:
+            got = self._ranges[(a, b)] = (self.profile.weight_bytes(a, b), self.profile.kv_bytes_per_token(a, b))
+        return got
 
     # --- a replica's performance --------------------------------------------------------
     def perf(self, stages: Sequence[tuple[int, int, int]], role: Role) -> ReplicaPerf:
         """Prefill and decode figures of a replica given as ``(device index, first, end)``."""
         p = self.profile
         s_n = len(stages)
-        dev = np.array([j for j, _, _ in stages])
-        a_ = np.array([a for _, a, _ in stages])
-        b_ = np.array([b for _, _, b in stages])
+        dev, a_, b_ = np.array(stages, dtype=np.int64).reshape(s_n, 3).T
         # prefill, per representative prompt length
         comp = self._pre_prefix[:, dev, b_] - self._pre_prefix[:, dev, a_]  # (K, S)
         # each link into a stage carries the activations at its first block; a device to
@@ -161,7 +168,7 @@ class Problem:
         # a device holding several stages (the source with embedding and head) is one server:
         # its stages' compute adds up before the slowest resource is taken
         # (C order either way: the means below sum in memory order, and must not change)
-        distinct = len(set(dev.tolist())) == s_n  # the GA's replicas: one stage per device
+        distinct = len({s[0] for s in stages}) == s_n  # the GA's replicas: one stage per device
         owners = [] if distinct else [dev == j for j in dict.fromkeys(dev.tolist())]
         node = np.ascontiguousarray(comp) if distinct \
             else np.stack([comp[:, o].sum(axis=1) for o in owners], axis=1)  # (K, devices)
@@ -208,7 +215,7 @@ class Problem:
         r = len(reps)
         out = np.zeros((r, r))
         src, dst = pairs if pairs is not None else (range(r), range(r))
-        keys = [tuple(tuple(s) for s in st) for st in reps]
+        keys = [tuple((j, a, b) for j, a, b in st) for st in reps]
         for i in src:
             for j in dst:
                 if i != j:
