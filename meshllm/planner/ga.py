@@ -453,8 +453,10 @@ def _moves(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None) -> 
     """Every single move from an individual, as ``(kind, x, y)``: 0 device x to replica y (0:
     out); 1 device x to a new replica of role y; 2 devices x and y (of different replicas, or
     one left out) swapped; 3 replica x to role y; 4 replicas x and y made a prefill/decoder
-    pair. With ``focus``, only the device moves and swaps that involve a device in it.
-    Descriptors, not copies: a first-improvement climb builds only the ones it tries."""
+    pair; 5 replica x replaced by device y, left out until then, alone (x's devices left out).
+    With ``focus``, only the device moves and swaps that involve a device in it (no
+    replacements). Descriptors, not copies: a first-improvement climb builds only the ones it
+    tries."""
     m = len(a)
     hot = [True] * m
     if focus is not None:
@@ -474,6 +476,11 @@ def _moves(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None) -> 
     out.extend((3, k, role) for k in used for role in range(3) if role != r[k - 1])
     # one flip alone cannot leave an all-BOTH plan for a phase-split one
     out.extend((4, k1, k2) for k1 in used for k2 in used if k1 != k2 and (r[k1 - 1], r[k2 - 1]) != (0, 1))
+    if focus is None:
+        # a whole replica traded for one device that holds the model alone: three or more
+        # single moves, each worse on its own (long prompts: two RTX 3090s and one Jetson
+        # AGX as BOTH replicas, where a climb ended at each 3090 with an Orin NX in front)
+        out.extend((5, k, j) for k in used for j in range(m) if al[j] == 0)
     return out
 
 
@@ -494,6 +501,11 @@ def _apply(a: np.ndarray, r: np.ndarray, move: tuple[int, int, int]) -> tuple[np
         b = a.copy()
         b[x], b[y] = a[y], a[x]
         return b, r
+    if kind == 5:
+        b = a.copy()
+        b[a == x] = 0
+        b[y] = x
+        return b, r
     s = r.copy()
     if kind == 3:
         s[x - 1] = y
@@ -509,6 +521,7 @@ def _neighbours(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None
 
 
 REVISIT = 0.1  # a look at an individual the search has already evaluated: a memo hit, about a tenth
+FULL_ONLY = False
 PAIRS = 25  # the least-worsening device moves a finished climb tries two at a time (:func:`climb`)
 
 
