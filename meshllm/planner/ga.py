@@ -20,7 +20,8 @@ state, same result.
 It is memetic: :func:`run` seeds the population with heuristic shapes (:func:`_seeds`),
 races the best shapes with an iterated local search (:func:`search` over :func:`climb`'s
 single moves, budgets counted in looks, not seconds), restarts it from re-deals of the
-winner (:func:`redeal`) and lets the islands recombine around the best. ``docs/planner.md`` has the method and the measured figures.
+winner (:func:`redeal`), ends the best's climb with pairs of device moves
+(:func:`_pair_step`) and lets the islands recombine around the best. ``docs/planner.md`` has the method and the measured figures.
 """
 
 from __future__ import annotations
