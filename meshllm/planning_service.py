@@ -143,10 +143,11 @@ class PlanningService:
 
         def polish() -> tuple[int, ...]:
             # The islands recombine groups; a last climb makes their best a local optimum of
-            # every single move (as `ga.run` ends), deterministic in the round number.
+            # every single move and of pairs of device moves (as `ga.run` ends), deterministic
+            # in the round number.
             m = len(problem.devices)
             a, r = ga.normalise(np.asarray(best[:m], dtype=np.int64), np.asarray(best[m:], dtype=np.int64))
-            a, r, _, _ = ga.climb(problem, a, r, np.random.default_rng(done.round))
+            a, r, _, _ = ga.climb(problem, a, r, np.random.default_rng(done.round), pairs=ga.PAIRS)
             return tuple(int(x) for x in (*a, *r))
 
         try:

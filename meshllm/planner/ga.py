@@ -20,7 +20,8 @@ state, same result.
 It is memetic: :func:`run` seeds the population with heuristic shapes (:func:`_seeds`),
 races the best shapes with an iterated local search (:func:`search` over :func:`climb`'s
 single moves, budgets counted in looks, not seconds), restarts it from re-deals of the
-winner (:func:`redeal`) and lets the islands recombine around the best. ``docs/planner.md`` has the method and the measured figures.
+winner (:func:`redeal`), ends the best's climb with pairs of device moves
+(:func:`_pair_step`) and lets the islands recombine around the best. ``docs/planner.md`` has the method and the measured figures.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 
 from meshllm.planner.problem import Problem
 from meshllm.planner.queueing import INFEASIBLE, Estimate, ReplicaPerf, estimate
-from meshllm.planner.types import Role
+from meshllm.planner.types import Predicted, Role
 
 ROLES = (Role.PREFILL, Role.DECODER, Role.BOTH)
 
@@ -102,16 +103,24 @@ def groups_of(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> list[t
     for j, k in enumerate(assign.tolist()):
         if k > 0:
             out.setdefault(k, []).append(j)
-    reps = []
-    for k, members in out.items():
-        reps.append((ROLES[int(roles[k - 1])], chain_order(problem, members, src)))
+    rl = roles.tolist()
+    reps = [(ROLES[rl[k - 1]], chain_order(problem, members, src)) for k, members in out.items()]
     reps.sort(key=lambda r: (r[1], r[0].value))
     return reps
 
 
 def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Estimate, list[tuple[Role, tuple]]]:
-    """Estimate of an individual and its replicas as (role, stages by device index).
-    Infeasible replicas are reported with empty stages."""
+    """Estimate of an individual (with its predicted figures) and its replicas as (role, stages
+    by device index). Infeasible replicas are reported with empty stages."""
+    est, stages = _evaluate(problem, assign, roles)
+    if est.fitness < INFEASIBLE:
+        est = problem.estimate_stages(stages)  # the same fitness, with the headline figures
+    return est, stages
+
+
+def _evaluate(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Estimate, list[tuple[Role, tuple]]]:
+    """:func:`decode` as the search needs it, memoised: the fitness and the worst utilisation
+    (no headline figures) and the replicas' stages."""
     raw = ("raw", assign.tobytes(), roles[: int(assign.max())].tobytes())
     hit = problem._cache.get(raw)
     if hit is not None:
@@ -135,22 +144,27 @@ def decode(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> tuple[Est
             stages.append((role, r[1]))
     if bad or not reps:
         # graded: fewer unfit replicas is better, so the search can climb out
-        est = Estimate(INFEASIBLE * (1 + bad + (not reps)), estimate([], problem.workload, np.zeros((0, 0))).predicted,
-                       math.inf)
+        est = Estimate(INFEASIBLE * (1 + bad + (not reps)), Predicted(), math.inf)
     else:
-        # the estimate reads only prefill -> decoder hand-offs (none in all-BOTH plans)
+        # the estimate reads only prefill -> decoder hand-offs (none in all-BOTH plans), each
+        # memoised per pair of replicas
+        kv = np.zeros((len(stages), len(stages)))
         pre = [i for i, (role, _) in enumerate(reps) if role == Role.PREFILL]
-        dec = [i for i, (role, _) in enumerate(reps) if role == Role.DECODER]
-        kv = problem.kv_seconds([st for _, st in stages], (pre, dec)) if pre and dec \
-            else np.zeros((len(stages), len(stages)))
-        est = estimate(perfs, problem.workload, kv)
+        if pre:
+            dec = [i for i, (role, _) in enumerate(reps) if role == Role.DECODER]
+            for i in pre:
+                for j in dec:
+                    kv[i, j] = problem.kv_pair(stages[i][1], stages[j][1])
+        # the search needs the fitness only: the headline figures are the plan's, computed
+        # once for the answer (``Problem.estimate_stages``)
+        est = estimate(perfs, problem.workload, kv, figures=False)
     problem._cache[key] = problem._cache[raw] = (est, stages)
     return est, stages
 
 
 def fitness(problem: Problem, assign: np.ndarray, roles: np.ndarray) -> float:
     """Lower is better; see :func:`meshllm.planner.queueing.estimate`."""
-    return decode(problem, assign, roles)[0].fitness
+    return _evaluate(problem, assign, roles)[0].fitness
 
 
 def normalise(assign: np.ndarray, roles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -440,8 +454,10 @@ def _moves(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None) -> 
     """Every single move from an individual, as ``(kind, x, y)``: 0 device x to replica y (0:
     out); 1 device x to a new replica of role y; 2 devices x and y (of different replicas, or
     one left out) swapped; 3 replica x to role y; 4 replicas x and y made a prefill/decoder
-    pair. With ``focus``, only the device moves and swaps that involve a device in it.
-    Descriptors, not copies: a first-improvement climb builds only the ones it tries."""
+    pair; 5 replica x replaced by device y, left out until then, alone (x's devices left out).
+    With ``focus``, only the device moves and swaps that involve a device in it (no
+    replacements). Descriptors, not copies: a first-improvement climb builds only the ones it
+    tries."""
     m = len(a)
     hot = [True] * m
     if focus is not None:
@@ -461,6 +477,11 @@ def _moves(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None) -> 
     out.extend((3, k, role) for k in used for role in range(3) if role != r[k - 1])
     # one flip alone cannot leave an all-BOTH plan for a phase-split one
     out.extend((4, k1, k2) for k1 in used for k2 in used if k1 != k2 and (r[k1 - 1], r[k2 - 1]) != (0, 1))
+    if focus is None:
+        # a whole replica traded for one device that holds the model alone: three or more
+        # single moves, each worse on its own (long prompts: two RTX 3090s and one Jetson
+        # AGX as BOTH replicas, where a climb ended at each 3090 with an Orin NX in front)
+        out.extend((5, k, j) for k in used for j in range(m) if al[j] == 0)
     return out
 
 
@@ -481,6 +502,11 @@ def _apply(a: np.ndarray, r: np.ndarray, move: tuple[int, int, int]) -> tuple[np
         b = a.copy()
         b[x], b[y] = a[y], a[x]
         return b, r
+    if kind == 5:
+        b = a.copy()
+        b[a == x] = 0
+        b[y] = x
+        return b, r
     s = r.copy()
     if kind == 3:
         s[x - 1] = y
@@ -496,14 +522,20 @@ def _neighbours(a: np.ndarray, r: np.ndarray, focus: Sequence[int] | None = None
 
 
 REVISIT = 0.1  # a look at an individual the search has already evaluated: a memo hit, about a tenth
+FULL_ONLY = False
+PAIRS = 25  # the least-worsening device moves a finished climb tries two at a time (:func:`climb`)
 
 
 def climb(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.random.Generator,
           max_evals: float = 100_000, focus: Sequence[int] | None = None,
-          seen: set[tuple[bytes, bytes]] | None = None) -> tuple[np.ndarray, np.ndarray, float, float]:
+          seen: set[tuple[bytes, bytes]] | None = None, pairs: int = 0
+          ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """First-improvement hill climbing over :func:`_moves` in random order (``rng``): take the
     first move that lowers the fitness, until none does (a local optimum) or ``max_evals`` is
-    spent. A look costs 1, or :data:`REVISIT` when the individual is in ``seen`` (which the
+    spent. With ``pairs`` = K > 0, a local optimum is not yet the end: the K single moves that
+    worsen it least (their fitness is known from the last scan) are tried two at a time, and
+    the best pair that improves on it is taken and the climb goes on (:func:`_pair_step`).
+    A look costs 1, or :data:`REVISIT` when the individual is in ``seen`` (which the
     climb adds to): on small meshes most looks are revisits, so the same budget searches them
     far longer for about the same CPU time. Returns the individual, its fitness and the budget
     spent. Pure: same inputs, ``seen`` and generator state, same result."""
@@ -513,23 +545,66 @@ def climb(problem: Problem, assign: np.ndarray, roles: np.ndarray, rng: np.rando
     spent = 0.0
     while spent < max_evals:
         nb = _moves(a, r, focus)
+        tried: list[tuple[float, int]] = []
         for i in rng.permutation(len(nb)).tolist():
             b, s = normalise(*_apply(a, r, nb[i]))
-            k = _key(b, s)
-            if k in seen:
-                spent += REVISIT
-            else:
-                seen.add(k)
-                spent += 1
+            spent += _look(b, s, seen)
             g = fitness(problem, b, s)
             if g < f * (1 - 1e-12):
                 a, r, f = b, s, g
                 break
+            tried.append((g, i))
             if spent >= max_evals:
-                break
+                return a, r, f, spent
         else:
-            break
+            if pairs <= 0:
+                break
+            moves = [nb[i] for _, i in sorted(tried) if nb[i][0] <= 2][:pairs]  # device moves only
+            got = _pair_step(problem, a, r, f, moves, seen)
+            spent += got[3]
+            if got[2] >= f * (1 - 1e-12):
+                break
+            a, r, f = got[0], got[1], got[2]
     return a, r, f, spent
+
+
+def _look(b: np.ndarray, s: np.ndarray, seen: set[tuple[bytes, bytes]]) -> float:
+    """What a look at ``(b, s)`` costs the search's budget: 1 the first time, :data:`REVISIT`
+    after (``seen`` records it)."""
+    k = _key(b, s)
+    if k in seen:
+        return REVISIT
+    seen.add(k)
+    return 1.0
+
+
+def _pair_step(problem: Problem, a: np.ndarray, r: np.ndarray, f: float, best: Sequence[tuple[int, int, int]],
+               seen: set[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Every pair of the moves ``best`` (the single moves that worsen a local optimum least)
+    applied together: the best result, its fitness and the looks spent. Neither move of a
+    pair improves alone, but together they can — on the chat mix a device brought in from
+    outside and another swapped out, which lets a replica change its size and its members
+    at once (the layer split, hence the KV hand-off, changes with both)."""
+    top = (a, r, f)
+    spent = 0.0
+    al = a.tolist()
+    new = int(a.max()) + 1
+    # the groups each move touches (0: the devices left out; ``new``: a replica it opens)
+    touch = [{al[x], y} if kind == 0 else {al[x], new} if kind == 1 else {al[x], al[y]}
+             for kind, x, y in best]
+    for x in range(len(best)):
+        b1, s1 = _apply(a, r, best[x])
+        for y in range(x + 1, len(best)):
+            if not touch[x] & touch[y]:
+                continue  # moves in different groups: their effects about add up, both worsen
+            if best[y][0] == 1 and int(b1.max()) >= len(b1):
+                continue  # no slot left for a second new replica
+            b, s = normalise(*_apply(b1, s1, best[y]))
+            spent += _look(b, s, seen)
+            g = fitness(problem, b, s)
+            if g < top[2] * (1 - 1e-12):
+                top = (b, s, g)
+    return top[0], top[1], top[2], spent
 
 
 def _kick(a: np.ndarray, r: np.ndarray, rng: np.random.Generator, swaps: int = 2
@@ -619,7 +694,7 @@ def _no_gc() -> Iterator[None]:
 def run(problem: Problem, rng: np.random.Generator, generations: int = 100, islands: int = 1,
         epoch_len: int = 5, patience: int = 5, config: GAConfig = GAConfig(),
         search_evals: int = 2900, race: int = 3, race_evals: int = 500, restarts: int = 2,
-        restart_evals: int = 550) -> Island:
+        restart_evals: int = 550, pairs: int = PAIRS) -> Island:
     """The planner's search end to end (a memetic GA):
 
     1. ``islands`` islands of seeds and random individuals (:func:`initial_island`);
@@ -627,15 +702,16 @@ def run(problem: Problem, rng: np.random.Generator, generations: int = 100, isla
        looks from each of the best ``race`` individuals of distinct shapes (replica count and
        roles); then ``restarts`` searches of ``restart_evals`` looks from the winner with its
        devices re-dealt among its replicas of the same role (:func:`redeal`), and the rest of
-       ``search_evals`` from the winner itself; the best of these, climbed to a local optimum,
-       goes into every island (elitism keeps it). The replica count is what a local search
+       ``search_evals`` from the winner itself; the best of these, climbed to a local optimum
+       of single moves and of pairs of the ``pairs`` least-worsening device moves
+       (:func:`climb`), goes into every island (elitism keeps it). The replica count is what a local search
        changes least easily, and the best seed's count is not always the best one; within a
        shape, the first climb decides the basin, and a few short searches from other deals
        find a good one more often than one long search;
     3. the islands evolve ``epoch_len`` generations between migrations, stopping after
        ``generations`` or when the best has not improved for ``patience`` generations — they
        explore other shapes (the search moves devices, the GA also recombines groups);
-    4. if the GA improved on the search, a climb (:func:`climb`) from its best.
+    4. if the GA improved on the search, the same climb from its best.
 
     Returns the island holding the overall best, best first. Pure."""
     with _no_gc():
@@ -662,7 +738,7 @@ def run(problem: Problem, rng: np.random.Generator, generations: int = 100, isla
             for b, s, g in others:
                 if g < f * (1 - 1e-12):
                     a, r, f = b, s, g
-            a, r, f, _ = climb(problem, a, r, rng)
+            a, r, f, _ = climb(problem, a, r, rng, pairs=pairs)
             isl = [_with_best(x, a, r, f) for x in isl]
         best, stale, done = float(min(x.fitness[0] for x in isl)), 0, 0
         start = best
@@ -678,7 +754,7 @@ def run(problem: Problem, rng: np.random.Generator, generations: int = 100, isla
                 stale += step
         top = min(isl, key=lambda x: float(x.fitness[0]))
         if search_evals > 0 and best < start * (1 - 1e-9):
-            a, r, f, _ = climb(problem, top.assign[0], top.roles[0], rng)
+            a, r, f, _ = climb(problem, top.assign[0], top.roles[0], rng, pairs=pairs)
             top = _with_best(top, a, r, f)
         return top
 

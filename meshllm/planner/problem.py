@@ -82,6 +82,10 @@ class Problem:
         self.index = {n: j for j, n in enumerate(names)}
         self.t_mean = w.input_len.mean
         self._kv_prefix = np.concatenate([[0.0], np.cumsum(p.kv)])
+        self._kv_prefix_l = self._kv_prefix.tolist()
+        self._ranges: dict[tuple[int, int], tuple[float, float]] = {}
+        self._source = next((j for j, d in enumerate(self.devices) if d.source), None)
+        self._bw_l, self._rtt_l = self.bw.tolist(), self.rtt.tolist()
         self.in_pct = w.input_len.percentile(w.kv_percentile)
         self.target_len = w.target_len
 
@@ -96,7 +100,7 @@ class Problem:
     @property
     def source(self) -> int | None:
         """Index of the first device flagged as the source, or None."""
-        return next((j for j, d in enumerate(self.devices) if d.source), None)
+        return self._source
 
     def link(self, nbytes: np.ndarray | float, a: int, b: int) -> np.ndarray | float:
         """Transfer seconds of ``nbytes`` from device a to device b (cost.transfer_time)."""
@@ -116,12 +120,12 @@ class Problem:
         room is reserved per request at its real length, first come first served, so a long
         request at the head of the queue blocks the ones behind it; a replica whose room holds
         only a few long requests really does serve like a replica with few slots."""
-        p, w = self.profile, self.workload
-        best = w.max_batch
+        best = self.workload.max_batch
         per_dev: dict[int, tuple[float, float]] = {}
         for j, a, b in stages:
             wb, kv = per_dev.get(j, (0.0, 0.0))
-            per_dev[j] = (wb + p.weight_bytes(a, b), kv + p.kv_bytes_per_token(a, b))
+            rw, rk = self._range_bytes(a, b)
+            per_dev[j] = (wb + rw, kv + rk)
         for j, (wb, kv) in per_dev.items():
             free = self.mem[j] - wb
             if free < 0:
@@ -132,31 +136,39 @@ class Problem:
 
     def prefill_fits(self, stages: Sequence[tuple[int, int, int]]) -> bool:
         """Weights + KV of one prompt (at the prompt percentile) fit."""
-        p = self.profile
         tokens = self.in_pct
         per_dev: dict[int, float] = {}
         for j, a, b in stages:
-            per_dev[j] = per_dev.get(j, 0.0) + p.weight_bytes(a, b) + p.kv_bytes_per_token(a, b) * tokens
+            rw, rk = self._range_bytes(a, b)
+            per_dev[j] = per_dev.get(j, 0.0) + rw + rk * tokens
         return all(v <= self.mem[j] for j, v in per_dev.items())
+
+    def _range_bytes(self, a: int, b: int) -> tuple[float, float]:
+        """Weight bytes and KV bytes per token of blocks ``[a, b)`` (memoised per range)."""
+        got = self._ranges.get((a, b))
+        if got is None:
+            got = self._ranges[(a, b)] = (self.profile.weight_bytes(a, b), self.profile.kv_bytes_per_token(a, b))
+        return got
 
     # --- a replica's performance --------------------------------------------------------
     def perf(self, stages: Sequence[tuple[int, int, int]], role: Role) -> ReplicaPerf:
         """Prefill and decode figures of a replica given as ``(device index, first, end)``."""
         p = self.profile
         s_n = len(stages)
-        dev = np.array([j for j, _, _ in stages])
-        a_ = np.array([a for _, a, _ in stages])
-        b_ = np.array([b for _, _, b in stages])
+        dev, a_, b_ = np.array(stages, dtype=np.int64).reshape(s_n, 3).T
         # prefill, per representative prompt length
         comp = self._pre_prefix[:, dev, b_] - self._pre_prefix[:, dev, a_]  # (K, S)
+        # each link into a stage carries the activations at its first block; a device to
+        # itself costs nothing (:meth:`link`)
+        hop = dev[:-1] != dev[1:]
+        hop_act, hop_bw, hop_rtt = p.act[a_[1:] - 1], self.bw[dev[:-1], dev[1:]], self.rtt[dev[:-1], dev[1:]]
         comm = np.zeros_like(comp)
-        for s in range(1, s_n):
-            comm[:, s] = self.link(p.act[a_[s] - 1] * self.t_in, dev[s - 1], dev[s])
+        comm[:, 1:] = np.where(hop, hop_rtt / 2 + (hop_act * self.t_in[:, None]) / hop_bw, 0.0)
         ret = float(self.link(float(TOKEN_BYTES), dev[-1], dev[0]))
         # a device holding several stages (the source with embedding and head) is one server:
         # its stages' compute adds up before the slowest resource is taken
         # (C order either way: the means below sum in memory order, and must not change)
-        distinct = len(set(dev.tolist())) == s_n  # the GA's replicas: one stage per device
+        distinct = len({s[0] for s in stages}) == s_n  # the GA's replicas: one stage per device
         owners = [] if distinct else [dev == j for j in dict.fromkeys(dev.tolist())]
         node = np.ascontiguousarray(comp) if distinct \
             else np.stack([comp[:, o].sum(axis=1) for o in owners], axis=1)  # (K, devices)
@@ -181,8 +193,7 @@ class Problem:
             dcomp = self._dec_prefix[x[:, None], dev[None, :], b_[None, :]] \
                 - self._dec_prefix[x[:, None], dev[None, :], a_[None, :]]  # (B, S)
             dcomm = np.zeros_like(dcomp)
-            for s in range(1, s_n):
-                dcomm[:, s] = self.link(p.act[a_[s] - 1] * x, dev[s - 1], dev[s])
+            dcomm[:, 1:] = np.where(hop, hop_rtt / 2 + (hop_act * x[:, None]) / hop_bw, 0.0)
             dret = self.link(TOKEN_BYTES * x.astype(float), dev[-1], dev[0])
             one_pass = dcomp.sum(axis=1) + dcomm.sum(axis=1) + dret
             dnode = np.ascontiguousarray(dcomp) if distinct \
@@ -191,42 +202,54 @@ class Problem:
             tau = np.concatenate([[math.inf], np.maximum(one_pass, g * slow)])
             # work a prompt finds ahead of it at the bottleneck stage: half the micro-batches
             stage_busy = np.concatenate([[0.0], 0.5 * g * slow])
+        k = len(res)
         return ReplicaPerf(role, feasible, batch, busy, lat, tau, stage_busy,
-                           res.mean(axis=0), (res * res).mean(axis=0))
+                           res.sum(axis=0) / k, (res * res).sum(axis=0) / k)  # (the means)
 
     def kv_seconds(self, reps: Sequence[Sequence[tuple[int, int, int]]],
                    pairs: tuple[Sequence[int], Sequence[int]] | None = None) -> np.ndarray:
-        """(R, R) KV hand-off seconds of a mean-length prompt between replicas: each block's
-        KV goes from the device holding it to the device holding it on the other side; distinct
-        device pairs transfer in parallel (as :func:`meshllm.planner.cost.kv_transfer_time`).
-        A device holding several stages of one replica is counted per stage. With ``pairs``
-        (senders, receivers) only those entries are computed, the rest left 0 (the GA reads
-        only prefill -> decoder hand-offs)."""
+        """(R, R) KV hand-off seconds of a mean-length prompt between replicas
+        (:meth:`kv_pair` for each ordered pair of distinct replicas). With ``pairs`` (senders,
+        receivers) only those entries are computed, the rest left 0 (the GA reads only prefill
+        -> decoder hand-offs)."""
         r = len(reps)
         out = np.zeros((r, r))
         src, dst = pairs if pairs is not None else (range(r), range(r))
-        fs = [(i, j, a, b) for i in src for j, a, b in reps[i]]
-        fd = [(i, j, a, b) for i in dst for j, a, b in reps[i]]
-        if r < 2 or not fs or not fd:
-            return out
-        rep_s = np.array([f[0] for f in fs])
-        dev_s = np.array([f[1] for f in fs])
-        a_s = np.array([f[2] for f in fs])
-        b_s = np.array([f[3] for f in fs])
-        rep_d = np.array([f[0] for f in fd])
-        dev_d = np.array([f[1] for f in fd])
-        a_d = np.array([f[2] for f in fd])
-        b_d = np.array([f[3] for f in fd])
-        lo = np.maximum(a_s[:, None], a_d[None, :])  # (Ts, Td) overlap of stage s's and stage d's blocks
-        hi = np.minimum(b_s[:, None], b_d[None, :])
-        nbytes = np.where(hi > lo, (self._kv_prefix[np.maximum(hi, lo)] - self._kv_prefix[lo]), 0.0) \
-            * self.t_mean
-        bw = self.bw[dev_s[:, None], dev_d[None, :]]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = self.rtt[dev_s[:, None], dev_d[None, :]] / 2 + nbytes / bw
-        t = np.where((nbytes > 0) & np.isfinite(bw), t, 0.0)
-        np.maximum.at(out, (rep_s[:, None].repeat(len(fd), 1), rep_d[None, :].repeat(len(fs), 0)), t)
-        np.fill_diagonal(out, 0.0)
+        keys = [tuple((j, a, b) for j, a, b in st) for st in reps]
+        for i in src:
+            for j in dst:
+                if i != j:
+                    out[i, j] = self.kv_pair(keys[i], keys[j])
+        return out
+
+    def kv_pair(self, send: tuple[tuple[int, int, int], ...], recv: tuple[tuple[int, int, int], ...]) -> float:
+        """KV hand-off seconds of a mean-length prompt from the replica of stages ``send`` to
+        the one of stages ``recv``: each block's KV goes from the device holding it to the
+        device holding it on the other side; distinct device pairs transfer in parallel (as
+        :func:`meshllm.planner.cost.kv_transfer_time`), so the slowest pair's time counts. A
+        device holding several stages of one replica is counted per stage. Memoised per pair:
+        a GA move changes one or two replicas, and the other pairs' hand-offs stay."""
+        key = ("kv", send, recv)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if not send or not recv:
+            self._cache[key] = 0.0
+            return 0.0
+        # a handful of stages on each side: Python floats beat numpy's per-call cost here
+        kvp, t_mean, bw, rtt = self._kv_prefix_l, self.t_mean, self._bw_l, self._rtt_l
+        out = 0.0
+        for j, a, b in send:
+            bw_j, rtt_j = bw[j], rtt[j]
+            for k, c, d in recv:
+                lo, hi = max(a, c), min(b, d)
+                if hi <= lo:
+                    continue
+                nbytes = (kvp[hi] - kvp[lo]) * t_mean
+                link = bw_j[k]
+                if nbytes > 0 and math.isfinite(link):
+                    out = max(out, rtt_j[k] / 2 + nbytes / link if link > 0 else math.inf)
+        self._cache[key] = out
         return out
 
     # --- DP inside a replica --------------------------------------------------------------
@@ -272,11 +295,15 @@ class Problem:
     def _bottleneck(self, members: Sequence[int], unit: tuple, comp: np.ndarray, out_bytes: np.ndarray,
                     kv_tokens: float, ret_bytes: float) -> Partition:
         """:func:`meshllm.planner.dp.bottleneck_split` with its per-device tables memoised per
-        unit of work (``unit`` names ``comp``): the GA splits thousands of device groups drawn
-        from the same few devices, so each device's (first, end) block-time and memory-fit
-        matrices are built once. Same arithmetic, same answer (tests check it)."""
+        unit of work (``unit`` names ``comp`` and ``out_bytes``): the GA splits thousands of
+        device groups drawn from the same few devices, so each device's (first, end) block-time
+        matrix, with the splits that do not fit its memory ruled out, is built once. The DP's
+        row after each stage depends only on the devices up to it, so it is memoised per prefix
+        of the order too: groups that start alike (the source and its fastest links, in
+        :func:`meshllm.planner.ga.chain_order`) share their first stages. Same arithmetic, same
+        answer (tests check it)."""
         n = self.n_blocks
-        order = list(members)
+        order = tuple(members)
         s_count = len(order)
         if s_count == 0 or s_count > n:
             raise DoesNotFit(f"cannot split {n} blocks over {s_count} devices")
@@ -287,40 +314,48 @@ class Problem:
             np.cumsum(comp, axis=-1, out=pc[:, 1:])
             tab = self._cache[tkey] = (pc, {})
         pc, segs = tab
-        segs_: dict[int, np.ndarray] = segs
+        segs_: dict[tuple[float, int], np.ndarray] = segs
         mkey = ("fits", kv_tokens)
         fits = self._cache.get(mkey)
         if fits is None:
             pr = np.zeros(n + 1)
             np.cumsum(self.req(kv_tokens), out=pr[1:])
             a_idx = np.arange(n + 1)
-            fits = self._cache[mkey] = (pr, pr[None, :] - pr[:, None], a_idx[:, None] < a_idx[None, :], {})
-        pr, seg_mem, valid, oks = fits
-        oks_: dict[int, np.ndarray] = oks
+            fits = self._cache[mkey] = (pr, pr[None, :] - pr[:, None], a_idx[:, None] < a_idx[None, :])
+        pr, seg_mem, valid = fits
         a_idx = np.arange(n + 1)
         first = order[0]
-        d = np.full(n + 1, np.inf)
-        d[1:] = np.where(pr[1:] <= self.mem[first], pc[first, 1:], np.inf)
         choice = np.full((s_count, n + 1), -1, dtype=np.int64)
-        comm = np.zeros(n + 1)
+        rows: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = \
+            self._cache.setdefault(("rows", unit, kv_tokens), {})
+        got = rows.get(order[:1])
+        if got is None:
+            d = np.full(n + 1, np.inf)
+            d[1:] = np.where(pr[1:] <= self.mem[first], pc[first, 1:], np.inf)
+            got = rows[order[:1]] = (d, choice[0].copy())
+        d = got[0]
         for s in range(1, s_count):
+            hit = rows.get(order[:s + 1])
+            if hit is not None:
+                d, choice[s] = hit
+                continue
             dev, prv = order[s], order[s - 1]
-            seg = segs_.get(dev)
-            if seg is None:
-                seg = segs_[dev] = pc[dev][None, :] - pc[dev][:, None]  # (a, b)
-            ok = oks_.get(dev)
-            if ok is None:
-                ok = oks_[dev] = valid & (seg_mem <= self.mem[dev])
+            seg = segs_.get((kv_tokens, dev))
+            if seg is None:  # (a, b): stage time of blocks [a, b) on dev; inf where they do not fit
+                seg = segs_[(kv_tokens, dev)] = np.where(valid & (seg_mem <= self.mem[dev]),
+                                                          pc[dev][None, :] - pc[dev][:, None], np.inf)
             bw = self.bw[prv, dev]
+            comm = np.zeros(n + 1)
             comm[1:] = 0.0 if np.isinf(bw) else self.rtt[prv, dev] / 2 + out_bytes / bw
-            cand = np.where(ok, np.maximum(np.maximum(d, comm)[:, None], seg), np.inf)  # (a, b)
+            cand = np.maximum(np.maximum(d, comm)[:, None], seg)  # (a, b)
             am = cand.argmin(axis=0)
             d = cand[am, a_idx]
             choice[s] = am
+            rows[order[:s + 1]] = (d, am)
         last = order[-1]
         bw = self.bw[last, first]
         ret = 0.0 if np.isinf(bw) else float(self.rtt[last, first] / 2 + ret_bytes / bw)
-        return split_partition(max(float(d[n]), ret), order, choice)
+        return split_partition(max(float(d[n]), ret), list(order), choice)
 
     def replica_perf(self, members: Sequence[int], role: Role) -> tuple[ReplicaPerf, tuple] | None:
         """DP split + performance of a replica of ``members`` (ordered); None if it cannot fit."""

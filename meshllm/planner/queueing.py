@@ -81,13 +81,18 @@ class ReplicaPerf:
     lat_mean: float = field(init=False)
     tau_l: list = field(init=False)  # ``tau`` and ``ahead`` as Python floats: the estimate
     ahead_l: list = field(init=False)  # reads them one at a time, thousands of times per GA run
+    res_l: list = field(init=False)  # (``res_m1``, ``res_m2``) per resource, Python floats
+    res_max: float = field(init=False)  # the largest ``res_m1`` (0 with no resources)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau_l", self.tau.tolist())
         object.__setattr__(self, "ahead_l", self.ahead.tolist())
-        object.__setattr__(self, "busy_mean", float(self.busy.mean()))
-        object.__setattr__(self, "busy_m2", float((self.busy * self.busy).mean()))
-        object.__setattr__(self, "lat_mean", float(self.lat.mean()))
+        object.__setattr__(self, "res_l", list(zip(self.res_m1.tolist(), self.res_m2.tolist(), strict=True)))
+        object.__setattr__(self, "res_max", float(self.res_m1.max()) if len(self.res_m1) else 0.0)
+        k = len(self.busy)  # (sum / count: numpy's mean, bit for bit, without its overhead)
+        object.__setattr__(self, "busy_mean", float(self.busy.sum()) / k)
+        object.__setattr__(self, "busy_m2", float((self.busy * self.busy).sum()) / k)
+        object.__setattr__(self, "lat_mean", float(self.lat.sum()) / len(self.lat))
 
 
 def erlang_c(c: int, a: float) -> float:
@@ -154,7 +159,7 @@ def _slot_wait(slots: int, load: float, lam: float, dec_work: float, cv2: float)
     return erlang_c(slots, load) * hold_mean / (slots - load) * (1 + cv2_hold) / 2
 
 
-def _pool_wait(lam: float, means: Sequence[float], m2s: Sequence[float], x: np.ndarray) -> float:
+def _pool_wait(lam: float, means: Sequence[float], m2s: Sequence[float], x: Sequence[float]) -> float:
     """Mean wait for a server in a pool of c servers that share one queue (the router's
     ``"start"`` policy: a prompt goes to whichever replica can start it first, never queues for
     one while another is free): M/G/c, Erlang C with the Allen–Cunneen correction, the servers'
@@ -165,14 +170,14 @@ def _pool_wait(lam: float, means: Sequence[float], m2s: Sequence[float], x: np.n
     if lam <= 0 or lam >= mu:
         return 0.0
     c = len(means)
-    es = float(np.dot(x, means))
-    es2 = float(np.dot(x, m2s))
+    es = float(sum(xi * s for xi, s in zip(x, means, strict=True)))
+    es2 = float(sum(xi * s2 for xi, s2 in zip(x, m2s, strict=True)))
     cv2 = max(es2 / (es * es) - 1, 0.0) if es > 0 else 0.0
     return erlang_c(c, c * lam / mu) * (1 + cv2) / 2 / (mu - lam)
 
 
 def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
-             tie_break: float = 1e-3) -> Estimate:
+             tie_break: float = 1e-3, figures: bool = True) -> Estimate:
     """Predicted figures and the GA fitness for ``perfs`` under ``workload``.
 
     ``kv_s[i, j]``: KV hand-off seconds for a mean-length prompt from replica i to replica j.
@@ -182,46 +187,50 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     Fitness = mean_wait_s + ``tie_break`` * mean_e2e_s when every server is below saturation
     (the small end-to-end term orders plans that all wait ~0 at light load), else
     OVERLOAD * (1 + worst utilisation) (:func:`overload_fitness`); INFEASIBLE-scaled when memory
-    or a phase is missing.
+    or a phase is missing. With ``figures=False`` (the GA's thousands of looks) only the
+    fitness, the waits and the worst utilisation are computed; the headline capacities,
+    throughput and latency are left unset.
+
+    The replicas are few (a handful per role), so the arithmetic runs on Python floats: at
+    these sizes each numpy call costs more than the loop it replaces.
     """
     lam = workload.arrival_rate
     eo1, cv2 = _decode_steps(workload.output_len)
     cv2_in = _cv2(workload.input_len)
     n_bad = sum(not p.feasible for p in perfs)
-    pre = [i for i, p in enumerate(perfs) if p.role == Role.PREFILL]
-    dec = [i for i, p in enumerate(perfs) if p.role == Role.DECODER]
-    both = [i for i, p in enumerate(perfs) if p.role == Role.BOTH]
+    pre = [p for p in perfs if p.role == Role.PREFILL]
+    dec = [p for p in perfs if p.role == Role.DECODER]
+    both = [p for p in perfs if p.role == Role.BOTH]
     if not perfs or n_bad or (pre and not dec) or (dec and not pre):
         return Estimate(INFEASIBLE * (1 + n_bad + (not perfs)), Predicted(), math.inf)
+    pre_i = [i for i, p in enumerate(perfs) if p.role == Role.PREFILL]
+    dec_i = [i for i, p in enumerate(perfs) if p.role == Role.DECODER]
 
     # --- capacities at zero load, to split the arrivals ----------------------------------
-    def _both_cap(b: int) -> float:
-        p = perfs[b]
-        return min(1 / p.busy_mean, p.batch / (p.lat_mean + eo1 * p.tau_l[p.batch]))
-
-    caps_both = {b: _both_cap(b) for b in both}
-    both_cap = caps_both.__getitem__
-
+    caps = [min(1 / p.busy_mean, p.batch / (p.lat_mean + eo1 * p.tau_l[p.batch])) for p in both]
+    n_pre, n_dec = len(pre), len(dec)
     if pre:
-        mu = np.array([1 / perfs[i].busy_mean for i in pre])
-        x = mu / mu.sum()  # prefill shares inside the pool
-        lat_p = np.array([perfs[i].lat_mean for i in pre])
-        kv = np.array([[float(kv_s[i, j]) for j in dec] for i in pre])  # (P, D)
+        mu = [1 / p.busy_mean for p in pre]
+        mu_sum = sum(mu)
+        x = [v / mu_sum for v in mu]  # prefill shares inside the pool
+        lat_p = [p.lat_mean for p in pre]
+        kv = [[float(kv_s[i, j]) for j in dec_i] for i in pre_i]  # (P, D)
+        full = [eo1 * p.tau_l[p.batch] for p in dec]
 
-        def decode_shares(hold0: np.ndarray) -> tuple[np.ndarray, float]:
-            cap = np.array([perfs[j].batch / (hold0[r] + eo1 * perfs[j].tau_l[perfs[j].batch])
-                            for r, j in enumerate(dec)])
-            tot = float(cap.sum())
-            return (cap / tot if tot > 0 and np.isfinite(tot) else np.full(len(dec), 1 / len(dec))), tot
+        def decode_shares(hold0: list[float]) -> tuple[list[float], float]:
+            cap = [p.batch / (h + f) for p, h, f in zip(dec, hold0, full, strict=True)]
+            tot = sum(cap)
+            if tot > 0 and math.isfinite(tot):
+                return [c / tot for c in cap], tot
+            return [1 / n_dec] * n_dec, tot
 
-        y, dec_cap_pool = decode_shares(x @ (lat_p[:, None] + kv))
-        pool_cap = min(float(mu.sum()), dec_cap_pool)
-    else:
-        pool_cap = 0.0
-    caps = np.array([both_cap(b) for b in both] + ([pool_cap] if pre else []))
-    share = caps / caps.sum() if caps.sum() > 0 else np.full(len(caps), 1 / len(caps))
+        y, dec_cap_pool = decode_shares([sum([x[q] * (lat_p[q] + kv[q][r]) for q in range(n_pre)])
+                                         for r in range(n_dec)])
+        caps.append(min(mu_sum, dec_cap_pool))
+    cap_sum = sum(caps)
+    share = [c / cap_sum for c in caps] if cap_sum > 0 else [1 / len(caps)] * len(caps)
 
-    utils: list[float] = []
+    max_util = 0.0
     wait = ttft = e2e = 0.0
 
     # --- BOTH replicas: one queue for their prompts, one pool of their slots -----------------
@@ -234,32 +243,30 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
     b_lam, b_mean, b_m2, b_extra, b_lat, b_dec = [], [], [], [], [], []
     b_slots, b_load, b_work = 0, 0.0, 0.0
     b_ok, b_rho = True, 0.0
-    for k, b in enumerate(both):
-        p = perfs[b]
+    for k, p in enumerate(both):
         lam_b = lam * share[k]
         # the prompt load on the slowest resource, and on each resource: a resource's mean is
         # at most the pipeline's bottleneck in exact arithmetic, but the two are summed in
         # different orders, and near saturation one can round to >= 1 while the other is < 1
-        rho_r = lam_b * p.res_m1
-        rho = max(lam_b * p.busy_mean, float(rho_r.max()) if len(rho_r) else 0.0)
-        utils.append(rho)
+        rho = max(lam_b * p.busy_mean, lam_b * p.res_max)
+        max_util = max(max_util, rho)
         if rho >= 1:
             # past saturation the offered load still counts on the slots too (at a full batch),
             # so the worst utilisation keeps growing with the rate whichever resource binds
-            utils.append(lam_b * (p.lat_mean + eo1 * p.tau_l[p.batch]) / p.batch)
+            max_util = max(max_util, lam_b * (p.lat_mean + eo1 * p.tau_l[p.batch]) / p.batch)
             b_ok = False
             continue
         # every token's micro-batch meets the prompts at each resource (device compute, link)
         # first come first served: it waits for the prompt work queued there, the M/G/1 wait of
         # that resource under the prompt load alone (a 12 MB activation over 50 Mb/s holds a
         # link for 2 s, and every token behind it waits)
-        hol = float(np.sum(lam_b * p.res_m2 / (2 * (1 - rho_r)))) if len(rho_r) else 0.0
+        hol = sum([lam_b * m2 / (2 * (1 - lam_b * m1)) for m1, m2 in p.res_l])
         n = _decode_occupancy(lam_b, p.lat_mean + eo1 * hol, eo1, p.tau_l, p.batch)
         s_dec = eo1 * (_tau_at(p.tau_l, n) + hol)
         a = lam_b * (p.lat_mean + s_dec)
-        utils.append(a / p.batch)
+        max_util = max(max_util, a / p.batch)
         # a prompt queues behind the decode micro-batches at its replica's bottleneck stage
-        extra = _tau_at(p.ahead_l, n) * min(1.0, a) if len(p.ahead) > 1 and eo1 > 0 else 0.0
+        extra = _tau_at(p.ahead_l, n) * min(1.0, a) if len(p.ahead_l) > 1 and eo1 > 0 else 0.0
         b_rho = rho  # (the one replica's, read when there is only one)
         b_lam.append(lam_b)
         b_mean.append(p.busy_mean)
@@ -275,7 +282,7 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
         if len(both) == 1:  # Pollaczek–Khinchine, its own M/G/1 queue (what _pool_wait gives for one)
             wq_B = lam_B * b_m2[0] / (2 * (1 - b_rho))
         else:
-            xb = np.array(b_lam) / lam_B if lam_B > 0 else np.full(len(b_lam), 1 / len(b_lam))
+            xb = [v / lam_B for v in b_lam] if lam_B > 0 else [1 / len(b_lam)] * len(b_lam)
             wq_B = _pool_wait(lam_B, b_mean, b_m2, xb)
         wq_B += _slot_wait(b_slots, b_load, lam_B, b_work, cv2)
         for k in range(len(both)):
@@ -285,70 +292,77 @@ def estimate(perfs: Sequence[ReplicaPerf], workload: Workload, kv_s: np.ndarray,
             e2e += share[k] * (wq + b_lat[k] + b_dec[k])
 
     # --- the prefill/decoder pool -------------------------------------------------------------
-    handoff = 0.0
     if pre:
         lam_pd = lam * share[-1]
-        rho_p = lam_pd * x * np.array([perfs[i].busy_mean for i in pre])
-        utils.extend(rho_p.tolist())
-        wq_p = np.array([lam_pd * x[q] * perfs[i].busy_m2 / (2 * (1 - rho_p[q])) if rho_p[q] < 1 else 0.0
-                         for q, i in enumerate(pre)])
+        rho_p = [lam_pd * x[q] * p.busy_mean for q, p in enumerate(pre)]
+        max_util = max(max_util, *rho_p)
 
-        def link_wait(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def link_wait(y: list[float]) -> tuple[list[list[float]], float]:
             # each (prefill, decoder) pair's hand-offs queue first come first served on the
             # links between them: M/G/1 per pair, the transfer varying with the prompt length
-            rho = lam_pd * x[:, None] * y[None, :] * kv
-            with np.errstate(divide="ignore", invalid="ignore"):
-                w = np.where(rho < 1, rho * kv * (1 + cv2_in) / (2 * (1 - rho)), 0.0)
-            return rho, w
+            w, top = [], 0.0
+            for q in range(n_pre):
+                row = []
+                for r in range(n_dec):
+                    t = kv[q][r]
+                    rho = lam_pd * x[q] * y[r] * t
+                    top = max(top, rho)
+                    row.append(rho * t * (1 + cv2_in) / (2 * (1 - rho)) if rho < 1 else 0.0)
+                w.append(row)
+            return w, top
+
+        def holds(w: list[list[float]]) -> list[float]:
+            return [sum([x[q] * (lat_p[q] + kv[q][r] + w[q][r]) for q in range(n_pre)]) for r in range(n_dec)]
 
         # a decoder's KV room is reserved when the prompt is admitted (the simulator and the
         # router bind the decoder then): a slot is held for the prefill pass and the hand-off
-        rho_kv, w_kv = link_wait(y)
-        hold0 = x @ (lat_p[:, None] + kv + w_kv)  # (D,)
-        y, _ = decode_shares(hold0)
-        rho_kv, w_kv = link_wait(y)
-        hold0 = x @ (lat_p[:, None] + kv + w_kv)
-        utils.extend(rho_kv.ravel().tolist())
-        s_d = np.zeros(len(dec))
+        w_kv, _ = link_wait(y)
+        y, _ = decode_shares(holds(w_kv))
+        w_kv, top = link_wait(y)
+        hold0 = holds(w_kv)
+        max_util = max(max_util, top)
+        s_d = [0.0] * n_dec
         slots, load, dec_work = 0, 0.0, 0.0
-        for q, j in enumerate(dec):
-            p = perfs[j]
+        for q, p in enumerate(dec):
             lam_j = lam_pd * y[q]
-            n = _decode_occupancy(lam_j, float(hold0[q]), eo1, p.tau_l, p.batch)
+            n = _decode_occupancy(lam_j, hold0[q], eo1, p.tau_l, p.batch)
             s_d[q] = eo1 * _tau_at(p.tau_l, n)
             a = lam_j * (hold0[q] + s_d[q])
-            utils.append(a / p.batch)
+            max_util = max(max_util, a / p.batch)
             slots += p.batch
             load += a
             dec_work += lam_j * s_d[q]
         # the router takes any decoder with room: the decoders' slots form one pool
         # the router starts a prompt on whichever PREFILL replica can start it first: the
         # replicas are one multi-server queue, not each its own (see :func:`_pool_wait`)
-        wq_pre = float(x @ wq_p) if len(pre) == 1 else _pool_wait(
-            lam_pd, [perfs[i].busy_mean for i in pre], [perfs[i].busy_m2 for i in pre], x)
+        if n_pre == 1:
+            wq_pre = lam_pd * pre[0].busy_m2 / (2 * (1 - rho_p[0])) if rho_p[0] < 1 else 0.0
+        else:
+            wq_pre = _pool_wait(lam_pd, [p.busy_mean for p in pre], [p.busy_m2 for p in pre], x)
         wq = wq_pre + _slot_wait(slots, load, lam_pd, dec_work, cv2)
-        handoff = float(x @ (kv + w_kv) @ y)
+        lat_x = sum([xq * lq for xq, lq in zip(x, lat_p, strict=True)])
+        handoff = sum([y[r] * sum([x[q] * (kv[q][r] + w_kv[q][r]) for q in range(n_pre)])
+                        for r in range(n_dec)])
         wait += share[-1] * wq
-        ttft += share[-1] * (wq + float(x @ lat_p))
-        e2e += share[-1] * (wq + float(x @ lat_p) + handoff + float(y @ s_d))
-    max_util = max(utils) if utils else 0.0
+        ttft += share[-1] * (wq + lat_x)
+        e2e += share[-1] * (wq + lat_x + handoff + sum([yr * sr for yr, sr in zip(y, s_d, strict=True)]))
+    overloaded = max_util >= 1
+    fitness = overload_fitness(max_util) if overloaded else wait + tie_break * e2e
+    if not figures:
+        return Estimate(float(fitness), Predicted(), float(max_util))
 
     # --- headline figures ------------------------------------------------------------------
-    fronts = pre + both
-    pre_cap = float(sum(1 / perfs[i].busy_mean for i in fronts))
-    decs = dec + both
-    dec_cap = float(sum(both_cap(b) for b in both)) + (dec_cap_pool if pre else 0.0)
-    thr = float(sum(perfs[j].batch / perfs[j].tau_l[perfs[j].batch] for j in decs))
-    paths = [(perfs[b].lat_mean + eo1 * perfs[b].tau_l[1]) / (eo1 + 1) for b in both]
+    pre_cap = sum([1 / p.busy_mean for p in pre + both])
+    dec_cap = sum(caps[:len(both)]) + (dec_cap_pool if pre else 0.0)
+    thr = sum([p.batch / p.tau_l[p.batch] for p in dec + both])
+    paths = [(p.lat_mean + eo1 * p.tau_l[1]) / (eo1 + 1) for p in both]
     paths += [(perfs[i].lat_mean + float(kv_s[i, j]) + eo1 * perfs[j].tau_l[1]) / (eo1 + 1)
-              for i in pre for j in dec]
-    overloaded = max_util >= 1
+              for i in pre_i for j in dec_i]
     pred = Predicted(latency_ms_per_token=min(paths) * 1000, throughput_tps=thr,
                      prefill_capacity_rps=pre_cap, decode_capacity_rps=dec_cap,
                      mean_wait_s=math.inf if overloaded else float(wait),
                      mean_ttft_s=math.inf if overloaded else float(ttft),
                      mean_e2e_s=math.inf if overloaded else float(e2e))
-    fitness = overload_fitness(max_util) if overloaded else wait + tie_break * e2e
     return Estimate(float(fitness), pred, float(max_util))
 
 
