@@ -134,6 +134,32 @@ def test_step_cost_drafts_only_what_pays() -> None:
     assert not trip.plain_due()
 
 
+def test_step_cost_separates_what_drafting_at_all_costs_from_each_draft() -> None:
+    # a 40 ms trip; carrying drafts at all 3 ms more, each draft 4 ms (a 3-stage mesh's figures)
+    c = StepCost()
+    c.observe(0, 0.040)
+    c.observe(1, 0.047)
+    assert c.f == 0 and c.c == pytest.approx(0.007)  # one count seen: the extra time is all C
+    for _ in range(5):
+        for d in (1, 2, 4):
+            c.observe(d, 0.040 + 0.003 + 0.004 * d)
+    assert c.f == pytest.approx(0.003) and c.c == pytest.approx(0.004)
+    assert c.cost(0) == pytest.approx(0.040) and c.cost(3) == pytest.approx(0.055)
+    # one draft at 17 % does not pay for the 7 ms it costs (a line through D = 4 alone, C = 4.75 ms,
+    # would have drafted it); four drafts of a long copy do
+    assert c.best_k(4, 0.17) == 0 and c.best_k(4, 0.9) == 4
+    only4 = StepCost()
+    only4.observe(0, 0.040)
+    only4.observe(4, 0.059)
+    assert only4.best_k(4, 0.17) == 1
+    # extra time that falls with more drafts fits no line: the mean cost per draft, F = 0
+    odd = StepCost()
+    odd.observe(0, 0.040)
+    odd.observe(1, 0.050)
+    odd.observe(3, 0.046)
+    assert odd.f == 0 and odd.c is not None and 0 < odd.c < 0.010
+
+
 def test_step_cost_weighs_a_draft_against_the_whole_batch() -> None:
     # one pass: a plain step 20 ms, each draft 3.5 ms more (SmolLM2 int4, one node)
     c = StepCost()

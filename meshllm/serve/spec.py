@@ -25,15 +25,16 @@ accepted count after a miss, and to 0 after ``patience`` drafted steps in a row 
 then it tries one draft again after ``backoff`` steps (text turns repetitive later, e.g. a list).
 
 ``StepCost`` is what a ring's step costs, measured at its stage 0 from the time a step takes to come
-back (the core's ``now``, no clock): ``T = T1 + C * D`` for a step that carries ``D`` drafts in
-all (every row's positions run in one pass; a draft adds one row to every matrix product), ``T1``
-the step without drafts. The rows of a step are given drafts one after another, each the ``k``
-(up to its adapted length) that maximises the step's expected tokens per second,
-``(N + E + a + a^2 + ... + a^k) / (T1 + C (D + k))``: ``N`` the rows (a token each), ``E`` and
-``D`` the expected kept drafts and the drafts of the rows before, ``a`` the row's measured chance
-that a draft holds for the match its proposal continues (up to ``max_k``, whatever ``k`` says). A draft pays when its chance beats the step's cost per token: on one stream
-where the trip or the weights' streaming dominate (``C`` small against ``T1``), not in a batch
-whose compute already grows with every row (8 rows: ``a`` must beat about ``8 C / T1``).
+back (the core's ``now``, no clock): ``T = T1 + F + C * D`` for a step that carries ``D > 0``
+drafts in all (every row's positions run in one pass; a draft adds one row to every matrix
+product; ``F`` what carrying drafts at all costs), ``T1`` the step without drafts. The rows of
+a step are given drafts one after another, each the ``k`` (up to ``max_k``) that maximises the
+step's expected tokens per second, ``(N + E + a + a^2 + ... + a^k) / (T1 + F + C (D + k))``: ``N``
+the rows (a token each), ``E`` and ``D`` the expected kept drafts and the drafts of the rows
+before, ``a`` the row's measured chance that a draft holds for the match its proposal continues.
+A draft pays when its chance beats the step's cost per token: on one stream where the trip or
+the weights' streaming dominate (``F + C`` small against ``T1``), not in a batch whose compute
+already grows with every row (8 rows: ``a`` must beat about ``8 C / T1``).
 
 A second proposer (a small draft model running beside stage 0) fits the same shape: anything with
 ``propose(k) -> tuple[int, ...]``, ``extend(tokens)`` and ``matched`` (the class its confidence
@@ -194,16 +195,24 @@ def expected_kept(k: int, hold: float) -> float:
 
 
 class StepCost:
-    """A ring's step time as ``T1 + C * D`` (``D``: the drafts the step carried, all rows), from
-    steps measured at its stage 0; exponentially weighted, so it follows load."""
+    """A ring's step time as ``T1 + F + C * D`` for a step that carries ``D > 0`` drafts (all rows),
+    ``T1`` without drafts, from steps measured at its stage 0; exponentially weighted, so it follows
+    load. ``F`` is what carrying drafts at all costs (positions as rows through every stage, larger
+    frames, a token sent per kept draft), ``C`` each draft: a line through the extra time measured
+    at each draft count, weighted by how often each was seen (``F`` 0 while one count was seen)."""
 
-    PLAIN_EVERY = 32  # steps after which one without drafts is due (to measure ``O + C`` afresh)
+    PLAIN_EVERY = 32  # steps after which one without drafts is due (to measure ``T1`` afresh)
+    SEEN_CAP = 8.0  # a draft count's weight in the line: steps seen, up to this,
+    FADE = 0.97  # and fading with every step of another count
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
         self.t1: float | None = None  # a step of one position per row
         self.c: float | None = None  # each draft
+        self.f = 0.0  # a step that carries drafts at all
         self.since_plain = 0
+        self._extra: dict[int, float] = {}  # draft count -> its steps' time beyond T1
+        self._seen: dict[int, float] = {}
 
     def _ema(self, old: float | None, x: float) -> float:
         return x if old is None else old + self.weight * (x - old)
@@ -217,8 +226,29 @@ class StepCost:
             self.since_plain = 0
             return
         self.since_plain += 1
-        if self.t1 is not None:
-            self.c = self._ema(self.c, max(0.0, (seconds - self.t1) / drafts))
+        if self.t1 is None:
+            return
+        self._extra[drafts] = self._ema(self._extra.get(drafts), max(0.0, seconds - self.t1))
+        for d in self._seen:  # counts not seen lately fade from the line
+            self._seen[d] *= self.FADE
+        self._seen[drafts] = min(self.SEEN_CAP, self._seen.get(drafts, 0.0) + 1.0)
+        self._fit()
+
+    def _fit(self) -> None:
+        w = sum(self._seen.values())
+        md = sum(n * d for d, n in self._seen.items()) / w
+        me = sum(n * self._extra[d] for d, n in self._seen.items()) / w
+        var = sum(n * (d - md) ** 2 for d, n in self._seen.items())
+        c = sum(n * (d - md) * (self._extra[d] - me) for d, n in self._seen.items()) / var if var > 0 else -1.0
+        f = me - c * md
+        if c < 0 or f < 0:  # one count seen, or a line that does not fit the model: C alone
+            c, f = me / md, 0.0
+        self.c, self.f = c, f
+
+    def cost(self, drafts: int) -> float:
+        """A step's expected time with ``drafts`` drafts (``T1`` and ``C`` measured)."""
+        assert self.t1 is not None and self.c is not None
+        return self.t1 + (self.f + self.c * drafts if drafts > 0 else 0.0)
 
     def plain_due(self) -> bool:
         """No one-position step measured lately: the next step should carry no drafts."""
@@ -233,13 +263,11 @@ class StepCost:
             return 0
         if self.t1 is None or self.c is None:
             return cap
-        c = max(self.c, 1e-9)
-        t1 = max(self.t1, c)
-        best_k, best, p = 0, tokens / (t1 + c * drafts), 1.0
+        best_k, best, p = 0, tokens / max(self.cost(drafts), 1e-9), 1.0
         for k in range(1, cap + 1):
             p *= hold
             tokens += p
-            rate = tokens / (t1 + c * (drafts + k))
+            rate = tokens / max(self.cost(drafts + k), 1e-9)
             if rate > best * 1.02:  # a draft must pay clearly, not by noise
                 best_k, best = k, rate
         return best_k
