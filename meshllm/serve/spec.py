@@ -129,7 +129,9 @@ def match_class(matched: int) -> int:
 
 @dataclass(slots=True)
 class DraftLength:
-    """A request's draft length ``k``, adapted to how many of its drafts the head accepts."""
+    """A request's chance that a draft holds, per class of the match behind it, and its draft
+    length ``k`` (for a node that does not weigh the cost), adapted to how many of its drafts the
+    head accepts."""
 
     max_k: int
     k: int = 0
