@@ -16,7 +16,7 @@ from test_serve import PLANS, reference, settled
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.sampling import SamplingParams
 from meshllm.serve.config import ServeConfig
-from meshllm.serve.spec import DraftLength, PromptLookup, StepCost, expected_kept
+from meshllm.serve.spec import MATCH_CLASSES, DraftLength, PromptLookup, StepCost, expected_kept, match_class
 
 # drafts at the length adapted to acceptance, whatever the steps cost here: every test drafts
 ON = ServeConfig(speculate=True, spec_cost_aware=False)
@@ -57,6 +57,47 @@ def test_prompt_lookup_continues_the_latest_match_of_the_longest_suffix() -> Non
     assert p2.propose(4) == (8, 7)  # "7" occurred at 0, continued by what followed, up to the end
 
 
+def test_prompt_lookup_follows_the_occurrence_whose_match_reaches_furthest_back() -> None:
+    # "1 2 3" continued with 4 after "5 1 2 3", and later with 6 after "8 1 2 3"
+    p = PromptLookup([5, 1, 2, 3, 4, 8, 1, 2, 3, 6])
+    p.extend([5, 1, 2, 3])
+    assert p.propose(3) == (4, 8, 1)  # the copy of "5 1 2 3", not the most recent "1 2 3"
+    assert p.matched == 4  # beyond the 3-gram it looked up
+    p.extend([4, 9])
+    assert p.propose(2) == () and p.matched == 0  # "9" never occurred before
+    p.extend([1, 2, 3])
+    assert p.propose(1) == (4,) and p.matched == 3  # every "1 2 3" reaches 3 back: the latest wins
+    short = PromptLookup([5, 1, 2, 3, 4, 8, 1, 2, 3, 6], candidates=1)
+    short.extend([5, 1, 2, 3])
+    assert short.propose(1) == (6,) and short.matched == 3  # only the latest occurrence considered
+    capped = PromptLookup(list(range(10, 40)) + list(range(10, 39)), max_match=5)
+    assert capped.propose(1) == (39,) and capped.matched == 5
+    with pytest.raises(ValueError):
+        PromptLookup([1], candidates=0)
+
+
+def test_a_draft_that_continues_a_long_match_is_trusted_more() -> None:
+    d = DraftLength(4)
+    assert [match_class(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 60)] == [0, 0, 1, 2, 2, 3, 3, 4, 4]
+    assert d.hold_rate(1) == 0.5 and d.hold_rate() == 0.5  # the prior of a one-token match
+    assert d.hold_rate(1) < d.hold_rate(2) < d.hold_rate(4) < d.hold_rate(8) < d.hold_rate(30) < 1
+    for _ in range(4):
+        d.update(1, 0, matched=1)  # single-token matches keep failing (free text)
+    assert d.hold_rate(1) < 0.25
+    assert d.hold_rate(12) == MATCH_CLASSES[4] / (MATCH_CLASSES[4] + 1)  # a long copy is judged apart
+    for _ in range(4):
+        d.update(4, 4, matched=12)
+    assert d.hold_rate(12) > 0.95
+    d.update(4, 1, matched=12)  # a copy that diverged: its class learns it
+    assert d.hold_rate(12) < 0.95 and d.hold_rate(1) < 0.25
+    # with a draft costing a fifth of a step, a one-token match that keeps failing drafts nothing,
+    # a long copy drafts the whole length
+    c = StepCost()
+    c.observe(0, 0.020)
+    c.observe(4, 0.036)
+    assert c.best_k(4, d.hold_rate(1)) == 0 and c.best_k(4, d.hold_rate(30)) == 4
+
+
 def test_draft_length_grows_on_hits_and_drops_to_zero_on_misses() -> None:
     d = DraftLength(4)
     assert d.want() == 4
@@ -91,6 +132,32 @@ def test_step_cost_drafts_only_what_pays() -> None:
     assert trip.plain_due()  # time to measure a step without drafts again
     trip.observe(0, 0.1)
     assert not trip.plain_due()
+
+
+def test_step_cost_separates_what_drafting_at_all_costs_from_each_draft() -> None:
+    # a 40 ms trip; carrying drafts at all 3 ms more, each draft 4 ms (a 3-stage mesh's figures)
+    c = StepCost()
+    c.observe(0, 0.040)
+    c.observe(1, 0.047)
+    assert c.f == 0 and c.c == pytest.approx(0.007)  # one count seen: the extra time is all C
+    for _ in range(5):
+        for d in (1, 2, 4):
+            c.observe(d, 0.040 + 0.003 + 0.004 * d)
+    assert c.f == pytest.approx(0.003) and c.c == pytest.approx(0.004)
+    assert c.cost(0) == pytest.approx(0.040) and c.cost(3) == pytest.approx(0.055)
+    # one draft at 17 % does not pay for the 7 ms it costs (a line through D = 4 alone, C = 4.75 ms,
+    # would have drafted it); four drafts of a long copy do
+    assert c.best_k(4, 0.17) == 0 and c.best_k(4, 0.9) == 4
+    only4 = StepCost()
+    only4.observe(0, 0.040)
+    only4.observe(4, 0.059)
+    assert only4.best_k(4, 0.17) == 1
+    # extra time that falls with more drafts fits no line: the mean cost per draft, F = 0
+    odd = StepCost()
+    odd.observe(0, 0.040)
+    odd.observe(1, 0.050)
+    odd.observe(3, 0.046)
+    assert odd.f == 0 and odd.c is not None and 0 < odd.c < 0.010
 
 
 def test_step_cost_weighs_a_draft_against_the_whole_batch() -> None:

@@ -238,6 +238,7 @@ class Member:
     length: DraftLength | None = None
     drafts: tuple[int, ...] = ()  # the drafts of the step in flight
     guessed: bool = False  # they came from the lookup (not a resumed request's replay)
+    matched: int = 0  # the length of the match the lookup's drafts continue
 
 
 class Ring:
@@ -518,7 +519,7 @@ class StageCore:
         for mem in mems:
             mem.drafts, mem.guessed = ((), False) if plain else self._drafts(ring, mem, expect, planned)
             planned += len(mem.drafts)
-            expect += (expected_kept(len(mem.drafts), mem.length.hold_rate()) if mem.guessed and mem.length
+            expect += (expected_kept(len(mem.drafts), mem.length.hold_rate(mem.matched)) if mem.guessed and mem.length
                        else len(mem.drafts))  # a replay's drafts are all kept
         counts = [1 + len(mem.drafts) for mem in mems]
         ring.sent[micro] = (self.now, planned)
@@ -540,12 +541,18 @@ class StageCore:
             return (), False
         if mem.index + 1 < len(mem.replay):
             return tuple(mem.replay[mem.index + 1:mem.index + 1 + min(room, mem.length.max_k)]), False
-        k = min(room, mem.length.want())
-        if self.config.spec_cost_aware:
-            k = ring.cost.best_k(k, mem.length.hold_rate(), expect, planned)
-        if k <= 0 or mem.lookup is None:
+        if mem.lookup is None:
             return (), False
-        return mem.lookup.propose(k), True
+        if not self.config.spec_cost_aware:
+            k = min(room, mem.length.want())
+            drafts = mem.lookup.propose(k) if k > 0 else ()
+            mem.matched = mem.lookup.matched
+            return (drafts, True) if drafts else ((), False)
+        # what pays: the proposal at full length, cut to the k that pays for the match behind it
+        drafts = mem.lookup.propose(min(room, mem.length.max_k))
+        mem.matched = mem.lookup.matched
+        k = ring.cost.best_k(len(drafts), mem.length.hold_rate(mem.matched), expect, planned)
+        return (drafts[:k], True) if k > 0 else ((), False)
 
     def _fwd_op(self, m: DecodeBatch, ref: StageRef, runner: Any) -> DecodeOp | None:
         seqs: list[str] = []
@@ -1073,7 +1080,7 @@ class StageCore:
             a = min(max(0, int(accepted[i])), len(mem.drafts)) if accepted else 0
             if mem.drafts:
                 if mem.guessed and mem.length is not None:
-                    mem.length.update(len(mem.drafts), a)
+                    mem.length.update(len(mem.drafts), a, mem.matched)
                     self.stats["spec_rows"] += 1
                     self.stats["spec_drafted"] += len(mem.drafts)
                     self.stats["spec_accepted"] += a
