@@ -688,6 +688,67 @@ def test_a_pass_of_several_positions_equals_one_position_steps_bitwise(
         _one_pass_cases(m, r)
 
 
+def test_attention_products_rows_do_not_depend_on_how_many_there_are() -> None:
+    """What the rewritten attention stands on: onnxruntime's MatMul (MLAS's blocked kernel) gives
+    each row of A the same bytes whatever M >= 2 is, for q.Kt (K = head_dim, N = T, scaled) and
+    P.V (K = T), at attended lengths around MLAS's block edges; M = 1 does not (its own kernel)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def session(trans_b: bool) -> ort.InferenceSession:
+        nodes = [helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 1, 3, 2])] if trans_b else []
+        nodes += [helper.make_node("MatMul", ["a", "bt" if trans_b else "b"], ["p"]),
+                  helper.make_node("Mul", ["p", "s"], ["y"])]
+        f = TensorProto.FLOAT
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", f, ["B", "H", "M", "K"]),
+                                           helper.make_tensor_value_info("b", f, ["B", "H", "X", "Y"])],
+                              [helper.make_tensor_value_info("y", f, None)],
+                              [numpy_helper.from_array(np.array(0.125 if trans_b else 1.0, np.float32), "s")])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        return ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+                                    .SerializeToString(), so)
+
+    scores, pv = session(True), session(False)
+    rng = np.random.default_rng(11)
+    for T in (1, 2, 7, 31, 64, 127, 128, 129, 255, 256, 257, 300, 1023, 1024, 1025):
+        q = rng.standard_normal((2, 3, 12, 64)).astype(np.float32)
+        keys = rng.standard_normal((2, 3, T, 64)).astype(np.float32)
+        probs = rng.random((2, 3, 12, T)).astype(np.float32)
+        values = rng.standard_normal((2, 3, T, 64)).astype(np.float32)
+        full_s = scores.run(None, {"a": q, "b": keys})[0]
+        full_p = pv.run(None, {"a": probs, "b": values})[0]
+        for m in (2, 3, 5, 6, 9):
+            for off in (0, 3, 12 - m):
+                a, b = slice(off, off + m), slice(off, off + m)
+                np.testing.assert_array_equal(scores.run(None, {"a": q[:, :, a].copy(), "b": keys})[0], full_s[:, :, b])
+                np.testing.assert_array_equal(pv.run(None, {"a": probs[:, :, a].copy(), "b": values})[0], full_p[:, :, b])
+    one = pv.run(None, {"a": probs[:, :, :1].copy(), "b": values})[0]
+    assert not np.array_equal(one, full_p[:, :, :1])  # the test can tell kernels apart
+
+
+def test_a_pass_equals_steps_over_a_long_context(tmp_path: Path, tiny_weights, tiny_config) -> None:
+    """Attended lengths across the matrix kernels' block edges (T of 250..262), passes of 2..6."""
+    from dataclasses import replace
+
+    from meshllm.model.export import export_model
+
+    cfg = replace(tiny_config, max_position=300)
+    m = export_model(tiny_weights, cfg, tmp_path / "m", name="t", progress=False)
+    r = StageRunner(m, 0, cfg.num_blocks, threads=2, max_seqs=3)
+    prompt, toks = _ids(m, 250, 8), _ids(m, 6, 9)
+    for s in ("steps", "pass", "short"):
+        r.alloc(s, 300)
+        r.prefill(s, prompt)
+    steps = [r.decode(["steps"], toks[i:i + 1])[0].copy() for i in range(6)]
+    for n in range(2, 7):
+        out, ok, _ = r.decode_rows(["pass", "short"], np.concatenate([toks[:n], toks[:1]]), counts=[n, 1])
+        assert ok == [0, 1]
+        np.testing.assert_array_equal(out, np.stack(steps[:n] + steps[:1]))
+        r.truncate("pass", 250)
+        r.truncate("short", 250)
+
+
 def test_int4_exact_does_not_claim_one_pass_exactness(tmp_path: Path, tiny_weights, tiny_config) -> None:
     from meshllm.model.export import export_model
 
