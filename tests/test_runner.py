@@ -647,7 +647,7 @@ def test_weight_bytes_resident_counts_weights_as_they_sit_in_memory(tmp_path: Pa
 
 # --- several positions per row in one pass (speculation's verification) -------------------------------
 
-def _one_pass_cases(m: Manifest, r: StageRunner) -> None:
+def _one_pass_cases(m: Manifest, r: StageRunner, prefill: bool = True) -> None:
     """Logits of positions computed in one pass (prefill of several, rows of different counts and
     lengths in one ``decode_rows``) equal, bit for bit, the same positions decoded one at a time."""
     prompt, toks = _ids(m, 7, 3), _ids(m, 8, 4)
@@ -657,8 +657,13 @@ def _one_pass_cases(m: Manifest, r: StageRunner) -> None:
     for s in ("pass", "c5", "c1", "late", "b1", "b2"):
         r.alloc(s, 20)
         r.prefill(s, prompt)
-    np.testing.assert_array_equal(r.prefill("pass", toks[:6], last_only=False), np.stack(steps[:6]))
-    r.prefill("late", toks[:2], last_only=False)  # a longer row in the same pass
+    if prefill:
+        np.testing.assert_array_equal(r.prefill("pass", toks[:6], last_only=False), np.stack(steps[:6]))
+    if prefill:
+        r.prefill("late", toks[:2], last_only=False)  # a longer row in the same pass
+    else:  # GroupQueryAttention's prefill of several positions rounds differently from steps
+        for i in range(2):
+            r.decode(["late"], toks[i:i + 1])
     x = np.concatenate([toks[:5], toks[:1], toks[2:5]])
     out, ok, errors = r.decode_rows(["c5", "c1", "late"], x, counts=[5, 1, 3])
     assert ok == [0, 1, 2] and not errors
@@ -683,9 +688,19 @@ def test_a_pass_of_several_positions_equals_one_position_steps_bitwise(
     m = export_model(w, cfg, tmp_path / "m", name="t", weight_dtype=dtype, progress=False,
                      **({"int4_mode": mode} if mode else {}))
     for fuse in (True, False):
-        r = StageRunner(m, 0, cfg.num_blocks, threads=2, fuse=fuse)
+        r = StageRunner(m, 0, cfg.num_blocks, threads=2, fuse=fuse, one_pass=True)
         assert r.one_pass_exact
         _one_pass_cases(m, r)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per-block"])
+def test_without_one_pass_a_pass_runs_as_one_position_steps(tiny_manifest: Manifest, fuse: bool) -> None:
+    """The block files' GroupQueryAttention (the default): rows of several positions are still
+    the positions of one-position steps, bit for bit, run as those steps; it claims no one-pass
+    exactness, so the serving core does not count on one pass."""
+    r = StageRunner(tiny_manifest, 0, tiny_manifest.config.num_blocks, threads=2, fuse=fuse)
+    assert not r.one_pass and not r.one_pass_exact
+    _one_pass_cases(tiny_manifest, r, prefill=False)
 
 
 def test_attention_products_rows_do_not_depend_on_how_many_there_are() -> None:
@@ -735,7 +750,7 @@ def test_a_pass_equals_steps_over_a_long_context(tmp_path: Path, tiny_weights, t
 
     cfg = replace(tiny_config, max_position=300)
     m = export_model(tiny_weights, cfg, tmp_path / "m", name="t", progress=False)
-    r = StageRunner(m, 0, cfg.num_blocks, threads=2, max_seqs=3)
+    r = StageRunner(m, 0, cfg.num_blocks, threads=2, max_seqs=3, one_pass=True)
     prompt, toks = _ids(m, 250, 8), _ids(m, 6, 9)
     for s in ("steps", "pass", "short"):
         r.alloc(s, 300)
@@ -754,7 +769,7 @@ def test_int4_exact_does_not_claim_one_pass_exactness(tmp_path: Path, tiny_weigh
 
     m = export_model(tiny_weights, tiny_config, tmp_path / "m", name="t", weight_dtype="int4",
                      int4_mode="exact", progress=False)
-    assert not StageRunner(m, 0, tiny_config.num_blocks, threads=1).one_pass_exact
+    assert not StageRunner(m, 0, tiny_config.num_blocks, threads=1, one_pass=True).one_pass_exact
 
 
 def test_decode_rows_with_counts_checks_them(tiny_manifest: Manifest) -> None:
