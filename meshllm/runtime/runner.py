@@ -585,7 +585,7 @@ class StageRunner:
                          np.arange(B if self.one_pass else 1, dtype=np.int64), [], [])
             h = step.x
             for unit in self.units:
-                out = np.empty(self._out_shape(unit, *x.shape[:2], len(step.rows)), np.float32)
+                out = np.empty(self._out_shape(unit, x.shape[0], x.shape[1], len(step.rows)), np.float32)
                 io = unit.session.io_binding()
                 bound = step.attn if key_pos is None else {**step.attn, "attn_key_pos": key_pos}
                 self._bind_unit(io, unit, h, out, s0, bound, step.rows)
