@@ -1,5 +1,5 @@
-"""Attention as a runner runs it: every ``GroupQueryAttention`` node of a block graph rewritten as
-plain operators whose arithmetic for one query position does not depend on how many positions
+"""Attention as a runner that verifies drafts runs it (``StageRunner(one_pass=True)``, a node with
+``serve.speculate``): every ``GroupQueryAttention`` node of a block graph rewritten as plain operators whose arithmetic for one query position does not depend on how many positions
 (or rows) the pass carries.
 
 Why: onnxruntime's CPU GroupQueryAttention multiplies the attention weights by V with one GEMM
@@ -39,9 +39,11 @@ another, so the matrix products compute each real position once (a row padded to
 costs nothing there; the products are row-invariant for float matrices and int4 "fast", see
 ``StageRunner.one_pass_exact``); attention gathers them into rows (B, S) and back.
 
-Cost: about 20 small kernels per layer where GQA was one, and a copy of the first T cached
-positions (Slice); on SmolLM2-135M int4 (30 layers, one thread) a decode step measured about 5 %
-slower (3-10 % over alternated runs at 100-500 positions, 0-5 % at 1500; docs/runtime.md).
+Cost: about 22 small kernels per layer where GQA was one, and a copy of the first T cached
+positions (Slice); on SmolLM2-135M int4 (30 layers) a decode step measured 1-12 % slower than
+GQA's (docs/runtime.md), so a runner that does not verify drafts keeps the GQA node, and runs a
+pass of several positions as one-position steps (GQA's one-position step is not this graph's bit
+for bit: its P.V has M = 1).
 
 Graph inputs (replacing ``seqlens_k``/``total_sequence_length``; ``inputs`` computes them):
 ``attn_gather`` (B, S) int64 (the entry of each row's position among the N), ``attn_scatter``

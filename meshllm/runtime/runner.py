@@ -7,7 +7,7 @@ only); ``fuse=False`` runs a session per block. The runtime benchmark measures b
 removes a session run per block.
 
 The decoder layers' KV cache lives in preallocated slots (``kv.KVCache``); attention (the block
-files' GroupQueryAttention, run as the plain operators of ``attention``) writes only the new
+files' GroupQueryAttention, or with ``one_pass`` the plain operators of ``attention``) writes only the new
 positions into the slot buffer, in place, through IOBinding (``present_*`` bound to the
 ``past_*`` memory), and reads the first positions of the context from it, so a decode step costs
 the weights plus the attention over the context, never a copy of the whole slot. A decode step's bindings are made once per slot
@@ -27,8 +27,9 @@ Interface (the one the rest of meshllm codes against):
   bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors);
   with ``counts=`` each row carries several positions (a token and its drafts) in the same pass.
   A pass computes every position bit for bit as a one-position step at that position does,
-  whatever else it carries (``attention``; ``one_pass_exact`` is false for int4 "exact" blocks,
-  whose matrix kernel is not row-invariant).
+  whatever else it carries: in one pass with ``one_pass=True`` (``attention``; a node that
+  speculates), else as that many one-position steps; ``one_pass_exact`` says which (false
+  without ``one_pass`` and for int4 "exact" blocks, whose matrix kernel is not row-invariant).
 * ``kv_export(seq_id, block, start=0, end=None)`` -> (k, v), each (end - start, kv_heads,
   head_dim), copying only that range; ``kv_import`` the reverse (``start=`` appends a later
   chunk), which is how a prefill node hands a sequence to a decode node.
