@@ -40,7 +40,7 @@ costs nothing there; the products are row-invariant for float matrices and int4 
 ``StageRunner.one_pass_exact``); attention gathers them into rows (B, S) and back.
 
 Cost: about 22 small kernels per layer where GQA was one, and a copy of the first T cached
-positions (Slice); on SmolLM2-135M int4 (30 layers) a decode step measured 1-12 % slower than
+positions (Slice); on SmolLM2-135M int4 (30 layers) a decode step measured 1-26 % slower than
 GQA's (docs/runtime.md), so a runner that does not verify drafts keeps the GQA node, and runs a
 pass of several positions as one-position steps (GQA's one-position step is not this graph's bit
 for bit: its P.V has M = 1).
