@@ -55,14 +55,15 @@ class _Control:
 
 
 class DataNode:
-    def __init__(self, name: str, index: int, manifest: Manifest, net: MemoryNetwork, budget: int) -> None:
+    def __init__(self, name: str, index: int, manifest: Manifest, net: MemoryNetwork, budget: int,
+                 one_pass: bool = False) -> None:
         self.name = name
         self.node_id = NodeId(f"{index:02d}-{name}")
         self.manifest = manifest
         self.codec = Codec()
         self.transport = MemoryTransport(net, LinkIdentity(self.node_id, "test-mesh", b"k"), f"10.0.0.{index}:7070")
         self.transport.set_handlers(self._on_message, lambda peer: None, self._on_down)
-        self.stages = StageHost(manifest, threads=1, slowdown=1.0, budget_bytes=budget)
+        self.stages = StageHost(manifest, threads=1, slowdown=1.0, budget_bytes=budget, one_pass=one_pass)
         self.control = _Control()
         self.handlers: dict[str, Any] = {}
         self.on_link_down_hooks: list[Any] = []
@@ -117,7 +118,9 @@ class DataMesh:
         self.manifest = manifest
         self.net = MemoryNetwork(seed=0)
         self.config = config or ServeConfig()
-        self.nodes = {n: DataNode(n, i + 1, manifest, self.net, budget) for i, n in enumerate(names)}
+        # a node that speculates runs attention for one-pass verification, as `meshllm node` does
+        self.nodes = {n: DataNode(n, i + 1, manifest, self.net, budget, self.config.speculate)
+                      for i, n in enumerate(names)}
 
     def node(self, name: str) -> DataNode:
         return self.nodes[name]

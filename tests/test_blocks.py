@@ -272,23 +272,31 @@ def test_a_split_range_computes_what_one_range_computes_bit_for_bit(
 
 def test_kernels_per_step_are_counted(tiny_manifest: Manifest, tiny_weights: dict[str, np.ndarray],
                                       tmp_path: Path) -> None:
-    """The profiler's count of a decode step: per layer one softmax (the runner's attention,
-    ``runtime/attention``), two in-place cache writes and one fused residual norm; and a runner
+    """The profiler's count of a decode step: per layer one GroupQueryAttention kernel (the block
+    files' attention) or, on a runner that verifies drafts in one pass, one softmax and two
+    in-place cache writes (``runtime/attention``), and one fused residual norm; and a runner
     without profiling refuses to count."""
     cfg = tiny_manifest.config
     export_model(tiny_weights, cfg, tmp_path / "m", name="t", progress=False)
     m = load_manifest(tmp_path / "m")
-    r = StageRunner(m, 0, cfg.num_blocks, threads=1, max_seqs=1, profile_prefix=str(tmp_path / "p"))
-    r.alloc(0, 16)
-    r.prefill(0, _ids(cfg, 8))
-    for _ in range(3):
-        r.decode([0], np.array([5]))
-    total, by_op = r.kernels_per_step(3)
-    assert "GroupQueryAttention" not in by_op
-    assert by_op["Softmax"] == pytest.approx(cfg.num_layers)
-    assert by_op["ScatterND"] == pytest.approx(2 * cfg.num_layers)
-    assert by_op["SkipSimplifiedLayerNormalization"] == pytest.approx(cfg.num_layers)
-    assert total == pytest.approx(sum(by_op.values())) and total > 3 * cfg.num_layers
+    counted = {}
+    for one_pass in (False, True):
+        r = StageRunner(m, 0, cfg.num_blocks, threads=1, max_seqs=1, profile_prefix=str(tmp_path / f"p{one_pass}"),
+                        one_pass=one_pass)
+        r.alloc(0, 16)
+        r.prefill(0, _ids(cfg, 8))
+        for _ in range(3):
+            r.decode([0], np.array([5]))
+        total, by_op = r.kernels_per_step(3)
+        assert by_op["SkipSimplifiedLayerNormalization"] == pytest.approx(cfg.num_layers)
+        assert total == pytest.approx(sum(by_op.values())) and total > 3 * cfg.num_layers
+        counted[one_pass] = (total, by_op)
+    gqa, rows = counted[False][1], counted[True][1]
+    assert gqa["GroupQueryAttention"] == pytest.approx(cfg.num_layers) and "Softmax" not in gqa
+    assert "GroupQueryAttention" not in rows
+    assert rows["Softmax"] == pytest.approx(cfg.num_layers)
+    assert rows["ScatterND"] == pytest.approx(2 * cfg.num_layers)
+    assert counted[True][0] > counted[False][0] + 10 * cfg.num_layers  # what GQA saves a step
     plain = StageRunner(tiny_manifest, 0, cfg.num_blocks, threads=1, max_seqs=1)
     with pytest.raises(ModelError, match="profile_prefix"):
         plain.kernels_per_step(1)

@@ -647,7 +647,7 @@ def test_weight_bytes_resident_counts_weights_as_they_sit_in_memory(tmp_path: Pa
 
 # --- several positions per row in one pass (speculation's verification) -------------------------------
 
-def _one_pass_cases(m: Manifest, r: StageRunner) -> None:
+def _one_pass_cases(m: Manifest, r: StageRunner, prefill: bool = True) -> None:
     """Logits of positions computed in one pass (prefill of several, rows of different counts and
     lengths in one ``decode_rows``) equal, bit for bit, the same positions decoded one at a time."""
     prompt, toks = _ids(m, 7, 3), _ids(m, 8, 4)
@@ -657,8 +657,13 @@ def _one_pass_cases(m: Manifest, r: StageRunner) -> None:
     for s in ("pass", "c5", "c1", "late", "b1", "b2"):
         r.alloc(s, 20)
         r.prefill(s, prompt)
-    np.testing.assert_array_equal(r.prefill("pass", toks[:6], last_only=False), np.stack(steps[:6]))
-    r.prefill("late", toks[:2], last_only=False)  # a longer row in the same pass
+    if prefill:
+        np.testing.assert_array_equal(r.prefill("pass", toks[:6], last_only=False), np.stack(steps[:6]))
+    if prefill:
+        r.prefill("late", toks[:2], last_only=False)  # a longer row in the same pass
+    else:  # GroupQueryAttention's prefill of several positions rounds differently from steps
+        for i in range(2):
+            r.decode(["late"], toks[i:i + 1])
     x = np.concatenate([toks[:5], toks[:1], toks[2:5]])
     out, ok, errors = r.decode_rows(["c5", "c1", "late"], x, counts=[5, 1, 3])
     assert ok == [0, 1, 2] and not errors
@@ -683,9 +688,80 @@ def test_a_pass_of_several_positions_equals_one_position_steps_bitwise(
     m = export_model(w, cfg, tmp_path / "m", name="t", weight_dtype=dtype, progress=False,
                      **({"int4_mode": mode} if mode else {}))
     for fuse in (True, False):
-        r = StageRunner(m, 0, cfg.num_blocks, threads=2, fuse=fuse)
+        r = StageRunner(m, 0, cfg.num_blocks, threads=2, fuse=fuse, one_pass=True)
         assert r.one_pass_exact
         _one_pass_cases(m, r)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per-block"])
+def test_without_one_pass_a_pass_runs_as_one_position_steps(tiny_manifest: Manifest, fuse: bool) -> None:
+    """The block files' GroupQueryAttention (the default): rows of several positions are still
+    the positions of one-position steps, bit for bit, run as those steps; it claims no one-pass
+    exactness, so the serving core does not count on one pass."""
+    r = StageRunner(tiny_manifest, 0, tiny_manifest.config.num_blocks, threads=2, fuse=fuse)
+    assert not r.one_pass and not r.one_pass_exact
+    _one_pass_cases(tiny_manifest, r, prefill=False)
+
+
+def test_attention_products_rows_do_not_depend_on_how_many_there_are() -> None:
+    """What the rewritten attention stands on: onnxruntime's MatMul (MLAS's blocked kernel) gives
+    each row of A the same bytes whatever M >= 2 is, for q.Kt (K = head_dim, N = T, scaled) and
+    P.V (K = T), at attended lengths around MLAS's block edges; M = 1 does not (its own kernel)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def session(trans_b: bool) -> ort.InferenceSession:
+        nodes = [helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 1, 3, 2])] if trans_b else []
+        nodes += [helper.make_node("MatMul", ["a", "bt" if trans_b else "b"], ["p"]),
+                  helper.make_node("Mul", ["p", "s"], ["y"])]
+        f = TensorProto.FLOAT
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", f, ["B", "H", "M", "K"]),
+                                           helper.make_tensor_value_info("b", f, ["B", "H", "X", "Y"])],
+                              [helper.make_tensor_value_info("y", f, None)],
+                              [numpy_helper.from_array(np.array(0.125 if trans_b else 1.0, np.float32), "s")])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        return ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+                                    .SerializeToString(), so)
+
+    scores, pv = session(True), session(False)
+    rng = np.random.default_rng(11)
+    for T in (1, 2, 7, 31, 64, 127, 128, 129, 255, 256, 257, 300, 1023, 1024, 1025):
+        q = rng.standard_normal((2, 3, 12, 64)).astype(np.float32)
+        keys = rng.standard_normal((2, 3, T, 64)).astype(np.float32)
+        probs = rng.random((2, 3, 12, T)).astype(np.float32)
+        values = rng.standard_normal((2, 3, T, 64)).astype(np.float32)
+        full_s = scores.run(None, {"a": q, "b": keys})[0]
+        full_p = pv.run(None, {"a": probs, "b": values})[0]
+        for m in (2, 3, 5, 6, 9):
+            for off in (0, 3, 12 - m):
+                a, b = slice(off, off + m), slice(off, off + m)
+                np.testing.assert_array_equal(scores.run(None, {"a": q[:, :, a].copy(), "b": keys})[0], full_s[:, :, b])
+                np.testing.assert_array_equal(pv.run(None, {"a": probs[:, :, a].copy(), "b": values})[0], full_p[:, :, b])
+    one = pv.run(None, {"a": probs[:, :, :1].copy(), "b": values})[0]
+    assert not np.array_equal(one, full_p[:, :, :1])  # the test can tell kernels apart
+
+
+def test_a_pass_equals_steps_over_a_long_context(tmp_path: Path, tiny_weights, tiny_config) -> None:
+    """Attended lengths across the matrix kernels' block edges (T of 250..262), passes of 2..6."""
+    from dataclasses import replace
+
+    from meshllm.model.export import export_model
+
+    cfg = replace(tiny_config, max_position=300)
+    m = export_model(tiny_weights, cfg, tmp_path / "m", name="t", progress=False)
+    r = StageRunner(m, 0, cfg.num_blocks, threads=2, max_seqs=3, one_pass=True)
+    prompt, toks = _ids(m, 250, 8), _ids(m, 6, 9)
+    for s in ("steps", "pass", "short"):
+        r.alloc(s, 300)
+        r.prefill(s, prompt)
+    steps = [r.decode(["steps"], toks[i:i + 1])[0].copy() for i in range(6)]
+    for n in range(2, 7):
+        out, ok, _ = r.decode_rows(["pass", "short"], np.concatenate([toks[:n], toks[:1]]), counts=[n, 1])
+        assert ok == [0, 1]
+        np.testing.assert_array_equal(out, np.stack(steps[:n] + steps[:1]))
+        r.truncate("pass", 250)
+        r.truncate("short", 250)
 
 
 def test_int4_exact_does_not_claim_one_pass_exactness(tmp_path: Path, tiny_weights, tiny_config) -> None:
@@ -693,7 +769,7 @@ def test_int4_exact_does_not_claim_one_pass_exactness(tmp_path: Path, tiny_weigh
 
     m = export_model(tiny_weights, tiny_config, tmp_path / "m", name="t", weight_dtype="int4",
                      int4_mode="exact", progress=False)
-    assert not StageRunner(m, 0, tiny_config.num_blocks, threads=1).one_pass_exact
+    assert not StageRunner(m, 0, tiny_config.num_blocks, threads=1, one_pass=True).one_pass_exact
 
 
 def test_decode_rows_with_counts_checks_them(tiny_manifest: Manifest) -> None:

@@ -36,8 +36,10 @@ PLANS: dict[str, PlanSpec] = {
 }
 
 
-def reference(manifest: Manifest, prompt: Sequence[int], params: SamplingParams) -> list[int]:
-    runner = StageRunner(manifest, 0, manifest.config.num_blocks, threads=1)
+def reference(manifest: Manifest, prompt: Sequence[int], params: SamplingParams, *,
+              one_pass: bool = False) -> list[int]:
+    """One process's tokens; ``one_pass``: with the attention a node that speculates runs."""
+    runner = StageRunner(manifest, 0, manifest.config.num_blocks, threads=1, one_pass=one_pass)
     return list(generate(runner, prompt, params).token_ids)
 
 

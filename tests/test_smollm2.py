@@ -132,7 +132,7 @@ def test_one_pass_verification_is_one_position_steps_bit_for_bit_on_int4_fast() 
 
     m = _model("int4", "fast")
     tok = Tokenizer.from_manifest(m)
-    r = StageRunner(m, 0, m.config.num_blocks, threads=2, max_seqs=8)
+    r = StageRunner(m, 0, m.config.num_blocks, threads=2, max_seqs=8, one_pass=True)
     assert r.one_pass_exact
     ids = np.array(tok.encode_chat([{"role": "user", "content": "Repeat this line exactly: "
                                      "def area(r): return 3.14159 * r * r  # the area of a circle"}]))

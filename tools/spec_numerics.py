@@ -73,7 +73,7 @@ def main() -> None:
     args = p.parse_args()
     m = load_manifest(args.model)
     cfg = m.config
-    r = StageRunner(m, 0, cfg.num_blocks, threads=1)
+    r = StageRunner(m, 0, cfg.num_blocks, threads=1, one_pass=True)
     rng = np.random.default_rng(0)
     one, batch = logits_diff(r, rng.integers(3, min(cfg.vocab_size, 5000), 40))
     print(f"max |Δ logit|: one pass of 8 positions vs 8 one-token steps {one:.3g}; "

@@ -1,5 +1,5 @@
-"""Attention as a runner runs it: every ``GroupQueryAttention`` node of a block graph rewritten as
-plain operators whose arithmetic for one query position does not depend on how many positions
+"""Attention as a runner that verifies drafts runs it (``StageRunner(one_pass=True)``, a node with
+``serve.speculate``): every ``GroupQueryAttention`` node of a block graph rewritten as plain operators whose arithmetic for one query position does not depend on how many positions
 (or rows) the pass carries.
 
 Why: onnxruntime's CPU GroupQueryAttention multiplies the attention weights by V with one GEMM
@@ -17,13 +17,17 @@ The rewrite, per node (block files keep the kernel; only the runner's sessions c
 * write the new keys and values into the cache by ``ScatterND`` at (row, head, position). The
   runner binds ``present_*`` to the ``past_*`` memory; onnxruntime's ScatterND then copies
   nothing and writes only the new positions, in place, as GQA did;
-* scores = q·Kᵀ over the first T cache positions as one small product per (row, position, kv
-  head), over the heads of its group: every product has the same shape (M = group) whether the
-  pass carries one position or many, so the same MLAS kernel computes it the same way (a group of
-  one gets a zero query row: M = 2, the blocked kernel, as for every other model);
+* scores = q·Kᵀ over the first T cache positions as one small product per (row, kv head): its
+  M rows are the query heads of the group at every position of the pass (M = group x S), so a
+  pass of S positions reads and packs each kv head's cache once, not S times. MLAS runs M = 1
+  through its own kernel (above) and every M >= 2 through the blocked kernel, whose rows do not
+  depend on M (its K and N blocking follow K and N alone, and threads split M and N, never K):
+  measured bit for bit for M = 2..18 at every T from 1 to 69 and at 127..2048 around the block
+  edges, both products, and on SmolLM2 at contexts 1..2040 (``tests/test_runner.py``). A group
+  of one gets a zero query row per position (M = 2 S, never 1), as it would in a one-position step;
 * an additive causal mask (0 where the key's position <= the query's, -inf elsewhere: masked
   weights come out of Softmax as exact zeros, and zeros add nothing to a sum), Softmax, and the
-  weights times V (again one product per row, position and kv head).
+  weights times V (again one product per row and kv head, M = group x S, over K = T).
 
 Row b, position s of a pass therefore computes exactly what a one-position step at that position
 computes, whatever else is in the pass: one-pass verification of drafts is bitwise equal to
@@ -35,9 +39,11 @@ another, so the matrix products compute each real position once (a row padded to
 costs nothing there; the products are row-invariant for float matrices and int4 "fast", see
 ``StageRunner.one_pass_exact``); attention gathers them into rows (B, S) and back.
 
-Cost: about 20 small kernels per layer where GQA was one, and a copy of the first T cached
-positions (Slice); on SmolLM2-135M int4 (30 layers, one thread) a decode step measured about 5 %
-slower (3-10 % over alternated runs at 100-500 positions, 0-5 % at 1500; docs/runtime.md).
+Cost: about 22 small kernels per layer where GQA was one, and a copy of the first T cached
+positions (Slice); on SmolLM2-135M int4 (30 layers) a decode step measured 1-26 % slower than
+GQA's (docs/runtime.md), so a runner that does not verify drafts keeps the GQA node, and runs a
+pass of several positions as one-position steps (GQA's one-position step is not this graph's bit
+for bit: its P.V has M = 1).
 
 Graph inputs (replacing ``seqlens_k``/``total_sequence_length``; ``inputs`` computes them):
 ``attn_gather`` (B, S) int64 (the entry of each row's position among the N), ``attn_scatter``
@@ -114,12 +120,21 @@ def rewrite(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
 
     new: list[onnx.NodeProto] = []
     zero, one, two = (const(np.array([i], np.int64)) for i in range(3))
-    # shared by every layer: T (the attended length) and the (B, S, 1, 1, T) additive causal mask
+    # shared by every layer: T (the attended length) and, per query rows r of a position, the (B, 1, S * r, T)
+    # additive causal mask of the products' rows (query position s for rows s * r .. s * r + r - 1)
     total = node("Shape", ["attn_key_pos"], "attn/total")
-    query_pos = node("Reshape", ["attn_positions", const(np.array([0, 0, 1, 1, 1], np.int64))])
-    allowed = node("LessOrEqual", ["attn_key_pos", query_pos])  # (B, S, 1, 1, T)
-    mask = node("Where", [allowed, const(np.array(0.0, np.float32)), const(np.array(-np.inf, np.float32))],
-                "attn/mask")
+    masks: dict[int, str] = {}
+
+    def mask(r: int) -> str:
+        if r not in masks:
+            pos = node("Unsqueeze", ["attn_positions", two])  # (B, S, 1)
+            pos = node("Expand", [pos, const(np.array([1, 1, r], np.int64))])  # (B, S, r)
+            query_pos = node("Reshape", [pos, const(np.array([0, 1, -1, 1], np.int64))])  # (B, 1, S * r, 1)
+            allowed = node("LessOrEqual", ["attn_key_pos", query_pos])  # (B, 1, S * r, T)
+            masks[r] = node("Where", [allowed, const(np.array(0.0, np.float32)),
+                                      const(np.array(-np.inf, np.float32))], f"attn/mask_{r}")
+        return masks[r]
+
     d = head_dim
     for n in g.node:
         if n.op_type != "GroupQueryAttention":
@@ -132,6 +147,7 @@ def rewrite(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
             raise ModelError(f"{n.name}: only packed q|k|v is supported")
         scale = float(_attr(n, "scale", 0.0)) or d ** -0.5
         group = heads // kvh
+        rows = max(group, 2)  # query rows per (position, kv head): a group of one gets a zero row
         past_k, past_v, cos, sin = n.input[3], n.input[4], n.input[7], n.input[8]
         out, present_k, present_v = n.output[0], n.output[1], n.output[2]
         # the pass's N positions (1, N, .) laid out as rows (B, S, .) for attention
@@ -146,21 +162,26 @@ def rewrite(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
         for new_x, past, present in ((k, past_k, present_k), (v, past_v, present_v)):
             # (B, S, kvh, d) rows go to cache[b, head, position]: attn_kv_index is (B, S, kvh, 3)
             node("ScatterND", [past, "attn_kv_index", node("Reshape", [new_x, kv_shape])], present)
-        # the first T cache positions, (B, 1, kvh, T, d): broadcast over the pass's positions
-        keys = node("Unsqueeze", [node("Slice", [present_k, zero, total, two]), one])
-        values = node("Unsqueeze", [node("Slice", [present_v, zero, total, two]), one])
-        # one product per (row, position, kv head) over its group's heads: (B, S, kvh, group, .)
-        q5 = node("Reshape", [q, const(np.array([0, 0, kvh, group, d], np.int64))])
-        if group == 1:  # M >= 2 (see above): a zero query row, dropped after
+        # the first T cache positions, (B, kvh, T, d)
+        keys = node("Slice", [present_k, zero, total, two])
+        values = node("Slice", [present_v, zero, total, two])
+        # one product per (row, kv head) over its group's heads at every position of the pass:
+        # (B, kvh, S * rows, .)
+        q5 = node("Reshape", [q, const(np.array([0, 0, kvh, group, d], np.int64))])  # (B, S, kvh, group, d)
+        if group == 1:
             q5 = node("Pad", [q5, const(np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 0], np.int64))])
-        scores = node("Mul", [node("MatMul", [q5, node("Transpose", [keys], perm=[0, 1, 2, 4, 3])]),
-                              const(np.array(scale, np.float32))])  # (B, S, kvh, group, T)
-        probs = node("Softmax", [node("Add", [scores, mask])], axis=-1)
-        o = node("MatMul", [probs, values])  # (B, S, kvh, group, d)
+        q4 = node("Reshape", [node("Transpose", [q5], perm=[0, 2, 1, 3, 4]),
+                              const(np.array([0, 0, -1, d], np.int64))])  # (B, kvh, S * rows, d)
+        scores = node("Mul", [node("MatMul", [q4, node("Transpose", [keys], perm=[0, 1, 3, 2])]),
+                              const(np.array(scale, np.float32))])  # (B, kvh, S * rows, T)
+        probs = node("Softmax", [node("Add", [scores, mask(rows)])], axis=-1)
+        o = node("Reshape", [node("MatMul", [probs, values]),
+                             const(np.array([0, 0, -1, rows, d], np.int64))])  # (B, kvh, S, rows, d)
         if group == 1:
             o = node("Slice", [o, zero, one, const(np.array([3], np.int64))])
-        rows = node("Reshape", [o, const(np.array([1, -1, heads * d], np.int64))])  # (1, B * S, heads * d)
-        node("Gather", [rows, "attn_scatter"], out, axis=1)  # back to the pass's N positions
+        o = node("Transpose", [o], perm=[0, 2, 1, 3, 4])  # (B, S, kvh, group, d)
+        flat = node("Reshape", [o, const(np.array([1, -1, heads * d], np.int64))])  # (1, B * S, heads * d)
+        node("Gather", [flat, "attn_scatter"], out, axis=1)  # back to the pass's N positions
     del g.node[:]
     g.node.extend(new)
     g.initializer.extend(inits)

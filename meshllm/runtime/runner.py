@@ -7,7 +7,7 @@ only); ``fuse=False`` runs a session per block. The runtime benchmark measures b
 removes a session run per block.
 
 The decoder layers' KV cache lives in preallocated slots (``kv.KVCache``); attention (the block
-files' GroupQueryAttention, run as the plain operators of ``attention``) writes only the new
+files' GroupQueryAttention, or with ``one_pass`` the plain operators of ``attention``) writes only the new
 positions into the slot buffer, in place, through IOBinding (``present_*`` bound to the
 ``past_*`` memory), and reads the first positions of the context from it, so a decode step costs
 the weights plus the attention over the context, never a copy of the whole slot. A decode step's bindings are made once per slot
@@ -27,8 +27,9 @@ Interface (the one the rest of meshllm codes against):
   bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors);
   with ``counts=`` each row carries several positions (a token and its drafts) in the same pass.
   A pass computes every position bit for bit as a one-position step at that position does,
-  whatever else it carries (``attention``; ``one_pass_exact`` is false for int4 "exact" blocks,
-  whose matrix kernel is not row-invariant).
+  whatever else it carries: in one pass with ``one_pass=True`` (``attention``; a node that
+  speculates), else as that many one-position steps; ``one_pass_exact`` says which (false
+  without ``one_pass`` and for int4 "exact" blocks, whose matrix kernel is not row-invariant).
 * ``kv_export(seq_id, block, start=0, end=None)`` -> (k, v), each (end - start, kv_heads,
   head_dim), copying only that range; ``kv_import`` the reverse (``start=`` appends a later
   chunk), which is how a prefill node hands a sequence to a decode node.
@@ -93,9 +94,9 @@ class _Step:
     """Reusable bindings of a decode step on one slot range: inputs are copied into x and the
     attention inputs, each unit's output buffer is the next unit's bound input."""
 
-    x: np.ndarray  # (B, 1) ids or (B, 1, H) hidden
-    attn: dict[str, np.ndarray]  # attention.INPUTS but attn_key_pos, whose length varies
-    rows: np.ndarray  # (B,) int64: every position, for a unit with the head fused in
+    x: np.ndarray  # (1, B) ids or (1, B, H) hidden (one_pass); (B, 1[, H]) for GroupQueryAttention
+    attn: dict[str, np.ndarray]  # the attention's inputs but attn_key_pos, whose length varies
+    rows: np.ndarray  # int64: the positions whose logits a unit with the head fused in computes
     ios: list[ort.IOBinding]
     outs: list[np.ndarray]
 
@@ -208,7 +209,7 @@ class StageRunner:
     def __init__(self, manifest: Manifest, first: int, end: int, *, threads: int | None = None,
                  kv_budget_bytes: int | None = None, max_seqs: int = 64, slowdown: float = 1.0,
                  fuse: bool = FUSE_DEFAULT, slot_len: int | None = None, prefill_chunk: int = 512,
-                 profile_prefix: str | None = None, spin: bool = False) -> None:
+                 profile_prefix: str | None = None, spin: bool = False, one_pass: bool = False) -> None:
         cfg = manifest.config
         if not 0 <= first < end <= cfg.num_blocks:
             raise ModelError(f"block range [{first}, {end}) is not inside [0, {cfg.num_blocks})")
@@ -236,6 +237,11 @@ class StageRunner:
         self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
         self._profile_prefix = profile_prefix
         self._spin = spin
+        # attention as plain operators (``attention``): a pass of several positions per row costs
+        # one pass and equals one-position steps bit for bit; without, the block files'
+        # GroupQueryAttention kernel, faster for one-position steps (docs/runtime.md), which runs a
+        # pass of several positions as that many one-position steps
+        self.one_pass = one_pass
         self.units = self._load_units(fuse)
         _trim_heap()
         self.weight_bytes_resident = weight_bytes_resident(manifest, first, end)
@@ -244,13 +250,14 @@ class StageRunner:
         self.kv = KVCache(self.layer_blocks, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                           slot_len=slot_len, max_seqs=max_seqs, budget_bytes=kv_budget_bytes)
         self._key_pos = np.arange(slot_len, dtype=np.int64)  # attn_key_pos binds a prefix of it
-        # Whether a pass computes each position bit for bit as a one-position step does, whatever
-        # else it carries (positions, rows): attention always (see ``attention``); float matrices
+        # Whether a pass of several positions per row runs as one pass, each position computed bit
+        # for bit as a one-position step computes it, whatever else the pass carries (positions,
+        # rows): attention as plain operators does (``one_pass``, see ``attention``); float matrices
         # (prepacked MatMul) and int4 "fast" (MatMulNBits on int8 activations) are row-invariant;
         # int4 "exact" (accuracy level 0) runs one row through its own kernel, which rounds
         # differently from several (a batch of 4 rows vs one row alone: 8e-5 on SmolLM2's logits)
         mode = (manifest.provenance or {}).get("int4_mode", DEFAULT_INT4_MODE)
-        self.one_pass_exact = not (cfg.weight_dtype == "int4" and INT4_MODES.get(mode) == 0)
+        self.one_pass_exact = one_pass and not (cfg.weight_dtype == "int4" and INT4_MODES.get(mode) == 0)
         self.last_compute_s = 0.0  # compute time of the last prefill/decode, before any slowdown
 
     # --- sequences --------------------------------------------------------------------------
@@ -401,7 +408,17 @@ class StageRunner:
                       counts: list[int]) -> np.ndarray:
         """One pass for checked rows of several positions each (x: their positions in order). A
         row shorter than the longest repeats its last position (input and position): the same
-        bytes written twice to the same KV place, its extra outputs dropped."""
+        bytes written twice to the same KV place, its extra outputs dropped. Without ``one_pass``
+        (GroupQueryAttention) the positions run as one-position steps, j = 0, 1, ...: exact, no
+        cheaper than steps."""
+        if not self.one_pass:
+            at = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+            out = np.empty((len(x), self.config.vocab_size if self.has_head else self.config.hidden_size), np.float32)
+            for j in range(max(counts)):
+                rows = [i for i, c in enumerate(counts) if c > j]
+                out[at[rows] + j] = self._decode([seq_ids[i] for i in rows], [states[i] for i in rows],
+                                                 x[at[rows] + j])
+            return out
         t0 = time.perf_counter()
         s0 = self.kv.arrange(seq_ids) if self.layer_blocks else 0
         order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
@@ -473,18 +490,20 @@ class StageRunner:
             models = [onnx.load(str(self.manifest.block_path(b))) for b in blocks]
         except Exception as e:  # onnx raises protobuf errors for unreadable files
             raise ModelError(f"cannot load the blocks of [{self.first}, {self.end}): {e}") from None
-        fused = attention.rewrite(fuse_blocks(models, blocks, select_logits=self.has_head), self.config.head_dim)
+        fused = fuse_blocks(models, blocks, select_logits=self.has_head)
+        if self.one_pass:
+            fused = attention.rewrite(fused, self.config.head_dim)
         del models
         return [_Unit(blocks, load_session(fused.SerializeToString(), self.threads, self._profile_prefix,
                                            self._spin), True, rows=self.has_head)]
 
     def _layer_bytes(self, b: int) -> bytes:
-        """A layer block's graph with its attention as the runner runs it (``attention``)."""
+        """A layer block's graph with its attention as the runner runs it (``one_pass``)."""
         try:
             model = onnx.load(str(self.manifest.block_path(b)))
         except Exception as e:  # onnx raises protobuf errors for unreadable files
             raise ModelError(f"cannot load block {b}: {e}") from None
-        return attention.rewrite(model, self.config.head_dim).SerializeToString()
+        return (attention.rewrite(model, self.config.head_dim) if self.one_pass else model).SerializeToString()
 
     def _out_shape(self, unit: _Unit, B: int, S: int, R: int) -> tuple[int, int, int]:
         last = unit.blocks[-1]
@@ -493,13 +512,20 @@ class StageRunner:
         return (B, S, self.config.hidden_size)  # hidden
 
     def _attn_inputs(self, positions: np.ndarray, counts: list[int] | None = None) -> dict[str, np.ndarray]:
+        """The attention's inputs for rows at ``positions`` (B, S): the rewritten graph's
+        (``attention.inputs``), or GroupQueryAttention's (each row's total length - 1, the
+        longest row's total length)."""
         cfg = self.config
+        if not self.one_pass:
+            return {"seqlens_k": np.ascontiguousarray(positions[:, -1], np.int32),
+                    "total_sequence_length": np.array(int(positions.max()) + 1, np.int32)}
         return attention.inputs(positions, cfg.num_heads, cfg.num_kv_heads, self._key_pos, counts)
 
     def _bind_unit(self, io: ort.IOBinding, unit: _Unit, h: np.ndarray, out: np.ndarray, s0: int,
                    attn: dict[str, np.ndarray], rows: np.ndarray) -> None:
         L = self.config.num_layers
-        B = attn["attn_positions"].shape[0]  # rows; h is (1, N[, H]), their positions
+        # rows; h is (1, N[, H]), their positions (one_pass), or (B, S[, H])
+        B = attn["attn_positions" if self.one_pass else "seqlens_k"].shape[0]
         bind_buffer(io, "input_ids" if unit.blocks[0] == 0 else "hidden", h, output=False)
         if unit.rows:
             bind_buffer(io, "logit_rows", rows, output=False)
@@ -548,19 +574,22 @@ class StageRunner:
         step only copies its inputs in (and binds the attended length). Returns the range's output
         in a buffer the next step overwrites."""
         B = x.shape[1]
+        if not self.one_pass:  # GroupQueryAttention: B rows of one position, (B, 1[, H])
+            x = x.reshape(B, 1, *x.shape[2:])
         attn = self._attn_inputs(positions)
-        key_pos = attn.pop("attn_key_pos")
+        key_pos = attn.pop("attn_key_pos", None)
         step = self._steps.get((s0, B))
         if step is None:
             if len(self._steps) >= 64:  # batch shapes come and go; keep the table small
                 self._steps.clear()
             step = _Step(np.empty(x.shape, x.dtype), {k: np.empty_like(v) for k, v in attn.items()},
-                         np.arange(B, dtype=np.int64), [], [])
+                         np.arange(B if self.one_pass else 1, dtype=np.int64), [], [])
             h = step.x
             for unit in self.units:
-                out = np.empty(self._out_shape(unit, 1, B, B), np.float32)
+                out = np.empty(self._out_shape(unit, x.shape[0], x.shape[1], len(step.rows)), np.float32)
                 io = unit.session.io_binding()
-                self._bind_unit(io, unit, h, out, s0, {**step.attn, "attn_key_pos": key_pos}, step.rows)
+                bound = step.attn if key_pos is None else {**step.attn, "attn_key_pos": key_pos}
+                self._bind_unit(io, unit, h, out, s0, bound, step.rows)
                 step.ios.append(io)
                 step.outs.append(out)
                 h = out
@@ -569,10 +598,10 @@ class StageRunner:
         for k, v in attn.items():
             step.attn[k][...] = v
         for unit, io in zip(self.units, step.ios, strict=True):
-            if any(1 <= b <= self.config.num_layers for b in unit.blocks):
+            if key_pos is not None and any(1 <= b <= self.config.num_layers for b in unit.blocks):
                 bind_buffer(io, "attn_key_pos", key_pos, output=False)  # a prefix of one array: no copy
             unit.session.run_with_iobinding(io)
-        return step.outs[-1]
+        return step.outs[-1].reshape(1, B, -1)  # (1, B, H|V), a view
 
     def kernels_per_step(self, steps: int) -> tuple[float, dict[str, float]]:
         """With ``profile_prefix``: the kernels onnxruntime ran per step over the last ``steps``

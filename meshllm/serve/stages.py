@@ -67,10 +67,13 @@ class StageHost:
     owns every call into a StageRunner, and the in-flight requests per epoch that drive draining."""
 
     def __init__(self, manifest: Manifest, *, threads: int, slowdown: float, budget_bytes: int,
-                 spin: bool = False) -> None:
+                 spin: bool = False, one_pass: bool = False) -> None:
         self.manifest = manifest
         self.threads = threads
         self.spin = spin
+        # runners with attention as plain operators, so a step carrying drafts is one pass (a node
+        # that speculates); otherwise GroupQueryAttention, faster without drafts (StageRunner)
+        self.one_pass = one_pass
         self.slowdown = slowdown
         self.budget_bytes = budget_bytes
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshllm-infer")
@@ -121,7 +124,7 @@ class StageHost:
             with bar(desc=f"load {self.manifest.name}", total=sum(b - a for a, b in ranges), unit="block") as shown:
                 for a, b in ranges:
                     runners.append(StageRunner(self.manifest, a, b, threads=self.threads, spin=self.spin,
-                                               slowdown=self.slowdown,
+                                               slowdown=self.slowdown, one_pass=self.one_pass,
                                                kv_budget_bytes=first_guess))
                     shown.update(b - a)
             # Charge the weights as they sit in memory when the runner knows it (onnxruntime may hold
