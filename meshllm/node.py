@@ -151,7 +151,7 @@ class Node:
         self.dialer = Dialer(self.node_id, self.mesh_id, peer_http, opts.peers, spawn=self._spawn,
                              closed=lambda: self.closed)
         self.stages = StageHost(self.manifest, threads=opts.threads, slowdown=opts.slowdown,
-                                budget_bytes=self._budget(), spin=opts.spin, one_pass=opts.serve.speculate)
+                                budget_bytes=self._budget(), spin=opts.spin)
         self.planning = PlanningService(
             self.model_profile, name=self.name, workload=opts.workload, strategy=opts.strategy,
             objective=opts.objective, islands=opts.islands, step=self.step,

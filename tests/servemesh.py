@@ -56,7 +56,7 @@ class _Control:
 
 class DataNode:
     def __init__(self, name: str, index: int, manifest: Manifest, net: MemoryNetwork, budget: int,
-                 one_pass: bool = False) -> None:
+                 one_pass: bool = True) -> None:
         self.name = name
         self.node_id = NodeId(f"{index:02d}-{name}")
         self.manifest = manifest
@@ -118,9 +118,8 @@ class DataMesh:
         self.manifest = manifest
         self.net = MemoryNetwork(seed=0)
         self.config = config or ServeConfig()
-        # a node that speculates runs attention for one-pass verification, as `meshllm node` does
-        self.nodes = {n: DataNode(n, i + 1, manifest, self.net, budget, self.config.speculate)
-                      for i, n in enumerate(names)}
+        # every node runs attention as plain operators, as `meshllm node` does
+        self.nodes = {n: DataNode(n, i + 1, manifest, self.net, budget) for i, n in enumerate(names)}
 
     def node(self, name: str) -> DataNode:
         return self.nodes[name]

@@ -695,10 +695,10 @@ def test_a_pass_of_several_positions_equals_one_position_steps_bitwise(
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per-block"])
 def test_without_one_pass_a_pass_runs_as_one_position_steps(tiny_manifest: Manifest, fuse: bool) -> None:
-    """The block files' GroupQueryAttention (the default): rows of several positions are still
+    """The block files' GroupQueryAttention (``one_pass=False``): rows of several positions are still
     the positions of one-position steps, bit for bit, run as those steps; it claims no one-pass
     exactness, so the serving core does not count on one pass."""
-    r = StageRunner(tiny_manifest, 0, tiny_manifest.config.num_blocks, threads=2, fuse=fuse)
+    r = StageRunner(tiny_manifest, 0, tiny_manifest.config.num_blocks, threads=2, fuse=fuse, one_pass=False)
     assert not r.one_pass and not r.one_pass_exact
     _one_pass_cases(tiny_manifest, r, prefill=False)
 

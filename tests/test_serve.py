@@ -37,8 +37,8 @@ PLANS: dict[str, PlanSpec] = {
 
 
 def reference(manifest: Manifest, prompt: Sequence[int], params: SamplingParams, *,
-              one_pass: bool = False) -> list[int]:
-    """One process's tokens; ``one_pass``: with the attention a node that speculates runs."""
+              one_pass: bool = True) -> list[int]:
+    """One process's tokens; ``one_pass`` false: with the block files' GroupQueryAttention."""
     runner = StageRunner(manifest, 0, manifest.config.num_blocks, threads=1, one_pass=one_pass)
     return list(generate(runner, prompt, params).token_ids)
 

@@ -219,13 +219,13 @@ async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: 
 
 
 async def test_a_mesh_whose_nodes_run_different_attention_keeps_its_tokens(tiny_manifest: Manifest) -> None:
-    """A node that does not speculate runs GroupQueryAttention, and verifies a step's drafts as
-    one-position steps; beside nodes that verify them in one pass, speculation still gives the
+    """A stage whose runner runs GroupQueryAttention (``one_pass=False``) verifies a step's drafts
+    as one-position steps; beside stages that verify them in one pass, speculation still gives the
     tokens the same mesh gives without it."""
     from servemesh import DataMesh
 
     mesh = DataMesh(tiny_manifest, ["a", "b", "c"], config=ON)
-    mesh.node("b").stages.one_pass = False  # as if b's own setting were speculate off
+    mesh.node("b").stages.one_pass = False
     await mesh.start(THREE)
     try:
         entry = mesh.node("a").serving.entry

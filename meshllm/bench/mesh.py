@@ -204,7 +204,7 @@ def run_speculate(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"nodes": args.nodes, "hop_delay_ms": args.hop_delay_ms, "tokens": args.tokens}
     out.update({"cost_aware": not args.no_cost_aware})
     os.environ["MESHLLM_SERVE_SPEC_COST_AWARE"] = "false" if args.no_cost_aware else "true"
-    # nodes that speculate: their runners verify a step's drafts in one pass (StageRunner one_pass);
+    # nodes that speculate by default (every node verifies a step's drafts in one pass);
     # requests without speculation run on the same attention, so both sides see the same graphs
     os.environ["MESHLLM_SERVE_SPECULATE"] = "true"
     for label, nodes, delay in (("mesh", args.nodes, args.hop_delay_ms), ("one_node", 1, 0.0)):

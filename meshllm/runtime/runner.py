@@ -209,7 +209,7 @@ class StageRunner:
     def __init__(self, manifest: Manifest, first: int, end: int, *, threads: int | None = None,
                  kv_budget_bytes: int | None = None, max_seqs: int = 64, slowdown: float = 1.0,
                  fuse: bool = FUSE_DEFAULT, slot_len: int | None = None, prefill_chunk: int = 512,
-                 profile_prefix: str | None = None, spin: bool = False, one_pass: bool = False) -> None:
+                 profile_prefix: str | None = None, spin: bool = False, one_pass: bool = True) -> None:
         cfg = manifest.config
         if not 0 <= first < end <= cfg.num_blocks:
             raise ModelError(f"block range [{first}, {end}) is not inside [0, {cfg.num_blocks})")

@@ -51,9 +51,9 @@ class ServeConfig:
     # may yield several tokens with the tokens unchanged. The node's default; a request's
     # `speculate` overrides it. Off by default: exact verification costs a full one-token step per
     # draft on a CPU, and measured side by side (`bench mesh`, SmolLM2, 2 nodes) it took 8
-    # concurrent streams from 158 to 106-112 tok/s, while it pays only on slow hops. Read at load
-    # too: a node with it on runs attention as plain operators, so drafts verify in one pass; off,
-    # GroupQueryAttention, faster without drafts, which verifies a request's drafts one step each.
+    # concurrent streams from 158 to 106-112 tok/s, while it pays only on slow hops. Every node
+    # runs attention as plain operators either way, so drafts verify in one pass and turning it
+    # on or off never changes a token (docs/runtime.md: why not GroupQueryAttention when off).
     speculate: bool = False
     spec_max_draft: int = 4
     # draft only as much as pays at the step costs measured on the ring (StepCost); off: always the

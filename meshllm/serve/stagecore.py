@@ -1383,10 +1383,9 @@ def _decode_positions(op: DecodeOp, stats: dict[str, Any]) -> tuple[np.ndarray, 
     last step) drops those positions' KV (``truncate``). Then every row's positions run in one
     pass (``decode_rows(..., counts=)``): the runner computes each position bit for bit as a
     one-position step would (``runtime/attention``), so the tokens cannot differ from decoding
-    without drafts. Where its runner does not (``runner.one_pass_exact`` false: a node that does
-    not speculate runs GroupQueryAttention, whose one-position step rounds differently from a
-    pass; int4 "exact", whose matrix kernel rounds a one-row product differently from a
-    several-row one), position j of every row that has one runs as a batched one-position step
+    without drafts. Where its runner does not (``runner.one_pass_exact`` false: int4 "exact",
+    whose matrix kernel rounds a one-row product differently from a several-row one; a runner
+    built on GroupQueryAttention, ``one_pass=False``), position j of every row that has one runs as a batched one-position step
     instead, j = 0, 1, ...: each stage keeps its own promise, so a ring whose stages differ keeps
     its tokens too (it gains only where every stage verifies in one pass).
     Returns (the rows' outputs, their positions in order; the indices of the rows that ran;

@@ -67,12 +67,13 @@ class StageHost:
     owns every call into a StageRunner, and the in-flight requests per epoch that drive draining."""
 
     def __init__(self, manifest: Manifest, *, threads: int, slowdown: float, budget_bytes: int,
-                 spin: bool = False, one_pass: bool = False) -> None:
+                 spin: bool = False, one_pass: bool = True) -> None:
         self.manifest = manifest
         self.threads = threads
         self.spin = spin
-        # runners with attention as plain operators, so a step carrying drafts is one pass (a node
-        # that speculates); otherwise GroupQueryAttention, faster without drafts (StageRunner)
+        # runners with attention as plain operators (StageRunner's default), so a step carrying
+        # drafts is one pass; ``one_pass=False`` runs the block files' GroupQueryAttention, faster
+        # without drafts but not the same numbers (a mesh must run one kind on every node)
         self.one_pass = one_pass
         self.slowdown = slowdown
         self.budget_bytes = budget_bytes
