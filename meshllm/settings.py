@@ -291,8 +291,7 @@ SERVE_HELP = {
     "migrate_wait_s": "seconds a resumed request waits for an intact replica",
     "keepalive_s": "a streaming answer idle this many seconds gets a keep-alive (SSE comment, empty NDJSON chunk)",
     "speculate": "speculative decoding by prompt lookup on this node's decoder rings (a request's speculate "
-                 "overrides it; the tokens are the same either way); on, this node's attention verifies drafts "
-                 "in one pass, off it is faster without drafts and verifies them one step each",
+                 "overrides it; the tokens are the same either way: every node verifies drafts in one pass)",
     "spec_max_draft": "draft tokens a decode step may carry per request (adapted to its acceptance)",
     "spec_cost_aware": "draft only as much as pays at the step times measured on the ring (off: the length "
                        "adapted to acceptance alone)",
