@@ -147,28 +147,10 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
         if progress is not None:
             progress(b, n, cfg.block_name(b))
         runner = StageRunner(manifest, b, b + 1, threads=threads, max_seqs=2, slowdown=slowdown)
-        if b == 0:
-            x_prompt = rng.integers(0, cfg.vocab_size, size=prompt_tokens, dtype=np.int64)  # (T,)
-            x_step = rng.integers(0, cfg.vocab_size, size=1, dtype=np.int64)  # (1,)
-        else:
-            x_prompt = rng.standard_normal((prompt_tokens, cfg.hidden_size)).astype(np.float32)  # (T, H)
-            x_step = rng.standard_normal((1, cfg.hidden_size)).astype(np.float32)  # (1, H)
-        best = float("inf")
-        steps: list[float] = []
-        for r in range(repeats):
-            sid = ("profile", r)
-            runner.alloc(sid, prompt_tokens + decode_steps + 1)
-            t0 = time.perf_counter()
-            runner.prefill(sid, x_prompt)
-            best = min(best, time.perf_counter() - t0)
-            for _ in range(decode_steps):
-                evict()
-                t0 = time.perf_counter()
-                runner.decode([sid], x_step)
-                steps.append(time.perf_counter() - t0)
-            runner.free(sid)
+        best, step = _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
+                                  repeats=repeats, between_steps=evict)
         prefill.append(best / prompt_tokens)
-        decode.append(float(np.median(steps)))
+        decode.append(step)
         del runner
     for first, end in _stage_runs(manifest, memory_bytes):
         pre, dec = _time_stage(manifest, first, end, threads=threads, slowdown=slowdown,
@@ -203,15 +185,13 @@ def _stage_runs(manifest: Manifest, memory_bytes: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowdown: float,
-                prompt_tokens: int, decode_steps: int, repeats: int,
-                rng: np.random.Generator) -> tuple[float, float]:
-    """Blocks [first, end) as one stage runs them: (best prefill of a ``prompt_tokens`` prompt,
-    median decode step at batch 1), in seconds. No eviction between steps: the run's own weights
-    are what passes through the caches, as in a stage."""
-    cfg = manifest.config
-    runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown)
-    if first == 0:
+def _time_runner(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens: int, decode_steps: int,
+                 repeats: int, between_steps: Callable[[], None] | None = None,
+                 warm_step: bool = False) -> tuple[float, float]:
+    """(best prefill of a ``prompt_tokens`` prompt, median decode step at batch 1), in seconds, on
+    random inputs of the runner's kind (token ids for the first block, hidden states after)."""
+    cfg = runner.manifest.config
+    if runner.first == 0:
         x_prompt = rng.integers(0, cfg.vocab_size, size=prompt_tokens, dtype=np.int64)  # (T,)
         x_step = rng.integers(0, cfg.vocab_size, size=1, dtype=np.int64)  # (1,)
     else:
@@ -220,19 +200,34 @@ def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowd
     best = float("inf")
     steps: list[float] = []
     for r in range(repeats):
-        sid = ("stage", r)
+        sid = ("profile", r)
         runner.alloc(sid, prompt_tokens + decode_steps + 2)
         t0 = time.perf_counter()
         runner.prefill(sid, x_prompt)
         best = min(best, time.perf_counter() - t0)
-        runner.decode([sid], x_step)  # the first step after a prompt warms the decode shapes
+        if warm_step:  # the first step after a prompt warms the decode shapes
+            runner.decode([sid], x_step)
         for _ in range(decode_steps):
+            if between_steps is not None:
+                between_steps()
             t0 = time.perf_counter()
             runner.decode([sid], x_step)
             steps.append(time.perf_counter() - t0)
         runner.free(sid)
-    del runner
     return best, float(np.median(steps))
+
+
+def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowdown: float,
+                prompt_tokens: int, decode_steps: int, repeats: int,
+                rng: np.random.Generator) -> tuple[float, float]:
+    """Blocks [first, end) as one stage runs them (``_time_runner``). No eviction between steps:
+    the run's own weights are what passes through the caches, as in a stage."""
+    runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown)
+    try:
+        return _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
+                            repeats=repeats, warm_step=True)
+    finally:
+        del runner
 
 
 def _share_out(per_block: list[float], first: int, end: int, total: float) -> None:
