@@ -115,6 +115,28 @@ def test_measured_times_override_the_spec():
         cost.decode_block_times(P7, bad, 1, 1)
 
 
+def test_a_measured_context_slope_grows_the_decode_step_past_the_measured_context():
+    """A device whose profile measured what a token of context adds (attention reads and copies
+    more of the cache) pays it per sequence beyond the context its step was measured at; the
+    slope travels in the profile document and the plan's device documents."""
+    from meshllm.control.planning import device_from_profile
+
+    n = P7.n_blocks
+    slope = tuple(1e-6 if P7.kv[b] else 0.0 for b in range(n))
+    d = Device("m", 40 * 2**30, 1.0, 1.0, prefill_s_per_token=tuple([1e-4] * n),
+               decode_s_per_step=tuple([2e-3] * n), measured=True, decode_s_per_ctx_token=slope, decode_ctx=40)
+    flat = cost.decode_block_times(P7, d, 3, 40).sum()
+    assert flat == pytest.approx(n * (2e-3 + 2 * 1e-4))
+    assert cost.decode_block_times(P7, d, 3, 10).sum() == pytest.approx(flat)  # not below what was measured
+    assert cost.decode_block_times(P7, d, 3, 1040).sum() == pytest.approx(flat + 3 * 1000 * sum(slope))
+    assert Device.from_dict(d.to_dict()) == d
+    prof = {"model_id": "x", "threads": 1, "slowdown": 1.0, "memory_bytes": 1 << 30, "tflops": 1.0,
+            "mem_bw_gbs": 1.0, "prefill_s_per_token": [1e-4] * n, "decode_s_per_step": [2e-3] * n}
+    assert device_from_profile("m", prof).decode_s_per_ctx_token is None  # a profile from before the slope
+    got = device_from_profile("m", {**prof, "decode_s_per_ctx_token": list(slope), "decode_ctx": 40})
+    assert got.decode_s_per_ctx_token == slope and got.decode_ctx == 40
+
+
 def test_transfers_and_memory():
     net = Network(80, 2)
     # 4096 floats per token, 10 tokens, 80 Mb/s, 1 ms one way

@@ -25,6 +25,11 @@ def test_slowdown_is_visible_in_the_measured_profile(tiny_manifest: Manifest) ->
     assert sum(slow.prefill_s_per_token) > 2.0 * sum(fast.prefill_s_per_token)
     assert slow.tflops < fast.tflops / 2 and slow.mem_bw_gbs < fast.mem_bw_gbs / 2
     assert NodeProfile.from_dict(slow.to_dict()) == slow
+    # what a token of context adds, per block: measured on the stages, none on blocks without KV
+    kv = [c.kv_bytes_per_token for c in tiny_manifest.costs]
+    assert len(fast.decode_s_per_ctx_token) == n and all(x >= 0 for x in fast.decode_s_per_ctx_token)
+    assert all(x == 0 for x, k in zip(fast.decode_s_per_ctx_token, kv, strict=True) if not k)
+    assert fast.decode_ctx > 32
 
 
 def test_profile_cache_is_keyed_and_budget_applied_on_top(tiny_manifest: Manifest, tmp_path: Path) -> None:

@@ -36,10 +36,13 @@ def device_from_profile(node_id: str, prof: dict[str, Any]) -> Device:
             raise KeyError(key)
     int(prof["threads"])
     float(prof["slowdown"])
+    slope = prof.get("decode_s_per_ctx_token") or None  # profiles before version 4 have none
     return Device(name=node_id, memory_bytes=max(1, int(prof["memory_bytes"])),
                   tflops=max(float(prof["tflops"]), 1e-9), mem_bw_gbs=max(float(prof["mem_bw_gbs"]), 1e-9),
                   prefill_s_per_token=tuple(float(x) for x in prof["prefill_s_per_token"]),
-                  decode_s_per_step=tuple(float(x) for x in prof["decode_s_per_step"]), measured=True)
+                  decode_s_per_step=tuple(float(x) for x in prof["decode_s_per_step"]), measured=True,
+                  decode_s_per_ctx_token=tuple(max(0.0, float(x)) for x in slope) if slope else None,
+                  decode_ctx=float(prof.get("decode_ctx", 0.0)))
 
 
 def network_from_links(members: Sequence[str], links: dict[str, dict[str, Any]]) -> Network:

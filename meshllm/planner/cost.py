@@ -137,7 +137,10 @@ def decode_block_times(p: ModelProfile, dev: Device, batch: float, ctx: float,
         step = _measured(dev.decode_s_per_step, p, dev)
         per_tok = (_measured(dev.prefill_s_per_token, p, dev)
                    if dev.prefill_s_per_token is not None else 0.0)
-        return step + (batch - 1) * per_tok
+        out = step + (batch - 1) * per_tok
+        if dev.decode_s_per_ctx_token is not None:  # attention's share grows with each sequence's context
+            out = out + batch * max(0.0, ctx - dev.decode_ctx) * _measured(dev.decode_s_per_ctx_token, p, dev)
+        return out
     return _roofline(p, dev, batch, batch * ctx, batch * ctx, eff)
 
 

@@ -53,6 +53,10 @@ class Device:
     prefill_s_per_token: tuple[float, ...] | None = None
     decode_s_per_step: tuple[float, ...] | None = None
     measured: bool = False  # True when the times above were measured on the device
+    # measured too: what one more token of context adds to block b's decode step per sequence,
+    # and the context ``decode_s_per_step`` was measured at (None: no slope measured)
+    decode_s_per_ctx_token: tuple[float, ...] | None = None
+    decode_ctx: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -86,6 +90,9 @@ class Device:
             d["prefill_s_per_token"] = list(self.prefill_s_per_token)
         if self.decode_s_per_step is not None:
             d["decode_s_per_step"] = list(self.decode_s_per_step)
+        if self.decode_s_per_ctx_token is not None:
+            d["decode_s_per_ctx_token"] = list(self.decode_s_per_ctx_token)
+            d["decode_ctx"] = self.decode_ctx
         return d
 
     @classmethod
@@ -93,11 +100,14 @@ class Device:
         """Inverse of :meth:`to_dict`."""
         p = d.get("prefill_s_per_token")
         q = d.get("decode_s_per_step")
+        c = d.get("decode_s_per_ctx_token")
         return cls(str(d["name"]), int(d["memory_bytes"]), float(d["tflops"]),
                    float(d["mem_bw_gbs"]), bool(d.get("source", False)),
                    tuple(float(x) for x in p) if p is not None else None,
                    tuple(float(x) for x in q) if q is not None else None,
-                   bool(d.get("measured", False)))
+                   bool(d.get("measured", False)),
+                   tuple(float(x) for x in c) if c is not None else None,
+                   float(d.get("decode_ctx", 0.0)))
 
 
 @dataclass(frozen=True, slots=True)

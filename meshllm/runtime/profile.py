@@ -15,6 +15,12 @@ their shape (what the planner's split needs), and a stage of those blocks sums t
 stage measured (blocks alone, evicted between steps, summed to 20.5 ms for SmolLM2-135M int4's
 step against 15.4 ms measured for the whole model in one runner).
 
+Last, each run's decode step is timed again after a ``LONG_CTX``-token prompt: the difference
+over the contexts is what one more token of context adds to a step (attention reads, and on the
+plain-operator attention copies, more of the cache), shared over the run's blocks by the KV they
+hold per token (``decode_s_per_ctx_token``; SmolLM2 int4: 9.1 µs, a step 18.2 ms at 100
+positions and 25.0 at 1000).
+
 From those it derives the effective TFLOPS and memory bandwidth the planner's spec fields need
 (the measured per-block times are what the cost model uses). Results are cached on disk keyed by
 (model id, machine, threads, slowdown), because measuring costs seconds that a restart should not
@@ -42,7 +48,8 @@ from meshllm.runtime.runner import StageRunner, weight_bytes_resident
 
 log = logging.getLogger("meshllm.runtime.profile")
 
-PROFILE_VERSION = 3  # 2: decode measured with cold caches (see _Evictor); 3: scaled to stages (_stage_runs)
+PROFILE_VERSION = 4  # 2: decode with cold caches (_Evictor); 3: scaled to stages (_stage_runs); 4: context slope
+LONG_CTX = 512  # the longer context a stage's decode step is also timed at (the slope per context token)
 EVICT_BYTES = 96 << 20  # read between decode steps: more than any last-level cache here (32 MiB)
 
 
@@ -74,25 +81,32 @@ class NodeProfile:
     mem_bw_gbs: float  # effective, derived from the decode measurement
     machine: str
     measured_at: float  # unix time of the measurement (informational)
+    # per block: what one more token of context adds to its decode step (attention reads and
+    # copies more of the cache), and the context decode_s_per_step holds at
+    decode_s_per_ctx_token: tuple[float, ...] = ()
+    decode_ctx: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PROFILE_VERSION, "model_id": self.model_id, "threads": self.threads,
                 "slowdown": self.slowdown, "memory_bytes": self.memory_bytes,
                 "prefill_s_per_token": list(self.prefill_s_per_token),
                 "decode_s_per_step": list(self.decode_s_per_step), "tflops": self.tflops,
-                "mem_bw_gbs": self.mem_bw_gbs, "machine": self.machine, "measured_at": self.measured_at}
+                "mem_bw_gbs": self.mem_bw_gbs, "machine": self.machine, "measured_at": self.measured_at,
+                "decode_s_per_ctx_token": list(self.decode_s_per_ctx_token), "decode_ctx": self.decode_ctx}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NodeProfile:
         return cls(str(d["model_id"]), int(d["threads"]), float(d["slowdown"]), int(d["memory_bytes"]),
                    tuple(float(x) for x in d["prefill_s_per_token"]),
                    tuple(float(x) for x in d["decode_s_per_step"]), float(d["tflops"]),
-                   float(d["mem_bw_gbs"]), str(d.get("machine", "")), float(d.get("measured_at", 0.0)))
+                   float(d["mem_bw_gbs"]), str(d.get("machine", "")), float(d.get("measured_at", 0.0)),
+                   tuple(float(x) for x in d.get("decode_s_per_ctx_token") or ()), float(d.get("decode_ctx", 0.0)))
 
     def with_memory(self, memory_bytes: int) -> NodeProfile:
         return NodeProfile(self.model_id, self.threads, self.slowdown, memory_bytes,
                            self.prefill_s_per_token, self.decode_s_per_step, self.tflops,
-                           self.mem_bw_gbs, self.machine, self.measured_at)
+                           self.mem_bw_gbs, self.machine, self.measured_at, self.decode_s_per_ctx_token,
+                           self.decode_ctx)
 
     @property
     def decode_s_per_token(self) -> float:
@@ -152,11 +166,22 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
         prefill.append(best / prompt_tokens)
         decode.append(step)
         del runner
+    # the context of the stages' timed decode steps: the prompt, a warm-up step, then the steps
+    short_ctx = prompt_tokens + 1 + (decode_steps + 1) / 2
+    long_prompt = min(LONG_CTX, cfg.max_position - decode_steps - 3)
+    long_ctx = long_prompt + 1 + (decode_steps + 1) / 2
+    slope = [0.0] * n
     for first, end in _stage_runs(manifest, memory_bytes):
-        pre, dec = _time_stage(manifest, first, end, threads=threads, slowdown=slowdown,
-                               prompt_tokens=prompt_tokens, decode_steps=decode_steps, repeats=repeats, rng=rng)
+        pre, dec, dec_long = _time_stage(manifest, first, end, threads=threads, slowdown=slowdown,
+                                         prompt_tokens=prompt_tokens, decode_steps=decode_steps, repeats=repeats,
+                                         rng=rng, long_prompt=long_prompt if long_ctx > short_ctx + 16 else 0)
         _share_out(prefill, first, end, pre / prompt_tokens)
         _share_out(decode, first, end, dec)
+        if dec_long > dec:  # shared over the run's blocks by the KV they read per token of context
+            kv = [manifest.costs[b].kv_bytes_per_token for b in range(first, end)]
+            per_ctx = (dec_long - dec) / (long_ctx - short_ctx)
+            for b, k in zip(range(first, end), kv, strict=True):
+                slope[b] = per_ctx * k / sum(kv) if sum(kv) else 0.0
     if progress is not None:
         progress(n, n, "done")
     costs = manifest.costs
@@ -166,7 +191,7 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
     tflops = flops / max(sum(prefill), 1e-12) / 1e12
     mem_bw_gbs = weight_bytes / max(sum(decode), 1e-12) / 1e9
     return NodeProfile(manifest.model_id, threads, slowdown, memory_bytes, tuple(prefill), tuple(decode),
-                       tflops, mem_bw_gbs, machine_fingerprint(), time.time())
+                       tflops, mem_bw_gbs, machine_fingerprint(), time.time(), tuple(slope), short_ctx)
 
 
 def _stage_runs(manifest: Manifest, memory_bytes: int) -> list[tuple[int, int]]:
@@ -218,14 +243,20 @@ def _time_runner(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens
 
 
 def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowdown: float,
-                prompt_tokens: int, decode_steps: int, repeats: int,
-                rng: np.random.Generator) -> tuple[float, float]:
-    """Blocks [first, end) as one stage runs them (``_time_runner``). No eviction between steps:
+                prompt_tokens: int, decode_steps: int, repeats: int, rng: np.random.Generator,
+                long_prompt: int = 0) -> tuple[float, float, float]:
+    """Blocks [first, end) as one stage runs them (``_time_runner``): (prefill, decode step, decode
+    step after a ``long_prompt``-token prompt, once; 0 without one). No eviction between steps:
     the run's own weights are what passes through the caches, as in a stage."""
     runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown)
     try:
-        return _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
-                            repeats=repeats, warm_step=True)
+        pre, dec = _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
+                                repeats=repeats, warm_step=True)
+        long = 0.0
+        if long_prompt:
+            _, long = _time_runner(runner, rng, prompt_tokens=long_prompt, decode_steps=decode_steps,
+                                   repeats=1, warm_step=True)
+        return pre, dec, long
     finally:
         del runner
 
