@@ -55,15 +55,14 @@ class _Control:
 
 
 class DataNode:
-    def __init__(self, name: str, index: int, manifest: Manifest, net: MemoryNetwork, budget: int,
-                 one_pass: bool = True) -> None:
+    def __init__(self, name: str, index: int, manifest: Manifest, net: MemoryNetwork, budget: int) -> None:
         self.name = name
         self.node_id = NodeId(f"{index:02d}-{name}")
         self.manifest = manifest
         self.codec = Codec()
         self.transport = MemoryTransport(net, LinkIdentity(self.node_id, "test-mesh", b"k"), f"10.0.0.{index}:7070")
         self.transport.set_handlers(self._on_message, lambda peer: None, self._on_down)
-        self.stages = StageHost(manifest, threads=1, slowdown=1.0, budget_bytes=budget, one_pass=one_pass)
+        self.stages = StageHost(manifest, threads=1, slowdown=1.0, budget_bytes=budget)
         self.control = _Control()
         self.handlers: dict[str, Any] = {}
         self.on_link_down_hooks: list[Any] = []

@@ -1385,8 +1385,8 @@ def _decode_positions(op: DecodeOp, stats: dict[str, Any]) -> tuple[np.ndarray, 
     one-position step would (``runtime/attention``), so the tokens cannot differ from decoding
     without drafts. Where its runner does not (``runner.one_pass_exact`` false: int4 "exact",
     whose matrix kernel rounds a one-row product differently from a several-row one; a runner
-    built on GroupQueryAttention, ``one_pass=False``), position j of every row that has one runs as a batched one-position step
-    instead, j = 0, 1, ...: each stage keeps its own promise, so a ring whose stages differ keeps
+    built on GroupQueryAttention, ``one_pass=False``), position j of every row that has one runs
+    as a batched one-position step instead, j = 0, 1, ...: each stage keeps its own promise, so a ring whose stages differ keeps
     its tokens too (it gains only where every stage verifies in one pass).
     Returns (the rows' outputs, their positions in order; the indices of the rows that ran;
     seq -> error of those that did not)."""
@@ -1403,17 +1403,14 @@ def _decode_positions(op: DecodeOp, stats: dict[str, Any]) -> tuple[np.ndarray, 
     at = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     x = np.asarray(op.x)
     live = [i for i, s in enumerate(op.seqs) if s not in errors]
-    if all(c == 1 for c in counts):  # no drafts: one step, as without speculation
+    no_drafts = all(c == 1 for c in counts)
+    if no_drafts or getattr(runner, "one_pass_exact", False):  # one pass (without drafts: one step)
         if not live:
             return np.empty((0, 0), np.float32), [], errors
-        out, ok, errs = runner.decode_rows([op.seqs[i] for i in live], x if len(live) == len(op.seqs) else x[live])
-        errors.update(errs)
-        return out, [live[k] for k in ok], errors
-    if getattr(runner, "one_pass_exact", False):
-        if not live:
-            return np.empty((0, 0), np.float32), [], errors
-        xs = x[np.concatenate([np.arange(at[i], at[i + 1]) for i in live])]
-        out, ok, errs = runner.decode_rows([op.seqs[i] for i in live], xs, counts=[counts[i] for i in live])
+        xs = x if len(live) == len(op.seqs) else x[np.concatenate([np.arange(at[i], at[i + 1]) for i in live])]
+        seqs = [op.seqs[i] for i in live]
+        out, ok, errs = (runner.decode_rows(seqs, xs) if no_drafts
+                         else runner.decode_rows(seqs, xs, counts=[counts[i] for i in live]))
         errors.update(errs)
         return out, [live[k] for k in ok], errors
     parts: dict[int, list[np.ndarray]] = {i: [] for i in live}
