@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +33,6 @@ from meshllm.control.config import ControlConfig
 from meshllm.control.events import ObservedRequest, OperatorReplan
 from meshllm.control.node import ControlNode
 from meshllm.control_driver import ControlDriver, Owners
-from meshllm.errors import UserError
 from meshllm.model.manifest import Manifest, load_manifest
 from meshllm.net.base import DEFAULT_MESH_KEY, PROTOCOL_VERSION, Advert, Discovery, LinkIdentity, Transport
 from meshllm.net.dialer import Dialer, PeerInfo
@@ -54,6 +51,7 @@ from meshllm.serve.config import ServeConfig
 from meshllm.serve.estimator import PlanEstimator
 from meshllm.serve.service import Serving
 from meshllm.serve.stages import StageHost
+from meshllm.state import stable_node_id
 from meshllm.views import member_names, mesh_view, profile_view
 from meshllm.web.dashboard import Dashboard
 from meshllm.wire.auth import mesh_id as make_mesh_id
@@ -63,31 +61,6 @@ from meshllm.wire.ids import NodeId
 log = logging.getLogger("meshllm.node")
 
 DEFAULT_PORT = 7070
-
-
-def default_state_dir(port: int) -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "meshllm" / f"node-{port}"
-
-
-def stable_node_id(state_dir: Path) -> str:
-    """The node's id, created once and kept in the state directory across restarts."""
-    path = state_dir / "node_id"
-    try:
-        nid = path.read_text().strip()
-        if nid:
-            return nid
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    nid = uuid.uuid4().hex[:16]
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(nid + "\n")
-    except OSError as e:
-        raise UserError(f"cannot write the node id to {path}: {e.strerror}") from None
-    return nid
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,4 +430,4 @@ def with_control(opts: NodeOptions, **kw: Any) -> NodeOptions:
     return replace(opts, control=replace(opts.control, **kw))
 
 
-__all__ = ["DEFAULT_PORT", "Node", "NodeOptions", "PeerInfo", "Predicted", "mesh_token", "stable_node_id"]
+__all__ = ["DEFAULT_PORT", "Node", "NodeOptions", "PeerInfo", "Predicted", "mesh_token"]

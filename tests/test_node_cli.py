@@ -11,7 +11,7 @@ from meshllm.cli import main
 from meshllm.commands.node import build_options, parse_bytes, parse_peer, primary_ipv4
 from meshllm.commands.status import format_table
 from meshllm.errors import UserError
-from meshllm.node import stable_node_id
+from meshllm.state import stable_node_id
 
 
 def test_memory_budgets_and_peers_parse() -> None:

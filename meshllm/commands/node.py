@@ -85,9 +85,10 @@ def build_options(args: argparse.Namespace, conf: Settings | None = None) -> Any
     from meshllm.model.paths import resolve_model_dir
     from meshllm.net.base import DEFAULT_MESH_KEY
     from meshllm.net.discovery import interface_addresses
-    from meshllm.node import NodeOptions, default_state_dir
+    from meshllm.node import NodeOptions
     from meshllm.planner.types import Workload
     from meshllm.serve.config import ServeConfig
+    from meshllm.state import default_state_dir
 
     c = conf or settings(args)
     model_dir = resolve_model_dir(c["model"])
