@@ -276,6 +276,9 @@ SERVE_HELP = {
     "queue_timeout_s": "seconds a request may wait for KV room before 503",
     "reserve_timeout_s": "seconds a decoder replica has to answer an admission request",
     "handoff_timeout_s": "KV reserved for a hand-off that never completes is freed after this many seconds",
+    "eager_handoff": "send a prompt to its PREFILL replica together with the reservation at its DECODER (when "
+                     "that reports room), saving the reservation's round trip from the time to first token",
+    "early_kv_mib": "MiB of hand-off KV a node keeps for a reservation that has not reached it yet",
     "stall_timeout_s": "an attempt with no sign of progress (a prefilled chunk, a token) for this many seconds "
                        "fails and resumes elsewhere",
     "stall_factor": "a prefill may also take this many times the router's estimate before it counts as stalled",

@@ -181,6 +181,25 @@ async def test_limits_at_the_entry(make_mesh) -> None:
         await anext(entry.generate([5], GREEDY))
 
 
+async def test_kv_that_comes_before_its_reservation_is_kept_and_the_tokens_are_right(
+        make_mesh, tiny_manifest: Manifest) -> None:
+    """The prompt goes to the prefill replica with the reservation (eager_handoff): while the
+    decoder's first stage is busy, the reservation has not reached its second stage when the KV
+    for that stage lands there. The stage keeps it and takes it in when the reservation comes."""
+    mesh = await make_mesh(PLANS["split-differently"])
+    entry = mesh.node("a").serving.entry
+    c, d = mesh.node("c"), mesh.node("d")
+    gate = c.hold_inference()  # stage 0 of the decoder cannot allocate, so it forwards nothing yet
+    task = asyncio.ensure_future(answer(entry, [3, 4, 5, 6], GREEDY))
+    await async_wait_until(lambda: d.serving.stage.stats["early_kv"] >= 2, "d keeps the KV of its two layers", 10.0)
+    assert d.serving.stage.held_count() == 0  # no reservation there yet
+    gate.set()
+    tokens, _, error = await task
+    assert error is None and tokens == reference(tiny_manifest, [3, 4, 5, 6], GREEDY)
+    assert d.serving.stage.stats["early_dropped"] == d.serving.stage.stats["early_expired"] == 0
+    await settled(mesh)
+
+
 async def test_no_room_on_the_decoder_waits_then_503(make_mesh, tiny_manifest: Manifest) -> None:
     cfg = ServeConfig(queue_timeout_s=0.5, max_batch=1)
     mesh = await make_mesh(PLANS["disaggregated"], cfg)
@@ -268,7 +287,9 @@ async def test_bad_frames_are_refused_and_the_node_keeps_serving(make_mesh, tiny
     cfg = tiny_manifest.config
     kv = np.zeros((4, cfg.num_kv_heads, cfg.head_dim), np.float32)
     bad = [
-        KVChunk("nobody", 1, 1, 1, 0, 4, Tensor.from_array(kv), Tensor.from_array(kv)),  # unreserved
+        # unreserved: kept for a reservation that may still come (the prompt goes out with it), and
+        # dropped after handoff_timeout_s
+        KVChunk("nobody", 1, 1, 1, 0, 4, Tensor.from_array(kv), Tensor.from_array(kv)),
         KVChunk("nobody", 9, 1, 1, 0, 4, Tensor.from_array(kv), Tensor.from_array(kv)),  # stale epoch
         DecodeBatch(1, 1, 0, 0, ("ghost",), (0,), Tensor.from_array(np.zeros((1, cfg.hidden_size), np.float32))),
         DecodeBatch(1, 1, 0, 0, ("ghost",), (0,), Tensor.from_array(np.zeros((2, 3), np.float32))),  # bad shape
@@ -280,7 +301,9 @@ async def test_bad_frames_are_refused_and_the_node_keeps_serving(make_mesh, tiny
     for m in bad:
         a.serving.messenger.send(c.node_id, m)
         a.serving.messenger.send(mesh.node("a").node_id, m)
-    await async_wait_until(lambda: c.serving.stage.stats["unreserved_kv"] >= 2, "the KV frames refused", 5.0)
+    st = c.serving.stage.stats
+    await async_wait_until(lambda: st["unreserved_kv"] >= 1 and st["early_kv"] >= 1, "the KV frames refused or kept",
+                           5.0)
     tokens, _, error = await answer(a.serving.entry, [7, 8, 9], GREEDY)
     assert error is None and tokens == reference(tiny_manifest, [7, 8, 9], GREEDY)
     await settled(mesh)

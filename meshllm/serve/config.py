@@ -24,6 +24,16 @@ class ServeConfig:
     queue_timeout_s: float = 30.0  # how long a request may wait for KV room before 503
     reserve_timeout_s: float = 5.0  # a decoder replica's answer to an admission request
     handoff_timeout_s: float = 30.0  # KV reserved for a hand-off that never completes is freed
+    # An entry sends a prompt to a PREFILL replica together with the reservation at its DECODER
+    # (when the decoder's last load report shows room), not after the reservation comes back: the
+    # reservation's round trip, which waits behind the decoder's running step on each of its
+    # stages, leaves every time to first token. A refusal then frees the prefill done meanwhile.
+    eager_handoff: bool = True
+    # KV (and the first token) of such a hand-off that reaches a decoder stage before the
+    # reservation does waits at the stage, up to this many MiB a node, then is taken in when the
+    # reservation lands; beyond it, or after handoff_timeout_s, it is dropped (the hand-off then
+    # fails and the request resumes elsewhere)
+    early_kv_mib: float = 256.0
     # no sign of progress (a prefilled chunk, a token) for this long, or for stall_factor times
     # the router's estimate of the prefill when that is longer: the attempt failed
     stall_timeout_s: float = 30.0
@@ -89,5 +99,7 @@ class ServeConfig:
             raise ConfigError(f"hop_delay_ms must be in [0, 10000], got {self.hop_delay_ms}")
         if not 0 <= self.inline_step_ms <= 1000:
             raise ConfigError(f"inline_step_ms must be in [0, 1000], got {self.inline_step_ms}")
+        if self.early_kv_mib < 0:
+            raise ConfigError(f"early_kv_mib must be >= 0, got {self.early_kv_mib}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")

@@ -213,8 +213,11 @@ class EntryCore:
             if msg.replica == r.decode and msg.epoch == r.epoch:
                 if r.status is Status.RESERVING:
                     self._on_reserved(r, msg, now)
-                elif r.eager and r.status is Status.PREFILLING and not msg.ok:
-                    # the prompt went out with the reservation, which failed: the stage dropped both
+                elif r.eager and r.status in (Status.PREFILLING, Status.HANDING_OFF) and not msg.ok:
+                    # the prompt went out with the reservation, which failed: what the prefill
+                    # replica did for it is freed, and the next decoder gets the request (with the
+                    # tokens streamed so far, if the prefill's first one came already)
+                    self._free(r, r.nodes - r.reserve_nodes)
                     self._refused(r, msg.code or "capacity", msg.error, now)
         elif isinstance(msg, Error):
             if r.status is Status.RESERVING:
@@ -348,10 +351,16 @@ class EntryCore:
                                     tuple(r.tokens), r.attempt,
                                     # stage 0 drafts from the prompt (speculation), unless the request said no
                                     tuple(r.prompt) if r.params.speculate is not False else ()))
-        # A one-stage replica that prefills its own decodes gets the prompt right behind the
-        # reservation, on the same lane: its stage allocates and prefills in one iteration (or
-        # refuses both), which saves a round trip and an iteration of the time to first token.
-        r.eager = p == d and len(routes.stages(d)) == 1
+        # The prompt goes out right behind the reservation, saving the reservation's round trip
+        # (which waits behind the running step of each decoder stage) from the time to first token:
+        # - a one-stage replica that prefills its own decodes gets it on the same lane: its stage
+        #   allocates and prefills in one iteration (or refuses both);
+        # - a separate prefill replica gets it when the decoder last reported room for it; the
+        #   decoder's stages keep KV that comes before their reservation (``eager_handoff``).
+        if p == d:
+            r.eager = len(routes.stages(d)) == 1
+        else:
+            r.eager = self.config.eager_handoff and self.router.has_room(routes, d, len(r.prompt) + r.params.max_tokens)
         if r.eager:
             self._prefill(r, routes, now)
 

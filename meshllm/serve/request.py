@@ -94,7 +94,7 @@ class Request:
     error: tuple[str, str] | None = None  # (message, code) of a failed one
     dropped_frames: int = 0  # frames of other attempts, dropped
     prompt_logprobs: bool = False  # the prompt's own logprobs come with token 0
-    eager: bool = False  # the prompt went out with the reservation (a one-stage replica that does both)
+    eager: bool = False  # the prompt went out with the reservation, not after it came back
 
     def to(self, status: Status) -> None:
         if status not in TRANSITIONS[self.status]:

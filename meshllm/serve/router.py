@@ -86,7 +86,7 @@ class Router:
         for rid in dec:
             ld = self.loads.get((routes.epoch, rid), _Load())
             running = ld.decoding + ld.sent_since
-            room = running < ld.max_batch and (ld.free_tokens < 0 or ld.free_tokens >= need)
+            room = self.has_room(routes, rid, need)
             tpot = self.decode_estimate(routes, rid, running + 1) if self.decode_estimate else 1.0
             # a BOTH replica that also prefills this request saves the hand-off
             handoff = 0.0 if rid == best_p else 1e-6
@@ -107,6 +107,12 @@ class Router:
             p = d if d in pre and self._both(routes, d) else best_p
             pairs.append((p, d))
         return pairs
+
+    def has_room(self, routes: Routes, replica: int, need: int) -> bool:
+        """Whether a decoder replica last reported room for a request of ``need`` positions (with
+        this entry's admissions since; no report yet counts as room)."""
+        ld = self.loads.get((routes.epoch, replica), _Load())
+        return ld.decoding + ld.sent_since < ld.max_batch and (ld.free_tokens < 0 or ld.free_tokens >= need)
 
     def admitted(self, epoch: int, replica: int) -> None:
         ld = self.loads.setdefault((epoch, replica), _Load())

@@ -222,6 +222,16 @@ class Hold:
 
 
 @dataclass(slots=True)
+class Early:
+    """Frames of a hand-off that reached a decoder stage before its reservation (the entry sent the
+    prompt together with the reservation): taken in when the reservation lands, dropped at ``deadline``."""
+    deadline: float
+    kv: list[tuple[str, KVChunk]] = field(default_factory=list)
+    start: DecodeStart | None = None  # the first token, at stage 0
+    nbytes: int = 0
+
+
+@dataclass(slots=True)
 class Member:
     req: str
     attempt: int
@@ -280,7 +290,9 @@ def _stats() -> dict[str, Any]:
             "refused": 0, "unreserved_kv": 0, "stale": 0, "stale_attempt": 0, "after_free": 0, "errors": 0,
             "iterations": 0, "step_timeouts": 0, "decode_compute_s": 0.0, "decode_calls": 0,
             # speculation at a ring's stage 0: steps whose row carried drafts, drafts sent, drafts kept
-            "spec_rows": 0, "spec_drafted": 0, "spec_accepted": 0, "spec_truncated": 0}
+            "spec_rows": 0, "spec_drafted": 0, "spec_accepted": 0, "spec_truncated": 0,
+            # hand-off frames that came before their reservation: kept, dropped for room, expired
+            "early_kv": 0, "early_starts": 0, "early_dropped": 0, "early_expired": 0}
 
 
 class StageCore:
@@ -301,6 +313,8 @@ class StageCore:
         self._rr: deque[Key] = deque()  # holds with prefill chunks waiting, round-robin
         self._in_flight: dict[str, int] = {}  # req -> holds here (for Begin/End)
         self._reserve_msg: dict[Key, Reserve] = {}  # admission to pass on once the allocation is done
+        self._early: dict[Key, Early] = {}  # hand-off frames waiting for their reservation
+        self._early_bytes = 0
         self.running = False
         self.now = 0.0
         self.stats = _stats()
@@ -346,6 +360,12 @@ class StageCore:
                     ring.inflight[micro] = []
                     for r in rows:
                         self._fail_member(ring, r, "a decode step got no answer from the ring", "stalled")
+        for key, e in list(self._early.items()):
+            if e.deadline <= now:
+                self.stats["early_expired"] += 1
+                log.warning("request %s: its hand-off reached stage %d of replica %d but no reservation did in "
+                            "%.0f s; dropped", key[0], key[2], key[1], self.config.handoff_timeout_s)
+                self._drop_early(key)
         while self.tombs:
             _, (_, exp) = next(iter(self.tombs.items()))
             if exp > now:
@@ -359,7 +379,7 @@ class StageCore:
             d = min(d, *ring.deadline)
         if self.tombs:
             d = min(d, next(iter(self.tombs.values()))[1])
-        return d
+        return min(d, *(e.deadline for e in self._early.values())) if self._early else d
 
     def link_down(self, peer: str, now: float) -> list[Output]:
         """A link went down: whatever depends on ``peer`` cannot complete."""
@@ -674,6 +694,7 @@ class StageCore:
         self._meta.append(AllocOp(h, m.tokens, micro if micro >= 0 else None))
         self._reserve_msg[key] = Reserve(m.req, m.epoch, m.replica, m.stage, m.tokens, m.prompt_len, m.entry,
                                          m.sampling, m.seed, micro, m.replay, m.attempt)
+        self._take_early(key, h)
 
     def _alloc_done(self, op: AllocOp, res: Result) -> None:
         h = op.hold
@@ -913,8 +934,10 @@ class StageCore:
             self.stats["unreserved_kv"] += 1
             return
         h = self.holds.get((m.req, m.replica, ref.index))
+        if h is None and self._keep_early((m.req, m.replica, ref.index), m, peer):
+            return  # the prompt went out with the reservation, which has not landed here yet
         if h is None or not h.decode or h.attempt != m.attempt:
-            # KV never arrives unannounced: a stage keeps only what it reserved, for this attempt
+            # a stage keeps only what it reserved (or is about to), for this attempt
             self.stats["unreserved_kv" if h is None or not h.decode else "stale_attempt"] += 1
             log.warning("dropped KV from %s for %s (attempt %d): no reservation for it here", peer[:12], m.req,
                         m.attempt)
@@ -972,6 +995,10 @@ class StageCore:
             self._maybe_join(*found)
 
     def _on_decode_start(self, m: DecodeStart) -> None:
+        ring = self.rings.get((m.epoch, m.replica))
+        if (ring is None or m.req not in ring.members) and not self._freed(m.req, m.attempt) \
+                and self._keep_early((m.req, m.replica, 0), m, ""):
+            return  # the prefill finished before the reservation reached this stage
         found = self._member(m.epoch, m.replica, m.req, m.attempt)
         if found is not None:
             ring, mem = found
@@ -1225,6 +1252,8 @@ class StageCore:
         for req in {k[0] for k in self.holds}:
             self._release_req(req, None)
         self._meta.clear()
+        self._early.clear()
+        self._early_bytes = 0
         self._flush()
 
     def _free(self, req: str, attempt: int, now: float) -> None:
@@ -1260,6 +1289,74 @@ class StageCore:
             h = self.holds[key]
             if attempt is None or h.attempt <= attempt:
                 self._release(key)
+        for key in [k for k in self._early if k[0] == req]:
+            self._drop_early(key, attempt)
+
+    # --- hand-off frames before their reservation --------------------------------------------------------
+    def _keep_early(self, key: Key, m: KVChunk | DecodeStart, peer: str) -> bool:
+        """Keep a hand-off frame for a reservation not here yet, within the node's budget."""
+        if not self.config.eager_handoff:
+            return False
+        e = self._early.get(key)
+        if isinstance(m, DecodeStart):
+            if e is None:
+                e = self._early[key] = Early(self.now + self.config.handoff_timeout_s)
+            e.start = m
+            self.stats["early_starts"] += 1
+            return True
+        n = m.k.nbytes + m.v.nbytes
+        if self._early_bytes + n > self.config.early_kv_mib * 2**20:
+            self.stats["early_dropped"] += 1
+            log.warning("request %s: dropped %d KiB of hand-off KV that came before its reservation (%.0f MiB "
+                        "already wait here)", m.req, n >> 10, self._early_bytes / 2**20)
+            return False
+        if e is None:
+            e = self._early[key] = Early(self.now + self.config.handoff_timeout_s)
+        e.kv.append((peer, m))
+        e.nbytes += n
+        self._early_bytes += n
+        self.stats["early_kv"] += 1
+        return True
+
+    def _take_early(self, key: Key, h: Hold) -> None:
+        """The reservation landed: what of its hand-off came first goes in after its allocation."""
+        e = self._early.get(key)
+        if e is None:
+            return
+        self._drop_early(key, h.attempt - 1)  # older attempts' frames
+        e = self._early.pop(key, None)
+        if e is None:
+            return
+        self._early_bytes -= e.nbytes
+        later = Early(e.deadline)
+        for peer, m in e.kv:
+            if m.attempt == h.attempt:
+                self._on_kv(peer, m)
+            else:
+                later.kv.append((peer, m))
+                later.nbytes += m.k.nbytes + m.v.nbytes
+        if e.start is not None and e.start.attempt == h.attempt:
+            self._on_decode_start(e.start)
+        elif e.start is not None:
+            later.start = e.start
+        if later.kv or later.start is not None:  # a newer attempt's, whose reservation comes next
+            self._early[key] = later
+            self._early_bytes += later.nbytes
+
+    def _drop_early(self, key: Key, attempt: int | None = None) -> None:
+        """Forget the frames kept at ``key`` (of attempts up to ``attempt``; None: all)."""
+        e = self._early.get(key)
+        if e is None:
+            return
+        keep = [(p, m) for p, m in e.kv if attempt is not None and m.attempt > attempt]
+        gone = sum(m.k.nbytes + m.v.nbytes for _, m in e.kv) - sum(m.k.nbytes + m.v.nbytes for _, m in keep)
+        e.kv = keep
+        e.nbytes -= gone
+        self._early_bytes -= gone
+        if e.start is not None and (attempt is None or e.start.attempt <= attempt):
+            e.start = None
+        if not e.kv and e.start is None:
+            del self._early[key]
 
     def _release(self, key: Key) -> None:
         h = self.holds.pop(key, None)
