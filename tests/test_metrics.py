@@ -168,14 +168,15 @@ async def test_queue_running_kv_refusals_and_cancellation_are_counted(tiny_manif
             import asyncio
 
             task = asyncio.ensure_future(held)
-            # admitted: KV reserved on the decoder, the prompt sent to the prefill replica
-            await async_wait_until(lambda: any(r.sent for r in entry_node.serving.entry.requests.values()),
-                                   "the request to be admitted", 10.0)
+            # admitted: the prompt sent to the prefill replica, KV reserved on the decoder
+            runner = decoder.stages.runners(1)[0]
+            await async_wait_until(lambda: any(r.sent for r in entry_node.serving.entry.requests.values())
+                                   and runner.kv.reserved > 0, "the request to be admitted", 10.0)
             c1, b1 = await scrape(servers["c"]), await scrape(servers["b"])
             assert value(c1, "meshllm_requests_running") == 1 and value(c1, "meshllm_requests_queued") == 0
-            assert value(c1, "meshllm_request_waiting_seconds_count") == 1
+            # its prefill has not begun (its node is busy): the waiting time is not known yet
+            assert value(c1, "meshllm_request_waiting_seconds_count") == 0
             assert value(c1, "meshllm_time_to_first_token_seconds_count") == 0
-            runner = decoder.stages.runners(1)[0]
             assert value(b1, "meshllm_kv_bytes_in_use") == runner.kv.reserved > 0
             assert value(b1, "meshllm_kv_budget_bytes") == runner.kv.budget
             assert value(b1, "meshllm_requests_running") == 0  # b is not its entry
@@ -204,6 +205,8 @@ async def test_queue_running_kv_refusals_and_cancellation_are_counted(tiny_manif
     assert value(c2, "meshllm_requests_total", outcome="rejected", code="queue_full") == 1
     assert value(c2, "meshllm_requests_total", outcome="cancelled") == 1
     assert value(c2, "meshllm_requests_total") == 3
+    # the two whose prefill began waited (the held one, as long as its prefill node was busy)
+    assert value(c2, "meshllm_request_waiting_seconds_count") == 2
     assert value(c2, "meshllm_generation_tokens_total") == 5 + 1
     assert value(c2, "meshllm_requests_running") == 0 and value(c2, "meshllm_requests_queued") == 0
     assert value(b2, "meshllm_kv_bytes_in_use") == 0

@@ -65,7 +65,8 @@ class RequestMetrics:
                               "Mean time between output tokens after the first, per finished request",
                               buckets=TOKEN_BUCKETS, registry=r)
         self.waiting = Histogram("meshllm_request_waiting_seconds",
-                                 "From acceptance to the prompt sent to a prefill replica (queue and admission)",
+                                 "From acceptance to the start of the prompt's prefill: the entry's queue, then the "
+                                 "prefill replica's first stage's (as that stage reports it)",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.duration = Histogram("meshllm_request_duration_seconds",
                                   "From acceptance to the last token, per request that finished",

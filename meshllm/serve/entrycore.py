@@ -95,7 +95,7 @@ class Finished:
     prompt_tokens: int
     tokens: int
     t_start: float
-    t_sent: float | None
+    t_sent: float | None  # the prefill began (the prompt's send plus its wait at the first stage)
     t_first: float | None
     t_end: float
     outcome: str  # completed | failed | cancelled
@@ -209,6 +209,8 @@ class EntryCore:
             if r.status is Status.PREFILLING:
                 r.last_progress = now
                 r.prefilled = max(r.prefilled, msg.done)
+                if msg.stage == 0:
+                    self._waited(r, msg.queued_s, now)
         elif isinstance(msg, Reserved):
             if msg.replica == r.decode and msg.epoch == r.epoch:
                 if r.status is Status.RESERVING:
@@ -402,13 +404,20 @@ class EntryCore:
         r.expect_s = float(est(routes, r.prefill, len(r.prompt))) if est is not None else 0.0
         if r.t_sent is None:
             r.t_sent = now
-            self._out.append(Waited(r.id, now - r.t_arrival))
         log.debug("request %s: %d prompt tokens to prefill replica %d, decoder replica %d (epoch %d, attempt %d)",
                   r.id, len(r.prompt), r.prefill, r.decode, r.epoch, r.attempt)
         self._send(p0.node, PrefillChunk(RequestId(r.id), r.epoch, r.prefill, p0.first, 0, True, len(ids), r.decode,
                                          NodeId(self.node_id), r.params.to_dict(), r.seed,
                                          ids=Tensor.from_array(ids), forced=r.tokens[0] if r.tokens else -1,
                                          attempt=r.attempt, prompt_logprobs=r.prompt_logprobs and not r.tokens))
+
+    def _waited(self, r: Request, queued_s: float, now: float) -> None:
+        """The prefill began: the request's waiting time is known (once: a resumed attempt's second
+        wait is not a new request's)."""
+        if r.queued_s is not None or r.t_sent is None:
+            return
+        r.queued_s = min(max(0.0, float(queued_s)), now - r.t_sent)  # as the entry's clock allows
+        self._out.append(Waited(r.id, r.t_sent - r.t_arrival + r.queued_s))
 
     def _room(self, now: float) -> None:
         """A decoder may have room again: waiting requests look again, oldest first."""
@@ -447,6 +456,7 @@ class EntryCore:
             elif r.status is Status.HANDING_OFF:
                 r.to(Status.DECODING)
             if r.t_first is None:
+                self._waited(r, 0.0, now)  # a first token before any Progress: no wait reported
                 r.t_first = now
                 self._out.append(FirstToken(r.id, now - r.t_arrival))
             r.tokens.append(t.token)
@@ -509,7 +519,8 @@ class EntryCore:
             self.router.finished(r.epoch, r.prefill, (r.t_first or r.t_arrival) - r.t_arrival)
         outcome = {Finish.ABORT: "cancelled", Finish.ERROR: "failed"}.get(how, "completed")
         self._out.append(Ended(r, Finished(r.epoch, r.prefill, r.decode, len(r.prompt), len(r.tokens), r.t_arrival,
-                                           r.t_sent, r.t_first, now, outcome)))
+                                           None if r.t_sent is None else r.t_sent + (r.queued_s or 0.0),
+                                           r.t_first, now, outcome)))
         self._room(now)
 
     def _free(self, r: Request, nodes: frozenset[str]) -> None:

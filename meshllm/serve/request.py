@@ -86,7 +86,10 @@ class Request:
     next_index: int = 0
     pending: dict[int, Any] = field(default_factory=dict)  # index -> Token, out of order
     tokens: list[int] = field(default_factory=list)
-    t_sent: float | None = None  # the prompt first went to a prefill replica (the end of its wait)
+    t_sent: float | None = None  # the prompt first went to a prefill replica
+    # how long it then waited at that replica's first stage (its first Progress says; None until
+    # then): the waiting time is t_sent - t_arrival + queued_s, arrival to the prefill's start
+    queued_s: float | None = None
     t_first: float | None = None
     t_end: float | None = None
     finish: Finish | None = None

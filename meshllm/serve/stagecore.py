@@ -217,6 +217,8 @@ class Hold:
     deadline: float = INF  # the hand-off must make progress by then
     chunks: deque[Chunk] = field(default_factory=deque)  # prefill chunks waiting here
     prefilled: int = 0
+    t_arrived: float = 0.0  # the prompt's start came (the start of its wait here)
+    queued_s: float = 0.0  # how long it waited for its first chunk's iteration
     history: list[int] = field(default_factory=list)  # the head: tokens generated so far (penalties)
     prompt_lps: list[tuple[float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
 
@@ -484,6 +486,8 @@ class StageCore:
             if prefill and n > budget - prefill:
                 break
             c = h.chunks.popleft()
+            if c.offset == 0:
+                h.queued_s = max(0.0, now - h.t_arrived)
             ops.append(self._prefill_op(h, c))
             prefill += n
             self._rr.popleft()
@@ -789,6 +793,8 @@ class StageCore:
         # stage 0 gets the whole prompt and cuts it into chunks; later stages get one chunk a frame
         c = self.config.prefill_chunk
         cuts = [(a, min(a + c, x.shape[0])) for a in range(0, x.shape[0], c)] if ref.index == 0 else [(0, x.shape[0])]
+        if m.offset == 0:
+            h.t_arrived = self.now
         for a, b in cuts:
             h.chunks.append(Chunk(m.offset + a, x[a:b], m.last and b == x.shape[0], m))
         if key not in self._rr:
@@ -844,7 +850,8 @@ class StageCore:
                                               ids=m.ids if m.prompt_logprobs else None, hidden=Tensor.from_array(out),
                                               forced=m.forced, attempt=h.attempt, prompt_logprobs=m.prompt_logprobs),
                        "data")
-        self._send(h.entry, Progress(RequestId(h.req), h.attempt, h.stage.index, h.prefilled, h.prompt_len))
+        self._send(h.entry, Progress(RequestId(h.req), h.attempt, h.stage.index, h.prefilled, h.prompt_len,
+                                     h.queued_s if h.stage.index == 0 else 0.0))
         if op.all_rows:  # the head's (n, V) rows: row i predicts prompt token offset + i + 1
             self._prompt_logprobs(h, m, c, np.asarray(out))
         if not c.last:

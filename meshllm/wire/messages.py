@@ -20,7 +20,9 @@ from meshllm.wire.tensor import Tensor
 
 # 2: tensors travel as raw buffers after the msgpack header (zero-copy); links have two lanes.
 # 3: every data-plane frame about a request names its attempt; decode steps are numbered; Progress.
-PROTOCOL_VERSION = 3
+# 4: the prompt goes out beside the reservation (decoder stages keep KV that comes first);
+#    Progress carries how long the prompt waited at the prefill replica's first stage.
+PROTOCOL_VERSION = 4
 
 
 class Message:
@@ -428,13 +430,16 @@ class Token(Message):
 class Progress(Message):
     """A prefill stage -> the request's entry: ``done`` of the prompt's ``of`` tokens went through
     stage ``stage``. A long prompt on a slow device is slow, not dead: the entry judges a stall by
-    the time since the last sign of progress, not since the prompt was sent."""
+    the time since the last sign of progress, not since the prompt was sent. ``queued_s``: at the
+    first stage, how long the prompt waited there before its first chunk began (the rest of the
+    request's waiting time, after the entry's own)."""
 
     req: RequestId
     attempt: int
     stage: int
     done: int
     of: int
+    queued_s: float = 0.0
 
 
 @data("free")
