@@ -351,3 +351,24 @@ def test_a_stage_that_idled_pays_its_measured_idle_time():
     ttft1, tpot1, extra = run(2e-3, one)
     assert tpot1 == pytest.approx(tpot0)
     assert ttft1 == pytest.approx(ttft0 + extra)
+
+
+def test_a_request_comes_in_and_goes_back_at_its_own_entry():
+    """A request names the node whose API took it: its prompt travels from there to the replica
+    and its tokens back, one link latency each way (a benchmark sends requests to every node in
+    turn); without one, the replica's first stage is the entry as before."""
+    from meshllm.planner.cost import ModelProfile
+    from meshllm.planner.types import Device, LengthDist, Link, Network, Plan, Replica, Role, Stage, Workload
+    from meshllm.sim.adapter import to_sim_model
+
+    p = ModelProfile.from_preset("tiny")
+    n = p.n_blocks
+    base = dict(prefill_s_per_token=tuple([1e-4] * n), decode_s_per_step=tuple([1e-3] * n), measured=True)
+    devs = {d: Device(d, 1 << 30, 1.0, 1.0, **base) for d in ("a", "b")}  # type: ignore[arg-type]
+    wl = Workload(arrival_rate=1.0, input_len=LengthDist.fixed(8), output_len=LengthDist.fixed(5), max_batch=4)
+    net = Network(1000, 1.0, (Link("a", "b", 1000, 6.0),))
+    model = to_sim_model(Plan(0, (Replica(0, Role.BOTH, (Stage("a", (0, n)),)),)), p, devs, net, wl)
+    home = simulate(model, [Request(0, 0.0, 8, 5)]).records[0]
+    away = simulate(model, [Request(0, 0.0, 8, 5, entry="b")]).records[0]
+    assert away.ttft_s == pytest.approx(home.ttft_s + 2 * 3e-3, rel=1e-3)  # 6 ms round trip: 3 ms each way
+    assert away.finish - away.first_token == pytest.approx(home.finish - home.first_token)

@@ -247,7 +247,9 @@ class _Sim:
         """A small control message: latency only, no link queueing."""
         return 0.0 if src == dst else self.t.transfer_s(src, dst, nbytes)
 
-    def _entry(self, rep: _Rep) -> str:
+    def _entry(self, rep: _Rep, r: Request | None) -> str:
+        if r is not None and r.entry is not None:
+            return r.entry
         return self.m.entry if self.m.entry is not None else rep.spec.stages[0].node
 
     def _enqueue(self, rep: _Rep, s: int, prio: int, job: tuple) -> None:
@@ -315,14 +317,16 @@ class _Sim:
                 dec, handoff = min(((c.decode_s, c.handoff_s) for c in
                                     (self._decode_candidate(d, rq, f) for d in self.decoders)),
                                    key=lambda x: x[0] + x[1])
-            reach = self._hop(self._entry(f), f.spec.stages[0].node, r.input_tokens * TOKEN_BYTES)
+            # the router scores the trip from the model's entry (the serving router, which runs at
+            # each request's own entry, ignores it); the request's own trip is timed below
+            reach = self._hop(self._entry(f, None), f.spec.stages[0].node, r.input_tokens * TOKEN_BYTES)
             cands.append(Candidate(f.spec.id, queue, lat, dec, handoff,
                                    busy_s=max(0.0, f.s0_end - self.q.now), reach_s=reach))
         pid = choose(cands, policy=self.cfg.routing)
         assert pid is not None
         rep = self.reps[pid]
         rq.p = pid
-        entry = rq.entry = self._entry(rep)
+        entry = rq.entry = self._entry(rep, r)
         t = self.q.now + self._hop(entry, rep.spec.stages[0].node, r.input_tokens * TOKEN_BYTES)
         self.q.push(t, "at_prefill", rq)
 
