@@ -42,6 +42,25 @@ def test_prefill_is_stages_plus_activations_and_the_bottleneck_is_the_slowest_st
     assert lat == pytest.approx(0.6 + 2 * 0.002) and worst == pytest.approx(0.3)
 
 
+class Idling(Known):
+    """``Known``, with each stage's work 3 ms slower after its node idled."""
+
+    def idle_s(self, rep, stage):
+        return 0.003
+
+
+def test_the_estimates_charge_each_idle_stage_its_idle_time() -> None:
+    """A prompt alone wakes every stage; a ring with fewer micro-batches than stages wakes each
+    stage every step; with as many micro-batches as stages, or one stage, nothing idles. The
+    serving router and the dashboard read these same estimates."""
+    r = rep(0, "decoder", "a", "b")
+    assert est.prefill_estimate(Idling(), r, 10)[0] == pytest.approx(est.prefill_estimate(Known(), r, 10)[0] + 0.006)
+    assert est.step_estimate(Idling(), r, 1, 5) == pytest.approx(est.step_estimate(Known(), r, 1, 5) + 0.006)
+    assert est.step_estimate(Idling(), r, 4, 100) == pytest.approx(est.step_estimate(Known(), r, 4, 100))
+    one = rep(1, "decoder", "a")
+    assert est.step_estimate(Idling(), one, 1, 5) == pytest.approx(est.step_estimate(Known(), one, 1, 5))
+
+
 def test_step_is_the_ring_or_the_busiest_node_times_the_micro_batches() -> None:
     t = Known()
     r = rep(0, "decoder", "a", "b")
