@@ -22,9 +22,10 @@ hold per token (``decode_s_per_ctx_token``; SmolLM2 int4: 9.1 µs, a step 18.2 m
 positions and 25.0 at 1000).
 
 Then what a stage's work costs more when its node was idle just before it (``idle_step_s`` +
-``idle_step_frac`` × the stage's step, never below 0): decode steps are timed again with a pause
-of ``IDLE_GAP_S`` before each, for the first run and for a stage of one layer, and the extra is
-fitted as a line in the step (``idle_fit``). A node that sleeps between steps (a stage of a
+``idle_step_frac`` × the stage's step, never below 0): decode steps after a pause of
+``IDLE_GAP_S`` alternate with steps back to back (so a co-tenant's burst lands on both), for the
+first run and for a stage of one layer, and the extra is fitted as a line in the step
+(``idle_fit``). A node that sleeps between steps (a stage of a
 pipeline waits while the others compute; a prefill node waits for the next prompt) comes back to
 cold caches, its core perhaps taken by other work meanwhile: measured on the 2-core build machine
 (SmolLM2 int4, 1 thread), a 20 ms pause made the whole model's step 17.9–18.6 → 24.3–25.6 ms and
@@ -289,25 +290,51 @@ def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowd
 def _time_idle(manifest: Manifest, run: tuple[int, int], *, threads: int, slowdown: float, prompt_tokens: int,
                decode_steps: int, rng: np.random.Generator) -> tuple[float, float]:
     """(idle_step_s, idle_step_frac): what a step costs more after an ``IDLE_GAP_S`` pause than
-    back to back, fitted as a fixed part plus a fraction of the step over two stages, ``run``
-    (the first run of blocks) and one layer alone (``[1, 2)``); medians of ``2 x decode_steps``
-    steps each way. (0, 0) when no pause costs anything measurable."""
-    def pause() -> None:
-        time.sleep(IDLE_GAP_S)
-
+    back to back, fitted as a line in the step (``idle_fit``) over two stages, ``run`` (the first
+    run of blocks) and one layer alone (``[1, 2)``). Steps back to back and steps after a pause
+    alternate, so that both see the same machine (a co-tenant's burst lands on both); medians of
+    ``2 x decode_steps`` of each."""
     points: list[tuple[float, float]] = []  # (step back to back, extra after a pause)
     stages = [run] + ([(1, 2)] if run != (1, 2) and manifest.config.num_blocks > 2 else [])
     for first, end in stages:
         runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown)
         try:
-            _, warm = _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
-                                   repeats=2, warm_step=True)
-            _, cold = _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
-                                   repeats=2, warm_step=True, between_steps=pause)
+            warm, cold = _time_pauses(runner, rng, prompt_tokens=prompt_tokens, steps=2 * decode_steps)
         finally:
             del runner
         points.append((warm, max(0.0, cold - warm)))
     return idle_fit(points)
+
+
+def _time_pauses(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens: int,
+                 steps: int) -> tuple[float, float]:
+    """(median decode step right after the previous one, median step after an ``IDLE_GAP_S``
+    pause), ``steps`` of each, alternating, after a prompt and a warm-up step."""
+    cfg = runner.manifest.config
+    if runner.first == 0:
+        x_prompt = rng.integers(0, cfg.vocab_size, size=prompt_tokens, dtype=np.int64)  # (T,)
+        x_step = rng.integers(0, cfg.vocab_size, size=1, dtype=np.int64)  # (1,)
+    else:
+        x_prompt = rng.standard_normal((prompt_tokens, cfg.hidden_size)).astype(np.float32)  # (T, H)
+        x_step = rng.standard_normal((1, cfg.hidden_size)).astype(np.float32)  # (1, H)
+    sid = ("profile", "idle")
+    runner.alloc(sid, prompt_tokens + 2 * steps + 2)
+    try:
+        runner.prefill(sid, x_prompt)
+        runner.decode([sid], x_step)  # warms the decode shapes
+        warm: list[float] = []
+        cold: list[float] = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            runner.decode([sid], x_step)
+            warm.append(time.perf_counter() - t0)
+            time.sleep(IDLE_GAP_S)
+            t0 = time.perf_counter()
+            runner.decode([sid], x_step)
+            cold.append(time.perf_counter() - t0)
+    finally:
+        runner.free(sid)
+    return float(np.median(warm)), float(np.median(cold))
 
 
 def idle_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
