@@ -45,6 +45,19 @@ def test_slowdown_is_visible_in_the_measured_profile(tiny_manifest: Manifest) ->
         assert prof.idle_step_s + prof.idle_step_frac * prof.decode_s_per_token > -1e-9
 
 
+def test_the_steps_after_a_pause_fit_in_a_short_context(tiny_manifest: Manifest) -> None:
+    """The idle timing runs 2 x 2 x decode_steps steps after its prompt: on a model of a short
+    context it shortens the prompt (and the steps) rather than ask for more than the model holds."""
+    import numpy as np
+
+    from meshllm.runtime.profile import _time_idle
+
+    ctx = tiny_manifest.config.max_position
+    fixed, frac = _time_idle(tiny_manifest, (0, tiny_manifest.config.num_blocks), threads=1, slowdown=1.0,
+                             prompt_tokens=ctx, decode_steps=ctx, rng=np.random.default_rng(0))
+    assert fixed >= 0 and np.isfinite(frac)
+
+
 def test_a_step_after_idling_is_fitted_and_old_profiles_load_without_it() -> None:
     # two stages: a fixed part and a fraction of the step
     assert idle_fit([(0.5e-3, 1.5e-3), (18e-3, 6.5e-3)]) == pytest.approx((1.357e-3, 0.2857), rel=1e-3)

@@ -311,6 +311,9 @@ def _time_pauses(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens
     """(median decode step right after the previous one, median step after an ``IDLE_GAP_S``
     pause), ``steps`` of each, alternating, after a prompt and a warm-up step."""
     cfg = runner.manifest.config
+    # the prompt, a warm-up step and 2 x steps steps fit in the model's context
+    steps = max(1, min(steps, (cfg.max_position - 3) // 2))
+    prompt_tokens = max(1, min(prompt_tokens, cfg.max_position - 2 * steps - 2))
     if runner.first == 0:
         x_prompt = rng.integers(0, cfg.vocab_size, size=prompt_tokens, dtype=np.int64)  # (T,)
         x_step = rng.integers(0, cfg.vocab_size, size=1, dtype=np.int64)  # (1,)
