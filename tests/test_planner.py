@@ -137,6 +137,49 @@ def test_a_measured_context_slope_grows_the_decode_step_past_the_measured_contex
     assert got.decode_s_per_ctx_token == slope and got.decode_ctx == 40
 
 
+def test_a_stage_after_idling_costs_what_the_profile_measured():
+    """A stage's work on a device that idled just before it takes idle_step_s + idle_step_frac x
+    the stage's step more (never less): every stage of a prompt alone, and every stage of a decode
+    ring with fewer micro-batches than stages; a one-stage ring steps back to back. The figures
+    travel in the profile document (version 5; older profiles add nothing) and in the plan's
+    device documents."""
+    from meshllm.control.planning import device_from_profile
+    from meshllm.planner.problem import Problem
+
+    n = P7.n_blocks
+    base = dict(prefill_s_per_token=tuple([1e-4] * n), decode_s_per_step=tuple([2e-3] * n), measured=True)
+    cold = Device("m", 40 * 2**30, 1.0, 1.0, idle_step_s=1e-3, idle_step_frac=0.25, **base)  # type: ignore[arg-type]
+    warm = Device("m", 40 * 2**30, 1.0, 1.0, **base)  # type: ignore[arg-type]
+    assert cost.idle_time(cold, 0.004) == pytest.approx(1e-3 + 0.25 * 0.004)
+    assert cost.idle_time(warm, 0.004) == 0 and cost.idle_time(cold, 0.0) == 0
+    assert cost.stage_idle_time(P7, cold, 0, 10) == pytest.approx(1e-3 + 0.25 * 10 * 2e-3)
+    slowed = Device("s", 1 << 30, 1.0, 1.0, idle_step_s=3e-3, idle_step_frac=-0.05)
+    assert cost.idle_time(slowed, 0.02) == pytest.approx(2e-3) and cost.idle_time(slowed, 0.08) == 0
+    assert Device.from_dict(cold.to_dict()) == cold and Device.from_dict(warm.to_dict()) == warm
+    prof = {"model_id": "x", "threads": 1, "slowdown": 1.0, "memory_bytes": 1 << 30, "tflops": 1.0,
+            "mem_bw_gbs": 1.0, "prefill_s_per_token": [1e-4] * n, "decode_s_per_step": [2e-3] * n}
+    old = device_from_profile("m", prof)  # a profile from before version 5
+    assert (old.idle_step_s, old.idle_step_frac) == (0.0, 0.0)
+    got = device_from_profile("m", {**prof, "idle_step_s": 1e-3, "idle_step_frac": -0.1})
+    assert (got.idle_step_s, got.idle_step_frac) == (1e-3, -0.1)
+    assert device_from_profile("m", {**prof, "idle_step_s": float("nan")}).idle_step_s == 0.0
+
+    wl = Workload(arrival_rate=1.0, input_len=LengthDist.fixed(32), output_len=LengthDist.fixed(16), max_batch=4)
+    def perf(dev: Device, stages: list[tuple[int, int, int]]):
+        devs = tuple(Device(f"d{i}", dev.memory_bytes, 1.0, 1.0, idle_step_s=dev.idle_step_s,
+                            idle_step_frac=dev.idle_step_frac, **base) for i in range(2))  # type: ignore[arg-type]
+        return Problem(P7, devs, Network(1000, 1.0), wl).perf(stages, Role.BOTH)
+    two = [(0, 0, 20), (1, 20, n)]
+    extra = cost.stage_idle_time(P7, cold, 0, 20) + cost.stage_idle_time(P7, cold, 20, n)
+    c2, w2 = perf(cold, two), perf(warm, two)
+    assert c2.tau[1] == pytest.approx(w2.tau[1] + extra)  # one sequence: each stage waits for the other
+    assert c2.tau[2:] == pytest.approx(w2.tau[2:])  # two micro-batches keep both stages busy
+    assert c2.lat == pytest.approx(w2.lat + extra)  # a prompt alone wakes both stages
+    c1, w1 = perf(cold, [(0, 0, n)]), perf(warm, [(0, 0, n)])
+    assert c1.tau[1:] == pytest.approx(w1.tau[1:])  # one stage steps back to back
+    assert c1.lat == pytest.approx(w1.lat + cost.stage_idle_time(P7, cold, 0, n))
+
+
 def test_transfers_and_memory():
     net = Network(80, 2)
     # 4096 floats per token, 10 tokens, 80 Mb/s, 1 ms one way

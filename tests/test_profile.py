@@ -5,8 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from meshllm.model.manifest import Manifest
-from meshllm.runtime.profile import NodeProfile, cache_path, load_or_measure, measure
+from meshllm.runtime.profile import (
+    PROFILE_VERSION,
+    NodeProfile,
+    cache_path,
+    idle_fit,
+    load_or_measure,
+    measure,
+)
 
 
 def test_slowdown_is_visible_in_the_measured_profile(tiny_manifest: Manifest) -> None:
@@ -30,6 +39,42 @@ def test_slowdown_is_visible_in_the_measured_profile(tiny_manifest: Manifest) ->
     assert len(fast.decode_s_per_ctx_token) == n and all(x >= 0 for x in fast.decode_s_per_ctx_token)
     assert all(x == 0 for x, k in zip(fast.decode_s_per_ctx_token, kv, strict=True) if not k)
     assert fast.decode_ctx > 32
+    # what a step after a pause costs more: measured, finite, never negative at the measured steps
+    for prof in (fast, slow):
+        assert prof.idle_step_s >= 0
+        assert prof.idle_step_s + prof.idle_step_frac * prof.decode_s_per_token > -1e-9
+
+
+def test_the_steps_after_a_pause_fit_in_a_short_context(tiny_manifest: Manifest) -> None:
+    """The idle timing runs 2 x 2 x decode_steps steps after its prompt: on a model of a short
+    context it shortens the prompt (and the steps) rather than ask for more than the model holds."""
+    import numpy as np
+
+    from meshllm.runtime.profile import _time_idle
+
+    ctx = tiny_manifest.config.max_position
+    fixed, frac = _time_idle(tiny_manifest, (0, tiny_manifest.config.num_blocks), threads=1, slowdown=1.0,
+                             prompt_tokens=ctx, decode_steps=ctx, rng=np.random.default_rng(0))
+    assert fixed >= 0 and np.isfinite(frac)
+
+
+def test_a_step_after_idling_is_fitted_and_old_profiles_load_without_it() -> None:
+    # two stages: a fixed part and a fraction of the step
+    assert idle_fit([(0.5e-3, 1.5e-3), (18e-3, 6.5e-3)]) == pytest.approx((1.357e-3, 0.2857), rel=1e-3)
+    # a slowed node: its long steps are cold already, its short ones pay: the fraction is negative
+    fixed, frac = idle_fit([(2.3e-3, 3.2e-3), (78e-3, 0.0)])
+    assert fixed == pytest.approx(3.297e-3, rel=1e-3) and frac < 0
+    # a line that would start below 0 goes through 0 instead; one point: a fraction of its step
+    assert idle_fit([(1e-3, 0.0), (10e-3, 5e-3)]) == pytest.approx((0.0, 0.5))
+    assert idle_fit([(10e-3, 2e-3)]) == pytest.approx((0.0, 0.2))
+    assert idle_fit([]) == (0.0, 0.0)
+    prof = NodeProfile("m", 1, 1.0, 1 << 30, (1e-4,) * 3, (1e-3,) * 3, 1.0, 1.0, "x", 0.0, (0.0,) * 3, 40.0,
+                       1.4e-3, -0.02)
+    doc = prof.to_dict()
+    assert doc["version"] == PROFILE_VERSION == 5
+    assert NodeProfile.from_dict(doc) == prof
+    old = {k: v for k, v in doc.items() if k not in ("idle_step_s", "idle_step_frac")} | {"version": 4}
+    assert (NodeProfile.from_dict(old).idle_step_s, NodeProfile.from_dict(old).idle_step_frac) == (0.0, 0.0)
 
 
 def test_profile_cache_is_keyed_and_budget_applied_on_top(tiny_manifest: Manifest, tmp_path: Path) -> None:

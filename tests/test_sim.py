@@ -31,6 +31,9 @@ class ConstTiming:
     def decode_s(self, rep, stage, batch, ctx):
         return (self.d + self.d_per_seq * batch) / len(rep.stages)
 
+    def idle_s(self, rep, stage):
+        return 0.0
+
     def transfer_s(self, src, dst, nbytes):
         return 0.0 if src == dst else self.lat + nbytes / self.bw
 
@@ -309,3 +312,63 @@ def test_start_policy_never_waits_for_a_fast_replica_while_another_is_free() -> 
     start = simulate(model, reqs, SimConfig(routing="start")).summary
     compl = simulate(model, reqs, SimConfig(routing="completion")).summary
     assert start.waiting_s.mean < compl.waiting_s.mean
+
+
+def test_a_stage_that_idled_pays_its_measured_idle_time():
+    """The simulator charges a stage's work ``cost.stage_idle_time`` more when its node was idle
+    just before: one request through a two-stage ring pays it at both stages on every step (each
+    waits while the other computes) and on its prompt; through one stage only on the prompt (its
+    steps run back to back). Without the measurement nothing changes."""
+    from meshllm.planner import cost
+    from meshllm.planner.cost import ModelProfile
+    from meshllm.planner.types import Device, LengthDist, Network, Plan, Replica, Role, Stage, Workload
+    from meshllm.sim.adapter import to_sim_model
+
+    p = ModelProfile.from_preset("tiny")
+    n = p.n_blocks
+    base = dict(prefill_s_per_token=tuple([1e-4] * n), decode_s_per_step=tuple([1e-3] * n), measured=True)
+    wl = Workload(arrival_rate=1.0, input_len=LengthDist.fixed(8), output_len=LengthDist.fixed(9), max_batch=4)
+    net = Network(1000, 1.0)
+    req = [Request(0, 0.0, 8, 9)]
+
+    def run(idle_s: float, stages: tuple[Stage, ...]) -> tuple[float, float, float]:
+        devs = {d: Device(d, 1 << 30, 1.0, 1.0, idle_step_s=idle_s, idle_step_frac=idle_s and 0.5,  # type: ignore[arg-type]
+                          **base)
+                for d in ("a", "b")}
+        plan = Plan(0, (Replica(0, Role.BOTH, stages),))
+        rec = simulate(to_sim_model(plan, p, devs, net, wl), req).records[0]
+        idle = sum(cost.stage_idle_time(p, devs[s.node], s.first, s.end) for s in stages)
+        return rec.ttft_s, rec.tpot_s or 0.0, idle
+
+    two = (Stage("a", (0, 3)), Stage("b", (3, n)))
+    ttft0, tpot0, _ = run(0.0, two)
+    ttft1, tpot1, extra = run(2e-3, two)
+    assert extra == pytest.approx(2 * 2e-3 + 0.5 * n * 1e-3)
+    assert tpot1 == pytest.approx(tpot0 + extra)
+    assert ttft1 == pytest.approx(ttft0 + extra)
+    one = (Stage("a", (0, n)),)
+    ttft0, tpot0, _ = run(0.0, one)
+    ttft1, tpot1, extra = run(2e-3, one)
+    assert tpot1 == pytest.approx(tpot0)
+    assert ttft1 == pytest.approx(ttft0 + extra)
+
+
+def test_a_request_comes_in_and_goes_back_at_its_own_entry():
+    """A request names the node whose API took it: its prompt travels from there to the replica
+    and its tokens back, one link latency each way (a benchmark sends requests to every node in
+    turn); without one, the replica's first stage is the entry as before."""
+    from meshllm.planner.cost import ModelProfile
+    from meshllm.planner.types import Device, LengthDist, Link, Network, Plan, Replica, Role, Stage, Workload
+    from meshllm.sim.adapter import to_sim_model
+
+    p = ModelProfile.from_preset("tiny")
+    n = p.n_blocks
+    base = dict(prefill_s_per_token=tuple([1e-4] * n), decode_s_per_step=tuple([1e-3] * n), measured=True)
+    devs = {d: Device(d, 1 << 30, 1.0, 1.0, **base) for d in ("a", "b")}  # type: ignore[arg-type]
+    wl = Workload(arrival_rate=1.0, input_len=LengthDist.fixed(8), output_len=LengthDist.fixed(5), max_batch=4)
+    net = Network(1000, 1.0, (Link("a", "b", 1000, 6.0),))
+    model = to_sim_model(Plan(0, (Replica(0, Role.BOTH, (Stage("a", (0, n)),)),)), p, devs, net, wl)
+    home = simulate(model, [Request(0, 0.0, 8, 5)]).records[0]
+    away = simulate(model, [Request(0, 0.0, 8, 5, entry="b")]).records[0]
+    assert away.ttft_s == pytest.approx(home.ttft_s + 2 * 3e-3, rel=1e-3)  # 6 ms round trip: 3 ms each way
+    assert away.finish - away.first_token == pytest.approx(home.finish - home.first_token)

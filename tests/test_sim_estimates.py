@@ -19,6 +19,9 @@ class Known:
         self.last_ctx = ctx
         return 0.002 * batch * (stage + 1)
 
+    def idle_s(self, rep, stage):
+        return 0.0
+
     def transfer_s(self, src, dst, nbytes):
         return 0.0 if src == dst else 0.001 + nbytes * 1e-6
 
@@ -37,6 +40,25 @@ def test_prefill_is_stages_plus_activations_and_the_bottleneck_is_the_slowest_st
     lat, worst = est.prefill_estimate(Known(), rep(0, "prefill", "a", "b", "c"), 10)
     # compute 0.1 + 0.2 + 0.3; two hops of 1 ms + 1000 B x 1 µs
     assert lat == pytest.approx(0.6 + 2 * 0.002) and worst == pytest.approx(0.3)
+
+
+class Idling(Known):
+    """``Known``, with each stage's work 3 ms slower after its node idled."""
+
+    def idle_s(self, rep, stage):
+        return 0.003
+
+
+def test_the_estimates_charge_each_idle_stage_its_idle_time() -> None:
+    """A prompt alone wakes every stage; a ring with fewer micro-batches than stages wakes each
+    stage every step; with as many micro-batches as stages, or one stage, nothing idles. The
+    serving router and the dashboard read these same estimates."""
+    r = rep(0, "decoder", "a", "b")
+    assert est.prefill_estimate(Idling(), r, 10)[0] == pytest.approx(est.prefill_estimate(Known(), r, 10)[0] + 0.006)
+    assert est.step_estimate(Idling(), r, 1, 5) == pytest.approx(est.step_estimate(Known(), r, 1, 5) + 0.006)
+    assert est.step_estimate(Idling(), r, 4, 100) == pytest.approx(est.step_estimate(Known(), r, 4, 100))
+    one = rep(1, "decoder", "a")
+    assert est.step_estimate(Idling(), one, 1, 5) == pytest.approx(est.step_estimate(Known(), one, 1, 5))
 
 
 def test_step_is_the_ring_or_the_busiest_node_times_the_micro_batches() -> None:

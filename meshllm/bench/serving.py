@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -234,14 +235,15 @@ def problem_from_docs(docs: Sequence[dict[str, Any]], manifest: Any) -> tuple[An
 def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any,
             reqs: Sequence[Any], routing: str, shared_cores: float = 0.0,
             step_token_budget: int = 0, slowdowns: dict[str, float] | None = None,
-            max_batch: int | None = None) -> tuple[dict[str, Any], Any]:
+            max_batch: int | None = None, entries: Sequence[str] | None = None) -> tuple[dict[str, Any], Any]:
     """The simulator's side of a cell, and its result. Its ``wait_ms`` is defined as the measured
     one (each request's TTFT minus its TTFT alone, see ``alone``); ``sim_wait_ms`` is the
-    simulator's own (arrival to the first prefill micro-batch's start)."""
+    simulator's own (arrival to the first prefill micro-batch's start). ``entries``: the nodes
+    whose APIs the requests went to, in turn (request i to ``entries[i % len(entries)]``, as
+    ``_send`` sends them): the prompt comes from there and the tokens go back there."""
     from meshllm.sim.adapter import to_sim_model
     from meshllm.sim.model import SimConfig
     from meshllm.sim.serving import simulate
-    from meshllm.sim.workload import Request
 
     # a decoder replica takes as many sequences as its nodes let it (ServeConfig.max_batch), not
     # the workload's planning figure
@@ -251,9 +253,11 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget,
                        iterations=step_token_budget > 0,
                        core_share=tuple((n, 1.0 / max(1.0, f)) for n, f in sorted((slowdowns or {}).items())))
+    if entries:
+        reqs = [dataclasses.replace(r, entry=entries[i % len(entries)]) for i, r in enumerate(reqs)]
     res = simulate(model, list(reqs), config)
     recs = res.records
-    apart = [Request(r.id, 1000.0 * i, r.input_tokens, r.output_tokens) for i, r in enumerate(reqs)]
+    apart = [dataclasses.replace(r, arrival=1000.0 * i) for i, r in enumerate(reqs)]
     alone = {r.id: r.ttft_s for r in simulate(model, apart, config).records}
     first = min(r.arrival for r in recs)
     wall = max(r.finish for r in recs) - first
@@ -422,15 +426,16 @@ def _copy_profiles(src: Path | None, mesh: Shell) -> Path:
 def judged_cell(mix: str, load: float, rate: float, strategy: str, measured: dict[str, Any], plan: Any, mp: Any,
                 devices: dict[str, Any], network: Any, wl: Any, reqs: Sequence[Any], routing: str, budget: int,
                 cores: float, slowdowns: dict[str, float] | None = None,
-                max_batch: int | None = None) -> dict[str, Any]:
+                max_batch: int | None = None, entries: Sequence[str] | None = None) -> dict[str, Any]:
     """A cell: what was measured, the simulator's prediction (each node on its own hardware), the
     same told that the nodes share ``cores`` (as on one machine), and the errors. ``slowdowns``
     (per node) turn the simulator's busy time into the CPU time its compute takes
-    (``compute_cpu_s``, beside the measured ``cpu_s``)."""
+    (``compute_cpu_s``, beside the measured ``cpu_s``); ``entries``: see ``predict``."""
     measured = dict(measured)
     predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing, step_token_budget=budget,
-                           slowdowns=slowdowns, max_batch=max_batch)
-    shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget, slowdowns, max_batch)
+                           slowdowns=slowdowns, max_batch=max_batch, entries=entries)
+    shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget, slowdowns, max_batch,
+                        entries)
     if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
         predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
     return {"mix": mix, "load": load, "rate_rps": rate, "strategy": strategy, "measured": measured,
@@ -453,14 +458,16 @@ def replay(record: dict[str, Any]) -> dict[str, Any]:
     for mix, by_strat in record["meshes"].items():
         for strat, m in by_strat.items():
             problems[mix, strat] = (Plan.from_dict(m["plan"]), *problem_from_docs(m["profiles"], manifest),
-                                    Workload.from_dict(m["workload"]), slowdowns_of(m["profiles"]))
+                                    Workload.from_dict(m["workload"]), slowdowns_of(m["profiles"]),
+                                    [d["node_id"] for d in m["profiles"]])
     cells = []
     for c in record["cells"]:
-        plan, mp, devices, network, wl, slow = problems[c["mix"], c["strategy"]]
+        plan, mp, devices, network, wl, slow, entries = problems[c["mix"], c["strategy"]]
         reqs = [Request(int(i), float(a), int(n_in), int(n_out)) for i, a, n_in, n_out in c["requests"]]
         cells.append(judged_cell(c["mix"], c["load"], c.get("rate_rps", 0.0), c["strategy"], c["measured"], plan, mp,
                                  devices, network, wl, reqs, record["routing"], record["step_token_budget"],
-                                 float(record["cores"]), slow, int(record.get("max_batch", max_batch))))
+                                 float(record["cores"]), slow, int(record.get("max_batch", max_batch)),
+                                 entries))
     return {"bench": "serving", "replay": True, **record["about"], "cells": cells, "judged": judge(cells)}
 
 
@@ -582,7 +589,7 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
                         out["cells"].append(judged_cell(mix, load, round(load * sat, 3) if load else 0.0, strat,
                                                         measured, plan, mp, devices, network, wl, reqs, routing,
                                                         budget, float(os.cpu_count() or 1), slowdowns_of(docs),
-                                                        max_batch))
+                                                        max_batch, [d["node_id"] for d in docs]))
                         record["cells"].append({"mix": mix, "load": load, "strategy": strat,
                                                 "rate_rps": out["cells"][-1]["rate_rps"],
                                                 "requests": [[r.id, r.arrival, r.input_tokens, r.output_tokens]

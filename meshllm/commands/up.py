@@ -82,7 +82,7 @@ def premeasure_states(model: str | None, states: list[Path], slowdowns: list[flo
     its state directory's cache."""
     from meshllm.model.manifest import load_manifest
     from meshllm.model.paths import resolve_model_dir
-    from meshllm.runtime.profile import load_or_measure
+    from meshllm.runtime.profile import available_memory_bytes, load_or_measure
 
     manifest = load_manifest(resolve_model_dir(model), verify=False)
     done: dict[float, tuple[Path, Path]] = {}
@@ -93,7 +93,9 @@ def premeasure_states(model: str | None, states: list[Path], slowdowns: list[flo
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(src.read_bytes())
             continue
-        load_or_measure(manifest, state, threads=threads, slowdown=slowdown, memory_bytes=1)
+        # the memory decides which runs of blocks are timed as stages (the whole model where it
+        # fits, as a node measures itself); the budget itself is not part of the cached profile
+        load_or_measure(manifest, state, threads=threads, slowdown=slowdown, memory_bytes=available_memory_bytes())
         done[slowdown] = (state, next((state / "profiles").glob("*.json")))
 
 

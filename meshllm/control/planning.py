@@ -12,6 +12,7 @@ made for. These functions turn one into the other; the leader's planning service
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,7 +43,15 @@ def device_from_profile(node_id: str, prof: dict[str, Any]) -> Device:
                   prefill_s_per_token=tuple(float(x) for x in prof["prefill_s_per_token"]),
                   decode_s_per_step=tuple(float(x) for x in prof["decode_s_per_step"]), measured=True,
                   decode_s_per_ctx_token=tuple(max(0.0, float(x)) for x in slope) if slope else None,
-                  decode_ctx=float(prof.get("decode_ctx", 0.0)))
+                  decode_ctx=float(prof.get("decode_ctx", 0.0)),
+                  # profiles before version 5 did not time a step after idling: nothing added
+                  idle_step_s=_finite(max(0.0, float(prof.get("idle_step_s", 0.0)))),
+                  idle_step_frac=_finite(float(prof.get("idle_step_frac", 0.0))))
+
+
+def _finite(x: float) -> float:
+    """``x``, or 0 where a document carried a NaN or an infinity."""
+    return x if math.isfinite(x) else 0.0
 
 
 def network_from_links(members: Sequence[str], links: dict[str, dict[str, Any]]) -> Network:

@@ -16,6 +16,14 @@ Compute model (a roofline per block)::
   them instead: prefill(T) = T * per-token time; decode(b) = step time + (b - 1) * per-token time
   (each extra sequence in the batch costs about one prompt token of compute).
 
+- A stage's work after idling: a stage's work (a decode step, a prompt chunk) takes
+  ``max(0, idle_step_s + idle_step_frac * step)`` more when its device was idle just before it, ``step``
+  being the stage's own decode step at batch 1: the caches fill again once (its core perhaps taken
+  by other work meanwhile), whatever the work; measured by the device's profile
+  (``runtime/profile.py``). It is paid by every stage of a prompt that finds its replica idle, and
+  by every stage of a decode ring with fewer micro-batches in flight than stages (each waits while
+  the others compute); a one-stage ring steps back to back and pays nothing. ``idle_time``.
+
 Link model: ``rtt / 2 + bytes / bandwidth``; nothing for a device talking to itself.
 
 The efficiency factors live in one place, :data:`EFFICIENCY`, and are stated in
@@ -142,6 +150,22 @@ def decode_block_times(p: ModelProfile, dev: Device, batch: float, ctx: float,
             out = out + batch * max(0.0, ctx - dev.decode_ctx) * _measured(dev.decode_s_per_ctx_token, p, dev)
         return out
     return _roofline(p, dev, batch, batch * ctx, batch * ctx, eff)
+
+
+def idle_time(dev: Device, step_s: float) -> float:
+    """Seconds a stage's work on ``dev`` takes more when ``dev`` was idle just before it, for a
+    stage whose decode step at batch 1 takes ``step_s``: ``idle_step_s + idle_step_frac * step_s``,
+    never below 0 (the fraction is negative on a device whose long steps are cold anyway); 0 for a
+    stage of nothing, and for a device whose profile did not measure it."""
+    if step_s <= 0:
+        return 0.0
+    return max(0.0, dev.idle_step_s + dev.idle_step_frac * step_s)
+
+
+def stage_idle_time(p: ModelProfile, dev: Device, first: int, end: int, ctx: float = 0.0,
+                    eff: Efficiency = EFFICIENCY) -> float:
+    """``idle_time`` of the stage of blocks ``[first, end)`` on ``dev`` (its step at batch 1)."""
+    return idle_time(dev, float(decode_block_times(p, dev, 1, ctx, eff)[first:end].sum()))
 
 
 def _measured(values: Sequence[float], p: ModelProfile, dev: Device) -> np.ndarray:

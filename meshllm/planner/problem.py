@@ -75,6 +75,9 @@ class Problem:
             for b in range(1, w.max_batch + 1)])
         self.bw, self.rtt = self.network.matrices(names)
         self.mem = np.array([float(d.memory_bytes) for d in self.devices])
+        # a stage's work after its device idled costs idle_s + idle_frac x its step (cost.idle_time)
+        self.idle_s = np.array([d.idle_step_s for d in self.devices])
+        self.idle_frac = np.array([d.idle_step_frac for d in self.devices])
         self._pre_prefix = np.concatenate([np.zeros((*self.pre.shape[:-1], 1)),
                                            np.cumsum(self.pre, axis=-1)], axis=-1)
         self._dec_prefix = np.concatenate([np.zeros((*self.dec.shape[:-1], 1)),
@@ -176,7 +179,11 @@ class Problem:
         # every resource a prompt occupies (each device's compute, each link into a stage),
         # first come first served: a BOTH replica's decode micro-batches queue behind it there
         res = np.concatenate([node, comm[:, 1:]], axis=1)  # (K, resources)
-        lat = comp.sum(axis=1) + comm.sum(axis=1) + ret
+        # what each stage's work costs more after it idled (cost.idle_time: its step at batch 1)
+        step1 = self._dec_prefix[1, dev, b_] - self._dec_prefix[1, dev, a_]  # (S,)
+        idle = np.where(step1 > 0, np.maximum(0.0, self.idle_s[dev] + self.idle_frac[dev] * step1), 0.0)  # (S,)
+        # a prompt alone finds every stage idle
+        lat = comp.sum(axis=1) + comm.sum(axis=1) + ret + float(idle.sum())
         feasible = True
         batch = 0
         tau = np.full(1, math.inf)
@@ -196,6 +203,9 @@ class Problem:
             dcomm[:, 1:] = np.where(hop, hop_rtt / 2 + (hop_act * x[:, None]) / hop_bw, 0.0)
             dret = self.link(TOKEN_BYTES * x.astype(float), dev[-1], dev[0])
             one_pass = dcomp.sum(axis=1) + dcomm.sum(axis=1) + dret
+            # fewer micro-batches than stages: each stage idles while the others compute, and
+            # its next step comes back to it cold (cost.idle_time); a one-stage ring never idles
+            one_pass = one_pass + np.where(g < s_n, float(idle.sum()), 0.0)
             dnode = np.ascontiguousarray(dcomp) if distinct \
                 else np.stack([dcomp[:, o].sum(axis=1) for o in owners], axis=1)  # (B, devices)
             slow = np.maximum(np.maximum(dnode.max(axis=1), dcomm.max(axis=1)), dret)

@@ -57,10 +57,17 @@ class Device:
     # and the context ``decode_s_per_step`` was measured at (None: no slope measured)
     decode_s_per_ctx_token: tuple[float, ...] | None = None
     decode_ctx: float = 0.0
+    # measured too: what a stage's step (a decode step, a prompt chunk) costs more when the device
+    # was idle just before it: max(0, idle_step_s + idle_step_frac x the stage's decode step)
+    # (cost.idle_time)
+    idle_step_s: float = 0.0
+    idle_step_frac: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("device name must not be empty")
+        if not (self.idle_step_s >= 0 and math.isfinite(self.idle_step_s) and math.isfinite(self.idle_step_frac)):
+            raise ConfigError(f"device {self.name}: idle_step_s must be >= 0 and idle_step_frac finite")
         if self.memory_bytes <= 0:
             raise ConfigError(f"device {self.name}: memory must be positive")
         if self.tflops <= 0 or self.mem_bw_gbs <= 0:
@@ -93,6 +100,9 @@ class Device:
         if self.decode_s_per_ctx_token is not None:
             d["decode_s_per_ctx_token"] = list(self.decode_s_per_ctx_token)
             d["decode_ctx"] = self.decode_ctx
+        if self.idle_step_s or self.idle_step_frac:
+            d["idle_step_s"] = self.idle_step_s
+            d["idle_step_frac"] = self.idle_step_frac
         return d
 
     @classmethod
@@ -107,7 +117,8 @@ class Device:
                    tuple(float(x) for x in q) if q is not None else None,
                    bool(d.get("measured", False)),
                    tuple(float(x) for x in c) if c is not None else None,
-                   float(d.get("decode_ctx", 0.0)))
+                   float(d.get("decode_ctx", 0.0)), float(d.get("idle_step_s", 0.0)),
+                   float(d.get("idle_step_frac", 0.0)))
 
 
 @dataclass(frozen=True, slots=True)

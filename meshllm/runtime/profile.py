@@ -21,6 +21,19 @@ plain-operator attention copies, more of the cache), shared over the run's block
 hold per token (``decode_s_per_ctx_token``; SmolLM2 int4: 9.1 µs, a step 18.2 ms at 100
 positions and 25.0 at 1000).
 
+Then what a stage's work costs more when its node was idle just before it (``idle_step_s`` +
+``idle_step_frac`` × the stage's step, never below 0): decode steps after a pause of
+``IDLE_GAP_S`` alternate with steps back to back (so a co-tenant's burst lands on both), for the
+first run and for a stage of one layer, and the extra is fitted as a line in the step
+(``idle_fit``). A node that sleeps between steps (a stage of a
+pipeline waits while the others compute; a prefill node waits for the next prompt) comes back to
+cold caches, its core perhaps taken by other work meanwhile: measured on the 2-core build machine
+(SmolLM2 int4, 1 thread), a 20 ms pause made the whole model's step 17.9–18.6 → 24.3–25.6 ms and
+one layer's 0.45–0.59 → 1.9–2.1 ms, where steps back to back, and pauses spent computing, cost
+nothing more. A slowed node (``--slowdown``) sleeps after every step already, so its long steps
+back to back are cold already (the whole model at slowdown 3: 69–84 ms, paused 73–84) while a
+short stage still pays after a pause (one layer: 2.0–2.5 → 5.3–5.9 ms): its fraction is negative.
+
 From those it derives the effective TFLOPS and memory bandwidth the planner's spec fields need
 (the measured per-block times are what the cost model uses). Results are cached on disk keyed by
 (model id, machine, threads, slowdown), because measuring costs seconds that a restart should not
@@ -48,8 +61,10 @@ from meshllm.runtime.runner import StageRunner, weight_bytes_resident
 
 log = logging.getLogger("meshllm.runtime.profile")
 
-PROFILE_VERSION = 4  # 2: decode with cold caches (_Evictor); 3: scaled to stages (_stage_runs); 4: context slope
+PROFILE_VERSION = 5  # 2: decode with cold caches (_Evictor); 3: scaled to stages (_stage_runs); 4: context
+# slope; 5: a step after an idle pause (idle_step_s, idle_step_frac)
 LONG_CTX = 512  # the longer context a stage's decode step is also timed at (the slope per context token)
+IDLE_GAP_S = 0.02  # the pause before each step timed after idling (a pipeline stage waits about this long)
 EVICT_BYTES = 96 << 20  # read between decode steps: more than any last-level cache here (32 MiB)
 
 
@@ -85,6 +100,11 @@ class NodeProfile:
     # copies more of the cache), and the context decode_s_per_step holds at
     decode_s_per_ctx_token: tuple[float, ...] = ()
     decode_ctx: float = 0.0
+    # what a stage's work (a decode step or a prompt chunk) costs more when the node was idle just
+    # before it: max(0, idle_step_s + idle_step_frac x the stage's decode step); the fraction may
+    # be negative (0, 0: not measured, before version 5)
+    idle_step_s: float = 0.0
+    idle_step_frac: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PROFILE_VERSION, "model_id": self.model_id, "threads": self.threads,
@@ -92,7 +112,8 @@ class NodeProfile:
                 "prefill_s_per_token": list(self.prefill_s_per_token),
                 "decode_s_per_step": list(self.decode_s_per_step), "tflops": self.tflops,
                 "mem_bw_gbs": self.mem_bw_gbs, "machine": self.machine, "measured_at": self.measured_at,
-                "decode_s_per_ctx_token": list(self.decode_s_per_ctx_token), "decode_ctx": self.decode_ctx}
+                "decode_s_per_ctx_token": list(self.decode_s_per_ctx_token), "decode_ctx": self.decode_ctx,
+                "idle_step_s": self.idle_step_s, "idle_step_frac": self.idle_step_frac}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NodeProfile:
@@ -100,13 +121,14 @@ class NodeProfile:
                    tuple(float(x) for x in d["prefill_s_per_token"]),
                    tuple(float(x) for x in d["decode_s_per_step"]), float(d["tflops"]),
                    float(d["mem_bw_gbs"]), str(d.get("machine", "")), float(d.get("measured_at", 0.0)),
-                   tuple(float(x) for x in d.get("decode_s_per_ctx_token") or ()), float(d.get("decode_ctx", 0.0)))
+                   tuple(float(x) for x in d.get("decode_s_per_ctx_token") or ()), float(d.get("decode_ctx", 0.0)),
+                   max(0.0, float(d.get("idle_step_s", 0.0))), float(d.get("idle_step_frac", 0.0)))
 
     def with_memory(self, memory_bytes: int) -> NodeProfile:
         return NodeProfile(self.model_id, self.threads, self.slowdown, memory_bytes,
                            self.prefill_s_per_token, self.decode_s_per_step, self.tflops,
                            self.mem_bw_gbs, self.machine, self.measured_at, self.decode_s_per_ctx_token,
-                           self.decode_ctx)
+                           self.decode_ctx, self.idle_step_s, self.idle_step_frac)
 
     @property
     def decode_s_per_token(self) -> float:
@@ -171,7 +193,8 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
     long_prompt = min(LONG_CTX, cfg.max_position - decode_steps - 3)
     long_ctx = long_prompt + 1 + (decode_steps + 1) / 2
     slope = [0.0] * n
-    for first, end in _stage_runs(manifest, memory_bytes):
+    runs = _stage_runs(manifest, memory_bytes)
+    for first, end in runs:
         pre, dec, dec_long = _time_stage(manifest, first, end, threads=threads, slowdown=slowdown,
                                          prompt_tokens=prompt_tokens, decode_steps=decode_steps, repeats=repeats,
                                          rng=rng, long_prompt=long_prompt if long_ctx > short_ctx + 16 else 0)
@@ -182,6 +205,8 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
             per_ctx = (dec_long - dec) / (long_ctx - short_ctx)
             for b, k in zip(range(first, end), kv, strict=True):
                 slope[b] = per_ctx * k / sum(kv) if sum(kv) else 0.0
+    idle_s, idle_frac = _time_idle(manifest, runs[0], threads=threads, slowdown=slowdown,
+                                   prompt_tokens=prompt_tokens, decode_steps=decode_steps, rng=rng)
     if progress is not None:
         progress(n, n, "done")
     costs = manifest.costs
@@ -191,7 +216,8 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
     tflops = flops / max(sum(prefill), 1e-12) / 1e12
     mem_bw_gbs = weight_bytes / max(sum(decode), 1e-12) / 1e9
     return NodeProfile(manifest.model_id, threads, slowdown, memory_bytes, tuple(prefill), tuple(decode),
-                       tflops, mem_bw_gbs, machine_fingerprint(), time.time(), tuple(slope), short_ctx)
+                       tflops, mem_bw_gbs, machine_fingerprint(), time.time(), tuple(slope), short_ctx,
+                       idle_s, idle_frac)
 
 
 def _stage_runs(manifest: Manifest, memory_bytes: int) -> list[tuple[int, int]]:
@@ -259,6 +285,78 @@ def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowd
         return pre, dec, long
     finally:
         del runner
+
+
+def _time_idle(manifest: Manifest, run: tuple[int, int], *, threads: int, slowdown: float, prompt_tokens: int,
+               decode_steps: int, rng: np.random.Generator) -> tuple[float, float]:
+    """(idle_step_s, idle_step_frac): what a step costs more after an ``IDLE_GAP_S`` pause than
+    back to back, fitted as a line in the step (``idle_fit``) over two stages, ``run`` (the first
+    run of blocks) and one layer alone (``[1, 2)``). Steps back to back and steps after a pause
+    alternate, so that both see the same machine (a co-tenant's burst lands on both); medians of
+    ``2 x decode_steps`` of each."""
+    points: list[tuple[float, float]] = []  # (step back to back, extra after a pause)
+    stages = [run] + ([(1, 2)] if run != (1, 2) and manifest.config.num_blocks > 2 else [])
+    for first, end in stages:
+        runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown)
+        try:
+            warm, cold = _time_pauses(runner, rng, prompt_tokens=prompt_tokens, steps=2 * decode_steps)
+        finally:
+            del runner
+        points.append((warm, max(0.0, cold - warm)))
+    return idle_fit(points)
+
+
+def _time_pauses(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens: int,
+                 steps: int) -> tuple[float, float]:
+    """(median decode step right after the previous one, median step after an ``IDLE_GAP_S``
+    pause), ``steps`` of each, alternating, after a prompt and a warm-up step."""
+    cfg = runner.manifest.config
+    # the prompt, a warm-up step and 2 x steps steps fit in the model's context
+    steps = max(1, min(steps, (cfg.max_position - 3) // 2))
+    prompt_tokens = max(1, min(prompt_tokens, cfg.max_position - 2 * steps - 2))
+    if runner.first == 0:
+        x_prompt = rng.integers(0, cfg.vocab_size, size=prompt_tokens, dtype=np.int64)  # (T,)
+        x_step = rng.integers(0, cfg.vocab_size, size=1, dtype=np.int64)  # (1,)
+    else:
+        x_prompt = rng.standard_normal((prompt_tokens, cfg.hidden_size)).astype(np.float32)  # (T, H)
+        x_step = rng.standard_normal((1, cfg.hidden_size)).astype(np.float32)  # (1, H)
+    sid = ("profile", "idle")
+    runner.alloc(sid, prompt_tokens + 2 * steps + 2)
+    try:
+        runner.prefill(sid, x_prompt)
+        runner.decode([sid], x_step)  # warms the decode shapes
+        warm: list[float] = []
+        cold: list[float] = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            runner.decode([sid], x_step)
+            warm.append(time.perf_counter() - t0)
+            time.sleep(IDLE_GAP_S)
+            t0 = time.perf_counter()
+            runner.decode([sid], x_step)
+            cold.append(time.perf_counter() - t0)
+    finally:
+        runner.free(sid)
+    return float(np.median(warm)), float(np.median(cold))
+
+
+def idle_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(fixed, fraction) with extra = max(0, fixed + fraction x step) through (step, extra)
+    points: the line through the shortest and the longest step's points (the fraction negative
+    where the longer stage gains less, as on a slowed node whose long steps are cold already),
+    with a fixed part never below 0 (else the line through 0 and the longest step's point); one
+    point, or steps alike: all of it a fraction of the step."""
+    pts = sorted((w, max(0.0, e)) for w, e in points if w > 0)
+    if not pts:
+        return 0.0, 0.0
+    (w1, e1), (w2, e2) = pts[0], pts[-1]
+    if w2 - w1 <= 1e-4:
+        return 0.0, float(np.mean([e / w for w, e in pts]))
+    frac = (e2 - e1) / (w2 - w1)
+    fixed = e1 - frac * w1
+    if fixed < 0:
+        return 0.0, e2 / w2
+    return float(fixed), float(frac)
 
 
 def _share_out(per_block: list[float], first: int, end: int, total: float) -> None:

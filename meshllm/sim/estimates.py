@@ -6,11 +6,13 @@ cost model, or a synthetic one in tests), a ``SimReplica`` (its stages and limit
 numbers describing the request and the replica's load. Nothing here keeps state; callers cache
 (the simulator keys its caches by replica id and the bucketed context, see ``bucket_ctx``).
 
-- ``prefill_estimate``: a prompt alone on a replica: its latency through the stages (compute plus
-  activations between them) and the busiest stage's time (the replica's prefill bottleneck).
+- ``prefill_estimate``: a prompt alone on a replica: its latency through the stages (compute,
+  each stage's ``Timing.idle_s`` as it finds it idle, and activations between them) and the
+  busiest stage's time (the replica's prefill bottleneck).
 - ``step_estimate``: time per token of a sequence decoding in a batch, with the batch split into
   micro-batches that circulate the stage ring (EdgeShard's No-Bubbles): the slower of one trip
-  round the ring and the busiest node's work for every micro-batch.
+  round the ring and the busiest node's work for every micro-batch. With fewer micro-batches than
+  stages each stage idles between its steps and the trip pays each one's ``Timing.idle_s``.
 - ``tpot``: that estimate, or what the replica has been doing lately if slower.
 - ``handoff_time``: the KV of the prefill replica's last stage, which nothing can hide.
 - ``slot_wait``: the wait for a decode slot when every slot of a pool of decoders is taken.
@@ -45,7 +47,7 @@ def prefill_estimate(t: Timing, rep: SimReplica, tokens: int) -> tuple[float, fl
     worst = 0.0
     for s, st in enumerate(rep.stages):
         c = t.prefill_s(rep, s, tokens, 0)
-        lat += c
+        lat += c + t.idle_s(rep, s)  # alone: every stage was idle before it
         worst = max(worst, c)
         if s + 1 < len(rep.stages):
             lat += t.transfer_s(st.node, rep.stages[s + 1].node, tokens * t.act_bytes_per_token(st.end - 1))
@@ -67,6 +69,8 @@ def step_estimate(t: Timing, rep: SimReplica, batch: int, ctx: float, groups: in
         # activations to the next stage; from the last stage only token ids go back
         per_seq = t.act_bytes_per_token(st.end - 1) if s + 1 < n else TOKEN_BYTES
         ring += c + t.transfer_s(st.node, rep.stages[(s + 1) % n].node, mb * per_seq)
+        if g < n:  # fewer micro-batches than stages: each stage idles between its steps
+            ring += t.idle_s(rep, s)
         per_node[st.node] = per_node.get(st.node, 0.0) + c  # a node's stages add up
     return max(ring, g * max(per_node.values()))
 

@@ -49,6 +49,11 @@ class Timing(Protocol):
         """Compute time of one decode step of ``batch`` sequences of mean context ``ctx``."""
         ...
 
+    def idle_s(self, replica: SimReplica, stage: int) -> float:
+        """What a stage's work (a decode step, a prompt chunk) takes more when its node was idle
+        just before (``planner.cost.idle_time``); 0 where that is not modelled."""
+        ...
+
     def transfer_s(self, src: str, dst: str, nbytes: float) -> float:
         """Time to move ``nbytes`` from ``src`` to ``dst`` (bandwidth plus latency); 0 if same."""
         ...

@@ -47,6 +47,9 @@ from meshllm.sim.routing import Candidate, choose
 from meshllm.sim.workload import Request
 
 TOKEN_BYTES = estimates.TOKEN_BYTES  # a sampled token id on the wire
+# a node with nothing to do for longer than this before a stage's work starts was idle: the work
+# takes Timing.idle_s more (cold caches; measured even after half a millisecond's pause)
+IDLE_GAP_S = 1e-4
 
 
 class _Req:
@@ -140,6 +143,7 @@ class _Sim:
         # work is reserved ahead (a job's whole passage is computed when it leaves stage 0), and
         # a node must still take stage-0 work that fits before a later stage's reservation
         self.node_iv: dict[str, list[tuple[float, float]]] = {}
+        self.iv_last: dict[str, float] = {}  # the latest end of a node's reservations already past
         for r in self.reps.values():
             names = [st.node for st in r.spec.stages]
             for node in names:
@@ -175,21 +179,37 @@ class _Sim:
         self.link_free[key] = start + (total - lat)
         return start + total
 
-    def _book(self, node: str, ready: float, dur: float) -> float:
+    def _book(self, node: str, ready: float, dur: float, idle: float = 0.0) -> float:
         """Reserve ``dur`` seconds of ``node`` from ``ready`` on; returns when that work ends.
         A node with one stage serves in reservation order; a node with several takes the first
-        gap long enough among its reservations (work-conserving, never overlapping)."""
+        gap long enough among its reservations (work-conserving, never overlapping). Work that
+        starts on a node idle just before it takes ``idle`` seconds more (its stage's
+        ``Timing.idle_s``; counted busy too)."""
         iv = self.node_iv.get(node)
         if iv is None:
-            nf = self.node_free.get(node, 0.0)
-            start = ready if ready > nf else nf
+            nf = self.node_free.get(node)
+            start = ready if nf is None or ready > nf else nf
+            if idle and (nf is None or start > nf + IDLE_GAP_S):
+                dur = self._idle(node, dur, idle)
             end = start + self._stretch(node, dur, start)
             self.node_free[node] = end
             return end
         now = self.q.now
-        dur = self._stretch(node, dur, ready)
         while iv and iv[0][1] <= now:  # past reservations cannot hold anything up any more
-            iv.pop(0)
+            self.iv_last[node] = max(self.iv_last.get(node, -1.0), iv.pop(0)[1])
+        stretched = self._stretch(node, dur, ready)
+        t, k = self._gap(iv, ready, stretched)
+        last = max([b for _, b in iv[:k]] + [self.iv_last.get(node, -1.0)])
+        if idle and t > last + IDLE_GAP_S:  # nothing ran on the node just before: it comes back cold
+            stretched = self._stretch(node, self._idle(node, dur, idle), ready)
+            t, k = self._gap(iv, ready, stretched)
+        iv.insert(k, (t, t + stretched))
+        return t + stretched
+
+    @staticmethod
+    def _gap(iv: list[tuple[float, float]], ready: float, dur: float) -> tuple[float, int]:
+        """The first start from ``ready`` on where ``dur`` fits between the reservations ``iv``
+        (sorted, not overlapping), and the index to insert it at."""
         t = ready
         k = 0
         while k < len(iv):
@@ -201,8 +221,12 @@ class _Sim:
                 break
             t = b
             k += 1
-        iv.insert(k, (t, t + dur))
-        return t + dur
+        return t, k
+
+    def _idle(self, node: str, dur: float, extra: float) -> float:
+        """``dur`` seconds of work on ``node`` after it idled: ``extra`` more, busy too."""
+        self.busy[node] += extra
+        return dur + extra
 
     def _stretch(self, node: str, dur: float, start: float) -> float:
         """How long ``dur`` seconds of work on ``node`` from ``start`` take when the nodes share
@@ -223,7 +247,9 @@ class _Sim:
         """A small control message: latency only, no link queueing."""
         return 0.0 if src == dst else self.t.transfer_s(src, dst, nbytes)
 
-    def _entry(self, rep: _Rep) -> str:
+    def _entry(self, rep: _Rep, r: Request | None) -> str:
+        if r is not None and r.entry is not None:
+            return r.entry
         return self.m.entry if self.m.entry is not None else rep.spec.stages[0].node
 
     def _enqueue(self, rep: _Rep, s: int, prio: int, job: tuple) -> None:
@@ -291,14 +317,16 @@ class _Sim:
                 dec, handoff = min(((c.decode_s, c.handoff_s) for c in
                                     (self._decode_candidate(d, rq, f) for d in self.decoders)),
                                    key=lambda x: x[0] + x[1])
-            reach = self._hop(self._entry(f), f.spec.stages[0].node, r.input_tokens * TOKEN_BYTES)
+            # the router scores the trip from the model's entry (the serving router, which runs at
+            # each request's own entry, ignores it); the request's own trip is timed below
+            reach = self._hop(self._entry(f, None), f.spec.stages[0].node, r.input_tokens * TOKEN_BYTES)
             cands.append(Candidate(f.spec.id, queue, lat, dec, handoff,
                                    busy_s=max(0.0, f.s0_end - self.q.now), reach_s=reach))
         pid = choose(cands, policy=self.cfg.routing)
         assert pid is not None
         rep = self.reps[pid]
         rq.p = pid
-        entry = rq.entry = self._entry(rep)
+        entry = rq.entry = self._entry(rep, r)
         t = self.q.now + self._hop(entry, rep.spec.stages[0].node, r.input_tokens * TOKEN_BYTES)
         self.q.push(t, "at_prefill", rq)
 
@@ -397,7 +425,7 @@ class _Sim:
         st.busy = True
         self.busy[st.node] += dur
         # the node may be working on a later stage of this replica reserved earlier
-        rep.s0_end = self._book(st.node, self.q.now, dur)
+        rep.s0_end = self._book(st.node, self.q.now, dur, self.t.idle_s(rep.spec, 0))
         self.q.push(rep.s0_end, "done", (rep, job))
 
     def _start_iteration(self, rep: _Rep) -> None:
@@ -442,7 +470,7 @@ class _Sim:
         dur = self._dur(rep, 0, job)
         st.busy = True
         self.busy[st.node] += dur
-        rep.s0_end = self._book(st.node, self.q.now, dur)
+        rep.s0_end = self._book(st.node, self.q.now, dur, self.t.idle_s(rep.spec, 0))
         self.q.push(rep.s0_end, "done", (rep, job))
 
     def _reserved_at(self, d: _Rep, rep: _Rep) -> float:
@@ -552,7 +580,7 @@ class _Sim:
                 arrive = start + occ + lat
                 st = stages[s]
                 dur = self._dur(rep, s, job) if is_prefill else durs[s]
-                t = self._book(st.node, arrive, dur)
+                t = self._book(st.node, arrive, dur, self.t.idle_s(rep.spec, s))
                 busy[st.node] += dur
                 if is_prefill:
                     self._send_kv(rep, s, rq, k, t)
@@ -582,7 +610,7 @@ class _Sim:
                 self.link_free[(src, dst)] = start + occ
                 node = rep.stages[s].node
                 dur = sum(self._dur(rep, s, j) for j in jobs)
-                t = self._book(node, start + occ + lat, dur)
+                t = self._book(node, start + occ + lat, dur, self.t.idle_s(rep.spec, s))
                 self.busy[node] += dur
                 for j in pre:
                     self._send_kv(rep, s, j[1], j[2], t)

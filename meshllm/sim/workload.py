@@ -23,6 +23,9 @@ class Request:
     arrival: float  # seconds
     input_tokens: int
     output_tokens: int  # tokens generated, the first one by prefill
+    # the node whose API took it (its entry: the prompt comes from there, the tokens go back there);
+    # None: the model's entry, else the first stage of the replica that prefills it
+    entry: str | None = None
 
 
 class LengthSampler(Protocol):
