@@ -44,6 +44,7 @@ from meshllm.planner.cost import ModelProfile
 from meshllm.planner.types import Predicted, Workload
 from meshllm.planning_service import PlanningService
 from meshllm.ports import Identity, NodePorts, Peers, PlaneHandler, Plans, Profiles, ServingPorts
+from meshllm.runtime.attention import choose
 from meshllm.runtime.profile import NodeProfile, available_memory_bytes
 from meshllm.runtime.runner import StageRunner, resident_costs
 from meshllm.serve.api import OpenAIApi
@@ -92,6 +93,9 @@ class NodeOptions:
     serve: ServeConfig = field(default_factory=ServeConfig)  # the data plane's limits and timeouts
     tls_cert: str | None = None  # PEM files: the node's port speaks HTTPS (API, dashboard, wss:// links)
     tls_key: str | None = None
+    # runtime.attention: the attention kind this node proposes for a mesh that has none yet (auto:
+    # plain where serve.speculate is on, else fused); the plan's kind is what every node runs
+    attention: str = "auto"
 
 
 class Node:
@@ -136,6 +140,7 @@ class Node:
         self.driver = ControlDriver(
             self.node_id, name=self.name, codec=self.codec, config=opts.control, priority=opts.priority,
             validate_plan=self.plan_loader.validate, spawn=self._spawn, closed=lambda: self.closed,
+            attention=choose(opts.attention, opts.serve.speculate),
             owners=Owners(plan=self.planning.plan, evolve=self.planning.evolve, finish=self.planning.finish,
                           load=self.plan_loader.load, drain=self.stages.drain, unload=self.stages.unload,
                           observe=lambda out: self.events.observe(out), names=lambda: member_names(self.ports),
