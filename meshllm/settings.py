@@ -492,6 +492,16 @@ def resolve(flags: Any = None, env: Mapping[str, str] | None = None,
     return Settings(values, sources, config, origins)
 
 
+def attention_setting(env: Mapping[str, str] | None = None, config: str | None = None) -> tuple[str, bool]:
+    """(``runtime.attention``, ``serve.speculate``) as a ``meshllm node`` started with this
+    environment (and ``config`` file, else ``$MESHLLM_CONFIG``) reads them: what single-process
+    paths checked against such a mesh (``meshllm generate``, the benchmarks) choose their attention
+    kind from (``runtime.attention.choose``)."""
+    s = resolve(argparse.Namespace(config=config), env,
+                options=(BY_KEY["runtime.attention"], BY_KEY["serve.speculate"]))
+    return s["runtime.attention"], s["serve.speculate"]
+
+
 def show_value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)
