@@ -44,7 +44,7 @@ from meshllm.planner.cost import ModelProfile
 from meshllm.planner.types import Predicted, Workload
 from meshllm.planning_service import PlanningService
 from meshllm.ports import Identity, NodePorts, Peers, PlaneHandler, Plans, Profiles, ServingPorts
-from meshllm.runtime.attention import choose
+from meshllm.runtime.attention import KINDS, choose
 from meshllm.runtime.profile import NodeProfile, available_memory_bytes
 from meshllm.runtime.runner import StageRunner, resident_costs
 from meshllm.serve.api import OpenAIApi
@@ -142,7 +142,7 @@ class Node:
         self.driver = ControlDriver(
             self.node_id, name=self.name, codec=self.codec, config=opts.control, priority=opts.priority,
             validate_plan=self.plan_loader.validate, spawn=self._spawn, closed=lambda: self.closed,
-            attention=self.attention,
+            attention=self.attention, attention_kinds=KINDS,
             owners=Owners(plan=self.planning.plan, evolve=self.planning.evolve, finish=self.planning.finish,
                           load=self.plan_loader.load, drain=self.stages.drain, unload=self.stages.unload,
                           observe=lambda out: self.events.observe(out), names=lambda: member_names(self.ports),

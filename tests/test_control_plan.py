@@ -296,9 +296,9 @@ def test_a_leader_proposes_the_mesh_attention_kind_and_its_own_only_for_a_first_
 
     plan = {"epoch": 0, "strategy": "e2llm", "predicted": {},
             "replicas": [{"id": 0, "role": "both", "stages": [{"node": "solo", "layers": [0, 4]}]}]}
-    for heard, want in ((None, "fused"), ("plain", "plain")):
+    for heard, want in ((None, "fused"), ("plain", "plain"), ("gqa", "fused")):  # a kind it cannot run: ignored
         n = ControlNode("solo", rng=np.random.default_rng(0), config=ControlConfig(discovery_grace=0.0),
-                        attention="fused")
+                        attention="fused", attention_kinds=("fused", "plain"))
         if heard:  # a member that has gone since, whose heartbeat named its active plan's kind
             n.step(Received("peer", Heartbeat("peer", 0, None, 0, 1, 4, "", heard)))
             n.step(Received("peer", Leave("peer")))

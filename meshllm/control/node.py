@@ -142,10 +142,13 @@ class ControlNode:
                  validate_plan: PlanValidator | None = None,
                  plan_nodes: Callable[[dict[str, Any]], Iterable[NodeId]] = default_plan_nodes,
                  planned_lengths: Callable[[dict[str, Any]], tuple[float, float] | None] = default_planned_lengths,
-                 merge: Merge = default_merge, codec: Codec | None = None, attention: str | None = None) -> None:
+                 merge: Merge = default_merge, codec: Codec | None = None, attention: str | None = None,
+                 attention_kinds: Iterable[str] = ()) -> None:
         self.id = node_id
-        # the attention kind this node proposes for a mesh that has none yet (None: plans without one)
+        # the attention kind this node proposes for a mesh that has none yet (None: plans without
+        # one), and the kinds it takes from plans and heartbeats (empty: any)
         self.attention = attention
+        self.attention_kinds = frozenset(attention_kinds)
         self.mesh_attention: tuple[int, str] | None = None  # (epoch, kind) of the newest plan known
         self.config = config or ControlConfig()
         self.rng = rng
@@ -215,7 +218,9 @@ class ControlNode:
         return self.mesh_attention[1] if self.mesh_attention is not None else self.attention
 
     def _learn_attention(self, epoch: int, kind: Any) -> None:
-        if isinstance(kind, str) and kind and (self.mesh_attention is None or epoch >= self.mesh_attention[0]):
+        if not isinstance(kind, str) or not kind or (self.attention_kinds and kind not in self.attention_kinds):
+            return
+        if self.mesh_attention is None or epoch >= self.mesh_attention[0]:
             self.mesh_attention = (epoch, kind)
 
     def accepts_epoch(self, epoch: int) -> bool:
