@@ -83,8 +83,11 @@ class ControlDriver:
 
     def __init__(self, node_id: NodeId, *, name: str, codec: Codec, config: ControlConfig, priority: int,
                  validate_plan: Callable[[dict[str, Any]], None], owners: Owners,
-                 spawn: Callable[[Coroutine[Any, Any, Any]], Any], closed: Callable[[], bool]) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, Any]], Any], closed: Callable[[], bool],
+                 attention: str | None = None, attention_kinds: tuple[str, ...] = ()) -> None:
         self.node_id = node_id
+        self.attention = attention  # the attention kind this node proposes for a mesh without one
+        self.attention_kinds = attention_kinds  # the kinds it can run (what it takes from peers)
         self.name = name
         self.codec = codec
         self.config = config
@@ -109,7 +112,8 @@ class ControlDriver:
         self.transport = transport
         self.control = ControlNode(self.node_id, rng=np.random.default_rng(seed), config=self.config,
                                    priority=self.priority, now=now, name=self.name,
-                                   validate_plan=self.validate_plan, codec=self.codec)
+                                   validate_plan=self.validate_plan, codec=self.codec, attention=self.attention,
+                                   attention_kinds=self.attention_kinds)
 
     def proposed_epoch(self) -> int | None:
         """The epoch the control plane has just proposed, if any."""

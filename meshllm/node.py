@@ -44,6 +44,7 @@ from meshllm.planner.cost import ModelProfile
 from meshllm.planner.types import Predicted, Workload
 from meshllm.planning_service import PlanningService
 from meshllm.ports import Identity, NodePorts, Peers, PlaneHandler, Plans, Profiles, ServingPorts
+from meshllm.runtime.attention import KINDS, choose
 from meshllm.runtime.profile import NodeProfile, available_memory_bytes
 from meshllm.runtime.runner import StageRunner, resident_costs
 from meshllm.serve.api import OpenAIApi
@@ -92,6 +93,9 @@ class NodeOptions:
     serve: ServeConfig = field(default_factory=ServeConfig)  # the data plane's limits and timeouts
     tls_cert: str | None = None  # PEM files: the node's port speaks HTTPS (API, dashboard, wss:// links)
     tls_key: str | None = None
+    # runtime.attention: the attention kind this node proposes for a mesh that has none yet (auto:
+    # plain where serve.speculate is on, else fused); the plan's kind is what every node runs
+    attention: str = "auto"
 
 
 class Node:
@@ -123,6 +127,8 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.dialer = Dialer(self.node_id, self.mesh_id, peer_http, opts.peers, spawn=self._spawn,
                              closed=lambda: self.closed)
+        # the attention kind this node would give a mesh that has none yet (and profiles itself with)
+        self.attention = choose(opts.attention, opts.serve.speculate)
         self.stages = StageHost(self.manifest, threads=opts.threads, slowdown=opts.slowdown,
                                 budget_bytes=self._budget(), spin=opts.spin)
         self.planning = PlanningService(
@@ -136,6 +142,7 @@ class Node:
         self.driver = ControlDriver(
             self.node_id, name=self.name, codec=self.codec, config=opts.control, priority=opts.priority,
             validate_plan=self.plan_loader.validate, spawn=self._spawn, closed=lambda: self.closed,
+            attention=self.attention, attention_kinds=KINDS,
             owners=Owners(plan=self.planning.plan, evolve=self.planning.evolve, finish=self.planning.finish,
                           load=self.plan_loader.load, drain=self.stages.drain, unload=self.stages.unload,
                           observe=lambda out: self.events.observe(out), names=lambda: member_names(self.ports),
@@ -259,7 +266,7 @@ class Node:
         given = self.profile_fn
         self._spawn(self.planning.self_profile(
             self.manifest, self.opts.state_dir, threads=self.opts.threads, slowdown=self.opts.slowdown,
-            memory_bytes=self._budget(), links=lambda: self.dialer.link_stats,
+            memory_bytes=self._budget(), links=lambda: self.dialer.link_stats, attention=self.attention,
             given=(lambda: given(self.manifest, self.opts)) if given is not None else None))
         if self.discovery is not None:
             ad = Advert(self.node_id, self.opts.advertise_host, self.port, self.mesh_id, PROTOCOL_VERSION)

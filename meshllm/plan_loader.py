@@ -4,8 +4,10 @@
 
 - ``validate``: the planner's ``validate_plan`` over the devices this node knows (the control plane
   calls it before it acknowledges a proposed plan);
-- ``load``: this node's block ranges of an epoch's plan onto the stage host, then ``PlanLoaded``
-  back to the control plane (success, or why not);
+- ``load``: this node's block ranges of an epoch's plan onto the stage host, with the attention
+  kind the plan names (``runtime.attention.of_plan``: the leader's choice for the whole mesh,
+  whatever this node's own setting), then ``PlanLoaded`` back to the control plane (success, or
+  why not);
 - ``accepts_epoch``: the data-plane gate (an epoch loaded here, or one the control plane serves).
 
 The devices and links a node knows (``known_devices``, ``known_network``) are what it validates
@@ -27,6 +29,7 @@ from meshllm.net.dialer import PeerInfo
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.types import Device, Network, Plan
 from meshllm.planner.validate import validate_plan
+from meshllm.runtime.attention import of_plan
 from meshllm.runtime.profile import NodeProfile
 
 if TYPE_CHECKING:
@@ -87,22 +90,24 @@ class PlanLoader:
         devices = [known.get(self.node_id) or Device(self.node_id, self._budget(), 1.0, 1.0)]
         devices += [known.get(nid) or Device(nid, 1 << 62, 1.0, 1.0) for nid in control.membership.members]
         validate_plan(Plan.from_dict(doc), self.model_profile, devices)
+        of_plan(doc)  # an attention kind this node can run
 
     async def load(self, epoch: int, doc: dict[str, Any]) -> None:
         try:
             ranges = my_ranges(doc, self.node_id)
+            kind = of_plan(doc)
         except PlanError as e:
             self._step(PlanLoaded(epoch, False, str(e)))
             return
         try:
-            await self.stages.load(epoch, ranges)
+            await self.stages.load(epoch, ranges, attention=kind)
         except (MeshError, OSError, RuntimeError) as e:
             log.warning("cannot load epoch %d: %s", epoch, e)
             self._step(PlanLoaded(epoch, False, str(e)))
             return
         if not self.stages.has_epoch(epoch):
             return  # unloaded while it loaded (superseded): the control plane no longer wants it
-        log.info("loaded blocks %s for epoch %d", ranges or "(none)", epoch)
+        log.info("loaded blocks %s (%s attention) for epoch %d", ranges or "(none)", kind, epoch)
         self._step(PlanLoaded(epoch, True))
 
     def accepts_epoch(self, epoch: int) -> bool:

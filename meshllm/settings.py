@@ -31,7 +31,7 @@ from meshllm.net.base import split_host_port
 from meshllm.serve.config import KV_WIRE_DTYPES, ServeConfig
 
 ENV_PREFIX = "MESHLLM_"
-TABLES = ("serve", "control", "workload")  # the file's tables; their keys are "table.key"
+TABLES = ("runtime", "serve", "control", "workload")  # the file's tables; their keys are "table.key"
 
 # --- value kinds: how a text (flag, environment) or a file value becomes a setting ---------------------
 
@@ -294,7 +294,8 @@ SERVE_HELP = {
     "migrate_wait_s": "seconds a resumed request waits for an intact replica",
     "keepalive_s": "a streaming answer idle this many seconds gets a keep-alive (SSE comment, empty NDJSON chunk)",
     "speculate": "speculative decoding by prompt lookup on this node's decoder rings (a request's speculate "
-                 "overrides it; the tokens are the same either way: every node verifies drafts in one pass)",
+                 "overrides it; the tokens are the same either way); with runtime.attention auto it also picks "
+                 "plain attention, which verifies drafts in one pass",
     "spec_max_draft": "draft tokens a decode step may carry per request (adapted to its acceptance)",
     "spec_cost_aware": "draft only as much as pays at the step times measured on the ring (off: the length "
                        "adapted to acceptance alone)",
@@ -320,6 +321,16 @@ CONTROL_HELP = {
     "drift_min_samples": "requests seen before drift is judged",
     "drift_ratio": "observed mean this many times above or below the planned one is drift",
 }
+# runtime/attention.py's SETTINGS (settings.py stays clear of onnxruntime; tests/test_config.py checks)
+ATTENTION_SETTINGS = ("auto", "fused", "plain")
+RUNTIME_OPTIONS: tuple[Option, ...] = (
+    Option("runtime.attention", "str", "auto", "the attention every node of the mesh runs, chosen once by the "
+           "mesh's first plan (a node follows the plan's kind whatever its own setting): fused (onnxruntime's "
+           "GroupQueryAttention, the faster step; a request's drafts verify one position at a time), plain "
+           "(plain operators: drafts verify in one pass); auto: plain where serve.speculate is on, else fused. "
+           "Either way a request's tokens do not depend on speculation", "--attention",
+           choices=ATTENTION_SETTINGS),
+)
 WORKLOAD_OPTIONS: tuple[Option, ...] = (
     Option("workload.arrival_rate", "float", 1.0, "requests per second the planner plans for",
            check=at_least(0)),
@@ -349,7 +360,7 @@ def _from_dataclass(table: str, cls: type, help_: Mapping[str, str]) -> tuple[Op
     return tuple(out)
 
 
-OPTIONS: tuple[Option, ...] = (NODE_OPTIONS + _from_dataclass("serve", ServeConfig, SERVE_HELP)
+OPTIONS: tuple[Option, ...] = (NODE_OPTIONS + RUNTIME_OPTIONS + _from_dataclass("serve", ServeConfig, SERVE_HELP)
                                + _from_dataclass("control", ControlConfig, CONTROL_HELP) + WORKLOAD_OPTIONS)
 BY_KEY = {o.key: o for o in OPTIONS}
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -482,6 +493,16 @@ def resolve(flags: Any = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"{where}: {e}") from None
         sources[o.key], origins[o.key] = src, where
     return Settings(values, sources, config, origins)
+
+
+def attention_setting(env: Mapping[str, str] | None = None, config: str | None = None) -> tuple[str, bool]:
+    """(``runtime.attention``, ``serve.speculate``) as a ``meshllm node`` started with this
+    environment (and ``config`` file, else ``$MESHLLM_CONFIG``) reads them: what single-process
+    paths checked against such a mesh (``meshllm generate``, the benchmarks) choose their attention
+    kind from (``runtime.attention.choose``)."""
+    s = resolve(argparse.Namespace(config=config), env,
+                options=(BY_KEY["runtime.attention"], BY_KEY["serve.speculate"]))
+    return s["runtime.attention"], s["serve.speculate"]
 
 
 def show_value(v: Any) -> str:

@@ -61,14 +61,14 @@ def bundled_manifest() -> Manifest:
 
 @pytest.fixture
 async def make_mesh(tiny_manifest: Manifest):
-    """``await make_mesh(spec, config=None, budget=...)``: a started in-memory data-plane mesh
+    """``await make_mesh(spec, config=None, budget=..., attention=...)``: a started in-memory data-plane mesh
     (tests/servemesh.py) under the plan ``spec``; every mesh made is closed after the test."""
     from servemesh import DataMesh, names
 
     meshes = []
 
-    async def make(spec, config=None, budget: int = 1 << 30):
-        m = DataMesh(tiny_manifest, names(spec), config=config, budget=budget)
+    async def make(spec, config=None, budget: int = 1 << 30, attention: str = "auto"):
+        m = DataMesh(tiny_manifest, names(spec), config=config, budget=budget, attention=attention)
         meshes.append(m)
         await m.start(spec)
         return m

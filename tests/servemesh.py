@@ -23,6 +23,7 @@ from meshllm.net.base import LinkIdentity
 from meshllm.net.memory import MemoryNetwork, MemoryTransport
 from meshllm.planner.types import Plan, Replica, Role, Stage
 from meshllm.ports import Identity, Peers, Plans, ServingPorts
+from meshllm.runtime.attention import choose, of_plan
 from meshllm.serve.api import OpenAIApi
 from meshllm.serve.config import ServeConfig
 from meshllm.serve.service import Serving
@@ -113,11 +114,13 @@ class DataNode:
 
 class DataMesh:
     def __init__(self, manifest: Manifest, names: Sequence[str], *, config: ServeConfig | None = None,
-                 budget: int = 1 << 30) -> None:
+                 budget: int = 1 << 30, attention: str = "auto") -> None:
         self.manifest = manifest
         self.net = MemoryNetwork(seed=0)
         self.config = config or ServeConfig()
-        # every node runs attention as plain operators, as `meshllm node` does
+        # the attention kind every plan names, chosen as `meshllm node` chooses it: plain where the
+        # nodes speculate by default, else fused; every node loads the plan's kind
+        self.attention = choose(attention, self.config.speculate)
         self.nodes = {n: DataNode(n, i + 1, manifest, self.net, budget) for i, n in enumerate(names)}
 
     def node(self, name: str) -> DataNode:
@@ -126,7 +129,7 @@ class DataMesh:
     def plan(self, spec: PlanSpec, epoch: int = 1) -> dict[str, Any]:
         reps = tuple(Replica(i, Role(role), tuple(Stage(self.nodes[n].node_id, (a, b)) for n, a, b in stages))
                      for i, (role, stages) in enumerate(spec))
-        return Plan(epoch, reps, strategy="test").to_dict()
+        return {**Plan(epoch, reps, strategy="test").to_dict(), "attention": self.attention}
 
     async def start(self, spec: PlanSpec, epoch: int = 1) -> None:
         for n in self.nodes.values():
@@ -149,7 +152,7 @@ class DataMesh:
                     if s["node"] == n.node_id]
             n.control.plans[epoch] = ((1, ""), doc)
             if mine:
-                await n.stages.load(epoch, mine)
+                await n.stages.load(epoch, mine, attention=of_plan(doc))
             n.control.active_epoch = epoch
 
     async def kill(self, name: str) -> None:

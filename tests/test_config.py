@@ -165,6 +165,9 @@ def test_every_table_field_has_an_option_with_help() -> None:
     from meshllm.node import DEFAULT_PORT
 
     assert BY_KEY["port"].default == DEFAULT_PORT
+    from meshllm.runtime.attention import AUTO, SETTINGS
+
+    assert BY_KEY["runtime.attention"].choices == SETTINGS and BY_KEY["runtime.attention"].default == AUTO
     assert len({o.env for o in OPTIONS}) == len(OPTIONS)
     # every option with a flag is on `meshllm node`, with the same attribute
     node = build_parser()._subparsers._group_actions[0].choices["node"]  # type: ignore[union-attr]

@@ -280,6 +280,38 @@ def test_planner_plan_dicts_work_end_to_end() -> None:
     assert n.status()["ready"] and n.status()["active_epoch"] == 1 and n.status()["leader"] == "solo"
 
 
+def test_a_leader_proposes_the_mesh_attention_kind_and_its_own_only_for_a_first_plan() -> None:
+    """The attention kind is the newest known plan's (here one a peer's heartbeat names, epoch 4);
+    the leader's own only where the mesh has none yet; the proposal carries it and heartbeats gossip it."""
+    from meshllm.control.events import (
+        ActivatePlan,
+        Broadcast,
+        LoadPlan,
+        ProfileReady,
+        ProposePlan,
+        Received,
+        StartPlanning,
+    )
+    from meshllm.wire.messages import Heartbeat, Leave
+
+    plan = {"epoch": 0, "strategy": "e2llm", "predicted": {},
+            "replicas": [{"id": 0, "role": "both", "stages": [{"node": "solo", "layers": [0, 4]}]}]}
+    for heard, want in ((None, "fused"), ("plain", "plain"), ("gqa", "fused")):  # a kind it cannot run: ignored
+        n = ControlNode("solo", rng=np.random.default_rng(0), config=ControlConfig(discovery_grace=0.0),
+                        attention="fused", attention_kinds=("fused", "plain"))
+        if heard:  # a member that has gone since, whose heartbeat named its active plan's kind
+            n.step(Received("peer", Heartbeat("peer", 0, None, 0, 1, 4, "", heard)))
+            n.step(Received("peer", Leave("peer")))
+        n.step(ProfileReady({"m": 1}))
+        outs = n.tick(0.0) + n.tick(1.0)
+        (start,) = [o for o in outs if isinstance(o, StartPlanning)]
+        (load,) = [o for o in n.step(ProposePlan(start.round, plan)) if isinstance(o, LoadPlan)]
+        (act,) = [o for o in n.step(PlanLoaded(load.epoch)) if isinstance(o, ActivatePlan)]
+        assert act.plan["attention"] == want and n.attention_kind == want
+        beats = [o.msg for o in n.tick(5.0) if isinstance(o, Broadcast) and isinstance(o.msg, Heartbeat)]
+        assert beats and beats[0].attention == want
+
+
 def _random_value(tp, rng: np.random.Generator, names: list[str]):
     import types
     import typing

@@ -5,6 +5,7 @@ one clear line and a non-zero exit."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -358,15 +359,22 @@ def test_bench_runtime_on_a_model_dir(tmp_path: Path) -> None:
         [sys.executable, "-m", "meshllm.cli", "bench", "runtime", "--model", str(tmp_path / "out"),
          "--gguf", str(src), "--json", "--steps", "2", "--reps", "1", "--context", "8", "--prefill", "16",
          "--threads", "1", "--no-transformers", "--no-ortgenai", "--no-spin"],
-        capture_output=True, text=True, timeout=240, check=False)
+        capture_output=True, text=True, timeout=240, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MESHLLM_")})  # a node's defaults
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
     for k in ("decode_tok_s_b1", "decode_tok_s_b8", "prefill_tok_s", "roofline_fraction"):
         assert r[k] > 0, k
     assert r["rss_mb"] > r["stored_weight_mb"] > 0
     assert r["dtype"] == "int4" and r["int4_mode"] == "fast"
-    # the runner's attention, as every node runs it (plain operators): one Softmax per layer
-    assert r["kernels_per_token"]["by_op"]["Softmax"] == CFG.num_layers
+    # the runner's attention as a node serves by default (fused: one GroupQueryAttention per
+    # layer), and the plain-operator kind beside it (one Softmax per layer)
+    assert r["attention"] == "fused" and r["kernels_per_token"]["attention"] == "fused"
+    assert r["kernels_per_token"]["by_op"]["GroupQueryAttention"] == CFG.num_layers
+    assert "Softmax" not in r["kernels_per_token"]["by_op"]
+    assert r["kernels_per_token_plain"]["by_op"]["Softmax"] == CFG.num_layers
+    assert r["kernels_per_token_plain"]["total"] > r["kernels_per_token"]["total"]
+    assert r["runner_plain"]["decode_tok_s_b1"] > 0 and r["decode_ratio_fused_vs_plain"] > 0
     assert r["block_steps"] == 2 and "ortgenai" not in r["notes"]  # skipped as asked, not failed
     import importlib.util
 

@@ -43,19 +43,21 @@ def _args(**kw):
 def test_config_file_then_flags(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = tmp_path / "n.toml"
     cfg.write_text('name = "from-file"\nthreads = 2\nspin = true\npeer = ["10.0.0.9:7071"]\nmemory-budget = "2GiB"\n'
-                   "[control]\nheartbeat_interval = 0.5\n[workload]\narrival_rate = 3.0\n")
+                   "[runtime]\nattention = \"plain\"\n[control]\nheartbeat_interval = 0.5\n[workload]\narrival_rate = 3.0\n")
     key = tmp_path / "k"
     key.write_text("a-long-enough-mesh-key\n")
     o = build_options(_args(model=str(tiny_model_dir), config=str(cfg), threads=3, port=0,
                             state_dir=str(tmp_path / "s"), mesh_key_file=str(key)))
     assert (o.name, o.threads, o.memory_budget, o.peers) == ("from-file", 3, 2 << 30, (("10.0.0.9", 7071),))
     assert o.spin  # the device runs this node alone: onnxruntime's threads may wait busy
+    assert o.attention == "plain"
     assert o.control.heartbeat_interval == 0.5 and o.workload.arrival_rate == 3.0
     assert o.mesh_key == b"a-long-enough-mesh-key"
     # No --host or --interface: listen on all addresses, announce the default route's.
     assert o.host == "0.0.0.0" and o.advertise_host == primary_ipv4()
     o = build_options(_args(model=str(tiny_model_dir), host="127.0.0.1", state_dir=str(tmp_path / "s")))
     assert o.host == o.advertise_host == "127.0.0.1" and o.interfaces == ("127.0.0.1",)
+    assert o.attention == "auto"
     o = build_options(_args(model=str(tiny_model_dir), interface=["lo"], state_dir=str(tmp_path / "s")))
     assert o.host == o.advertise_host == "127.0.0.1" and o.interfaces == ("127.0.0.1",)
     cfg.write_text("colour = 'blue'\n")

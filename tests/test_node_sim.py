@@ -275,3 +275,32 @@ async def test_a_leader_whose_links_close_is_replaced_before_silence_would_decla
     await mesh.until(new_leader_while_old_only_suspect, "a new leader")
     # elected on the closed link, not after dead_after silent heartbeats
     assert all(n.control.membership.state(leader).value == "suspect" for n in rest)
+
+
+async def test_the_first_plan_chooses_the_attention_every_node_runs_through_failover_and_joins(mesh: Mesh) -> None:
+    """``runtime.attention`` is chosen once for a mesh: the first leader's kind goes into its plan,
+    every node builds its runners with the plan's kind whatever its own setting, and a new leader
+    set otherwise (a survivor, or a newcomer that never saw a plan proposed) keeps it."""
+    from meshllm.serve.config import ServeConfig
+
+    await mesh.add(0, priority=3, attention="plain")  # the first leader: the best priority
+    await mesh.add(1, priority=1, attention="fused")
+    await mesh.add(2, priority=0, serve=ServeConfig(speculate=False))  # auto, no speculation: fused
+
+    def every_node_runs(kind: str, after: int = 0) -> bool:
+        a = mesh.agreed()
+        if a is None or a[2] <= after:
+            return False
+        return all(n.control.active_plan.get("attention") == kind and n.stages.attention(a[2]) == kind
+                   and all(r.one_pass == (kind == "plain") for r in n.runners[a[2]]) for n in mesh.live)
+
+    await mesh.until(lambda: every_node_runs("plain"), "one plan naming plain attention, loaded everywhere")
+    _, leader, epoch = mesh.agreed()
+    assert leader == mesh.nodes[0].node_id
+    await mesh.nodes[0].kill()  # the next leader is set to fused
+    await mesh.until(lambda: every_node_runs("plain", epoch) and mesh.agreed()[1] == mesh.nodes[1].node_id,
+                     "a new leader whose re-plan keeps plain attention")
+    _, _, epoch2 = mesh.agreed()
+    new = await mesh.add(7, priority=5, attention="fused")  # leads at once, knows the kind from heartbeats
+    await mesh.until(lambda: every_node_runs("plain", epoch2) and mesh.agreed()[1] == new.node_id,
+                     "the newcomer leads and keeps plain attention")

@@ -86,6 +86,14 @@ def test_profile_cache_is_keyed_and_budget_applied_on_top(tiny_manifest: Manifes
     assert p2.decode_s_per_step == p1.decode_s_per_step and p2.memory_bytes == 1 << 20
     assert cache_path(tmp_path, tiny_manifest.model_id, 1, 1.0) != cache_path(tmp_path, tiny_manifest.model_id, 1, 2.0)
     assert cache_path(tmp_path, tiny_manifest.model_id, 1, 1.0) != cache_path(tmp_path, tiny_manifest.model_id, 2, 1.0)
+    # a profile of the other attention kind is another measurement (its runners run other graphs)
+    assert cache_path(tmp_path, tiny_manifest.model_id, 1, 1.0) == cache_path(tmp_path, tiny_manifest.model_id, 1,
+                                                                              1.0, "fused")
+    assert cache_path(tmp_path, tiny_manifest.model_id, 1, 1.0, "plain") != cache_path(tmp_path,
+                                                                                       tiny_manifest.model_id, 1, 1.0)
+    _, cached_plain = load_or_measure(tiny_manifest, tmp_path, threads=1, slowdown=1.0, memory_bytes=1 << 30,
+                                      decode_steps=2, repeats=1, attention="plain")
+    assert cached_plain is False
     # A corrupt cache file is re-measured, not trusted.
     cache_path(tmp_path, tiny_manifest.model_id, 1, 1.0).write_text("{not json")
     _, cached3 = load_or_measure(tiny_manifest, tmp_path, threads=1, slowdown=1.0, memory_bytes=1 << 30,

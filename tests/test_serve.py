@@ -37,9 +37,10 @@ PLANS: dict[str, PlanSpec] = {
 
 
 def reference(manifest: Manifest, prompt: Sequence[int], params: SamplingParams, *,
-              one_pass: bool = True) -> list[int]:
-    """One process's tokens; ``one_pass`` false: with the block files' GroupQueryAttention."""
-    runner = StageRunner(manifest, 0, manifest.config.num_blocks, threads=1, one_pass=one_pass)
+              attention: str = "fused") -> list[int]:
+    """One process's tokens, with the attention kind of the mesh compared with it (a test mesh of
+    nodes that do not speculate by default runs fused attention, as `meshllm node` does)."""
+    runner = StageRunner(manifest, 0, manifest.config.num_blocks, threads=1, one_pass=attention == "plain")
     return list(generate(runner, prompt, params).token_ids)
 
 
@@ -122,6 +123,23 @@ async def test_seeded_sampling_matches_one_process(make_mesh, tiny_manifest: Man
         tokens, _, error = await answer(mesh.node("a").serving.entry, p, params)
         assert error is None
         assert tokens == reference(tiny_manifest, p, params)
+    await settled(mesh)
+
+
+@pytest.mark.parametrize("attention", ["fused", "plain"])
+async def test_a_mesh_gives_the_tokens_of_one_process_with_the_same_attention(
+        make_mesh, tiny_manifest: Manifest, attention: str) -> None:
+    """Each attention kind on every node of a split mesh equals one process of that kind, token for
+    token, greedy and seeded."""
+    mesh = await make_mesh(PLANS["split-differently"], attention=attention)
+    kinds = {mesh.node(n).stages.attention(1) for n in "abcd"}
+    assert kinds == {attention}
+    assert {r.one_pass for n in "abcd" for r in mesh.node(n).stages.runners(1)} == {attention == "plain"}
+    for i, p in enumerate(prompts(3, seed=11)):
+        for params in (GREEDY, SamplingParams(temperature=0.9, top_p=0.95, seed=i, max_tokens=10, ignore_eos=True)):
+            tokens, _, error = await answer(mesh.node("abcd"[i]).serving.entry, p, params)
+            assert error is None
+            assert tokens == reference(tiny_manifest, p, params, attention=attention)
     await settled(mesh)
 
 

@@ -195,7 +195,7 @@ async def test_speculation_gives_the_tokens_of_one_process(make_mesh, tiny_manif
     for params in (GREEDY, SEEDED):
         for prompt in (REPEAT, FREE):
             got = await tokens_of(entry, prompt, params)
-            assert got == reference(tiny_manifest, prompt, params, one_pass=True), (params, prompt)
+            assert got == reference(tiny_manifest, prompt, params, attention="plain"), (params, prompt)
     s = spec_stats(mesh)
     assert s["spec_accepted"] > 0, s  # drafts held: steps yielded several tokens
     assert s["spec_drafted"] > s["spec_accepted"], s  # and some failed: rejection was exercised
@@ -206,7 +206,7 @@ async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: 
     mesh = await make_mesh(THREE, ON)
     entry = mesh.node("a").serving.entry
     off = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, speculate=False)
-    assert await tokens_of(entry, REPEAT, off) == reference(tiny_manifest, REPEAT, off, one_pass=True)
+    assert await tokens_of(entry, REPEAT, off) == reference(tiny_manifest, REPEAT, off, attention="plain")
     assert spec_stats(mesh)["spec_drafted"] == 0
     await settled(mesh)
     mesh2 = await make_mesh(THREE, ServeConfig(speculate=False, spec_cost_aware=False))
@@ -218,28 +218,23 @@ async def test_speculation_off_by_request_and_by_node(make_mesh, tiny_manifest: 
     await settled(mesh2)
 
 
-async def test_a_mesh_whose_nodes_run_different_attention_keeps_its_tokens(tiny_manifest: Manifest) -> None:
-    """A stage whose runner runs GroupQueryAttention (``one_pass=False``) verifies a step's drafts
-    as one-position steps; beside stages that verify them in one pass, speculation still gives the
-    tokens the same mesh gives without it."""
-    from servemesh import DataMesh
-
-    mesh = DataMesh(tiny_manifest, ["a", "b", "c"], config=ON)
-    mesh.node("b").stages.one_pass = False
-    await mesh.start(THREE)
-    try:
-        entry = mesh.node("a").serving.entry
-        kinds = [r.one_pass_exact for n in "abc" for e in mesh.node(n).stages.epochs()
-                 for r in mesh.node(n).stages.runners(e)]
-        assert kinds == [True, False, True]
-        for params in (GREEDY, SEEDED):
-            off = SamplingParams(**{**params.to_dict(), "speculate": False})
-            on = SamplingParams(**{**params.to_dict(), "speculate": True})
-            assert await tokens_of(entry, REPEAT, on) == await tokens_of(entry, REPEAT, off)
-        assert spec_stats(mesh)["spec_accepted"] > 0
-        await settled(mesh)
-    finally:
-        await mesh.close()
+async def test_a_fused_mesh_verifies_drafts_as_steps_and_gives_the_tokens_of_a_fused_process(
+        make_mesh, tiny_manifest: Manifest) -> None:
+    """A mesh on GroupQueryAttention (``runtime.attention = fused``) whose requests speculate
+    (here every node's default, the attention pinned) verifies a step's drafts as one-position
+    steps: the tokens are those of one fused process, with and without speculation."""
+    mesh = await make_mesh(THREE, ON, attention="fused")
+    entry = mesh.node("a").serving.entry
+    runners = [r for n in "abc" for e in mesh.node(n).stages.epochs() for r in mesh.node(n).stages.runners(e)]
+    assert [(r.attention_kind, r.one_pass_exact) for r in runners] == [("fused", False)] * 3
+    for params in (GREEDY, SEEDED):
+        off = SamplingParams(**{**params.to_dict(), "speculate": False})
+        on = SamplingParams(**{**params.to_dict(), "speculate": True})
+        want = reference(tiny_manifest, REPEAT, params, attention="fused")
+        assert await tokens_of(entry, REPEAT, on) == want
+        assert await tokens_of(entry, REPEAT, off) == want
+    assert spec_stats(mesh)["spec_accepted"] > 0
+    await settled(mesh)
 
 
 async def test_rows_that_keep_and_reject_drafts_share_a_batch(make_mesh, tiny_manifest: Manifest) -> None:
@@ -251,7 +246,7 @@ async def test_rows_that_keep_and_reject_drafts_share_a_batch(make_mesh, tiny_ma
             (REPEAT[:12], SamplingParams(temperature=0.0, max_tokens=9))]  # EOS allowed, short: ends mid-draft
     got = await asyncio.gather(*(tokens_of(entry, p, q) for p, q in jobs))
     for (p, q), toks in zip(jobs, got, strict=True):
-        assert toks == reference(tiny_manifest, p, q, one_pass=True)
+        assert toks == reference(tiny_manifest, p, q, attention="plain")
     s = spec_stats(mesh)
     assert s["spec_accepted"] > 0 and s["spec_drafted"] > s["spec_accepted"], s
     await settled(mesh)
@@ -272,7 +267,7 @@ async def test_a_stage_lost_mid_speculation_resumes_with_the_same_tokens(make_me
         if len(tokens) == 6:
             holder = next(n for n in "bcd" if mesh.node(n).serving.stage.held_count())
             await mesh.kill(holder)
-    assert tokens == reference(tiny_manifest, REPEAT, params, one_pass=True)
+    assert tokens == reference(tiny_manifest, REPEAT, params, attention="plain")
     assert entry.stats["migrations"] == 1 and entry.stats["failed"] == 0
     # the replica that took over replayed the streamed tokens as drafts, several per step
     d = mesh.node("d").serving.stage.stats
@@ -288,7 +283,7 @@ async def test_a_client_gone_mid_speculation_frees_everything(make_mesh, tiny_ma
     assert all(e.error is None for e in first)
     await gen.aclose()  # the client goes away while drafts are in flight
     await settled(mesh)
-    ref = reference(tiny_manifest, REPEAT, GREEDY, one_pass=True)
+    ref = reference(tiny_manifest, REPEAT, GREEDY, attention="plain")
     assert [e.token_id for e in first] == ref[:2]
 
 
@@ -312,7 +307,7 @@ async def test_rows_with_different_draft_counts_share_one_pass_and_keep_the_refe
     jobs = [(REPEAT, GREEDY), (FREE, SEEDED), (REPEAT[:12], short), ([3, 4, 3, 4, 3, 4, 3], GREEDY),
             (REPEAT[3:], SEEDED), (FREE[::-1], GREEDY)]
     got = await asyncio.gather(*(tokens_of(entry, p, q) for p, q in jobs))
-    assert got == [reference(tiny_manifest, p, q, one_pass=True) for p, q in jobs]
+    assert got == [reference(tiny_manifest, p, q, attention="plain") for p, q in jobs]
     assert spec_stats(mesh)["spec_accepted"] > 0
     assert any(len(set(c)) > 1 for c in passes)  # rows with different draft counts shared a pass
     steps = sum(n.serving.stage.stats["decode_calls"] for n in mesh.nodes.values())

@@ -42,6 +42,27 @@ async def test_load_reuse_and_unload(tiny_manifest: Manifest) -> None:
         await h.close()
 
 
+async def test_runners_have_the_attention_kind_the_plan_names(tiny_manifest: Manifest) -> None:
+    """The kind comes with each load (the plan's): the same ranges of another kind are new
+    runners, never shared ones; an unknown kind is an error and loads nothing."""
+    h = host(tiny_manifest)
+    nb = tiny_manifest.config.num_blocks
+    try:
+        await h.load(1, [(0, nb)])
+        fused = h.runner(1, 0)
+        assert h.attention(1) == "fused" and fused is not None and not fused.one_pass
+        await h.load(2, [(0, nb)], attention="plain")
+        plain = h.runner(2, 0)
+        assert h.attention(2) == "plain" and plain is not None and plain.one_pass and plain is not fused
+        await h.load(3, [(0, nb)], attention="plain")
+        assert h.runner(3, 0) is plain
+        with pytest.raises(MeshError, match="unknown attention kind 'gqa'"):
+            await h.load(4, [(0, nb)], attention="gqa")
+        assert not h.has_epoch(4) and h.attention(4) is None
+    finally:
+        await h.close()
+
+
 async def test_unload_tells_the_hooks_first_and_wins_over_a_load_in_progress(tiny_manifest: Manifest) -> None:
     h = host(tiny_manifest)
     nb = tiny_manifest.config.num_blocks

@@ -121,16 +121,16 @@ class InProcess:
 
 class RunnerEngine:
     """meshllm's StageRunner over the whole model: fused (the blocks before the head as one
-    session, the default) or one session per block."""
+    session, the default) or one session per block; ``attention`` the kind (``runtime.attention``)."""
 
     def __init__(self, model_dir: Path, threads: int, max_len: int, fuse: bool = True,
-                 name: str | None = None, spin: bool = False) -> None:
+                 name: str | None = None, spin: bool = False, attention: str = "fused") -> None:
         from meshllm.model.manifest import load_manifest
 
         m = load_manifest(model_dir)
         self.name = name or ("runner" if fuse else "runner_per_block")
         self.runner = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=BATCH + 1, fuse=fuse,
-                                  spin=spin)
+                                  spin=spin, one_pass=attention == "plain")
         self.max_len = max_len
         self.seqs: list[int] = []
         self._next = 0
@@ -261,9 +261,10 @@ def _extend(into: list[float], e: Any, tokens: np.ndarray) -> None:
     into.extend(e.steps(tokens))
 
 
-def kernels_per_token(model_dir: Path, threads: int, context: int = 64, steps: int = 8) -> dict[str, Any]:
+def kernels_per_token(model_dir: Path, threads: int, context: int = 64, steps: int = 8,
+                      attention: str = "fused") -> dict[str, Any]:
     """onnxruntime kernels one batch-1 decode step of the whole model runs (from its profiler),
-    in all and per operator."""
+    in all and per operator, with attention of kind ``attention``."""
     import tempfile
 
     from meshllm.model.manifest import load_manifest
@@ -271,23 +272,23 @@ def kernels_per_token(model_dir: Path, threads: int, context: int = 64, steps: i
     m = load_manifest(model_dir)
     with tempfile.TemporaryDirectory(prefix="meshllm-prof-") as tmp:
         r = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=1, slot_len=context + steps + 2,
-                        profile_prefix=str(Path(tmp) / "p"))
+                        profile_prefix=str(Path(tmp) / "p"), one_pass=attention == "plain")
         r.alloc(0, context + steps + 1)
         r.prefill(0, np.arange(context, dtype=np.int64) % m.config.vocab_size)
         for _ in range(steps):
             r.decode([0], np.array([1]))
         total, by_op = r.kernels_per_step(steps)
-    return {"total": round(total, 1), "by_op": {k: round(v, 1) for k, v in by_op.items()}}
+    return {"attention": attention, "total": round(total, 1), "by_op": {k: round(v, 1) for k, v in by_op.items()}}
 
 
 def exact_continuations(exact_dir: Path, prompts: list[list[int]], new_tokens: int,
-                        threads: int) -> tuple[StageRunner, list[list[int]]]:
+                        threads: int, attention: str = "fused") -> tuple[StageRunner, list[list[int]]]:
     """The exact model's greedy continuation of each prompt (prompt + ``new_tokens`` ids), and its
     runner (for its own teacher-forced picks)."""
     from meshllm.model.manifest import load_manifest
 
     exact = load_manifest(exact_dir)
-    rx = StageRunner(exact, 0, exact.config.num_blocks, threads=threads, max_seqs=1)
+    rx = StageRunner(exact, 0, exact.config.num_blocks, threads=threads, max_seqs=1, one_pass=attention == "plain")
     seqs = []
     for i, ids in enumerate(prompts):
         seq = list(ids)

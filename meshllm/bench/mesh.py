@@ -102,12 +102,13 @@ def _compute(url: str) -> tuple[float, int]:
     return float(st.get("decode_compute_s", 0.0)), int(st.get("decode_calls", 0))
 
 
-def _single_process(model_dir: Path, threads: int, prompt: list[int], steps: int) -> float:
+def _single_process(model_dir: Path, threads: int, prompt: list[int], steps: int, attention: str) -> float:
     from meshllm.model.manifest import load_manifest
+    from meshllm.runtime.attention import PLAIN
     from meshllm.runtime.runner import StageRunner
 
     m = load_manifest(model_dir, verify=False)
-    r = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=2)
+    r = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=2, one_pass=attention == PLAIN)
     r.alloc("s", len(prompt) + steps + 1)
     logits = r.prefill("s", np.asarray(prompt, np.int64))
     tok = int(np.argmax(logits))
@@ -204,9 +205,12 @@ def run_speculate(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"nodes": args.nodes, "hop_delay_ms": args.hop_delay_ms, "tokens": args.tokens}
     out.update({"cost_aware": not args.no_cost_aware})
     os.environ["MESHLLM_SERVE_SPEC_COST_AWARE"] = "false" if args.no_cost_aware else "true"
-    # nodes that speculate by default (every node verifies a step's drafts in one pass);
-    # requests without speculation run on the same attention, so both sides see the same graphs
+    # nodes that speculate by default on plain attention (every node verifies a step's drafts in
+    # one pass); requests without speculation run on the same attention, so both sides see the
+    # same graphs (the kind pinned: a MESHLLM_RUNTIME_ATTENTION of the caller's does not change it)
     os.environ["MESHLLM_SERVE_SPECULATE"] = "true"
+    os.environ["MESHLLM_RUNTIME_ATTENTION"] = "plain"
+    out["attention"] = "plain"
     for label, nodes, delay in (("mesh", args.nodes, args.hop_delay_ms), ("one_node", 1, 0.0)):
         os.environ["MESHLLM_SERVE_HOP_DELAY_MS"] = str(delay)
         try:
@@ -251,11 +255,21 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_manifest(model_dir, verify=False).config
         rng = np.random.default_rng(1)
         prompt = [int(x) for x in rng.integers(3, cfg.vocab_size, size=args.prompt_len)]
-        single_ms = _single_process(model_dir, args.threads, prompt, args.tokens)
-        out: dict[str, Any] = {"nodes": args.nodes, "model_params_mb": None, "single_decode_ms": round(single_ms, 3)}
+        # the one process runs the attention kind the mesh's nodes choose (they read this environment)
+        import os
+
+        from meshllm.runtime.attention import choose
+        from meshllm.settings import attention_setting
+
+        kind = choose(*attention_setting(os.environ))
+        single_ms = _single_process(model_dir, args.threads, prompt, args.tokens, kind)
+        out: dict[str, Any] = {"nodes": args.nodes, "model_params_mb": None, "single_decode_ms": round(single_ms, 3),
+                               "attention": kind}
         with LocalMesh(args.nodes, model=str(model_dir), threads=args.threads, strategy=args.strategy) as mesh:
             view = mesh.wait_ready(args.timeout)
             plan = view["plan"]
+            if plan.get("attention", "plain") != kind:
+                raise RuntimeError(f"the mesh runs {plan.get('attention')} attention, the one process {kind}")
             url = mesh.urls[0]
             stages = max(len(r["stages"]) for r in plan["replicas"])
             _stream(url, prompt, 4)  # warm up every stage's sessions

@@ -8,6 +8,11 @@ stored weights of the layers and the head (int4: packed values, scales, zero poi
 float16 files are cast to float32 at load, so twice their size), one embedding row, and the KV of
 the context, over the best measured read bandwidth. ``rss_mb`` is the process's resident memory
 after loading the runner, before any other engine is loaded (``VmRSS`` in ``/proc/self/status``).
+
+The runner columns run the attention kind a node started here serves with by default
+(``runtime.attention``; ``attention`` in the JSON, ``--attention`` to choose); the other kind runs
+beside them at batch 1 (``runner_plain`` or ``runner_fused``, ``decode_ratio_<kind>_vs_<other>``),
+and ``kernels_per_token`` is counted for both.
 """
 
 from __future__ import annotations
@@ -82,12 +87,24 @@ def run_model(args: argparse.Namespace) -> int:
     max_len = min(cfg.max_position, max(args.context, prefill) + n + 2)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
 
+    # the attention a node started here serves with by default (runtime.attention, serve.speculate)
+    import os
+
+    from meshllm.runtime.attention import FUSED, PLAIN, choose
+    from meshllm.settings import attention_setting
+
+    setting, speculate = attention_setting(os.environ)
+    attn = choose(getattr(args, "attention", None) or setting, speculate)
+    other = PLAIN if attn == FUSED else FUSED
     rss0 = rss_mb()
-    runner = RunnerEngine(model_dir, threads, max_len)
+    runner = RunnerEngine(model_dir, threads, max_len, attention=attn)
     rss_runner = rss_mb()
     engines: list[Any] = [InProcess(runner)]
     if not args.no_spin:  # the same runner with onnxruntime's threads waiting busy between kernels
-        engines.append(InProcess(RunnerEngine(model_dir, threads, max_len, name="runner_spin", spin=True)))
+        engines.append(InProcess(RunnerEngine(model_dir, threads, max_len, name="runner_spin", spin=True,
+                                              attention=attn)))
+    if not getattr(args, "no_other_attention", False):  # the other kind, side by side (batch 1)
+        engines.append(InProcess(RunnerEngine(model_dir, threads, max_len, name=f"runner_{other}", attention=other)))
     notes: dict[str, str] = {}
     foreign: list[tuple[str, dict[str, Any]]] = []
     og_dir: Path | None = None
@@ -149,16 +166,17 @@ def run_model(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if not args.no_kernels:
         log("kernels per decode step (onnxruntime's profiler)")
-        extra["kernels_per_token"] = kernels_per_token(model_dir, threads, args.context)
+        extra["kernels_per_token"] = kernels_per_token(model_dir, threads, args.context, attention=attn)
+        extra[f"kernels_per_token_{other}"] = kernels_per_token(model_dir, threads, args.context, attention=other)
     if args.exact_model:
         log("the fast mode's teacher-forced agreement with the exact mode")
         from meshllm.model.tokenizer import Tokenizer
 
         tok = Tokenizer.from_manifest(manifest)
         prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in AGREEMENT_PROMPTS]
-        rx, seqs = exact_continuations(Path(args.exact_model), prompts, AGREEMENT_TOKENS, threads)
+        rx, seqs = exact_continuations(Path(args.exact_model), prompts, AGREEMENT_TOKENS, threads, attention=attn)
         exact_picks = runner_picks(rx, prompts, seqs)
-        rf = StageRunner(manifest, 0, cfg.num_blocks, threads=threads, max_seqs=1)
+        rf = StageRunner(manifest, 0, cfg.num_blocks, threads=threads, max_seqs=1, one_pass=attn == PLAIN)
         same, total = agreement(exact_picks, runner_picks(rf, prompts, seqs))
         del rx, rf
         extra["fast_agreement"] = same / total
@@ -171,7 +189,8 @@ def run_model(args: argparse.Namespace) -> int:
             except Exception as e:  # onnxruntime raises its own types; the figure is optional
                 notes["ortgenai_agreement"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if not args.no_kernels:
-            extra["kernels_per_token_exact"] = kernels_per_token(Path(args.exact_model), threads, args.context)
+            extra["kernels_per_token_exact"] = kernels_per_token(Path(args.exact_model), threads, args.context,
+                                                                 attention=attn)
 
     bandwidth = max((1 << 28) / stat(v) for v in tbw.values())
     bpt = bytes_per_token(manifest, args.context + n // 2)
@@ -187,7 +206,7 @@ def run_model(args: argparse.Namespace) -> int:
     r = figures["runner"]
     stored = sum(b.cost.param_bytes for b in manifest.blocks)
     result: dict[str, Any] = {
-        "model": str(model_dir), "name": manifest.name, "dtype": cfg.weight_dtype,
+        "model": str(model_dir), "name": manifest.name, "dtype": cfg.weight_dtype, "attention": attn,
         "int4_mode": (manifest.provenance or {}).get("int4_mode"), "threads": threads,
         "context": args.context, "prefill_tokens": prefill, "timed_steps": n, "block_steps": block,
         "statistic": f"10th-percentile step time; engines take turns in blocks of {block} steps "
@@ -225,6 +244,10 @@ def run_model(args: argparse.Namespace) -> int:
         for base in ("llamacpp", "ortgenai"):
             if base in figures:
                 result[f"spin_ratio_vs_{base}"] = sp["decode_tok_s_b1"] / figures[base]["decode_tok_s_b1"]
+    if f"runner_{other}" in figures:  # the other attention kind, same run, batch 1
+        ot = figures[f"runner_{other}"]
+        result[f"runner_{other}"] = ot
+        result[f"decode_ratio_{attn}_vs_{other}"] = r["decode_tok_s_b1"] / ot["decode_tok_s_b1"]
     if "transformers" in figures:
         result["ratio_vs_transformers"] = r["decode_tok_s_b1"] / figures["transformers"]["decode_tok_s_b1"]
     if args.json:

@@ -72,6 +72,12 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="with --model: skip the runner_spin column (onnxruntime threads waiting busy)")
     p.add_argument("--exact-model", default=None,
                    help="with --model (a fast int4 import): the exact import of the same file, for fast_agreement")
+    p.add_argument("--attention", choices=("auto", "fused", "plain"), default=None,
+                   help="with --model: the attention kind of the runner columns (default: the kind a `meshllm node` "
+                        "started here would serve with, $MESHLLM_RUNTIME_ATTENTION or auto); the other kind is "
+                        "measured beside it at batch 1 (runner_plain or runner_fused) unless --no-other-attention")
+    p.add_argument("--no-other-attention", action="store_true",
+                   help="with --model: skip the column of the other attention kind")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -271,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     mono = best["monolithic"]
     ratios_mono = {k: run_b[k] / mono[k] for k in mono}
     result: dict[str, Any] = {
-        "preset": args.preset, "parameters": param_count(cfg), "threads": threads,
+        "preset": args.preset, "parameters": param_count(cfg), "threads": threads, "attention": "fused",
         "context": args.context, "timed_steps": n, "reps": args.reps,
         "statistic": f"10th-percentile step time (the least disturbed by other processes); engines "
                      f"take turns in blocks of {args.steps} steps (shuffled order, {args.reps} rounds); "

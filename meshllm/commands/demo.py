@@ -91,7 +91,7 @@ def _generate(model: str | None, prompt: str, chat: bool, args: argparse.Namespa
     from meshllm.cli import main as cli_main
 
     argv = ["generate", "--temperature", str(temperature), "--seed", str(args.seed), "--top-p", "1.0",
-            "--max-tokens", str(args.max_tokens), "--json", prompt]
+            "--max-tokens", str(args.max_tokens), "--attention", args.attention_kind, "--json", prompt]
     if chat:
         argv.insert(1, "--chat")
     if model:
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     from meshllm.commands.up import LocalMesh, get_json, plan_lines
     from meshllm.model.manifest import load_manifest
     from meshllm.model.paths import BUNDLED_MODEL, resolve_model_dir
+    from meshllm.runtime.attention import choose
+    from meshllm.settings import attention_setting
 
     if args.nodes < 1:
         raise UserError("--nodes must be at least 1")
@@ -118,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
     chat = args.chat if args.chat is not None else (bool(manifest.chat_template) and not bundled)
     prompt = args.prompt or (DEMO_QUESTION if chat else DEMO_PROMPT)
     temperature = args.temperature if args.temperature is not None else (0.7 if bundled else 0.0)
-    print(f"== {manifest.name}: one process (meshllm generate, temperature {temperature}, seed {args.seed}) ==")
+    # the attention kind of the mesh below (its nodes read this environment), pinned on both sides
+    args.attention_kind = choose(*attention_setting(os.environ))
+    print(f"== {manifest.name}: one process (meshllm generate, temperature {temperature}, seed {args.seed}, "
+          f"{args.attention_kind} attention) ==")
     print(f"> {prompt}", flush=True)
     single = _generate(str(model_dir), prompt, chat, args, temperature)
     print(single["text"], flush=True)
@@ -132,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
           f"{wl['input_len']} tokens and answers of {wl['output_len']}", flush=True)
     conf = tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="meshllm-demo-", delete=False)  # noqa: SIM115
     with conf:
-        conf.write("[workload]\n" + "".join(f"{k} = {v}\n" for k, v in wl.items()))
+        conf.write(f'[runtime]\nattention = "{args.attention_kind}"\n'
+                   "[workload]\n" + "".join(f"{k} = {v}\n" for k, v in wl.items()))
     try:
         with LocalMesh(args.nodes, model=str(model_dir), budgets=",".join(str(b) for b in budgets),
                        extra=["--config", conf.name]) as mesh:

@@ -1,7 +1,8 @@
 """``meshllm generate``: complete a prompt with one model on this machine, streaming the text.
 
     meshllm generate [--model DIR] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]
-                     [--seed S] [--stop STR ...] [--threads N] [--no-spin] [--json] [--chat] PROMPT
+                     [--seed S] [--stop STR ...] [--threads N] [--no-spin] [--attention KIND] [--json]
+                     [--chat] PROMPT
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-spin", action="store_true",
                    help="let onnxruntime's threads sleep between kernels (default: they wait busy, the faster "
                         "step for one process on its machine)")
+    p.add_argument("--attention", choices=("auto", "fused", "plain"), default=None,
+                   help="attention kind (docs/configuration.md, runtime.attention); default: the kind a `meshllm "
+                        "node` started here would choose ($MESHLLM_RUNTIME_ATTENTION or the config file; auto: "
+                        "plain where serve.speculate is on, else fused), so the tokens are a mesh's of that kind")
     p.add_argument("--chat", action="store_true",
                    help="wrap PROMPT as a user message in the model's chat template")
     p.add_argument("--json", action="store_true",
@@ -60,9 +65,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = manifest.config
     check_context(len(prompt_ids), params.max_tokens, cfg.max_position)
 
-    from meshllm.runtime.runner import StageRunner
+    import os
 
-    runner = StageRunner(manifest, 0, cfg.num_blocks, threads=args.threads, max_seqs=1, spin=not args.no_spin)
+    from meshllm.runtime.attention import PLAIN, choose
+    from meshllm.runtime.runner import StageRunner
+    from meshllm.settings import attention_setting
+
+    setting, speculate = attention_setting(os.environ)
+    kind = choose(args.attention or setting, speculate)
+    runner = StageRunner(manifest, 0, cfg.num_blocks, threads=args.threads, max_seqs=1, spin=not args.no_spin,
+                         one_pass=kind == PLAIN)
     events = generate_stream(runner, prompt_ids, params, tokenizer=tokenizer)
     tokens: list[int] = []
     parts: list[str] = []
@@ -78,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             out.flush()
     if args.json:
         print(json.dumps({"prompt_token_ids": prompt_ids, "token_ids": tokens, "text": "".join(parts),
-                          "finish_reason": finish}, ensure_ascii=False))
+                          "finish_reason": finish, "attention": kind}, ensure_ascii=False))
     else:
         out.write("\n")
         out.flush()

@@ -82,9 +82,12 @@ def premeasure_states(model: str | None, states: list[Path], slowdowns: list[flo
     its state directory's cache."""
     from meshllm.model.manifest import load_manifest
     from meshllm.model.paths import resolve_model_dir
+    from meshllm.runtime.attention import choose
     from meshllm.runtime.profile import available_memory_bytes, load_or_measure
+    from meshllm.settings import attention_setting
 
     manifest = load_manifest(resolve_model_dir(model), verify=False)
+    attention = choose(*attention_setting(os.environ))  # what the nodes (this environment) profile with
     done: dict[float, tuple[Path, Path]] = {}
     for state, slowdown in zip(states, slowdowns, strict=True):
         if slowdown in done:
@@ -95,7 +98,8 @@ def premeasure_states(model: str | None, states: list[Path], slowdowns: list[flo
             continue
         # the memory decides which runs of blocks are timed as stages (the whole model where it
         # fits, as a node measures itself); the budget itself is not part of the cached profile
-        load_or_measure(manifest, state, threads=threads, slowdown=slowdown, memory_bytes=available_memory_bytes())
+        load_or_measure(manifest, state, threads=threads, slowdown=slowdown, memory_bytes=available_memory_bytes(),
+                        attention=attention)
         done[slowdown] = (state, next((state / "profiles").glob("*.json")))
 
 

@@ -18,6 +18,11 @@ Plan epochs (the table, leader side):
               PlanActivate{epoch} to all;  a nack or plan_ack_timeout --> PlanAbort, re-plan later
 Node side: PlanPropose --validate--> LoadPlan --PlanLoaded--> PlanAck; PlanActivate --> ActivatePlan
 (new requests use it), DrainEpoch(previous) --EpochIdle or drain_timeout--> UnloadEpoch(previous).
+
+The attention kind (``attention`` in every plan the leader proposes; ``runtime/attention.py``) is
+chosen once for a mesh: a leader proposes the kind of the newest plan it knows of (its own plans,
+or the one its peers' heartbeats name), and its own ``attention`` only where the mesh has none yet,
+so a re-plan or a new leader never changes the numbers a resumed request is computed with.
 """
 
 from __future__ import annotations
@@ -137,8 +142,14 @@ class ControlNode:
                  validate_plan: PlanValidator | None = None,
                  plan_nodes: Callable[[dict[str, Any]], Iterable[NodeId]] = default_plan_nodes,
                  planned_lengths: Callable[[dict[str, Any]], tuple[float, float] | None] = default_planned_lengths,
-                 merge: Merge = default_merge, codec: Codec | None = None) -> None:
+                 merge: Merge = default_merge, codec: Codec | None = None, attention: str | None = None,
+                 attention_kinds: Iterable[str] = ()) -> None:
         self.id = node_id
+        # the attention kind this node proposes for a mesh that has none yet (None: plans without
+        # one), and the kinds it takes from plans and heartbeats (empty: any)
+        self.attention = attention
+        self.attention_kinds = frozenset(attention_kinds)
+        self.mesh_attention: tuple[int, str] | None = None  # (epoch, kind) of the newest plan known
         self.config = config or ControlConfig()
         self.rng = rng
         self.name = name
@@ -200,6 +211,18 @@ class ControlNode:
         entry = self.plans.get(self.active_epoch)
         return entry[1] if entry else None
 
+    @property
+    def attention_kind(self) -> str | None:
+        """The attention kind the next plan this node proposes names: the mesh's (the newest plan
+        known), else this node's own."""
+        return self.mesh_attention[1] if self.mesh_attention is not None else self.attention
+
+    def _learn_attention(self, epoch: int, kind: Any) -> None:
+        if not isinstance(kind, str) or not kind or (self.attention_kinds and kind not in self.attention_kinds):
+            return
+        if self.mesh_attention is None or epoch >= self.mesh_attention[0]:
+            self.mesh_attention = (epoch, kind)
+
     def accepts_epoch(self, epoch: int) -> bool:
         """Whether a data-plane message of ``epoch`` may be served here (active or still draining)."""
         return epoch != 0 and (epoch == self.active_epoch or epoch in self.draining)
@@ -242,8 +265,10 @@ class ControlNode:
             step = self.config.heartbeat_interval
             # keep the cadence, but after a stall (a late tick) restart it rather than burst
             self.next_heartbeat = self.next_heartbeat + step if now < self.next_heartbeat + step else now + step
+            kind = (self.active_plan or {}).get("attention")
             out.append(Broadcast(Heartbeat(self.id, self.term, self.leader, self.membership.priority,
-                                           self.seq, self.active_epoch, self.name)))
+                                           self.seq, self.active_epoch, self.name,
+                                           kind if isinstance(kind, str) else "")))
         for epoch, deadline in sorted(self.draining.items()):
             if now >= deadline:
                 out.append(Log("warning", f"epoch {epoch} still busy after drain_timeout; unloading"))
@@ -282,6 +307,8 @@ class ControlNode:
 
     def _on_heartbeat(self, src: NodeId, msg: Heartbeat) -> list[Output]:
         self.max_epoch_seen = max(self.max_epoch_seen, msg.epoch)
+        if msg.epoch:
+            self._learn_attention(msg.epoch, msg.attention)
         out = self._after_election(self.election.on_heartbeat(msg))
         # Catch up on a lost PlanActivate: the leader runs an epoch we hold.
         if (src == self.leader and msg.term == self.term and msg.epoch > self.active_epoch
@@ -413,6 +440,8 @@ class ControlNode:
         epoch = max(self.max_epoch_seen, self.active_epoch, *self.plans.keys(),
                     *(m.epoch for m in self.membership.members.values())) + 1
         plan = {**ev.plan, "epoch": epoch}  # the planner's Plan.from_dict reads the epoch from the dict
+        if self.attention_kind is not None:  # the mesh's kind, kept across re-plans and leaders
+            plan["attention"] = self.attention_kind
         participants = frozenset(self.plan_nodes(plan))
         gone = sorted(n for n in participants if self.membership.state(n) is not Liveness.ALIVE)
         if gone:  # the mesh changed while planning: their acks would never come
@@ -513,6 +542,7 @@ class ControlNode:
             if old <= epoch:  # superseded before activation (or the same epoch from a newer leader)
                 out += self._drop_pending(old)
         self.plans[epoch] = (ballot, plan)
+        self._learn_attention(epoch, plan.get("attention"))
         self.loading.add(epoch)
         return [*out, LoadPlan(epoch, plan)]
 

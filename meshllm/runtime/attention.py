@@ -1,6 +1,19 @@
-"""Attention as a runner that verifies drafts runs it (``StageRunner(one_pass=True)``, a node with
-``serve.speculate``): every ``GroupQueryAttention`` node of a block graph rewritten as plain operators whose arithmetic for one query position does not depend on how many positions
-(or rows) the pass carries.
+"""The two kinds of attention a runner can run, and the plain-operator one's graph rewrite.
+
+Kinds (``KINDS``; a mesh runs one kind on every node, chosen once: ``docs/runtime.md``):
+
+* ``fused`` (``StageRunner(one_pass=False)``): the block files' onnxruntime ``GroupQueryAttention``
+  node, one kernel per layer: the fastest one-position step. A pass of several positions per row
+  (a token and its drafts) runs as that many one-position steps (exact, no cheaper than steps).
+* ``plain`` (``StageRunner(one_pass=True)``): every ``GroupQueryAttention`` node rewritten as plain
+  operators (``rewrite``) whose arithmetic for one query position does not depend on how many
+  positions (or rows) the pass carries: drafts verify in one pass, bit for bit as steps would.
+
+The two do not compute the same numbers (below), so a fused step is not a plain step bit for bit
+and a mesh of mixed kinds would match no single process. ``choose`` turns the node setting
+``runtime.attention`` (``SETTINGS``: ``auto``, ``fused``, ``plain``) into a kind: ``auto`` is
+plain where the mesh speculates by default (``serve.speculate``), fused elsewhere. The leader
+stamps the kind into every plan (``of_plan`` reads it), keeping the mesh's kind across re-plans.
 
 Why: onnxruntime's CPU GroupQueryAttention multiplies the attention weights by V with one GEMM
 per head whose M is the number of new positions, and MLAS runs M = 1 (a decode step) through
@@ -40,10 +53,9 @@ costs nothing there; the products are row-invariant for float matrices and int4 
 ``StageRunner.one_pass_exact``); attention gathers them into rows (B, S) and back.
 
 Cost: about 22 small kernels per layer where GQA was one, and a copy of the first T cached
-positions (Slice); on SmolLM2-135M int4 (30 layers) a decode step measured 1-26 % slower than
-GQA's (docs/runtime.md), so a runner that does not verify drafts keeps the GQA node, and runs a
-pass of several positions as one-position steps (GQA's one-position step is not this graph's bit
-for bit: its P.V has M = 1).
+positions (Slice); on SmolLM2-135M int4 (30 layers) a decode step measured 4-26 % slower than
+GQA's (docs/runtime.md): why a mesh that does not speculate runs ``fused`` (GQA's one-position
+step is not this graph's bit for bit: its P.V has M = 1).
 
 Graph inputs (replacing ``seqlens_k``/``total_sequence_length``; ``inputs`` computes them):
 ``attn_gather`` (B, S) int64 (the entry of each row's position among the N), ``attn_scatter``
@@ -54,17 +66,42 @@ Graph inputs (replacing ``seqlens_k``/``total_sequence_length``; ``inputs`` comp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from meshllm.errors import ModelError
+from meshllm.errors import ConfigError, ModelError, PlanError
 
 INPUTS = ("attn_gather", "attn_scatter", "attn_positions", "attn_kv_index", "attn_key_pos")
 _REPLACED = ("seqlens_k", "total_sequence_length")
 MS_DOMAIN = "com.microsoft"
+
+FUSED, PLAIN = "fused", "plain"
+KINDS = (FUSED, PLAIN)
+AUTO = "auto"
+SETTINGS = (AUTO, *KINDS)  # the choices of the node setting runtime.attention
+
+
+def choose(setting: str, speculate: bool) -> str:
+    """The kind a node setting asks for: ``auto`` is plain where requests speculate by default
+    (drafts then verify in one pass), fused elsewhere (the faster step)."""
+    if setting == AUTO:
+        return PLAIN if speculate else FUSED
+    if setting not in KINDS:
+        raise ConfigError(f"attention must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    return setting
+
+
+def of_plan(doc: Mapping[str, Any]) -> str:
+    """The attention kind a plan document names (``attention``; a plan without one comes from a
+    node that ran plain attention whatever it was set to). Raises ``PlanError`` on an unknown one."""
+    kind = doc.get("attention", PLAIN)
+    if kind not in KINDS:
+        raise PlanError(f"plan names attention {kind!r}; known kinds are {', '.join(KINDS)}")
+    return str(kind)
 
 
 def inputs(positions: np.ndarray, num_heads: int, num_kv_heads: int, key_pos: np.ndarray,

@@ -35,9 +35,11 @@ back to back are cold already (the whole model at slowdown 3: 69–84 ms, paused
 short stage still pays after a pause (one layer: 2.0–2.5 → 5.3–5.9 ms): its fraction is negative.
 
 From those it derives the effective TFLOPS and memory bandwidth the planner's spec fields need
-(the measured per-block times are what the cost model uses). Results are cached on disk keyed by
-(model id, machine, threads, slowdown), because measuring costs seconds that a restart should not
-pay again. The memory budget is applied on top and is not part of the key.
+(the measured per-block times are what the cost model uses). The runners run the attention kind
+the node chooses for itself (``runtime.attention``; a mesh whose plan names the other kind is
+planned with these figures all the same). Results are cached on disk keyed by (model id,
+machine, threads, slowdown, attention kind), because measuring costs seconds that a restart
+should not pay again. The memory budget is applied on top and is not part of the key.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import numpy as np
 import onnxruntime as ort
 
 from meshllm.model.manifest import Manifest
+from meshllm.runtime.attention import FUSED, PLAIN
 from meshllm.runtime.runner import StageRunner, weight_bytes_resident
 
 log = logging.getLogger("meshllm.runtime.profile")
@@ -163,14 +166,15 @@ def available_memory_bytes() -> int:
         return 4 << 30
 
 
-def cache_path(state_dir: Path, model_id: str, threads: int, slowdown: float) -> Path:
-    key = hashlib.sha256(f"{model_id}|{machine_fingerprint()}|{threads}|{slowdown:.6g}|v{PROFILE_VERSION}".encode())
+def cache_path(state_dir: Path, model_id: str, threads: int, slowdown: float, attention: str = FUSED) -> Path:
+    key = hashlib.sha256(f"{model_id}|{machine_fingerprint()}|{threads}|{slowdown:.6g}|{attention}|"
+                         f"v{PROFILE_VERSION}".encode())
     return state_dir / "profiles" / f"{model_id[:16]}-{key.hexdigest()[:16]}.json"
 
 
 def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_bytes: int,
             prompt_tokens: int = 32, decode_steps: int = 8, repeats: int = 2,
-            progress: Callable[[int, int, str], None] | None = None) -> NodeProfile:
+            progress: Callable[[int, int, str], None] | None = None, attention: str = FUSED) -> NodeProfile:
     """Measure every block of ``manifest`` on this machine (blocking; run it in an executor)."""
     cfg = manifest.config
     n = cfg.num_blocks
@@ -182,7 +186,8 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
     for b in range(n):
         if progress is not None:
             progress(b, n, cfg.block_name(b))
-        runner = StageRunner(manifest, b, b + 1, threads=threads, max_seqs=2, slowdown=slowdown)
+        runner = StageRunner(manifest, b, b + 1, threads=threads, max_seqs=2, slowdown=slowdown,
+                             one_pass=attention == PLAIN)
         best, step = _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
                                   repeats=repeats, between_steps=evict)
         prefill.append(best / prompt_tokens)
@@ -195,7 +200,7 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
     slope = [0.0] * n
     runs = _stage_runs(manifest, memory_bytes)
     for first, end in runs:
-        pre, dec, dec_long = _time_stage(manifest, first, end, threads=threads, slowdown=slowdown,
+        pre, dec, dec_long = _time_stage(manifest, first, end, threads=threads, slowdown=slowdown, attention=attention,
                                          prompt_tokens=prompt_tokens, decode_steps=decode_steps, repeats=repeats,
                                          rng=rng, long_prompt=long_prompt if long_ctx > short_ctx + 16 else 0)
         _share_out(prefill, first, end, pre / prompt_tokens)
@@ -205,7 +210,7 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
             per_ctx = (dec_long - dec) / (long_ctx - short_ctx)
             for b, k in zip(range(first, end), kv, strict=True):
                 slope[b] = per_ctx * k / sum(kv) if sum(kv) else 0.0
-    idle_s, idle_frac = _time_idle(manifest, runs[0], threads=threads, slowdown=slowdown,
+    idle_s, idle_frac = _time_idle(manifest, runs[0], threads=threads, slowdown=slowdown, attention=attention,
                                    prompt_tokens=prompt_tokens, decode_steps=decode_steps, rng=rng)
     if progress is not None:
         progress(n, n, "done")
@@ -270,11 +275,12 @@ def _time_runner(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens
 
 def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowdown: float,
                 prompt_tokens: int, decode_steps: int, repeats: int, rng: np.random.Generator,
-                long_prompt: int = 0) -> tuple[float, float, float]:
+                long_prompt: int = 0, attention: str = FUSED) -> tuple[float, float, float]:
     """Blocks [first, end) as one stage runs them (``_time_runner``): (prefill, decode step, decode
     step after a ``long_prompt``-token prompt, once; 0 without one). No eviction between steps:
     the run's own weights are what passes through the caches, as in a stage."""
-    runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown)
+    runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown,
+                         one_pass=attention == PLAIN)
     try:
         pre, dec = _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
                                 repeats=repeats, warm_step=True)
@@ -288,7 +294,7 @@ def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowd
 
 
 def _time_idle(manifest: Manifest, run: tuple[int, int], *, threads: int, slowdown: float, prompt_tokens: int,
-               decode_steps: int, rng: np.random.Generator) -> tuple[float, float]:
+               decode_steps: int, rng: np.random.Generator, attention: str = FUSED) -> tuple[float, float]:
     """(idle_step_s, idle_step_frac): what a step costs more after an ``IDLE_GAP_S`` pause than
     back to back, fitted as a line in the step (``idle_fit``) over two stages, ``run`` (the first
     run of blocks) and one layer alone (``[1, 2)``). Steps back to back and steps after a pause
@@ -297,7 +303,8 @@ def _time_idle(manifest: Manifest, run: tuple[int, int], *, threads: int, slowdo
     points: list[tuple[float, float]] = []  # (step back to back, extra after a pause)
     stages = [run] + ([(1, 2)] if run != (1, 2) and manifest.config.num_blocks > 2 else [])
     for first, end in stages:
-        runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown)
+        runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown,
+                             one_pass=attention == PLAIN)
         try:
             warm, cold = _time_pauses(runner, rng, prompt_tokens=prompt_tokens, steps=2 * decode_steps)
         finally:
@@ -371,10 +378,10 @@ def _share_out(per_block: list[float], first: int, end: int, total: float) -> No
 
 def load_or_measure(manifest: Manifest, state_dir: Path, *, threads: int, slowdown: float,
                     memory_bytes: int, progress: Callable[[int, int, str], None] | None = None,
-                    **kw: Any) -> tuple[NodeProfile, bool]:
-    """The cached profile when there is one for this (model, machine, threads, slowdown), else a
-    fresh measurement (written to the cache). Returns (profile, from_cache)."""
-    path = cache_path(state_dir, manifest.model_id, threads, slowdown)
+                    attention: str = FUSED, **kw: Any) -> tuple[NodeProfile, bool]:
+    """The cached profile when there is one for this (model, machine, threads, slowdown, attention
+    kind), else a fresh measurement (written to the cache). Returns (profile, from_cache)."""
+    path = cache_path(state_dir, manifest.model_id, threads, slowdown, attention)
     if path.is_file():
         try:
             prof = NodeProfile.from_dict(json.loads(path.read_text()))
@@ -383,7 +390,7 @@ def load_or_measure(manifest: Manifest, state_dir: Path, *, threads: int, slowdo
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable profile cache %s: %s", path, e)
     prof = measure(manifest, threads=threads, slowdown=slowdown, memory_bytes=memory_bytes,
-                   progress=progress, **kw)
+                   progress=progress, attention=attention, **kw)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(prof.to_dict(), indent=1))

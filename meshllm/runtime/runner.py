@@ -7,7 +7,8 @@ only); ``fuse=False`` runs a session per block. The runtime benchmark measures b
 removes a session run per block.
 
 The decoder layers' KV cache lives in preallocated slots (``kv.KVCache``); attention (the block
-files' GroupQueryAttention, or with ``one_pass`` the plain operators of ``attention``) writes only the new
+files' GroupQueryAttention, "fused", the default; or with ``one_pass`` the plain operators of
+``attention``, "plain": ``attention_kind``) writes only the new
 positions into the slot buffer, in place, through IOBinding (``present_*`` bound to the
 ``past_*`` memory), and reads the first positions of the context from it, so a decode step costs
 the weights plus the attention over the context, never a copy of the whole slot. A decode step's bindings are made once per slot
@@ -27,7 +28,7 @@ Interface (the one the rest of meshllm codes against):
   bad rows (unknown, incomplete, full) instead of raising: (outputs, ok row indices, errors);
   with ``counts=`` each row carries several positions (a token and its drafts) in the same pass.
   A pass computes every position bit for bit as a one-position step at that position does,
-  whatever else it carries: in one pass with ``one_pass=True`` (``attention``; a node that
+  whatever else it carries: in one pass with ``one_pass=True`` (``attention``; a mesh that
   speculates), else as that many one-position steps; ``one_pass_exact`` says which (false
   without ``one_pass`` and for int4 "exact" blocks, whose matrix kernel is not row-invariant).
 * ``kv_export(seq_id, block, start=0, end=None)`` -> (k, v), each (end - start, kv_heads,
@@ -209,7 +210,7 @@ class StageRunner:
     def __init__(self, manifest: Manifest, first: int, end: int, *, threads: int | None = None,
                  kv_budget_bytes: int | None = None, max_seqs: int = 64, slowdown: float = 1.0,
                  fuse: bool = FUSE_DEFAULT, slot_len: int | None = None, prefill_chunk: int = 512,
-                 profile_prefix: str | None = None, spin: bool = False, one_pass: bool = True) -> None:
+                 profile_prefix: str | None = None, spin: bool = False, one_pass: bool = False) -> None:
         cfg = manifest.config
         if not 0 <= first < end <= cfg.num_blocks:
             raise ModelError(f"block range [{first}, {end}) is not inside [0, {cfg.num_blocks})")
@@ -237,11 +238,13 @@ class StageRunner:
         self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
         self._profile_prefix = profile_prefix
         self._spin = spin
-        # attention as plain operators (``attention``): a pass of several positions per row costs
-        # one pass and equals one-position steps bit for bit; without, the block files'
-        # GroupQueryAttention kernel, faster for one-position steps (docs/runtime.md), which runs a
-        # pass of several positions as that many one-position steps
+        # the attention kind (``attention.KINDS``): ``one_pass``, attention as plain operators
+        # ("plain"): a pass of several positions per row costs one pass and equals one-position
+        # steps bit for bit; without (the default, "fused"), the block files' GroupQueryAttention
+        # kernel, faster for one-position steps (docs/runtime.md), which runs a pass of several
+        # positions as that many one-position steps. A mesh runs one kind on every node.
         self.one_pass = one_pass
+        self.attention_kind = attention.PLAIN if one_pass else attention.FUSED
         self.units = self._load_units(fuse)
         _trim_heap()
         self.weight_bytes_resident = weight_bytes_resident(manifest, first, end)

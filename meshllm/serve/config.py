@@ -61,9 +61,10 @@ class ServeConfig:
     # may yield several tokens with the tokens unchanged. The node's default; a request's
     # `speculate` overrides it. Off by default: exact verification costs a full one-token step per
     # draft on a CPU, and measured side by side (`bench mesh`, SmolLM2, 2 nodes) it took 8
-    # concurrent streams from 158 to 106-112 tok/s, while it pays only on slow hops. Every node
-    # runs attention as plain operators either way, so drafts verify in one pass and turning it
-    # on or off never changes a token (docs/runtime.md: why not GroupQueryAttention when off).
+    # concurrent streams from 158 to 106-112 tok/s, while it pays only on slow hops. Turning it on
+    # or off never changes a token. With runtime.attention auto it also picks the mesh's attention
+    # (plain, whose drafts verify in one pass, where it is on; fused GQA, the faster step, where it
+    # is off): the leader's setting when the mesh's first plan is made (docs/runtime.md).
     speculate: bool = False
     spec_max_draft: int = 4
     # draft only as much as pays at the step costs measured on the ring (StepCost); off: always the

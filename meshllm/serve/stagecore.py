@@ -1489,7 +1489,8 @@ def _decode_positions(op: DecodeOp, stats: dict[str, Any]) -> tuple[np.ndarray, 
     one-position step would (``runtime/attention``), so the tokens cannot differ from decoding
     without drafts. Where its runner does not (``runner.one_pass_exact`` false: int4 "exact",
     whose matrix kernel rounds a one-row product differently from a several-row one; a runner
-    built on GroupQueryAttention, ``one_pass=False``), position j of every row that has one runs
+    of fused attention, GroupQueryAttention: a mesh that does not speculate by default, whose
+    requests may still ask for it), position j of every row that has one runs
     as a batched one-position step instead, j = 0, 1, ...: each stage keeps its own promise, so a ring whose stages differ keeps
     its tokens too (it gains only where every stage verifies in one pass).
     Returns (the rows' outputs, their positions in order; the indices of the rows that ran;

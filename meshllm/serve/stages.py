@@ -7,8 +7,10 @@ inference thread that owns every call into a runner, and the requests in flight 
   serving layer runs a short decode step where its frame landed, saving two thread switches per
   hop, and never while an iteration of its own is on the inference thread. Planning, GA islands
   and profiling run on another executor, so a decode step never waits behind them.
-- **Epochs.** ``load(epoch, ranges)`` builds the runners of an epoch, or reuses those of a loaded
-  epoch with the same ranges (re-plans often keep them). ``unload(epoch)`` first tells the
+- **Epochs.** ``load(epoch, ranges, attention=kind)`` builds the runners of an epoch with the
+  attention kind its plan names (``runtime.attention``: the same on every node of a mesh, whatever
+  each node's own setting), or reuses those of a loaded epoch with the same ranges and kind
+  (re-plans often keep them). ``unload(epoch)`` first tells the
   ``on_unload`` hooks (the serving layer fails what remains of that epoch), then drops the epoch;
   runners another epoch shares stay.
 - **Draining.** The serving layer marks a request in flight on this node with ``begin(epoch, req)``
@@ -32,6 +34,7 @@ from typing import Any, TypeVar
 from meshllm.errors import MeshError
 from meshllm.model.manifest import Manifest
 from meshllm.obs.progress import bar
+from meshllm.runtime.attention import FUSED, KINDS, PLAIN
 from meshllm.runtime.runner import StageRunner
 
 log = logging.getLogger("meshllm.serve.stages")
@@ -67,18 +70,15 @@ class StageHost:
     owns every call into a StageRunner, and the in-flight requests per epoch that drive draining."""
 
     def __init__(self, manifest: Manifest, *, threads: int, slowdown: float, budget_bytes: int,
-                 spin: bool = False, one_pass: bool = True) -> None:
+                 spin: bool = False) -> None:
         self.manifest = manifest
         self.threads = threads
         self.spin = spin
-        # runners with attention as plain operators (StageRunner's default), so a step carrying
-        # drafts is one pass; ``one_pass=False`` runs the block files' GroupQueryAttention, faster
-        # without drafts but not the same numbers (a mesh must run one kind on every node)
-        self.one_pass = one_pass
         self.slowdown = slowdown
         self.budget_bytes = budget_bytes
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshllm-infer")
         self._ranges: dict[int, list[Range]] = {}
+        self._kinds: dict[int, str] = {}  # epoch -> the attention kind of its runners
         self._runners: dict[int, list[StageRunner]] = {}
         self._by_first: dict[int, dict[int, StageRunner]] = {}
         self._inflight: dict[int, set[str]] = {}
@@ -89,32 +89,37 @@ class StageHost:
         self._closed = False
 
     # --- epochs ---------------------------------------------------------------------------------
-    async def load(self, epoch: int, ranges: list[tuple[int, int]]) -> None:
-        """Hold ``ranges`` for ``epoch``. Builds the runners on the inference thread, or reuses those
-        of a loaded epoch with the same ranges. Raises ``MeshError`` when they cannot be built. An
-        ``unload(epoch)`` while this is in progress wins: the runners are dropped when built."""
+    async def load(self, epoch: int, ranges: list[tuple[int, int]], *, attention: str = FUSED) -> None:
+        """Hold ``ranges`` for ``epoch`` with attention of kind ``attention`` (the plan's, see
+        ``runtime.attention``). Builds the runners on the inference thread, or reuses those of a
+        loaded epoch with the same ranges and kind. Raises ``MeshError`` when they cannot be built.
+        An ``unload(epoch)`` while this is in progress wins: the runners are dropped when built."""
         if self._closed:
             raise StageHostClosed("the stage host is closed")
+        if attention not in KINDS:
+            raise MeshError(f"unknown attention kind {attention!r} (known: {', '.join(KINDS)})")
         ranges = [(int(a), int(b)) for a, b in ranges]
         gen = self._generation.get(epoch, 0)
         async with self._load_lock:  # one build at a time, so a second load of the same ranges reuses
             if self._generation.get(epoch, 0) != gen or self._closed:
                 return
-            if self._ranges.get(epoch) == ranges:
+            if self._ranges.get(epoch) == ranges and self._kinds.get(epoch) == attention:
                 return
-            reuse = next((e for e, rg in self._ranges.items() if rg == ranges), None)
+            reuse = next((e for e, rg in self._ranges.items() if rg == ranges and self._kinds[e] == attention),
+                         None)
             if reuse is not None:
                 runners = list(self._runners[reuse])
             else:
-                runners = await self._build(ranges)
+                runners = await self._build(ranges, attention)
             if self._generation.get(epoch, 0) != gen or self._closed:
                 log.info("epoch %d was unloaded while it loaded; dropped its blocks", epoch)
                 return
             self._ranges[epoch] = ranges
+            self._kinds[epoch] = attention
             self._runners[epoch] = runners
             self._by_first[epoch] = {r.first: r for r in runners}
 
-    async def _build(self, ranges: list[Range]) -> list[StageRunner]:
+    async def _build(self, ranges: list[Range], kind: str) -> list[StageRunner]:
         costs = self.manifest.costs
         stored = sum(c.param_bytes for a, b in ranges for c in costs[a:b])
         n = max(len(ranges), 1)
@@ -125,7 +130,7 @@ class StageHost:
             with bar(desc=f"load {self.manifest.name}", total=sum(b - a for a, b in ranges), unit="block") as shown:
                 for a, b in ranges:
                     runners.append(StageRunner(self.manifest, a, b, threads=self.threads, spin=self.spin,
-                                               slowdown=self.slowdown, one_pass=self.one_pass,
+                                               slowdown=self.slowdown, one_pass=kind == PLAIN,
                                                kv_budget_bytes=first_guess))
                     shown.update(b - a)
             # Charge the weights as they sit in memory when the runner knows it (onnxruntime may hold
@@ -155,6 +160,7 @@ class StageHost:
                 log.exception("bug in an on_unload hook for epoch %d", epoch)
         had = self._runners.pop(epoch, None) is not None
         self._ranges.pop(epoch, None)
+        self._kinds.pop(epoch, None)
         self._by_first.pop(epoch, None)
         self._inflight.pop(epoch, None)
         self._idle_waiters.pop(epoch, None)
@@ -166,6 +172,10 @@ class StageHost:
 
     def ranges(self, epoch: int) -> list[tuple[int, int]]:
         return list(self._ranges.get(epoch, []))
+
+    def attention(self, epoch: int) -> str | None:
+        """The attention kind of ``epoch``'s runners (None: not loaded here)."""
+        return self._kinds.get(epoch)
 
     def runners(self, epoch: int) -> list[StageRunner]:
         return list(self._runners.get(epoch, []))

@@ -112,6 +112,7 @@ class Heartbeat(Message):
     seq: int
     epoch: int = 0  # the sender's active plan epoch (0: none)
     name: str = ""
+    attention: str = ""  # the attention kind of the sender's active plan ("": none), so a leader keeps it
 
 
 @control("request_vote")
