@@ -175,6 +175,23 @@ def test_step_cost_weighs_a_draft_against_the_whole_batch() -> None:
     assert expected_kept(3, 0.5) == 0.5 + 0.25 + 0.125 and expected_kept(0, 0.9) == 0
 
 
+def test_a_steps_drafts_never_move_its_rows_between_loop_and_thread() -> None:
+    from meshllm.serve.stage import INF, StepTimes
+
+    t = StepTimes(cap=4)
+    assert t.expect(1) == INF  # none measured: the first of a size runs on the thread
+    t.record(1, 5, 0.030)  # one row with 4 drafts: an upper bound while no plain step was seen
+    assert t.expect(1) == 0.030
+    t.record(1, 1, 0.018)
+    t.record(1, 5, 0.032)  # a pass that ran long because of its drafts
+    assert t.expect(1) == 0.018  # the same row's steps stay where its plain step runs
+    t.record(1, 1, 0.026)  # a plain step that ran long moves them
+    assert t.expect(1) == 0.026 and t.expect(2) == INF
+    for rows in range(2, 7):
+        t.record(rows, rows, 0.001)
+    assert t.expect(6) == 0.001 and len(t._plain) <= 4  # the table stays small
+
+
 def test_a_requests_speculate_travels_and_is_checked() -> None:
     from meshllm.errors import SamplingError
 
