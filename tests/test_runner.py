@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 from pathlib import Path
 
@@ -573,6 +574,26 @@ def _rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def test_dropping_rejected_drafts_makes_no_system_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a speculative step's rejected drafts are a few positions, in pages the next step writes
+    # again: truncating them hands nothing back; dropping a page's worth or more still does, only
+    # up to what the sequence held (the pages beyond were never touched)
+    from meshllm.runtime import kv as kvmod
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(kvmod._SlotBuffer, "release", lambda self, a, b: calls.append((a, b)))
+    kv = KVCache([1, 2], kv_heads=2, head_dim=64, slot_len=4096, max_seqs=2, budget_bytes=None)
+    st_ = kv.alloc("a", 4096)
+    st_.length = 100
+    st_.layer_len = dict.fromkeys(st_.layer_len, 100)
+    kv.truncate("a", 96)  # 4 positions: 1 KiB per head, less than a page
+    assert calls == [] and st_.length == 96
+    kv.truncate("a", 40)  # 56 positions: pages go back, in each of 2 layers x k, v x 2 heads
+    row = 4096 * 64 * 4  # bytes of one head's positions
+    held = -(-96 * 64 * 4 // mmap.PAGESIZE) * mmap.PAGESIZE  # the 96 positions held, to a whole page
+    assert len(calls) == 8 and {(a % row, b % row) for a, b in calls} == {(40 * 64 * 4, held)}
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
