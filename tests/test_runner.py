@@ -785,6 +785,29 @@ def test_a_pass_equals_steps_over_a_long_context(tmp_path: Path, tiny_weights, t
         r.truncate("short", 250)
 
 
+def test_passes_of_one_shape_reuse_their_bindings_and_still_equal_steps(tiny_manifest: Manifest) -> None:
+    """A pass's bindings are made once per slot range and shape (rows, positions, longest row) and
+    reused: passes of that shape whose rows carry different counts at other positions still give
+    the one-position steps' logits bit for bit."""
+    m = tiny_manifest
+    r = StageRunner(m, 0, m.config.num_blocks, threads=1, max_seqs=3, one_pass=True)
+    prompt, toks = _ids(m, 7, 3), _ids(m, 8, 4)
+    r.alloc("steps", 20)
+    r.prefill("steps", prompt)
+    steps = [r.decode(["steps"], toks[i:i + 1])[0].copy() for i in range(5)]
+    for s in ("a", "b"):
+        r.alloc(s, 20)
+        r.prefill(s, prompt)
+    # rows a and b feed on from where each is: counts (2, 1), then (1, 2), then (2, 1)
+    for feed, counts, want in ((toks[[0, 1, 0]], [2, 1], [0, 1, 0]), (toks[[2, 1, 2]], [1, 2], [2, 1, 2]),
+                               (toks[[3, 4, 3]], [2, 1], [3, 4, 3])):
+        out, ok, _ = r.decode_rows(["a", "b"], feed, counts=counts)
+        assert ok == [0, 1]
+        np.testing.assert_array_equal(out, np.stack([steps[i] for i in want]))
+    assert [r.seq_len(s) for s in ("a", "b")] == [12, 11]
+    assert sum(len(k) == 4 for k in r._steps) == 1  # one pass shape, bound once
+
+
 def test_int4_exact_does_not_claim_one_pass_exactness(tmp_path: Path, tiny_weights, tiny_config) -> None:
     from meshllm.model.export import export_model
 
