@@ -337,6 +337,30 @@ async def test_rows_with_different_draft_counts_share_one_pass_and_keep_the_refe
     await settled(mesh)
 
 
+async def test_where_no_draft_pays_a_speculating_step_is_the_plain_step(
+        make_mesh, tiny_manifest: Manifest, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the cost-aware length at 0 for every proposal: every stage runs the one-position step a
+    # request without speculation runs (no counts, one position per row), the same tokens
+    from meshllm.runtime.runner import StageRunner
+
+    calls: list[tuple[int, list[int] | None]] = []
+    decode_rows = StageRunner.decode_rows
+
+    def recording(self, seq_ids, x, *, counts=None):  # type: ignore[no-untyped-def]
+        calls.append((len(x), counts))
+        return decode_rows(self, seq_ids, x, counts=counts)
+
+    monkeypatch.setattr(StageRunner, "decode_rows", recording)
+    monkeypatch.setattr(StepCost, "best_k", lambda self, cap, hold, tokens=1.0, drafts=0: 0)
+    mesh = await make_mesh(THREE, ServeConfig(speculate=True, spec_cost_aware=True))
+    entry = mesh.node("a").serving.entry
+    for params in (GREEDY, SEEDED):
+        assert await tokens_of(entry, REPEAT, params) == reference(tiny_manifest, REPEAT, params, one_pass=True)
+    assert calls and all(c is None for _, c in calls), calls[:5]
+    assert spec_stats(mesh)["spec_drafted"] == 0
+    await settled(mesh)
+
+
 async def test_a_stop_string_ends_the_answer_mid_speculation(tiny_manifest: Manifest) -> None:
     from servemesh import DataMesh
 
