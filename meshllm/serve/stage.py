@@ -17,11 +17,12 @@ where one was measured: the first of each size runs on the thread, and a step th
 loop sends the next ones of its size back to the thread. A step that carries drafts (speculation)
 runs where the same rows without drafts run, so the loop waits behind at most a pass of
 ``spec_max_draft`` + 1 positions per row (one node, SmolLM2 int4: a plain step of 17-21 ms, a pass
-with 4 drafts 1.6-1.8 times that). Placing it by its own time sent most drafted steps of one node
-to the thread, and the plain step after each one too; on this shared 2-core machine a one-node step
-on the thread took about 6 ms longer than on the loop (the entry's streaming and the client then
-compete with the computation), more than the drafts saved: echo-heavy prompts went from 1.48x to
-1.22x, free ones from 0.99x to 0.90x.
+with 4 drafts 1.6-1.8 times that). Placed by the last iteration, most drafted steps of one node and
+the plain step after each ran on the thread, where on this shared 2-core machine a one-node step
+took about 6 ms longer than on the loop (the entry's streaming and the client then compete with
+the computation), more than the drafts saved. One node, alternated probes: placed by the last
+iteration, free prompts 0.90x; by the last iteration of as many positions (drafted steps still on
+the thread), echo-heavy 1.22x; as now, echo-heavy 1.51x and free 0.96x.
 """
 
 from __future__ import annotations
