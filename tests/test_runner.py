@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 from pathlib import Path
 
@@ -575,6 +576,26 @@ def _rss() -> int:
     raise AssertionError("no VmRSS")
 
 
+def test_dropping_rejected_drafts_makes_no_system_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a speculative step's rejected drafts are a few positions, in pages the next step writes
+    # again: truncating them hands nothing back; dropping a page's worth or more still does, only
+    # up to what the sequence held (the pages beyond were never touched)
+    from meshllm.runtime import kv as kvmod
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(kvmod._SlotBuffer, "release", lambda self, a, b: calls.append((a, b)))
+    kv = KVCache([1, 2], kv_heads=2, head_dim=64, slot_len=4096, max_seqs=2, budget_bytes=None)
+    st_ = kv.alloc("a", 4096)
+    st_.length = 100
+    st_.layer_len = dict.fromkeys(st_.layer_len, 100)
+    kv.truncate("a", 96)  # 4 positions: 1 KiB per head, less than a page
+    assert calls == [] and st_.length == 96
+    kv.truncate("a", 40)  # 56 positions: pages go back, in each of 2 layers x k, v x 2 heads
+    row = 4096 * 64 * 4  # bytes of one head's positions
+    held = -(-96 * 64 * 4 // mmap.PAGESIZE) * mmap.PAGESIZE  # the 96 positions held, to a whole page
+    assert len(calls) == 8 and {(a % row, b % row) for a, b in calls} == {(40 * 64 * 4, held)}
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_freeing_a_sequence_gives_its_kv_pages_back() -> None:
     kv = KVCache([1, 2, 3, 4], kv_heads=2, head_dim=64, slot_len=4096, max_seqs=3, budget_bytes=None)
@@ -762,6 +783,29 @@ def test_a_pass_equals_steps_over_a_long_context(tmp_path: Path, tiny_weights, t
         np.testing.assert_array_equal(out, np.stack(steps[:n] + steps[:1]))
         r.truncate("pass", 250)
         r.truncate("short", 250)
+
+
+def test_passes_of_one_shape_reuse_their_bindings_and_still_equal_steps(tiny_manifest: Manifest) -> None:
+    """A pass's bindings are made once per slot range and shape (rows, positions, longest row) and
+    reused: passes of that shape whose rows carry different counts at other positions still give
+    the one-position steps' logits bit for bit."""
+    m = tiny_manifest
+    r = StageRunner(m, 0, m.config.num_blocks, threads=1, max_seqs=3, one_pass=True)
+    prompt, toks = _ids(m, 7, 3), _ids(m, 8, 4)
+    r.alloc("steps", 20)
+    r.prefill("steps", prompt)
+    steps = [r.decode(["steps"], toks[i:i + 1])[0].copy() for i in range(5)]
+    for s in ("a", "b"):
+        r.alloc(s, 20)
+        r.prefill(s, prompt)
+    # rows a and b feed on from where each is: counts (2, 1), then (1, 2), then (2, 1)
+    for feed, counts, want in ((toks[[0, 1, 0]], [2, 1], [0, 1, 0]), (toks[[2, 1, 2]], [1, 2], [2, 1, 2]),
+                               (toks[[3, 4, 3]], [2, 1], [3, 4, 3])):
+        out, ok, _ = r.decode_rows(["a", "b"], feed, counts=counts)
+        assert ok == [0, 1]
+        np.testing.assert_array_equal(out, np.stack([steps[i] for i in want]))
+    assert [r.seq_len(s) for s in ("a", "b")] == [12, 11]
+    assert sum(len(k) == 4 for k in r._steps) == 1  # one pass shape, bound once
 
 
 def test_int4_exact_does_not_claim_one_pass_exactness(tmp_path: Path, tiny_weights, tiny_config) -> None:

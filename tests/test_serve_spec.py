@@ -175,6 +175,23 @@ def test_step_cost_weighs_a_draft_against_the_whole_batch() -> None:
     assert expected_kept(3, 0.5) == 0.5 + 0.25 + 0.125 and expected_kept(0, 0.9) == 0
 
 
+def test_a_steps_drafts_never_move_its_rows_between_loop_and_thread() -> None:
+    from meshllm.serve.stage import INF, StepTimes
+
+    t = StepTimes(cap=4)
+    assert t.expect(1) == INF  # none measured: the first of a size runs on the thread
+    t.record(1, 5, 0.030)  # one row with 4 drafts: an upper bound while no plain step was seen
+    assert t.expect(1) == 0.030
+    t.record(1, 1, 0.018)
+    t.record(1, 5, 0.032)  # a pass that ran long because of its drafts
+    assert t.expect(1) == 0.018  # the same row's steps stay where its plain step runs
+    t.record(1, 1, 0.026)  # a plain step that ran long moves them
+    assert t.expect(1) == 0.026 and t.expect(2) == INF
+    for rows in range(2, 7):
+        t.record(rows, rows, 0.001)
+    assert t.expect(6) == 0.001 and len(t._plain) <= 4  # the table stays small
+
+
 def test_a_requests_speculate_travels_and_is_checked() -> None:
     from meshllm.errors import SamplingError
 
@@ -312,6 +329,30 @@ async def test_rows_with_different_draft_counts_share_one_pass_and_keep_the_refe
     assert any(len(set(c)) > 1 for c in passes)  # rows with different draft counts shared a pass
     steps = sum(n.serving.stage.stats["decode_calls"] for n in mesh.nodes.values())
     assert len(passes) == steps  # one runner pass per step and stage, drafts or not
+    await settled(mesh)
+
+
+async def test_where_no_draft_pays_a_speculating_step_is_the_plain_step(
+        make_mesh, tiny_manifest: Manifest, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the cost-aware length at 0 for every proposal: every stage runs the one-position step a
+    # request without speculation runs (no counts, one position per row), the same tokens
+    from meshllm.runtime.runner import StageRunner
+
+    calls: list[tuple[int, list[int] | None]] = []
+    decode_rows = StageRunner.decode_rows
+
+    def recording(self, seq_ids, x, *, counts=None):  # type: ignore[no-untyped-def]
+        calls.append((len(x), counts))
+        return decode_rows(self, seq_ids, x, counts=counts)
+
+    monkeypatch.setattr(StageRunner, "decode_rows", recording)
+    monkeypatch.setattr(StepCost, "best_k", lambda self, cap, hold, tokens=1.0, drafts=0: 0)
+    mesh = await make_mesh(THREE, ServeConfig(speculate=True, spec_cost_aware=True))
+    entry = mesh.node("a").serving.entry
+    for params in (GREEDY, SEEDED):
+        assert await tokens_of(entry, REPEAT, params) == reference(tiny_manifest, REPEAT, params, one_pass=True)
+    assert calls and all(c is None for _, c in calls), calls[:5]
+    assert spec_stats(mesh)["spec_drafted"] == 0
     await settled(mesh)
 
 

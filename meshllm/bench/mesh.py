@@ -20,12 +20,15 @@ all of them (``--strategy ring`` by default: every node a stage). Reported:
 
 ``--speculate`` measures speculative decoding instead (``serve/spec.py``), on ``--model`` (a chat
 model with a tokenizer, e.g. SmolLM2): the prompt sets of ``bench/spec_prompts.py`` ("echo-heavy":
-rewrite or edit what the prompt gives; "free": open questions), each prompt answered with
-speculation off and on, one after the other, on a ``--nodes``-stage mesh whose stages hold every
+rewrite or edit what the prompt gives; "free": open questions), each set ``--rounds`` times, every
+prompt answered with speculation off and on one after the other, the order alternating from prompt
+to prompt and round to round (``spec_orders``), on a ``--nodes``-stage mesh whose stages hold every
 frame they send ``--hop-delay-ms`` (``serve.hop_delay_ms``: netem is not available on loopback) and
-on one node. Keys: ``echo_mesh_speedup``, ``echo_one_node_speedup``, ``free_speedup`` (tok/s with /
-without), ``tokens_identical`` (greedy and seeded, every prompt), ``acceptance`` (drafts kept per
-drafted step, per set).
+on one node. Keys: ``echo_mesh_speedup``, ``echo_one_node_speedup`` (tok/s with / without: the
+median over the rounds of each round's ratio), ``free_speedup`` (the lower of the mesh's and the
+one node's), ``tokens_identical`` (greedy in every round and seeded, every prompt),
+``acceptance`` (drafts kept per drafted step, per set); each set's ``rounds`` hold the per-round
+figures, ``speedup_min`` / ``speedup_max`` their spread.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cost-aware", action="store_true",
                    help="with --speculate: draft the acceptance-adapted length whatever the steps cost "
                         "(serve.spec_cost_aware = false)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="with --speculate: times each prompt set is answered both ways, the order alternating "
+                        "(default %(default)s; each set's speedup is the median of its rounds)")
     p.add_argument("--hop-delay-ms", type=float, default=2.0,
                    help="with --speculate: every stage holds each frame it sends to another node this long "
                         "(default %(default)s)")
@@ -158,32 +164,61 @@ def _spec_stats(urls: list[str]) -> tuple[int, int, int]:
     return rows, drafted, accepted
 
 
-def _spec_side_by_side(urls: list[str], tokens: int) -> dict[str, Any]:
-    """Each prompt set with speculation off and on, interleaved prompt by prompt (greedy, timed),
-    then seeded (tokens compared only): tok/s per set and mode, whether the tokens are identical,
-    and the mean number of drafts kept per drafted step."""
+def spec_orders(rounds: int, prompts: int) -> list[list[tuple[bool, bool]]]:
+    """The order each prompt is answered in, per round: speculation (off, on) or (on, off),
+    alternating from prompt to prompt and from round to round, so over two rounds each prompt runs
+    first once each way and neither side always follows the other's warm-up or the machine's
+    drift."""
+    return [[(False, True) if (r + i) % 2 == 0 else (True, False) for i in range(prompts)] for r in range(rounds)]
+
+
+def set_figures(rounds: list[dict[bool, tuple[int, float]]]) -> dict[str, Any]:
+    """A prompt set's figures from its rounds (per round, speculation off / on -> (tokens, decode
+    seconds) over the set's prompts): tok/s off and on and their ratio per round, and as the
+    set's figures the median of each over the rounds (one slow round, the machine busy under
+    one side, moves a median little)."""
+    per = []
+    for r in rounds:
+        off = r[False][0] / max(r[False][1], 1e-9)
+        on = r[True][0] / max(r[True][1], 1e-9)
+        per.append({"tok_s_off": round(off, 2), "tok_s_on": round(on, 2), "speedup": round(on / off, 3)})
+    return {"tok_s_off": round(statistics.median(p["tok_s_off"] for p in per), 2),
+            "tok_s_on": round(statistics.median(p["tok_s_on"] for p in per), 2),
+            "speedup": round(statistics.median(p["speedup"] for p in per), 3),
+            "speedup_min": min(p["speedup"] for p in per), "speedup_max": max(p["speedup"] for p in per),
+            "rounds": per}
+
+
+def _spec_side_by_side(urls: list[str], tokens: int, rounds: int) -> dict[str, Any]:
+    """Each prompt set, ``rounds`` times, every prompt answered with speculation off and on in the
+    orders of ``spec_orders`` (greedy, timed; ``set_figures``), then seeded (tokens compared only):
+    tok/s per set and mode, whether the tokens are identical, and the mean number of drafts kept
+    per drafted step."""
     from meshllm.bench.spec_prompts import SETS
 
     out: dict[str, Any] = {}
     identical = True
     for name, prompts in SETS.items():
-        n = {False: 0, True: 0}
-        t = {False: 0.0, True: 0.0}
         before = _spec_stats(urls)
-        for p in prompts:
-            ids = {}
-            for spec in (False, True):
-                ids[spec], dt = _chat(urls[0], p, tokens, spec, None)
-                n[spec] += len(ids[spec]) - 1
-                t[spec] += dt
-            identical &= ids[False] == ids[True]
+        timed: list[dict[bool, tuple[int, float]]] = []
+        first: dict[int, list[int]] = {}
+        for order in spec_orders(rounds, len(prompts)):
+            n = {False: 0, True: 0}
+            t = {False: 0.0, True: 0.0}
+            for i, (p, sides) in enumerate(zip(prompts, order, strict=True)):
+                ids = {}
+                for spec in sides:
+                    ids[spec], dt = _chat(urls[0], p, tokens, spec, None)
+                    n[spec] += len(ids[spec]) - 1
+                    t[spec] += dt
+                identical &= ids[False] == ids[True] == first.setdefault(i, ids[False])
+            timed.append({s: (n[s], t[s]) for s in (False, True)})
         after = _spec_stats(urls)
         for p in prompts[:2]:
             seeded = [_chat(urls[0], p, tokens // 2, spec, 1234)[0] for spec in (False, True)]
             identical &= seeded[0] == seeded[1]
         rows, drafted, accepted = (a - b for a, b in zip(after, before, strict=True))
-        off, on = n[False] / max(t[False], 1e-9), n[True] / max(t[True], 1e-9)
-        out[name] = {"tok_s_off": round(off, 2), "tok_s_on": round(on, 2), "speedup": round(on / off, 3),
+        out[name] = {**set_figures(timed),
                      "acceptance": round(accepted / rows, 3) if rows else 0.0,
                      "draft_acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0}
     out["tokens_identical"] = identical
@@ -202,7 +237,10 @@ def run_speculate(args: argparse.Namespace) -> int:
     if not args.model:
         raise SystemExit("--speculate needs --model (a model with a tokenizer and chat template, e.g. "
                          "`meshllm fetch smollm2`)")
-    out: dict[str, Any] = {"nodes": args.nodes, "hop_delay_ms": args.hop_delay_ms, "tokens": args.tokens}
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    out: dict[str, Any] = {"nodes": args.nodes, "hop_delay_ms": args.hop_delay_ms, "tokens": args.tokens,
+                           "rounds": args.rounds}
     out.update({"cost_aware": not args.no_cost_aware})
     os.environ["MESHLLM_SERVE_SPEC_COST_AWARE"] = "false" if args.no_cost_aware else "true"
     # nodes that speculate by default on plain attention (every node verifies a step's drafts in
@@ -218,7 +256,7 @@ def run_speculate(args: argparse.Namespace) -> int:
                 view = mesh.wait_ready(args.timeout)
                 out[f"{label}_stages"] = max(len(r["stages"]) for r in view["plan"]["replicas"])
                 _chat(mesh.urls[0], "Hello", 4, True, None)  # warm up every stage's sessions
-                out[label] = _spec_side_by_side(mesh.urls, args.tokens)
+                out[label] = _spec_side_by_side(mesh.urls, args.tokens, args.rounds)
         finally:
             os.environ.pop("MESHLLM_SERVE_HOP_DELAY_MS", None)
     out.update({

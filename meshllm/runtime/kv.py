@@ -156,20 +156,29 @@ class KVCache:
         for b in st.layer_len:
             st.layer_len[b] = min(st.layer_len[b], length)
         st.length = min(st.layer_len.values(), default=length)
-        self._release_slot(st.slot, length)
+        # the pages of the positions dropped go back, unless fewer than a page's worth per head
+        # was dropped: a speculative step's rejected drafts (a few positions) lie in pages the
+        # next step writes again at once, and releasing them cost a system call per layer, kind
+        # and head (180 on SmolLM2, 0.4 ms) on every step after a miss
+        if (held - length) * self.head_dim * 4 >= _PAGE:
+            self._release_slot(st.slot, length, held)
 
-    def _release_slot(self, slot: int, keep: int) -> None:
-        """Hand back the pages of positions >= keep of a slot, in every layer and head."""
+    def _release_slot(self, slot: int, keep: int, held: int | None = None) -> None:
+        """Hand back the pages of positions >= keep of a slot (below ``held``, the positions it
+        ever wrote since they were last handed back: the pages beyond were never touched), in
+        every layer and head."""
         row = self.slot_len * self.head_dim * 4  # bytes of one head's positions
         if (self.slot_len - keep) * self.head_dim * 4 < _PAGE:
             return  # less than a page per head: nothing to give back
         base = slot * self.kv_heads * row
+        upto = row if held is None else min(row, -(-held * self.head_dim * 4 // _PAGE) * _PAGE)
         for buf in self._bufs.values():
             if keep == 0:
                 buf.release(base, base + self.kv_heads * row)
             else:
                 for h in range(self.kv_heads):
-                    buf.release(base + h * row + keep * self.head_dim * 4, base + (h + 1) * row)
+                    start = base + h * row
+                    buf.release(start + keep * self.head_dim * 4, min(start + upto, start + row))
 
     # --- placement --------------------------------------------------------------------------
     def _claimed(self) -> list[bool]:

@@ -12,8 +12,17 @@ a hop then costs no thread switch (the loop waking the inference thread, and the
 the loop with the result, measured at 0.1-0.5 ms each on a shared 2-core machine). Everything
 else (prefill chunks, KV imports, admissions, a decode step measured slower than that) runs on the
 inference thread, so control frames never wait behind a long step. The expectation is the last
-measured decode-only iteration of this stage; the first one runs on the thread, and a step that
-ran long on the loop (a batch that suddenly grew) sends the next ones back to the thread.
+measured decode-only iteration of this stage *with as many rows* (``StepTimes``), without drafts
+where one was measured: the first of each size runs on the thread, and a step that ran long on the
+loop sends the next ones of its size back to the thread. A step that carries drafts (speculation)
+runs where the same rows without drafts run, so the loop waits behind at most a pass of
+``spec_max_draft`` + 1 positions per row (one node, SmolLM2 int4: a plain step of 17-21 ms, a pass
+with 4 drafts 1.6-1.8 times that). Placed by the last iteration, most drafted steps of one node and
+the plain step after each ran on the thread, where on this shared 2-core machine a one-node step
+took about 6 ms longer than on the loop (the entry's streaming and the client then compete with
+the computation), more than the drafts saved. One node, alternated probes: placed by the last
+iteration, free prompts 0.90x; by the last iteration of as many positions (drafted steps still on
+the thread), echo-heavy 1.22x; as now, echo-heavy 1.51x and free 0.96x.
 """
 
 from __future__ import annotations
@@ -94,6 +103,33 @@ def _short(it: Iteration) -> bool:
     return bool(it.decode_rows) and not it.prefill_tokens and all(isinstance(op, DecodeOp | FreeOp) for op in it.ops)
 
 
+def _rows(it: Iteration) -> int:
+    """The rows of an iteration's decode steps (each row's drafts not counted)."""
+    return sum(len(op.seqs) for op in it.ops if isinstance(op, DecodeOp))
+
+
+class StepTimes:
+    """How long a decode-only iteration of so many rows takes, from the last one measured: one
+    without drafts where one was (a step's drafts never move its rows between loop and thread),
+    else the last one with drafts (an upper bound for the same rows without)."""
+
+    def __init__(self, cap: int = 256) -> None:
+        self.cap = cap
+        self._plain: dict[int, float] = {}
+        self._drafted: dict[int, float] = {}
+
+    def record(self, rows: int, positions: int, seconds: float) -> None:
+        table = self._plain if positions <= rows else self._drafted
+        if rows not in table and len(table) >= self.cap:
+            table.clear()  # batch sizes come and go; keep the tables small
+        table[rows] = seconds
+
+    def expect(self, rows: int) -> float:
+        """Seconds (INF where no iteration of ``rows`` rows was measured yet)."""
+        got = self._plain.get(rows)
+        return got if got is not None else self._drafted.get(rows, INF)
+
+
 class StageServer:
     def __init__(self, node_id: str, host: Any, messenger: Messenger, routes_for: Callable[[int], Routes | None],
                  config: ServeConfig, *, num_layers: int, eos_ids: tuple[int, ...], hidden_size: int) -> None:
@@ -108,7 +144,7 @@ class StageServer:
         self._delayed: dict[str, deque[tuple[float, Send]]] = {}  # hop_delay_ms: frames held per peer
         self._running: asyncio.Task[None] | None = None
         self._inline: asyncio.Handle | None = None  # an iteration about to run on the loop
-        self._decode_s = INF  # how long the last decode-only iteration took (INF: none yet)
+        self._steps = StepTimes()  # how long decode-only iterations took, by their rows
         self.core.stats["inline_iterations"] = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = INF
@@ -253,7 +289,7 @@ class StageServer:
         if it is None:
             return
         short = _short(it)
-        if short and self._decode_s * 1000 <= self.config.inline_step_ms:
+        if short and self._steps.expect(_rows(it)) * 1000 <= self.config.inline_step_ms:
             self._inline = asyncio.get_running_loop().call_soon(self._run_here, it)
         else:
             self._running = asyncio.ensure_future(self._run(it, short))
@@ -265,7 +301,7 @@ class StageServer:
         else:
             results, took = got
             if short:
-                self._decode_s = took
+                self._steps.record(_rows(it), it.decode_rows, took)
         try:
             return self.core.update_from_output(it, results, self._now())
         except Exception:  # a bug: say so and keep serving (the entries' stall timers fail its requests over)
