@@ -241,11 +241,9 @@ def _stage_runs(manifest: Manifest, memory_bytes: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _time_runner(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens: int, decode_steps: int,
-                 repeats: int, between_steps: Callable[[], None] | None = None,
-                 warm_step: bool = False) -> tuple[float, float]:
-    """(best prefill of a ``prompt_tokens`` prompt, median decode step at batch 1), in seconds, on
-    random inputs of the runner's kind (token ids for the first block, hidden states after)."""
+def _inputs(runner: StageRunner, rng: np.random.Generator, prompt_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random inputs of the runner's kind: a prompt and one decode step's (token ids for the first
+    block, hidden states after)."""
     cfg = runner.manifest.config
     if runner.first == 0:
         x_prompt = rng.integers(0, cfg.vocab_size, size=prompt_tokens, dtype=np.int64)  # (T,)
@@ -253,6 +251,15 @@ def _time_runner(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens
     else:
         x_prompt = rng.standard_normal((prompt_tokens, cfg.hidden_size)).astype(np.float32)  # (T, H)
         x_step = rng.standard_normal((1, cfg.hidden_size)).astype(np.float32)  # (1, H)
+    return x_prompt, x_step
+
+
+def _time_runner(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens: int, decode_steps: int,
+                 repeats: int, between_steps: Callable[[], None] | None = None,
+                 warm_step: bool = False) -> tuple[float, float]:
+    """(best prefill of a ``prompt_tokens`` prompt, median decode step at batch 1), in seconds, on
+    random inputs of the runner's kind (token ids for the first block, hidden states after)."""
+    x_prompt, x_step = _inputs(runner, rng, prompt_tokens)
     best = float("inf")
     steps: list[float] = []
     for r in range(repeats):
@@ -321,12 +328,7 @@ def _time_pauses(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens
     # the prompt, a warm-up step and 2 x steps steps fit in the model's context
     steps = max(1, min(steps, (cfg.max_position - 3) // 2))
     prompt_tokens = max(1, min(prompt_tokens, cfg.max_position - 2 * steps - 2))
-    if runner.first == 0:
-        x_prompt = rng.integers(0, cfg.vocab_size, size=prompt_tokens, dtype=np.int64)  # (T,)
-        x_step = rng.integers(0, cfg.vocab_size, size=1, dtype=np.int64)  # (1,)
-    else:
-        x_prompt = rng.standard_normal((prompt_tokens, cfg.hidden_size)).astype(np.float32)  # (T, H)
-        x_step = rng.standard_normal((1, cfg.hidden_size)).astype(np.float32)  # (1, H)
+    x_prompt, x_step = _inputs(runner, rng, prompt_tokens)
     sid = ("profile", "idle")
     runner.alloc(sid, prompt_tokens + 2 * steps + 2)
     try:
