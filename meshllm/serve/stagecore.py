@@ -1326,29 +1326,21 @@ class StageCore:
         return True
 
     def _take_early(self, key: Key, h: Hold) -> None:
-        """The reservation landed: what of its hand-off came first goes in after its allocation."""
-        e = self._early.get(key)
-        if e is None:
-            return
-        self._drop_early(key, h.attempt - 1)  # older attempts' frames
+        """The reservation landed: what of its hand-off came first goes in after its allocation
+        (frames of an older attempt are dropped; a newer one's wait for its own reservation)."""
         e = self._early.pop(key, None)
         if e is None:
             return
         self._early_bytes -= e.nbytes
-        later = Early(e.deadline)
         for peer, m in e.kv:
             if m.attempt == h.attempt:
                 self._on_kv(peer, m)
-            else:
-                later.kv.append((peer, m))
-                later.nbytes += m.k.nbytes + m.v.nbytes
+            elif m.attempt > h.attempt:
+                self._keep_early(key, m, peer)
         if e.start is not None and e.start.attempt == h.attempt:
             self._on_decode_start(e.start)
-        elif e.start is not None:
-            later.start = e.start
-        if later.kv or later.start is not None:  # a newer attempt's, whose reservation comes next
-            self._early[key] = later
-            self._early_bytes += later.nbytes
+        elif e.start is not None and e.start.attempt > h.attempt:
+            self._keep_early(key, e.start, "")
 
     def _drop_early(self, key: Key, attempt: int | None = None) -> None:
         """Forget the frames kept at ``key`` (of attempts up to ``attempt``; None: all)."""
