@@ -80,3 +80,14 @@ async def test_probe_is_for_members_and_bounded(server) -> None:
                 assert r.status == 400
         async with s.get(f"http://127.0.0.1:{port}/v1/mesh") as r:
             assert (await r.json()) == {"ready": True}
+
+
+def test_a_probe_whose_small_fetch_was_as_slow_as_its_large_one_reads_no_absurd_bandwidth() -> None:
+    from meshllm.net.peer_http import PROBE_BYTES, PROBE_SMALL, probe_mbps, slope_holds
+    # the slope: 512 KiB more in 4.19 ms is 1000 Mb/s, whatever the fixed cost
+    assert probe_mbps(0.002, 0.002 + (PROBE_BYTES - PROBE_SMALL) * 8 / 1e9) == pytest.approx(1000)
+    # a busy machine: the fastest small fetch took as long as the large one (the slope alone
+    # would read as hundreds of thousands of Mb/s); the large fetch alone bounds it from below
+    assert not slope_holds(0.0049, 0.005)
+    assert probe_mbps(0.0049, 0.005) == pytest.approx((PROBE_BYTES - PROBE_SMALL) * 8 / 0.005 / 1e6)
+    assert probe_mbps(0.006, 0.005) < 1000

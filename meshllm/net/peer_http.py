@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -25,6 +26,22 @@ from typing import Any, Protocol
 
 PROBE_SMALL = 32 * 1024  # bytes of the small and the large probe fetch
 PROBE_BYTES = 544 * 1024
+PROBE_ROUNDS = 3  # rounds of fetches at most, until the large fetch stands clear of the small one
+
+
+def slope_holds(small_s: float, large_s: float) -> bool:
+    """Whether the large fetch took clearly longer than the small one (a tenth of its time at
+    least): on a busy machine the fastest small fetch can come out as slow as the large one, and
+    a slope over nothing would read as an absurd bandwidth."""
+    return large_s - small_s >= 0.1 * large_s
+
+
+def probe_mbps(small_s: float, large_s: float) -> float:
+    """A link's bandwidth from the fastest small and large probe fetches: the slope between them,
+    so that the fixed cost of a request cancels out; where the slope does not hold, the large
+    fetch alone (a lower bound: it counts the fixed cost too)."""
+    dt = large_s - small_s if slope_holds(small_s, large_s) else large_s
+    return (PROBE_BYTES - PROBE_SMALL) * 8 / dt / 1e6
 
 
 CHALLENGE_HEADER = "X-Meshllm-Challenge"
@@ -146,12 +163,15 @@ class AiohttpPeerHttp(PeerHttp):
 
         try:
             rtt = min([await fetch(0) for _ in range(3)])
-            small = min([await fetch(PROBE_SMALL) for _ in range(3)])
-            large = min([await fetch(PROBE_BYTES) for _ in range(3)])
+            small, large = math.inf, math.inf
+            for _ in range(PROBE_ROUNDS):
+                small = min([small] + [await fetch(PROBE_SMALL) for _ in range(3)])
+                large = min([large] + [await fetch(PROBE_BYTES) for _ in range(3)])
+                if slope_holds(small, large):
+                    break
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
-        dt = max(large - small, 1e-5)
-        return (PROBE_BYTES - PROBE_SMALL) * 8 / dt / 1e6, rtt * 1000
+        return probe_mbps(small, large), rtt * 1000
 
     async def close(self) -> None:
         if self._session is not None:
