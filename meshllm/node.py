@@ -96,6 +96,7 @@ class NodeOptions:
     # runtime.attention: the attention kind this node proposes for a mesh that has none yet (auto:
     # plain where serve.speculate is on, else fused); the plan's kind is what every node runs
     attention: str = "auto"
+    profile_dir: Path | None = None  # the profile cache (None: state_dir/profiles)
 
 
 class Node:
@@ -267,6 +268,7 @@ class Node:
         self._spawn(self.planning.self_profile(
             self.manifest, self.opts.state_dir, threads=self.opts.threads, slowdown=self.opts.slowdown,
             memory_bytes=self._budget(), links=lambda: self.dialer.link_stats, attention=self.attention,
+            cache_dir=self.opts.profile_dir,
             given=(lambda: given(self.manifest, self.opts)) if given is not None else None))
         if self.discovery is not None:
             ad = Advert(self.node_id, self.opts.advertise_host, self.port, self.mesh_id, PROTOCOL_VERSION)

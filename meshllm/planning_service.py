@@ -194,8 +194,9 @@ class PlanningService:
     # --- self-profiling -------------------------------------------------------------------------
     async def self_profile(self, manifest: Manifest, state_dir: Path, *, threads: int, slowdown: float,
                            memory_bytes: int, links: Callable[[], Mapping[str, Mapping[str, float]]],
-                           given: Callable[[], NodeProfile] | None = None, attention: str = "fused") -> None:
-        """This node's profile, read from the cache in ``state_dir`` or measured on this service's
+                           given: Callable[[], NodeProfile] | None = None, attention: str = "fused",
+                           cache_dir: Path | None = None) -> None:
+        """This node's profile, read from the cache in ``state_dir`` (``cache_dir`` where given) or measured on this service's
         executor (never on the inference thread), then ``ProfileReady`` to the control plane with
         the node's name and its link measurements (``links``). ``given`` makes the profile up
         instead (tests). Without a profile the node stays a member but is never planned onto.
@@ -215,7 +216,7 @@ class PlanningService:
             try:
                 prof, cached = await self.run(lambda: load_or_measure(
                     manifest, state_dir, threads=threads, slowdown=slowdown, memory_bytes=memory_bytes,
-                    progress=progress, attention=attention))
+                    progress=progress, attention=attention, cache_dir=cache_dir))
             except (MeshError, OSError, RuntimeError) as e:
                 self.profile_progress = f"failed: {e}"
                 log.error("profiling failed: %s; this node will not be given blocks", e)

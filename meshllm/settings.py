@@ -264,6 +264,9 @@ NODE_OPTIONS: tuple[Option, ...] = (
            check=at_least(0)),
     Option("state_dir", "str", None, "where the node id and profile cache live (default: "
            "~/.local/state/meshllm/node-PORT)", "--state-dir", metavar="DIR"),
+    Option("profile_dir", "str", None, "where measured profiles are cached instead, shared by the nodes of one "
+           "machine (a profile is keyed by model, machine, threads, slowdown and attention kind; default: "
+           "STATE_DIR/profiles)", "--profile-dir", metavar="DIR"),
     Option("log_level", "str", "info", "log level", "--log-level", choices=("debug", "info", "warning")),
     Option("log_format", "str", "text", "log lines as text or JSON", "--log-format", choices=("text", "json")),
 )
@@ -503,6 +506,14 @@ def attention_setting(env: Mapping[str, str] | None = None, config: str | None =
     s = resolve(argparse.Namespace(config=config), env,
                 options=(BY_KEY["runtime.attention"], BY_KEY["serve.speculate"]))
     return s["runtime.attention"], s["serve.speculate"]
+
+
+def profile_dir_setting(env: Mapping[str, str] | None = None, config: str | None = None) -> Path | None:
+    """``profile_dir`` as a ``meshllm node`` started with this environment (and ``config`` file)
+    reads it: where a launcher that profiles its nodes before they start (``premeasure_states``)
+    must put the profiles for them to find."""
+    v = resolve(argparse.Namespace(config=config), env, options=(BY_KEY["profile_dir"],))["profile_dir"]
+    return Path(v) if v else None
 
 
 def show_value(v: Any) -> str:

@@ -4,10 +4,15 @@
 suite; keep their names stable. The config is deliberately small (fast to export and run) but
 keeps every feature the runtime must get right: grouped KV heads (4 query heads share 2 KV
 heads), untied lm_head, a context long enough for chunked prefill and ragged batches.
+
+Node processes the tests start share one profile cache (``MESHLLM_PROFILE_DIR``, for the session):
+a node of a (model, threads, slowdown, attention kind) measured once is not measured again by
+the next test's nodes. Tests of the profile itself measure with their own paths.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,20 @@ from meshllm.model.manifest import Manifest
 TINY_CONFIG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3,
                           num_heads=4, num_kv_heads=2, max_position=64, rope_theta=10000.0,
                           rms_norm_eps=1e-5, bos_token_id=1, eos_token_ids=(2,))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_profile_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One profile cache for every node process of the session (see the module's text)."""
+    if "MESHLLM_PROFILE_DIR" in os.environ:  # the caller's own
+        yield Path(os.environ["MESHLLM_PROFILE_DIR"])
+        return
+    d = tmp_path_factory.mktemp("profiles")
+    os.environ["MESHLLM_PROFILE_DIR"] = str(d)
+    try:
+        yield d
+    finally:
+        os.environ.pop("MESHLLM_PROFILE_DIR", None)
 
 
 @pytest.fixture(scope="session")

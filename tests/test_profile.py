@@ -3,6 +3,7 @@ the cache is keyed by (model, machine, threads, slowdown) and the memory budget 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,23 @@ def test_profile_cache_is_keyed_and_budget_applied_on_top(tiny_manifest: Manifes
     _, cached3 = load_or_measure(tiny_manifest, tmp_path, threads=1, slowdown=1.0, memory_bytes=1 << 30,
                                  decode_steps=2, repeats=1)
     assert cached3 is False
+    # A cache shared by a machine's nodes (profile_dir): another node's state directory finds it.
+    shared = tmp_path / "shared"
+    _, a = load_or_measure(tiny_manifest, tmp_path / "a", threads=1, slowdown=1.0, memory_bytes=1 << 30,
+                           decode_steps=2, repeats=1, cache_dir=shared)
+    _, b = load_or_measure(tiny_manifest, tmp_path / "b", threads=1, slowdown=1.0, memory_bytes=1 << 30,
+                           decode_steps=2, repeats=1, cache_dir=shared)
+    assert (a, b) == (False, True) and not (tmp_path / "a").exists() and len(list(shared.glob("*.json"))) == 1
+
+
+def test_a_launcher_profiles_into_the_profile_dir_its_nodes_read(tiny_model_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshllm.commands.up import premeasure_states
+    from meshllm.settings import profile_dir_setting
+
+    monkeypatch.setenv("MESHLLM_PROFILE_DIR", str(tmp_path / "shared"))
+    assert profile_dir_setting(os.environ) == tmp_path / "shared"
+    premeasure_states(str(tiny_model_dir), [tmp_path / "n0", tmp_path / "n1"], [1.0, 1.0], 1)
+    assert len(list((tmp_path / "shared").glob("*.json"))) == 1  # one measurement for both nodes
+    monkeypatch.delenv("MESHLLM_PROFILE_DIR")
+    assert profile_dir_setting(os.environ) is None

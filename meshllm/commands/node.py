@@ -125,7 +125,8 @@ def build_options(args: argparse.Namespace, conf: Settings | None = None) -> Any
         memory_budget=c["memory_budget"], threads=c["threads"], spin=c["spin"], slowdown=c["slowdown"], priority=c["priority"],
         control=tables["control"], workload=tables["workload"], islands=c["islands"], strategy=c["strategy"],
         serve=tables["serve"], api_key=api.decode() if api else None, objective=c["objective"],
-        mdns=not c["no_mdns"], tls_cert=c["tls_cert"], tls_key=c["tls_key"], attention=c["runtime.attention"])
+        mdns=not c["no_mdns"], tls_cert=c["tls_cert"], tls_key=c["tls_key"], attention=c["runtime.attention"],
+        profile_dir=Path(c["profile_dir"]) if c["profile_dir"] else None)
 
 
 async def serve(opts: Any) -> int:

@@ -79,17 +79,22 @@ def premeasure_states(model: str | None, states: list[Path], slowdowns: list[flo
     another, before the nodes start: nodes that measured themselves at once on one machine would
     share its cores and memory bandwidth and all look slower than they are (on real devices each
     measures alone). Nodes of one slowdown share one measurement; each node finds its profile in
-    its state directory's cache."""
+    its state directory's cache, or in the ``profile_dir`` the environment gives them all."""
     from meshllm.model.manifest import load_manifest
     from meshllm.model.paths import resolve_model_dir
     from meshllm.runtime.attention import choose
     from meshllm.runtime.profile import available_memory_bytes, load_or_measure
-    from meshllm.settings import attention_setting
+    from meshllm.settings import attention_setting, profile_dir_setting
 
     manifest = load_manifest(resolve_model_dir(model), verify=False)
     attention = choose(*attention_setting(os.environ))  # what the nodes (this environment) profile with
+    shared = profile_dir_setting(os.environ)
     done: dict[float, tuple[Path, Path]] = {}
     for state, slowdown in zip(states, slowdowns, strict=True):
+        if shared is not None:  # one cache for all of them: each slowdown measured once, in it
+            load_or_measure(manifest, state, threads=threads, slowdown=slowdown,
+                            memory_bytes=available_memory_bytes(), attention=attention, cache_dir=shared)
+            continue
         if slowdown in done:
             first, src = done[slowdown]
             dst = state / src.relative_to(first)

@@ -166,10 +166,13 @@ def available_memory_bytes() -> int:
         return 4 << 30
 
 
-def cache_path(state_dir: Path, model_id: str, threads: int, slowdown: float, attention: str = FUSED) -> Path:
+def cache_path(state_dir: Path, model_id: str, threads: int, slowdown: float, attention: str = FUSED,
+               cache_dir: Path | None = None) -> Path:
+    """Where the profile of this (model, machine, threads, slowdown, attention kind) is cached:
+    ``cache_dir`` (one shared by the nodes of a machine) or ``state_dir/profiles``."""
     key = hashlib.sha256(f"{model_id}|{machine_fingerprint()}|{threads}|{slowdown:.6g}|{attention}|"
                          f"v{PROFILE_VERSION}".encode())
-    return state_dir / "profiles" / f"{model_id[:16]}-{key.hexdigest()[:16]}.json"
+    return (cache_dir or state_dir / "profiles") / f"{model_id[:16]}-{key.hexdigest()[:16]}.json"
 
 
 def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_bytes: int,
@@ -380,10 +383,11 @@ def _share_out(per_block: list[float], first: int, end: int, total: float) -> No
 
 def load_or_measure(manifest: Manifest, state_dir: Path, *, threads: int, slowdown: float,
                     memory_bytes: int, progress: Callable[[int, int, str], None] | None = None,
-                    attention: str = FUSED, **kw: Any) -> tuple[NodeProfile, bool]:
+                    attention: str = FUSED, cache_dir: Path | None = None, **kw: Any) -> tuple[NodeProfile, bool]:
     """The cached profile when there is one for this (model, machine, threads, slowdown, attention
-    kind), else a fresh measurement (written to the cache). Returns (profile, from_cache)."""
-    path = cache_path(state_dir, manifest.model_id, threads, slowdown, attention)
+    kind), else a fresh measurement (written to the cache: ``cache_dir`` where given, else
+    ``state_dir/profiles``). Returns (profile, from_cache)."""
+    path = cache_path(state_dir, manifest.model_id, threads, slowdown, attention, cache_dir)
     if path.is_file():
         try:
             prof = NodeProfile.from_dict(json.loads(path.read_text()))
@@ -394,7 +398,7 @@ def load_or_measure(manifest: Manifest, state_dir: Path, *, threads: int, slowdo
     prof = measure(manifest, threads=threads, slowdown=slowdown, memory_bytes=memory_bytes,
                    progress=progress, attention=attention, **kw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # nodes sharing a cache may measure at once
     tmp.write_text(json.dumps(prof.to_dict(), indent=1))
     tmp.replace(path)
     return prof, False
