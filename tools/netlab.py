@@ -199,11 +199,13 @@ def serve_bench(nodes: int, rate: float, slowdowns: list[float], model: str | No
             from meshllm.model.manifest import load_manifest
             from meshllm.model.paths import resolve_model_dir
             from meshllm.runtime.profile import load_or_measure
+            from meshllm.settings import profile_dir_setting
 
             manifest = load_manifest(resolve_model_dir(model), verify=False)
             for i in range(nodes):
                 load_or_measure(manifest, Path(f"{tmp}/n{i}"), threads=1,
-                                slowdown=slowdowns[min(i, len(slowdowns) - 1)], memory_bytes=1)
+                                slowdown=slowdowns[min(i, len(slowdowns) - 1)], memory_bytes=1,
+                                cache_dir=profile_dir_setting(os.environ))
             for i, a in enumerate(addrs):
                 argv = [sys.executable, "-m", "meshllm.cli", "node", "--name", f"n{i}", "--host", a,
                         "--interface", a, "--port", "7070", "--state-dir", f"{tmp}/n{i}", "--mesh-key-file",
@@ -442,6 +444,7 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
     from meshllm.runtime.profile import load_or_measure
     from meshllm.runtime.runner import StageRunner
     from meshllm.runtime.sampling import SamplingParams
+    from meshllm.settings import profile_dir_setting
 
     root = Path(__file__).resolve().parents[1]
     manifest = load_manifest(resolve_model_dir(model), verify=False)
@@ -464,8 +467,10 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
         cfg.write_text(CHAOS_CONFIG)
         addrs = [lab.addr(i) for i in range(nodes + extra)]
         procs: dict[int, object] = {}
+        shared = profile_dir_setting(os.environ)  # where the nodes will look, if the environment says
         for i in range(nodes + extra):  # profiles measured here, one at a time
-            load_or_measure(manifest, Path(f"{tmp}/n{i}"), threads=1, slowdown=1.0, memory_bytes=1)
+            load_or_measure(manifest, Path(f"{tmp}/n{i}"), threads=1, slowdown=1.0, memory_bytes=1,
+                            cache_dir=shared)
 
         def start(i: int) -> None:
             argv = [sys.executable, "-m", "meshllm.cli", "node", "--name", f"n{i}", "--host", addrs[i],

@@ -411,7 +411,14 @@ Launch = Callable[[str], Shell]
 
 
 def _copy_profiles(src: Path | None, mesh: Shell) -> Path:
-    """Measure each node's profile once (one node at a time), then give every later mesh a copy."""
+    """Measure each node's profile once (one node at a time), then give every later mesh a copy
+    (where the environment gives the nodes one ``profile_dir``, they all read it there: no copies)."""
+    from meshllm.settings import profile_dir_setting
+
+    if profile_dir_setting(os.environ) is not None:
+        if src is None:
+            mesh.premeasure()
+        return Path(os.environ.get("MESHLLM_PROFILE_DIR", "."))
     if src is None:
         mesh.premeasure()
         keep = Path(tempfile.mkdtemp(prefix="meshllm-bench-serving-profiles-"))
