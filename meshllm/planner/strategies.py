@@ -114,7 +114,21 @@ def latency_note(p: LatencyPlacement) -> str:
 
 
 def _alg2(pb: Problem, idx: Sequence[int], source_pos: int | None) -> tuple[Partition, int]:
-    """Algorithm 2 at the largest batch <= max_batch (halving) whose KV fits."""
+    """Algorithm 2 at the largest batch <= max_batch (halving) whose KV fits (memoised on the
+    problem: ``edgeshard-throughput`` and ``edgeshard-even`` share it)."""
+    key = ("alg2", tuple(int(j) for j in idx), source_pos)
+    if key not in pb._cache:
+        try:
+            pb._cache[key] = _alg2_uncached(pb, idx, source_pos)
+        except DoesNotFit as e:
+            pb._cache[key] = e
+    got = pb._cache[key]
+    if isinstance(got, DoesNotFit):
+        raise got
+    return got
+
+
+def _alg2_uncached(pb: Problem, idx: Sequence[int], source_pos: int | None) -> tuple[Partition, int]:
     ix, bw, rtt, mem = _sub(pb, idx)
     batch = pb.workload.max_batch
     while True:
