@@ -300,7 +300,7 @@ def e2llm(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[R
 # placement, a MILP of up to a second, whose one replica Algorithm 2's and the GA's pipelines
 # cover). The GA's encoding cannot hold every plan they make: inside a replica it orders the
 # devices along the fastest links and splits the blocks by its DP, where Algorithm 2 chooses the
-# order and the devices; on random tight meshes its pipeline scored up to 37 times lower.
+# order and the devices; on random tight meshes its pipeline scored up to 37 times lower (docs/planner.md).
 BASELINES = ("splitwise", "edgeshard-throughput", "edgeshard-even", "ring", "edge-solo", "cloud-edge-even",
              "cloud-edge-opt")
 
