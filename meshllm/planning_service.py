@@ -151,7 +151,7 @@ class PlanningService:
             return tuple(int(x) for x in (*a, *r))
 
         try:
-            plan = plan_from_individual(problem, await self.run(polish))
+            plan = plan_from_individual(problem, await self.run(polish), objective=self.objective)
         except PlanError as e:
             self._step(PlanningFailed(done.round, str(e)))
             return

@@ -290,7 +290,7 @@ SERVE_HELP = {
     "step_timeout_s": "a decode step of a ring with no answer for this many seconds fails its rows",
     "tombstone_s": "seconds a stage remembers a freed request, so its late frames allocate nothing",
     "kv_wire_dtype": "dtype of the KV a prefill replica hands to a decoder (float32: exact; float16: half the bytes)",
-    "load_report_s": "period of a replica's load report, in seconds",
+    "load_report_s": "period of a replica's load report, in seconds (it also reports within 50 ms of a change in its requests)",
     "max_batch": "sequences a decoder replica decodes at once",
     "retry_after_s": "the Retry-After of a 429 or 503, in seconds",
     "max_migrations": "times a request whose replica fails may resume elsewhere",

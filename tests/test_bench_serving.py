@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from meshllm.bench.serving import error_pct, hist_delta, judge, requests_for, scaled_mix
+from meshllm.bench.serving import by_prefill_replica, error_pct, hist_delta, judge, requests_for, scaled_mix
 from meshllm.cli import main
 from meshllm.errors import UserError
 
@@ -47,6 +47,22 @@ def test_histogram_delta_over_nodes() -> None:
     assert mean == pytest.approx(0.105 / 3)
     assert 0.01 < p99 <= 0.1  # within the bucket that holds the 99th percentile
     assert hist_delta(b, b, "meshllm_request_waiting_seconds") == (None, None)
+
+
+def test_requests_by_prefill_replica_over_the_entries_dashboards() -> None:
+    def node(reps: dict[str, tuple[int, float, float]]) -> dict:
+        return {"measured": {"replicas": {k: {"prefill": {"n": n, "ttft_s": [t, n], "wait_s": [w, n]}}
+                                          for k, (n, t, w) in reps.items()}}}
+
+    before = [node({"1:0": (2, 0.4, 0.0)}), node({})]
+    # entry 0: two more on replica 0 (0.3 and 0.5 s to the first token) and one on replica 1; entry 1: one on 0
+    after = [node({"1:0": (4, 1.2, 0.2), "1:1": (1, 0.25, 0.0)}), node({"1:0": (1, 0.6, 0.3)})]
+    got = by_prefill_replica(before, after)
+    assert got == {"1:0": {"n": 3, "ttft_ms": pytest.approx(1400 / 3, abs=0.01), "wait_ms": pytest.approx(500 / 3, abs=0.01)},
+                   "1:1": {"n": 1, "ttft_ms": 250.0, "wait_ms": 0.0}}
+    assert by_prefill_replica(after, after) == {}
+    # a dashboard's window full: its sums slide, so the replica is left out
+    assert by_prefill_replica([node({"1:0": (63, 1.0, 0.0)})], [node({"1:0": (64, 2.0, 0.0)})]) == {}
 
 
 def test_errors_and_judgement() -> None:
@@ -90,6 +106,9 @@ def test_bench_serving_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert c["measured"]["entry_wait_ms"] is not None and out["step_token_budget"] > 0
     assert c["measured"]["entry_ttft_ms"] is not None and len(c["measured"]["cpu_s"]) == 2
     assert c["predicted"]["compute_cpu_s"] > 0
+    # the entries' dashboards say which replica prefilled the cell's 4 prompts (the one PREFILL)
+    by = c["measured"]["by_prefill_replica"]
+    assert sum(v["n"] for v in by.values()) == 4 and all(v["ttft_ms"] > 0 for v in by.values())
     # the record predicts the same again without a mesh
     assert main(["bench", "serving", "--replay", str(tmp_path / "run.json"), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)

@@ -4,6 +4,8 @@ count against a replica's room."""
 
 from __future__ import annotations
 
+import pytest
+
 from meshllm.planner.types import Plan, Replica, Role, Stage
 from meshllm.serve.router import Router
 from meshllm.serve.routes import Routes
@@ -43,3 +45,68 @@ def test_a_full_decoder_goes_last_and_admissions_count_until_the_next_report() -
 def test_no_prefill_or_no_decoder_means_no_route() -> None:
     only_prefill = Routes(1, Plan(1, (Replica(0, Role.PREFILL, (Stage("a", (0, 5)),)),)))
     assert Router(lambda e: None).rank(only_prefill, 3, 3) == []
+
+
+# --- BOTH replicas: the prompts queued at each, as the simulator's "start" policy sees them ---------
+
+PREFILL_S = {0: 0.28, 1: 0.37, 2: 0.58, 3: 0.87}  # a desktop, a mini-PC, a laptop, an old laptop
+STEP_S = {0: 0.019, 1: 0.026, 2: 0.046, 3: 0.074}
+
+
+def four_both() -> Routes:
+    reps = tuple(Replica(i, Role.BOTH, (Stage(n, (0, 5)),)) for i, n in enumerate("wxyz"))
+    return Routes(3, Plan(3, reps))
+
+
+def start_router() -> Router:
+    return Router(lambda e: None, policy="start", prefill_estimate=lambda rt, rid, n: PREFILL_S[rid],
+                  decode_estimate=lambda rt, rid, b: STEP_S[rid])
+
+
+def test_an_entrys_own_prompts_in_prefill_spread_the_next_over_the_both_replicas() -> None:
+    r, rt = start_router(), four_both()
+    picks = []
+    for i in range(4):
+        p, d = r.rank(rt, 96, 3, now=0.0)[0]
+        assert p == d  # a BOTH replica prefills what it decodes
+        picks.append(p)
+        r.sent(f"q{i}", 3, p, PREFILL_S[p], now=0.0)
+        r.admitted(3, p)
+    # each prompt starts where nothing waits, the fastest such replica first; the old way (the
+    # fastest decoder for all) sent all four to replica 0
+    assert picks == [0, 1, 2, 3]
+    r.prefilled("q0")  # the first prompt's first token came: replica 0 can start the next at once
+    assert r.rank(rt, 96, 3, now=0.3)[0][0] == 0
+
+
+def test_other_entries_prompts_come_from_the_load_report_and_drain_from_it() -> None:
+    r, rt = start_router(), four_both()
+    # replica 0 holds two requests, neither decoding yet: two prompts of other entries queued there
+    r.report(LoadReport("w", 3, 0, {"decoding": 2, "started": 0, "max_batch": 64, "free_tokens": -1}), now=10.0)
+    assert r.queued_s(rt, 0, PREFILL_S[0], now=10.0) == pytest.approx(0.56)
+    assert r.rank(rt, 96, 3, now=10.0)[0][0] == 1
+    # 0.6 s later they are done by the estimate: replica 0 again, before the next report says so
+    assert r.queued_s(rt, 0, PREFILL_S[0], now=10.6) == 0.0
+    assert r.rank(rt, 96, 3, now=10.6)[0][0] == 0
+    # the same two reserved requests decoding (prefilled): no queue, only the running step
+    r.report(LoadReport("w", 3, 0, {"decoding": 2, "started": 2, "max_batch": 64, "free_tokens": -1}), now=11.0)
+    assert r.queued_s(rt, 0, PREFILL_S[0], now=11.0) == 0.0
+    assert r.rank(rt, 96, 3, now=11.0)[0][0] == 1  # 0 must finish a 19 ms step first; 1 starts now
+
+
+def test_a_report_does_not_count_this_entrys_own_prompts_twice() -> None:
+    r, rt = start_router(), four_both()
+    r.sent("mine", 3, 0, PREFILL_S[0], now=5.0)
+    r.admitted(3, 0)
+    r.report(LoadReport("w", 3, 0, {"decoding": 1, "started": 0, "max_batch": 64, "free_tokens": -1}), now=5.01)
+    assert r.queued_s(rt, 0, PREFILL_S[0], now=5.01) == pytest.approx(PREFILL_S[0] - 0.01)
+    r.prefilled("mine")
+    assert r.queued_s(rt, 0, PREFILL_S[0], now=5.3) == 0.0
+
+
+def test_the_completion_policy_still_queues_for_a_much_faster_both_replica() -> None:
+    r = Router(lambda e: None, policy="completion", prefill_estimate=lambda rt, rid, n: PREFILL_S[rid],
+               decode_estimate=lambda rt, rid, b: STEP_S[rid])
+    rt = four_both()
+    r.sent("q", 3, 0, 0.05, now=0.0)  # 50 ms left on replica 0: still its completion is soonest
+    assert r.rank(rt, 96, 3, now=0.0)[0][0] == 0

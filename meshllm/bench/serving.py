@@ -335,6 +335,35 @@ def _metrics(urls: Sequence[str]) -> list[dict[str, float]]:
     return [metric_values(get_text(u + "/metrics", timeout=10.0) or "") for u in urls]
 
 
+def _dashboards(urls: Sequence[str]) -> list[dict[str, Any]]:
+    return [get_json(u + "/v1/dashboard/node", timeout=10.0) or {} for u in urls]
+
+
+def by_prefill_replica(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per prefill replica (``"epoch:replica"``), over every entry's dashboard (``GET
+    /v1/dashboard/node``, its ``measured.replicas`` sums): the requests whose prompt it prefilled between
+    ``before`` and ``after``, their mean time to first token and mean wait (arrival to the prefill's
+    start) in ms. Pure. The dashboards keep a replica's last 64 requests (``web.dashboard.WINDOW``):
+    a replica that had served that many before is left out (the bench sends fewer to a mesh)."""
+    acc: dict[str, dict[str, Any]] = {}
+    for b, a in zip(before, after, strict=True):
+        mb, ma = (b.get("measured") or {}).get("replicas") or {}, (a.get("measured") or {}).get("replicas") or {}
+        for key, doc in ma.items():
+            pa, pb = (doc or {}).get("prefill") or {}, (mb.get(key) or {}).get("prefill") or {}
+            n = int(pa.get("n", 0)) - int(pb.get("n", 0))
+            if n <= 0 or int(pa.get("n", 0)) >= 64:
+                continue
+            cur = acc.setdefault(key, {"n": 0, "ttft_s": [0.0, 0], "wait_s": [0.0, 0]})
+            cur["n"] += n
+            for f in ("ttft_s", "wait_s"):
+                sa, sb = pa.get(f) or [0.0, 0], pb.get(f) or [0.0, 0]
+                cur[f][0] += float(sa[0]) - float(sb[0])
+                cur[f][1] += int(sa[1]) - int(sb[1])
+    return {key: {"n": v["n"], **{f[:-2] + "_ms": _ms(v[f][0] / v[f][1]) if v[f][1] > 0 else None
+                                  for f in ("ttft_s", "wait_s")}}
+            for key, v in sorted(acc.items())}
+
+
 def alone(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, limit_s: float) -> list[float | None]:
     """Each request's TTFT with the mesh otherwise idle: the same prompt (and entry), two tokens
     asked, one request at a time."""
@@ -349,11 +378,13 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     """One side of a cell, and per request [TTFT, TPOT, TTFT alone] in seconds (None where it
     did not complete). ``pids``: the node processes, whose CPU time during the cell is counted."""
     before = _metrics(urls)
+    dash0 = _dashboards(urls)
     cpu0 = cpu_seconds(pids)
     load0 = os.getloadavg()[0]
     results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s, one_at_a_time))
     cpu1 = cpu_seconds(pids)
     after = _metrics(urls)
+    dash1 = _dashboards(urls)
     wmean, wp99 = hist_delta(before, after, WAIT_METRIC)
     ok = [r for r, q in zip(results, reqs, strict=True)
           if r.outcome == "ok" and len(r.token_times) == q.output_tokens]
@@ -368,6 +399,8 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     # the entries' own TTFT (acceptance to the first token at the entry): the client's TTFT less
     # this is HTTP, SSE and the client, on the same cores
     side["entry_ttft_ms"] = _ms(hist_delta(before, after, TTFT_METRIC)[0])
+    # which replica prefilled how many of the cell's prompts, and how long they took there
+    side["by_prefill_replica"] = by_prefill_replica(dash0, dash1)
     # CPU seconds the node processes used during the cell (the model's compute and the shells')
     if pids:
         side["cpu_s"] = [None if a is None or b is None else round(b - a, 3) for a, b in zip(cpu0, cpu1, strict=True)]

@@ -23,6 +23,7 @@ from meshllm.planner import ga
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.problem import Problem
 from meshllm.planner.queueing import INFEASIBLE
+from meshllm.planner.strategies import with_baselines
 from meshllm.planner.types import Device, Link, Network, Plan, Workload
 from meshllm.planner.validate import validate_plan
 
@@ -112,16 +113,20 @@ def island_from_individuals(problem: Problem, inds: Individuals) -> ga.Island:
                      fit[order])
 
 
-def plan_from_individual(problem: Problem, ind: tuple[int, ...], strategy: str = "e2llm") -> Plan:
-    """Decode a GA individual (``assign + roles``) into a validated plan with predicted figures."""
+def plan_from_individual(problem: Problem, ind: tuple[int, ...], strategy: str = "e2llm",
+                         objective: str = "waiting") -> Plan:
+    """Decode a GA individual (``assign + roles``) into a validated plan with predicted figures;
+    a baseline strategy's plan instead where the fitness scores it lower (``with_baselines``:
+    ``e2llm`` on one machine does the same)."""
     m = len(problem.devices)
     a, r = ga.normalise(np.asarray(ind[:m], dtype=np.int64), np.asarray(ind[m:], dtype=np.int64))
     est, stages = ga.decode(problem, a, r)
-    if est.fitness >= INFEASIBLE or any(not st for _, st in stages):
+    feasible = est.fitness < INFEASIBLE and all(st for _, st in stages)
+    reps, who = with_baselines(problem, [(role, list(st)) for role, st in stages] if feasible else None, objective)
+    if reps is None:
         raise DoesNotFit("no feasible plan: no grouping of the members holds a full replica")
-    reps = [(role, list(st)) for role, st in stages]
     plan = Plan(0, problem.to_replicas(reps), problem.estimate_stages(reps, with_saturation=True).predicted,
-                strategy)
+                strategy, f"the {who} plan: the fitness scores it below the GA's answer" if who else "")
     validate_plan(plan, problem.profile, problem.devices, problem.workload)
     return plan
 

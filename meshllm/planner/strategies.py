@@ -114,7 +114,21 @@ def latency_note(p: LatencyPlacement) -> str:
 
 
 def _alg2(pb: Problem, idx: Sequence[int], source_pos: int | None) -> tuple[Partition, int]:
-    """Algorithm 2 at the largest batch <= max_batch (halving) whose KV fits."""
+    """Algorithm 2 at the largest batch <= max_batch (halving) whose KV fits (memoised on the
+    problem: ``edgeshard-throughput`` and ``edgeshard-even`` share it)."""
+    key = ("alg2", tuple(int(j) for j in idx), source_pos)
+    if key not in pb._cache:
+        try:
+            pb._cache[key] = _alg2_uncached(pb, idx, source_pos)
+        except DoesNotFit as e:
+            pb._cache[key] = e
+    got = pb._cache[key]
+    if isinstance(got, DoesNotFit):
+        raise got
+    return got
+
+
+def _alg2_uncached(pb: Problem, idx: Sequence[int], source_pos: int | None) -> tuple[Partition, int]:
     ix, bw, rtt, mem = _sub(pb, idx)
     batch = pb.workload.max_batch
     while True:
@@ -269,13 +283,44 @@ def splitwise(pb: Problem, objective: str, rng: np.random.Generator) -> list[tup
     return [(Role.PREFILL if i < n_p else Role.DECODER, st) for i, st in enumerate(groups)]
 
 
-def e2llm(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]]:
+def e2llm(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[Role, Stages]] | Placed:
     best = ga.run(pb, rng)
     a, r, f = best.best
-    if f >= ga.INFEASIBLE:
+    got = None
+    if f < ga.INFEASIBLE:
+        _, reps = ga.decode(pb, a, r)
+        got = [(role, list(st)) for role, st in reps]
+    out, who = with_baselines(pb, got, objective)
+    if out is None:
         raise DoesNotFit("e2llm: does not fit: no grouping of these devices holds a full replica")
-    _, reps = ga.decode(pb, a, r)
-    return [(role, list(st)) for role, st in reps]
+    return Placed(out, f"the {who} plan: the fitness scores it below the GA's answer") if who else out
+
+
+# The other strategies whose plans e2llm's answer is checked against (all but the exact latency
+# placement, a MILP of up to a second, whose one replica Algorithm 2's and the GA's pipelines
+# cover). The GA's encoding cannot hold every plan they make: inside a replica it orders the
+# devices along the fastest links and splits the blocks by its DP, where Algorithm 2 chooses the
+# order and the devices; on random tight meshes its pipeline scored up to 37 times lower (docs/planner.md).
+BASELINES = ("splitwise", "edgeshard-throughput", "edgeshard-even", "ring", "edge-solo", "cloud-edge-even",
+             "cloud-edge-opt")
+
+
+def with_baselines(pb: Problem, reps: list[tuple[Role, Stages]] | None,
+                   objective: str) -> tuple[list[tuple[Role, Stages]] | None, str]:
+    """``reps`` (the GA's answer; None where it found none that fits), or the plan of a baseline
+    strategy when the GA's fitness scores that one lower, and the baseline's name ("" for the
+    GA's own): e2llm is never predicted worse than the strategies it is compared with. Pure."""
+    best, f, who = reps, (pb.estimate_stages(reps).fitness if reps is not None else math.inf), ""
+    for name in BASELINES:
+        try:
+            got = STRATEGIES[name](pb, objective, np.random.default_rng(0))
+        except (DoesNotFit, PlanError):
+            continue
+        cand = got.replicas if isinstance(got, Placed) else got
+        g = pb.estimate_stages(cand).fitness
+        if g < ga.INFEASIBLE and g < f * (1 - 1e-12):
+            best, f, who = [(role, list(st)) for role, st in cand], g, name
+    return best, who
 
 
 MAX_PINNED = 8  # devices a pinned search enumerates every grouping of

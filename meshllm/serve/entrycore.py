@@ -193,7 +193,7 @@ class EntryCore:
     # --- frames ------------------------------------------------------------------------------------------
     def step(self, peer: str, msg: Message, now: float) -> list[EntryOutput]:
         if isinstance(msg, LoadReport):
-            self.router.report(msg)
+            self.router.report(msg, now)
             self._room(now)
             return self._flush()
         r = self.requests.get(getattr(msg, "req", ""))
@@ -318,7 +318,7 @@ class EntryCore:
             return
         epoch, routes = act
         try:
-            pairs = [(p, d) for p, d in self.router.rank(routes, len(r.prompt), r.params.max_tokens)
+            pairs = [(p, d) for p, d in self.router.rank(routes, len(r.prompt), r.params.max_tokens, now)
                      if self.reachable(routes.nodes(p) | routes.nodes(d))]
         except PlanError as e:
             self._fail(r, f"the active plan cannot serve: {e}", "unavailable", now)
@@ -367,6 +367,7 @@ class EntryCore:
             self._prefill(r, routes, now)
 
     def _refused(self, r: Request, code: str, error: str, now: float) -> None:
+        self.router.prefilled(r.id)  # a prompt sent with its reservation went with it
         self._free(r, r.reserve_nodes)
         r.reserve_nodes = frozenset()
         r.tried.add(r.decode)
@@ -402,6 +403,7 @@ class EntryCore:
         r.prefilled = 0
         est = self.router.prefill_estimate
         r.expect_s = float(est(routes, r.prefill, len(r.prompt))) if est is not None else 0.0
+        self.router.sent(r.id, r.epoch, r.prefill, r.expect_s, now)  # its queue there, until the first token
         if r.t_sent is None:
             r.t_sent = now
         log.debug("request %s: %d prompt tokens to prefill replica %d, decoder replica %d (epoch %d, attempt %d)",
@@ -448,6 +450,7 @@ class EntryCore:
                 self._fault(r, f"a stage sent token id {t.token}, outside the vocabulary", "bad_token", now)
                 return
             if r.status is Status.PREFILLING:
+                self.router.prefilled(r.id)
                 r.to(Status.HANDING_OFF if t.index == 0 and r.prefill != r.decode else Status.DECODING)
                 # the prompt is on the decoder now: only the decoder's nodes can still fail the request
                 routes = self.router.routes_for(r.epoch)
@@ -481,6 +484,7 @@ class EntryCore:
         if code in RETRYABLE and r.migrations < self.config.max_migrations:
             r.migrations += 1
             self.stats["migrations"] += 1
+            self.router.prefilled(r.id)
             log.warning("request %s: %s (%s); resuming at token %d elsewhere (migration %d)", r.id, message, code,
                         r.next_index, r.migrations, extra={"request_id": r.id})
             self._free(r, r.nodes | r.reserve_nodes)
@@ -513,6 +517,7 @@ class EntryCore:
         r.finish = how
         r.t_end = now
         self.requests.pop(r.id, None)
+        self.router.prefilled(r.id)
         self._free(r, r.nodes | r.reserve_nodes)
         if how in (Finish.STOP, Finish.LENGTH):
             self.stats["completed"] += 1

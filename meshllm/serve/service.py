@@ -32,6 +32,7 @@ from meshllm.wire.messages import Error, LoadReport, Message, Progress, Reserved
 log = logging.getLogger("meshllm.serve")
 
 _ENTRY_TYPES = (Token, Reserved, Error, LoadReport, Progress)
+REPORT_CHECK_S = 0.05  # how often a replica's load is looked at for a change worth reporting
 
 
 def eos_ids(manifest: Any, tokenizer: Tokenizer | None) -> tuple[int, ...]:
@@ -140,13 +141,28 @@ class Serving:
         self._routes.pop(epoch, None)
 
     async def _report_loop(self) -> None:
+        # Every load_report_s, and within REPORT_CHECK_S of a change in what the routers read
+        # (requests reserved, of them decoding, the batch limit): the entries learn of another
+        # entry's prompt queued at a replica within tens of milliseconds, not half a second.
+        last: dict[tuple[int, int], tuple[Any, ...]] = {}
+        since = 0.0
+        period = self.config.load_report_s
+        check = min(REPORT_CHECK_S, period)
         while True:
-            await asyncio.sleep(self.config.load_report_s)
+            await asyncio.sleep(check)
+            since += check
             try:
                 reports = self.stage.load_reports()
+                due = since >= period
+                if due:
+                    since = 0.0
+                keys = {(rep.epoch, rep.replica): tuple(rep.load.get(k) for k in ("decoding", "started", "max_batch"))
+                        for rep in reports}
+                send = [rep for rep in reports if due or last.get((rep.epoch, rep.replica)) != keys[rep.epoch, rep.replica]]
+                last = keys
                 t = self.ports.peers.transport()
                 peers = t.peers() if t is not None else []
-                for rep in reports:
+                for rep in send:
                     self.entry.handle(self.node_id, rep)
                     for p in peers:
                         self.messenger.send(p, rep)
