@@ -105,3 +105,18 @@ def test_bad_settings_are_refused() -> None:
 
 def test_buckets_are_powers_of_two() -> None:
     assert [bucket(n) for n in (0, 1, 2, 3, 4, 7, 8, 1000)] == [0, 1, 2, 2, 3, 3, 4, 10]
+
+
+def test_the_steps_cpu_time_is_added_up_from_start_to_pace() -> None:
+    t = FakeTime()
+    cpu = [0.0]
+    p = Pacer(2.0, clock=t.clock, sleep=t.sleep, spin_s=0.0, cpu_clock=lambda: cpu[0])
+    for used in (0.004, 0.006):
+        t0 = p.start()
+        t.now += 0.010  # 10 ms of wall time, of which the thread computed ``used``
+        cpu[0] += used
+        p.pace(t0, "k")
+        cpu[0] += 0.5  # what the thread does between steps is not the model's compute
+    assert p.compute_cpu_s == pytest.approx(0.010)
+    p.pace(t.now, "k")  # a step timed without ``start`` counts no CPU
+    assert p.compute_cpu_s == pytest.approx(0.010)

@@ -42,3 +42,36 @@ def test_negative_cores_are_refused() -> None:
 
     with pytest.raises(SimError):
         SimConfig(shared_cores=-1)
+
+
+def test_the_serving_paths_cpu_counts_on_shared_cores_only() -> None:
+    """``serve_cpu``: each row of a node's stage work costs its serving path that much CPU at a
+    whole core's share (not slowed), stretched by the cores' sharing like compute."""
+    model = _two_both()
+    both = [Request(0, 0.0, 32, 1), Request(1, 0.001, 32, 1)]
+    serve = (("n0", 0.01), ("n1", 0.01))
+    own = simulate(model, both, SimConfig(routing="start", serve_cpu=serve)).records
+    assert [r.ttft_s for r in own] == pytest.approx([0.1, 0.1])  # own hardware: not modelled
+    two = simulate(model, both, SimConfig(routing="start", shared_cores=2, serve_cpu=serve))
+    assert [r.ttft_s for r in two.records] == pytest.approx([0.11, 0.11])
+    one = simulate(model, both, SimConfig(routing="start", shared_cores=1, serve_cpu=serve))
+    assert [r.ttft_s for r in one.records] == pytest.approx([0.11, 0.22])  # shared: both stretched
+    assert one.jobs == one.rows == {"n0": 1, "n1": 1}
+    assert one.serve_s == pytest.approx({"n0": 0.01, "n1": 0.01})
+    # a slowed node's compute is stretched in its computing share, its serving path in full
+    slowed = SimConfig(routing="start", shared_cores=1, serve_cpu=serve, core_share=(("n0", 0.5), ("n1", 0.5)))
+    # the second: 0.1 x (0.5 x 1 + 0.5) + 0.01 x 1, the two asking for 1 core together
+    assert [r.ttft_s for r in simulate(model, both, slowed).records] == pytest.approx([0.11, 0.11])
+
+
+def test_the_serving_paths_cpu_is_per_row() -> None:
+    """A decode micro-batch of several sequences costs its node's serving path per sequence."""
+    model = SimModel((SimReplica(0, "both", (SimStage("n0", 0, 2),), 10**9, 8),), ConstTiming(p=0.1 / 32, d=0.05))
+    reqs = [Request(0, 0.0, 32, 3), Request(1, 0.0, 32, 3)]
+    res = simulate(model, reqs, SimConfig(routing="start", shared_cores=2, serve_cpu=(("n0", 0.001),)))
+    assert sum(res.rows.values()) > sum(res.jobs.values())  # the two decode together
+    assert res.serve_s["n0"] == pytest.approx(0.001 * res.rows["n0"])
+    from meshllm.sim.engine import SimError
+
+    with pytest.raises(SimError, match="serving CPU"):
+        SimConfig(serve_cpu=(("n0", -1.0),))

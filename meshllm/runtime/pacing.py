@@ -17,7 +17,13 @@ added, once: ``dt + (F - 1) x reference``. A shape seen once has its own step as
 (the old rule). Profiles and serving both call the runner, so a profile measures what the node
 then serves with.
 
-Pure but for the clock and the sleep, which are passed in (tests inject both).
+The pacer also adds up the CPU seconds its steps computed (``compute_cpu_s``, the calling
+thread's CPU time from ``start`` to ``pace``: with one onnxruntime thread, the default, the model
+runs on the calling thread), which a node reports (``meshllm_stage_compute_cpu_seconds``) so that
+what its process spends besides the model's compute (frames, the stage core, HTTP and SSE) can
+be told apart on a machine whose cores the nodes share.
+
+Pure but for the clocks and the sleep, which are passed in (tests inject them).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ def bucket(n: int) -> int:
 class Pacer:
     def __init__(self, slowdown: float, *, clock: Callable[[], float] = time.perf_counter,
                  sleep: Callable[[float], None] = time.sleep, window: int = WINDOW,
-                 quantile: float = QUANTILE, spin_s: float = SPIN_S) -> None:
+                 quantile: float = QUANTILE, spin_s: float = SPIN_S,
+                 cpu_clock: Callable[[], float] = time.thread_time) -> None:
         if not slowdown >= 1.0:
             raise ValueError(f"slowdown must be >= 1, got {slowdown}")
         if window < 1 or not 0.0 <= quantile <= 1.0:
@@ -50,6 +57,9 @@ class Pacer:
         self._window = window
         self._quantile = quantile
         self._spin_s = spin_s
+        self._cpu_clock = cpu_clock
+        self._cpu0: float | None = None
+        self.compute_cpu_s = 0.0  # CPU seconds of every step from ``start`` to ``pace``, added up
         self._samples: dict[Hashable, deque[float]] = {}
         self.last_compute_s = 0.0  # the last step's measured compute
         self.last_reference_s = 0.0  # the reference it was paced by (its own compute or less)
@@ -68,10 +78,19 @@ class Pacer:
         typical = ordered[int(self._quantile * (len(ordered) - 1))] * work
         return min(dt, typical)
 
+    def start(self) -> float:
+        """A step begins computing: its ``t0`` for ``pace`` (this pacer's clock)."""
+        self._cpu0 = self._cpu_clock()
+        return self._clock()
+
     def pace(self, t0: float, key: Hashable = None, work: float = 1.0) -> float:
-        """A step of shape ``key`` began computing at ``t0`` (this pacer's clock) and has just
-        ended: wait (F - 1) x its reference. Returns its compute time."""
+        """A step of shape ``key`` began computing at ``t0`` (this pacer's clock; from ``start``,
+        which also counts its CPU time) and has just ended: wait (F - 1) x its reference. Returns
+        its compute time."""
         now = self._clock()
+        if self._cpu0 is not None:
+            self.compute_cpu_s += max(0.0, self._cpu_clock() - self._cpu0)
+            self._cpu0 = None
         dt = now - t0
         self.last_compute_s = dt
         if self.slowdown <= 1.0:
