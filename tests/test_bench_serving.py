@@ -99,6 +99,9 @@ def test_bench_serving_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     per_row = idle["measured"]["serve_cpu_per_row_ms"]
     assert per_row >= 0 and c["predicted_shared_cores"]["serve_cpu_per_row_ms"] == per_row
     assert "serve_cpu_per_row_ms" not in idle["predicted_shared_cores"]
+    # the cores other work took during the cell: the shared-cores prediction counts them
+    assert c["measured"]["other_cores"] >= 0
+    assert c["predicted_shared_cores"].get("background_cores", 0.0) == c["measured"]["other_cores"]
     # the record predicts the same again without a mesh
     assert main(["bench", "serving", "--replay", str(tmp_path / "run.json"), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)

@@ -75,3 +75,19 @@ def test_the_serving_paths_cpu_is_per_row() -> None:
 
     with pytest.raises(SimError, match="serving CPU"):
         SimConfig(serve_cpu=(("n0", -1.0),))
+
+
+def test_other_work_on_the_machine_shares_the_cores() -> None:
+    """``background_cores``: what other programs take counts among the cores asked for."""
+    model = _two_both()
+    both = [Request(0, 0.0, 32, 1), Request(1, 0.001, 32, 1)]
+    cfg = SimConfig(routing="start", shared_cores=2, background_cores=1.0)
+    # the first alone with the other work: 2 cores asked of 2; the second makes it 3 of 2
+    assert [r.ttft_s for r in simulate(model, both, cfg).records] == pytest.approx([0.1, 0.15])
+    # on its own hardware a node shares nothing
+    own = SimConfig(routing="start", background_cores=1.0)
+    assert [r.ttft_s for r in simulate(model, both, own).records] == pytest.approx([0.1, 0.1])
+    from meshllm.sim.engine import SimError
+
+    with pytest.raises(SimError, match="background"):
+        SimConfig(background_cores=-0.5)

@@ -237,14 +237,15 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
             reqs: Sequence[Any], routing: str, shared_cores: float = 0.0,
             step_token_budget: int = 0, slowdowns: dict[str, float] | None = None,
             max_batch: int | None = None, entries: Sequence[str] | None = None,
-            serve_cpu_s: float = 0.0) -> tuple[dict[str, Any], Any]:
+            serve_cpu_s: float = 0.0, background_cores: float = 0.0) -> tuple[dict[str, Any], Any]:
     """The simulator's side of a cell, and its result. Its ``wait_ms`` is defined as the measured
     one (each request's TTFT minus its TTFT alone, see ``alone``); ``sim_wait_ms`` is the
     simulator's own (arrival to the first prefill micro-batch's start). ``entries``: the nodes
     whose APIs the requests went to, in turn (request i to ``entries[i % len(entries)]``, as
     ``_send`` sends them): the prompt comes from there and the tokens go back there.
     ``serve_cpu_s``: the serving path's CPU seconds per row of stage work on every node
-    (``SimConfig.serve_cpu``; counted with shared cores only; see ``serving_cpu_per_row``)."""
+    (``SimConfig.serve_cpu``; counted with shared cores only; see ``serving_cpu_per_row``);
+    ``background_cores``: the cores other work on the machine took meanwhile (shared cores only)."""
     from meshllm.sim.adapter import to_sim_model
     from meshllm.sim.model import SimConfig
     from meshllm.sim.serving import simulate
@@ -257,7 +258,8 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget,
                        iterations=step_token_budget > 0,
                        core_share=tuple((n, 1.0 / max(1.0, f)) for n, f in sorted((slowdowns or {}).items())),
-                       serve_cpu=tuple((n, serve_cpu_s) for n in sorted(devices)) if serve_cpu_s > 0 else ())
+                       serve_cpu=tuple((n, serve_cpu_s) for n in sorted(devices)) if serve_cpu_s > 0 else (),
+                       background_cores=background_cores if shared_cores > 0 else 0.0)
     if entries:
         reqs = [dataclasses.replace(r, entry=entries[i % len(entries)]) for i, r in enumerate(reqs)]
     res = simulate(model, list(reqs), config)
@@ -345,6 +347,17 @@ async def _send(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int,
     return results, (max(ends) if ends else time.perf_counter()) - t0
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds this machine's cores have been busy so far, every core together: all but idle
+    and I/O wait, the hypervisor's steal included (``/proc/stat``; None where there is none)."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user and nice]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK") if len(f) >= 8 else None
+
+
 def cpu_seconds(pids: Sequence[int]) -> list[float | None]:
     """User plus system CPU seconds each process has used so far (None where it is gone)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -379,9 +392,11 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     did not complete). ``pids``: the node processes, whose CPU time during the cell is counted."""
     before = _metrics(urls)
     cpu0 = cpu_seconds(pids)
+    busy0, t0 = machine_busy_s(), time.perf_counter()
     load0 = os.getloadavg()[0]
     results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s, one_at_a_time))
     cpu1 = cpu_seconds(pids)
+    busy1, t1 = machine_busy_s(), time.perf_counter()
     after = _metrics(urls)
     wmean, wp99 = hist_delta(before, after, WAIT_METRIC)
     ok = [r for r, q in zip(results, reqs, strict=True)
@@ -407,8 +422,12 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
         if len(comp) == len(side["cpu_s"]) and all(c is not None for c in comp + side["cpu_s"]):
             side["runner_cpu_s"] = comp
             side["serve_cpu_s"] = [round(c - r, 3) for c, r in zip(side["cpu_s"], comp, strict=True)]
-    # the machine's contention while the cell ran (1-minute load average, before and after)
+    # the machine's contention while the cell ran (1-minute load average, before and after), and
+    # the cores other work took meanwhile (every core's busy time, the hypervisor's steal
+    # included, less the nodes' CPU: the client, other programs), on average over the cell
     side["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    if busy0 is not None and busy1 is not None and side.get("cpu_s") and None not in side["cpu_s"] and t1 > t0:
+        side["other_cores"] = round(max(0.0, busy1 - busy0 - sum(side["cpu_s"])) / (t1 - t0), 3)
     errs = sorted({r.detail or "answer cut short" for r in results if r.outcome == "error"})
     if errs:
         side["error_examples"] = errs[:3]
@@ -474,8 +493,12 @@ def judged_cell(mix: str, load: float, rate: float, strategy: str, measured: dic
     measured = dict(measured)
     predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing, step_token_budget=budget,
                            slowdowns=slowdowns, max_batch=max_batch, entries=entries)
+    # the cores other work took while the cell ran share the machine with the nodes
+    background = float(measured.get("other_cores") or 0.0)
     shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget, slowdowns, max_batch,
-                        entries, serve_cpu_s or 0.0)
+                        entries, serve_cpu_s or 0.0, background)
+    if background:
+        shared["background_cores"] = background
     own = serving_cpu_per_row(measured, predicted)
     if own is not None:
         measured["serve_cpu_per_row_ms"] = round(own * 1e3, 3)

@@ -116,6 +116,9 @@ class SimConfig:
     # compute only): it takes a whole core's share, stretched by the cores' sharing, with the work
     # it serves. Unlisted nodes: none. On its own hardware a node's serving path is not modelled
     serve_cpu: tuple[tuple[str, float], ...] = ()
+    # with shared_cores: the cores other work on the machine takes meanwhile (steady): they share
+    # the cores with the nodes computing (work stretches by max(1, (k + background) / n))
+    background_cores: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pipeline not in ("no-bubbles", "bubbles"):
@@ -130,6 +133,8 @@ class SimConfig:
             raise SimError("iterations need a step_token_budget > 0")
         if any(not 0 < x <= 1 for _, x in self.core_share):
             raise SimError("a node's core share must be in (0, 1]")
+        if not self.background_cores >= 0:
+            raise SimError("background_cores must be >= 0")
         if any(not x >= 0 for _, x in self.serve_cpu):
             raise SimError("a node's serving CPU per row must be >= 0")
         if self.prefill_chunk_tokens <= 0:

@@ -254,13 +254,14 @@ class _Sim:
     def _stretch(self, node: str, dur: float, start: float, serve: float = 0.0) -> float:
         """How long ``dur`` seconds of work on ``node`` from ``start`` take when the nodes share
         ``config.shared_cores`` cores: the cores the nodes computing then ask for (each its
-        ``core_share``, this one included) over the cores, applied to this node's computing share;
-        plus ``serve`` seconds of its serving path's CPU, at a whole core's share."""
+        ``core_share``, this one included) and other work on the machine (``background_cores``)
+        over the cores, applied to this node's computing share; plus ``serve`` seconds of its
+        serving path's CPU, at a whole core's share."""
         cores = self.cfg.shared_cores
         if cores <= 0:
             return dur
         share = self.share
-        k = share.get(node, 1.0)
+        k = share.get(node, 1.0) + self.cfg.background_cores
         k += sum(share.get(n, 1.0) for n, f in self.node_free.items() if n != node and f > start)
         k += sum(share.get(n, 1.0) for n, iv in self.node_iv.items()
                  if n != node and any(a <= start < b for a, b in iv))
