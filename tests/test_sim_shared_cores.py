@@ -45,23 +45,24 @@ def test_negative_cores_are_refused() -> None:
 
 
 def test_the_serving_paths_cpu_counts_on_shared_cores_only() -> None:
-    """``serve_cpu``: each row of a node's stage work costs its serving path that much CPU at a
-    whole core's share (not slowed), stretched by the cores' sharing like compute."""
+    """``serve_cpu``: each row of a node's stage work costs its serving path that much CPU beside
+    the compute (not slowed): the node asks for that over the job's time of a core more."""
     model = _two_both()
     both = [Request(0, 0.0, 32, 1), Request(1, 0.001, 32, 1)]
     serve = (("n0", 0.01), ("n1", 0.01))
     own = simulate(model, both, SimConfig(routing="start", serve_cpu=serve)).records
     assert [r.ttft_s for r in own] == pytest.approx([0.1, 0.1])  # own hardware: not modelled
+    # each prompt 0.1 s of compute and 0.01 s of serving CPU beside it: 1.1 cores asked while it runs
     two = simulate(model, both, SimConfig(routing="start", shared_cores=2, serve_cpu=serve))
-    assert [r.ttft_s for r in two.records] == pytest.approx([0.11, 0.11])
+    assert [r.ttft_s for r in two.records] == pytest.approx([0.1, 0.11])  # 1.1, then 2.2 cores of 2
     one = simulate(model, both, SimConfig(routing="start", shared_cores=1, serve_cpu=serve))
-    assert [r.ttft_s for r in one.records] == pytest.approx([0.11, 0.22])  # shared: both stretched
+    assert [r.ttft_s for r in one.records] == pytest.approx([0.11, 0.22])  # 1.1, then 2.2 cores of 1
     assert one.jobs == one.rows == {"n0": 1, "n1": 1}
     assert one.serve_s == pytest.approx({"n0": 0.01, "n1": 0.01})
-    # a slowed node's compute is stretched in its computing share, its serving path in full
+    # a slowed node computes half the time, its serving path is not slowed: 0.5 + 0.1 cores each;
+    # the second asks for 1.2 cores of 1: its computing half stretches by 1.2
     slowed = SimConfig(routing="start", shared_cores=1, serve_cpu=serve, core_share=(("n0", 0.5), ("n1", 0.5)))
-    # the second: 0.1 x (0.5 x 1 + 0.5) + 0.01 x 1, the two asking for 1 core together
-    assert [r.ttft_s for r in simulate(model, both, slowed).records] == pytest.approx([0.11, 0.11])
+    assert [r.ttft_s for r in simulate(model, both, slowed).records] == pytest.approx([0.1, 0.11])
 
 
 def test_the_serving_paths_cpu_is_per_row() -> None:

@@ -112,9 +112,10 @@ class SimConfig:
     core_share: tuple[tuple[str, float], ...] = ()
     # with shared_cores: the CPU seconds each node's serving path (frames, the stage core, the
     # entries' HTTP and SSE) takes per row of a stage's work (a prompt micro-batch, or a sequence of
-    # a decode micro-batch), as (node, seconds) pairs. It is not slowed (a slowed node paces its
-    # compute only): it takes a whole core's share, stretched by the cores' sharing, with the work
-    # it serves. Unlisted nodes: none. On its own hardware a node's serving path is not modelled
+    # a decode micro-batch), as (node, seconds) pairs. It runs beside the compute (the node's event
+    # loop, not its inference thread) and is not slowed: while a job runs its node asks for
+    # (its rows' serving CPU / the job's time) of a core more, which stretches work only where the
+    # cores are short. Unlisted nodes: none. On its own hardware a node's serving path is not modelled
     serve_cpu: tuple[tuple[str, float], ...] = ()
     # with shared_cores: the cores other work on the machine takes meanwhile (steady): they share
     # the cores with the nodes computing (work stretches by max(1, (k + background) / n))

@@ -155,6 +155,7 @@ class _Sim:
         self.rows = dict.fromkeys(self.busy, 0)
         self.serve_s = dict.fromkeys(self.busy, 0.0)
         self.serve_cpu = dict(config.serve_cpu) if config.shared_cores > 0 else {}
+        self.serve_frac: dict[str, float] = {}  # a node's serving CPU over its compute, in its last job
         # when the work last reserved on each node ends (a node's stages share its compute)
         self.node_free: dict[str, float] = {}
         # nodes holding several stages of their replica keep their reserved intervals instead:
@@ -203,7 +204,8 @@ class _Sim:
         gap long enough among its reservations (work-conserving, never overlapping). Work that
         starts on a node idle just before it takes ``idle`` seconds more (its stage's
         ``Timing.idle_s``; counted busy too). ``rows``: the job's prompt micro-batches and decode
-        sequences, each of which costs the node's serving path ``serve_cpu`` (shared cores)."""
+        sequences, each of which costs the node's serving path ``serve_cpu`` of a core beside it
+        (shared cores)."""
         self.jobs[node] = self.jobs.get(node, 0) + 1
         self.rows[node] = self.rows.get(node, 0) + rows
         serve = self.serve_cpu.get(node, 0.0) * rows
@@ -255,19 +257,24 @@ class _Sim:
         """How long ``dur`` seconds of work on ``node`` from ``start`` take when the nodes share
         ``config.shared_cores`` cores: the cores the nodes computing then ask for (each its
         ``core_share``, this one included) and other work on the machine (``background_cores``)
-        over the cores, applied to this node's computing share; plus ``serve`` seconds of its
-        serving path's CPU, at a whole core's share."""
+        over the cores, applied to this node's computing share. ``serve``: the seconds of CPU its
+        serving path takes with this work (on its event loop, beside the thread that computes):
+        it asks for ``serve / dur`` of a core more while the work runs, which stretches the work
+        only where the cores are short."""
         cores = self.cfg.shared_cores
         if cores <= 0:
             return dur
         share = self.share
-        k = share.get(node, 1.0) + self.cfg.background_cores
-        k += sum(share.get(n, 1.0) for n, f in self.node_free.items() if n != node and f > start)
-        k += sum(share.get(n, 1.0) for n, iv in self.node_iv.items()
+        sf = self.serve_frac
+        own = min(1.0, serve / dur) if dur > 0 else 0.0
+        sf[node] = own
+        k = share.get(node, 1.0) + own + self.cfg.background_cores
+        k += sum(share.get(n, 1.0) + sf.get(n, 0.0) for n, f in self.node_free.items() if n != node and f > start)
+        k += sum(share.get(n, 1.0) + sf.get(n, 0.0) for n, iv in self.node_iv.items()
                  if n != node and any(a <= start < b for a, b in iv))
         mine = share.get(node, 1.0)
         sharing = max(1.0, k / cores)
-        return dur * (mine * sharing + (1.0 - mine)) + serve * sharing
+        return dur * (mine * sharing + (1.0 - mine))
 
     def _hop(self, src: str, dst: str, nbytes: float = TOKEN_BYTES) -> float:
         """A small control message: latency only, no link queueing."""
