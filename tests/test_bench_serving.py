@@ -109,6 +109,18 @@ def test_bench_serving_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     # the entries' dashboards say which replica prefilled the cell's 4 prompts (the one PREFILL)
     by = c["measured"]["by_prefill_replica"]
     assert sum(v["n"] for v in by.values()) == 4 and all(v["ttft_ms"] > 0 for v in by.values())
+    # the nodes count their runners' compute; the rest of their CPU is the serving path's, which
+    # the cell one at a time measures per row of stage work and the loaded cell's shared cores count
+    for cell in (idle, c):
+        m = cell["measured"]
+        assert len(m["runner_cpu_s"]) == 2 and sum(m["runner_cpu_s"]) > 0
+        assert m["serve_cpu_s"] == [round(a - b, 3) for a, b in zip(m["cpu_s"], m["runner_cpu_s"], strict=True)]
+    per_row = idle["measured"]["serve_cpu_per_row_ms"]
+    assert per_row >= 0 and c["predicted_shared_cores"]["serve_cpu_per_row_ms"] == per_row
+    assert "serve_cpu_per_row_ms" not in idle["predicted_shared_cores"]
+    # the cores other work took during the cell: the shared-cores prediction counts them
+    assert c["measured"]["other_cores"] >= 0
+    assert c["predicted_shared_cores"].get("background_cores", 0.0) == c["measured"]["other_cores"]
     # the record predicts the same again without a mesh
     assert main(["bench", "serving", "--replay", str(tmp_path / "run.json"), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)

@@ -197,6 +197,8 @@ async def test_queue_running_kv_refusals_and_cancellation_are_counted(tiny_manif
         await events.aclose()
         await async_wait_until(lambda: sum(mesh.held().values()) == 0, "every stage freed everything", 10.0)
         a2, b2, c2 = [await scrape(servers[n]) for n in "abc"]
+        runners = {id(r): r for e in decoder.stages.epochs() for r in decoder.stages.runners(e)}
+        computed = sum(r.pacer.compute_cpu_s for r in runners.values())
     finally:
         for srv in servers.values():
             await srv.close()
@@ -216,6 +218,8 @@ async def test_queue_running_kv_refusals_and_cancellation_are_counted(tiny_manif
     assert value(a2, "meshllm_stage_prefill_tokens_total") == 4 + 2
     assert value(b2, "meshllm_stage_decode_steps_total") >= 4  # token 0 comes from the prefill replica
     assert value(b2, "meshllm_spec_draft_tokens_total", outcome="drafted") == 0  # the request said no
+    # the model's compute on b: what its runners' pacers counted on the threads that ran them
+    assert computed > 0 and value(b2, "meshllm_stage_compute_cpu_seconds_total") == pytest.approx(computed)
 
 
 # --- the pieces -----------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_a_step_after_idling_is_fitted_and_old_profiles_load_without_it() -> Non
     prof = NodeProfile("m", 1, 1.0, 1 << 30, (1e-4,) * 3, (1e-3,) * 3, 1.0, 1.0, "x", 0.0, (0.0,) * 3, 40.0,
                        1.4e-3, -0.02)
     doc = prof.to_dict()
-    assert doc["version"] == PROFILE_VERSION == 5
+    assert doc["version"] == PROFILE_VERSION == 6
     assert NodeProfile.from_dict(doc) == prof
     old = {k: v for k, v in doc.items() if k not in ("idle_step_s", "idle_step_frac")} | {"version": 4}
     assert (NodeProfile.from_dict(old).idle_step_s, NodeProfile.from_dict(old).idle_step_frac) == (0.0, 0.0)

@@ -15,6 +15,7 @@ from meshllm.errors import CapacityError, ConfigError, ContextLengthError, Model
 from meshllm.model import reference
 from meshllm.model.manifest import Manifest
 from meshllm.runtime.kv import KVCache
+from meshllm.runtime.pacing import Pacer
 from meshllm.runtime.runner import StageRunner, session_options
 
 ATOL = 1e-4
@@ -276,9 +277,33 @@ def test_slowdown_really_slows(tiny_manifest: Manifest) -> None:
     t0 = time.perf_counter()
     r.prefill(0, np.arange(30))
     wall = time.perf_counter() - t0
-    # the runner sleeps (F - 1) x its measured compute time after computing
+    # the runner waits (F - 1) x its step's reference after computing, the step's own compute
+    # for a shape seen once (runtime/pacing.py; tests/test_pacing.py has the rule on a fake clock)
     assert r.last_compute_s > 0
     assert wall >= 3.0 * r.last_compute_s * 0.99
+
+
+def test_slowed_steps_are_paced_by_their_shape(tiny_manifest: Manifest) -> None:
+    """The runner names each step's shape to its pacer: a prefill by its tokens (the work its
+    reference scales with) and context, a decode step by its batch, positions and context."""
+    seen: list[tuple[object, float]] = []
+
+    class Recording(Pacer):
+        def pace(self, t0: float, key: object = None, work: float = 1.0) -> float:
+            seen.append((key, work))
+            return super().pace(t0, key, work)
+
+    r = _runner(tiny_manifest, slowdown=1.5)
+    r.pacer = Recording(1.5)
+    r.alloc(0, 40)
+    r.alloc(1, 40)
+    r.prefill(0, np.arange(5))
+    r.prefill(1, np.arange(3))
+    r.decode([0], np.array([1]))
+    r.decode([0, 1], np.array([1, 2]))
+    assert seen == [(("prefill", 3, 3), 5), (("prefill", 2, 2), 3), (("decode", 1, 1, 3), 1.0),
+                    (("decode", 2, 1, 3), 1.0)]
+    assert r.last_compute_s == r.pacer.last_compute_s > 0
 
 
 def test_sessions_use_given_threads_and_no_spinning() -> None:

@@ -64,6 +64,7 @@ TARGETS = {"e2llm_wait_vs_splitwise": "<= 0.5 at the highest load where splitwis
            "sim_error_ttft_tpot": "within 15% (aim 10%) for every strategy and load"}
 WAIT_METRIC = "meshllm_request_waiting_seconds"
 TTFT_METRIC = "meshllm_time_to_first_token_seconds"
+COMPUTE_METRIC = "meshllm_stage_compute_cpu_seconds_total"
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -235,12 +236,16 @@ def problem_from_docs(docs: Sequence[dict[str, Any]], manifest: Any) -> tuple[An
 def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any,
             reqs: Sequence[Any], routing: str, shared_cores: float = 0.0,
             step_token_budget: int = 0, slowdowns: dict[str, float] | None = None,
-            max_batch: int | None = None, entries: Sequence[str] | None = None) -> tuple[dict[str, Any], Any]:
+            max_batch: int | None = None, entries: Sequence[str] | None = None,
+            serve_cpu_s: float = 0.0, background_cores: float = 0.0) -> tuple[dict[str, Any], Any]:
     """The simulator's side of a cell, and its result. Its ``wait_ms`` is defined as the measured
     one (each request's TTFT minus its TTFT alone, see ``alone``); ``sim_wait_ms`` is the
     simulator's own (arrival to the first prefill micro-batch's start). ``entries``: the nodes
     whose APIs the requests went to, in turn (request i to ``entries[i % len(entries)]``, as
-    ``_send`` sends them): the prompt comes from there and the tokens go back there."""
+    ``_send`` sends them): the prompt comes from there and the tokens go back there.
+    ``serve_cpu_s``: the serving path's CPU seconds per row of stage work on every node
+    (``SimConfig.serve_cpu``; counted with shared cores only; see ``serving_cpu_per_row``);
+    ``background_cores``: the cores other work on the machine took meanwhile (shared cores only)."""
     from meshllm.sim.adapter import to_sim_model
     from meshllm.sim.model import SimConfig
     from meshllm.sim.serving import simulate
@@ -252,7 +257,9 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     # shared cores a slowed node computes 1/slowdown of its busy time and sleeps the rest
     config = SimConfig(routing=routing, shared_cores=shared_cores, step_token_budget=step_token_budget,
                        iterations=step_token_budget > 0,
-                       core_share=tuple((n, 1.0 / max(1.0, f)) for n, f in sorted((slowdowns or {}).items())))
+                       core_share=tuple((n, 1.0 / max(1.0, f)) for n, f in sorted((slowdowns or {}).items())),
+                       serve_cpu=tuple((n, serve_cpu_s) for n in sorted(devices)) if serve_cpu_s > 0 else (),
+                       background_cores=background_cores if shared_cores > 0 else 0.0)
     if entries:
         reqs = [dataclasses.replace(r, entry=entries[i % len(entries)]) for i, r in enumerate(reqs)]
     res = simulate(model, list(reqs), config)
@@ -269,7 +276,31 @@ def predict(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload:
     side["busy_nodes"] = round(sum(res.busy_s.values()) / wall, 2) if wall > 0 else None
     if slowdowns is not None:  # a slowed node computes for busy / slowdown and sleeps the rest
         side["compute_cpu_s"] = round(sum(b / slowdowns.get(n, 1.0) for n, b in res.busy_s.items()), 3)
+    side["stage_rows"] = sum(res.rows.values())  # prompt micro-batches and decode sequences, every stage
+    side["stage_jobs"] = sum(res.jobs.values())
+    if serve_cpu_s > 0:
+        side["serve_cpu_s"] = round(sum(res.serve_s.values()), 3)
     return side, res
+
+
+def serving_cpu_per_row(measured: dict[str, Any], predicted: dict[str, Any]) -> float | None:
+    """The serving path's CPU seconds per row of stage work (a prompt micro-batch or a decoded
+    sequence, at every stage), measured on a cell: what the node processes spent besides the
+    model's compute (frames, the stage core, HTTP and SSE at the entries, a slowed node's spin)
+    on the same cores, over the rows the simulator served for the same requests
+    (``stage_rows``). The nodes' own count where they gave it (``serve_cpu_s``: each process's
+    CPU seconds less its runners'), else the processes' CPU seconds (``cpu_s``) less the
+    simulator's compute (``compute_cpu_s``: older records); None without CPU figures."""
+    rows = predicted.get("stage_rows")
+    if not rows:
+        return None
+    serve = measured.get("serve_cpu_s")
+    if serve and all(c is not None for c in serve):
+        return max(0.0, sum(serve)) / rows
+    cpu, compute = measured.get("cpu_s"), predicted.get("compute_cpu_s")
+    if not cpu or any(c is None for c in cpu) or compute is None:
+        return None
+    return max(0.0, sum(cpu) - compute) / rows
 
 
 def saturation(plan: Any, mp: Any, devices: dict[str, Any], network: Any, workload: Any, inp: Any, out: Any,
@@ -314,6 +345,17 @@ async def _send(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int,
             results = list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
     ends = [r.token_times[-1] for r in results if r.token_times]
     return results, (max(ends) if ends else time.perf_counter()) - t0
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds this machine's cores have been busy so far, every core together: all but idle
+    and I/O wait, the hypervisor's steal included (``/proc/stat``; None where there is none)."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user and nice]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK") if len(f) >= 8 else None
 
 
 def cpu_seconds(pids: Sequence[int]) -> list[float | None]:
@@ -380,9 +422,11 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     before = _metrics(urls)
     dash0 = _dashboards(urls)
     cpu0 = cpu_seconds(pids)
+    busy0, t0 = machine_busy_s(), time.perf_counter()
     load0 = os.getloadavg()[0]
     results, wall = asyncio.run(_send(urls, reqs, vocab, seed, limit_s, one_at_a_time))
     cpu1 = cpu_seconds(pids)
+    busy1, t1 = machine_busy_s(), time.perf_counter()
     after = _metrics(urls)
     dash1 = _dashboards(urls)
     wmean, wp99 = hist_delta(before, after, WAIT_METRIC)
@@ -404,8 +448,19 @@ def measure(urls: Sequence[str], reqs: Sequence[Any], vocab: int, seed: int, lim
     # CPU seconds the node processes used during the cell (the model's compute and the shells')
     if pids:
         side["cpu_s"] = [None if a is None or b is None else round(b - a, 3) for a, b in zip(cpu0, cpu1, strict=True)]
-    # the machine's contention while the cell ran (1-minute load average, before and after)
+        # of which the nodes' runners computed (the nodes' own count), and the rest: their serving
+        # path's CPU (frames, the stage core, HTTP and SSE)
+        comp = [None if COMPUTE_METRIC not in b or COMPUTE_METRIC not in a else round(a[COMPUTE_METRIC] - b[COMPUTE_METRIC], 3)
+                for b, a in zip(before, after, strict=True)]
+        if len(comp) == len(side["cpu_s"]) and all(c is not None for c in comp + side["cpu_s"]):
+            side["runner_cpu_s"] = comp
+            side["serve_cpu_s"] = [round(c - r, 3) for c, r in zip(side["cpu_s"], comp, strict=True)]
+    # the machine's contention while the cell ran (1-minute load average, before and after), and
+    # the cores other work took meanwhile (every core's busy time, the hypervisor's steal
+    # included, less the nodes' CPU: the client, other programs), on average over the cell
     side["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    if busy0 is not None and busy1 is not None and side.get("cpu_s") and None not in side["cpu_s"] and t1 > t0:
+        side["other_cores"] = round(max(0.0, busy1 - busy0 - sum(side["cpu_s"])) / (t1 - t0), 3)
     errs = sorted({r.detail or "answer cut short" for r in results if r.outcome == "error"})
     if errs:
         side["error_examples"] = errs[:3]
@@ -466,21 +521,42 @@ def _copy_profiles(src: Path | None, mesh: Shell) -> Path:
 def judged_cell(mix: str, load: float, rate: float, strategy: str, measured: dict[str, Any], plan: Any, mp: Any,
                 devices: dict[str, Any], network: Any, wl: Any, reqs: Sequence[Any], routing: str, budget: int,
                 cores: float, slowdowns: dict[str, float] | None = None,
-                max_batch: int | None = None, entries: Sequence[str] | None = None) -> dict[str, Any]:
+                max_batch: int | None = None, entries: Sequence[str] | None = None,
+                serve_cpu_s: float | None = None) -> dict[str, Any]:
     """A cell: what was measured, the simulator's prediction (each node on its own hardware), the
     same told that the nodes share ``cores`` (as on one machine), and the errors. ``slowdowns``
     (per node) turn the simulator's busy time into the CPU time its compute takes
-    (``compute_cpu_s``, beside the measured ``cpu_s``); ``entries``: see ``predict``."""
+    (``compute_cpu_s``, beside the measured ``cpu_s``); ``entries``: see ``predict``.
+    ``serve_cpu_s``: the serving path's CPU per row of stage work, measured on the same mesh's
+    cell one request at a time (``serving_cpu_per_row``), which the shared-cores prediction
+    counts; the cell's own ``serve_cpu_per_row_s`` is given beside it."""
     measured = dict(measured)
     predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing, step_token_budget=budget,
                            slowdowns=slowdowns, max_batch=max_batch, entries=entries)
+    # the cores other work took while the cell ran share the machine with the nodes
+    background = float(measured.get("other_cores") or 0.0)
     shared, _ = predict(plan, mp, devices, network, wl, reqs, routing, cores, budget, slowdowns, max_batch,
-                        entries)
+                        entries, serve_cpu_s or 0.0, background)
+    if background:
+        shared["background_cores"] = background
+    own = serving_cpu_per_row(measured, predicted)
+    if own is not None:
+        measured["serve_cpu_per_row_ms"] = round(own * 1e3, 3)
+    if serve_cpu_s is not None:
+        shared["serve_cpu_per_row_ms"] = round(serve_cpu_s * 1e3, 3)
     if load == 0.0:  # requests 1000 s apart: a rate would mean nothing
         predicted["tok_s"] = measured["tok_s"] = shared["tok_s"] = None
     return {"mix": mix, "load": load, "rate_rps": rate, "strategy": strategy, "measured": measured,
             "predicted": predicted, "predicted_shared_cores": shared, "error_pct": error_pct(measured, predicted),
             "error_pct_shared_cores": error_pct(measured, shared)}
+
+
+def _calibrate(serve: dict[tuple[str, str], float], cell: dict[str, Any]) -> None:
+    """After a mesh's cell one request at a time (load 0): its serving CPU per row, which the
+    mesh's loaded cells are then predicted with (on shared cores)."""
+    got = cell["measured"].get("serve_cpu_per_row_ms")
+    if cell["load"] == 0.0 and got is not None:
+        serve[cell["mix"], cell["strategy"]] = got / 1e3
 
 
 def replay(record: dict[str, Any]) -> dict[str, Any]:
@@ -501,13 +577,15 @@ def replay(record: dict[str, Any]) -> dict[str, Any]:
                                     Workload.from_dict(m["workload"]), slowdowns_of(m["profiles"]),
                                     [d["node_id"] for d in m["profiles"]])
     cells = []
+    serve: dict[tuple[str, str], float] = {}  # per mesh: its serving CPU per row, measured one at a time
     for c in record["cells"]:
         plan, mp, devices, network, wl, slow, entries = problems[c["mix"], c["strategy"]]
         reqs = [Request(int(i), float(a), int(n_in), int(n_out)) for i, a, n_in, n_out in c["requests"]]
         cells.append(judged_cell(c["mix"], c["load"], c.get("rate_rps", 0.0), c["strategy"], c["measured"], plan, mp,
                                  devices, network, wl, reqs, record["routing"], record["step_token_budget"],
                                  float(record["cores"]), slow, int(record.get("max_batch", max_batch)),
-                                 entries))
+                                 entries, serve.get((c["mix"], c["strategy"])) if c["load"] else None))
+        _calibrate(serve, cells[-1])
     return {"bench": "serving", "replay": True, **record["about"], "cells": cells, "judged": judge(cells)}
 
 
@@ -578,6 +656,7 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
     # a terminated bench still stops its nodes (the meshes are context managers)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     profiles_dir: Path | None = None
+    serve: dict[tuple[str, str], float] = {}  # per mesh: its serving CPU per row, measured one at a time
     env_before = dict(os.environ)
     # what the simulator needs to predict every cell again, and what was measured (``--replay``)
     record: dict[str, Any] = {"model": model, "routing": routing, "step_token_budget": budget, "max_batch": max_batch,
@@ -629,7 +708,9 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
                         out["cells"].append(judged_cell(mix, load, round(load * sat, 3) if load else 0.0, strat,
                                                         measured, plan, mp, devices, network, wl, reqs, routing,
                                                         budget, float(os.cpu_count() or 1), slowdowns_of(docs),
-                                                        max_batch, [d["node_id"] for d in docs]))
+                                                        max_batch, [d["node_id"] for d in docs],
+                                                        serve.get((mix, strat)) if load else None))
+                        _calibrate(serve, out["cells"][-1])
                         record["cells"].append({"mix": mix, "load": load, "strategy": strat,
                                                 "rate_rps": out["cells"][-1]["rate_rps"],
                                                 "requests": [[r.id, r.arrival, r.input_tokens, r.output_tokens]

@@ -198,9 +198,22 @@ class ServingCollector(Collector):
         kv.add_metric(["out"], ss.get("kv_out_bytes", 0))
         yield kv
         # (a serving layer built on a whole node reads its stage host there)
-        used, budget = kv_bytes(self.stages if self.stages is not None else self.serving.stages)
+        stages = self.stages if self.stages is not None else self.serving.stages
+        yield _counter("meshllm_stage_compute_cpu_seconds", "CPU seconds this node's loaded runners spent computing "
+                       "the model (a slowed node's waits not included); the process's CPU less this is its "
+                       "serving path's", compute_cpu(stages))
+        used, budget = kv_bytes(stages)
         yield _gauge("meshllm_kv_bytes_in_use", "KV cache bytes reserved by requests on this node", used)
         yield _gauge("meshllm_kv_budget_bytes", "KV cache bytes this node's loaded stages may reserve", budget)
+
+
+def compute_cpu(stages: Stages) -> float:
+    """CPU seconds this node's distinct runners computed (their pacers' ``compute_cpu_s``)."""
+    seen: dict[int, Any] = {}
+    for e in stages.epochs():
+        for r in stages.runners(e):
+            seen[id(r)] = r
+    return float(sum(getattr(getattr(r, "pacer", None), "compute_cpu_s", 0.0) for r in seen.values()))
 
 
 def kv_bytes(stages: Stages) -> tuple[int, int]:

@@ -64,8 +64,9 @@ from meshllm.runtime.runner import StageRunner, weight_bytes_resident
 
 log = logging.getLogger("meshllm.runtime.profile")
 
-PROFILE_VERSION = 5  # 2: decode with cold caches (_Evictor); 3: scaled to stages (_stage_runs); 4: context
-# slope; 5: a step after an idle pause (idle_step_s, idle_step_frac)
+PROFILE_VERSION = 6  # 2: decode with cold caches (_Evictor); 3: scaled to stages (_stage_runs); 4: context
+# slope; 5: a step after an idle pause (idle_step_s, idle_step_frac); 6: a slowed runner paced by its
+# steps' typical compute (runtime/pacing.py), not by each step's own
 LONG_CTX = 512  # the longer context a stage's decode step is also timed at (the slope per context token)
 IDLE_GAP_S = 0.02  # the pause before each step timed after idling (a pipeline stage waits about this long)
 EVICT_BYTES = 96 << 20  # read between decode steps: more than any last-level cache here (32 MiB)

@@ -56,7 +56,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,13 +70,11 @@ from meshllm.model.config import DEFAULT_INT4_MODE, INT4_MODES, BlockCost
 from meshllm.model.manifest import Manifest
 from meshllm.runtime import attention
 from meshllm.runtime.kv import KVCache, SeqState
+from meshllm.runtime.pacing import Pacer, bucket
 
 # Fusing a stage's blocks into one session: see the runtime benchmark for the measurement.
 FUSE_DEFAULT = True
 FUSE_MAX_BYTES = 1 << 30
-
-
-_SPIN_S = 3e-4  # the last part of a slowdown wait is spun, not slept (see _pace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +230,7 @@ class StageRunner:
         self.first, self.end = first, end
         self.threads = threads or default_threads()
         self.slowdown = float(slowdown)
+        self.pacer = Pacer(self.slowdown)  # a slowed runner's steps: see runtime/pacing.py
         self.has_embed = first == 0
         self.has_head = end == cfg.num_blocks
         self.layer_blocks = [b for b in range(first, end) if 1 <= b <= cfg.num_layers]
@@ -317,13 +315,14 @@ class StageRunner:
 
     # --- compute ----------------------------------------------------------------------------
     def prefill(self, seq_id: Hashable, x: np.ndarray, *, last_only: bool = True) -> np.ndarray:
-        t0 = time.perf_counter()
+        t0 = self.pacer.start()
         st = self._ready(seq_id)
         x = self._check_input(x, None, "prefill")
         T = x.shape[0]
         if st.length + T > st.max_len:
             raise CapacityError(f"sequence {seq_id!r}: {st.length} + {T} positions exceed its "
                                 f"reserved {st.max_len}")
+        start = st.length
         outs = []
         for a in range(0, T, self.prefill_chunk):
             c = x[a:a + self.prefill_chunk]
@@ -334,7 +333,7 @@ class StageRunner:
             h = self._run(c[None], st.slot, positions, last_only, head=final or not last_only)  # (1, n|1, H|V)
             self._advance([st], n)
             outs.append(h[0])
-        self._pace(t0)
+        self._pace(t0, ("prefill", bucket(T), bucket(start + T)), work=T)
         if self.has_head and last_only:
             return outs[-1][-1]  # (V,)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)  # (T, H) or (T, V)
@@ -422,7 +421,7 @@ class StageRunner:
                 out[at[rows] + j] = self._decode([seq_ids[i] for i in rows], [states[i] for i in rows],
                                                  x[at[rows] + j])
             return out
-        t0 = time.perf_counter()
+        t0 = self.pacer.start()
         s0 = self.kv.arrange(seq_ids) if self.layer_blocks else 0
         order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
         S = max(counts)
@@ -435,12 +434,12 @@ class StageRunner:
         out[take] = h[0]  # (N, H|V) back in input order
         for st, c in zip(states, counts, strict=True):
             self._advance([st], c)
-        self._pace(t0)
+        self._pace(t0, ("decode", len(states), S, bucket(max(st.length for st in states))))
         return out
 
     def _decode(self, seq_ids: list[Hashable], states: list[SeqState], x: np.ndarray) -> np.ndarray:
         """One step for checked rows."""
-        t0 = time.perf_counter()
+        t0 = self.pacer.start()
         s0 = self.kv.arrange(seq_ids) if self.layer_blocks else 0
         # row j of the batch runs on slot s0 + j
         order = np.argsort([st.slot for st in states]) if self.layer_blocks else np.arange(len(states))
@@ -449,7 +448,7 @@ class StageRunner:
         out = np.empty((len(seq_ids), h.shape[-1]), np.float32)
         out[order] = h[0]
         self._advance(states, 1)
-        self._pace(t0)
+        self._pace(t0, ("decode", len(states), 1, bucket(max(st.length for st in states))))
         return out
 
     def _advance(self, states: list[SeqState], n: int) -> None:
@@ -458,20 +457,11 @@ class StageRunner:
             for b in st.layer_len:
                 st.layer_len[b] = st.length
 
-    def _pace(self, t0: float) -> None:
-        now = time.perf_counter()
-        dt = now - t0
-        self.last_compute_s = dt
-        if self.slowdown > 1.0:
-            until = now + (self.slowdown - 1.0) * dt
-            # time.sleep overshoots by tens of microseconds (timer slack); on small blocks that
-            # would make a slowed node far slower than asked, so sleep short of the deadline
-            # and spin the rest.
-            rest = until - time.perf_counter() - _SPIN_S
-            if rest > 0:
-                time.sleep(rest)
-            while time.perf_counter() < until:
-                pass
+    def _pace(self, t0: float, key: tuple[object, ...], work: float = 1.0) -> None:
+        """A slowed runner waits (F - 1) x the step's reference, the typical compute of steps of
+        its shape (``key``), never more than its own (``runtime/pacing.py``): a step disturbed
+        by other work is not made F times longer for it."""
+        self.last_compute_s = self.pacer.pace(t0, key, work)
 
     def _load_units(self, fuse: bool) -> list[_Unit]:
         """Sessions for the range: one per block, or (fused) one for the whole range, the head

@@ -110,6 +110,16 @@ class SimConfig:
     # slowed F times, which sleeps the rest), as (node, share) pairs; unlisted nodes use a whole
     # core. Work stretches by the cores' sharing only in its computing share
     core_share: tuple[tuple[str, float], ...] = ()
+    # with shared_cores: the CPU seconds each node's serving path (frames, the stage core, the
+    # entries' HTTP and SSE) takes per row of a stage's work (a prompt micro-batch, or a sequence of
+    # a decode micro-batch), as (node, seconds) pairs. It runs beside the compute (the node's event
+    # loop, not its inference thread) and is not slowed: while a job runs its node asks for
+    # (its rows' serving CPU / the job's time) of a core more, which stretches work only where the
+    # cores are short. Unlisted nodes: none. On its own hardware a node's serving path is not modelled
+    serve_cpu: tuple[tuple[str, float], ...] = ()
+    # with shared_cores: the cores other work on the machine takes meanwhile (steady): they share
+    # the cores with the nodes computing (work stretches by max(1, (k + background) / n))
+    background_cores: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pipeline not in ("no-bubbles", "bubbles"):
@@ -124,5 +134,9 @@ class SimConfig:
             raise SimError("iterations need a step_token_budget > 0")
         if any(not 0 < x <= 1 for _, x in self.core_share):
             raise SimError("a node's core share must be in (0, 1]")
+        if not self.background_cores >= 0:
+            raise SimError("background_cores must be >= 0")
+        if any(not x >= 0 for _, x in self.serve_cpu):
+            raise SimError("a node's serving CPU per row must be >= 0")
         if self.prefill_chunk_tokens <= 0:
             raise SimError("prefill_chunk_tokens must be positive")

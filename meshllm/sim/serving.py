@@ -33,6 +33,7 @@ which the serving router calls with the same inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -115,6 +116,19 @@ class SimResult:
     busy_s: dict[str, float]
     events: int
     summary: Summary
+    # per node: stage jobs booked, their rows (prompt micro-batches, decode sequences), and the
+    # serving path's CPU seconds counted for them (``SimConfig.serve_cpu``, shared cores only)
+    jobs: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    serve_s: dict[str, float] = field(default_factory=dict)
+
+
+def _rows(job: tuple) -> int:
+    """A stage job's rows: 1 for a prompt micro-batch, its sequences for a decode micro-batch,
+    the sum for an iteration."""
+    if job[0] == "iter":
+        return sum(_rows(j) for j in job[1])
+    return 1 if job[0] == "prefill" else len(job[1].seqs)
 
 
 class _Sim:
@@ -137,6 +151,11 @@ class _Sim:
                 if owner.setdefault(st.node, r.spec.id) != r.spec.id:
                     raise SimError(f"node {st.node} serves two replicas")
                 self.busy[st.node] = 0.0
+        self.jobs = dict.fromkeys(self.busy, 0)
+        self.rows = dict.fromkeys(self.busy, 0)
+        self.serve_s = dict.fromkeys(self.busy, 0.0)
+        self.serve_cpu = dict(config.serve_cpu) if config.shared_cores > 0 else {}
+        self.serve_frac: dict[str, float] = {}  # a node's serving CPU over its compute, in its last job
         # when the work last reserved on each node ends (a node's stages share its compute)
         self.node_free: dict[str, float] = {}
         # nodes holding several stages of their replica keep their reserved intervals instead:
@@ -179,29 +198,35 @@ class _Sim:
         self.link_free[key] = start + (total - lat)
         return start + total
 
-    def _book(self, node: str, ready: float, dur: float, idle: float = 0.0) -> float:
+    def _book(self, node: str, ready: float, dur: float, idle: float = 0.0, rows: int = 1) -> float:
         """Reserve ``dur`` seconds of ``node`` from ``ready`` on; returns when that work ends.
         A node with one stage serves in reservation order; a node with several takes the first
         gap long enough among its reservations (work-conserving, never overlapping). Work that
         starts on a node idle just before it takes ``idle`` seconds more (its stage's
-        ``Timing.idle_s``; counted busy too)."""
+        ``Timing.idle_s``; counted busy too). ``rows``: the job's prompt micro-batches and decode
+        sequences, each of which costs the node's serving path ``serve_cpu`` of a core beside it
+        (shared cores)."""
+        self.jobs[node] = self.jobs.get(node, 0) + 1
+        self.rows[node] = self.rows.get(node, 0) + rows
+        serve = self.serve_cpu.get(node, 0.0) * rows
+        self.serve_s[node] = self.serve_s.get(node, 0.0) + serve
         iv = self.node_iv.get(node)
         if iv is None:
             nf = self.node_free.get(node)
             start = ready if nf is None or ready > nf else nf
             if idle and (nf is None or start > nf + IDLE_GAP_S):
                 dur = self._idle(node, dur, idle)
-            end = start + self._stretch(node, dur, start)
+            end = start + self._stretch(node, dur, start, serve)
             self.node_free[node] = end
             return end
         now = self.q.now
         while iv and iv[0][1] <= now:  # past reservations cannot hold anything up any more
             self.iv_last[node] = max(self.iv_last.get(node, -1.0), iv.pop(0)[1])
-        stretched = self._stretch(node, dur, ready)
+        stretched = self._stretch(node, dur, ready, serve)
         t, k = self._gap(iv, ready, stretched)
         last = max([b for _, b in iv[:k]] + [self.iv_last.get(node, -1.0)])
         if idle and t > last + IDLE_GAP_S:  # nothing ran on the node just before: it comes back cold
-            stretched = self._stretch(node, self._idle(node, dur, idle), ready)
+            stretched = self._stretch(node, self._idle(node, dur, idle), ready, serve)
             t, k = self._gap(iv, ready, stretched)
         iv.insert(k, (t, t + stretched))
         return t + stretched
@@ -228,20 +253,28 @@ class _Sim:
         self.busy[node] += extra
         return dur + extra
 
-    def _stretch(self, node: str, dur: float, start: float) -> float:
+    def _stretch(self, node: str, dur: float, start: float, serve: float = 0.0) -> float:
         """How long ``dur`` seconds of work on ``node`` from ``start`` take when the nodes share
         ``config.shared_cores`` cores: the cores the nodes computing then ask for (each its
-        ``core_share``, this one included) over the cores, applied to this node's computing share."""
+        ``core_share``, this one included) and other work on the machine (``background_cores``)
+        over the cores, applied to this node's computing share. ``serve``: the seconds of CPU its
+        serving path takes with this work (on its event loop, beside the thread that computes):
+        it asks for ``serve / dur`` of a core more while the work runs, which stretches the work
+        only where the cores are short."""
         cores = self.cfg.shared_cores
         if cores <= 0:
             return dur
         share = self.share
-        k = share.get(node, 1.0)
-        k += sum(share.get(n, 1.0) for n, f in self.node_free.items() if n != node and f > start)
-        k += sum(share.get(n, 1.0) for n, iv in self.node_iv.items()
+        sf = self.serve_frac
+        own = min(1.0, serve / dur) if dur > 0 else 0.0
+        sf[node] = own
+        k = share.get(node, 1.0) + own + self.cfg.background_cores
+        k += sum(share.get(n, 1.0) + sf.get(n, 0.0) for n, f in self.node_free.items() if n != node and f > start)
+        k += sum(share.get(n, 1.0) + sf.get(n, 0.0) for n, iv in self.node_iv.items()
                  if n != node and any(a <= start < b for a, b in iv))
         mine = share.get(node, 1.0)
-        return dur * (mine * max(1.0, k / cores) + (1.0 - mine))
+        sharing = max(1.0, k / cores)
+        return dur * (mine * sharing + (1.0 - mine))
 
     def _hop(self, src: str, dst: str, nbytes: float = TOKEN_BYTES) -> float:
         """A small control message: latency only, no link queueing."""
@@ -425,7 +458,7 @@ class _Sim:
         st.busy = True
         self.busy[st.node] += dur
         # the node may be working on a later stage of this replica reserved earlier
-        rep.s0_end = self._book(st.node, self.q.now, dur, self.t.idle_s(rep.spec, 0))
+        rep.s0_end = self._book(st.node, self.q.now, dur, self.t.idle_s(rep.spec, 0), _rows(job))
         self.q.push(rep.s0_end, "done", (rep, job))
 
     def _start_iteration(self, rep: _Rep) -> None:
@@ -470,7 +503,7 @@ class _Sim:
         dur = self._dur(rep, 0, job)
         st.busy = True
         self.busy[st.node] += dur
-        rep.s0_end = self._book(st.node, self.q.now, dur, self.t.idle_s(rep.spec, 0))
+        rep.s0_end = self._book(st.node, self.q.now, dur, self.t.idle_s(rep.spec, 0), _rows(job))
         self.q.push(rep.s0_end, "done", (rep, job))
 
     def _reserved_at(self, d: _Rep, rep: _Rep) -> float:
@@ -580,7 +613,7 @@ class _Sim:
                 arrive = start + occ + lat
                 st = stages[s]
                 dur = self._dur(rep, s, job) if is_prefill else durs[s]
-                t = self._book(st.node, arrive, dur, self.t.idle_s(rep.spec, s))
+                t = self._book(st.node, arrive, dur, self.t.idle_s(rep.spec, s), _rows(job))
                 busy[st.node] += dur
                 if is_prefill:
                     self._send_kv(rep, s, rq, k, t)
@@ -610,7 +643,7 @@ class _Sim:
                 self.link_free[(src, dst)] = start + occ
                 node = rep.stages[s].node
                 dur = sum(self._dur(rep, s, j) for j in jobs)
-                t = self._book(node, start + occ + lat, dur, self.t.idle_s(rep.spec, s))
+                t = self._book(node, start + occ + lat, dur, self.t.idle_s(rep.spec, s), _rows(("iter", jobs)))
                 self.busy[node] += dur
                 for j in pre:
                     self._send_kv(rep, s, j[1], j[2], t)
@@ -789,7 +822,8 @@ class _Sim:
             raise SimError(f"{len(order) - len(self.finished)} requests never finished "
                            "(the plan cannot admit them)")
         recs = tuple(sorted(self.finished, key=lambda x: x.id))
-        return SimResult(recs, dict(self.busy), self.q.popped, summarise(list(recs), self.busy))
+        return SimResult(recs, dict(self.busy), self.q.popped, summarise(list(recs), self.busy),
+                         dict(self.jobs), dict(self.rows), dict(self.serve_s))
 
 
 def simulate(model: SimModel, requests: Sequence[Request], config: SimConfig | None = None, *,
@@ -799,6 +833,5 @@ def simulate(model: SimModel, requests: Sequence[Request], config: SimConfig | N
     sim = _Sim(model, config or SimConfig(), trace)
     res = sim.run(requests)
     if warmup:
-        res = SimResult(res.records, res.busy_s, res.events,
-                        summarise(list(res.records), res.busy_s, warmup=warmup))
+        res = dataclasses.replace(res, summary=summarise(list(res.records), res.busy_s, warmup=warmup))
     return res
