@@ -100,6 +100,18 @@ async def test_short_decode_steps_run_where_their_frame_lands_with_the_same_toke
         assert inline == [0, 0]
 
 
+async def test_a_stage_that_feeds_itself_steps_on_the_thread(make_mesh, tiny_manifest: Manifest) -> None:
+    # a one-node ring: its next step is ready right behind the last (its own token), so it runs on
+    # the inference thread and the loop stays free for the stream, however short the steps
+    mesh = await make_mesh(PLANS["one-node"], ServeConfig(inline_step_ms=1000.0))
+    for p in prompts(2, seed=6):
+        tokens, _, error = await answer(mesh.node("a").serving.entry, p, GREEDY)
+        assert error is None and tokens == reference(tiny_manifest, p, GREEDY)
+    await settled(mesh)
+    stage = mesh.node("a").serving.stage
+    assert stage.stats["iterations"] > 10 and stage.stats["inline_iterations"] == 0
+
+
 async def test_concurrent_requests_get_the_tokens_they_get_alone(make_mesh, tiny_manifest: Manifest) -> None:
     mesh = await make_mesh(PLANS["split-differently"])
     ps = prompts(16, seed=7)

@@ -7,11 +7,16 @@ at a time and returns their results; it never waits on the network, so a KV hand
 slow link never holds back a decode step, an admission or a free.
 
 **Where an iteration runs.** An iteration of decode steps (and frees) expected to take at most
-``ServeConfig.inline_step_ms`` runs on the event loop, right after the frame that made it ready:
-a hop then costs no thread switch (the loop waking the inference thread, and the thread waking
+``ServeConfig.inline_step_ms`` runs on the event loop, right after the frame from another node
+that made it ready: a hop then costs no thread switch (the loop waking the inference thread, and the thread waking
 the loop with the result, measured at 0.1-0.5 ms each on a shared 2-core machine). Everything
 else (prefill chunks, KV imports, admissions, a decode step measured slower than that) runs on the
-inference thread, so control frames never wait behind a long step. The expectation is the last
+inference thread, so control frames never wait behind a long step. So does an iteration ready
+right behind the last one, or made ready by the stage's own token (a one-node ring, a stage that
+always has work): run on the loop back to back, such steps left it one turn between them, and a
+streamed token, which takes several turns from the stage to the client, fell a step behind per
+turn (a one-node mesh slowed 5x: 10 ms steps, tokens reaching the client every 35 ms and then
+thirty at once when a prompt's prefill went to the thread). The expectation is the last
 measured decode-only iteration of this stage *with as many rows* (``StepTimes``), without drafts
 where one was measured: the first of each size runs on the thread, and a step that ran long on the
 loop sends the next ones of its size back to the thread. A step that carries drafts (speculation)
@@ -108,6 +113,7 @@ def _rows(it: Iteration) -> int:
     return sum(len(op.seqs) for op in it.ops if isinstance(op, DecodeOp))
 
 
+
 class StepTimes:
     """How long a decode-only iteration of so many rows takes, from the last one measured: one
     without drafts where one was (a step's drafts never move its rows between loop and thread),
@@ -144,6 +150,7 @@ class StageServer:
         self._delayed: dict[str, deque[tuple[float, Send]]] = {}  # hop_delay_ms: frames held per peer
         self._running: asyncio.Task[None] | None = None
         self._inline: asyncio.Handle | None = None  # an iteration about to run on the loop
+        self._hop = False  # a frame from another node is being taken in (what may run on the loop)
         self._steps = StepTimes()  # how long decode-only iterations took, by their rows
         self.core.stats["inline_iterations"] = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -202,7 +209,11 @@ class StageServer:
     def handle(self, peer: str, msg: Message) -> None:
         if self.closed:
             return
-        self._apply(self.core.step(peer, msg, self._now()))
+        self._hop = peer != self.node_id
+        try:
+            self._apply(self.core.step(peer, msg, self._now()))
+        finally:
+            self._hop = False
 
     def free(self, req: str, attempt: int = 1 << 30) -> None:
         self._apply(self.core.free(req, attempt, self._now()))
@@ -289,7 +300,11 @@ class StageServer:
         if it is None:
             return
         short = _short(it)
-        if short and self._steps.expect(_rows(it)) * 1000 <= self.config.inline_step_ms:
+        # On the loop only where another node's frame made it ready (a hop): an iteration right
+        # behind the last one, or made ready by the stage's own token (a one-node ring), would
+        # leave the loop one turn between steps, and what a token takes on its way to the client
+        # (several turns) would fall behind by a step a turn
+        if short and self._hop and self._steps.expect(_rows(it)) * 1000 <= self.config.inline_step_ms:
             self._inline = asyncio.get_running_loop().call_soon(self._run_here, it)
         else:
             self._running = asyncio.ensure_future(self._run(it, short))
