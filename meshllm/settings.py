@@ -304,6 +304,9 @@ SERVE_HELP = {
                        "adapted to acceptance alone)",
     "inline_step_ms": "a decode step expected to take at most this many ms runs on the event loop where its frame "
                       "landed instead of the inference thread (0: always the thread)",
+    "wake_qos": "while this node's stages decode, ask the kernel for a CPU wake-up latency of 0 "
+                "(/dev/cpu_dma_latency, needs write access): idle cores poll instead of halting between a "
+                "ring's frames (machine-wide, a power cost; let go 0.5 s after the last step)",
     "hop_delay_ms": "lab only: hold every control frame a stage sends to another node this many ms",
 }
 CONTROL_HELP = {

@@ -112,6 +112,26 @@ async def test_a_stage_that_feeds_itself_steps_on_the_thread(make_mesh, tiny_man
     assert stage.stats["iterations"] > 10 and stage.stats["inline_iterations"] == 0
 
 
+async def test_stages_hold_the_wake_up_request_while_they_decode_with_the_same_tokens(
+        make_mesh, tiny_manifest: Manifest, tmp_path, monkeypatch) -> None:
+    # serve.wake_qos: each stage holds a CPU wake-up latency request of 0 (here a file of the
+    # test's own in place of /dev/cpu_dma_latency) once it decodes, and lets it go when idle
+    from meshllm.serve import wake
+
+    monkeypatch.setattr(wake, "PATH", str(tmp_path / "cpu_dma_latency"))
+    mesh = await make_mesh(PLANS["both-split"], ServeConfig(wake_qos=True))
+    stages = [mesh.node(n).serving.stage for n in "ab"]
+    for s in stages:
+        s.wake.idle_s = 0.05
+    for p in prompts(2, seed=5):
+        tokens, _, error = await answer(mesh.node("a").serving.entry, p, GREEDY)
+        assert error is None
+        assert tokens == reference(tiny_manifest, p, GREEDY)
+    assert all(s.wake.holds >= 1 for s in stages), [s.wake.view() for s in stages]
+    assert (tmp_path / "cpu_dma_latency").read_bytes() == b"\0\0\0\0"  # the request: 0 µs
+    await async_wait_until(lambda: not any(s.wake.held for s in stages), "the requests let go when idle", 5.0)
+
+
 async def test_concurrent_requests_get_the_tokens_they_get_alone(make_mesh, tiny_manifest: Manifest) -> None:
     mesh = await make_mesh(PLANS["split-differently"])
     ps = prompts(16, seed=7)

@@ -34,12 +34,15 @@ figures, ``speedup_min`` / ``speedup_max`` their spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import struct
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrent", type=int, default=8, help="requests at once for the aggregate figure")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--wake-qos", action="store_true",
+                   help="nodes hold a CPU wake-up latency request of 0 while they decode (serve.wake_qos; needs "
+                        "write access to /dev/cpu_dma_latency), and so does the one process while it steps")
     p.add_argument("--speculate", action="store_true",
                    help="speculative decoding with / without, side by side: the echo-heavy and free prompt sets "
                         "(chat, needs --model with a tokenizer, e.g. SmolLM2) on the mesh and on one node")
@@ -126,6 +132,27 @@ def _single_process(model_dir: Path, threads: int, prompt: list[int], steps: int
         tok = int(np.argmax(out[0]))
     r.free("s")
     return statistics.median(times) * 1000
+
+
+@contextlib.contextmanager
+def _wake_qos(on: bool) -> Iterator[None]:
+    """Hold a CPU wake-up latency request of 0 in this process while the block runs (as the
+    nodes do with serve.wake_qos), when asked and allowed."""
+    if not on:
+        yield
+        return
+    from meshllm.serve.wake import PATH
+
+    try:
+        f = open(PATH, "wb", buffering=0)  # noqa: SIM115 - the request lasts while the file is open
+        f.write(struct.pack("i", 0))
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        f.close()
 
 
 SPEC_TARGETS = {"echo_mesh_speedup": ">= 1.5 (aim 2)", "echo_one_node_speedup": ">= 1.3 (aim 1.6)",
@@ -300,9 +327,13 @@ def run(args: argparse.Namespace) -> int:
         from meshllm.settings import attention_setting
 
         kind = choose(*attention_setting(os.environ))
-        single_ms = _single_process(model_dir, args.threads, prompt, args.tokens, kind)
+        wake = bool(getattr(args, "wake_qos", False))
+        if wake:
+            os.environ["MESHLLM_SERVE_WAKE_QOS"] = "true"
+        with _wake_qos(wake):
+            single_ms = _single_process(model_dir, args.threads, prompt, args.tokens, kind)
         out: dict[str, Any] = {"nodes": args.nodes, "model_params_mb": None, "single_decode_ms": round(single_ms, 3),
-                               "attention": kind}
+                               "attention": kind, "wake_qos": wake}
         with LocalMesh(args.nodes, model=str(model_dir), threads=args.threads, strategy=args.strategy) as mesh:
             view = mesh.wait_ready(args.timeout)
             plan = view["plan"]
@@ -354,6 +385,10 @@ def run(args: argparse.Namespace) -> int:
             predicted = (plan.get("predicted") or {}).get("latency_ms_per_token")
             rss = {f"node-{i}": rss_mb(p.pid) for i, p in enumerate(mesh.procs)}
             serving = [get_json(u + "/v1/mesh") for u in mesh.urls]
+            if wake:  # whether the nodes could hold the request
+                out["wake_qos_held"] = all(
+                    ((((v or {}).get("serving") or {}).get("stage") or {}).get("wake_qos") or {}).get("holds", 0) > 0
+                    for v in serving)
         mesh_ms = per_token * 1000
         out.update({
             "strategy": plan.get("strategy"), "stages": stages,

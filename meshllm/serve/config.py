@@ -74,6 +74,11 @@ class ServeConfig:
     # on the event loop where its frame landed, not on the inference thread: a hop then pays no
     # thread switch. Control frames wait behind it that long at most; 0: always the thread.
     inline_step_ms: float = 25.0
+    # while this node's stages decode, hold a CPU wake-up latency request of 0 (Linux PM QoS,
+    # /dev/cpu_dma_latency; needs write access to it): idle cores poll in the kernel instead of
+    # halting, so a ring's frame wakes its stage at once and the step runs on a warm core
+    # (serve/wake.py). Machine-wide and a power cost while rings decode: off by default.
+    wake_qos: bool = False
     # lab only: hold every control frame a stage sends to another node this long (a per-hop delay
     # on loopback, where netem is not available)
     hop_delay_ms: float = 0.0

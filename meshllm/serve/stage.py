@@ -60,6 +60,7 @@ from meshllm.serve.stagecore import (
     StageCore,
     run_op,
 )
+from meshllm.serve.wake import WakeQos
 from meshllm.wire.messages import LoadReport, Message
 
 log = logging.getLogger("meshllm.serve.stage")
@@ -153,6 +154,7 @@ class StageServer:
         self._hop = False  # a frame from another node is being taken in (what may run on the loop)
         self._steps = StepTimes()  # how long decode-only iterations took, by their rows
         self.core.stats["inline_iterations"] = 0
+        self.wake = WakeQos(config.wake_qos)  # the cores kept from halting while decode steps run
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = INF
         self._node = node_var.get()
@@ -178,6 +180,7 @@ class StageServer:
         v = self.core.view()
         v["queued_jobs"] = v.pop("queued_ops")
         v["data_frames_queued"] = sum(len(q) for q in self._lanes.values())
+        v["wake_qos"] = self.wake.view()
         return v
 
     def load_reports(self) -> list[LoadReport]:
@@ -189,6 +192,7 @@ class StageServer:
 
     async def close(self) -> None:
         self.closed = True
+        self.wake.release()
         self.core.release_all()
         if self._timer is not None:
             self._timer.cancel()
@@ -317,6 +321,8 @@ class StageServer:
             results, took = got
             if short:
                 self._steps.record(_rows(it), it.decode_rows, took)
+            if it.decode_rows:
+                self.wake.decoding(self._now())
         try:
             return self.core.update_from_output(it, results, self._now())
         except Exception:  # a bug: say so and keep serving (the entries' stall timers fail its requests over)
