@@ -339,6 +339,9 @@ class Transcript:
         if cmd == "cancel":
             assert self.entry is not None
             return self.out(self.entry.cancel(args[0], self.now))
+        if cmd == "stats":  # the stage's counters named
+            assert self.stage is not None
+            return [" ".join(f"{k}={self.stage.stats[k]}" for k in args)]
         if cmd == "status":
             assert self.entry is not None
             r = self.entry.requests.get(args[0])

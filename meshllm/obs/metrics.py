@@ -192,10 +192,12 @@ class ServingCollector(Collector):
         yield spec
         yield _counter("meshllm_spec_steps", "Rows of decode steps that carried drafts (speculative decoding)",
                        ss.get("spec_rows", 0))
-        kv = CounterMetricFamily("meshllm_kv_transfer_bytes", "Prompt KV handed off between replicas, by direction",
+        kv = CounterMetricFamily("meshllm_kv_transfer_bytes", "Prompt KV handed off between replicas, by direction "
+                                 "(dropped: arrived and not kept, its request ended or moved on)",
                                  labels=["direction"])
         kv.add_metric(["in"], ss.get("kv_in_bytes", 0))
         kv.add_metric(["out"], ss.get("kv_out_bytes", 0))
+        kv.add_metric(["dropped"], ss.get("kv_dropped_bytes", 0))
         yield kv
         # (a serving layer built on a whole node reads its stage host there)
         stages = self.stages if self.stages is not None else self.serving.stages

@@ -38,6 +38,7 @@ allocates nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -294,7 +295,8 @@ def _stats() -> dict[str, Any]:
             # speculation at a ring's stage 0: steps whose row carried drafts, drafts sent, drafts kept
             "spec_rows": 0, "spec_drafted": 0, "spec_accepted": 0, "spec_truncated": 0,
             # hand-off frames that came before their reservation: kept, dropped for room, expired
-            "early_kv": 0, "early_starts": 0, "early_dropped": 0, "early_expired": 0}
+            "early_kv": 0, "early_starts": 0, "early_dropped": 0, "early_expired": 0,
+            "kv_dropped_bytes": 0}
 
 
 class StageCore:
@@ -925,6 +927,7 @@ class StageCore:
     # --- KV hand-off (decoder stages) ------------------------------------------------------------------
     def _on_kv(self, peer: str, m: KVChunk) -> None:
         if self._freed(m.req, m.attempt):
+            self._kv_dropped(m)  # the request ended (or moved on) while its KV was on the way
             return
         routes = self._routes(m.epoch)
         try:
@@ -939,6 +942,7 @@ class StageCore:
         except (MeshError, TypeError, ValueError) as e:
             log.warning("dropped KV from %s for %s: %s", peer[:12], m.req, e)
             self.stats["unreserved_kv"] += 1
+            self._kv_dropped(m)
             return
         h = self.holds.get((m.req, m.replica, ref.index))
         if h is None and self._keep_early((m.req, m.replica, ref.index), m, peer):
@@ -948,10 +952,17 @@ class StageCore:
             self.stats["unreserved_kv" if h is None or not h.decode else "stale_attempt"] += 1
             log.warning("dropped KV from %s for %s (attempt %d): no reservation for it here", peer[:12], m.req,
                         m.attempt)
+            self._kv_dropped(m)
             return
         self.stats["kv_in_bytes"] += k.nbytes + v.nbytes
         h.deadline = self.now + self.config.handoff_timeout_s
         self._meta.append(ImportOp(h, m.block, k, v, m.offset, m.end))
+
+    def _kv_dropped(self, m: KVChunk) -> None:
+        """Hand-off KV that arrived and was not kept: counted, so that what a prefill replica sent
+        equals what its decoders took in plus this (``meshllm_kv_transfer_bytes{direction=dropped}``)."""
+        with contextlib.suppress(AttributeError, TypeError, ValueError):  # a malformed frame: nothing to count
+            self.stats["kv_dropped_bytes"] += m.k.nbytes + m.v.nbytes
 
     def _import_done(self, op: ImportOp, res: Result) -> None:
         h = op.hold
@@ -1337,6 +1348,8 @@ class StageCore:
                 self._on_kv(peer, m)
             elif m.attempt > h.attempt:
                 self._keep_early(key, m, peer)
+            else:
+                self._kv_dropped(m)
         if e.start is not None and e.start.attempt == h.attempt:
             self._on_decode_start(e.start)
         elif e.start is not None and e.start.attempt > h.attempt:
@@ -1349,6 +1362,7 @@ class StageCore:
             return
         keep = [(p, m) for p, m in e.kv if attempt is not None and m.attempt > attempt]
         gone = sum(m.k.nbytes + m.v.nbytes for _, m in e.kv) - sum(m.k.nbytes + m.v.nbytes for _, m in keep)
+        self.stats["kv_dropped_bytes"] += gone
         e.kv = keep
         e.nbytes -= gone
         self._early_bytes -= gone
