@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshllm.bench.mesh import set_figures, spec_orders
+from meshllm.bench.mesh import set_figures, smoothness, spec_orders
 
 
 def test_the_order_alternates_from_prompt_to_prompt_and_round_to_round() -> None:
@@ -31,3 +31,13 @@ def test_a_sets_figures_are_the_median_of_its_rounds() -> None:
     assert f["tok_s_off"] == 20.0 and f["tok_s_on"] == 30.0  # 30, 40, 30, 25 tok/s
     one = set_figures(rounds[:1])
     assert one["speedup"] == 1.5 and one["rounds"] == [{"tok_s_off": 20.0, "tok_s_on": 30.0, "speedup": 1.5}]
+
+
+def test_a_stream_whose_tokens_came_together_is_reported_bunched() -> None:
+    steady = [0.02 * i for i in range(11)]  # a token every 20 ms
+    held = [0.0, 0.02, 0.04] + [0.3 + 0.0001 * i for i in range(8)]  # then eight let go at once
+    assert smoothness([steady]) == (0.0, 20.0)
+    share, p99 = smoothness([held])
+    assert share == 0.7 and p99 > 200  # 7 of 10 gaps under 1 ms; the long wait before them
+    assert smoothness([steady, held])[0] == 0.35
+    assert smoothness([[1.0], []]) == (None, None)

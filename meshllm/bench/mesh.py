@@ -16,7 +16,11 @@ all of them (``--strategy ring`` by default: every node a stage). Reported:
 - ``predicted_decode_ms`` / ``measured_decode_ms``: the planner's latency per token for the active
   plan (its prefill included, at the workload's lengths) beside the same figure measured with
   a request of those lengths;
-- ``rss_mb``: each node's resident memory after the runs.
+- ``rss_mb``: each node's resident memory after the runs;
+- ``bunched_share_1`` / ``bunched_share_8``: the share of a stream's token events that reached
+  the client less than 1 ms after the one before (tokens held back and let go together: a
+  stream that falls behind its steps), one request and the 8 concurrent ones; ``gap_p99_ms_8``:
+  the 99th percentile of the gaps between a stream's token events, the 8 concurrent ones.
 
 ``--speculate`` measures speculative decoding instead (``serve/spec.py``), on ``--model`` (a chat
 model with a tokenizer, e.g. SmolLM2): the prompt sets of ``bench/spec_prompts.py`` ("echo-heavy":
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import statistics
 import struct
@@ -104,6 +109,18 @@ def _stream(url: str, prompt: list[int], tokens: int) -> list[float]:
             if ev.get("meshllm", {}).get("token_ids"):
                 times.append(time.perf_counter())
     return times
+
+
+BUNCHED_S = 0.001  # token events closer than this reached the client together
+
+
+def smoothness(streams: list[list[float]]) -> tuple[float | None, float | None]:
+    """(share of the gaps between a stream's token events under ``BUNCHED_S``, their 99th
+    percentile in ms) over ``streams`` (each a list of arrival times); None without gaps."""
+    gaps = [b - a for t in streams for a, b in itertools.pairwise(t)]
+    if not gaps:
+        return None, None
+    return round(sum(g < BUNCHED_S for g in gaps) / len(gaps), 3), round(float(np.percentile(gaps, 99)) * 1000, 2)
 
 
 def _compute(url: str) -> tuple[float, int]:
@@ -390,6 +407,8 @@ def run(args: argparse.Namespace) -> int:
                     ((((v or {}).get("serving") or {}).get("stage") or {}).get("wake_qos") or {}).get("holds", 0) > 0
                     for v in serving)
         mesh_ms = per_token * 1000
+        bunched_1, _ = smoothness([times])
+        bunched_8, gap_p99_8 = smoothness(results)
         out.update({
             "strategy": plan.get("strategy"), "stages": stages,
             "plan": [[s["layers"] for s in r["stages"]] for r in plan["replicas"]],
@@ -407,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
             "decode_prediction_error": (None if not predicted else round(abs(measured - predicted) / predicted, 3)),
             "workload_lengths": [n_in, n_out],
             "rss_mb": rss,
+            "bunched_share_1": bunched_1, "bunched_share_8": bunched_8, "gap_p99_ms_8": gap_p99_8,
             "errors": sum(int(((v or {}).get("serving") or {}).get("entry", {}).get("failed", 0)) for v in serving),
             "targets": TARGETS,
         })
