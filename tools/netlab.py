@@ -196,16 +196,10 @@ def serve_bench(nodes: int, rate: float, slowdowns: list[float], model: str | No
             addrs = [lab.addr(i) for i in range(nodes)]
             # each node's profile measured here, one at a time: measuring at once on one machine
             # they would share its cores and memory bandwidth (on real devices each measures alone)
-            from meshllm.model.manifest import load_manifest
-            from meshllm.model.paths import resolve_model_dir
-            from meshllm.runtime.profile import load_or_measure
-            from meshllm.settings import profile_dir_setting
+            from meshllm.commands.up import premeasure_states
 
-            manifest = load_manifest(resolve_model_dir(model), verify=False)
-            for i in range(nodes):
-                load_or_measure(manifest, Path(f"{tmp}/n{i}"), threads=1,
-                                slowdown=slowdowns[min(i, len(slowdowns) - 1)], memory_bytes=1,
-                                cache_dir=profile_dir_setting(os.environ))
+            premeasure_states(model, [Path(f"{tmp}/n{i}") for i in range(nodes)],
+                              [slowdowns[min(i, len(slowdowns) - 1)] for i in range(nodes)], 1)
             for i, a in enumerate(addrs):
                 argv = [sys.executable, "-m", "meshllm.cli", "node", "--name", f"n{i}", "--host", a,
                         "--interface", a, "--port", "7070", "--state-dir", f"{tmp}/n{i}", "--mesh-key-file",
@@ -437,14 +431,13 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
     import numpy as np
 
     from meshllm.bench.mesh import rss_mb
+    from meshllm.commands.up import premeasure_states
     from meshllm.errors import MeshError
     from meshllm.model.manifest import load_manifest
     from meshllm.model.paths import resolve_model_dir
     from meshllm.runtime.generate import generate
-    from meshllm.runtime.profile import load_or_measure
     from meshllm.runtime.runner import StageRunner
     from meshllm.runtime.sampling import SamplingParams
-    from meshllm.settings import profile_dir_setting
 
     root = Path(__file__).resolve().parents[1]
     manifest = load_manifest(resolve_model_dir(model), verify=False)
@@ -467,10 +460,8 @@ def chaos(nodes: int, requests: int, rate: float | None, faults: list[str], mode
         cfg.write_text(CHAOS_CONFIG)
         addrs = [lab.addr(i) for i in range(nodes + extra)]
         procs: dict[int, object] = {}
-        shared = profile_dir_setting(os.environ)  # where the nodes will look, if the environment says
-        for i in range(nodes + extra):  # profiles measured here, one at a time
-            load_or_measure(manifest, Path(f"{tmp}/n{i}"), threads=1, slowdown=1.0, memory_bytes=1,
-                            cache_dir=shared)
+        # profiles measured here, one at a time
+        premeasure_states(model, [Path(f"{tmp}/n{i}") for i in range(nodes + extra)], [1.0] * (nodes + extra), 1)
 
         def start(i: int) -> None:
             argv = [sys.executable, "-m", "meshllm.cli", "node", "--name", f"n{i}", "--host", addrs[i],

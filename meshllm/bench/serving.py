@@ -503,10 +503,11 @@ def _copy_profiles(src: Path | None, mesh: Shell) -> Path:
     (where the environment gives the nodes one ``profile_dir``, they all read it there: no copies)."""
     from meshllm.settings import profile_dir_setting
 
-    if profile_dir_setting(os.environ) is not None:
+    shared = profile_dir_setting(os.environ)
+    if shared is not None:
         if src is None:
             mesh.premeasure()
-        return Path(os.environ.get("MESHLLM_PROFILE_DIR", "."))
+        return shared
     if src is None:
         mesh.premeasure()
         keep = Path(tempfile.mkdtemp(prefix="meshllm-bench-serving-profiles-"))
@@ -529,7 +530,8 @@ def judged_cell(mix: str, load: float, rate: float, strategy: str, measured: dic
     (``compute_cpu_s``, beside the measured ``cpu_s``); ``entries``: see ``predict``.
     ``serve_cpu_s``: the serving path's CPU per row of stage work, measured on the same mesh's
     cell one request at a time (``serving_cpu_per_row``), which the shared-cores prediction
-    counts; the cell's own ``serve_cpu_per_row_s`` is given beside it."""
+    counts (``serve_cpu_per_row_ms`` of its shared-cores side); the cell's own is the measured
+    side's ``serve_cpu_per_row_ms``."""
     measured = dict(measured)
     predicted, _ = predict(plan, mp, devices, network, wl, reqs, routing, step_token_budget=budget,
                            slowdowns=slowdowns, max_batch=max_batch, entries=entries)

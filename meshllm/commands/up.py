@@ -91,11 +91,7 @@ def premeasure_states(model: str | None, states: list[Path], slowdowns: list[flo
     shared = profile_dir_setting(os.environ)
     done: dict[float, tuple[Path, Path]] = {}
     for state, slowdown in zip(states, slowdowns, strict=True):
-        if shared is not None:  # one cache for all of them: each slowdown measured once, in it
-            load_or_measure(manifest, state, threads=threads, slowdown=slowdown,
-                            memory_bytes=available_memory_bytes(), attention=attention, cache_dir=shared)
-            continue
-        if slowdown in done:
+        if shared is None and slowdown in done:  # (one shared cache finds its own measurement)
             first, src = done[slowdown]
             dst = state / src.relative_to(first)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +100,9 @@ def premeasure_states(model: str | None, states: list[Path], slowdowns: list[flo
         # the memory decides which runs of blocks are timed as stages (the whole model where it
         # fits, as a node measures itself); the budget itself is not part of the cached profile
         load_or_measure(manifest, state, threads=threads, slowdown=slowdown, memory_bytes=available_memory_bytes(),
-                        attention=attention)
-        done[slowdown] = (state, next((state / "profiles").glob("*.json")))
+                        attention=attention, cache_dir=shared)
+        if shared is None:
+            done[slowdown] = (state, next((state / "profiles").glob("*.json")))
 
 
 class LocalMesh:

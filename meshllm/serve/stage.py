@@ -21,13 +21,8 @@ measured decode-only iteration of this stage *with as many rows* (``StepTimes``)
 where one was measured: the first of each size runs on the thread, and a step that ran long on the
 loop sends the next ones of its size back to the thread. A step that carries drafts (speculation)
 runs where the same rows without drafts run, so the loop waits behind at most a pass of
-``spec_max_draft`` + 1 positions per row (one node, SmolLM2 int4: a plain step of 17-21 ms, a pass
-with 4 drafts 1.6-1.8 times that). Placed by the last iteration, most drafted steps of one node and
-the plain step after each ran on the thread, where on this shared 2-core machine a one-node step
-took about 6 ms longer than on the loop (the entry's streaming and the client then compete with
-the computation), more than the drafts saved. One node, alternated probes: placed by the last
-iteration, free prompts 0.90x; by the last iteration of as many positions (drafted steps still on
-the thread), echo-heavy 1.22x; as now, echo-heavy 1.51x and free 0.96x.
+``spec_max_draft`` + 1 positions per row (SmolLM2 int4: a plain step of 17-21 ms, a pass with 4
+drafts 1.6-1.8 times that). docs/serving.md has what each placement measured.
 """
 
 from __future__ import annotations
@@ -112,7 +107,6 @@ def _short(it: Iteration) -> bool:
 def _rows(it: Iteration) -> int:
     """The rows of an iteration's decode steps (each row's drafts not counted)."""
     return sum(len(op.seqs) for op in it.ops if isinstance(op, DecodeOp))
-
 
 
 class StepTimes:
