@@ -375,12 +375,18 @@ def serve(args: argparse.Namespace) -> int:
         return experiment(args, lambda strategy: None, {})  # type: ignore[arg-type,return-value]
     if args.quick:
         args.nodes = min(args.nodes, 2)
+    if not args.dilate >= 1:
+        print(f"netlab: --dilate must be at least 1, not {args.dilate}", file=sys.stderr)
+        return 2
     names, slowdowns, pairs = testbed_lab(args.testbed, args.nodes)
+    if args.dilate != 1:  # the same LAN, every device and link K times slower
+        slowdowns = [round(s * args.dilate, 3) for s in slowdowns]
+        pairs = {k: v / args.dilate for k, v in pairs.items()}
 
     def launch(strategy: str) -> NetMesh:
         return NetMesh(args.prefix, args.net, names, slowdowns, pairs, args.model, strategy, args.threads)
 
-    about = {"mesh": "netns", "testbed": args.testbed, "devices": names, "slowdowns": slowdowns,
+    about = {"mesh": "netns", "testbed": args.testbed, "dilate": args.dilate, "devices": names, "slowdowns": slowdowns,
              "link_mbps": {f"{names[i]}-{names[j]}": round(v, 1) for (i, j), v in sorted(pairs.items())}}
     return experiment(args, launch, about)
 
@@ -646,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     v.set_defaults(nodes=4)
     v.add_argument("--testbed", default=str(TESTBEDS / "lan.toml"),
                    help="devices (slowdowns from memory bandwidth) and link rates (default %(default)s)")
+    v.add_argument("--dilate", type=float, default=1.0,
+                   help="every device's slowdown times K and every link's rate over K: the testbed's LAN "
+                        "K times slower, so that its nodes' compute shares this machine's cores less "
+                        "(default 1)")
     v.add_argument("--prefix", default="mlsv")
     v.add_argument("--net", type=int, default=80)
     e = sub._name_parser_map["exec"]  # type: ignore[attr-defined]
