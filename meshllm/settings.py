@@ -281,6 +281,9 @@ SERVE_HELP = {
     "handoff_timeout_s": "KV reserved for a hand-off that never completes is freed after this many seconds",
     "eager_handoff": "send a prompt to its PREFILL replica together with the reservation at its DECODER (when "
                      "that reports room), saving the reservation's round trip from the time to first token",
+    "busy_handback": "a replica that prefills its own requests hands a prompt back to its entry when more prompts "
+                     "are queued there than the entry counted (sent by other entries a moment before), and the "
+                     "entry routes it again",
     "early_kv_mib": "MiB of hand-off KV a node keeps for a reservation that has not reached it yet",
     "stall_timeout_s": "an attempt with no sign of progress (a prefilled chunk, a token) for this many seconds "
                        "fails and resumes elsewhere",

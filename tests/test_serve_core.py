@@ -140,7 +140,8 @@ SCENARIO = st.lists(
 @given(SCENARIO)
 def test_random_arrivals_cancels_losses_and_delays(tiny_manifest: Manifest, scenario) -> None:
     """Invariants over random traffic and faults on a 4-node mesh (two replicas that can both take
-    any request): each request ends exactly once; a completed one has exactly the single
+    any request, whose first stages hand prompts back when more is queued than their entry
+    counted): each request ends exactly once; a completed one has exactly the single
     process's tokens (one attempt's, after any resumption); a cancelled or failed one has a prefix
     of them; every surviving node ends holding no KV and no request."""
     asyncio.run(_scenario(tiny_manifest, scenario))
@@ -151,6 +152,8 @@ async def _scenario(manifest: Manifest, scenario) -> None:
     mesh = DataMesh(manifest, names(spec), config=ServeConfig(stall_timeout_s=5.0, migrate_wait_s=2.0,
                                                               queue_timeout_s=5.0))
     await mesh.start(spec)
+    for n in mesh.nodes.values():  # estimates: entries send limits, and stages hand prompts back
+        n.serving.router.prefill_estimate = lambda routes, rid, tokens: (0.001, 0.0015)[rid] * tokens
     rng = np.random.default_rng(0)
     ends: dict[int, list] = {}
     tasks: dict[int, asyncio.Task] = {}
@@ -291,4 +294,33 @@ async def test_logprobs_and_penalties_survive_failover(make_mesh, tiny_manifest:
     assert tokens == reference(tiny_manifest, prompt, params)
     ref = reference_logprobs(tiny_manifest, prompt, params, tokens)
     assert [e.logprob for e in got] == pytest.approx([lp for lp, _ in ref], abs=1e-4)
+    await settled(mesh)
+
+
+async def test_a_prompt_queued_behind_another_entrys_is_handed_back_and_served_elsewhere(
+        make_mesh, tiny_manifest: Manifest) -> None:
+    """Two entries send prompts at the same moment to the one-node BOTH replica they both rank
+    first (neither knows of the other's: no load report could have come). Replica 0's stage holds
+    the first and hands the second back ("busy"), whose entry sends it to replica 1: it is
+    answered while replica 0's inference thread is still held, and both answers are the single
+    process's tokens."""
+    spec = [("both", [("a", 0, 5)]), ("both", [("b", 0, 5)]), ("both", [("c", 0, 5)])]
+    mesh = await make_mesh(spec)
+    for n in mesh.nodes.values():  # replica 0 the fastest, 1 next: every entry ranks them so
+        n.serving.router.prefill_estimate = lambda routes, rid, tokens: (0.01, 0.02, 0.2)[rid] * tokens
+    gate = mesh.node("a").hold_inference()
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    p1, p2 = [5, 6, 7, 8], [9, 10, 11]
+    first = asyncio.ensure_future(answer(mesh.node("b").serving.entry, p1, params))
+    second = asyncio.ensure_future(answer(mesh.node("c").serving.entry, p2, params))
+    try:
+        tokens2, _, error2 = await asyncio.wait_for(second, 30.0)
+        assert error2 is None and tokens2 == reference(tiny_manifest, p2, params)
+        assert not first.done()  # replica 0 is still held: the second did not wait behind the first
+        assert mesh.node("a").serving.stage.core.stats["busy"] == 1
+        assert mesh.node("c").serving.entry.core.stats["busy"] == 1
+    finally:
+        gate.set()
+    tokens1, _, error1 = await asyncio.wait_for(first, 30.0)
+    assert error1 is None and tokens1 == reference(tiny_manifest, p1, params)
     await settled(mesh)

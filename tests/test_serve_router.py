@@ -110,3 +110,40 @@ def test_the_completion_policy_still_queues_for_a_much_faster_both_replica() -> 
     rt = four_both()
     r.sent("q", 3, 0, 0.05, now=0.0)  # 50 ms left on replica 0: still its completion is soonest
     assert r.rank(rt, 96, 3, now=0.0)[0][0] == 0
+
+
+# --- a prompt handed back ("busy"): the allowance an entry sends and what it learns from the answer
+
+
+def test_the_allowance_is_the_queue_counted_plus_the_margin_to_the_runner_up() -> None:
+    r, rt = start_router(), four_both()
+    per_token = PREFILL_S[0] / 96
+    # "start": every replica could start at once, so replica 0 is chosen by completion and any
+    # prompt ahead of this one there lets another start sooner
+    assert r.queue_allowance(rt, 0, 96, 3, now=0.0) == 0
+    r.sent("q0", 3, 0, PREFILL_S[0], now=0.0)  # this entry's own prompt is under way there
+    for rid in (1, 2, 3):
+        r.sent(f"busy{rid}", 3, rid, 1.0, now=0.0)  # and a second long one at every other
+    # replica 0 starts after its 0.28 s; the next soonest (replica 1) after 1.0 s: 0.72 s more may
+    # be queued at 0 before replica 1 would start first
+    assert r.queue_allowance(rt, 0, 96, 3, now=0.0) == int((0.28 + 0.72) / per_token + 1e-6)
+    # a replica already excluded (it handed the prompt back) is no runner-up; with none left, no limit
+    assert r.queue_allowance(rt, 0, 96, 3, now=0.0, exclude=frozenset({1, 2, 3})) == -1
+    # "completion": the margin is the difference of the predicted completions
+    c = Router(lambda e: None, prefill_estimate=lambda rt, rid, n: PREFILL_S[rid],
+               decode_estimate=lambda rt, rid, b: STEP_S[rid])
+    gap = (PREFILL_S[1] + 3 * STEP_S[1]) - (PREFILL_S[0] + 3 * STEP_S[0])
+    assert c.queue_allowance(rt, 0, 96, 3, now=0.0) == int(gap / per_token + 1e-6)
+    assert Router(lambda e: None).queue_allowance(rt, 0, 96, 3) == -1  # no estimates: no limit
+
+
+def test_a_queue_a_replica_answered_with_counts_until_it_drains_or_a_report_comes() -> None:
+    r, rt = start_router(), four_both()
+    assert r.rank(rt, 96, 3, now=0.0)[0][0] == 0
+    r.observed(3, 0, 0.5, now=0.0)  # replica 0 handed a prompt back: 0.5 s of prompts queued there
+    assert r.rank(rt, 96, 3, now=0.0)[0][0] == 1
+    assert r.queued_s(rt, 0, PREFILL_S[0], now=0.2) == pytest.approx(0.3)  # draining
+    assert r.rank(rt, 96, 3, now=0.5)[0][0] == 0  # drained
+    r.observed(3, 0, 0.5, now=1.0)
+    r.report(LoadReport("w", 3, 0, {"decoding": 0, "started": 0, "max_batch": 8}), now=1.01)
+    assert r.rank(rt, 96, 3, now=1.01)[0][0] == 0  # a newer report replaces the answer

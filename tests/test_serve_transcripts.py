@@ -7,7 +7,8 @@ that count positions; their "logits" make token = 7 × (positions so far) mod 16
 Script commands (one per block; the expected output follows ``----``):
     config key=value ...            ServeConfig fields (before ``stage``/``entry``)
     stage NODE [capacity=N]         the core under test: a StageCore on NODE (runners hold N positions)
-    entry NODE                      or an EntryCore on NODE
+    entry NODE [prefill_ms=A,B,...] or an EntryCore on NODE (its router's prefill estimate: ms a
+                                    prompt token on replica 0, 1, ...; none without it)
     plan EPOCH ROLE:node[a,b)+node[b,c) ...   a plan, replicas in order (blocks: 0 embed, 1-2 layers, 3 head)
     frame FROM TYPE k=v ...         a frame (v: int, a,b,c for a tuple, '-' for None; ids=1,2,3 and
                                     hidden=N make tensors; sampling=greedy:N is greedy with max_tokens N)
@@ -286,7 +287,11 @@ class Transcript:
             return []
         if cmd == "entry":
             self.node = args[0]
-            router = Router(self.routes_for)
+            est = None
+            if "prefill_ms" in kv:  # per replica, ms a prompt token
+                per = [float(x) / 1000 for x in kv["prefill_ms"].split(",")]
+                est = lambda routes, rid, n: per[rid] * n  # noqa: E731
+            router = Router(self.routes_for, prefill_estimate=est)
             self.entry = EntryCore(self.node, ServeConfig(**self.cfg), vocab_size=VOCAB, max_position=1000,
                                    eos_ids=(), router=router,
                                    active=lambda: (self.active, self.plans[self.active]) if self.active else None)

@@ -166,6 +166,13 @@ class ServingCollector(Collector):
         yield _counter("meshllm_generation_tokens", "Tokens streamed to clients by this node as their entry",
                        es.get("tokens", 0))
         yield _counter("meshllm_migrations", "Requests resumed on another replica after a fault", es.get("migrations", 0))
+        hb = CounterMetricFamily("meshllm_busy_handbacks", "Prompts a replica's first stage handed back to their "
+                                 "entry, more prompts being queued there than the entry counted (serve.busy_handback): "
+                                 "by this node's stages (stage), and routed again by this node as their entry (entry)",
+                                 labels=["side"])
+        hb.add_metric(["stage"], ss.get("busy", 0))
+        hb.add_metric(["entry"], es.get("busy", 0))
+        yield hb
         reqs = list(entry.requests.values())
         # the request record's status: waiting for a replica, or asking one for room
         queued = sum(1 for r in reqs if getattr(r.status, "value", "") in ("waiting", "reserving"))

@@ -29,6 +29,12 @@ class ServeConfig:
     # reservation's round trip, which waits behind the decoder's running step on each of its
     # stages, leaves every time to first token. A refusal then frees the prefill done meanwhile.
     eager_handoff: bool = True
+    # An entry that sends a prompt to a replica which prefills its own requests says how many
+    # prompt tokens it expects queued ahead there, plus its margin to the next-best replica; stage
+    # 0 hands the prompt back ("busy", with its own count) when more are queued (prompts other
+    # entries sent a moment before, which no load report has shown yet) and the entry ranks again
+    # knowing it. Each replica hands a request back once at most.
+    busy_handback: bool = True
     # KV (and the first token) of such a hand-off that reaches a decoder stage before the
     # reservation does waits at the stage, up to this many MiB a node, then is taken in when the
     # reservation lands; beyond it, or after handoff_timeout_s, it is dropped (the hand-off then

@@ -134,7 +134,8 @@ EntryOutput = Send | Emit | Waited | FirstToken | Ended
 
 def _stats() -> dict[str, Any]:
     return {"accepted": 0, "completed": 0, "failed": 0, "rejected_429": 0, "rejected_503": 0, "cancelled": 0,
-            "tokens": 0, "migrations": 0, "prompt_tokens": 0, "stale_frames": 0, "too_large": 0}
+            "tokens": 0, "migrations": 0, "prompt_tokens": 0, "stale_frames": 0, "too_large": 0,
+            "busy": 0}
 
 
 class EntryCore:
@@ -220,7 +221,7 @@ class EntryCore:
                     # replica did for it is freed, and the next decoder gets the request (with the
                     # tokens streamed so far, if the prefill's first one came already)
                     self._free(r, r.nodes - r.reserve_nodes)
-                    self._refused(r, msg.code or "capacity", msg.error, now)
+                    self._refused(r, msg.code or "capacity", msg.error, now, msg.ahead)
         elif isinstance(msg, Error):
             if r.status is Status.RESERVING:
                 self._refused(r, msg.code or "error", msg.message, now)
@@ -346,13 +347,19 @@ class EntryCore:
         r.nodes = frozenset()
         r.deadline = now + self.config.reserve_timeout_s
         d0 = routes.stage(d, 0)
+        # a replica that prefills its own requests hands the prompt back if more is queued there
+        # than this router counted (other entries' prompts of a moment before); once per replica
+        max_ahead = -1
+        if p == d and d not in r.busy and self.config.busy_handback:
+            max_ahead = self.router.queue_allowance(routes, d, len(r.prompt), r.params.max_tokens, now,
+                                                    exclude=frozenset(r.busy))
         # a resumed request prefills its original prompt again and replays the tokens streamed so
         # far through the decoder's steps: the same arithmetic as the first time, so the same tokens
         self._send(d0.node, Reserve(RequestId(r.id), epoch, d, 0, len(r.prompt) + r.params.max_tokens,
                                     len(r.prompt), NodeId(self.node_id), r.params.to_dict(), r.seed, -1,
                                     tuple(r.tokens), r.attempt,
                                     # stage 0 drafts from the prompt (speculation), unless the request said no
-                                    tuple(r.prompt) if r.params.speculate is not False else ()))
+                                    tuple(r.prompt) if r.params.speculate is not False else (), max_ahead))
         # The prompt goes out right behind the reservation, saving the reservation's round trip
         # (which waits behind the running step of each decoder stage) from the time to first token:
         # - a one-stage replica that prefills its own decodes gets it on the same lane: its stage
@@ -366,10 +373,23 @@ class EntryCore:
         if r.eager:
             self._prefill(r, routes, now)
 
-    def _refused(self, r: Request, code: str, error: str, now: float) -> None:
+    def _refused(self, r: Request, code: str, error: str, now: float, ahead: int = -1) -> None:
         self.router.prefilled(r.id)  # a prompt sent with its reservation went with it
         self._free(r, r.reserve_nodes)
         r.reserve_nodes = frozenset()
+        if code == "busy":  # its queue grew since this entry looked: rank again knowing it
+            self.stats["busy"] += 1
+            r.busy.add(r.decode)
+            r.t_sent = None  # its wait runs on to the prompt's next send (counted from arrival)
+            est = self.router.prefill_estimate
+            act = self.active()
+            routes = act[1] if act is not None and act[0] == r.epoch else self.router.routes_for(r.epoch)
+            if est is not None and routes is not None and ahead > 0:
+                per_token = float(est(routes, r.decode, len(r.prompt))) / max(len(r.prompt), 1)
+                self.router.observed(r.epoch, r.decode, ahead * per_token, now)
+            r.to(Status.WAITING)
+            self._admit(r, now)
+            return
         r.tried.add(r.decode)
         r.refusals[code] = r.refusals.get(code, 0) + 1
         r.last_refusal = error
@@ -381,7 +401,7 @@ class EntryCore:
 
     def _on_reserved(self, r: Request, m: Reserved, now: float) -> None:
         if not m.ok:
-            self._refused(r, m.code or "capacity", m.error, now)
+            self._refused(r, m.code or "capacity", m.error, now, m.ahead)
             return
         act = self.active()
         routes = act[1] if act is not None and act[0] == r.epoch else self.router.routes_for(r.epoch)

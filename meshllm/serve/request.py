@@ -76,6 +76,7 @@ class Request:
     reserve_nodes: frozenset[str] = frozenset()  # the decoder being asked for room
     tried: set[int] = field(default_factory=set)  # decoders that refused in this admission round
     refusals: dict[str, int] = field(default_factory=dict)  # code -> count, this admission round
+    busy: set[int] = field(default_factory=set)  # replicas that handed its prompt back for their queue
     last_refusal: str = ""
     deadline: float = float("inf")  # when the current status times out
     wait_until: float = float("inf")  # the latest a WAITING request may wait
@@ -86,7 +87,7 @@ class Request:
     next_index: int = 0
     pending: dict[int, Any] = field(default_factory=dict)  # index -> Token, out of order
     tokens: list[int] = field(default_factory=list)
-    t_sent: float | None = None  # the prompt first went to a prefill replica
+    t_sent: float | None = None  # the prompt went to a prefill replica (the last one, after a hand-back)
     # how long it then waited at that replica's first stage (its first Progress says; None until
     # then): the waiting time is t_sent - t_arrival + queued_s, arrival to the prefill's start
     queued_s: float | None = None

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshllm.serve.routes import Routes
-from meshllm.sim.routing import Candidate, choose
+from meshllm.sim.routing import START_TOLERANCE_S, Candidate, choose, predicted_completion, predicted_start
 from meshllm.wire.messages import LoadReport
 
 # (routes, replica id, prompt tokens) -> predicted prefill seconds; (routes, replica, batch) -> s/token
@@ -53,6 +53,8 @@ class _Load:
     ttft_s: float = 0.0  # observed prefill + hand-off time (moving average)
     t_report: float | None = None  # when the last report came (None: none, or no clock)
     own_at_report: int = 0  # this entry's prompts in that replica's prefill when the report came
+    seen_s: float = 0.0  # the queue the replica answered with when it handed a prompt back
+    t_seen: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class Router:
             return
         ld.decoding, ld.started, ld.max_batch, ld.free_tokens = decoding, min(max(started, 0), decoding), max_batch, free
         ld.sent_since = 0
+        ld.seen_s = 0.0
         ld.t_report = now
         ld.own_at_report = self._own(m.epoch, m.replica)
 
@@ -124,18 +127,17 @@ class Router:
             others_s = others * prompt_s
             if now is not None and ld.t_report is not None:
                 others_s = max(0.0, others_s - max(0.0, now - ld.t_report))
+            if ld.seen_s > 0:  # what the replica itself answered lately: the truth then
+                seen = ld.seen_s - (max(0.0, now - ld.t_seen) if now is not None and ld.t_seen is not None else 0.0)
+                return max(own_s + others_s, seen)
         return own_s + others_s
 
-    def rank(self, routes: Routes, prompt_len: int, max_tokens: int,
-             now: float | None = None) -> list[tuple[int, int]]:
-        """(prefill, decoder) pairs, best first, for the entry to try in turn: the replicas that
-        take prompts ranked under the policy, a BOTH replica paired with itself and a PREFILL
-        replica with each decoder in the order the scoring prefers; pairs whose decoder last
-        reported room come first."""
+    def _fronts(self, routes: Routes, prompt_len: int, max_tokens: int, now: float | None
+                ) -> tuple[list[Candidate], list[int], list[int], dict[int, Candidate]]:
+        """The candidates that take the prompt, the BOTH replicas among them, the decoders a
+        PREFILL replica hands off to (best first) and their decode candidates."""
         pre = routes.prefill_replicas()
         dec = routes.decoder_replicas()
-        if not pre or not dec:
-            return []
         need = prompt_len + max_tokens
         both = [rid for rid in pre if self._both(routes, rid)]
         pure = [rid for rid in dec if rid not in both]
@@ -169,13 +171,50 @@ class Router:
                 best = dec_c[dec_order[0]]
                 fronts.append(Candidate(rid, self.queued_s(routes, rid, ps, now), ps, best.decode_s,
                                         best.handoff_s, any(c.has_room for c in dec_c.values())))
+        return fronts, both, dec_order, dec_c
+
+    def rank(self, routes: Routes, prompt_len: int, max_tokens: int,
+             now: float | None = None) -> list[tuple[int, int]]:
+        """(prefill, decoder) pairs, best first, for the entry to try in turn: the replicas that
+        take prompts ranked under the policy, a BOTH replica paired with itself and a PREFILL
+        replica with each decoder in the order the scoring prefers; pairs whose decoder last
+        reported room come first."""
+        if not routes.prefill_replicas() or not routes.decoder_replicas():
+            return []
+        fronts, both, dec_order, dec_c = self._fronts(routes, prompt_len, max_tokens, now)
         pairs = []
         for f in _ordered(fronts, self.policy):
             pairs.extend([(f, f)] if f in both else [(f, d) for d in dec_order])
         # a decoder that last reported no room goes after every one that did
+        need = prompt_len + max_tokens
         room = {c.replica_id: c.has_room for c in dec_c.values()}
         room.update({rid: self.has_room(routes, rid, need) for rid in both})
         return sorted(pairs, key=lambda pd: not room[pd[1]])
+
+    def queue_allowance(self, routes: Routes, replica: int, prompt_len: int, max_tokens: int,
+                        now: float | None = None, exclude: frozenset[int] = frozenset()) -> int:
+        """Prompt tokens that may be ahead of this prompt at ``replica``'s first stage before
+        another candidate (not in ``exclude``) would be the policy's choice: the queue this router
+        counts there plus the margin to the runner-up, in the replica's prefill tokens. -1: no
+        limit (no runner-up, or no estimates). The entry sends it with a reservation, so that a
+        replica whose queue grew since (prompts other entries sent a moment before) hands the
+        prompt back instead of queueing it."""
+        if self.prefill_estimate is None or prompt_len < 1:
+            return -1
+        fronts, _, _, _ = self._fronts(routes, prompt_len, max_tokens, now)
+        me = next((c for c in fronts if c.replica_id == replica), None)
+        others = [c for c in fronts if c.replica_id != replica and c.replica_id not in exclude and c.has_room]
+        if me is None or not others or me.prefill_s <= 0:
+            return -1
+        margin = min(_margin(me, c, self.policy) for c in others)
+        per_token = me.prefill_s / prompt_len
+        return max(0, int((me.queue_s + margin) / per_token + 1e-6))  # 1e-6: float noise
+
+    def observed(self, epoch: int, replica: int, ahead_s: float, now: float | None = None) -> None:
+        """A replica answered that ``ahead_s`` of prompts were queued at its first stage: counted
+        as its queue (draining from now) until its next load report."""
+        ld = self.loads.setdefault((epoch, replica), _Load())
+        ld.seen_s, ld.t_seen = max(0.0, float(ahead_s)), now
 
     def has_room(self, routes: Routes, replica: int, need: int) -> bool:
         """Whether a decoder replica last reported room for a request of ``need`` positions (with
@@ -190,6 +229,17 @@ class Router:
     @staticmethod
     def _both(routes: Routes, rid: int) -> bool:
         return rid in routes.prefill_replicas() and rid in routes.decoder_replicas()
+
+
+def _margin(me: Candidate, other: Candidate, policy: str) -> float:
+    """Seconds of queue ``me`` may gain before ``other`` is preferred to it under ``policy``."""
+    if policy == "start":
+        gap = predicted_start(other) - predicted_start(me)
+        if gap > START_TOLERANCE_S:
+            return gap
+        # the same start: completion decides, and any more queue at ``me`` lets ``other`` start first
+        return 0.0
+    return max(0.0, predicted_completion(other) - predicted_completion(me))
 
 
 def _ordered(cands: list[Candidate], policy: str) -> list[int]:

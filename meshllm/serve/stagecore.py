@@ -290,7 +290,7 @@ _GREEDY_RNG = np.random.Generator(np.random.Philox(0))  # passed for greedy rows
 
 def _stats() -> dict[str, Any]:
     return {"prefill_tokens": 0, "decode_steps": 0, "decode_rows": 0, "kv_in_bytes": 0, "kv_out_bytes": 0,
-            "refused": 0, "unreserved_kv": 0, "stale": 0, "stale_attempt": 0, "after_free": 0, "errors": 0,
+            "refused": 0, "busy": 0, "unreserved_kv": 0, "stale": 0, "stale_attempt": 0, "after_free": 0, "errors": 0,
             "iterations": 0, "step_timeouts": 0, "decode_compute_s": 0.0, "decode_calls": 0,
             # speculation at a ring's stage 0: steps whose row carried drafts, drafts sent, drafts kept
             "spec_rows": 0, "spec_drafted": 0, "spec_accepted": 0, "spec_truncated": 0,
@@ -685,6 +685,18 @@ class StageCore:
                 self.stats["refused"] += 1
                 refuse(f"replica {m.replica} decodes {len(ring.members)} requests, its limit", "capacity")
                 return
+            if m.max_ahead >= 0:
+                ahead = self.prompt_tokens_ahead(m.epoch, m.replica, m.req)
+                if ahead > m.max_ahead:
+                    # prompts other entries sent a moment before: the entry may start this one
+                    # sooner elsewhere. Its prompt, on its way behind this frame, is dropped here
+                    self.stats["busy"] += 1
+                    self._send(m.entry, Reserved(m.req, m.epoch, m.replica, False,
+                                                 f"replica {m.replica} has {ahead} prompt tokens queued, "
+                                                 f"over the {m.max_ahead} this request allowed", "busy", m.attempt,
+                                                 ahead=ahead))
+                    self._tomb(m.req, m.attempt)
+                    return
             micro = ring.pick_micro()
             mem = ring.members[m.req] = Member(m.req, m.attempt, micro, m.entry, replay=tuple(m.replay),
                                                max_tokens=params.max_tokens)
@@ -1277,8 +1289,11 @@ class StageCore:
     def _free(self, req: str, attempt: int, now: float) -> None:
         self.now = now
         self._release_req(req, attempt)
+        self._tomb(req, attempt)
+
+    def _tomb(self, req: str, attempt: int) -> None:
         t = self.tombs.pop(req, None)
-        self.tombs[req] = (max(attempt, t[0] if t else attempt), now + self.config.tombstone_s)
+        self.tombs[req] = (max(attempt, t[0] if t else attempt), self.now + self.config.tombstone_s)
         while len(self.tombs) > TOMBSTONES:
             self.tombs.popitem(last=False)
 
@@ -1416,6 +1431,13 @@ class StageCore:
                                    "max_batch": ring.max_batch, "free_tokens": -1 if free is None else int(free),
                                    "steps": ring.steps}))
         return out
+
+    def prompt_tokens_ahead(self, epoch: int, replica: int, req: str) -> int:
+        """Prompt tokens reserved at this replica's stage 0 and not prefilled yet (queued, running,
+        or still on their way behind their reservation), other than ``req``'s."""
+        return sum(h.prompt_len - h.prefilled for (r, rep, idx), h in self.holds.items()
+                   if rep == replica and idx == 0 and h.epoch == epoch and r != req and h.decode
+                   and h.prefilled < h.prompt_len)
 
     def queued_prefill_tokens(self) -> int:
         return sum(int(c.x.shape[0]) for h in self.holds.values() for c in h.chunks)

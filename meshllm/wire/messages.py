@@ -277,6 +277,9 @@ class Reserve(Message):
     # the prompt's token ids, for stage 0's draft proposals (speculative decoding); only the entry's
     # frame to stage 0 carries them
     prompt: tuple[int, ...] = ()
+    # a replica that prefills its own requests: stage 0 answers "busy" (with the tokens ahead)
+    # rather than queue the prompt behind more than this many prompt tokens; -1: no limit
+    max_ahead: int = -1
 
 
 @data("reserved")
@@ -289,8 +292,9 @@ class Reserved(Message):
     replica: int
     ok: bool
     error: str = ""
-    code: str = ""  # "capacity" (try another decoder or wait), "too_large" (never fits), "bad_request", ...
+    code: str = ""  # "capacity" (try another decoder or wait), "too_large" (never fits), "busy", "bad_request", ...
     attempt: int = 0
+    ahead: int = -1  # "busy": the prompt tokens queued ahead at stage 0
 
 
 @data("prefill")
