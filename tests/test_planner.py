@@ -108,7 +108,9 @@ def test_measured_times_override_the_spec():
     n = P7.n_blocks
     d = Device("m", 40 * 2**30, 1.0, 1.0, prefill_s_per_token=tuple([1e-4] * n),
                decode_s_per_step=tuple([2e-3] * n), measured=True)
-    assert cost.prefill_block_times(P7, d, 10).sum() == pytest.approx(10 * 1e-4 * n)
+    # affine: the step, then the marginal per-token time that gives 32 x 1e-4 at 32 tokens
+    assert cost.prefill_block_times(P7, d, 10).sum() == pytest.approx(n * (2e-3 + 9 * (32e-4 - 2e-3) / 31))
+    assert cost.prefill_block_times(P7, d, 32).sum() == pytest.approx(32 * 1e-4 * n)
     assert cost.decode_block_times(P7, d, 3, 100).sum() == pytest.approx(n * (2e-3 + 2 * 1e-4))
     bad = Device("m", 1, 1.0, 1.0, decode_s_per_step=(1.0,))
     with pytest.raises(PlanError):

@@ -129,11 +129,34 @@ def _roofline(p: ModelProfile, dev: Device, n_tok: float, attn_ctx: float, kv_re
         + eff.block_overhead_s
 
 
+PROFILE_PROMPT_TOKENS = 32  # the prompt length a device profile's per-token prefill time was measured at
+
+
 def prefill_block_times(p: ModelProfile, dev: Device, tokens: float,
                         eff: Efficiency = EFFICIENCY) -> np.ndarray:
-    """(N,) seconds each block takes on ``dev`` to prefill a prompt of ``tokens`` tokens."""
+    """(N,) seconds each block takes on ``dev`` to prefill a prompt of ``tokens`` tokens.
+
+    A **measured** device's prefill is affine in the prompt's length, not proportional to it. Its
+    profile records, per block, the time per token of a 32-token prompt (``PROFILE_PROMPT_TOKENS``,
+    what ``runtime.profile.measure`` runs) and the time of one decode step. Running a block at all
+    has a fixed cost (the decode step is that cost for one row), so ``T`` tokens cost the decode
+    step plus ``T - 1`` times the marginal per-token time that reproduces the measured 32-token
+    prompt, and never less than ``T`` times the per-token time: exact at 32 tokens, one decode
+    step for one token. Measured on SmolLM2 int4 (one runner for the whole model, 1 thread;
+    docs/experiments.md): prompts of 1, 4, 8 and 16 tokens took 17.7, 24.1, 33.3 and 50.7 ms; the
+    proportional figure is 3.1, 12.2, 24.4 and 48.9, this one 21.9, 29.3, 39.0 and 58.6. The
+    planner and the simulator both read it: the planner's once proportional figure put a PREFILL
+    replica on a slow device for short prompts at half the time the simulator and the mesh took
+    (docs/experiments.md, "Time dilated")."""
     if dev.prefill_s_per_token is not None:
-        return tokens * _measured(dev.prefill_s_per_token, p, dev)
+        per_tok = _measured(dev.prefill_s_per_token, p, dev)
+        linear = tokens * per_tok
+        if dev.decode_s_per_step is None or len(dev.decode_s_per_step) != p.n_blocks:
+            return linear
+        step = np.asarray(dev.decode_s_per_step, dtype=float)
+        k = PROFILE_PROMPT_TOKENS
+        marginal = np.maximum(0.0, (k * per_tok - step) / (k - 1))
+        return np.maximum(linear, step + (max(1.0, float(tokens)) - 1) * marginal)
     return _roofline(p, dev, tokens, tokens * (tokens + 1) / 2, tokens, eff)
 
 

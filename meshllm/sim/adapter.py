@@ -12,18 +12,8 @@ re-slices it:
   it must hold (``ModelProfile.kv_bytes_per_token``), i.e. the same memory rule as
   ``cost.max_batch_that_fits`` expressed in tokens instead of whole target-length sequences.
 
-One correction lives here: a **measured** device's prefill is affine in the prompt's length, not
-proportional to it. A profile records, per block, the time per token of a 32-token prompt
-(``PROFILE_PROMPT_TOKENS``, what ``runtime.profile.measure`` runs) and the time of one decode step;
-the cost model prefills ``T`` tokens in ``T`` times the former, which makes a 4-token prompt cost
-an eighth of a 32-token one, while running a block at all has a fixed cost (the decode step is
-that cost for one row). Here a prompt of ``T`` tokens costs, per block, the decode step plus
-``T - 1`` times the marginal per-token time that reproduces the measured 32-token prompt, and
-never less than the proportional figure: exact at 32 tokens, one decode step for one token.
-Measured on SmolLM2 int4 (one runner for the whole model, 1 thread; docs/experiments.md):
-prompts of 1, 4, 8 and 16 tokens took 17.7, 24.1, 33.3 and 50.7 ms; the proportional model
-said 3.1, 12.2, 24.4 and 48.9, the affine one 21.9, 29.3, 39.0 and 58.6. The decode model already
-has that form (``cost.decode_block_times``: the step plus a per-token time per extra row).
+A measured device's prefill is affine in the prompt's length (``cost.prefill_block_times``), in
+the simulator as in the planner.
 
 One approximation lives here and is stated: a prompt micro-batch after the first (chunked
 prefill of a long prompt) is timed as a prompt of its own length; its attention over the earlier
@@ -42,21 +32,6 @@ from meshllm.planner.cost import EFFICIENCY, Efficiency, ModelProfile
 from meshllm.planner.types import Device, Network, Plan, Workload
 from meshllm.sim.engine import SimError
 from meshllm.sim.model import SimModel, SimReplica, SimStage
-
-PROFILE_PROMPT_TOKENS = 32  # the prompt length a device profile's per-token prefill time was measured at
-
-
-def prefill_block_times(p: ModelProfile, dev: Device, tokens: int, eff: Efficiency = EFFICIENCY) -> np.ndarray:
-    """(N,) seconds each block takes on ``dev`` to prefill ``tokens`` tokens: the cost model's
-    figure, made affine for a measured device (see the module's docstring)."""
-    linear = cost.prefill_block_times(p, dev, tokens, eff)
-    if dev.prefill_s_per_token is None or dev.decode_s_per_step is None or len(dev.decode_s_per_step) != p.n_blocks:
-        return linear
-    k = PROFILE_PROMPT_TOKENS
-    per_tok = np.asarray(dev.prefill_s_per_token, dtype=float)
-    step = np.asarray(dev.decode_s_per_step, dtype=float)
-    marginal = np.maximum(0.0, (k * per_tok - step) / (k - 1))
-    return np.maximum(linear, step + (max(1, tokens) - 1) * marginal)
 
 
 class CostTiming:
@@ -81,7 +56,7 @@ class CostTiming:
         key = (st.node, tokens)
         cs = self._pre.get(key)
         if cs is None:
-            cs = self._pre[key] = self._cum(prefill_block_times(self.p, self.devices[st.node], tokens, self.eff))
+            cs = self._pre[key] = self._cum(cost.prefill_block_times(self.p, self.devices[st.node], tokens, self.eff))
         return float(cs[st.end] - cs[st.first])
 
     def decode_s(self, replica: SimReplica, stage: int, batch: int, ctx: float) -> float:
