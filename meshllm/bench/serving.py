@@ -81,7 +81,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=12, help="requests per load (default %(default)s)")
     p.add_argument("--idle", type=int, default=4,
                    help="requests sent one at a time first, as load 0 (default %(default)s; 0: none)")
-    p.add_argument("--max-batch", type=int, default=8, help="the workload's max batch (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="sequences a decoder replica takes at once: the planner's workload and the nodes' "
+                        "serve.max_batch alike (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per node (default 1)")
     p.add_argument("--request-timeout", type=float, default=120.0)
@@ -646,7 +648,11 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
     routing = "start"  # the nodes' default objective is waiting, whose router policy is "start"
     # the stages interleave prompt chunks with decode steps under this budget: the simulator too
     budget = ServeConfig().step_token_budget
-    max_batch = ServeConfig().max_batch  # sequences a decoder replica's nodes take at once
+    # sequences a decoder replica's nodes take at once: the workload's figure, which the planner
+    # plans with, the load axis (splitwise's saturation) is computed at and the simulator predicts
+    # with. The nodes once kept their own default of 64 while the planner was told 8: splitwise's
+    # "saturation" then left its decoders room for 8 times the sequences, and it hardly queued
+    max_batch = args.max_batch
     args.model = model
     out: dict[str, Any] = {"bench": "serving", "model": Path(model).name, "nodes": args.nodes, **about,
                            "length_scale": args.length_scale, "count": args.count,
@@ -674,7 +680,8 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
                 os.environ.update({"MESHLLM_WORKLOAD_INPUT_LEN": json.dumps(inp.to_dict()),
                                    "MESHLLM_WORKLOAD_OUTPUT_LEN": json.dumps(outl.to_dict()),
                                    "MESHLLM_WORKLOAD_ARRIVAL_RATE": f"{rate_hi:.6g}",
-                                   "MESHLLM_WORKLOAD_MAX_BATCH": str(args.max_batch)})
+                                   "MESHLLM_WORKLOAD_MAX_BATCH": str(args.max_batch),
+                                   "MESHLLM_SERVE_MAX_BATCH": str(max_batch)})
                 mesh = launch(strat)
                 profiles_dir = _copy_profiles(profiles_dir, mesh)
                 with mesh:
