@@ -365,8 +365,23 @@ def test_splitwise_sizes_pools_by_its_provisioning_rule():
         assert max(counts) - min(counts) <= 1
     roles = [r.role for r in plan.replicas]
     assert roles.count(Role.PREFILL) >= 1 and roles.count(Role.DECODER) >= 1
-    assert roles == sorted(roles, key=lambda x: x != Role.PREFILL)  # pools in testbed order
+    assert roles == sorted(roles, key=lambda x: x != Role.PREFILL)  # the prompt pool first
     assert len(plan.replicas) == 15 // n
+
+
+def test_splitwise_gives_the_prompt_pool_the_fastest_devices_in_any_order():
+    """Splitwise-HA: the prompt phase on the stronger machines. The pools do not depend on the
+    order the devices come in (a live mesh lists the leader first, then the members)."""
+    tb = EDGESHARD
+    plan = make_plan("splitwise", P7, tb.devices, tb.network, tb.workload)
+    shuffled = make_plan("splitwise", P7, tuple(reversed(tb.devices)), tb.network, tb.workload)
+    pools = {(r.role, tuple(s.node for s in r.stages)) for r in plan.replicas}
+    assert pools == {(r.role, tuple(s.node for s in r.stages)) for r in shuffled.replicas}
+    pb = Problem(P7, tuple(tb.devices), tb.network, tb.workload)
+    speed = {d.name: float(pb.pre_mean[j].sum()) for j, d in enumerate(pb.devices)}
+    prompt = [s.node for r in plan.replicas if r.role is Role.PREFILL for s in r.stages]
+    token = [s.node for r in plan.replicas if r.role is Role.DECODER for s in r.stages]
+    assert max(speed[n] for n in prompt) <= min(speed[n] for n in token)
 
 
 def test_unknown_strategy_and_objective_are_plan_errors():

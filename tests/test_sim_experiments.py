@@ -67,7 +67,7 @@ def test_table4_edge_solo_7b_is_memory_bound(table4) -> None:
 def test_e2llm_halves_splitwise_wait_at_high_load_reduced() -> None:
     tb = load_testbed(TESTBEDS / "home.toml")
     arm = ex.e2llm_vs_splitwise_arm(make_plan, tb, "llama2-7b", "long-in/short-out",
-                                    loads=(0.8, 1.0), n_requests=80,
+                                    loads=(0.8, 1.0), n_requests=300,
                                     strategies=("e2llm", "splitwise"))
     assert arm.saturation_rps > 0
     keys = {"testbed", "mix", "load_fraction", "strategy", "mean_wait_s", "p99_wait_s",
@@ -78,7 +78,7 @@ def test_e2llm_halves_splitwise_wait_at_high_load_reduced() -> None:
     for r in reds:
         assert r["e2llm_wait_s"] <= 0.5 * r["splitwise_wait_s"], r
     again = ex.e2llm_vs_splitwise_arm(make_plan, tb, "llama2-7b", "long-in/short-out",
-                                      loads=(0.8, 1.0), n_requests=80,
+                                      loads=(0.8, 1.0), n_requests=300,
                                       strategies=("e2llm", "splitwise"))
     assert again.rows == arm.rows  # same seed, same numbers
 

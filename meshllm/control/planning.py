@@ -126,7 +126,7 @@ def plan_from_individual(problem: Problem, ind: tuple[int, ...], strategy: str =
     if reps is None:
         raise DoesNotFit("no feasible plan: no grouping of the members holds a full replica")
     plan = Plan(0, problem.to_replicas(reps), problem.estimate_stages(reps, with_saturation=True).predicted,
-                strategy, f"the {who} plan: the fitness scores it below the GA's answer" if who else "")
+                strategy, f"the {who} plan: predicted better than the GA's answer (a lower fitness; where both are overloaded, a higher saturation)" if who else "")
     validate_plan(plan, problem.profile, problem.devices, problem.workload)
     return plan
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshllm.errors import DoesNotFit, PlanError
-from meshllm.planner import cost, ga
+from meshllm.planner import cost, ga, queueing
 from meshllm.planner.cost import TOKEN_BYTES, ModelProfile
 from meshllm.planner.dp import Partition, edgeshard_throughput, even_split, proportional_split
 from meshllm.planner.latency import MAX_EXACT, LatencyPlacement, place_latency
@@ -246,17 +246,24 @@ def splitwise(pb: Problem, objective: str, rng: np.random.Generator) -> list[tup
     assumptions allow: machines are taken as identical, so
 
     1. replica size n = the fewest devices of the mesh's *mean* memory that hold the weights
-       plus one batch of KV; replicas are consecutive groups of n devices in testbed order
-       (leftovers idle), each split evenly by blocks; if an even split does not fit some group,
-       n grows by one and grouping starts over;
+       plus one batch of KV; replicas are consecutive groups of n devices, the devices ordered
+       by their prefill time of the whole model at the mean prompt, fastest first (leftovers,
+       the slowest, idle), each split evenly by blocks; if an even split does not fit some
+       group, n grows by one and grouping starts over;
     2. pool sizes by Splitwise's provisioning rule: with R identical replicas of prompt capacity
        μ_p and token capacity μ_d (requests/s; the mean over the groups), choose the number of
        prompt replicas n_p in [1, R-1] maximising the load both pools sustain,
        min(n_p μ_p, (R - n_p) μ_d); one replica serves both phases (BOTH).
+
+    The prompt pool is the first groups: the fastest devices, as Splitwise's heterogeneous
+    variant (Splitwise-HA) gives the prompt phase the stronger machines. The order was the
+    source, then the devices' order in the mesh: in a live mesh that is the leader, then the
+    members, so the device that prefilled changed from one mesh to the next, and with it
+    whether e2llm's plan beat splitwise's (docs/experiments.md, "Time dilated").
     """
     m, nb, w = len(pb.devices), pb.n_blocks, pb.workload
-    src = pb.source
-    order = sorted(range(m), key=lambda j: (j != src, j))
+    speed = pb.pre_mean.sum(axis=1)  # (M,) seconds to prefill the mean prompt through every block
+    order = sorted(range(m), key=lambda j: (float(speed[j]), pb.devices[j].name))  # ties: by name
     need = pb.profile.total_weight_bytes + pb.profile.kv_bytes_per_token(0, nb) * w.max_batch * w.target_len
     n = max(1, math.ceil(need / float(pb.mem.mean())))
     groups: list[Stages] = []
@@ -293,7 +300,7 @@ def e2llm(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[R
     out, who = with_baselines(pb, got, objective)
     if out is None:
         raise DoesNotFit("e2llm: does not fit: no grouping of these devices holds a full replica")
-    return Placed(out, f"the {who} plan: the fitness scores it below the GA's answer") if who else out
+    return Placed(out, f"the {who} plan: predicted better than the GA's answer (a lower fitness; where both are overloaded, a higher saturation)") if who else out
 
 
 # The other strategies whose plans e2llm's answer is checked against (all but the exact latency
@@ -309,17 +316,43 @@ def with_baselines(pb: Problem, reps: list[tuple[Role, Stages]] | None,
                    objective: str) -> tuple[list[tuple[Role, Stages]] | None, str]:
     """``reps`` (the GA's answer; None where it found none that fits), or the plan of a baseline
     strategy when the GA's fitness scores that one lower, and the baseline's name ("" for the
-    GA's own): e2llm is never predicted worse than the strategies it is compared with. Pure."""
-    best, f, who = reps, (pb.estimate_stages(reps).fitness if reps is not None else math.inf), ""
+    GA's own): e2llm is never predicted worse than the strategies it is compared with. Pure.
+
+    Where the GA's answer is overloaded at the workload's rate, plans are compared by their
+    predicted saturation rate instead (the highest wins; a plan that is not overloaded beats
+    every one that is). The overloaded fitness, ``OVERLOAD x (1 + worst utilisation)``, reads
+    the utilisation of the load shares the estimate gives each replica, and those are not the
+    plan's capacity: on the home testbed's long prompts, at 1.2 x splitwise's saturation, it
+    scored a plan that saturates at 0.43 requests/s (worst utilisation 1.0) below splitwise's at
+    0.56 (2.0), and the simulator's e2llm then waited 2-3 times splitwise's at every load
+    (docs/simulator.md). Computing the saturation costs a search over rates, so the GA's
+    thousands of candidates do not; the few plans compared here do."""
+    if reps is None:
+        f: float = math.inf
+    else:
+        f = pb.estimate_stages(reps).fitness
+    overloaded = queueing.OVERLOAD <= f < ga.INFEASIBLE
+
+    def key(cand: list[tuple[Role, Stages]], fit: float) -> tuple[float, float]:
+        if not overloaded or fit < queueing.OVERLOAD:
+            return (0.0 if fit < queueing.OVERLOAD else 1.0, fit)
+        sat = pb.estimate_stages(cand, with_saturation=True).predicted.saturation_rps or 0.0
+        return (1.0, -sat)
+
+    best, who = reps, ""
+    best_key = key(reps, f) if reps is not None else (math.inf, math.inf)
     for name in BASELINES:
         try:
             got = STRATEGIES[name](pb, objective, np.random.default_rng(0))
         except (DoesNotFit, PlanError):
             continue
-        cand = got.replicas if isinstance(got, Placed) else got
+        cand = [(role, list(st)) for role, st in (got.replicas if isinstance(got, Placed) else got)]
         g = pb.estimate_stages(cand).fitness
-        if g < ga.INFEASIBLE and g < f * (1 - 1e-12):
-            best, f, who = [(role, list(st)) for role, st in cand], g, name
+        if g >= ga.INFEASIBLE:
+            continue
+        k = key(cand, g)
+        if k[0] < best_key[0] or (k[0] == best_key[0] and k[1] < best_key[1] - 1e-12 * abs(best_key[1])):
+            best, best_key, who = cand, k, name
     return best, who
 
 
