@@ -367,7 +367,10 @@ class EntryCore:
         # - a separate prefill replica gets it when the decoder last reported room for it; the
         #   decoder's stages keep KV that comes before their reservation (``eager_handoff``).
         if p == d:
-            r.eager = len(routes.stages(d)) == 1
+            # a split replica takes its prompt eagerly too when it last reported room: its later
+            # stages keep the prompt's activations until the reservation reaches them
+            r.eager = len(routes.stages(d)) == 1 or (
+                self.config.eager_handoff and self.router.has_room(routes, d, len(r.prompt) + r.params.max_tokens))
         else:
             r.eager = self.config.eager_handoff and self.router.has_room(routes, d, len(r.prompt) + r.params.max_tokens)
         if r.eager:

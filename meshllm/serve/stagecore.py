@@ -232,6 +232,9 @@ class Early:
     kv: list[tuple[str, KVChunk]] = field(default_factory=list)
     start: DecodeStart | None = None  # the first token, at stage 0
     nbytes: int = 0
+    # a split BOTH replica's prompt activations from the stage before (the entry sends the prompt
+    # with the reservation, which goes on the control lane, the activations on the data lane)
+    prefill: list[PrefillChunk] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -295,7 +298,7 @@ def _stats() -> dict[str, Any]:
             # speculation at a ring's stage 0: steps whose row carried drafts, drafts sent, drafts kept
             "spec_rows": 0, "spec_drafted": 0, "spec_accepted": 0, "spec_truncated": 0,
             # hand-off frames that came before their reservation: kept, dropped for room, expired
-            "early_kv": 0, "early_starts": 0, "early_dropped": 0, "early_expired": 0,
+            "early_kv": 0, "early_starts": 0, "early_prefill": 0, "early_dropped": 0, "early_expired": 0,
             "kv_dropped_bytes": 0}
 
 
@@ -666,6 +669,7 @@ class StageCore:
             self.stats["refused"] += 1
             refuse(f"{m.tokens} positions can never fit stage {ref.index} of replica {m.replica}, which holds "
                    f"{cap} at most", "too_large")
+            self._tomb(m.req, m.attempt)  # its prompt may follow (sent with the reservation): dropped
             return
         key = (m.req, m.replica, ref.index)
         old = self.holds.get(key)
@@ -684,6 +688,7 @@ class StageCore:
             if len(ring.members) >= ring.max_batch:
                 self.stats["refused"] += 1
                 refuse(f"replica {m.replica} decodes {len(ring.members)} requests, its limit", "capacity")
+                self._tomb(m.req, m.attempt)  # its prompt may follow (sent with the reservation): dropped
                 return
             if m.max_ahead >= 0:
                 ahead = self.prompt_tokens_ahead(m.epoch, m.replica, m.req)
@@ -727,6 +732,7 @@ class StageCore:
             if h.decode:
                 self._send(h.entry, Reserved(RequestId(h.req), h.epoch, h.replica, False, res.error, code, h.attempt))
                 self._drop(key)
+                self._tomb(h.req, h.attempt)  # its prompt may follow (sent with the reservation): dropped
                 ring = self.rings.get((h.epoch, h.replica))
                 if ring is not None and h.stage.index == 0:
                     ring.remove(h.req)
@@ -791,6 +797,8 @@ class StageCore:
             self._release_req(m.req, h.attempt)
             h = None
         if m.decoder == m.replica:
+            if h is None and ref.index > 0 and self._keep_early(key, m, ""):
+                return  # its reservation, on the control lane, is still on its way
             if h is None:
                 self._send(m.entry, Error(m.req, f"prefill of {m.req} on replica {m.replica}, which reserved "
                                                  "nothing for it", "bad_request", m.attempt))
@@ -1326,11 +1334,26 @@ class StageCore:
             self._drop_early(key, attempt)
 
     # --- hand-off frames before their reservation --------------------------------------------------------
-    def _keep_early(self, key: Key, m: KVChunk | DecodeStart, peer: str) -> bool:
-        """Keep a hand-off frame for a reservation not here yet, within the node's budget."""
+    def _keep_early(self, key: Key, m: KVChunk | DecodeStart | PrefillChunk, peer: str) -> bool:
+        """Keep a hand-off frame (or a split BOTH replica's prompt activations) for a reservation
+        not here yet, within the node's budget."""
         if not self.config.eager_handoff:
             return False
         e = self._early.get(key)
+        if isinstance(m, PrefillChunk):
+            n = m.hidden.nbytes if m.hidden is not None else 0
+            if self._early_bytes + n > self.config.early_kv_mib * 2**20:
+                self.stats["early_dropped"] += 1
+                log.warning("request %s: dropped %d KiB of prompt activations that came before their "
+                            "reservation", m.req, n >> 10)
+                return False
+            if e is None:
+                e = self._early[key] = Early(self.now + self.config.handoff_timeout_s)
+            e.prefill.append(m)
+            e.nbytes += n
+            self._early_bytes += n
+            self.stats["early_prefill"] += 1
+            return True
         if isinstance(m, DecodeStart):
             if e is None:
                 e = self._early[key] = Early(self.now + self.config.handoff_timeout_s)
@@ -1369,6 +1392,11 @@ class StageCore:
             self._on_decode_start(e.start)
         elif e.start is not None and e.start.attempt > h.attempt:
             self._keep_early(key, e.start, "")
+        for c in e.prefill:
+            if c.attempt == h.attempt:
+                self._on_prefill(c)
+            elif c.attempt > h.attempt:
+                self._keep_early(key, c, "")
 
     def _drop_early(self, key: Key, attempt: int | None = None) -> None:
         """Forget the frames kept at ``key`` (of attempts up to ``attempt``; None: all)."""
@@ -1383,7 +1411,13 @@ class StageCore:
         self._early_bytes -= gone
         if e.start is not None and (attempt is None or e.start.attempt <= attempt):
             e.start = None
-        if not e.kv and e.start is None:
+        kept = [c for c in e.prefill if attempt is not None and c.attempt > attempt]
+        freed = sum(c.hidden.nbytes for c in e.prefill if c.hidden is not None) \
+            - sum(c.hidden.nbytes for c in kept if c.hidden is not None)
+        e.prefill = kept
+        e.nbytes -= freed
+        self._early_bytes -= freed
+        if not e.kv and e.start is None and not e.prefill:
             del self._early[key]
 
     def _release(self, key: Key) -> None:
