@@ -22,7 +22,10 @@ from meshllm.wire.tensor import Tensor
 # 3: every data-plane frame about a request names its attempt; decode steps are numbered; Progress.
 # 4: the prompt goes out beside the reservation (decoder stages keep KV that comes first);
 #    Progress carries how long the prompt waited at the prefill replica's first stage.
-PROTOCOL_VERSION = 4
+# 5: a reservation says how many prompt tokens may be queued ahead (Reserve.max_ahead) and a stage
+#    may hand the prompt back (Reserved code "busy", with ahead); a split BOTH replica's later
+#    stages keep the prompt's activations that come before its reservation.
+PROTOCOL_VERSION = 5
 
 
 class Message:
