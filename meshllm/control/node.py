@@ -27,6 +27,7 @@ so a re-plan or a new leader never changes the numbers a resumed request is comp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -167,6 +168,7 @@ class ControlNode:
         # this node's profile, and a leader's request waiting for it
         self.profile: dict[str, Any] | None = None
         self._profile_wanted: tuple[NodeId, int, int] | None = None
+        self._plan_resent: dict[NodeId, float] = {}  # member -> when the active plan went to it again
         # leader side
         self.profiles: dict[NodeId, dict[str, Any]] = {}
         self.replan_reason: str | None = None
@@ -310,10 +312,19 @@ class ControlNode:
         if msg.epoch:
             self._learn_attention(msg.epoch, msg.attention)
         out = self._after_election(self.election.on_heartbeat(msg))
-        # Catch up on a lost PlanActivate: the leader runs an epoch we hold.
+        # Catch up on a lost PlanActivate: the leader runs an epoch we hold (and have loaded).
         if (src == self.leader and msg.term == self.term and msg.epoch > self.active_epoch
-                and msg.epoch in self.plans):
+                and msg.epoch in self.plans and msg.epoch in self.loaded):
             out += self._activate(msg.epoch)
+        # Catch up on a lost PlanPropose: the leader resends only to the nodes that hold blocks of
+        # a plan until they ack, so a member without blocks (every node routes requests with the
+        # plan) that lost the broadcast would never get it; its heartbeat shows it behind, and the
+        # active plan goes to it again (it loads, acks, and activates on the next heartbeat).
+        if (self.is_leader and msg.term == self.term and src != self.id and msg.epoch < self.active_epoch
+                and self.active_epoch in self.plans
+                and self.now >= self._plan_resent.get(src, -math.inf) + 3 * self.config.heartbeat_interval):
+            self._plan_resent[src] = self.now
+            out.append(Send(src, PlanPropose(self.term, self.id, self.active_epoch, self.plans[self.active_epoch][1])))
         return out
 
     def _on_request_vote(self, src: NodeId, msg: RequestVote) -> list[Output]:
