@@ -140,10 +140,11 @@ def test_the_allowance_is_the_queue_counted_plus_the_margin_to_the_runner_up() -
 def test_a_queue_a_replica_answered_with_counts_until_it_drains_or_a_report_comes() -> None:
     r, rt = start_router(), four_both()
     assert r.rank(rt, 96, 3, now=0.0)[0][0] == 0
-    r.observed(3, 0, 0.5, now=0.0)  # replica 0 handed a prompt back: 0.5 s of prompts queued there
+    ahead = round(0.5 / (PREFILL_S[0] / 96))  # replica 0 handed a prompt back: 0.5 s of prompts queued there
+    r.observed(rt, 0, ahead, 96, now=0.0)
     assert r.rank(rt, 96, 3, now=0.0)[0][0] == 1
-    assert r.queued_s(rt, 0, PREFILL_S[0], now=0.2) == pytest.approx(0.3)  # draining
+    assert r.queued_s(rt, 0, PREFILL_S[0], now=0.2) == pytest.approx(0.3, abs=0.003)  # draining
     assert r.rank(rt, 96, 3, now=0.5)[0][0] == 0  # drained
-    r.observed(3, 0, 0.5, now=1.0)
+    r.observed(rt, 0, ahead, 96, now=1.0)
     r.report(LoadReport("w", 3, 0, {"decoding": 0, "started": 0, "max_batch": 8}), now=1.01)
     assert r.rank(rt, 96, 3, now=1.01)[0][0] == 0  # a newer report replaces the answer

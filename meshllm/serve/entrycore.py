@@ -364,15 +364,13 @@ class EntryCore:
         # (which waits behind the running step of each decoder stage) from the time to first token:
         # - a one-stage replica that prefills its own decodes gets it on the same lane: its stage
         #   allocates and prefills in one iteration (or refuses both);
-        # - a separate prefill replica gets it when the decoder last reported room for it; the
-        #   decoder's stages keep KV that comes before their reservation (``eager_handoff``).
-        if p == d:
-            # a split replica takes its prompt eagerly too when it last reported room: its later
-            # stages keep the prompt's activations until the reservation reaches them
-            r.eager = len(routes.stages(d)) == 1 or (
-                self.config.eager_handoff and self.router.has_room(routes, d, len(r.prompt) + r.params.max_tokens))
-        else:
-            r.eager = self.config.eager_handoff and self.router.has_room(routes, d, len(r.prompt) + r.params.max_tokens)
+        # - a separate prefill replica, or a split replica that prefills its own decodes, gets it
+        #   when the decoder last reported room for it; the decoder's stages keep KV (a split
+        #   replica's later stages, the prompt's activations) that comes before their reservation
+        #   (``eager_handoff``).
+        one_stage = p == d and len(routes.stages(d)) == 1
+        r.eager = one_stage or (self.config.eager_handoff
+                                and self.router.has_room(routes, d, len(r.prompt) + r.params.max_tokens))
         if r.eager:
             self._prefill(r, routes, now)
 
@@ -384,12 +382,9 @@ class EntryCore:
             self.stats["busy"] += 1
             r.busy.add(r.decode)
             r.t_sent = None  # its wait runs on to the prompt's next send (counted from arrival)
-            est = self.router.prefill_estimate
-            act = self.active()
-            routes = act[1] if act is not None and act[0] == r.epoch else self.router.routes_for(r.epoch)
-            if est is not None and routes is not None and ahead > 0:
-                per_token = float(est(routes, r.decode, len(r.prompt))) / max(len(r.prompt), 1)
-                self.router.observed(r.epoch, r.decode, ahead * per_token, now)
+            routes = self._routes(r.epoch)
+            if routes is not None and ahead > 0:
+                self.router.observed(routes, r.decode, ahead, len(r.prompt), now)
             r.to(Status.WAITING)
             self._admit(r, now)
             return
@@ -406,12 +401,16 @@ class EntryCore:
         if not m.ok:
             self._refused(r, m.code or "capacity", m.error, now, m.ahead)
             return
-        act = self.active()
-        routes = act[1] if act is not None and act[0] == r.epoch else self.router.routes_for(r.epoch)
+        routes = self._routes(r.epoch)
         if routes is None:
             self._fault(r, f"plan epoch {r.epoch} is gone", "epoch_unloaded", now)
             return
         self._prefill(r, routes, now)
+
+    def _routes(self, epoch: int) -> Routes | None:
+        """The routes of ``epoch``: the active plan's, or a plan still known to the router."""
+        act = self.active()
+        return act[1] if act is not None and act[0] == epoch else self.router.routes_for(epoch)
 
     def _prefill(self, r: Request, routes: Routes, now: float) -> None:
         """Room is reserved (or asked for on the same lane): the prompt to the prefill replica."""

@@ -210,11 +210,16 @@ class Router:
         per_token = me.prefill_s / prompt_len
         return max(0, int((me.queue_s + margin) / per_token + 1e-6))  # 1e-6: float noise
 
-    def observed(self, epoch: int, replica: int, ahead_s: float, now: float | None = None) -> None:
-        """A replica answered that ``ahead_s`` of prompts were queued at its first stage: counted
-        as its queue (draining from now) until its next load report."""
-        ld = self.loads.setdefault((epoch, replica), _Load())
-        ld.seen_s, ld.t_seen = max(0.0, float(ahead_s)), now
+    def observed(self, routes: Routes, replica: int, ahead: int, prompt_len: int, now: float | None = None) -> None:
+        """A replica answered that ``ahead`` prompt tokens were queued at its first stage when it
+        handed back a prompt of ``prompt_len``: counted as its queue, at that prompt's prefill
+        time per token (as :meth:`queue_allowance` allowed it), draining from now until the
+        replica's next load report."""
+        if self.prefill_estimate is None or ahead <= 0 or prompt_len < 1:
+            return
+        per_token = float(self.prefill_estimate(routes, replica, prompt_len)) / prompt_len
+        ld = self.loads.setdefault((routes.epoch, replica), _Load())
+        ld.seen_s, ld.t_seen = ahead * per_token, now
 
     def has_room(self, routes: Routes, replica: int, need: int) -> bool:
         """Whether a decoder replica last reported room for a request of ``need`` positions (with

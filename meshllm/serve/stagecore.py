@@ -1340,38 +1340,29 @@ class StageCore:
         if not self.config.eager_handoff:
             return False
         e = self._early.get(key)
-        if isinstance(m, PrefillChunk):
-            n = m.hidden.nbytes if m.hidden is not None else 0
-            if self._early_bytes + n > self.config.early_kv_mib * 2**20:
-                self.stats["early_dropped"] += 1
-                log.warning("request %s: dropped %d KiB of prompt activations that came before their "
-                            "reservation", m.req, n >> 10)
-                return False
-            if e is None:
-                e = self._early[key] = Early(self.now + self.config.handoff_timeout_s)
-            e.prefill.append(m)
-            e.nbytes += n
-            self._early_bytes += n
-            self.stats["early_prefill"] += 1
-            return True
         if isinstance(m, DecodeStart):
             if e is None:
                 e = self._early[key] = Early(self.now + self.config.handoff_timeout_s)
             e.start = m
             self.stats["early_starts"] += 1
             return True
-        n = m.k.nbytes + m.v.nbytes
+        n = _early_bytes(m)
         if self._early_bytes + n > self.config.early_kv_mib * 2**20:
             self.stats["early_dropped"] += 1
-            log.warning("request %s: dropped %d KiB of hand-off KV that came before its reservation (%.0f MiB "
-                        "already wait here)", m.req, n >> 10, self._early_bytes / 2**20)
+            log.warning("request %s: dropped %d KiB of %s that came before its reservation (%.0f MiB already "
+                        "wait here)", m.req, n >> 10, "hand-off KV" if isinstance(m, KVChunk) else "prompt activations",
+                        self._early_bytes / 2**20)
             return False
         if e is None:
             e = self._early[key] = Early(self.now + self.config.handoff_timeout_s)
-        e.kv.append((peer, m))
+        if isinstance(m, KVChunk):
+            e.kv.append((peer, m))
+            self.stats["early_kv"] += 1
+        else:
+            e.prefill.append(m)
+            self.stats["early_prefill"] += 1
         e.nbytes += n
         self._early_bytes += n
-        self.stats["early_kv"] += 1
         return True
 
     def _take_early(self, key: Key, h: Hold) -> None:
@@ -1404,19 +1395,15 @@ class StageCore:
         if e is None:
             return
         keep = [(p, m) for p, m in e.kv if attempt is not None and m.attempt > attempt]
-        gone = sum(m.k.nbytes + m.v.nbytes for _, m in e.kv) - sum(m.k.nbytes + m.v.nbytes for _, m in keep)
+        gone = sum(_early_bytes(m) for _, m in e.kv) - sum(_early_bytes(m) for _, m in keep)
         self.stats["kv_dropped_bytes"] += gone
-        e.kv = keep
+        kept = [c for c in e.prefill if attempt is not None and c.attempt > attempt]
+        gone += sum(_early_bytes(c) for c in e.prefill) - sum(_early_bytes(c) for c in kept)
+        e.kv, e.prefill = keep, kept
         e.nbytes -= gone
         self._early_bytes -= gone
         if e.start is not None and (attempt is None or e.start.attempt <= attempt):
             e.start = None
-        kept = [c for c in e.prefill if attempt is not None and c.attempt > attempt]
-        freed = sum(c.hidden.nbytes for c in e.prefill if c.hidden is not None) \
-            - sum(c.hidden.nbytes for c in kept if c.hidden is not None)
-        e.prefill = kept
-        e.nbytes -= freed
-        self._early_bytes -= freed
         if not e.kv and e.start is None and not e.prefill:
             del self._early[key]
 
@@ -1480,6 +1467,13 @@ class StageCore:
         return {"held": len(self.holds), "rings": {f"{e}/{r}": len(g.members) for (e, r), g in self.rings.items()},
                 "queued_ops": len(self._meta) + len(self._fwd), "queued_prefill_tokens": self.queued_prefill_tokens(),
                 "requests": len(self._in_flight), **self.stats}
+
+
+def _early_bytes(m: KVChunk | PrefillChunk) -> int:
+    """The bytes a frame kept for its reservation holds (the early budget counts them)."""
+    if isinstance(m, KVChunk):
+        return m.k.nbytes + m.v.nbytes
+    return m.hidden.nbytes if m.hidden is not None else 0
 
 
 def _select(out: np.ndarray, counts: list[int], rows: list[int]) -> np.ndarray:
