@@ -117,6 +117,28 @@ def test_measured_times_override_the_spec():
         cost.decode_block_times(P7, bad, 1, 1)
 
 
+def test_a_decode_row_costs_what_the_profile_measured_for_it():
+    """Each sequence beyond the first adds the profile's measured decode row to a step (a row runs
+    the head, where a prompt runs it for its last position only); a profile from before it was
+    measured falls back to a prompt token's time. The figures travel in the profile document and
+    the plan's device documents."""
+    from meshllm.control.planning import device_from_profile
+
+    n = P7.n_blocks
+    rows = tuple(5e-4 if b == n - 1 else 1e-4 for b in range(n))  # the head's row costs 5x a token
+    base = dict(prefill_s_per_token=tuple([1e-4] * n), decode_s_per_step=tuple([2e-3] * n), measured=True)
+    d = Device("m", 40 * 2**30, 1.0, 1.0, decode_s_per_row=rows, **base)  # type: ignore[arg-type]
+    old = Device("m", 40 * 2**30, 1.0, 1.0, **base)  # type: ignore[arg-type]
+    assert cost.decode_block_times(P7, d, 8, 100).sum() == pytest.approx(n * 2e-3 + 7 * sum(rows))
+    assert cost.decode_block_times(P7, old, 8, 100).sum() == pytest.approx(n * (2e-3 + 7 * 1e-4))
+    assert cost.decode_block_times(P7, d, 1, 100).sum() == pytest.approx(n * 2e-3)  # one row: the step
+    assert Device.from_dict(d.to_dict()) == d and Device.from_dict(old.to_dict()) == old
+    prof = {"model_id": "x", "threads": 1, "slowdown": 1.0, "memory_bytes": 1 << 30, "tflops": 1.0,
+            "mem_bw_gbs": 1.0, "prefill_s_per_token": [1e-4] * n, "decode_s_per_step": [2e-3] * n}
+    assert device_from_profile("m", prof).decode_s_per_row is None  # a profile from before version 7
+    assert device_from_profile("m", {**prof, "decode_s_per_row": list(rows)}).decode_s_per_row == rows
+
+
 def test_a_measured_context_slope_grows_the_decode_step_past_the_measured_context():
     """A device whose profile measured what a token of context adds (attention reads and copies
     more of the cache) pays it per sequence beyond the context its step was measured at; the

@@ -40,6 +40,10 @@ def test_slowdown_is_visible_in_the_measured_profile(tiny_manifest: Manifest) ->
     assert len(fast.decode_s_per_ctx_token) == n and all(x >= 0 for x in fast.decode_s_per_ctx_token)
     assert all(x == 0 for x, k in zip(fast.decode_s_per_ctx_token, kv, strict=True) if not k)
     assert fast.decode_ctx > 32
+    # what each decode row beyond the first costs: measured per block, never negative, and the
+    # whole model's rows cost something
+    assert len(fast.decode_s_per_row) == n and all(x >= 0 for x in fast.decode_s_per_row)
+    assert sum(fast.decode_s_per_row) > 0
     # what a step after a pause costs more: measured, finite, never negative at the measured steps
     for prof in (fast, slow):
         assert prof.idle_step_s >= 0
@@ -70,12 +74,13 @@ def test_a_step_after_idling_is_fitted_and_old_profiles_load_without_it() -> Non
     assert idle_fit([(10e-3, 2e-3)]) == pytest.approx((0.0, 0.2))
     assert idle_fit([]) == (0.0, 0.0)
     prof = NodeProfile("m", 1, 1.0, 1 << 30, (1e-4,) * 3, (1e-3,) * 3, 1.0, 1.0, "x", 0.0, (0.0,) * 3, 40.0,
-                       1.4e-3, -0.02)
+                       1.4e-3, -0.02, (2e-4,) * 3)
     doc = prof.to_dict()
-    assert doc["version"] == PROFILE_VERSION == 6
+    assert doc["version"] == PROFILE_VERSION == 7
     assert NodeProfile.from_dict(doc) == prof
-    old = {k: v for k, v in doc.items() if k not in ("idle_step_s", "idle_step_frac")} | {"version": 4}
-    assert (NodeProfile.from_dict(old).idle_step_s, NodeProfile.from_dict(old).idle_step_frac) == (0.0, 0.0)
+    old = {k: v for k, v in doc.items() if k not in ("idle_step_s", "idle_step_frac", "decode_s_per_row")}
+    old = NodeProfile.from_dict(old | {"version": 4})
+    assert (old.idle_step_s, old.idle_step_frac, old.decode_s_per_row) == (0.0, 0.0, ())
 
 
 def test_profile_cache_is_keyed_and_budget_applied_on_top(tiny_manifest: Manifest, tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ def device_from_profile(node_id: str, prof: dict[str, Any]) -> Device:
     int(prof["threads"])
     float(prof["slowdown"])
     slope = prof.get("decode_s_per_ctx_token") or None  # profiles before version 4 have none
+    rows = prof.get("decode_s_per_row") or None  # nor before version 7 what a decode row costs
     return Device(name=node_id, memory_bytes=max(1, int(prof["memory_bytes"])),
                   tflops=max(float(prof["tflops"]), 1e-9), mem_bw_gbs=max(float(prof["mem_bw_gbs"]), 1e-9),
                   prefill_s_per_token=tuple(float(x) for x in prof["prefill_s_per_token"]),
@@ -47,7 +48,8 @@ def device_from_profile(node_id: str, prof: dict[str, Any]) -> Device:
                   decode_ctx=float(prof.get("decode_ctx", 0.0)),
                   # profiles before version 5 did not time a step after idling: nothing added
                   idle_step_s=_finite(max(0.0, float(prof.get("idle_step_s", 0.0)))),
-                  idle_step_frac=_finite(float(prof.get("idle_step_frac", 0.0))))
+                  idle_step_frac=_finite(float(prof.get("idle_step_frac", 0.0))),
+                  decode_s_per_row=tuple(_finite(max(0.0, float(x))) for x in rows) if rows else None)
 
 
 def _finite(x: float) -> float:

@@ -13,8 +13,9 @@ Compute model (a roofline per block)::
   attn_flops * b * c; bytes = weights + b * c * kv_bytes_per_token. Small ``b`` is memory-bound.
 - The embedding reads one row per token, not its whole table.
 - A device with measured times (``Device.prefill_s_per_token`` / ``decode_s_per_step``) uses
-  them instead: prefill(T) = T * per-token time; decode(b) = step time + (b - 1) * per-token time
-  (each extra sequence in the batch costs about one prompt token of compute).
+  them instead: prefill(T) affine in T (``prefill_block_times``); decode(b) = step time + (b - 1) *
+  the measured time of a decode row (``decode_s_per_row``: it runs the head, which a prompt runs
+  for its last position only), or the per-token prompt time where the profile predates it.
 
 - A stage's work after idling: a stage's work (a decode step, a prompt chunk) takes
   ``max(0, idle_step_s + idle_step_frac * step)`` more when its device was idle just before it, ``step``
@@ -166,9 +167,12 @@ def decode_block_times(p: ModelProfile, dev: Device, batch: float, ctx: float,
     at ``ctx`` tokens of context each."""
     if dev.decode_s_per_step is not None:
         step = _measured(dev.decode_s_per_step, p, dev)
-        per_tok = (_measured(dev.prefill_s_per_token, p, dev)
-                   if dev.prefill_s_per_token is not None else 0.0)
-        out = step + (batch - 1) * per_tok
+        per_row: np.ndarray | float = 0.0
+        if dev.decode_s_per_row is not None and len(dev.decode_s_per_row) == p.n_blocks:
+            per_row = np.asarray(dev.decode_s_per_row, dtype=float)
+        elif dev.prefill_s_per_token is not None:  # a profile before version 7: about a prompt token
+            per_row = _measured(dev.prefill_s_per_token, p, dev)
+        out = step + (batch - 1) * per_row
         if dev.decode_s_per_ctx_token is not None:  # attention's share grows with each sequence's context
             out = out + batch * max(0.0, ctx - dev.decode_ctx) * _measured(dev.decode_s_per_ctx_token, p, dev)
         return out

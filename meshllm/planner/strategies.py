@@ -308,8 +308,8 @@ def e2llm(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[R
 # cover). The GA's encoding cannot hold every plan they make: inside a replica it orders the
 # devices along the fastest links and splits the blocks by its DP, where Algorithm 2 chooses the
 # order and the devices; on random tight meshes its pipeline scored up to 37 times lower (docs/planner.md).
-BASELINES = ("splitwise", "edgeshard-throughput", "edgeshard-even", "ring", "edge-solo", "cloud-edge-even",
-             "cloud-edge-opt")
+BASELINES = ("splitwise", "edgeshard-throughput", "edgeshard-latency", "edgeshard-even", "ring", "edge-solo",
+             "cloud-edge-even", "cloud-edge-opt")
 
 
 def with_baselines(pb: Problem, reps: list[tuple[Role, Stages]] | None,

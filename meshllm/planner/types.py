@@ -62,6 +62,9 @@ class Device:
     # (cost.idle_time)
     idle_step_s: float = 0.0
     idle_step_frac: float = 0.0
+    # measured too: what each sequence beyond the first adds to block b's decode step (None: not
+    # measured; the cost model then takes a prompt token's time)
+    decode_s_per_row: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -103,6 +106,8 @@ class Device:
         if self.idle_step_s or self.idle_step_frac:
             d["idle_step_s"] = self.idle_step_s
             d["idle_step_frac"] = self.idle_step_frac
+        if self.decode_s_per_row is not None:
+            d["decode_s_per_row"] = list(self.decode_s_per_row)
         return d
 
     @classmethod
@@ -111,6 +116,7 @@ class Device:
         p = d.get("prefill_s_per_token")
         q = d.get("decode_s_per_step")
         c = d.get("decode_s_per_ctx_token")
+        r = d.get("decode_s_per_row")
         return cls(str(d["name"]), int(d["memory_bytes"]), float(d["tflops"]),
                    float(d["mem_bw_gbs"]), bool(d.get("source", False)),
                    tuple(float(x) for x in p) if p is not None else None,
@@ -118,7 +124,8 @@ class Device:
                    bool(d.get("measured", False)),
                    tuple(float(x) for x in c) if c is not None else None,
                    float(d.get("decode_ctx", 0.0)), float(d.get("idle_step_s", 0.0)),
-                   float(d.get("idle_step_frac", 0.0)))
+                   float(d.get("idle_step_frac", 0.0)),
+                   tuple(float(x) for x in r) if r is not None else None)
 
 
 @dataclass(frozen=True, slots=True)

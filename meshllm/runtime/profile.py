@@ -21,6 +21,14 @@ plain-operator attention copies, more of the cache), shared over the run's block
 hold per token (``decode_s_per_ctx_token``; SmolLM2 int4: 9.1 µs, a step 18.2 ms at 100
 positions and 25.0 at 1000).
 
+Each block alone and each run also time a decode step of ``ROW_BATCH`` sequences at different
+positions: what each row beyond the first adds (``decode_s_per_row``; shared out over a run's blocks
+like the rest). It is not a prompt token's time: a decode row runs the head, where a prompt runs it
+for its last position only, and its attention and rotary work per row are not a prompt's. Measured on
+SmolLM2 int4 (1 thread): a layer's row 0.08 ms, as its prompt token; the head's 0.38-0.41 ms against
+0.05 ms per prompt token; the whole model 2.9 ms a row against 2.4 per prompt token, so a step of 8
+(16) rows took 33.4 (56.9) ms where the prompt's figure said 29.7 (48.8).
+
 Then what a stage's work costs more when its node was idle just before it (``idle_step_s`` +
 ``idle_step_frac`` × the stage's step, never below 0): decode steps after a pause of
 ``IDLE_GAP_S`` alternate with steps back to back (so a co-tenant's burst lands on both), for the
@@ -44,6 +52,7 @@ should not pay again. The memory budget is applied on top and is not part of the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -64,9 +73,11 @@ from meshllm.runtime.runner import StageRunner, weight_bytes_resident
 
 log = logging.getLogger("meshllm.runtime.profile")
 
-PROFILE_VERSION = 6  # 2: decode with cold caches (_Evictor); 3: scaled to stages (_stage_runs); 4: context
+PROFILE_VERSION = 7  # 2: decode with cold caches (_Evictor); 3: scaled to stages (_stage_runs); 4: context
 # slope; 5: a step after an idle pause (idle_step_s, idle_step_frac); 6: a slowed runner paced by its
-# steps' typical compute (runtime/pacing.py), not by each step's own
+# steps' typical compute (runtime/pacing.py), not by each step's own; 7: what each more row of a decode
+# step costs (decode_s_per_row)
+ROW_BATCH = 8  # the decode batch a step's cost per row is measured at (against batch 1)
 LONG_CTX = 512  # the longer context a stage's decode step is also timed at (the slope per context token)
 IDLE_GAP_S = 0.02  # the pause before each step timed after idling (a pipeline stage waits about this long)
 EVICT_BYTES = 96 << 20  # read between decode steps: more than any last-level cache here (32 MiB)
@@ -109,6 +120,9 @@ class NodeProfile:
     # be negative (0, 0: not measured, before version 5)
     idle_step_s: float = 0.0
     idle_step_frac: float = 0.0
+    # per block: what each sequence beyond the first adds to a decode step (a step of ROW_BATCH
+    # rows at different positions against one row; () before version 7)
+    decode_s_per_row: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PROFILE_VERSION, "model_id": self.model_id, "threads": self.threads,
@@ -117,7 +131,8 @@ class NodeProfile:
                 "decode_s_per_step": list(self.decode_s_per_step), "tflops": self.tflops,
                 "mem_bw_gbs": self.mem_bw_gbs, "machine": self.machine, "measured_at": self.measured_at,
                 "decode_s_per_ctx_token": list(self.decode_s_per_ctx_token), "decode_ctx": self.decode_ctx,
-                "idle_step_s": self.idle_step_s, "idle_step_frac": self.idle_step_frac}
+                "idle_step_s": self.idle_step_s, "idle_step_frac": self.idle_step_frac,
+                "decode_s_per_row": list(self.decode_s_per_row)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NodeProfile:
@@ -126,13 +141,14 @@ class NodeProfile:
                    tuple(float(x) for x in d["decode_s_per_step"]), float(d["tflops"]),
                    float(d["mem_bw_gbs"]), str(d.get("machine", "")), float(d.get("measured_at", 0.0)),
                    tuple(float(x) for x in d.get("decode_s_per_ctx_token") or ()), float(d.get("decode_ctx", 0.0)),
-                   max(0.0, float(d.get("idle_step_s", 0.0))), float(d.get("idle_step_frac", 0.0)))
+                   max(0.0, float(d.get("idle_step_s", 0.0))), float(d.get("idle_step_frac", 0.0)),
+                   tuple(max(0.0, float(x)) for x in d.get("decode_s_per_row") or ()))
 
     def with_memory(self, memory_bytes: int) -> NodeProfile:
         return NodeProfile(self.model_id, self.threads, self.slowdown, memory_bytes,
                            self.prefill_s_per_token, self.decode_s_per_step, self.tflops,
                            self.mem_bw_gbs, self.machine, self.measured_at, self.decode_s_per_ctx_token,
-                           self.decode_ctx, self.idle_step_s, self.idle_step_frac)
+                           self.decode_ctx, self.idle_step_s, self.idle_step_frac, self.decode_s_per_row)
 
     @property
     def decode_s_per_token(self) -> float:
@@ -186,16 +202,19 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
     prompt_tokens = max(1, min(prompt_tokens, cfg.max_position - decode_steps - 1))
     prefill: list[float] = []
     decode: list[float] = []
+    rows: list[float] = []
     evict = _Evictor()
     for b in range(n):
         if progress is not None:
             progress(b, n, cfg.block_name(b))
-        runner = StageRunner(manifest, b, b + 1, threads=threads, max_seqs=2, slowdown=slowdown,
+        runner = StageRunner(manifest, b, b + 1, threads=threads, max_seqs=ROW_BATCH + 1, slowdown=slowdown,
                              one_pass=attention == PLAIN)
         best, step = _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
                                   repeats=repeats, between_steps=evict)
         prefill.append(best / prompt_tokens)
         decode.append(step)
+        rows.append(_per_row(_time_rows(runner, rng, prompt_tokens=prompt_tokens, steps=decode_steps,
+                                        between_steps=evict), step))
         del runner
     # the context of the stages' timed decode steps: the prompt, a warm-up step, then the steps
     short_ctx = prompt_tokens + 1 + (decode_steps + 1) / 2
@@ -204,11 +223,13 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
     slope = [0.0] * n
     runs = _stage_runs(manifest, memory_bytes)
     for first, end in runs:
-        pre, dec, dec_long = _time_stage(manifest, first, end, threads=threads, slowdown=slowdown, attention=attention,
-                                         prompt_tokens=prompt_tokens, decode_steps=decode_steps, repeats=repeats,
-                                         rng=rng, long_prompt=long_prompt if long_ctx > short_ctx + 16 else 0)
+        pre, dec, dec_long, dec_rows = _time_stage(
+            manifest, first, end, threads=threads, slowdown=slowdown, attention=attention,
+            prompt_tokens=prompt_tokens, decode_steps=decode_steps, repeats=repeats, rng=rng,
+            long_prompt=long_prompt if long_ctx > short_ctx + 16 else 0)
         _share_out(prefill, first, end, pre / prompt_tokens)
         _share_out(decode, first, end, dec)
+        _share_out(rows, first, end, _per_row(dec_rows, dec))
         if dec_long > dec:  # shared over the run's blocks by the KV they read per token of context
             kv = [manifest.costs[b].kv_bytes_per_token for b in range(first, end)]
             per_ctx = (dec_long - dec) / (long_ctx - short_ctx)
@@ -226,7 +247,7 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
     mem_bw_gbs = weight_bytes / max(sum(decode), 1e-12) / 1e9
     return NodeProfile(manifest.model_id, threads, slowdown, memory_bytes, tuple(prefill), tuple(decode),
                        tflops, mem_bw_gbs, machine_fingerprint(), time.time(), tuple(slope), short_ctx,
-                       idle_s, idle_frac)
+                       idle_s, idle_frac, tuple(rows))
 
 
 def _stage_runs(manifest: Manifest, memory_bytes: int) -> list[tuple[int, int]]:
@@ -284,13 +305,49 @@ def _time_runner(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens
     return best, float(np.median(steps))
 
 
+def _time_rows(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens: int, steps: int,
+               between_steps: Callable[[], None] | None = None) -> float:
+    """The median decode step of ``ROW_BATCH`` sequences at once, each after a prompt of its own
+    length (``prompt_tokens`` + its index: rows at different positions, as a decode ring's are),
+    after a warm-up step."""
+    cfg = runner.manifest.config
+    batch = ROW_BATCH
+    prompt_tokens = max(1, min(prompt_tokens, cfg.max_position - batch - steps - 3))
+    sids = [("profile-rows", i) for i in range(batch)]
+    times: list[float] = []
+    try:
+        for i, sid in enumerate(sids):
+            runner.alloc(sid, prompt_tokens + i + steps + 2)
+            runner.prefill(sid, _inputs(runner, rng, prompt_tokens + i)[0])
+        x_step = np.concatenate([_inputs(runner, rng, 1)[1] for _ in sids])
+        runner.decode(sids, x_step)  # warms the batch's shapes
+        for _ in range(steps):
+            if between_steps is not None:
+                between_steps()
+            t0 = time.perf_counter()
+            runner.decode(sids, x_step)
+            times.append(time.perf_counter() - t0)
+    finally:
+        for sid in sids:
+            with contextlib.suppress(Exception):
+                runner.free(sid)
+    return float(np.median(times))
+
+
+def _per_row(batch_step: float, step: float) -> float:
+    """What each row beyond the first adds to a decode step: from a ``ROW_BATCH``-row step and a
+    one-row step (never below 0: noise can put the batch's step under the single one)."""
+    return max(0.0, (batch_step - step) / (ROW_BATCH - 1))
+
+
 def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowdown: float,
                 prompt_tokens: int, decode_steps: int, repeats: int, rng: np.random.Generator,
-                long_prompt: int = 0, attention: str = FUSED) -> tuple[float, float, float]:
+                long_prompt: int = 0, attention: str = FUSED) -> tuple[float, float, float, float]:
     """Blocks [first, end) as one stage runs them (``_time_runner``): (prefill, decode step, decode
-    step after a ``long_prompt``-token prompt, once; 0 without one). No eviction between steps:
-    the run's own weights are what passes through the caches, as in a stage."""
-    runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown,
+    step after a ``long_prompt``-token prompt, once (0 without one), decode step of ``ROW_BATCH``
+    rows). No eviction between steps: the run's own weights are what passes through the caches,
+    as in a stage."""
+    runner = StageRunner(manifest, first, end, threads=threads, max_seqs=ROW_BATCH + 1, slowdown=slowdown,
                          one_pass=attention == PLAIN)
     try:
         pre, dec = _time_runner(runner, rng, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
@@ -299,7 +356,8 @@ def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowd
         if long_prompt:
             _, long = _time_runner(runner, rng, prompt_tokens=long_prompt, decode_steps=decode_steps,
                                    repeats=1, warm_step=True)
-        return pre, dec, long
+        rows = _time_rows(runner, rng, prompt_tokens=prompt_tokens, steps=decode_steps)
+        return pre, dec, long, rows
     finally:
         del runner
 
