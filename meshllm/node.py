@@ -155,7 +155,7 @@ class Node:
         estimator = PlanEstimator(self.model_profile, self.plan_loader.known_devices, self.plan_loader.known_network,
                                   opts.workload)
         self.serving = Serving(self.serving_ports, self.stages, opts.serve,
-                               policy="start" if opts.objective == "waiting" else "completion", estimator=estimator)
+                               policy="first_token" if opts.objective == "waiting" else "completion", estimator=estimator)
         self.serving_view = self.serving.view
         # GET /metrics: the serving layer's registry, plus what the node holds and its control events
         self.metrics = self.serving.registry

@@ -112,6 +112,26 @@ def test_the_completion_policy_still_queues_for_a_much_faster_both_replica() -> 
     assert r.rank(rt, 96, 3, now=0.0)[0][0] == 0
 
 
+def test_the_first_token_policy_waits_for_a_fast_replica_only_while_its_first_token_comes_sooner() -> None:
+    r = Router(lambda e: None, policy="first_token", prefill_estimate=lambda rt, rid, n: PREFILL_S[rid],
+               decode_estimate=lambda rt, rid, b: STEP_S[rid])
+    rt = four_both()
+    # replica 0 is busy for 0.05 s more: its first token at 0.33 s beats replica 1's at 0.37 s,
+    # where "start" would send it to replica 1, idle
+    r.sent("q", 3, 0, 0.05, now=0.0)
+    assert r.rank(rt, 96, 3, now=0.0)[0][0] == 0
+    assert start_router().rank(rt, 96, 3, now=0.0)[0][0] == 0  # (nothing sent on that router)
+    s = start_router()
+    s.sent("q", 3, 0, 0.05, now=0.0)
+    assert s.rank(rt, 96, 3, now=0.0)[0][0] == 1
+    # 0.2 s left at replica 0: 0.48 s there against 0.37 s at replica 1
+    r.sent("q2", 3, 0, 0.15, now=0.0)
+    assert r.rank(rt, 96, 3, now=0.0)[0][0] == 1
+    # the allowance: what may queue at replica 1 before replica 0 (first token at 0.48 s) is sooner
+    per_token = PREFILL_S[1] / 96
+    assert r.queue_allowance(rt, 1, 96, 3, now=0.0) == int((0.48 - 0.37) / per_token + 1e-6)
+
+
 # --- a prompt handed back ("busy"): the allowance an entry sends and what it learns from the answer
 
 

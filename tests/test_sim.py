@@ -298,6 +298,43 @@ def test_start_policy_prefers_a_replica_that_can_start_now() -> None:
         SimConfig(routing="fastest")
 
 
+def test_first_token_policy_weighs_the_prefill_against_the_start() -> None:
+    c = [Candidate(0, 0.0, 0.5, 1.0), Candidate(1, 0.0, 0.1, 2.0, busy_s=0.2),
+         Candidate(2, 0.3, 0.1, 2.0)]
+    assert choose(c, policy="start") == 0  # idle, but its prefill takes 0.5 s
+    assert choose(c, policy="first_token") == 1  # first token at 0.3 s, replica 2's at 0.4 s
+    # equally soon: the least completion, then the lowest id
+    assert choose([Candidate(4, 0.1, 0.1, 3.0), Candidate(5, 0.0, 0.2, 2.0)], policy="first_token") == 5
+    assert choose([Candidate(5, 0.0, 0.2, 2.0), Candidate(4, 0.0, 0.2, 2.0)], policy="first_token") == 4
+
+
+def test_first_token_routing_answers_sooner_than_start_over_unequal_replicas() -> None:
+    """A slow idle replica wins every prompt under "start" whenever the fast one is a step away;
+    "first_token" sends the prompt there only when its first token comes sooner: less time to the
+    first token, at some more time before the prefill starts."""
+    class Slow(TwoSpeedTiming):  # replica 1 prefills 4x slower too
+        def prefill_s(self, rep, stage, tokens, ctx_before):
+            return 0.002 * tokens * (4 if rep.id else 1) / len(rep.stages)
+
+    model = SimModel((_both(batch=4, rid=0), _both(batch=4, rid=1)), Slow(0.01, 0.04))
+    reqs = poisson(8.0, 400, Fixed(32), Fixed(10), np.random.default_rng(5))
+    start = simulate(model, reqs, SimConfig(routing="start")).summary
+    first = simulate(model, reqs, SimConfig(routing="first_token")).summary
+    assert first.ttft_s.mean < start.ttft_s.mean
+    assert start.waiting_s.mean <= first.waiting_s.mean
+
+
+def test_a_replica_that_can_never_hold_a_request_is_no_candidate() -> None:
+    """A BOTH replica whose KV room is smaller than a request is not routed to (it would wait
+    there for good); one that can hold it is, however slow."""
+    small = SimReplica(0, "both", (SimStage("a", 0, 4),), 20, 4)
+    big = SimReplica(1, "both", (SimStage("b", 0, 4),), 10**6, 4)
+    for policy in ("first_token", "start", "completion"):
+        res = simulate(SimModel((small, big), TwoSpeedTiming(0.01, 0.5)), [Request(0, 0.0, 32, 10)],
+                       SimConfig(routing=policy))
+        assert [r.prefill_replica for r in res.records] == [1]
+
+
 def test_start_policy_never_waits_for_a_fast_replica_while_another_is_free() -> None:
     # the case where "completion" waits ~0.9 s for the fast replica's slot (test above): under
     # "start" the second request starts at once on the slow replica

@@ -645,7 +645,7 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
     manifest = load_manifest(Path(model), verify=False)
     cfg = manifest.config
     room = cfg.max_position - 1
-    routing = "start"  # the nodes' default objective is waiting, whose router policy is "start"
+    routing = "first_token"  # the nodes' default objective is waiting, whose router policy this is
     # the stages interleave prompt chunks with decode steps under this budget: the simulator too
     budget = ServeConfig().step_token_budget
     # sequences a decoder replica's nodes take at once: the workload's figure, which the planner

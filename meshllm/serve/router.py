@@ -33,7 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshllm.serve.routes import Routes
-from meshllm.sim.routing import START_TOLERANCE_S, Candidate, choose, predicted_completion, predicted_start
+from meshllm.sim.routing import (
+    START_TOLERANCE_S,
+    Candidate,
+    choose,
+    predicted_completion,
+    predicted_first_token,
+    predicted_start,
+)
 from meshllm.wire.messages import LoadReport
 
 # (routes, replica id, prompt tokens) -> predicted prefill seconds; (routes, replica, batch) -> s/token
@@ -238,11 +245,12 @@ class Router:
 
 def _margin(me: Candidate, other: Candidate, policy: str) -> float:
     """Seconds of queue ``me`` may gain before ``other`` is preferred to it under ``policy``."""
-    if policy == "start":
-        gap = predicted_start(other) - predicted_start(me)
+    if policy in ("start", "first_token"):
+        when = predicted_start if policy == "start" else predicted_first_token
+        gap = when(other) - when(me)
         if gap > START_TOLERANCE_S:
             return gap
-        # the same start: completion decides, and any more queue at ``me`` lets ``other`` start first
+        # as soon: completion decides, and any more queue at ``me`` lets ``other`` go first
         return 0.0
     return max(0.0, predicted_completion(other) - predicted_completion(me))
 

@@ -203,7 +203,7 @@ MIXES: dict[str, tuple[LengthDist, LengthDist]] = {
     "long-in/short-out": (LengthDist.lognormal(768, 0.4, high=2048), LengthDist.uniform(8, 32)),
     "wide": (LengthDist.lognormal(256, 1.0, high=2048), LengthDist.lognormal(128, 1.0, high=768)),
 }
-WAITING_CONFIG = SimConfig(routing="start")
+WAITING_CONFIG = SimConfig(routing="first_token")  # the waiting objective's router (sim/routing.py)
 COMPARED = ("e2llm", "splitwise", "edgeshard-throughput", "ring")
 LOADS = (0.2, 0.5, 0.8, 1.0, 1.2)
 
@@ -241,7 +241,7 @@ def e2llm_vs_splitwise_arm(plan_fn: PlanFn, tb: Testbed, model_name: str, mix: s
                            max_batch: int = 16, config: SimConfig | None = None) -> Arm:
     profile = ModelProfile.from_preset(model_name)
     # the compared figure is waiting time, so the router runs the waiting objective's policy
-    # ("start"), the same for every strategy and for the saturation measurement
+    # ("first_token"), the same for every strategy and for the saturation measurement
     config = config if config is not None else WAITING_CONFIG
     inp, out = MIXES[mix]
     base = Workload(arrival_rate=1.0, input_len=inp, output_len=out, max_batch=max_batch)

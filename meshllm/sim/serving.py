@@ -338,7 +338,13 @@ class _Sim:
         cands = []
         pool_wait = self._slot_wait(self.decoders, sum(len(f.pending) for f in self.front
                                                        if f.spec.role == "prefill"))
+        need = r.input_tokens + r.output_tokens
+        # where it could never be held (a BOTH replica's room, every decoder's for a PREFILL
+        # replica) it is not a candidate: its reservation there would be refused for good
+        fits_pool = any(d.spec.kv_capacity_tokens >= need for d in self.decoders)
         for f in self.front:
+            if not (f.spec.kv_capacity_tokens >= need if f.spec.role == "both" else fits_pool):
+                continue
             lat, _ = self._prefill_est(f, r.input_tokens)
             if f.spec.role == "both":
                 dec, handoff = self._decode_candidate(f, rq, f).decode_s, 0.0
@@ -356,7 +362,8 @@ class _Sim:
             cands.append(Candidate(f.spec.id, queue, lat, dec, handoff,
                                    busy_s=max(0.0, f.s0_end - self.q.now), reach_s=reach))
         pid = choose(cands, policy=self.cfg.routing)
-        assert pid is not None
+        if pid is None:
+            raise SimError(f"request {r.id} needs {need} KV tokens; no replica can hold it")
         rep = self.reps[pid]
         rq.p = pid
         entry = rq.entry = self._entry(rep, r)
@@ -781,8 +788,9 @@ class _Sim:
         ids = [r.id for r in order]
         if len(set(ids)) != len(ids):
             raise SimError("request ids must be unique")
-        caps = [r.spec.kv_capacity_tokens for r in (self.decoders or self.front)]
-        bats = [r.spec.max_batch for r in (self.decoders or self.front)]
+        holders = self.decoders + [f for f in self.front if f.spec.role == "both"]  # who decodes
+        caps = [r.spec.kv_capacity_tokens for r in holders]
+        bats = [r.spec.max_batch for r in holders]
         if max(bats, default=0) < 1:
             raise SimError("no decoder can hold a single sequence")
         for r in order:
