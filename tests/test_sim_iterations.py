@@ -101,10 +101,17 @@ def test_a_prompt_for_a_busy_decoder_waits_for_its_reservation() -> None:
     dec = SimReplica(1, "decoder", (SimStage("d", 0, 2),), 10**9, 8)
     model = SimModel((pre, dec), ConstTiming(p=0.1 / 32, d=0.1))
     reqs = [Request(0, 0.0, 1, 40), Request(1, 0.35, 32, 2)]
-    rec = simulate(model, reqs, ITER).records
+    lazy = SimConfig(step_token_budget=512, iterations=True, eager_handoff=False)
+    rec = simulate(model, reqs, lazy).records
     # the stream's steps end at 0.003125 + 0.1 k: the decoder allocates the prompt's room in the
     # iteration after the one running at 0.35, which ends at 0.503125; only then is it prefilled
     assert rec[1].prefill_start == pytest.approx(0.503125, abs=1e-6)
     # with nothing decoding, the room is there at once
-    alone = simulate(model, [Request(1, 0.35, 32, 2)], ITER).records
+    alone = simulate(model, [Request(1, 0.35, 32, 2)], lazy).records
     assert alone[0].prefill_start == pytest.approx(0.35)
+    # serve.eager_handoff (the default): the prompt goes beside the reservation and is prefilled
+    # at once; its first token comes at 0.45, but the decoder takes it only after allocating
+    eager = simulate(model, reqs, ITER).records
+    assert eager[1].prefill_start == pytest.approx(0.35) and eager[1].first_token == pytest.approx(0.45)
+    assert eager[1].finish > 0.503125 + 0.1 - 1e-9  # its one decode step runs after the reservation
+    assert eager[1].finish < rec[1].finish

@@ -106,6 +106,11 @@ class SimConfig:
     # admitted (its KV room allocated) in one iteration and computed from the next; at later
     # stages an iteration's work arrives together and is computed together
     iterations: bool = False
+    # with iterations: a prompt for a separate decoder with room goes to its prefill replica at
+    # once, beside the reservation (serve.eager_handoff, on by default); the decoder's reservation
+    # (its next iteration, after the steps it is running) then gates only its decode start. False:
+    # the prompt is admitted when the reservation is back
+    eager_handoff: bool = True
     # with shared_cores: the share of a core each node uses while it computes (1/F for a node
     # slowed F times, which sleeps the rest), as (node, share) pairs; unlisted nodes use a whole
     # core. Work stretches by the cores' sharing only in its computing share
