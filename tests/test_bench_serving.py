@@ -67,7 +67,7 @@ def test_requests_by_prefill_replica_over_the_entries_dashboards() -> None:
 
 def test_errors_and_judgement() -> None:
     def cell(strategy: str, load: float, wait: float, ttft: float, tpot: float) -> dict:
-        m = {"wait_ms": wait, "ttft_ms": ttft, "tpot_ms": tpot}
+        m = {"wait_ms": wait, "ttft_ms": ttft, "tpot_ms": tpot, "entry_wait_ms": wait / 4}
         p = {"wait_ms": wait, "ttft_ms": ttft * 1.1, "tpot_ms": tpot * 0.5}
         return {"mix": "m", "load": load, "strategy": strategy, "measured": m, "predicted": p,
                 "error_pct": error_pct(m, p)}
@@ -78,6 +78,7 @@ def test_errors_and_judgement() -> None:
     j = judge(cells)
     w = j["wait_ratio_at_highest_load"]["m"]
     assert w["ratio"] == 0.4 and w["splitwise_queues"] and w["load"] == 1.0
+    assert (w["e2llm_entry_wait_ms"], w["splitwise_entry_wait_ms"], w["entry_ratio"]) == (5.0, 12.5, 0.4)
     assert j["max_abs_error_pct_ttft_tpot"] == 50.0 and j["cells_within_15pct"] == 0
     assert error_pct({"ttft_ms": 0}, {"ttft_ms": 3})["ttft_ms"] is None
 
