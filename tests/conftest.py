@@ -17,6 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (each test's seed comes from its name), so a
+# suite that passed once passes again on the same code and CI is a gate, not a lottery;
+# MESHLLM_HYPOTHESIS=explore draws new examples (a random run found the mesh behind the baselines
+# property's edgeshard-latency case, docs/planner.md) and keeps what fails in .hypothesis/.
+settings.register_profile("fixed", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile("explore" if os.environ.get("MESHLLM_HYPOTHESIS") == "explore" else "fixed")
 
 from meshllm.model.config import ModelConfig
 from meshllm.model.export import export_model, random_weights
