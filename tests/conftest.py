@@ -19,6 +19,10 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+from meshllm.model.config import ModelConfig
+from meshllm.model.export import export_model, random_weights
+from meshllm.model.manifest import Manifest
+
 # Property tests draw the same examples on every run (each test's seed comes from its name), so a
 # suite that passed once passes again on the same code and CI is a gate, not a lottery;
 # MESHLLM_HYPOTHESIS=explore draws new examples (a random run found the mesh behind the baselines
@@ -26,10 +30,6 @@ from hypothesis import settings
 settings.register_profile("fixed", derandomize=True, database=None)
 settings.register_profile("explore")
 settings.load_profile("explore" if os.environ.get("MESHLLM_HYPOTHESIS") == "explore" else "fixed")
-
-from meshllm.model.config import ModelConfig
-from meshllm.model.export import export_model, random_weights
-from meshllm.model.manifest import Manifest
 
 TINY_CONFIG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3,
                           num_heads=4, num_kv_heads=2, max_position=64, rope_theta=10000.0,
