@@ -52,6 +52,7 @@ from meshllm.serve.config import ServeConfig
 from meshllm.serve.estimator import PlanEstimator
 from meshllm.serve.service import Serving
 from meshllm.serve.stages import StageHost
+from meshllm.sim.routing import policy_for
 from meshllm.state import stable_node_id
 from meshllm.views import member_names, mesh_view, profile_view
 from meshllm.web.dashboard import Dashboard
@@ -155,7 +156,7 @@ class Node:
         estimator = PlanEstimator(self.model_profile, self.plan_loader.known_devices, self.plan_loader.known_network,
                                   opts.workload)
         self.serving = Serving(self.serving_ports, self.stages, opts.serve,
-                               policy="first_token" if opts.objective == "waiting" else "completion", estimator=estimator)
+                               policy=policy_for(opts.objective), estimator=estimator)
         self.serving_view = self.serving.view
         # GET /metrics: the serving layer's registry, plus what the node holds and its control events
         self.metrics = self.serving.registry

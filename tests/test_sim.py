@@ -11,7 +11,7 @@ import pytest
 from meshllm.errors import UserError
 from meshllm.sim.engine import EventQueue, SimError
 from meshllm.sim.model import SimConfig, SimModel, SimReplica, SimStage
-from meshllm.sim.routing import Candidate, choose, predicted_completion
+from meshllm.sim.routing import Candidate, choose, policy_for, predicted_completion
 from meshllm.sim.serving import simulate
 from meshllm.sim.workload import Fixed, Request, bursty, closed_batch, parse_trace, poisson
 
@@ -306,6 +306,9 @@ def test_first_token_policy_weighs_the_prefill_against_the_start() -> None:
     # equally soon: the least completion, then the lowest id
     assert choose([Candidate(4, 0.1, 0.1, 3.0), Candidate(5, 0.0, 0.2, 2.0)], policy="first_token") == 5
     assert choose([Candidate(5, 0.0, 0.2, 2.0), Candidate(4, 0.0, 0.2, 2.0)], policy="first_token") == 4
+    # the objective picks the policy: the node's router, the serving experiment and the E2LLM one alike
+    assert (policy_for("waiting"), policy_for("latency"), policy_for("throughput")) == (
+        "first_token", "completion", "completion")
 
 
 def test_first_token_routing_answers_sooner_than_start_over_unequal_replicas() -> None:

@@ -626,6 +626,7 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
     from meshllm.model.manifest import load_manifest
     from meshllm.planner.types import Plan, Workload
     from meshllm.serve.config import ServeConfig
+    from meshllm.sim.routing import policy_for
     from meshllm.sim.workload import Request
 
     if args.quick:
@@ -645,7 +646,7 @@ def experiment(args: argparse.Namespace, launch: Launch, about: dict[str, Any]) 
     manifest = load_manifest(Path(model), verify=False)
     cfg = manifest.config
     room = cfg.max_position - 1
-    routing = "first_token"  # the nodes' default objective is waiting, whose router policy this is
+    routing = policy_for("waiting")  # the nodes' default objective is waiting: their router's policy
     # the stages interleave prompt chunks with decode steps under this budget: the simulator too
     budget = ServeConfig().step_token_budget
     # sequences a decoder replica's nodes take at once: the workload's figure, which the planner

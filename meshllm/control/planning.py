@@ -23,7 +23,7 @@ from meshllm.planner import ga
 from meshllm.planner.cost import ModelProfile
 from meshllm.planner.problem import Problem
 from meshllm.planner.queueing import INFEASIBLE
-from meshllm.planner.strategies import with_baselines
+from meshllm.planner.strategies import baseline_note, with_baselines
 from meshllm.planner.types import Device, Link, Network, Plan, Workload
 from meshllm.planner.validate import validate_plan
 
@@ -128,7 +128,7 @@ def plan_from_individual(problem: Problem, ind: tuple[int, ...], strategy: str =
     if reps is None:
         raise DoesNotFit("no feasible plan: no grouping of the members holds a full replica")
     plan = Plan(0, problem.to_replicas(reps), problem.estimate_stages(reps, with_saturation=True).predicted,
-                strategy, f"the {who} plan: predicted better than the GA's answer (a lower fitness; where both are overloaded, a higher saturation)" if who else "")
+                strategy, baseline_note(who) if who else "")
     validate_plan(plan, problem.profile, problem.devices, problem.workload)
     return plan
 

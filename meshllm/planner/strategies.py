@@ -300,7 +300,13 @@ def e2llm(pb: Problem, objective: str, rng: np.random.Generator) -> list[tuple[R
     out, who = with_baselines(pb, got, objective)
     if out is None:
         raise DoesNotFit("e2llm: does not fit: no grouping of these devices holds a full replica")
-    return Placed(out, f"the {who} plan: predicted better than the GA's answer (a lower fitness; where both are overloaded, a higher saturation)") if who else out
+    return Placed(out, baseline_note(who)) if who else out
+
+
+def baseline_note(who: str) -> str:
+    """The plan's note where ``with_baselines`` took strategy ``who``'s plan over the GA's."""
+    return (f"the {who} plan: predicted better than the GA's answer (a lower fitness; where both are "
+            "overloaded, a higher saturation)")
 
 
 # The other strategies whose plans e2llm's answer is checked against (all but the exact latency

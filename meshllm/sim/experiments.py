@@ -29,6 +29,7 @@ from meshllm.planner.types import Device, LengthDist, Link, Network, Plan, Workl
 from meshllm.sim.adapter import to_sim_model
 from meshllm.sim.engine import SimError
 from meshllm.sim.model import SimConfig
+from meshllm.sim.routing import policy_for
 from meshllm.sim.serving import SimResult, simulate
 from meshllm.sim.workload import Request, closed_batch, poisson
 
@@ -203,7 +204,7 @@ MIXES: dict[str, tuple[LengthDist, LengthDist]] = {
     "long-in/short-out": (LengthDist.lognormal(768, 0.4, high=2048), LengthDist.uniform(8, 32)),
     "wide": (LengthDist.lognormal(256, 1.0, high=2048), LengthDist.lognormal(128, 1.0, high=768)),
 }
-WAITING_CONFIG = SimConfig(routing="first_token")  # the waiting objective's router (sim/routing.py)
+WAITING_CONFIG = SimConfig(routing=policy_for("waiting"))
 COMPARED = ("e2llm", "splitwise", "edgeshard-throughput", "ring")
 LOADS = (0.2, 0.5, 0.8, 1.0, 1.2)
 
@@ -240,8 +241,8 @@ def e2llm_vs_splitwise_arm(plan_fn: PlanFn, tb: Testbed, model_name: str, mix: s
                            strategies: Sequence[str] = COMPARED, seed: int = 0,
                            max_batch: int = 16, config: SimConfig | None = None) -> Arm:
     profile = ModelProfile.from_preset(model_name)
-    # the compared figure is waiting time, so the router runs the waiting objective's policy
-    # ("first_token"), the same for every strategy and for the saturation measurement
+    # the compared figure is waiting time, so the router runs the waiting objective's policy,
+    # the same for every strategy and for the saturation measurement
     config = config if config is not None else WAITING_CONFIG
     inp, out = MIXES[mix]
     base = Workload(arrival_rate=1.0, input_len=inp, output_len=out, max_batch=max_batch)

@@ -49,6 +49,13 @@ class Candidate:
     reach_s: float = 0.0  # the prompt's trip from the entry to the replica's first stage
 
 
+def policy_for(objective: str) -> str:
+    """The routing policy a mesh planned for ``objective`` runs: ``"first_token"`` for waiting
+    time, ``"completion"`` otherwise (the node's router, the serving experiment, the simulator's
+    E2LLM experiment)."""
+    return "first_token" if objective == "waiting" else "completion"
+
+
 def predicted_completion(c: Candidate) -> float:
     return c.reach_s + c.queue_s + c.prefill_s + c.handoff_s + c.decode_s
 

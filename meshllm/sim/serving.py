@@ -481,16 +481,13 @@ class _Sim:
                 rep.backlog_s = max(0.0, rep.backlog_s - worst)
                 d = self.reps[rq.d]
                 at = self._reserved_at(d, rep) if d is not rep else self.q.now
-                if at <= self.q.now:
-                    admitted.append(("prefill", rq, 0))
-                elif self.cfg.eager_handoff:
-                    # the prompt goes beside the reservation; the decoder takes its KV and first
-                    # token when the reservation is done (a piece that comes then)
-                    admitted.append(("prefill", rq, 0))
-                    rq.pending += 1
-                    self.q.push(at, "piece", rq)
-                else:  # its decoder reserves the room first
+                if at > self.q.now and not self.cfg.eager_handoff:  # its decoder reserves the room first
                     self.q.push(at, "reserved", (rep, ("prefill", rq, 0)))
+                    continue
+                admitted.append(("prefill", rq, 0))
+                if at > self.q.now:  # beside the reservation: the decoder takes its KV and first
+                    rq.pending += 1  # token when the reservation is done (a piece that comes then)
+                    self.q.push(at, "piece", rq)
             jobs = [e[2] for e in st.queue]  # every decode micro-batch that is back
             st.queue.clear()
             budget = self.cfg.step_token_budget - sum(len(j[1].seqs) for j in jobs)
