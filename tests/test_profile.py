@@ -3,6 +3,7 @@ the cache is keyed by (model, machine, threads, slowdown) and the memory budget 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -44,10 +45,13 @@ def test_slowdown_is_visible_in_the_measured_profile(tiny_manifest: Manifest) ->
     # whole model's rows cost something
     assert len(fast.decode_s_per_row) == n and all(x >= 0 for x in fast.decode_s_per_row)
     assert sum(fast.decode_s_per_row) > 0
-    # what a step after a pause costs more: measured, finite, never negative at the measured steps
+    # what a step after a pause costs more: measured and finite, its fixed part never negative. The
+    # line is fitted through two stages' steps (idle_fit, tested below on points); its fraction may
+    # be negative, so at the whole model's longer step it can fall below 0, where the cost model
+    # charges max(0, line) -- a slowed node's noisy line did (frac -1.55 at a 1.2 ms step) in CI
     for prof in (fast, slow):
-        assert prof.idle_step_s >= 0
-        assert prof.idle_step_s + prof.idle_step_frac * prof.decode_s_per_token > -1e-9
+        assert prof.idle_step_s >= 0 and math.isfinite(prof.idle_step_s)
+        assert math.isfinite(prof.idle_step_frac)
 
 
 def test_the_steps_after_a_pause_fit_in_a_short_context(tiny_manifest: Manifest) -> None:
