@@ -13,6 +13,8 @@ log). Time advances only through ``tick``; ``step`` uses the time of the last ti
 Plan epochs (the table, leader side):
     replan requested (membership change, drift, operator, new leader) --debounce-->
     PROFILES: ProfileRequest to members without one --all in or profile_timeout--> StartPlanning
+              (over those with a profile; with none yet, wait another profile_timeout); a profile
+              that comes later from a member the round planned without --> re-plan
     PLANNING: shell answers Islands (-> coordinator, IslandsDone) and/or ProposePlan
     PROPOSED: PlanPropose{epoch} to all; LoadPlan here --PlanAck ok from every node in the plan-->
               PlanActivate{epoch} to all;  a nack or plan_ack_timeout --> PlanAbort, re-plan later
@@ -625,12 +627,15 @@ class ControlNode:
     def _got_profile(self, node: NodeId, profile: dict[str, Any]) -> list[Output]:
         new = node not in self.profiles
         self.profiles[node] = profile
-        out: list[Output] = []
         if self.phase == "profiles":
-            out += self._maybe_start_planning()
-        elif new and node not in self.round_members and self.phase is None:
-            out += self._request_replan(f"profile of {node} arrived")
-        return out
+            return self._maybe_start_planning()
+        if new and node not in self.planned_members:
+            # A member the last round planned without: one that joined after it, or whose profile
+            # came after the round stopped waiting (a slow device measuring a large model takes
+            # longer than profile_timeout). It was once left out for good when it had been in the
+            # round: a mesh whose every profile came late never planned at all.
+            return self._request_replan(f"profile of {node} arrived")
+        return []
 
     def _after_membership(self, events: list[Output]) -> list[Output]:
         out = list(events)
@@ -689,7 +694,12 @@ class ControlNode:
                     if n != self.id and n not in self.profiles and n not in self.excluded
                     and (self.phase is not None or self.round > 0)]
         if self.phase == "profiles" and now >= self.round_started + self.config.profile_timeout:
-            out += self._start_planning()
+            if any(n in self.profiles for n in self.round_members):
+                out += self._start_planning()
+            else:  # nothing to plan over yet: wait another profile_timeout rather than fail a round
+                self.round_started = now
+                out.append(Log("info", f"planning round {self.round}: no profile yet from "
+                                       f"{', '.join(self.round_members)}; waiting"))
         if self.phase is None and self.replan_reason is not None and now >= self.replan_at:
             out += self._start_round(now)
         return out
