@@ -187,6 +187,22 @@ def test_a_stage_after_idling_costs_what_the_profile_measured():
     got = device_from_profile("m", {**prof, "idle_step_s": 1e-3, "idle_step_frac": -0.1})
     assert (got.idle_step_s, got.idle_step_frac) == (1e-3, -0.1)
     assert device_from_profile("m", {**prof, "idle_step_s": float("nan")}).idle_step_s == 0.0
+    # after a long pause (version 8): the long line from LONG_IDLE_GAP_S on, the short one up to
+    # IDLE_GAP_S, linear in the pause's logarithm between, never below the short line
+    assert (old.idle_long_s, old.idle_long_frac) == (0.0, 0.0)
+    got = device_from_profile("m", {**prof, "idle_step_s": 1e-3, "idle_long_s": 2e-3, "idle_long_frac": 0.5})
+    assert (got.idle_long_s, got.idle_long_frac) == (2e-3, 0.5) and Device.from_dict(got.to_dict()) == got
+    short, long = cost.idle_time(got, 0.01), 2e-3 + 0.5 * 0.01
+    assert short == pytest.approx(1e-3) and cost.idle_time(got, 0.01, 1e-3) == pytest.approx(short)
+    assert cost.idle_time(got, 0.01, cost.LONG_IDLE_GAP_S) == pytest.approx(long)
+    assert cost.idle_time(got, 0.01, 5.0) == pytest.approx(long)
+    mid = (cost.IDLE_GAP_S * cost.LONG_IDLE_GAP_S) ** 0.5  # halfway in the logarithm
+    assert cost.idle_time(got, 0.01, mid) == pytest.approx((short + long) / 2)
+    assert cost.idle_time(cold, 0.004, 5.0) == cost.idle_time(cold, 0.004)  # no long figure measured
+    below = Device("b", 1 << 30, 1.0, 1.0, idle_step_s=3e-3, idle_long_s=1e-3)
+    assert cost.idle_time(below, 0.01, 5.0) == pytest.approx(3e-3)
+    with pytest.raises(ConfigError, match="idle_long_s"):
+        Device("x", 1 << 30, 1.0, 1.0, idle_long_s=-1.0)
 
     wl = Workload(arrival_rate=1.0, input_len=LengthDist.fixed(32), output_len=LengthDist.fixed(16), max_batch=4)
     def perf(dev: Device, stages: list[tuple[int, int, int]]):

@@ -52,6 +52,7 @@ def test_slowdown_is_visible_in_the_measured_profile(tiny_manifest: Manifest) ->
     for prof in (fast, slow):
         assert prof.idle_step_s >= 0 and math.isfinite(prof.idle_step_s)
         assert math.isfinite(prof.idle_step_frac)
+        assert prof.idle_long_s >= 0 and math.isfinite(prof.idle_long_s) and math.isfinite(prof.idle_long_frac)
 
 
 def test_the_steps_after_a_pause_fit_in_a_short_context(tiny_manifest: Manifest) -> None:
@@ -62,9 +63,10 @@ def test_the_steps_after_a_pause_fit_in_a_short_context(tiny_manifest: Manifest)
     from meshllm.runtime.profile import _time_idle
 
     ctx = tiny_manifest.config.max_position
-    fixed, frac = _time_idle(tiny_manifest, (0, tiny_manifest.config.num_blocks), threads=1, slowdown=1.0,
-                             prompt_tokens=ctx, decode_steps=ctx, rng=np.random.default_rng(0))
-    assert fixed >= 0 and np.isfinite(frac)
+    (fixed, frac), (fixed_long, frac_long) = _time_idle(
+        tiny_manifest, (0, tiny_manifest.config.num_blocks), threads=1, slowdown=1.0, prompt_tokens=ctx,
+        decode_steps=ctx, rng=np.random.default_rng(0))
+    assert fixed >= 0 and np.isfinite(frac) and fixed_long >= 0 and np.isfinite(frac_long)
 
 
 def test_a_step_after_idling_is_fitted_and_old_profiles_load_without_it() -> None:
@@ -78,13 +80,20 @@ def test_a_step_after_idling_is_fitted_and_old_profiles_load_without_it() -> Non
     assert idle_fit([(10e-3, 2e-3)]) == pytest.approx((0.0, 0.2))
     assert idle_fit([]) == (0.0, 0.0)
     prof = NodeProfile("m", 1, 1.0, 1 << 30, (1e-4,) * 3, (1e-3,) * 3, 1.0, 1.0, "x", 0.0, (0.0,) * 3, 40.0,
-                       1.4e-3, -0.02, (2e-4,) * 3)
+                       1.4e-3, -0.02, (2e-4,) * 3, 4.1e-3, 0.1)
     doc = prof.to_dict()
-    assert doc["version"] == PROFILE_VERSION == 7
-    assert NodeProfile.from_dict(doc) == prof
-    old = {k: v for k, v in doc.items() if k not in ("idle_step_s", "idle_step_frac", "decode_s_per_row")}
+    assert doc["version"] == PROFILE_VERSION == 8
+    assert NodeProfile.from_dict(doc) == prof and prof.with_memory(1 << 20).idle_long_s == 4.1e-3
+    old = {k: v for k, v in doc.items()
+           if k not in ("idle_step_s", "idle_step_frac", "decode_s_per_row", "idle_long_s", "idle_long_frac")}
     old = NodeProfile.from_dict(old | {"version": 4})
     assert (old.idle_step_s, old.idle_step_frac, old.decode_s_per_row) == (0.0, 0.0, ())
+    assert (old.idle_long_s, old.idle_long_frac) == (0.0, 0.0)
+    # the pauses the planner's cost model speaks of are the ones the profile times
+    from meshllm.planner import cost
+    from meshllm.runtime import profile
+
+    assert (cost.IDLE_GAP_S, cost.LONG_IDLE_GAP_S) == (profile.IDLE_GAP_S, profile.LONG_IDLE_GAP_S)
 
 
 def test_profile_cache_is_keyed_and_budget_applied_on_top(tiny_manifest: Manifest, tmp_path: Path) -> None:

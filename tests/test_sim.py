@@ -31,7 +31,7 @@ class ConstTiming:
     def decode_s(self, rep, stage, batch, ctx):
         return (self.d + self.d_per_seq * batch) / len(rep.stages)
 
-    def idle_s(self, rep, stage):
+    def idle_s(self, rep, stage, gap_s=0.02):
         return 0.0
 
     def transfer_s(self, src, dst, nbytes):
@@ -371,9 +371,9 @@ def test_a_stage_that_idled_pays_its_measured_idle_time():
     net = Network(1000, 1.0)
     req = [Request(0, 0.0, 8, 9)]
 
-    def run(idle_s: float, stages: tuple[Stage, ...]) -> tuple[float, float, float]:
+    def run(idle_s: float, stages: tuple[Stage, ...], long_s: float = 0.0) -> tuple[float, float, float]:
         devs = {d: Device(d, 1 << 30, 1.0, 1.0, idle_step_s=idle_s, idle_step_frac=idle_s and 0.5,  # type: ignore[arg-type]
-                          **base)
+                          idle_long_s=long_s, **base)
                 for d in ("a", "b")}
         plan = Plan(0, (Replica(0, Role.BOTH, stages),))
         rec = simulate(to_sim_model(plan, p, devs, net, wl), req).records[0]
@@ -382,6 +382,7 @@ def test_a_stage_that_idled_pays_its_measured_idle_time():
 
     two = (Stage("a", (0, 3)), Stage("b", (3, n)))
     ttft0, tpot0, _ = run(0.0, two)
+    ttft_two, tpot_two = ttft0, tpot0
     ttft1, tpot1, extra = run(2e-3, two)
     assert extra == pytest.approx(2 * 2e-3 + 0.5 * n * 1e-3)
     assert tpot1 == pytest.approx(tpot0 + extra)
@@ -391,6 +392,13 @@ def test_a_stage_that_idled_pays_its_measured_idle_time():
     ttft1, tpot1, extra = run(2e-3, one)
     assert tpot1 == pytest.approx(tpot0)
     assert ttft1 == pytest.approx(ttft0 + extra)
+    # the prompt comes to nodes idle for long (never used): the long pause's figure, where measured;
+    # the ring's stages wait a step of the other (well under IDLE_GAP_S): the short one
+    ttft2, tpot2, _ = run(2e-3, two, long_s=9e-3)
+    long = sum(cost.idle_time(Device("x", 1, 1.0, 1.0, idle_step_s=2e-3, idle_step_frac=0.5, idle_long_s=9e-3),
+                              (s.end - s.first) * 1e-3, cost.LONG_IDLE_GAP_S) for s in two)
+    assert long > 2 * 2e-3 + 0.5 * n * 1e-3  # more than the short pause's
+    assert ttft2 == pytest.approx(ttft_two + long) and tpot2 == pytest.approx(tpot_two + 2 * 2e-3 + 0.5 * n * 1e-3)
 
 
 def test_a_request_comes_in_and_goes_back_at_its_own_entry():

@@ -19,7 +19,7 @@ class Known:
         self.last_ctx = ctx
         return 0.002 * batch * (stage + 1)
 
-    def idle_s(self, rep, stage):
+    def idle_s(self, rep, stage, gap_s=0.02):
         return 0.0
 
     def transfer_s(self, src, dst, nbytes):
@@ -45,7 +45,7 @@ def test_prefill_is_stages_plus_activations_and_the_bottleneck_is_the_slowest_st
 class Idling(Known):
     """``Known``, with each stage's work 3 ms slower after its node idled."""
 
-    def idle_s(self, rep, stage):
+    def idle_s(self, rep, stage, gap_s=0.02):
         return 0.003
 
 

@@ -49,7 +49,10 @@ def device_from_profile(node_id: str, prof: dict[str, Any]) -> Device:
                   # profiles before version 5 did not time a step after idling: nothing added
                   idle_step_s=_finite(max(0.0, float(prof.get("idle_step_s", 0.0)))),
                   idle_step_frac=_finite(float(prof.get("idle_step_frac", 0.0))),
-                  decode_s_per_row=tuple(_finite(max(0.0, float(x))) for x in rows) if rows else None)
+                  decode_s_per_row=tuple(_finite(max(0.0, float(x))) for x in rows) if rows else None,
+                  # nor before version 8 a step after a long pause
+                  idle_long_s=_finite(max(0.0, float(prof.get("idle_long_s", 0.0)))),
+                  idle_long_frac=_finite(float(prof.get("idle_long_frac", 0.0))))
 
 
 def _finite(x: float) -> float:

@@ -24,6 +24,11 @@ Compute model (a roofline per block)::
   (``runtime/profile.py``). It is paid by every stage of a prompt that finds its replica idle, and
   by every stage of a decode ring with fewer micro-batches in flight than stages (each waits while
   the others compute); a one-stage ring steps back to back and pays nothing. ``idle_time``.
+  After a longer pause it costs more, up to the profile's long pause (``idle_long_s +
+  idle_long_frac * step`` after ``LONG_IDLE_GAP_S``, the next prompt of a quiet mesh; SmolLM2 int4
+  on the build machine: a 5-token prompt 1.3 ms slower after 20 ms, 4.5 ms after 0.3-1 s). The
+  simulator charges it by the pause each node had; the planner, whose stages wait a step of the
+  others, the short pause's.
 
 Link model: ``rtt / 2 + bytes / bandwidth``; nothing for a device talking to itself.
 
@@ -35,6 +40,7 @@ compute 0.5 is a typical fraction of peak for fp32 matmuls at prompt sizes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -130,6 +136,10 @@ def _roofline(p: ModelProfile, dev: Device, n_tok: float, attn_ctx: float, kv_re
         + eff.block_overhead_s
 
 
+# the pauses a device profile times a step after (runtime.profile's IDLE_GAP_S and LONG_IDLE_GAP_S,
+# the same figures: the planner does not import the runtime; tests/test_profile.py holds them equal)
+IDLE_GAP_S = 0.02
+LONG_IDLE_GAP_S = 0.3
 PROFILE_PROMPT_TOKENS = 32  # the prompt length a device profile's per-token prefill time was measured at
 
 
@@ -179,20 +189,32 @@ def decode_block_times(p: ModelProfile, dev: Device, batch: float, ctx: float,
     return _roofline(p, dev, batch, batch * ctx, batch * ctx, eff)
 
 
-def idle_time(dev: Device, step_s: float) -> float:
-    """Seconds a stage's work on ``dev`` takes more when ``dev`` was idle just before it, for a
-    stage whose decode step at batch 1 takes ``step_s``: ``idle_step_s + idle_step_frac * step_s``,
-    never below 0 (the fraction is negative on a device whose long steps are cold anyway); 0 for a
-    stage of nothing, and for a device whose profile did not measure it."""
+def idle_time(dev: Device, step_s: float, gap_s: float = IDLE_GAP_S) -> float:
+    """Seconds a stage's work on ``dev`` takes more when ``dev`` was idle for ``gap_s`` just
+    before it, for a stage whose decode step at batch 1 takes ``step_s``. After the short pause
+    the profile times (``IDLE_GAP_S``, a pipeline stage's wait; any shorter pause alike):
+    ``idle_step_s + idle_step_frac * step_s``, never below 0 (the fraction is negative on a device
+    whose long steps are cold anyway). After ``LONG_IDLE_GAP_S`` or more (a quiet mesh's next
+    prompt) the long pause's line, never below the short one's; in between, linear in the
+    pause's logarithm. 0 for a stage of nothing, and for a device whose profile did not measure
+    it; the short figure for any pause where the long one was not measured."""
     if step_s <= 0:
         return 0.0
-    return max(0.0, dev.idle_step_s + dev.idle_step_frac * step_s)
+    short = max(0.0, dev.idle_step_s + dev.idle_step_frac * step_s)
+    if gap_s <= IDLE_GAP_S or not (dev.idle_long_s or dev.idle_long_frac):
+        return short
+    long = max(short, dev.idle_long_s + dev.idle_long_frac * step_s)
+    if gap_s >= LONG_IDLE_GAP_S:
+        return long
+    w = math.log(gap_s / IDLE_GAP_S) / math.log(LONG_IDLE_GAP_S / IDLE_GAP_S)
+    return short + w * (long - short)
 
 
 def stage_idle_time(p: ModelProfile, dev: Device, first: int, end: int, ctx: float = 0.0,
-                    eff: Efficiency = EFFICIENCY) -> float:
-    """``idle_time`` of the stage of blocks ``[first, end)`` on ``dev`` (its step at batch 1)."""
-    return idle_time(dev, float(decode_block_times(p, dev, 1, ctx, eff)[first:end].sum()))
+                    eff: Efficiency = EFFICIENCY, gap_s: float = IDLE_GAP_S) -> float:
+    """``idle_time`` of the stage of blocks ``[first, end)`` on ``dev`` (its step at batch 1)
+    after a pause of ``gap_s``."""
+    return idle_time(dev, float(decode_block_times(p, dev, 1, ctx, eff)[first:end].sum()), gap_s)
 
 
 def _measured(values: Sequence[float], p: ModelProfile, dev: Device) -> np.ndarray:

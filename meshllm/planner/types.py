@@ -65,12 +65,18 @@ class Device:
     # measured too: what each sequence beyond the first adds to block b's decode step (None: not
     # measured; the cost model then takes a prompt token's time)
     decode_s_per_row: tuple[float, ...] | None = None
+    # measured too: the same as idle_step_*, after a long pause (cost.LONG_IDLE_GAP_S: a quiet
+    # mesh's next prompt); 0, 0: not measured, the short pause's figure then holds for any pause
+    idle_long_s: float = 0.0
+    idle_long_frac: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("device name must not be empty")
         if not (self.idle_step_s >= 0 and math.isfinite(self.idle_step_s) and math.isfinite(self.idle_step_frac)):
             raise ConfigError(f"device {self.name}: idle_step_s must be >= 0 and idle_step_frac finite")
+        if not (self.idle_long_s >= 0 and math.isfinite(self.idle_long_s) and math.isfinite(self.idle_long_frac)):
+            raise ConfigError(f"device {self.name}: idle_long_s must be >= 0 and idle_long_frac finite")
         if self.memory_bytes <= 0:
             raise ConfigError(f"device {self.name}: memory must be positive")
         if self.tflops <= 0 or self.mem_bw_gbs <= 0:
@@ -108,6 +114,9 @@ class Device:
             d["idle_step_frac"] = self.idle_step_frac
         if self.decode_s_per_row is not None:
             d["decode_s_per_row"] = list(self.decode_s_per_row)
+        if self.idle_long_s or self.idle_long_frac:
+            d["idle_long_s"] = self.idle_long_s
+            d["idle_long_frac"] = self.idle_long_frac
         return d
 
     @classmethod
@@ -125,7 +134,8 @@ class Device:
                    tuple(float(x) for x in c) if c is not None else None,
                    float(d.get("decode_ctx", 0.0)), float(d.get("idle_step_s", 0.0)),
                    float(d.get("idle_step_frac", 0.0)),
-                   tuple(float(x) for x in r) if r is not None else None)
+                   tuple(float(x) for x in r) if r is not None else None,
+                   float(d.get("idle_long_s", 0.0)), float(d.get("idle_long_frac", 0.0)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,10 @@ one layer's 0.45–0.59 → 1.9–2.1 ms, where steps back to back, and pauses s
 nothing more. A slowed node (``--slowdown``) sleeps after every step already, so its long steps
 back to back are cold already (the whole model at slowdown 3: 69–84 ms, paused 73–84) while a
 short stage still pays after a pause (one layer: 2.0–2.5 → 5.3–5.9 ms): its fraction is negative.
+Version 8 also times ``LONG_IDLE_STEPS`` steps after a ``LONG_IDLE_GAP_S`` pause on the same two
+stages (``idle_long_s`` + ``idle_long_frac`` × the step): the pause before the next prompt of a
+quiet mesh, after which a step costs more than after a pipeline stage's short wait (the whole
+model, a 5-token prompt: +1.3 ms after 20 ms, +3.9 after 100 ms, +4.5 after 0.3 s and after 1 s).
 
 From those it derives the effective TFLOPS and memory bandwidth the planner's spec fields need
 (the measured per-block times are what the cost model uses). The runners run the attention kind
@@ -73,13 +77,18 @@ from meshllm.runtime.runner import StageRunner, weight_bytes_resident
 
 log = logging.getLogger("meshllm.runtime.profile")
 
-PROFILE_VERSION = 7  # 2: decode with cold caches (_Evictor); 3: scaled to stages (_stage_runs); 4: context
+PROFILE_VERSION = 8  # 2: decode with cold caches (_Evictor); 3: scaled to stages (_stage_runs); 4: context
 # slope; 5: a step after an idle pause (idle_step_s, idle_step_frac); 6: a slowed runner paced by its
 # steps' typical compute (runtime/pacing.py), not by each step's own; 7: what each more row of a decode
-# step costs (decode_s_per_row)
+# step costs (decode_s_per_row); 8: a step after a long pause (idle_long_s, idle_long_frac)
 ROW_BATCH = 8  # the decode batch a step's cost per row is measured at (against batch 1)
 LONG_CTX = 512  # the longer context a stage's decode step is also timed at (the slope per context token)
 IDLE_GAP_S = 0.02  # the pause before each step timed after idling (a pipeline stage waits about this long)
+# the longer pause, as between two prompts of a quiet mesh: after it the cost has stopped growing
+# (SmolLM2 int4, whole model, 1 thread: a 5-token prompt 19.6 ms back to back, 20.9 after 20 ms,
+# 23.5 after 100 ms, 24.1 after 300 ms and 24.0 after 1 s)
+LONG_IDLE_GAP_S = 0.3
+LONG_IDLE_STEPS = 3  # steps timed after it (a median), per stage
 EVICT_BYTES = 96 << 20  # read between decode steps: more than any last-level cache here (32 MiB)
 
 
@@ -123,6 +132,9 @@ class NodeProfile:
     # per block: what each sequence beyond the first adds to a decode step (a step of ROW_BATCH
     # rows at different positions against one row; () before version 7)
     decode_s_per_row: tuple[float, ...] = ()
+    # the same as idle_step_*, after a pause of LONG_IDLE_GAP_S (0, 0: not measured, before version 8)
+    idle_long_s: float = 0.0
+    idle_long_frac: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PROFILE_VERSION, "model_id": self.model_id, "threads": self.threads,
@@ -132,7 +144,8 @@ class NodeProfile:
                 "mem_bw_gbs": self.mem_bw_gbs, "machine": self.machine, "measured_at": self.measured_at,
                 "decode_s_per_ctx_token": list(self.decode_s_per_ctx_token), "decode_ctx": self.decode_ctx,
                 "idle_step_s": self.idle_step_s, "idle_step_frac": self.idle_step_frac,
-                "decode_s_per_row": list(self.decode_s_per_row)}
+                "decode_s_per_row": list(self.decode_s_per_row),
+                "idle_long_s": self.idle_long_s, "idle_long_frac": self.idle_long_frac}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NodeProfile:
@@ -142,13 +155,15 @@ class NodeProfile:
                    float(d["mem_bw_gbs"]), str(d.get("machine", "")), float(d.get("measured_at", 0.0)),
                    tuple(float(x) for x in d.get("decode_s_per_ctx_token") or ()), float(d.get("decode_ctx", 0.0)),
                    max(0.0, float(d.get("idle_step_s", 0.0))), float(d.get("idle_step_frac", 0.0)),
-                   tuple(max(0.0, float(x)) for x in d.get("decode_s_per_row") or ()))
+                   tuple(max(0.0, float(x)) for x in d.get("decode_s_per_row") or ()),
+                   max(0.0, float(d.get("idle_long_s", 0.0))), float(d.get("idle_long_frac", 0.0)))
 
     def with_memory(self, memory_bytes: int) -> NodeProfile:
         return NodeProfile(self.model_id, self.threads, self.slowdown, memory_bytes,
                            self.prefill_s_per_token, self.decode_s_per_step, self.tflops,
                            self.mem_bw_gbs, self.machine, self.measured_at, self.decode_s_per_ctx_token,
-                           self.decode_ctx, self.idle_step_s, self.idle_step_frac, self.decode_s_per_row)
+                           self.decode_ctx, self.idle_step_s, self.idle_step_frac, self.decode_s_per_row,
+                           self.idle_long_s, self.idle_long_frac)
 
     @property
     def decode_s_per_token(self) -> float:
@@ -235,7 +250,7 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
             per_ctx = (dec_long - dec) / (long_ctx - short_ctx)
             for b, k in zip(range(first, end), kv, strict=True):
                 slope[b] = per_ctx * k / sum(kv) if sum(kv) else 0.0
-    idle_s, idle_frac = _time_idle(manifest, runs[0], threads=threads, slowdown=slowdown, attention=attention,
+    (idle_s, idle_frac), (long_s, long_frac) = _time_idle(manifest, runs[0], threads=threads, slowdown=slowdown, attention=attention,
                                    prompt_tokens=prompt_tokens, decode_steps=decode_steps, rng=rng)
     if progress is not None:
         progress(n, n, "done")
@@ -247,7 +262,7 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
     mem_bw_gbs = weight_bytes / max(sum(decode), 1e-12) / 1e9
     return NodeProfile(manifest.model_id, threads, slowdown, memory_bytes, tuple(prefill), tuple(decode),
                        tflops, mem_bw_gbs, machine_fingerprint(), time.time(), tuple(slope), short_ctx,
-                       idle_s, idle_frac, tuple(rows))
+                       idle_s, idle_frac, tuple(rows), long_s, long_frac)
 
 
 def _stage_runs(manifest: Manifest, memory_bytes: int) -> list[tuple[int, int]]:
@@ -363,36 +378,42 @@ def _time_stage(manifest: Manifest, first: int, end: int, *, threads: int, slowd
 
 
 def _time_idle(manifest: Manifest, run: tuple[int, int], *, threads: int, slowdown: float, prompt_tokens: int,
-               decode_steps: int, rng: np.random.Generator, attention: str = FUSED) -> tuple[float, float]:
-    """(idle_step_s, idle_step_frac): what a step costs more after an ``IDLE_GAP_S`` pause than
-    back to back, fitted as a line in the step (``idle_fit``) over two stages, ``run`` (the first
-    run of blocks) and one layer alone (``[1, 2)``). Steps back to back and steps after a pause
-    alternate, so that both see the same machine (a co-tenant's burst lands on both); medians of
-    ``2 x decode_steps`` of each."""
+               decode_steps: int, rng: np.random.Generator,
+               attention: str = FUSED) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((idle_step_s, idle_step_frac), (idle_long_s, idle_long_frac)): what a step costs more
+    after an ``IDLE_GAP_S`` pause, and after a ``LONG_IDLE_GAP_S`` one, than back to back, each
+    fitted as a line in the step (``idle_fit``) over two stages, ``run`` (the first run of blocks)
+    and one layer alone (``[1, 2)``). Steps back to back and steps after a short pause alternate,
+    so that both see the same machine (a co-tenant's burst lands on both); medians of ``2 x
+    decode_steps`` of each, then of ``LONG_IDLE_STEPS`` after a long pause."""
     points: list[tuple[float, float]] = []  # (step back to back, extra after a pause)
+    long_points: list[tuple[float, float]] = []
     stages = [run] + ([(1, 2)] if run != (1, 2) and manifest.config.num_blocks > 2 else [])
     for first, end in stages:
         runner = StageRunner(manifest, first, end, threads=threads, max_seqs=2, slowdown=slowdown,
                              one_pass=attention == PLAIN)
         try:
-            warm, cold = _time_pauses(runner, rng, prompt_tokens=prompt_tokens, steps=2 * decode_steps)
+            warm, cold, cold_long = _time_pauses(runner, rng, prompt_tokens=prompt_tokens, steps=2 * decode_steps)
         finally:
             del runner
         points.append((warm, max(0.0, cold - warm)))
-    return idle_fit(points)
+        # never below the short pause's: a longer sleep cannot warm the node (a noisy median could)
+        long_points.append((warm, max(0.0, cold - warm, cold_long - warm)))
+    return idle_fit(points), idle_fit(long_points)
 
 
 def _time_pauses(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens: int,
-                 steps: int) -> tuple[float, float]:
+                 steps: int) -> tuple[float, float, float]:
     """(median decode step right after the previous one, median step after an ``IDLE_GAP_S``
-    pause), ``steps`` of each, alternating, after a prompt and a warm-up step."""
+    pause, median step after a ``LONG_IDLE_GAP_S`` pause): ``steps`` of the first two,
+    alternating, after a prompt and a warm-up step, then ``LONG_IDLE_STEPS`` of the last."""
     cfg = runner.manifest.config
     # the prompt, a warm-up step and 2 x steps steps fit in the model's context
-    steps = max(1, min(steps, (cfg.max_position - 3) // 2))
-    prompt_tokens = max(1, min(prompt_tokens, cfg.max_position - 2 * steps - 2))
+    steps = max(1, min(steps, (cfg.max_position - 3 - LONG_IDLE_STEPS) // 2))
+    prompt_tokens = max(1, min(prompt_tokens, cfg.max_position - 2 * steps - LONG_IDLE_STEPS - 2))
     x_prompt, x_step = _inputs(runner, rng, prompt_tokens)
     sid = ("profile", "idle")
-    runner.alloc(sid, prompt_tokens + 2 * steps + 2)
+    runner.alloc(sid, prompt_tokens + 2 * steps + LONG_IDLE_STEPS + 2)
     try:
         runner.prefill(sid, x_prompt)
         runner.decode([sid], x_step)  # warms the decode shapes
@@ -406,9 +427,15 @@ def _time_pauses(runner: StageRunner, rng: np.random.Generator, *, prompt_tokens
             t0 = time.perf_counter()
             runner.decode([sid], x_step)
             cold.append(time.perf_counter() - t0)
+        long: list[float] = []
+        for _ in range(LONG_IDLE_STEPS):
+            time.sleep(LONG_IDLE_GAP_S)
+            t0 = time.perf_counter()
+            runner.decode([sid], x_step)
+            long.append(time.perf_counter() - t0)
     finally:
         runner.free(sid)
-    return float(np.median(warm)), float(np.median(cold))
+    return float(np.median(warm)), float(np.median(cold)), float(np.median(long))
 
 
 def idle_fit(points: list[tuple[float, float]]) -> tuple[float, float]:

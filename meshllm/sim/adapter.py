@@ -6,8 +6,8 @@ re-slices it:
 - stage compute = the sum of the cost model's per-block times over the stage's blocks
   (``prefill_block_times`` for a prompt micro-batch, ``decode_block_times`` for a decode step);
 - a transfer = ``cost.transfer_time`` over the network's bandwidth and RTT for that pair;
-- a stage's work that starts on a node idle just before it: ``cost.stage_idle_time`` more
-  (``idle_s``);
+- a stage's work that starts on a node idle just before it: ``cost.idle_time`` of the stage's
+  decode step more, after a pause as long as the node's (``idle_s``);
 - KV capacity = the tightest node's free memory after weights, divided by the KV bytes per token
   it must hold (``ModelProfile.kv_bytes_per_token``), i.e. the same memory rule as
   ``cost.max_batch_that_fits`` expressed in tokens instead of whole target-length sequences.
@@ -46,7 +46,7 @@ class CostTiming:
         self._pre: dict[tuple[str, int], np.ndarray] = {}
         self._dec: dict[tuple[str, int, int], np.ndarray] = {}
         self._bw: dict[tuple[str, str], tuple[float, float]] = {}
-        self._idle: dict[tuple[str, int, int], float] = {}
+        self._step: dict[tuple[str, int, int], float] = {}
 
     def _cum(self, arr: np.ndarray) -> np.ndarray:
         return np.concatenate(([0.0], np.cumsum(arr)))  # (N+1,) prefix sums over blocks
@@ -68,14 +68,15 @@ class CostTiming:
                 cost.decode_block_times(self.p, self.devices[st.node], batch, round(ctx), self.eff))
         return float(cs[st.end] - cs[st.first])
 
-    def idle_s(self, replica: SimReplica, stage: int) -> float:
+    def idle_s(self, replica: SimReplica, stage: int, gap_s: float = cost.IDLE_GAP_S) -> float:
         st = replica.stages[stage]
         key = (st.node, st.first, st.end)
-        got = self._idle.get(key)
-        if got is None:
-            dev = self.devices[st.node]
-            got = self._idle[key] = cost.stage_idle_time(self.p, dev, st.first, st.end, dev.decode_ctx, self.eff)
-        return got
+        dev = self.devices[st.node]
+        step = self._step.get(key)
+        if step is None:  # the stage's decode step at batch 1, at the context its profile measured
+            step = self._step[key] = float(
+                cost.decode_block_times(self.p, dev, 1, dev.decode_ctx, self.eff)[st.first:st.end].sum())
+        return cost.idle_time(dev, step, gap_s)
 
     def transfer_s(self, src: str, dst: str, nbytes: float) -> float:
         if src == dst:

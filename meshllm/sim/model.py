@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from meshllm.planner.cost import IDLE_GAP_S
 from meshllm.sim.engine import SimError
 from meshllm.sim.routing import POLICIES
 
@@ -49,9 +50,9 @@ class Timing(Protocol):
         """Compute time of one decode step of ``batch`` sequences of mean context ``ctx``."""
         ...
 
-    def idle_s(self, replica: SimReplica, stage: int) -> float:
+    def idle_s(self, replica: SimReplica, stage: int, gap_s: float = IDLE_GAP_S) -> float:
         """What a stage's work (a decode step, a prompt chunk) takes more when its node was idle
-        just before (``planner.cost.idle_time``); 0 where that is not modelled."""
+        for ``gap_s`` just before (``planner.cost.idle_time``); 0 where that is not modelled."""
         ...
 
     def transfer_s(self, src: str, dst: str, nbytes: float) -> float:

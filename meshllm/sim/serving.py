@@ -37,8 +37,9 @@ import dataclasses
 import heapq
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from meshllm.sim import estimates
 from meshllm.sim.engine import EventQueue, SimError
@@ -51,6 +52,7 @@ TOKEN_BYTES = estimates.TOKEN_BYTES  # a sampled token id on the wire
 # a node with nothing to do for longer than this before a stage's work starts was idle: the work
 # takes Timing.idle_s more (cold caches; measured even after half a millisecond's pause)
 IDLE_GAP_S = 1e-4
+INF = math.inf
 
 
 class _Req:
@@ -198,14 +200,15 @@ class _Sim:
         self.link_free[key] = start + (total - lat)
         return start + total
 
-    def _book(self, node: str, ready: float, dur: float, idle: float = 0.0, rows: int = 1) -> float:
+    def _book(self, node: str, ready: float, dur: float, idle: Callable[[float], float] | None = None,
+              rows: int = 1) -> float:
         """Reserve ``dur`` seconds of ``node`` from ``ready`` on; returns when that work ends.
         A node with one stage serves in reservation order; a node with several takes the first
         gap long enough among its reservations (work-conserving, never overlapping). Work that
-        starts on a node idle just before it takes ``idle`` seconds more (its stage's
-        ``Timing.idle_s``; counted busy too). ``rows``: the job's prompt micro-batches and decode
-        sequences, each of which costs the node's serving path ``serve_cpu`` of a core beside it
-        (shared cores)."""
+        starts on a node idle just before it takes ``idle(pause)`` seconds more (its stage's
+        ``Timing.idle_s`` after a pause that long; counted busy too). ``rows``: the job's prompt
+        micro-batches and decode sequences, each of which costs the node's serving path
+        ``serve_cpu`` of a core beside it (shared cores)."""
         self.jobs[node] = self.jobs.get(node, 0) + 1
         self.rows[node] = self.rows.get(node, 0) + rows
         serve = self.serve_cpu.get(node, 0.0) * rows
@@ -214,19 +217,19 @@ class _Sim:
         if iv is None:
             nf = self.node_free.get(node)
             start = ready if nf is None or ready > nf else nf
-            if idle and (nf is None or start > nf + IDLE_GAP_S):
-                dur = self._idle(node, dur, idle)
+            if idle is not None and (nf is None or start > nf + IDLE_GAP_S):
+                dur = self._idle(node, dur, idle(INF if nf is None else start - nf))
             end = start + self._stretch(node, dur, start, serve)
             self.node_free[node] = end
             return end
         now = self.q.now
         while iv and iv[0][1] <= now:  # past reservations cannot hold anything up any more
-            self.iv_last[node] = max(self.iv_last.get(node, -1.0), iv.pop(0)[1])
+            self.iv_last[node] = max(self.iv_last.get(node, -INF), iv.pop(0)[1])
         stretched = self._stretch(node, dur, ready, serve)
         t, k = self._gap(iv, ready, stretched)
-        last = max([b for _, b in iv[:k]] + [self.iv_last.get(node, -1.0)])
-        if idle and t > last + IDLE_GAP_S:  # nothing ran on the node just before: it comes back cold
-            stretched = self._stretch(node, self._idle(node, dur, idle), ready, serve)
+        last = max([b for _, b in iv[:k]] + [self.iv_last.get(node, -INF)])
+        if idle is not None and t > last + IDLE_GAP_S:  # nothing ran on the node just before: it comes back cold
+            stretched = self._stretch(node, self._idle(node, dur, idle(t - last)), ready, serve)
             t, k = self._gap(iv, ready, stretched)
         iv.insert(k, (t, t + stretched))
         return t + stretched
@@ -465,7 +468,7 @@ class _Sim:
         st.busy = True
         self.busy[st.node] += dur
         # the node may be working on a later stage of this replica reserved earlier
-        rep.s0_end = self._book(st.node, self.q.now, dur, self.t.idle_s(rep.spec, 0), _rows(job))
+        rep.s0_end = self._book(st.node, self.q.now, dur, partial(self.t.idle_s, rep.spec, 0), _rows(job))
         self.q.push(rep.s0_end, "done", (rep, job))
 
     def _start_iteration(self, rep: _Rep) -> None:
@@ -513,7 +516,7 @@ class _Sim:
         dur = self._dur(rep, 0, job)
         st.busy = True
         self.busy[st.node] += dur
-        rep.s0_end = self._book(st.node, self.q.now, dur, self.t.idle_s(rep.spec, 0), _rows(job))
+        rep.s0_end = self._book(st.node, self.q.now, dur, partial(self.t.idle_s, rep.spec, 0), _rows(job))
         self.q.push(rep.s0_end, "done", (rep, job))
 
     def _reserved_at(self, d: _Rep, rep: _Rep) -> float:
@@ -623,7 +626,7 @@ class _Sim:
                 arrive = start + occ + lat
                 st = stages[s]
                 dur = self._dur(rep, s, job) if is_prefill else durs[s]
-                t = self._book(st.node, arrive, dur, self.t.idle_s(rep.spec, s), _rows(job))
+                t = self._book(st.node, arrive, dur, partial(self.t.idle_s, rep.spec, s), _rows(job))
                 busy[st.node] += dur
                 if is_prefill:
                     self._send_kv(rep, s, rq, k, t)
@@ -653,7 +656,7 @@ class _Sim:
                 self.link_free[(src, dst)] = start + occ
                 node = rep.stages[s].node
                 dur = sum(self._dur(rep, s, j) for j in jobs)
-                t = self._book(node, start + occ + lat, dur, self.t.idle_s(rep.spec, s), _rows(("iter", jobs)))
+                t = self._book(node, start + occ + lat, dur, partial(self.t.idle_s, rep.spec, s), _rows(("iter", jobs)))
                 self.busy[node] += dur
                 for j in pre:
                     self._send_kv(rep, s, j[1], j[2], t)
