@@ -4,12 +4,16 @@ The same model runs in this process (one ``StageRunner`` over every block, the n
 count) and on a mesh of N ``meshllm node`` processes on 127.0.0.1 that splits one replica over
 all of them (``--strategy ring`` by default: every node a stage). Reported:
 
-- ``single_decode_ms``: one process, ms per decode step at batch 1 (median of the steps);
+- ``single_decode_ms``: one process, ms per decode step at batch 1 (median of a block's steps);
+  it stays loaded while the mesh runs, and its blocks of ``--tokens`` steps take turns with the
+  mesh's requests of as many tokens, ``--rounds`` rounds, the order alternating; each figure below
+  is the median of its rounds;
 - ``ttft_ms``: time to the first streamed token of a request through the mesh;
 - ``decode_tok_s_1``: one request's decode tokens/s through the mesh (first to last token);
 - ``aggregate_tok_s_8``: tokens/s of 8 concurrent requests; ``batch_speedup`` = that / 1 request;
 - ``per_hop_overhead_ms``: (mesh ms/token − one-process ms/token) / hops, a hop being a stage
-  boundary of the decode ring (S stages: S − 1 forward hops and the tokens back to stage 0);
+  boundary of the decode ring (S stages: S − 1 forward hops and the tokens back to stage 0), each
+  round's mesh against the same round's one process (``per_hop_overhead_ms_rounds``);
 - ``mesh_compute_ms``: the stages' own onnxruntime time per token (each node reports it), and
   ``serving_overhead_per_hop_ms`` = (mesh ms/token − that) / hops: what the serving path itself
   costs, apart from compute that runs slower split over processes than in one;
@@ -79,8 +83,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="with --speculate: draft the acceptance-adapted length whatever the steps cost "
                         "(serve.spec_cost_aware = false)")
     p.add_argument("--rounds", type=int, default=4,
-                   help="with --speculate: times each prompt set is answered both ways, the order alternating "
-                        "(default %(default)s; each set's speedup is the median of its rounds)")
+                   help="rounds of the one process and the mesh taking turns, the order alternating (default "
+                        "%(default)s; each figure the median of its rounds); with --speculate: times each prompt "
+                        "set is answered both ways, each set's speedup the median of its rounds")
     p.add_argument("--hop-delay-ms", type=float, default=2.0,
                    help="with --speculate: every stage holds each frame it sends to another node this long "
                         "(default %(default)s)")
@@ -131,24 +136,35 @@ def _compute(url: str) -> tuple[float, int]:
     return float(st.get("decode_compute_s", 0.0)), int(st.get("decode_calls", 0))
 
 
-def _single_process(model_dir: Path, threads: int, prompt: list[int], steps: int, attention: str) -> float:
-    from meshllm.model.manifest import load_manifest
-    from meshllm.runtime.attention import PLAIN
-    from meshllm.runtime.runner import StageRunner
+class _SingleProcess:
+    """The model in this process (one runner over every block, the nodes' thread count), kept
+    loaded while the mesh runs, so that its blocks of steps take turns with the mesh's requests."""
 
-    m = load_manifest(model_dir, verify=False)
-    r = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=2, one_pass=attention == PLAIN)
-    r.alloc("s", len(prompt) + steps + 1)
-    logits = r.prefill("s", np.asarray(prompt, np.int64))
-    tok = int(np.argmax(logits))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = r.decode(["s"], np.array([tok], np.int64))
-        times.append(time.perf_counter() - t0)
-        tok = int(np.argmax(out[0]))
-    r.free("s")
-    return statistics.median(times) * 1000
+    def __init__(self, model_dir: Path, threads: int, attention: str) -> None:
+        from meshllm.model.manifest import load_manifest
+        from meshllm.runtime.attention import PLAIN
+        from meshllm.runtime.runner import StageRunner
+
+        m = load_manifest(model_dir, verify=False)
+        self.runner = StageRunner(m, 0, m.config.num_blocks, threads=threads, max_seqs=2,
+                                  one_pass=attention == PLAIN)
+
+    def block(self, prompt: list[int], steps: int) -> float:
+        """ms per decode step at batch 1 (the median of ``steps`` greedy steps after ``prompt``)."""
+        r = self.runner
+        r.alloc("s", len(prompt) + steps + 1)
+        try:
+            logits = r.prefill("s", np.asarray(prompt, np.int64))
+            tok = int(np.argmax(logits))
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                out = r.decode(["s"], np.array([tok], np.int64))
+                times.append(time.perf_counter() - t0)
+                tok = int(np.argmax(out[0]))
+        finally:
+            r.free("s")
+        return statistics.median(times) * 1000
 
 
 @contextlib.contextmanager
@@ -347,10 +363,10 @@ def run(args: argparse.Namespace) -> int:
         wake = bool(getattr(args, "wake_qos", False))
         if wake:
             os.environ["MESHLLM_SERVE_WAKE_QOS"] = "true"
-        with _wake_qos(wake):
-            single_ms = _single_process(model_dir, args.threads, prompt, args.tokens, kind)
-        out: dict[str, Any] = {"nodes": args.nodes, "model_params_mb": None, "single_decode_ms": round(single_ms, 3),
-                               "attention": kind, "wake_qos": wake}
+        rounds = max(1, args.rounds)
+        out: dict[str, Any] = {"nodes": args.nodes, "model_params_mb": None, "attention": kind, "wake_qos": wake,
+                               "rounds": rounds}
+        single = _SingleProcess(model_dir, args.threads, kind)
         with LocalMesh(args.nodes, model=str(model_dir), threads=args.threads, strategy=args.strategy) as mesh:
             view = mesh.wait_ready(args.timeout)
             plan = view["plan"]
@@ -359,16 +375,39 @@ def run(args: argparse.Namespace) -> int:
             url = mesh.urls[0]
             stages = max(len(r["stages"]) for r in plan["replicas"])
             _stream(url, prompt, 4)  # warm up every stage's sessions
-            before = [_compute(u) for u in mesh.urls]
-            t0 = time.perf_counter()
-            times = _stream(url, prompt, args.tokens)
-            after = [_compute(u) for u in mesh.urls]
-            # each stage's onnxruntime time per decode step of this request, summed over the stages
-            compute_ms = sum((a[0] - b[0]) / max(a[1] - b[1], 1) for a, b in zip(after, before, strict=True)
-                             if a[1] > b[1]) * 1000
-            ttft = times[0] - t0
-            per_token = (times[-1] - times[0]) / max(len(times) - 1, 1)
-            total1 = len(times) / (times[-1] - t0)
+            with _wake_qos(wake):
+                single.block(prompt, 4)  # and the one process's
+
+            def mesh_request() -> tuple[list[float], float, float]:
+                before = [_compute(u) for u in mesh.urls]
+                t0 = time.perf_counter()
+                times = _stream(url, prompt, args.tokens)
+                after = [_compute(u) for u in mesh.urls]
+                # each stage's onnxruntime time per decode step of this request, summed over the stages
+                compute = sum((a[0] - b[0]) / max(a[1] - b[1], 1) for a, b in zip(after, before, strict=True)
+                              if a[1] > b[1]) * 1000
+                return times, t0, compute
+
+            # The one process and the mesh take turns, the order alternating from round to round, so
+            # that both see the machine's noise alike (here the one process's median step moved by
+            # 11-15 ms from run to run, more than a hop costs): each per-hop figure is the mesh's
+            # token against the one process's step of the same round
+            singles: list[float] = []
+            meshes: list[tuple[list[float], float, float]] = []
+            for i in range(rounds):
+                for side in (("single", "mesh") if i % 2 == 0 else ("mesh", "single")):
+                    if side == "single":
+                        with _wake_qos(wake):
+                            singles.append(single.block(prompt, args.tokens))
+                    else:
+                        meshes.append(mesh_request())
+            per_token_ms = [(t[-1] - t[0]) / max(len(t) - 1, 1) * 1000 for t, _, _ in meshes]
+            hop_ms = [(m - s) / max(stages, 1) for m, s in zip(per_token_ms, singles, strict=True)]
+            single_ms = statistics.median(singles)
+            compute_ms = statistics.median(c for _, _, c in meshes)
+            ttft = statistics.median(t[0] - s for t, s, _ in meshes)
+            per_token = statistics.median(per_token_ms) / 1000
+            total1 = statistics.median(len(t) / (t[-1] - s) for t, s, _ in meshes)
             results: list[list[float]] = [[] for _ in range(args.concurrent)]
             errors: list[BaseException] = []
 
@@ -407,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
                     ((((v or {}).get("serving") or {}).get("stage") or {}).get("wake_qos") or {}).get("holds", 0) > 0
                     for v in serving)
         mesh_ms = per_token * 1000
-        bunched_1, _ = smoothness([times])
+        bunched_1, _ = smoothness([t for t, _, _ in meshes])
         bunched_8, gap_p99_8 = smoothness(results)
         out.update({
             "strategy": plan.get("strategy"), "stages": stages,
@@ -418,7 +457,9 @@ def run(args: argparse.Namespace) -> int:
             "tok_s_1_with_prefill": round(total1, 2),
             "aggregate_tok_s_8": round(aggregate, 2),
             "batch_speedup": round(aggregate / total1, 3),
-            "per_hop_overhead_ms": round((mesh_ms - single_ms) / max(stages, 1), 3),
+            "single_decode_ms": round(single_ms, 3),
+            "per_hop_overhead_ms": round(statistics.median(hop_ms), 3),
+            "per_hop_overhead_ms_rounds": [round(h, 3) for h in hop_ms],
             "mesh_compute_ms": round(compute_ms, 3),
             "serving_overhead_per_hop_ms": round((mesh_ms - compute_ms) / max(stages, 1), 3),
             "predicted_decode_ms": None if predicted is None else round(float(predicted), 3),
