@@ -389,8 +389,8 @@ def run(args: argparse.Namespace) -> int:
                 return times, t0, compute
 
             # The one process and the mesh take turns, the order alternating from round to round, so
-            # that both see the machine's noise alike (here the one process's median step moved by
-            # 11-15 ms from run to run, more than a hop costs): each per-hop figure is the mesh's
+            # that both see the machine's noise alike (here the one process's median step came out
+            # anywhere between 11 and 15 ms from run to run, a swing larger than a hop's cost): each per-hop figure is the mesh's
             # token against the one process's step of the same round
             singles: list[float] = []
             meshes: list[tuple[list[float], float, float]] = []

@@ -211,10 +211,9 @@ def idle_time(dev: Device, step_s: float, gap_s: float = IDLE_GAP_S) -> float:
 
 
 def stage_idle_time(p: ModelProfile, dev: Device, first: int, end: int, ctx: float = 0.0,
-                    eff: Efficiency = EFFICIENCY, gap_s: float = IDLE_GAP_S) -> float:
-    """``idle_time`` of the stage of blocks ``[first, end)`` on ``dev`` (its step at batch 1)
-    after a pause of ``gap_s``."""
-    return idle_time(dev, float(decode_block_times(p, dev, 1, ctx, eff)[first:end].sum()), gap_s)
+                    eff: Efficiency = EFFICIENCY) -> float:
+    """``idle_time`` of the stage of blocks ``[first, end)`` on ``dev`` (its step at batch 1)."""
+    return idle_time(dev, float(decode_block_times(p, dev, 1, ctx, eff)[first:end].sum()))
 
 
 def _measured(values: Sequence[float], p: ModelProfile, dev: Device) -> np.ndarray:

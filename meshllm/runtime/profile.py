@@ -250,8 +250,9 @@ def measure(manifest: Manifest, *, threads: int, slowdown: float = 1.0, memory_b
             per_ctx = (dec_long - dec) / (long_ctx - short_ctx)
             for b, k in zip(range(first, end), kv, strict=True):
                 slope[b] = per_ctx * k / sum(kv) if sum(kv) else 0.0
-    (idle_s, idle_frac), (long_s, long_frac) = _time_idle(manifest, runs[0], threads=threads, slowdown=slowdown, attention=attention,
-                                   prompt_tokens=prompt_tokens, decode_steps=decode_steps, rng=rng)
+    (idle_s, idle_frac), (long_s, long_frac) = _time_idle(
+        manifest, runs[0], threads=threads, slowdown=slowdown, attention=attention, prompt_tokens=prompt_tokens,
+        decode_steps=decode_steps, rng=rng)
     if progress is not None:
         progress(n, n, "done")
     costs = manifest.costs

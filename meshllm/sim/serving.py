@@ -52,7 +52,6 @@ TOKEN_BYTES = estimates.TOKEN_BYTES  # a sampled token id on the wire
 # a node with nothing to do for longer than this before a stage's work starts was idle: the work
 # takes Timing.idle_s more (cold caches; measured even after half a millisecond's pause)
 IDLE_GAP_S = 1e-4
-INF = math.inf
 
 
 class _Req:
@@ -218,16 +217,16 @@ class _Sim:
             nf = self.node_free.get(node)
             start = ready if nf is None or ready > nf else nf
             if idle is not None and (nf is None or start > nf + IDLE_GAP_S):
-                dur = self._idle(node, dur, idle(INF if nf is None else start - nf))
+                dur = self._idle(node, dur, idle(math.inf if nf is None else start - nf))
             end = start + self._stretch(node, dur, start, serve)
             self.node_free[node] = end
             return end
         now = self.q.now
         while iv and iv[0][1] <= now:  # past reservations cannot hold anything up any more
-            self.iv_last[node] = max(self.iv_last.get(node, -INF), iv.pop(0)[1])
+            self.iv_last[node] = max(self.iv_last.get(node, -math.inf), iv.pop(0)[1])
         stretched = self._stretch(node, dur, ready, serve)
         t, k = self._gap(iv, ready, stretched)
-        last = max([b for _, b in iv[:k]] + [self.iv_last.get(node, -INF)])
+        last = max([b for _, b in iv[:k]] + [self.iv_last.get(node, -math.inf)])
         if idle is not None and t > last + IDLE_GAP_S:  # nothing ran on the node just before: it comes back cold
             stretched = self._stretch(node, self._idle(node, dur, idle(t - last)), ready, serve)
             t, k = self._gap(iv, ready, stretched)
